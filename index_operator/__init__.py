@@ -1,0 +1,1 @@
+"""Driftless control plane (kopf operator). Built in the operator issue; empty until then."""

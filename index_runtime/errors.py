@@ -1,0 +1,114 @@
+"""Errors that know their HTTP status.
+
+Every error the runtime raises on purpose derives from :class:`DriftlessError` and carries
+``status`` (the HTTP status an API would answer with) and ``reason`` (a CamelCase word that
+status conditions and API bodies reuse). One middleware maps them to responses.
+"""
+
+from __future__ import annotations
+
+
+class DriftlessError(Exception):
+    """Base class: ``status`` is an HTTP status code, ``reason`` a CamelCase word."""
+
+    status = 500
+    reason = "InternalError"
+
+    def code(self) -> int:
+        return self.status
+
+
+class InvalidInputError(DriftlessError):
+    """The request is malformed: wrong dimension, NaN/Inf, bad key type, conflicting rows."""
+
+    status = 400
+    reason = "InvalidInput"
+
+
+class BatchTooLargeError(InvalidInputError):
+    status = 413
+    reason = "BatchTooLarge"
+
+
+class NotFoundError(DriftlessError):
+    status = 404
+    reason = "NotFound"
+
+
+class ObjectNotFoundError(NotFoundError):
+    """An object the caller asked for is not in the object store."""
+
+    reason = "ObjectNotFound"
+
+
+class FormatVersionError(DriftlessError):
+    """A manifest or segment was written by a format this build does not understand."""
+
+    status = 409
+    reason = "UnknownFormatVersion"
+
+
+class CorruptObjectError(DriftlessError):
+    status = 500
+    reason = "CorruptObject"
+
+
+class StoreConfigError(DriftlessError):
+    """The store cannot be used as configured (missing bucket, bad directory)."""
+
+    status = 503
+    reason = "StoreMisconfigured"
+
+
+class CredentialsError(StoreConfigError):
+    """The object store refused the credentials. The credentials themselves are never shown."""
+
+    reason = "CredentialsRefused"
+
+
+class StoreUnavailableError(DriftlessError):
+    """A transient failure of the object store (network, 5xx, throttling). Retry later."""
+
+    status = 503
+    reason = "StoreUnavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackpressureError(DriftlessError):
+    """The writer is over its memtable or WAL bounds; the client should retry after a while."""
+
+    status = 429
+    reason = "Backpressure"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class FencedError(DriftlessError):
+    """A newer writer epoch owns the index; this writer must stop."""
+
+    status = 409
+    reason = "WriterFenced"
+
+
+class CommitConflictError(DriftlessError):
+    """The manifest kept moving under us beyond the bounded number of rebase attempts."""
+
+    status = 409
+    reason = "CommitConflict"
+
+
+class RestoreError(DriftlessError):
+    status = 409
+    reason = "RestoreImpossible"
+
+
+class ClosedError(DriftlessError):
+    """The writer is shutting down or closed and accepts no more writes."""
+
+    status = 503
+    reason = "ShuttingDown"

@@ -1,0 +1,165 @@
+"""Reading and committing manifest versions on an object store (the commit protocol).
+
+A commit creates ``manifests/<version+1>`` with a conditional put. The loser of a race
+reloads the newest manifest, re-applies its edit on top (rebase) and tries again, a bounded
+number of times. A commit whose writer epoch is older than the newest manifest's is refused
+with :class:`FencedError`: a zombie writer can never interleave with its successor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from index_runtime.errors import (
+    CommitConflictError,
+    CorruptObjectError,
+    FencedError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
+from index_runtime.store.manifest import (
+    LATEST_HINT,
+    MANIFEST_DIR,
+    PIN_DIR,
+    Manifest,
+    Pin,
+    decode_manifest,
+    encode_manifest,
+    manifest_key,
+    parse_manifest_key,
+    pin_key,
+)
+from index_runtime.store.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+Edit = Callable[[Manifest], Manifest]
+
+
+class ManifestLog:
+    def __init__(self, store: ObjectStore, max_attempts: int = 8) -> None:
+        self.store = store
+        self.max_attempts = max_attempts
+
+    def load(self, version: int) -> Manifest:
+        try:
+            return decode_manifest(self.store.get(manifest_key(version)))
+        except ObjectNotFoundError:
+            raise NotFoundError(
+                f"manifest version {version} does not exist in {self.store.describe()}"
+            ) from None
+
+    def versions(self) -> list[int]:
+        out = [parse_manifest_key(o.key) for o in self.store.list(MANIFEST_DIR)]
+        return sorted(v for v in out if v is not None)
+
+    def latest_version(self) -> int | None:
+        """The newest version: from the hint, probing forward; a listing when the hint is stale."""
+        start: int | None = None
+        try:
+            start = int(self.store.get(LATEST_HINT).decode())
+        except (ObjectNotFoundError, ValueError):
+            start = None
+        if start is not None and self.store.exists(manifest_key(start)):
+            v = start
+            while self.store.exists(manifest_key(v + 1)):
+                v += 1
+            return v
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def latest(self) -> Manifest | None:
+        v = self.latest_version()
+        if v is None:
+            return None
+        try:
+            return self.load(v)
+        except NotFoundError:
+            # deleted by manifest GC between the probe and the read: look again
+            v = self.latest_version()
+            return None if v is None else self.load(v)
+
+    def create(self, m: Manifest) -> bool:
+        """Write version ``m.version`` if nobody has; also refresh the (advisory) hint."""
+        if not self.store.put_if_absent(manifest_key(m.version), encode_manifest(m)):
+            return False
+        try:
+            self.store.put(LATEST_HINT, str(m.version).encode())
+        except Exception as exc:  # the hint is advisory: a stale one only costs a listing
+            log.warning("could not update the manifest hint: %s", exc)
+        return True
+
+    def commit(self, base: Manifest, edit: Edit, epoch: int, reason: str) -> Manifest:
+        """Apply ``edit`` on top of the newest manifest and commit it as the next version.
+
+        ``base`` is the caller's view; if the store has moved on, the edit is re-applied to
+        the newer manifest (rebase). Raises :class:`FencedError` as soon as a newer epoch is
+        seen, and :class:`CommitConflictError` after ``max_attempts`` lost races.
+        """
+        current = base
+        for _attempt in range(self.max_attempts):
+            if current.writer_epoch != epoch:
+                raise FencedError(
+                    f"writer epoch {epoch} was superseded by epoch {current.writer_epoch}"
+                )
+            proposed = replace(
+                edit(current),
+                version=current.version + 1,
+                writer_epoch=epoch,
+                committed_at=time.time(),
+                reason=reason,
+            )
+            if self.create(proposed):
+                return proposed
+            newer = self.latest()
+            if newer is None:
+                raise CorruptObjectError("manifest disappeared during a commit")
+            current = newer
+        raise CommitConflictError(
+            f"gave up committing {reason!r} after {self.max_attempts} lost races"
+        )
+
+    def bump_epoch(self) -> Manifest:
+        """Take ownership: commit the next version with an epoch above every earlier one.
+
+        On a lost race the epoch is recomputed from the winner, so two writers opening at
+        once never share an epoch.
+        """
+        for _attempt in range(self.max_attempts):
+            current = self.latest()
+            if current is None:
+                raise NotFoundError(f"no index exists in {self.store.describe()}")
+            proposed = replace(
+                current,
+                version=current.version + 1,
+                writer_epoch=current.writer_epoch + 1,
+                committed_at=time.time(),
+                reason="writer-open",
+            )
+            if self.create(proposed):
+                return proposed
+        raise CommitConflictError(
+            f"could not take the writer epoch after {self.max_attempts} attempts"
+        )
+
+    # pins -----------------------------------------------------------------------------------
+
+    def put_pin(self, pin: Pin) -> None:
+        self.store.put(pin_key(pin.holder), pin.encode())
+
+    def drop_pin(self, holder: str) -> None:
+        self.store.delete(pin_key(holder))
+
+    def live_pins(self, now: float) -> list[Pin]:
+        pins = []
+        for obj in self.store.list(PIN_DIR):
+            try:
+                pin = Pin.decode(self.store.get(obj.key))
+            except (ObjectNotFoundError, CorruptObjectError):
+                continue
+            if pin.expires_at > now:
+                pins.append(pin)
+        return pins

@@ -1,0 +1,242 @@
+"""The manifest: the single source of truth of one index's data plane (pure, no I/O).
+
+A manifest version is an immutable JSON object ``manifests/<version:020d>.json``. It lists the
+live segments with their row statistics, the objects retired by compaction (kept until their
+grace period has passed), the writer epoch that wrote it and the highest flushed seq.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
+from index_runtime.store.rows import KeyType
+
+MANIFEST_FORMAT_VERSION = 1
+MANIFEST_DIR = "manifests/"
+LATEST_HINT = "manifests/_latest"
+PIN_DIR = "pins/"
+SEGMENT_DIR = "segments"
+METRICS = ("cosine", "ip", "l2")
+
+
+def manifest_key(version: int) -> str:
+    return f"{MANIFEST_DIR}{version:020d}.json"
+
+
+def parse_manifest_key(key: str) -> int | None:
+    name = key[len(MANIFEST_DIR) :] if key.startswith(MANIFEST_DIR) else ""
+    if name.endswith(".json") and name[:-5].isdigit():
+        return int(name[:-5])
+    return None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    dim: int
+    metric: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dim <= 65536:
+            raise InvalidInputError(f"model dimension must be 1..65536, got {self.dim}")
+        if self.metric not in METRICS:
+            raise InvalidInputError(f"metric must be one of {METRICS}, got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What an index holds: its key type and the models whose vectors it stores."""
+
+    name: str
+    key_type: KeyType
+    models: Mapping[str, ModelSpec]
+    write_models: tuple[str, ...]  # models every upsert must carry a vector for
+
+    def __post_init__(self) -> None:
+        if self.key_type not in ("int", "str"):
+            raise InvalidInputError(f"key_type must be 'int' or 'str', got {self.key_type!r}")
+        if not self.models:
+            raise InvalidInputError("an index needs at least one model")
+        for m in self.write_models:
+            if m not in self.models:
+                raise InvalidInputError(f"write model {m!r} is not among the index's models")
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m: s.dim for m, s in self.models.items()}
+
+    @staticmethod
+    def single(
+        name: str, model: str, dim: int, key_type: KeyType = "str", metric: str = "cosine"
+    ) -> IndexSpec:
+        return IndexSpec(name, key_type, {model: ModelSpec(dim, metric)}, (model,))
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    id: int
+    key: str  # object key
+    rows: int
+    live: int  # rows that are the winning version of their key and not tombstones
+    tombstones: int  # tombstone rows still needed (they shadow older rows elsewhere)
+    min_seq: int
+    max_seq: int
+    bytes: int
+
+    @property
+    def dead(self) -> int:
+        return self.rows - self.live - self.tombstones
+
+    @property
+    def deleted_ratio(self) -> float:
+        """Share of rows that serve nothing any more (superseded or deleted)."""
+        return (self.rows - self.live) / self.rows if self.rows else 0.0
+
+
+@dataclass(frozen=True)
+class Retired:
+    key: str
+    retired_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    index: IndexSpec
+    writer_epoch: int
+    flushed_seq: int  # every seq <= this is in a segment listed here (or was compacted away)
+    next_segment_id: int
+    segments: tuple[SegmentInfo, ...] = ()
+    retired: tuple[Retired, ...] = ()
+    committed_at: float = 0.0
+    reason: str = ""
+    format_version: int = MANIFEST_FORMAT_VERSION
+
+    @property
+    def live_rows(self) -> int:
+        return sum(s.live for s in self.segments)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.segments)
+
+    def next(self, **changes: Any) -> Manifest:
+        """The manifest one version later with ``changes`` applied."""
+        return replace(self, version=self.version + 1, **changes)
+
+
+def referenced_objects(m: Manifest) -> set[str]:
+    """Object keys the manifest needs to exist (segments; later: index files, codebooks)."""
+    return {s.key for s in m.segments}
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    d = asdict(m)
+    d["index"]["models"] = {k: asdict(v) for k, v in m.index.models.items()}
+    d["index"]["write_models"] = list(m.index.write_models)
+    return json.dumps(d, sort_keys=True, indent=1).encode()
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    try:
+        d = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptObjectError(f"manifest is not valid JSON: {exc}") from None
+    version = d.get("format_version")
+    if not isinstance(version, int):
+        raise CorruptObjectError("manifest has no format_version")
+    if version > MANIFEST_FORMAT_VERSION or version < 1:
+        raise FormatVersionError(
+            f"manifest format_version {version} is not supported by this build "
+            f"(it reads versions 1..{MANIFEST_FORMAT_VERSION}); upgrade Driftless"
+        )
+    try:
+        idx = d["index"]
+        spec = IndexSpec(
+            name=idx["name"],
+            key_type=idx["key_type"],
+            models={k: ModelSpec(**v) for k, v in idx["models"].items()},
+            write_models=tuple(idx["write_models"]),
+        )
+        return Manifest(
+            version=d["version"],
+            index=spec,
+            writer_epoch=d["writer_epoch"],
+            flushed_seq=d["flushed_seq"],
+            next_segment_id=d["next_segment_id"],
+            segments=tuple(SegmentInfo(**s) for s in d["segments"]),
+            retired=tuple(Retired(**r) for r in d["retired"]),
+            committed_at=d["committed_at"],
+            reason=d["reason"],
+            format_version=version,
+        )
+    except (KeyError, TypeError) as exc:
+        raise CorruptObjectError(f"manifest is missing or has a malformed field: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A lease that keeps the objects of one manifest version alive (reader, migration...)."""
+
+    holder: str
+    manifest_version: int
+    expires_at: float
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> Pin:
+        try:
+            return Pin(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise CorruptObjectError(f"malformed pin: {exc}") from None
+
+
+def pin_key(holder: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in holder)
+    return f"{PIN_DIR}{safe}.json"
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    delete: tuple[str, ...]  # objects to delete now
+    forget: tuple[str, ...] = field(default=())  # retired entries to drop from the manifest
+
+
+def plan_gc(
+    current: Manifest,
+    pinned: list[Manifest],
+    listed: Mapping[str, float],  # every segment object in the store -> mtime
+    inflight: set[str],
+    now: float,
+    grace_s: float,
+) -> GcPlan:
+    """Which objects may be deleted (pure).
+
+    An object is deleted only if no current or pinned manifest references it, no write of
+    this process is in flight on it, and it has been unreferenced for ``grace_s``: retired
+    objects count from their retirement, orphans (written but never committed, e.g. by a
+    crash) from their modification time.
+    """
+    keep = referenced_objects(current) | inflight
+    for p in pinned:
+        keep |= referenced_objects(p)
+    retired = {r.key: r.retired_at for r in current.retired}
+    delete: list[str] = []
+    forget: list[str] = []
+    for key, retired_at in retired.items():
+        if key in keep or now - retired_at < grace_s:
+            continue
+        forget.append(key)
+        if key in listed:
+            delete.append(key)
+    for key, mtime in listed.items():
+        if key in keep or key in retired:
+            continue
+        if now - mtime >= grace_s:
+            delete.append(key)
+    return GcPlan(tuple(sorted(delete)), tuple(sorted(forget)))

@@ -1,0 +1,188 @@
+"""Segments: immutable Arrow IPC files holding rows of one index.
+
+Columns: ``seq`` int64, ``key`` int64 or utf8, ``tombstone`` bool, ``text`` utf8 (nullable),
+``metadata`` utf8 JSON (nullable), and one ``vector.<model>`` FixedSizeList<float32, d> per
+model (null where a row has no vector for that model). A segment can carry vectors of more
+than one model, which migrations need. The schema metadata carries ``format_version``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from index_runtime.errors import CorruptObjectError, FormatVersionError
+from index_runtime.store.rows import KeyType, RowBatch, concat_batches
+
+SEGMENT_FORMAT_VERSION = 1
+VECTOR_PREFIX = "vector."
+
+
+def _vector_array(mat: np.ndarray) -> pa.Array:
+    n, d = mat.shape
+    missing = np.isnan(mat[:, 0]) if d else np.zeros(n, bool)
+    values = pa.array(np.nan_to_num(mat, nan=0.0).reshape(-1), type=pa.float32())
+    mask = pa.array(missing) if missing.any() else None
+    return pa.FixedSizeListArray.from_arrays(values, d, mask=mask)
+
+
+def batch_to_record_batch(
+    batch: RowBatch, key_type: KeyType, dims: Mapping[str, int]
+) -> pa.RecordBatch:
+    n = len(batch)
+    cols: dict[str, pa.Array] = {
+        "seq": pa.array(batch.seqs, type=pa.int64()),
+        "key": pa.array(batch.keys, type=pa.int64() if key_type == "int" else pa.string()),
+        "tombstone": pa.array(batch.tombstone, type=pa.bool_()),
+        "text": pa.array(batch.texts if batch.texts is not None else [None] * n, type=pa.string()),
+        "metadata": pa.array(
+            batch.metadata if batch.metadata is not None else [None] * n, type=pa.string()
+        ),
+    }
+    # a model with no vector in any row gets no column at all (tombstone-only segments)
+    for m in sorted(dims):
+        mat = batch.vectors.get(m)
+        if mat is not None and n and not np.isnan(mat[:, 0]).all():
+            cols[VECTOR_PREFIX + m] = _vector_array(mat)
+    return pa.RecordBatch.from_pydict(cols)
+
+
+def segment_schema_metadata(key_type: KeyType, dims: Mapping[str, int]) -> dict[bytes, bytes]:
+    return {
+        b"driftless.format_version": str(SEGMENT_FORMAT_VERSION).encode(),
+        b"driftless.key_type": key_type.encode(),
+        b"driftless.models": json.dumps(dict(sorted(dims.items()))).encode(),
+    }
+
+
+def encode_segment(batch: RowBatch, key_type: KeyType, dims: Mapping[str, int]) -> bytes:
+    """The Arrow IPC file bytes of ``batch``."""
+    rb = batch_to_record_batch(batch, key_type, dims)
+    schema = rb.schema.with_metadata(segment_schema_metadata(key_type, dims))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(rb)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+class SegmentWriter:
+    """Streams record batches into one Arrow IPC file held in memory (compaction output)."""
+
+    def __init__(self, key_type: KeyType, dims: Mapping[str, int]) -> None:
+        self.key_type = key_type
+        self.dims = dict(dims)
+        self._sink = pa.BufferOutputStream()
+        self._writer: Any = None
+        self.rows = 0
+
+    def write(self, batch: RowBatch) -> None:
+        if len(batch) == 0:
+            return
+        rb = batch_to_record_batch(batch, self.key_type, self.dims)
+        if self._writer is None:
+            schema = rb.schema.with_metadata(segment_schema_metadata(self.key_type, self.dims))
+            self._writer = pa.ipc.new_file(self._sink, schema)
+        self._writer.write_batch(rb)
+        self.rows += len(batch)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._sink.tell())
+
+    def finish(self) -> bytes:
+        assert self._writer is not None, "finish() on an empty SegmentWriter"
+        self._writer.close()
+        return bytes(self._sink.getvalue().to_pybytes())
+
+
+def _check_schema(schema: pa.Schema, key_type: KeyType) -> None:
+    meta = schema.metadata or {}
+    raw = meta.get(b"driftless.format_version")
+    if raw is None:
+        raise CorruptObjectError("segment has no driftless.format_version in its schema")
+    version = int(raw)
+    if version > SEGMENT_FORMAT_VERSION or version < 1:
+        raise FormatVersionError(
+            f"segment format_version {version} is not supported by this build "
+            f"(it reads versions 1..{SEGMENT_FORMAT_VERSION}); upgrade Driftless"
+        )
+    if meta.get(b"driftless.key_type", b"").decode() != key_type:
+        raise CorruptObjectError("segment key type does not match the index")
+
+
+def _to_numpy_vectors(col: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    flat = arr.flatten() if arr.null_count == 0 else arr.fill_null([0.0] * d).flatten()
+    mat = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, d)
+    if arr.null_count:
+        mat = mat.copy()
+        mat[np.asarray(arr.is_null().to_numpy(zero_copy_only=False))] = np.nan
+    return mat
+
+
+def record_batch_to_rows(
+    rb: pa.RecordBatch | pa.Table, key_type: KeyType, columns: str = "all"
+) -> RowBatch:
+    """Arrow -> RowBatch. ``columns="keys"`` reads only seq/key/tombstone (cheap scans)."""
+    names = rb.schema.names
+    keys_col = rb.column(names.index("key"))
+    if key_type == "int":
+        keys = np.asarray(keys_col.to_numpy(zero_copy_only=False), dtype=np.int64)
+    else:
+        keys = np.array(keys_col.to_pylist(), dtype=object)
+    out = RowBatch(
+        seqs=np.asarray(
+            rb.column(names.index("seq")).to_numpy(zero_copy_only=False), dtype=np.int64
+        ),
+        keys=keys,
+        tombstone=np.asarray(
+            rb.column(names.index("tombstone")).to_numpy(zero_copy_only=False), dtype=bool
+        ),
+    )
+    if columns == "keys":
+        return out
+    for name in names:
+        if name.startswith(VECTOR_PREFIX):
+            field = rb.schema.field(name)
+            out.vectors[name[len(VECTOR_PREFIX) :]] = _to_numpy_vectors(
+                rb.column(names.index(name)), field.type.list_size
+            )
+    texts = rb.column(names.index("text"))
+    out.texts = texts.to_pylist() if texts.null_count < len(texts) else None
+    meta = rb.column(names.index("metadata"))
+    out.metadata = meta.to_pylist() if meta.null_count < len(meta) else None
+    return out
+
+
+def _open(source: bytes | pa.Buffer | str) -> Any:
+    try:
+        if isinstance(source, str):
+            return pa.ipc.open_file(pa.memory_map(source, "r"))
+        return pa.ipc.open_file(pa.BufferReader(source))
+    except pa.ArrowInvalid as exc:
+        raise CorruptObjectError(f"segment is not a readable Arrow IPC file: {exc}") from None
+
+
+def iter_segment(
+    source: bytes | str, key_type: KeyType, columns: str = "all"
+) -> Iterator[RowBatch]:
+    """Yield the segment's record batches as RowBatches (a path is memory-mapped)."""
+    reader = _open(source)
+    _check_schema(reader.schema, key_type)
+    for i in range(reader.num_record_batches):
+        rb = reader.get_batch(i)
+        if columns == "keys":
+            rb = rb.select(["seq", "key", "tombstone"])
+        yield record_batch_to_rows(rb, key_type, columns)
+
+
+def read_segment(source: bytes | str, key_type: KeyType, columns: str = "all") -> RowBatch:
+    """The whole segment as one RowBatch."""
+    parts = list(iter_segment(source, key_type, columns))
+    dims = {m: v.shape[1] for p in parts for m, v in p.vectors.items()}
+    return concat_batches(parts, key_type, dims)

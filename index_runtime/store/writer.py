@@ -1,0 +1,701 @@
+"""The single writer of one index: WAL, memtable, flush, compaction, GC and restore.
+
+Write path: validate -> assign seqs -> WAL append + fsync -> acknowledge -> memtable ->
+flush (by rows or seconds) -> segment objects -> manifest commit recording the flushed seq
+-> WAL truncate. Every manifest commit carries this writer's epoch; once a newer writer has
+bumped the epoch, our commits fail with :class:`FencedError` and we stop accepting writes.
+
+Locks, outermost first: ``_maint`` (one compaction / GC / restore at a time), ``_flush``
+(one flush at a time), ``_commit`` (manifest + key index, held briefly), ``_lock``
+(memtable, WAL, seqs, held per write).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_runtime.crash import crash_point
+from index_runtime.errors import (
+    BackpressureError,
+    ClosedError,
+    DriftlessError,
+    FencedError,
+    InvalidInputError,
+    NotFoundError,
+    RestoreError,
+    StoreUnavailableError,
+)
+from index_runtime.store.compaction import CompactionPolicy, plan_compaction
+from index_runtime.store.keyindex import KeyIndex, SegmentDelta
+from index_runtime.store.log import ManifestLog
+from index_runtime.store.manifest import (
+    IndexSpec,
+    Manifest,
+    Retired,
+    SegmentInfo,
+    manifest_key,
+    plan_gc,
+    referenced_objects,
+)
+from index_runtime.store.objects import LocalDirStore, ObjectStore, new_object_name
+from index_runtime.store.rows import (
+    Key,
+    Limits,
+    RowBatch,
+    concat_batches,
+    dedupe_keys,
+    split_by_tombstone,
+    validate_keys,
+    validate_upsert,
+)
+from index_runtime.store.segment import SegmentWriter, encode_segment, iter_segment
+from index_runtime.store.wal import Wal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    flush_rows: int = 20_000  # flush once this many rows are pending
+    flush_interval_s: float = 5.0  # ... or once the oldest pending row is this old
+    max_pending_rows: int = 200_000  # beyond this, writes get 429 (flushes are failing)
+    max_wal_bytes: int = 4 << 30  # ... likewise for the WAL on disk
+    retry_after_s: float = 1.0  # the hint given with a 429
+    limits: Limits = field(default_factory=Limits)
+    compaction: CompactionPolicy = field(default_factory=CompactionPolicy)
+    gc_grace_s: float = 3600.0  # unreferenced objects live at least this long
+    manifest_retention: int = 100  # old manifest versions kept for restore (pinned ones too)
+    commit_attempts: int = 8
+
+    def __post_init__(self) -> None:
+        if self.flush_rows < 1 or self.max_pending_rows < self.flush_rows:
+            raise ValueError("need 1 <= flush_rows <= max_pending_rows")
+        if self.gc_grace_s < 0 or self.manifest_retention < 1:
+            raise ValueError("gc_grace_s must be >= 0 and manifest_retention >= 1")
+
+
+@dataclass(frozen=True)
+class WriteAck:
+    first_seq: int
+    last_seq: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    groups: int = 0
+    input_segments: int = 0
+    output_segments: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True)
+class GcReport:
+    deleted_objects: int = 0
+    deleted_manifests: int = 0
+
+
+@dataclass
+class _Memtable:
+    batches: list[RowBatch] = field(default_factory=list)
+    rows: int = 0
+    since: float = 0.0
+
+    def add(self, batch: RowBatch, now: float) -> None:
+        if not self.batches:
+            self.since = now
+        self.batches.append(batch)
+        self.rows += len(batch)
+
+
+def _apply_deltas(
+    segments: Sequence[SegmentInfo], deltas: Mapping[int, SegmentDelta]
+) -> list[SegmentInfo]:
+    out = []
+    for s in segments:
+        d = deltas.get(s.id)
+        out.append(
+            s
+            if d is None
+            else replace(s, live=s.live + d.live, tombstones=s.tombstones + d.tombstones)
+        )
+    return out
+
+
+class IndexWriter:
+    """Owns one index's writes. Thread-safe. Use :meth:`open`."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        wal_dir: str | Path,
+        manifest: Manifest,
+        config: WriterConfig,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.log = ManifestLog(store, config.commit_attempts)
+        self.manifest = manifest
+        self.spec: IndexSpec = manifest.index
+        self.epoch = manifest.writer_epoch
+        self.wal = Wal(wal_dir, self.spec.key_type, self.spec.dims)
+        self._lock = threading.RLock()
+        self._commit = threading.RLock()
+        self._flush = threading.Lock()
+        self._maint = threading.Lock()
+        self._mem = _Memtable()
+        self._frozen: list[_Memtable] = []
+        self._next_seq = manifest.flushed_seq + 1
+        self._index = KeyIndex()
+        self._index_stale = True
+        self._inflight: set[str] = set()
+        self._closed = False
+        self._fenced: FencedError | None = None
+        self.last_flush_error: DriftlessError | None = None
+
+    # opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        store: ObjectStore,
+        wal_dir: str | Path,
+        config: WriterConfig | None = None,
+        *,
+        create: IndexSpec | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> IndexWriter:
+        """Open (or with ``create``, create if absent) the index in ``store`` as its writer.
+
+        Bumps the writer epoch, rebuilds the key index from the segments and replays the WAL
+        entries above the flushed seq.
+        """
+        config = config or WriterConfig()
+        mlog = ManifestLog(store, config.commit_attempts)
+        existing = mlog.latest()
+        if existing is None:
+            if create is None:
+                raise NotFoundError(f"no index in {store.describe()}; create it first")
+            first = Manifest(
+                version=1,
+                index=create,
+                writer_epoch=0,
+                flushed_seq=0,
+                next_segment_id=1,
+                committed_at=clock(),
+                reason="create",
+            )
+            mlog.create(first)  # losing this race is fine: somebody created the same thing
+        elif create is not None and (
+            create.key_type != existing.index.key_type or create.dims != existing.index.dims
+        ):
+            raise InvalidInputError(
+                f"index {existing.index.name!r} exists with key type {existing.index.key_type} and "
+                f"models {existing.index.dims}; asked for {create.key_type} and {create.dims}"
+            )
+        manifest = mlog.bump_epoch()
+        writer = cls(store, wal_dir, manifest, config, clock)
+        writer._rebuild_index()
+        writer._replay_wal()
+        return writer
+
+    def _segment_source(self, key: str) -> bytes | str:
+        if isinstance(self.store, LocalDirStore):
+            return str(self.store.local_path(key))  # memory-mapped: only touched pages load
+        return self.store.get(key)
+
+    def _build_index(self, segments: Sequence[SegmentInfo]) -> KeyIndex:
+        index = KeyIndex()
+        for seg in segments:
+            for batch in iter_segment(self._segment_source(seg.key), self.spec.key_type, "keys"):
+                index.add_segment(seg.id, batch)
+        return index
+
+    def _rebuild_index(self) -> None:
+        with self._commit:
+            self._index = self._build_index(self.manifest.segments)
+            self._index_stale = False
+
+    def _replay_wal(self) -> None:
+        top = max([self.manifest.flushed_seq] + [s.max_seq for s in self.manifest.segments])
+        replayed = 0
+        for batch in self.wal.replay(self.manifest.flushed_seq):
+            self._mem.add(batch, self.clock())
+            top = max(top, int(batch.seqs.max()))
+            replayed += len(batch)
+        self._next_seq = top + 1
+        self.wal.rotate(self._next_seq)
+        if replayed:
+            log.info("replayed %d rows from the WAL", replayed)
+
+    # writes ----------------------------------------------------------------------------------
+
+    @property
+    def pending_rows(self) -> int:
+        return self._mem.rows + sum(m.rows for m in self._frozen)
+
+    def pending_batches(self) -> list[RowBatch]:
+        """Acknowledged rows not yet in a committed segment, oldest first."""
+        with self._lock:
+            return [b for m in [*self._frozen, self._mem] for b in m.batches]
+
+    def _check_writable(self) -> None:
+        if self._fenced is not None:
+            raise FencedError(str(self._fenced))
+        if self._closed:
+            raise ClosedError("the writer is shutting down and accepts no more writes")
+        if (
+            self.pending_rows >= self.config.max_pending_rows
+            or self.wal.bytes >= self.config.max_wal_bytes
+        ):
+            cause = (
+                f" (last flush failed: {self.last_flush_error})" if self.last_flush_error else ""
+            )
+            raise BackpressureError(
+                f"{self.pending_rows} rows wait for a flush{cause}; retry later",
+                self.config.retry_after_s,
+            )
+
+    def upsert(
+        self,
+        keys: Sequence[object],
+        vectors: Mapping[str, Any],
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> WriteAck:
+        """Insert or replace rows. Returns once the rows are fsynced in the WAL."""
+        ks, mats, txt, meta = validate_upsert(
+            keys,
+            vectors,
+            self.spec.dims,
+            self.spec.write_models,
+            self.spec.key_type,
+            self.config.limits,
+            texts,
+            metadata,
+        )
+        return self._write(ks, mats, txt, meta, tombstone=False)
+
+    def delete(self, keys: Sequence[object]) -> WriteAck:
+        """Delete rows by key (a tombstone each). Deleting an absent key is not an error."""
+        ks = dedupe_keys(validate_keys(keys, self.spec.key_type, self.config.limits))
+        return self._write(ks, {}, None, None, tombstone=True)
+
+    def _write(
+        self,
+        ks: list[Key],
+        mats: dict[str, np.ndarray],
+        texts: list[str | None] | None,
+        meta: list[str | None] | None,
+        tombstone: bool,
+    ) -> WriteAck:
+        n = len(ks)
+        with self._lock:
+            self._check_writable()
+            first = self._next_seq
+            batch = RowBatch(
+                seqs=np.arange(first, first + n, dtype=np.int64),
+                keys=np.array(ks, dtype=np.int64 if self.spec.key_type == "int" else object),
+                tombstone=np.full(n, tombstone),
+                vectors=mats,
+                texts=texts,
+                metadata=meta,
+            )
+            self.wal.append(batch)
+            self._next_seq += n
+            self._mem.add(batch, self.clock())
+        self.maybe_flush()
+        return WriteAck(first, first + n - 1, n)
+
+    def maybe_flush(self) -> None:
+        """Flush if enough rows wait or the oldest waits too long. Store outages are absorbed:
+        the rows stay in the WAL and writes get 429 once the bounds are reached."""
+        with self._lock:
+            due = self.pending_rows >= self.config.flush_rows or (
+                self._mem.rows > 0
+                and self.clock() - self._mem.since >= self.config.flush_interval_s
+            )
+        if not due or not self._flush.acquire(blocking=False):
+            return
+        try:
+            self._flush_locked()
+        except StoreUnavailableError as exc:
+            log.warning("flush failed, will retry: %s", exc)
+        finally:
+            self._flush.release()
+
+    # flush -----------------------------------------------------------------------------------
+
+    def flush(self) -> Manifest | None:
+        """Write every pending row into segments and commit them. Returns the new manifest."""
+        with self._flush:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> Manifest | None:
+        with self._lock:
+            if self._mem.rows:
+                self._frozen.append(self._mem)
+                self._mem = _Memtable()
+                self.wal.rotate(self._next_seq)
+            frozen = list(self._frozen)
+        if not frozen:
+            return None
+        batch = concat_batches(
+            [b for m in frozen for b in m.batches], self.spec.key_type, self.spec.dims
+        )
+        upto = int(batch.seqs.max())
+        parts = split_by_tombstone(batch)
+        written: list[tuple[str, RowBatch, int]] = []
+        try:
+            for part in parts:
+                data = encode_segment(part, self.spec.key_type, self.spec.dims)
+                key = new_object_name("segments", ".arrow")
+                self._inflight.add(key)
+                self.store.put(key, data)
+                written.append((key, part, len(data)))
+            crash_point("flush.segment_put")
+            manifest = self._commit_new_segments(written, upto)
+        except DriftlessError as exc:
+            self.last_flush_error = exc
+            raise
+        finally:
+            self._inflight.difference_update(k for k, _, _ in written)
+        self.last_flush_error = None
+        crash_point("flush.committed")
+        with self._lock:
+            del self._frozen[: len(frozen)]
+            self.wal.truncate_upto(upto)
+        return manifest
+
+    def _commit_new_segments(self, written: list[tuple[str, RowBatch, int]], upto: int) -> Manifest:
+        with self._commit:
+            self._ensure_index()
+            base = self.manifest
+            first_id = base.next_segment_id
+            deltas: dict[int, SegmentDelta] = {}
+            new: list[SegmentInfo] = []
+            for i, (key, part, nbytes) in enumerate(written):
+                seg_id = first_id + i
+                for sid, d in self._index.add_segment(seg_id, part).items():
+                    acc = deltas.setdefault(sid, SegmentDelta())
+                    acc.live += d.live
+                    acc.tombstones += d.tombstones
+                new.append(
+                    SegmentInfo(
+                        seg_id,
+                        key,
+                        len(part),
+                        0,
+                        0,
+                        int(part.seqs.min()),
+                        int(part.seqs.max()),
+                        nbytes,
+                    )
+                )
+
+            def edit(m: Manifest) -> Manifest:
+                if m.next_segment_id != first_id:
+                    raise FencedError("the manifest moved under this writer's epoch")
+                return replace(
+                    m,
+                    segments=tuple(_apply_deltas([*m.segments, *new], deltas)),
+                    next_segment_id=first_id + len(new),
+                    flushed_seq=max(m.flushed_seq, upto),
+                )
+
+            return self._commit_edit(base, edit, "flush")
+
+    def _commit_edit(
+        self, base: Manifest, edit: Callable[[Manifest], Manifest], reason: str
+    ) -> Manifest:
+        """Commit under ``_commit``; on any failure the in-memory key index is rebuilt lazily."""
+        try:
+            manifest = self.log.commit(base, edit, self.epoch, reason)
+        except FencedError as exc:
+            self._fenced = exc
+            self._index_stale = True
+            raise
+        except BaseException:
+            self._index_stale = True
+            raise
+        self.manifest = manifest
+        return manifest
+
+    def _ensure_index(self) -> None:
+        if self._index_stale:
+            latest = self.log.latest()
+            if latest is not None and latest.writer_epoch != self.epoch:
+                self._fenced = FencedError(
+                    f"writer epoch {self.epoch} was superseded by {latest.writer_epoch}"
+                )
+                raise self._fenced
+            if latest is not None:
+                self.manifest = latest
+            self._rebuild_index()
+
+    # compaction ------------------------------------------------------------------------------
+
+    def compact(self, gc: bool = True) -> CompactionReport:
+        """Merge small segments and rewrite those with many deleted rows, keeping seqs.
+
+        Streams: holds one input record batch and one output segment in memory at a time.
+        Writes never wait for it, except for brief key-index checks between batches.
+        """
+        with self._maint:
+            with self._commit:
+                self._ensure_index()
+                groups = plan_compaction(self.manifest.segments, self.config.compaction)
+            report = CompactionReport()
+            for ids in groups:
+                report = self._compact_group(ids, report)
+            if groups:
+                crash_point("compaction.committed")
+            if gc:
+                self._gc_locked()
+            return report
+
+    def _compact_group(self, ids: tuple[int, ...], report: CompactionReport) -> CompactionReport:
+        idset = set(ids)
+        inputs = sorted(
+            (s for s in self.manifest.segments if s.id in idset), key=lambda s: s.min_seq
+        )
+        # pass 1 (keys only): how many rows of each tombstoned key the inputs hold
+        tomb_rows: Counter[Key] = Counter()
+        for seg in inputs:
+            for kb in iter_segment(self._segment_source(seg.key), self.spec.key_type, "keys"):
+                with self._commit:
+                    for key in kb.keys.tolist():
+                        w = self._index.winner.get(key)
+                        if w is not None and w[2]:
+                            tomb_rows[key] += 1
+        # pass 2: stream rows, keep winners (and tombstones still shadowing older rows)
+        outputs: list[tuple[str, list[tuple[Key, int]], int, int, int]] = []
+        dropped: list[tuple[Key, int]] = []
+        kept: list[tuple[Key, int]] = []
+        writer = SegmentWriter(self.spec.key_type, self.spec.dims)
+        tomb_writer = SegmentWriter(self.spec.key_type, self.spec.dims)
+        tomb_kept: list[tuple[Key, int]] = []
+        rows_in = 0
+
+        def cut(w: SegmentWriter, rows: list[tuple[Key, int]]) -> None:
+            data = w.finish()
+            key = new_object_name("segments", ".arrow")
+            self._inflight.add(key)
+            self.store.put(key, data)
+            seqs = [s for _, s in rows]
+            outputs.append((key, list(rows), len(data), min(seqs), max(seqs)))
+
+        try:
+            for seg in inputs:
+                for batch in iter_segment(self._segment_source(seg.key), self.spec.key_type, "all"):
+                    rows_in += len(batch)
+                    keep = np.zeros(len(batch), bool)
+                    with self._commit:
+                        for i, (key, seq) in enumerate(
+                            zip(batch.keys.tolist(), batch.seqs.tolist(), strict=True)
+                        ):
+                            w = self._index.winner.get(key)
+                            if w is None or w[0] != seq:
+                                continue  # superseded by a committed newer version
+                            keep[i] = not w[2] or self._index.rows_of(key) > tomb_rows[key]
+                    for i, (key, seq) in enumerate(
+                        zip(batch.keys.tolist(), batch.seqs.tolist(), strict=True)
+                    ):
+                        (
+                            kept
+                            if keep[i] and not batch.tombstone[i]
+                            else tomb_kept
+                            if keep[i]
+                            else dropped
+                        ).append((key, seq))
+                    for part in split_by_tombstone(batch.take(np.flatnonzero(keep))):
+                        (tomb_writer if part.tombstone.all() else writer).write(part)
+                    if writer.nbytes >= self.config.compaction.target_bytes:
+                        cut(writer, kept)
+                        kept.clear()
+                        writer = SegmentWriter(self.spec.key_type, self.spec.dims)
+            if writer.rows:
+                cut(writer, kept)
+            if tomb_writer.rows:
+                cut(tomb_writer, tomb_kept)
+            crash_point("compaction.output_put")
+            self._commit_compaction(inputs, outputs, dropped)
+        finally:
+            self._inflight.difference_update(o[0] for o in outputs)
+        return CompactionReport(
+            groups=report.groups + 1,
+            input_segments=report.input_segments + len(inputs),
+            output_segments=report.output_segments + len(outputs),
+            rows_in=report.rows_in + rows_in,
+            rows_out=report.rows_out + sum(len(o[1]) for o in outputs),
+            bytes_in=report.bytes_in + sum(s.bytes for s in inputs),
+            bytes_out=report.bytes_out + sum(o[2] for o in outputs),
+        )
+
+    def _commit_compaction(
+        self,
+        inputs: list[SegmentInfo],
+        outputs: list[tuple[str, list[tuple[Key, int]], int, int, int]],
+        dropped: list[tuple[Key, int]],
+    ) -> None:
+        input_ids = {s.id for s in inputs}
+        with self._commit:
+            self._ensure_index()
+            base = self.manifest
+            first_id = base.next_segment_id
+            by_key = Counter(k for k, _ in dropped)
+            dropped_winner = {k for k, s in dropped if self._index.is_winner(k, s)}
+            for key, n in by_key.items():
+                self._index.drop_rows(key, n, key in dropped_winner)
+            new: list[SegmentInfo] = []
+            for i, (okey, rows, nbytes, lo, hi) in enumerate(outputs):
+                seg_id = first_id + i
+                live = tombs = 0
+                for key, seq in rows:
+                    w = self._index.winner.get(key)
+                    if w is not None and w[0] == seq:
+                        self._index.winner[key] = (seq, seg_id, w[2])
+                        if w[2]:
+                            tombs += 1
+                        else:
+                            live += 1
+                new.append(SegmentInfo(seg_id, okey, len(rows), live, tombs, lo, hi, nbytes))
+            now = self.clock()
+
+            def edit(m: Manifest) -> Manifest:
+                if m.next_segment_id != first_id or not input_ids <= {s.id for s in m.segments}:
+                    raise FencedError("the manifest moved under this writer's epoch")
+                return replace(
+                    m,
+                    segments=tuple(s for s in m.segments if s.id not in input_ids) + tuple(new),
+                    next_segment_id=first_id + len(new),
+                    retired=m.retired + tuple(Retired(s.key, now) for s in inputs),
+                )
+
+            self._commit_edit(base, edit, "compaction")
+
+    # garbage collection ----------------------------------------------------------------------
+
+    def gc(self) -> GcReport:
+        """Delete objects unreferenced for the grace period and not pinned; prune old manifests."""
+        with self._maint:
+            return self._gc_locked()
+
+    def _gc_locked(self) -> GcReport:
+        now = self.clock()
+        pins = self.log.live_pins(now)
+        pinned: list[Manifest] = []
+        for p in pins:
+            try:
+                pinned.append(self.log.load(p.manifest_version))
+            except NotFoundError:
+                log.warning(
+                    "pin %s holds manifest %d, which no longer exists", p.holder, p.manifest_version
+                )
+        listed = {o.key: o.mtime for o in self.store.list("segments/")}
+        with self._commit:  # a flush's object is either in the manifest or in flight here
+            current = self.manifest
+            inflight = set(self._inflight)
+        plan = plan_gc(current, pinned, listed, inflight, now, self.config.gc_grace_s)
+        for i, key in enumerate(plan.delete):
+            if i:
+                crash_point("gc.between_deletes")
+            self.store.delete(key)
+        if plan.forget:
+            forget = set(plan.forget)
+            with self._commit:
+                self._commit_edit(
+                    self.manifest,
+                    lambda m: replace(
+                        m, retired=tuple(r for r in m.retired if r.key not in forget)
+                    ),
+                    "gc",
+                )
+        deleted_manifests = 0
+        versions = self.log.versions()
+        keep = set(versions[-self.config.manifest_retention :]) | {p.manifest_version for p in pins}
+        for v in versions:
+            if v not in keep and v < self.manifest.version:
+                self.store.delete(manifest_key(v))
+                deleted_manifests += 1
+        return GcReport(len(plan.delete), deleted_manifests)
+
+    # restore ---------------------------------------------------------------------------------
+
+    def restore(self, version: int) -> Manifest:
+        """Make the index what manifest ``version`` describes, as a new version.
+
+        Pending writes are flushed first (and thereby undone by the restore, as asked).
+        Refused if the version's objects were already garbage-collected.
+        """
+        with self._maint:
+            self.flush()
+            old = self.log.load(version)
+            if old.index.dims != self.spec.dims or old.index.key_type != self.spec.key_type:
+                raise RestoreError(f"manifest {version} describes a different index layout")
+            missing = sorted(k for k in referenced_objects(old) if not self.store.exists(k))
+            if missing:
+                raise RestoreError(
+                    f"manifest {version} references {len(missing)} objects that were already "
+                    f"garbage-collected (first: {missing[0]}); pick a newer version"
+                )
+            with self._commit:
+                index = self._build_index(old.segments)
+                stats = index.stats_by_segment()
+                segs = tuple(
+                    replace(
+                        s,
+                        live=stats.get(s.id, SegmentDelta()).live,
+                        tombstones=stats.get(s.id, SegmentDelta()).tombstones,
+                    )
+                    for s in old.segments
+                )
+                keep = referenced_objects(old)
+                now = self.clock()
+
+                def edit(m: Manifest) -> Manifest:
+                    gone = tuple(Retired(s.key, now) for s in m.segments if s.key not in keep)
+                    return replace(
+                        m,
+                        segments=segs,
+                        retired=tuple(r for r in m.retired if r.key not in keep) + gone,
+                    )
+
+                manifest = self._commit_edit(self.manifest, edit, f"restore-{version}")
+                self._index = index
+                self._index_stale = False
+                return manifest
+
+    # shutdown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting writes, flush what is pending, close the WAL. Idempotent.
+
+        If the flush fails (store down), the rows stay in the WAL for the next writer.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._fenced is None:
+                self.flush()
+        except DriftlessError as exc:
+            log.warning("close: pending rows stay in the WAL: %s", exc)
+        finally:
+            with self._lock:
+                self.wal.close()
