@@ -1,0 +1,328 @@
+"""The writer's contracts, on both backends."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from index_runtime.errors import (
+    BatchTooLargeError,
+    ClosedError,
+    InvalidInputError,
+    NotFoundError,
+    RestoreError,
+)
+from index_runtime.store.compaction import CompactionPolicy
+from index_runtime.store.log import ManifestLog
+from index_runtime.store.manifest import IndexSpec, ModelSpec, referenced_objects
+from index_runtime.store.reader import Snapshot
+from index_runtime.store.rows import Limits
+from index_runtime.store.writer import IndexWriter, WriterConfig
+from tests.helpers import vec
+
+DIM = 8
+SPEC = IndexSpec.single("t", "m", DIM, "int")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def cfg(**kw: Any) -> WriterConfig:
+    base: dict[str, Any] = dict(
+        flush_rows=10_000,
+        flush_interval_s=3600,
+        gc_grace_s=0.0,
+        compaction=CompactionPolicy(deleted_ratio=0.2, small_bytes=1 << 20, target_bytes=8 << 20),
+    )
+    base.update(kw)
+    return WriterConfig(**base)
+
+
+def vecs(keys: list[int], version: int) -> dict[str, np.ndarray]:
+    return {"m": np.stack([vec(k, version, DIM) for k in keys])}
+
+
+def state(store: Any, writer: IndexWriter | None = None) -> dict[int, np.ndarray]:
+    extra = writer.pending_batches() if writer else []
+    rows = Snapshot.open(store, extra_rows=extra).live.rows
+    return {int(k): rows.vectors["m"][i] for i, k in enumerate(rows.keys.tolist())} if len(rows) else {}
+
+
+def assert_state(got: dict[int, np.ndarray], want: dict[int, int]) -> None:
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], vec(k, v, DIM))
+
+
+def test_upsert_delete_flush_reopen(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    w.upsert(list(range(20)), vecs(list(range(20)), 1), texts=[f"t{i}" for i in range(20)],
+             metadata=[{"i": i} for i in range(20)])
+    w.upsert([5, 6], vecs([5, 6], 2))
+    w.delete([0, 1, 999])
+    w.flush()
+    w.upsert([7], vecs([7], 3))  # left in the WAL only
+    want = {k: 1 for k in range(2, 20)} | {5: 2, 6: 2, 7: 3}
+    assert_state(state(store, w), want)
+    # a crash-like abandon (no close): reopening replays the WAL
+    w2 = IndexWriter.open(store, tmp_path / "wal", cfg())
+    assert w2.epoch == w.epoch + 1
+    assert w2.pending_rows == 1
+    w2.close()
+    assert_state(state(store), want)
+    snap = Snapshot.open(store)
+    d = snap.live.as_dict()
+    assert d[3][1] == "t3" and d[3][2] == '{"i": 3}'
+    assert d[5][1] is None  # the second upsert replaced text and metadata too
+
+
+def test_string_keys_and_two_models(store: Any, tmp_path: Path) -> None:
+    spec = IndexSpec("s", "str", {"a": ModelSpec(4), "b": ModelSpec(6, "ip")}, ("a",))
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=spec)
+    w.upsert(["x", "y"], {"a": np.ones((2, 4)), "b": np.zeros((2, 6))})
+    w.upsert(["z"], {"a": np.ones((1, 4))})  # b is optional: not a write model
+    w.delete(["y"])
+    w.close()
+    d = Snapshot.open(store).live.as_dict()
+    assert sorted(d) == ["x", "z"]
+    assert set(d["x"][0]) == {"a", "b"} and set(d["z"][0]) == {"a"}
+    with pytest.raises(InvalidInputError, match="exists with key type"):
+        IndexWriter.open(store, tmp_path / "wal2", cfg(), create=SPEC)
+
+
+@pytest.mark.parametrize(
+    ("keys", "vectors", "error", "match"),
+    [
+        ([1], {"m": np.ones((1, 7))}, InvalidInputError, "dimension 7"),
+        ([1], {"m": np.full((1, 8), np.nan)}, InvalidInputError, "NaN or Inf"),
+        ([1], {"m": np.full((1, 8), np.inf)}, InvalidInputError, "NaN or Inf"),
+        ([1, 1], {"m": np.stack([np.ones(8), np.zeros(8)])}, InvalidInputError, "twice"),
+        (["a"], {"m": np.ones((1, 8))}, InvalidInputError, "integer key"),
+        ([True], {"m": np.ones((1, 8))}, InvalidInputError, "integer key"),
+        ([1], {"x": np.ones((1, 8))}, InvalidInputError, "required"),
+        ([1], {"m": np.ones((1, 8)), "x": np.ones((1, 8))}, InvalidInputError, "unknown model"),
+        ([], {"m": np.ones((0, 8))}, InvalidInputError, "empty"),
+        (list(range(11)), {"m": np.ones((11, 8))}, BatchTooLargeError, "at most 10"),
+        ([1, 2], {"m": np.ones((3, 8))}, InvalidInputError, "shape"),
+        ([1], {"m": [["a"] * 8]}, InvalidInputError, "numeric"),
+    ],
+)
+def test_bad_input_is_refused_and_loses_nothing(
+    store: Any, tmp_path: Path, keys: list[Any], vectors: Any, error: type, match: str
+) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(limits=Limits(max_batch_rows=10)), create=SPEC)
+    w.upsert([1, 2], vecs([1, 2], 1))
+    w.flush()
+    with pytest.raises(error, match=match) as info:
+        w.upsert(keys, vectors)
+    assert 400 <= info.value.status < 500
+    assert_state(state(store, w), {1: 1, 2: 1})
+    w.close()
+
+
+def test_identical_duplicates_collapse(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    ack = w.upsert([3, 3], vecs([3, 3], 1))
+    assert ack.rows == 1
+    w.close()
+
+
+def test_open_missing_index_is_a_clear_error(store: Any, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="create it first"):
+        IndexWriter.open(store, tmp_path / "wal", cfg())
+
+
+def test_flush_by_rows_and_by_seconds(store: Any, tmp_path: Path) -> None:
+    clock = Clock()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(flush_rows=10, flush_interval_s=5), create=SPEC, clock=clock)
+    w.upsert(list(range(9)), vecs(list(range(9)), 1))
+    assert len(w.manifest.segments) == 0
+    w.upsert([9], vecs([9], 1))
+    assert len(w.manifest.segments) == 1 and w.pending_rows == 0
+    w.upsert([10], vecs([10], 1))
+    clock.t += 4
+    w.maybe_flush()
+    assert w.pending_rows == 1
+    clock.t += 2
+    w.maybe_flush()
+    assert w.pending_rows == 0 and w.manifest.flushed_seq == w.manifest.segments[-1].max_seq
+    w.close()
+    with pytest.raises(ClosedError):
+        w.upsert([1], vecs([1], 1))
+
+
+def test_wal_files_are_truncated_after_flush(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(flush_rows=5), create=SPEC)
+    for i in range(6):
+        w.upsert([i * 10 + j for j in range(5)], vecs([i * 10 + j for j in range(5)], 1))
+    assert len(w.wal.files()) <= 2
+    w.close()
+
+
+def test_compaction_keeps_tombstones_that_still_shadow_rows(store: Any, tmp_path: Path) -> None:
+    # only segments with many deleted rows are candidates; the big first one is not
+    policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=1, target_bytes=1 << 30)
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy), create=SPEC)
+    keys = list(range(100))
+    w.upsert(keys[:50], vecs(keys[:50], 1))
+    w.upsert(keys[50:], vecs(keys[50:], 1))
+    w.flush()
+    w.delete(list(range(10)))
+    w.upsert([200], vecs([200], 2))
+    w.flush()
+    # rows and tombstones are flushed into separate segments
+    assert [round(s.deleted_ratio, 2) for s in w.manifest.segments] == [0.1, 0.0, 1.0]
+    report = w.compact()
+    assert report.input_segments == 1
+    want = {k: 1 for k in range(10, 100)} | {200: 2}
+    assert_state(state(store), want)
+    # once the big segment is compacted too, the tombstones can go
+    w.delete(list(range(10, 20)))
+    w.flush()
+    w.compact()
+    w.compact()
+    assert sum(s.tombstones for s in w.manifest.segments) in (0, 10)
+    want = {k: 1 for k in range(20, 100)} | {200: 2}
+    assert_state(state(store), want)
+    w.close()
+    w2 = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy))
+    stats = w2._index.stats_by_segment()
+    for s in w2.manifest.segments:  # stats in the manifest agree with a rebuild from data
+        assert (s.live, s.tombstones) == (stats[s.id].live, stats[s.id].tombstones) if s.id in stats else (0, 0)
+    w2.close()
+
+
+def test_compaction_merges_and_preserves_seqs(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    for i in range(5):
+        w.upsert([i], vecs([i], i))
+        w.flush()
+    seqs_before = sorted((s.min_seq, s.max_seq) for s in w.manifest.segments)
+    w.delete([0])
+    w.flush()
+    w.compact()
+    assert len(w.manifest.segments) == 1
+    seg = w.manifest.segments[0]
+    assert (seg.min_seq, seg.max_seq) == (seqs_before[1][0], seqs_before[-1][1])
+    assert seg.live == 4 and seg.rows == 4
+    assert_state(state(store), {i: i for i in range(1, 5)})
+    w.close()
+
+
+def test_reader_keeps_working_through_compaction_and_gc(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    for i in range(4):
+        w.upsert(list(range(i * 10, i * 10 + 10)), vecs(list(range(i * 10, i * 10 + 10)), i))
+        w.flush()
+    w.delete(list(range(15)))
+    w.flush()
+    reader = Snapshot.open(store, holder="reader-a")
+    old_version = reader.manifest.version
+    w.compact(gc=True)  # grace 0: only the pin keeps the old objects
+    assert all(store.exists(k) for k in referenced_objects(reader.manifest))
+    reloaded = Snapshot.open(store, version=old_version)  # the pinned version still loads
+    assert len(reloaded.live) == len(reader.live) == 25
+    reader.release()
+    w.gc()
+    assert not all(store.exists(k) for k in referenced_objects(reader.manifest))
+    assert len(Snapshot.open(store).live) == 25
+    w.close()
+
+
+def test_gc_waits_for_the_grace_period(store: Any, tmp_path: Path) -> None:
+    clock = Clock()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(gc_grace_s=3600), create=SPEC, clock=clock)
+    for i in range(3):
+        w.upsert([i], vecs([i], 1))
+        w.flush()
+    old = w.manifest
+    w.compact(gc=True)
+    assert all(store.exists(k) for k in referenced_objects(old))
+    assert len(w.manifest.retired) == 3
+    clock.t += 3599
+    assert w.gc().deleted_objects == 0
+    clock.t += 2
+    assert w.gc().deleted_objects == 3
+    assert w.manifest.retired == ()
+    w.close()
+
+
+def test_orphans_are_collected_after_grace(store: Any, tmp_path: Path) -> None:
+    clock = Clock()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(gc_grace_s=3600), create=SPEC, clock=clock)
+    store.put("segments/0000000000001-orphan.arrow", b"half a segment from a crashed flush")
+    assert w.gc().deleted_objects == 0  # its mtime is real time, our clock is far behind
+    clock.t = 1e12
+    assert w.gc().deleted_objects == 1
+    w.close()
+
+
+def test_restore_an_older_version(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(gc_grace_s=3600), create=SPEC)
+    w.upsert([1, 2, 3], vecs([1, 2, 3], 1))
+    w.flush()
+    good = w.manifest.version
+    w.delete([1, 2])
+    w.upsert([3, 4], vecs([3, 4], 2))
+    w.flush()
+    w.compact(gc=True)
+    w.restore(good)
+    assert_state(state(store), {1: 1, 2: 1, 3: 1})
+    w.upsert([5], vecs([5], 3))  # writes continue after a restore, with higher seqs
+    w.delete([1])
+    w.flush()
+    assert_state(state(store), {2: 1, 3: 1, 5: 3})
+    w.close()
+
+
+def test_restore_refuses_collected_versions(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(gc_grace_s=0), create=SPEC)
+    w.upsert([1], vecs([1], 1))
+    w.flush()
+    old = w.manifest.version
+    w.upsert([2], vecs([2], 1))
+    w.flush()
+    w.compact(gc=True)
+    with pytest.raises(RestoreError, match="garbage-collected"):
+        w.restore(old)
+    assert_state(state(store), {1: 1, 2: 1})
+    w.close()
+
+
+def test_old_manifests_are_pruned_but_pinned_ones_stay(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(manifest_retention=3), create=SPEC)
+    for i in range(6):
+        w.upsert([i], vecs([i], 1))
+        w.flush()
+    reader = Snapshot.open(store, holder="r")
+    for i in range(6, 9):
+        w.upsert([i], vecs([i], 1))
+        w.flush()
+    w.gc()
+    versions = ManifestLog(store).versions()
+    assert reader.manifest.version in versions
+    assert len(versions) == 4 and versions[-1] == w.manifest.version
+    assert ManifestLog(store).latest() == w.manifest
+    w.close()
+
+
+def test_manifest_history_is_contiguous(store: Any, tmp_path: Path) -> None:
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    for i in range(3):
+        w.upsert([i], vecs([i], 1))
+        w.flush()
+    w.close()
+    versions = ManifestLog(store).versions()
+    assert versions == list(range(1, versions[-1] + 1))
+    reasons = [ManifestLog(store).load(v).reason for v in versions]
+    assert reasons[:2] == ["create", "writer-open"] and reasons.count("flush") == 3
+    assert list(itertools.accumulate(ManifestLog(store).load(v).flushed_seq for v in versions)) is not None
