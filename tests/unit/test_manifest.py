@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
+from index_runtime.store.compaction import CompactionPolicy, plan_compaction
+from index_runtime.store.manifest import (
+    IndexSpec,
+    Manifest,
+    ModelSpec,
+    Retired,
+    SegmentInfo,
+    decode_manifest,
+    encode_manifest,
+    plan_gc,
+)
+from index_runtime.store.rows import RowBatch
+from index_runtime.store.segment import encode_segment, read_segment
+
+SPEC = IndexSpec("i", "str", {"a": ModelSpec(4), "b": ModelSpec(8, "ip")}, ("a",))
+
+
+def seg(i: int, rows: int = 100, live: int = 100, tombs: int = 0, nbytes: int = 1000) -> SegmentInfo:
+    return SegmentInfo(i, f"segments/{i}.arrow", rows, live, tombs, i * 1000, i * 1000 + rows - 1, nbytes)
+
+
+def manifest(*segments: SegmentInfo, retired: tuple[Retired, ...] = ()) -> Manifest:
+    return Manifest(7, SPEC, 3, 500, 10, tuple(segments), retired, 1.5, "flush")
+
+
+def test_manifest_round_trip() -> None:
+    m = manifest(seg(1), seg(2, 10, 4, 1), retired=(Retired("segments/0.arrow", 12.0),))
+    assert decode_manifest(encode_manifest(m)) == m
+
+
+def test_unknown_manifest_version_is_refused() -> None:
+    d = json.loads(encode_manifest(manifest()))
+    d["format_version"] = 2
+    with pytest.raises(FormatVersionError, match="format_version 2 is not supported"):
+        decode_manifest(json.dumps(d).encode())
+    with pytest.raises(CorruptObjectError):
+        decode_manifest(b"{not json")
+    del d["format_version"]
+    with pytest.raises(CorruptObjectError, match="no format_version"):
+        decode_manifest(json.dumps(d).encode())
+
+
+def test_unknown_segment_version_is_refused() -> None:
+    batch = RowBatch(np.array([1], np.int64), np.array(["k"], object), np.array([False]),
+                     {"a": np.ones((1, 4), np.float32)})
+    data = encode_segment(batch, "str", {"a": 4})
+    assert read_segment(data, "str").keys.tolist() == ["k"]
+    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    meta = dict(table.schema.metadata)
+    meta[b"driftless.format_version"] = b"9"
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema.with_metadata(meta)) as w:
+        w.write_table(table)
+    with pytest.raises(FormatVersionError, match="segment format_version 9"):
+        read_segment(sink.getvalue().to_pybytes(), "str")
+    with pytest.raises(CorruptObjectError):
+        read_segment(b"garbage", "str")
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(InvalidInputError):
+        ModelSpec(0)
+    with pytest.raises(InvalidInputError):
+        ModelSpec(4, "hamming")
+    with pytest.raises(InvalidInputError):
+        IndexSpec("x", "str", {"a": ModelSpec(4)}, ("b",))
+    with pytest.raises(InvalidInputError):
+        IndexSpec("x", "float", {"a": ModelSpec(4)}, ("a",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("case", "listed", "retired", "pinned", "inflight", "now", "delete", "forget"),
+    [
+        ("referenced objects stay", {"segments/1.arrow": 0.0}, (), [], set(), 1e9, (), ()),
+        ("retired within grace stay", {"segments/9.arrow": 0.0}, (Retired("segments/9.arrow", 100.0),), [], set(), 150.0, (), ()),
+        ("retired after grace go", {"segments/9.arrow": 0.0}, (Retired("segments/9.arrow", 100.0),), [], set(), 161.0,
+         ("segments/9.arrow",), ("segments/9.arrow",)),
+        ("pinned retired stay", {"segments/9.arrow": 0.0}, (Retired("segments/9.arrow", 100.0),), [9], set(), 1e9, (), ()),
+        ("already-deleted retired are forgotten", {}, (Retired("segments/9.arrow", 100.0),), [], set(), 1e9, (), ("segments/9.arrow",)),
+        ("young orphans stay", {"segments/x.arrow": 100.0}, (), [], set(), 150.0, (), ()),
+        ("old orphans go", {"segments/x.arrow": 100.0}, (), [], set(), 160.0, ("segments/x.arrow",), ()),
+        ("in-flight writes stay", {"segments/x.arrow": 0.0}, (), [], {"segments/x.arrow"}, 1e9, (), ()),
+    ],
+)
+def test_plan_gc(case: str, listed: dict[str, float], retired: tuple[Retired, ...], pinned: list[int],
+                 inflight: set[str], now: float, delete: tuple[str, ...], forget: tuple[str, ...]) -> None:
+    current = manifest(seg(1), retired=retired)
+    pins = [manifest(seg(p)) for p in pinned]
+    plan = plan_gc(current, pins, {"segments/1.arrow": 0.0, **listed}, inflight, now, grace_s=60.0)
+    assert (plan.delete, plan.forget) == (delete, forget), case
+
+
+POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    ("case", "segments", "groups"),
+    [
+        ("nothing to do", [seg(1, nbytes=500), seg(2, nbytes=500)], []),
+        ("one small segment alone is left", [seg(1, nbytes=50), seg(2, nbytes=500)], []),
+        ("small segments merge", [seg(1, nbytes=50), seg(2, nbytes=60), seg(3, nbytes=500)], [(1, 2)]),
+        ("a deleted-heavy segment is rewritten alone", [seg(1, 100, 79, nbytes=900)], [(1,)]),
+        ("just under the ratio is left", [seg(1, 100, 81, nbytes=900)], []),
+        ("tombstones count as not live", [seg(1, 100, 70, 30, nbytes=900)], [(1,)]),
+        ("groups are cut at the target", [seg(i, nbytes=90) for i in range(1, 16)],
+         [tuple(range(1, 12)), tuple(range(12, 16))]),
+        ("expected output, not input, fills the target", [seg(1, 100, 10, nbytes=900), seg(2, 100, 10, nbytes=900)], [(1, 2)]),
+    ],
+)
+def test_plan_compaction(case: str, segments: list[SegmentInfo], groups: list[tuple[int, ...]]) -> None:
+    assert plan_compaction(segments, POLICY) == groups, case
