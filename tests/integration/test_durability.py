@@ -4,6 +4,7 @@ that is what makes this test able to fail, unlike 'survives SIGKILL'."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from pathlib import Path
@@ -24,10 +25,8 @@ def lost_after_power_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> se
 
     def recording_fsync(fd: int) -> None:
         real_fsync(fd)
-        try:
+        with contextlib.suppress(OSError):
             synced[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
-        except OSError:
-            pass
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     store = LocalDirStore(tmp_path / "data")

@@ -16,7 +16,7 @@ def test_validate_normalizes() -> None:
         ["a", "b"], {"m": [[1, 2], [3, 4]]}, {"m": 2}, ("m",), "str", Limits(), ["x", None], [{"z": 1, "a": 2}, None]
     )
     assert ks == ["a", "b"] and mats["m"].dtype == np.float32
-    assert meta == ['{"a": 2, "z": 1}', None]
+    assert meta == ['{"a": 2, "z": 1}', None] and texts == ["x", None]
 
 
 def test_metadata_must_be_json() -> None:

@@ -5,8 +5,8 @@ statistics in the manifest equal those rebuilt from the data."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,40 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEPS := $(VENV)/.deps-installed
+
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+
+.PHONY: demo test test-slow lint bench clean
+
+$(DEPS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned: this release's CPU wheel; anything unpinned pulls a CUDA build
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test,embed]"
+	touch $@
+
+demo: $(DEPS)
+	$(BIN)/driftless demo
+
+lint: $(DEPS)
+	$(BIN)/ruff check index_runtime index_operator tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint
+	@echo "== unit suite"; $(BIN)/python -m pytest tests/unit -q -m "not slow" -p no:cacheprovider
+	@echo "== integration suite (local directory and S3 via moto)"; $(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider
+
+test-slow: $(DEPS)
+	@echo "== slow suite (random-kill campaign)"; $(BIN)/python -m pytest tests -q -m slow -p no:cacheprovider
+
+bench: $(DEPS)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/store.py
+
+clean:
+	rm -rf $(VENV) .driftless

@@ -1,0 +1,1 @@
+"""Text -> vectors: local model packages (and, in the adapters issue, OpenAI-compatible HTTP)."""
