@@ -22,7 +22,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from index_runtime.demo import format_table, run_demo
 
     start = time.perf_counter()
-    stages = run_demo(Path(args.data), Path(args.cache), args.embed_seconds, args.max_passages, args.delete_share)
+    stages = run_demo(
+        Path(args.data), Path(args.cache), args.embed_seconds, args.max_passages, args.delete_share
+    )
     print()
     print(format_table(stages))
     print(f"\ntotal {time.perf_counter() - start:.1f} s; data in {args.data}")
@@ -39,22 +41,36 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"no index in {args.data}", file=sys.stderr)
         return 2
     summary = {
-        "version": m.version, "epoch": m.writer_epoch, "flushed_seq": m.flushed_seq,
-        "live_rows": m.live_rows, "segments": len(m.segments), "bytes": m.total_bytes,
-        "retired": len(m.retired), "index": {"name": m.index.name, "key_type": m.index.key_type,
-                                            "models": {k: asdict(v) for k, v in m.index.models.items()}},
+        "version": m.version,
+        "epoch": m.writer_epoch,
+        "flushed_seq": m.flushed_seq,
+        "live_rows": m.live_rows,
+        "segments": len(m.segments),
+        "bytes": m.total_bytes,
+        "retired": len(m.retired),
+        "index": {
+            "name": m.index.name,
+            "key_type": m.index.key_type,
+            "models": {k: asdict(v) for k, v in m.index.models.items()},
+        },
     }
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="driftless", description="Vector search that keeps serving through change.")
+    p = argparse.ArgumentParser(
+        prog="driftless", description="Vector search that keeps serving through change."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the lifecycle demo on a local directory")
-    d.add_argument("--data", default=".driftless/demo", help="directory for the demo index (recreated)")
+    d.add_argument(
+        "--data", default=".driftless/demo", help="directory for the demo index (recreated)"
+    )
     d.add_argument("--cache", default=str(_default_cache()), help="embedding cache directory")
-    d.add_argument("--embed-seconds", type=float, default=60.0, help="time budget for embedding passages")
+    d.add_argument(
+        "--embed-seconds", type=float, default=60.0, help="time budget for embedding passages"
+    )
     d.add_argument("--max-passages", type=int, default=None, help="cap the corpus size")
     d.add_argument("--delete-share", type=float, default=0.3, help="share of rows to delete")
     d.set_defaults(func=cmd_demo)

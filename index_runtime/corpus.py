@@ -17,7 +17,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "turtledemo",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,9 @@ def _iter_docstrings(path: Path, module: str) -> Iterator[tuple[str, str]]:
                 stack.append((child, qual))
 
 
-def build_stdlib_corpus(min_body: int = 120, max_passage: int = 600, root: Path | None = None) -> Corpus:
+def build_stdlib_corpus(
+    min_body: int = 120, max_passage: int = 600, root: Path | None = None
+) -> Corpus:
     """Docstring pairs from the standard library at ``root`` (default: this interpreter's)."""
     root = root or Path(sysconfig.get_paths()["stdlib"])
     seen: dict[str, Doc] = {}
@@ -98,4 +109,6 @@ def build_stdlib_corpus(min_body: int = 120, max_passage: int = 600, root: Path 
             queries.add(summary.lower())
             seen[pid] = Doc(pid, summary, passage, qual)
     docs = tuple(sorted(seen.values(), key=lambda d: d.id))
-    return Corpus(docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstrings")
+    return Corpus(
+        docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstrings"
+    )

@@ -38,7 +38,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def success_at_k(queries: np.ndarray, passages: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+def success_at_k(
+    queries: np.ndarray, passages: np.ndarray, truth: np.ndarray, k: int = 10
+) -> float:
     """Share of queries whose own passage is among the exact top-k by cosine."""
     scores = queries @ passages.T
     top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
@@ -58,7 +60,14 @@ def run_demo(
     stages: list[Stage] = []
     t = time.perf_counter()
     corpus = build_stdlib_corpus()
-    stages.append(Stage("corpus", time.perf_counter() - t, len(corpus.docs), note=f"sha256 {corpus.sha256[:16]}…"))
+    stages.append(
+        Stage(
+            "corpus",
+            time.perf_counter() - t,
+            len(corpus.docs),
+            note=f"sha256 {corpus.sha256[:16]}…",
+        )
+    )
 
     t = time.perf_counter()
     encoder = MiniLM()
@@ -72,42 +81,73 @@ def run_demo(
     if max_passages is not None:
         n = min(n, max_passages)
     corpus = corpus.head(n)
-    stages.append(Stage("load model", time.perf_counter() - t,
-                        note=f"{rate:.0f} passages/s measured (cached texts count as fast) -> {n} passages"))
+    stages.append(
+        Stage(
+            "load model",
+            time.perf_counter() - t,
+            note=f"{rate:.0f} passages/s measured (cached texts count as fast) -> {n} passages",
+        )
+    )
 
     t = time.perf_counter()
-    passages = encode_cached(encoder, [d.passage for d in corpus.docs], emb_cache, desc="embed passages")
-    stages.append(Stage("embed", time.perf_counter() - t, n, note=f"corpus sha256 {corpus.sha256[:16]}…"))
+    passages = encode_cached(
+        encoder, [d.passage for d in corpus.docs], emb_cache, desc="embed passages"
+    )
+    stages.append(
+        Stage("embed", time.perf_counter() - t, n, note=f"corpus sha256 {corpus.sha256[:16]}…")
+    )
 
     if data.exists():
         shutil.rmtree(data)
     store = LocalDirStore(data / "index")
-    config = WriterConfig(flush_rows=256, gc_grace_s=0.0,
-                          compaction=CompactionPolicy(small_bytes=1 << 20, target_bytes=8 << 20))
+    config = WriterConfig(
+        flush_rows=256,
+        gc_grace_s=0.0,
+        compaction=CompactionPolicy(small_bytes=1 << 20, target_bytes=8 << 20),
+    )
     spec = IndexSpec.single("stdlib-docs", encoder.model_id, encoder.dim, key_type="str")
     t = time.perf_counter()
     writer = IndexWriter.open(store, data / "wal", config, create=spec)
     for start in range(0, n, 100):
         docs = corpus.docs[start : start + 100]
-        writer.upsert([d.id for d in docs], {encoder.model_id: passages[start : start + 100]},
-                      texts=[d.passage for d in docs],
-                      metadata=[{"query": d.query, "source": d.source} for d in docs])
+        writer.upsert(
+            [d.id for d in docs],
+            {encoder.model_id: passages[start : start + 100]},
+            texts=[d.passage for d in docs],
+            metadata=[{"query": d.query, "source": d.source} for d in docs],
+        )
     writer.flush()
     m = writer.manifest
-    stages.append(Stage("ingest", time.perf_counter() - t, m.live_rows, len(m.segments), _dir_bytes(data / "index"),
-                        note=f"{n / (time.perf_counter() - t):.0f} rows/s through WAL+fsync"))
+    stages.append(
+        Stage(
+            "ingest",
+            time.perf_counter() - t,
+            m.live_rows,
+            len(m.segments),
+            _dir_bytes(data / "index"),
+            note=f"{n / (time.perf_counter() - t):.0f} rows/s through WAL+fsync",
+        )
+    )
 
     t = time.perf_counter()
     rng = np.random.default_rng(seed)
     sample = rng.choice(n, size=min(200, n), replace=False)
-    queries = encode_cached(encoder, [corpus.docs[i].query for i in sample], emb_cache, desc="embed queries")
+    queries = encode_cached(
+        encoder, [corpus.docs[i].query for i in sample], emb_cache, desc="embed queries"
+    )
     live = Snapshot.open(store).live.rows
     stored = live.vectors[encoder.model_id]
     order = {k: i for i, k in enumerate(live.keys.tolist())}
     truth = np.array([order[corpus.docs[i].id] for i in sample])
     s10 = success_at_k(queries, stored, truth)
-    stages.append(Stage("exact search", time.perf_counter() - t, len(sample),
-                        note=f"Success@10 of the summary finding its own body: {s10:.2f}"))
+    stages.append(
+        Stage(
+            "exact search",
+            time.perf_counter() - t,
+            len(sample),
+            note=f"Success@10 of the summary finding its own body: {s10:.2f}",
+        )
+    )
 
     t = time.perf_counter()
     doomed = random.Random(seed).sample([d.id for d in corpus.docs], int(n * delete_share))
@@ -116,22 +156,45 @@ def run_demo(
     writer.flush()
     m = writer.manifest
     before = _dir_bytes(data / "index")
-    stages.append(Stage(f"delete {delete_share:.0%}", time.perf_counter() - t, m.live_rows, len(m.segments), before,
-                        note=f"{len(doomed)} tombstones"))
+    stages.append(
+        Stage(
+            f"delete {delete_share:.0%}",
+            time.perf_counter() - t,
+            m.live_rows,
+            len(m.segments),
+            before,
+            note=f"{len(doomed)} tombstones",
+        )
+    )
 
     t = time.perf_counter()
     report = writer.compact(gc=False)
     m = writer.manifest
-    stages.append(Stage("compact", time.perf_counter() - t, m.live_rows, len(m.segments),
-                        sum(s.bytes for s in m.segments),
-                        note=f"{report.input_segments} -> {report.output_segments} segments, rows {report.rows_in} -> {report.rows_out}"))
+    stages.append(
+        Stage(
+            "compact",
+            time.perf_counter() - t,
+            m.live_rows,
+            len(m.segments),
+            sum(s.bytes for s in m.segments),
+            note=f"{report.input_segments} -> {report.output_segments} segments, rows {report.rows_in} -> {report.rows_out}",
+        )
+    )
 
     t = time.perf_counter()
     gc = writer.gc()
     writer.close()
     after = _dir_bytes(data / "index")
-    stages.append(Stage("gc", time.perf_counter() - t, m.live_rows, len(m.segments), after,
-                        note=f"{gc.deleted_objects} objects deleted; directory {before:,} -> {after:,} bytes"))
+    stages.append(
+        Stage(
+            "gc",
+            time.perf_counter() - t,
+            m.live_rows,
+            len(m.segments),
+            after,
+            note=f"{gc.deleted_objects} objects deleted; directory {before:,} -> {after:,} bytes",
+        )
+    )
 
     # the data survived: every remaining row is readable, no deleted row is
     check = Snapshot.open(store).live.rows
@@ -144,7 +207,11 @@ def format_table(stages: list[Stage]) -> str:
     head = f"{'stage':<14}{'time s':>8}{'rows':>8}{'segments':>10}{'bytes':>13}  note"
     lines = [head, "-" * len(head)]
     for s in stages:
+
         def fmt(v: int | None, w: int) -> str:
             return f"{v:>{w},}" if v is not None else " " * (w - 1) + "-"
-        lines.append(f"{s.name:<14}{s.seconds:>8.1f}{fmt(s.rows, 8)}{fmt(s.segments, 10)}{fmt(s.bytes, 13)}  {s.note}")
+
+        lines.append(
+            f"{s.name:<14}{s.seconds:>8.1f}{fmt(s.rows, 8)}{fmt(s.segments, 10)}{fmt(s.bytes, 13)}  {s.note}"
+        )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ DIM = 8
 SPEC = IndexSpec.single("crash", "m", DIM, "int")
 CONFIG = WriterConfig(
     flush_rows=48,
+    bulk_rows=35,  # the 35- and 40-key upserts take the bulk path (no WAL)
     flush_interval_s=3600,
     gc_grace_s=0.0,
     compaction=CompactionPolicy(deleted_ratio=0.2, small_bytes=1 << 20, target_bytes=8 << 20),

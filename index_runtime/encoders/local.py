@@ -25,7 +25,9 @@ class EmbeddingCache:
     def __init__(self, path: Path, model_id: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path)
-        self.db.execute("CREATE TABLE IF NOT EXISTS emb (model TEXT, sha TEXT, vec BLOB, PRIMARY KEY (model, sha))")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS emb (model TEXT, sha TEXT, vec BLOB, PRIMARY KEY (model, sha))"
+        )
         self.model_id = model_id
 
     @staticmethod
@@ -38,7 +40,10 @@ class EmbeddingCache:
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self.db.execute(f"SELECT sha, vec FROM emb WHERE model=? AND sha IN ({marks})", [self.model_id, *chunk])
+            rows = self.db.execute(
+                f"SELECT sha, vec FROM emb WHERE model=? AND sha IN ({marks})",
+                [self.model_id, *chunk],
+            )
             for sha, blob in rows:
                 out[sha] = np.frombuffer(blob, dtype=np.float32)
         return out
@@ -46,7 +51,10 @@ class EmbeddingCache:
     def put_many(self, texts: Sequence[str], vecs: npt.NDArray[np.float32]) -> None:
         self.db.executemany(
             "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
-            [(self.model_id, self.key(t), v.astype(np.float32).tobytes()) for t, v in zip(texts, vecs, strict=True)],
+            [
+                (self.model_id, self.key(t), v.astype(np.float32).tobytes())
+                for t, v in zip(texts, vecs, strict=True)
+            ],
         )
         self.db.commit()
 
@@ -70,13 +78,22 @@ class MiniLM:
         self._model: Any = SentenceTransformer(str(folder), device="cpu")
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
-        vecs = self._model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                  show_progress_bar=False, convert_to_numpy=True)
+        vecs = self._model.encode(
+            list(texts),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+            convert_to_numpy=True,
+        )
         return np.asarray(vecs, dtype=np.float32)
 
 
 def encode_cached(
-    encoder: MiniLM, texts: Sequence[str], cache: EmbeddingCache | None, batch_size: int = 64, desc: str = "encode"
+    encoder: MiniLM,
+    texts: Sequence[str],
+    cache: EmbeddingCache | None,
+    batch_size: int = 64,
+    desc: str = "encode",
 ) -> npt.NDArray[np.float32]:
     """Encode ``texts`` in order, reusing cached vectors, with a progress bar for the rest."""
     found = cache.get_many(texts) if cache else {}

@@ -44,8 +44,17 @@ class KeyIndex:
 
         The new segment's own entry in the result holds its live and tombstone counts.
         """
-        deltas: dict[int, SegmentDelta] = {seg_id: SegmentDelta()}
         keys = batch.keys.tolist()
+        if len(set(keys)) == len(keys) and self.winner.keys().isdisjoint(keys):
+            # fast path (pure inserts of new keys): C-level loops only
+            tombs = batch.tombstone.tolist()
+            seqs = batch.seqs.tolist()
+            self.winner.update(
+                zip(keys, zip(seqs, [seg_id] * len(keys), tombs, strict=True), strict=True)
+            )
+            t = sum(tombs)
+            return {seg_id: SegmentDelta(live=len(keys) - t, tombstones=t)}
+        deltas: dict[int, SegmentDelta] = {seg_id: SegmentDelta()}
         counts = Counter(keys)
         old_rows = {k: self.rows_of(k) for k in counts}
         for key, seq, tomb in zip(keys, batch.seqs.tolist(), batch.tombstone.tolist(), strict=True):

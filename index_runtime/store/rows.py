@@ -118,6 +118,15 @@ def validate_keys(keys: Sequence[object], key_type: KeyType, limits: Limits) -> 
         raise BatchTooLargeError(
             f"the batch has {len(keys)} rows; at most {limits.max_batch_rows} are accepted per call"
         )
+    if key_type == "int":
+        arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
+        if (
+            arr.ndim == 1
+            and arr.dtype.kind in "iu"
+            and (arr.dtype.kind == "i" or arr.max() < 2**63)
+        ):
+            ints: list[Key] = arr.astype(np.int64).tolist()
+            return ints  # vectorized: already a clean integer array
     return [_check_key(k, key_type, i) for i, k in enumerate(keys)]
 
 
@@ -204,6 +213,8 @@ def _collapse_duplicates(
 ) -> tuple[
     list[Key], dict[str, npt.NDArray[np.float32]], list[str | None] | None, list[str | None] | None
 ]:
+    if len(set(ks)) == len(ks):
+        return ks, mats, texts, meta
     first: dict[Key, int] = {}
     dup_rows: list[int] = []
     for i, k in enumerate(ks):

@@ -25,8 +25,13 @@ VECTOR_PREFIX = "vector."
 def _vector_array(mat: np.ndarray) -> pa.Array:
     n, d = mat.shape
     missing = np.isnan(mat[:, 0]) if d else np.zeros(n, bool)
-    values = pa.array(np.nan_to_num(mat, nan=0.0).reshape(-1), type=pa.float32())
-    mask = pa.array(missing) if missing.any() else None
+    if missing.any():  # null rows: zero their (unused) values, keep a validity mask
+        mat = mat.copy()
+        mat[missing] = 0.0
+        mask = pa.array(missing)
+    else:
+        mask = None  # the common case: no copy, Arrow wraps the numpy buffer
+    values = pa.array(np.ascontiguousarray(mat, dtype=np.float32).reshape(-1), type=pa.float32())
     return pa.FixedSizeListArray.from_arrays(values, d, mask=mask)
 
 

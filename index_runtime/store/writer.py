@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 class WriterConfig:
     flush_rows: int = 20_000  # flush once this many rows are pending
     flush_interval_s: float = 5.0  # ... or once the oldest pending row is this old
+    bulk_rows: int = 4096  # a write this large skips the WAL: acknowledged once committed
     max_pending_rows: int = 200_000  # beyond this, writes get 429 (flushes are failing)
     max_wal_bytes: int = 4 << 30  # ... likewise for the WAL on disk
     retry_after_s: float = 1.0  # the hint given with a 429
@@ -304,10 +305,9 @@ class IndexWriter:
         tombstone: bool,
     ) -> WriteAck:
         n = len(ks)
-        with self._lock:
-            self._check_writable()
-            first = self._next_seq
-            batch = RowBatch(
+
+        def make_batch(first: int) -> RowBatch:
+            return RowBatch(
                 seqs=np.arange(first, first + n, dtype=np.int64),
                 keys=np.array(ks, dtype=np.int64 if self.spec.key_type == "int" else object),
                 tombstone=np.full(n, tombstone),
@@ -315,6 +315,22 @@ class IndexWriter:
                 texts=texts,
                 metadata=meta,
             )
+
+        if n >= self.config.bulk_rows:
+            # Bulk path: the batch becomes a segment of its own, committed together with
+            # everything pending; it is acknowledged once the manifest commit is durable.
+            with self._flush:
+                with self._lock:
+                    self._check_writable()
+                    first = self._next_seq
+                    self._next_seq += n
+                    self._freeze_memtable()
+                self._flush_locked(extra=make_batch(first))
+            return WriteAck(first, first + n - 1, n)
+        with self._lock:
+            self._check_writable()
+            first = self._next_seq
+            batch = make_batch(first)
             self.wal.append(batch)
             self._next_seq += n
             self._mem.add(batch, self.clock())
@@ -345,20 +361,27 @@ class IndexWriter:
         with self._flush:
             return self._flush_locked()
 
-    def _flush_locked(self) -> Manifest | None:
+    def _freeze_memtable(self) -> None:
+        """Under ``_lock``: pending rows move to a frozen memtable; the WAL starts a new file."""
+        if self._mem.rows:
+            self._frozen.append(self._mem)
+            self._mem = _Memtable()
+            self.wal.rotate(self._next_seq)
+
+    def _flush_locked(self, extra: RowBatch | None = None) -> Manifest | None:
+        """Under ``_flush``: write frozen rows (and a bulk batch) as segments and commit."""
         with self._lock:
-            if self._mem.rows:
-                self._frozen.append(self._mem)
-                self._mem = _Memtable()
-                self.wal.rotate(self._next_seq)
+            self._freeze_memtable()
             frozen = list(self._frozen)
-        if not frozen:
+        pending = [b for m in frozen for b in m.batches]
+        if not pending and extra is None:
             return None
-        batch = concat_batches(
-            [b for m in frozen for b in m.batches], self.spec.key_type, self.spec.dims
-        )
-        upto = int(batch.seqs.max())
-        parts = split_by_tombstone(batch)
+        parts: list[RowBatch] = []
+        if pending:
+            parts = split_by_tombstone(concat_batches(pending, self.spec.key_type, self.spec.dims))
+        if extra is not None:
+            parts += split_by_tombstone(extra)  # its seqs are above every pending one
+        upto = max(int(p.seqs.max()) for p in parts)
         written: list[tuple[str, RowBatch, int]] = []
         try:
             for part in parts:
