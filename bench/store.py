@@ -186,13 +186,13 @@ class RequestCounter:
         self.counts: dict[str, int] = {}
         self.bytes_out = 0
         self.bytes_in = 0
-        client.meta.events.register("before-send.s3", self._before_send)
+        client.meta.events.register("provide-client-params.s3.PutObject", self._put_params)
         client.meta.events.register("after-call.s3", self._after_call)
 
-    def _before_send(self, request: Any, **_: Any) -> None:
-        body = request.body
-        if body is not None:
-            self.bytes_out += len(body) if isinstance(body, bytes | bytearray) else 0
+    def _put_params(self, params: dict[str, Any], **_: Any) -> None:
+        body = params.get("Body")
+        if isinstance(body, bytes | bytearray):
+            self.bytes_out += len(body)
 
     def _after_call(self, http_response: Any, parsed: dict[str, Any], model: Any, **_: Any) -> None:
         op = model.name
@@ -236,7 +236,9 @@ def bench_s3(n: int, work: Path) -> dict[str, Any]:
             w.upsert(list(range(s, s + len(block))), {"m": block})
         w.flush()
         ingest = counter.take()
-        w.delete([k for k in range(n) if k % 10 < 3])
+        doomed = [k for k in range(n) if k % 10 < 3]
+        for s in range(0, len(doomed), BATCH):
+            w.delete(doomed[s : s + BATCH])
         w.flush()
         delete = counter.take()
         w.compact(gc=True)

@@ -496,22 +496,14 @@ class IndexWriter:
         inputs = sorted(
             (s for s in self.manifest.segments if s.id in idset), key=lambda s: s.min_seq
         )
-        # pass 1 (keys only): how many rows of each tombstoned key the inputs hold
-        tomb_rows: Counter[Key] = Counter()
-        for seg in inputs:
-            for kb in iter_segment(self._segment_source(seg.key), self.spec.key_type, "keys"):
-                with self._commit:
-                    for key in kb.keys.tolist():
-                        w = self._index.winner.get(key)
-                        if w is not None and w[2]:
-                            tomb_rows[key] += 1
-        # pass 2: stream rows, keep winners (and tombstones still shadowing older rows)
         outputs: list[tuple[str, list[tuple[Key, int]], int, int, int]] = []
         dropped: list[tuple[Key, int]] = []
         kept: list[tuple[Key, int]] = []
+        # winning tombstones are decided after the pass: one may go only if every row of its
+        # key is among the inputs, which is known once all inputs have been read
+        tomb_candidates: list[tuple[Key, int]] = []
+        rows_of_tombstoned: Counter[Key] = Counter()
         writer = SegmentWriter(self.spec.key_type, self.spec.dims)
-        tomb_writer = SegmentWriter(self.spec.key_type, self.spec.dims)
-        tomb_kept: list[tuple[Key, int]] = []
         rows_in = 0
 
         def cut(w: SegmentWriter, rows: list[tuple[Key, int]]) -> None:
@@ -532,29 +524,42 @@ class IndexWriter:
                             zip(batch.keys.tolist(), batch.seqs.tolist(), strict=True)
                         ):
                             w = self._index.winner.get(key)
+                            if w is not None and w[2]:
+                                rows_of_tombstoned[key] += 1
                             if w is None or w[0] != seq:
-                                continue  # superseded by a committed newer version
-                            keep[i] = not w[2] or self._index.rows_of(key) > tomb_rows[key]
-                    for i, (key, seq) in enumerate(
-                        zip(batch.keys.tolist(), batch.seqs.tolist(), strict=True)
-                    ):
-                        (
-                            kept
-                            if keep[i] and not batch.tombstone[i]
-                            else tomb_kept
-                            if keep[i]
-                            else dropped
-                        ).append((key, seq))
-                    for part in split_by_tombstone(batch.take(np.flatnonzero(keep))):
-                        (tomb_writer if part.tombstone.all() else writer).write(part)
+                                dropped.append((key, seq))  # superseded by a committed version
+                            elif w[2]:
+                                tomb_candidates.append((key, seq))
+                            else:
+                                keep[i] = True
+                                kept.append((key, seq))
+                    if keep.any():
+                        writer.write(batch.take(np.flatnonzero(keep)))
                     if writer.nbytes >= self.config.compaction.target_bytes:
                         cut(writer, kept)
                         kept.clear()
                         writer = SegmentWriter(self.spec.key_type, self.spec.dims)
             if writer.rows:
                 cut(writer, kept)
-            if tomb_writer.rows:
-                cut(tomb_writer, tomb_kept)
+            needed: list[tuple[Key, int]] = []
+            with self._commit:
+                for key, seq in tomb_candidates:
+                    w = self._index.winner.get(key)
+                    still_shadows = self._index.rows_of(key) > rows_of_tombstoned[key]
+                    (needed if w is not None and w[0] == seq and still_shadows else dropped).append(
+                        (key, seq)
+                    )
+            if needed:
+                tombs = SegmentWriter(self.spec.key_type, self.spec.dims)
+                key_dtype = np.int64 if self.spec.key_type == "int" else object
+                tombs.write(
+                    RowBatch(
+                        seqs=np.array([s for _, s in needed], dtype=np.int64),
+                        keys=np.array([k for k, _ in needed], dtype=key_dtype),
+                        tombstone=np.ones(len(needed), bool),
+                    )
+                )
+                cut(tombs, needed)
             crash_point("compaction.output_put")
             self._commit_compaction(inputs, outputs, dropped)
         finally:
