@@ -58,7 +58,8 @@ def _check_key(key: str) -> None:
         raise ValueError(f"invalid object key {key!r}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new, renamed or linked names) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -102,7 +103,7 @@ class LocalDirStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._write_temp(data)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         # temp file -> fsync -> link (atomic, fails if the name exists) -> fsync the directory
@@ -115,7 +116,7 @@ class LocalDirStore:
             return False
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def get(self, key: str) -> bytes:
@@ -313,3 +314,11 @@ class S3Store:
 def new_object_name(kind: str, suffix: str) -> str:
     """A unique, time-ordered object key such as ``segments/1700000000123-<uuid>.arrow``."""
     return f"{kind}/{int(time.time() * 1000):013d}-{uuid.uuid4().hex}{suffix}"
+
+
+def segment_source(store: ObjectStore, key: str) -> bytes | str:
+    """What ``iter_segment`` reads: a local path (memory-mapped, only touched pages load) or
+    the object's bytes."""
+    if isinstance(store, LocalDirStore):
+        return str(store.local_path(key))
+    return store.get(key)

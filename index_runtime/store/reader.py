@@ -11,7 +11,7 @@ import numpy as np
 
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import Manifest, Pin
-from index_runtime.store.objects import LocalDirStore, ObjectStore
+from index_runtime.store.objects import ObjectStore, segment_source
 from index_runtime.store.rows import Key, KeyType, RowBatch, concat_batches
 from index_runtime.store.segment import iter_segment
 
@@ -55,12 +55,7 @@ def resolve_live(batches: Iterable[RowBatch], key_type: KeyType, dims: dict[str,
 def load_segments(store: ObjectStore, manifest: Manifest) -> list[RowBatch]:
     out: list[RowBatch] = []
     for seg in manifest.segments:
-        src: bytes | str = (
-            str(store.local_path(seg.key))
-            if isinstance(store, LocalDirStore)
-            else store.get(seg.key)
-        )
-        out.extend(iter_segment(src, manifest.index.key_type))
+        out.extend(iter_segment(segment_source(store, seg.key), manifest.index.key_type))
     return out
 
 

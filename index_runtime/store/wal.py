@@ -18,18 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from index_runtime.crash import crash_point
+from index_runtime.store.objects import fsync_dir
 from index_runtime.store.rows import KeyType, RowBatch
 from index_runtime.store.segment import encode_segment, read_segment
 
 _HEADER = struct.Struct("<II")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _first_seq(path: Path) -> int:
@@ -60,7 +53,7 @@ class Wal:
         path = self.dir / f"wal-{next_seq:020d}.log"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._path = path
-        _fsync_dir(self.dir)  # the new file's name must survive a crash too
+        fsync_dir(self.dir)  # the new file's name must survive a crash too
 
     def append(self, batch: RowBatch) -> None:
         """Write ``batch`` and fsync. Only after this returns may the write be acknowledged."""

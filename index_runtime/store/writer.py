@@ -46,7 +46,7 @@ from index_runtime.store.manifest import (
     plan_gc,
     referenced_objects,
 )
-from index_runtime.store.objects import LocalDirStore, ObjectStore, new_object_name
+from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
 from index_runtime.store.rows import (
     Key,
     Limits,
@@ -214,15 +214,12 @@ class IndexWriter:
         writer._replay_wal()
         return writer
 
-    def _segment_source(self, key: str) -> bytes | str:
-        if isinstance(self.store, LocalDirStore):
-            return str(self.store.local_path(key))  # memory-mapped: only touched pages load
-        return self.store.get(key)
-
     def _build_index(self, segments: Sequence[SegmentInfo]) -> KeyIndex:
         index = KeyIndex()
         for seg in segments:
-            for batch in iter_segment(self._segment_source(seg.key), self.spec.key_type, "keys"):
+            for batch in iter_segment(
+                segment_source(self.store, seg.key), self.spec.key_type, "keys"
+            ):
                 index.add_segment(seg.id, batch)
         return index
 
@@ -516,7 +513,9 @@ class IndexWriter:
 
         try:
             for seg in inputs:
-                for batch in iter_segment(self._segment_source(seg.key), self.spec.key_type, "all"):
+                for batch in iter_segment(
+                    segment_source(self.store, seg.key), self.spec.key_type, "all"
+                ):
                     rows_in += len(batch)
                     keep = np.zeros(len(batch), bool)
                     with self._commit:
