@@ -15,7 +15,7 @@ import numpy as np
 from index_runtime.store.manifest import referenced_objects
 from index_runtime.store.reader import Snapshot
 from index_runtime.store.writer import IndexWriter
-from tests.crash_worker import CONFIG, DIM, expected_state, workload
+from tests.crash_worker import CONFIG, DIM, SPEC, expected_state, workload
 from tests.helpers import open_store, vec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,8 @@ def check_recovery(backend: dict[str, Any], wal_dir: Path, acked: int, loops: in
     is present and no deleted key is visible (the one in-flight op may or may not have landed)."""
     ops = workload(loops)
     store = open_store(backend)
-    writer = IndexWriter.open(store, wal_dir, CONFIG)
+    # create=SPEC as the worker does: a kill before the worker created the index is legal
+    writer = IndexWriter.open(store, wal_dir, CONFIG, create=SPEC)
     missing = [k for k in referenced_objects(writer.manifest) if not store.exists(k)]
     assert not missing, f"manifest references missing objects: {missing}"
     writer.flush()
