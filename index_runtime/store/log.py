@@ -117,6 +117,10 @@ class ManifestLog:
             newer = self.latest()
             if newer is None:
                 raise CorruptObjectError("manifest disappeared during a commit")
+            if newer.version == proposed.version and replace(newer, committed_at=0.0) == replace(
+                proposed, committed_at=0.0
+            ):
+                return newer  # our own write: a retried request saw the 412 its first try caused
             current = newer
         raise CommitConflictError(
             f"gave up committing {reason!r} after {self.max_attempts} lost races"

@@ -371,7 +371,16 @@ class IndexWriter:
             self._freeze_memtable()
             frozen = list(self._frozen)
         pending = [b for m in frozen for b in m.batches]
+        if self._index_stale:
+            # an earlier commit failed ambiguously (it may have landed): never flush twice
+            with self._commit:
+                self._ensure_index()
+                done = self.manifest.flushed_seq
+            pending = [b.take(np.flatnonzero(b.seqs > done)) for b in pending if b.seqs[-1] > done]
         if not pending and extra is None:
+            with self._lock:
+                del self._frozen[: len(frozen)]
+                self.wal.truncate_upto(self.manifest.flushed_seq)
             return None
         parts: list[RowBatch] = []
         if pending:

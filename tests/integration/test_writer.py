@@ -326,3 +326,52 @@ def test_manifest_history_is_contiguous(store: Any, tmp_path: Path) -> None:
     reasons = [ManifestLog(store).load(v).reason for v in versions]
     assert reasons[:2] == ["create", "writer-open"] and reasons.count("flush") == 3
     assert list(itertools.accumulate(ManifestLog(store).load(v).flushed_seq for v in versions)) is not None
+
+
+class _LostResponse:
+    """A real store whose conditional puts land but whose answer is lost (a network fault)."""
+
+    def __init__(self, inner: Any, mode: str) -> None:
+        self.inner, self.mode, self.armed = inner, mode, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        created = self.inner.put_if_absent(key, data)
+        if self.armed and key.startswith("manifests/"):
+            self.armed = False
+            if self.mode == "error":
+                from index_runtime.errors import StoreUnavailableError
+
+                raise StoreUnavailableError("connection reset after the request was sent")
+            return False  # what a retried request sees: 412, caused by its own first try
+        return created
+
+
+def test_commit_whose_answer_was_lost_is_not_applied_twice(store: Any, tmp_path: Path) -> None:
+    from index_runtime.errors import StoreUnavailableError
+
+    flaky = _LostResponse(store, "error")
+    w = IndexWriter.open(flaky, tmp_path / "wal", cfg(), create=SPEC)
+    w.upsert([1, 2], vecs([1, 2], 1))
+    flaky.armed = True
+    with pytest.raises(StoreUnavailableError):
+        w.flush()  # it did land
+    w.upsert([3], vecs([3], 1))
+    w.flush()
+    assert sum(s.rows for s in w.manifest.segments) == 3  # rows 1 and 2 were not written again
+    assert_state(state(store), {1: 1, 2: 1, 3: 1})
+    w.close()
+
+
+def test_retried_conditional_put_that_sees_its_own_412_succeeds(store: Any, tmp_path: Path) -> None:
+    flaky = _LostResponse(store, "412")
+    w = IndexWriter.open(flaky, tmp_path / "wal", cfg(), create=SPEC)
+    w.upsert([1], vecs([1], 1))
+    flaky.armed = True
+    w.flush()  # not fenced: the manifest it found is its own
+    w.upsert([2], vecs([2], 1))
+    w.flush()
+    assert_state(state(store), {1: 1, 2: 1})
+    w.close()
