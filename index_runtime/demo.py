@@ -50,7 +50,7 @@ def success_at_k(
 def run_demo(
     data: Path,
     cache: Path,
-    embed_seconds: float = 60.0,
+    embed_seconds: float = 120.0,
     max_passages: int | None = None,
     delete_share: float = 0.3,
     seed: int = 0,
@@ -72,8 +72,8 @@ def run_demo(
     t = time.perf_counter()
     encoder = MiniLM()
     emb_cache = EmbeddingCache(cache / "embeddings.sqlite", encoder.model_id)
-    encoder.encode([d.passage for d in corpus.docs[:8]])  # warm-up, not timed
-    probe = [d.passage for d in corpus.docs[8:72]]
+    encoder.encode([d.passage for d in corpus.docs[:64]])  # warm-up, not timed
+    probe = [d.passage for d in corpus.docs[64:192]]
     t_probe = time.perf_counter()
     encode_cached(encoder, probe, emb_cache, desc="measure speed")
     rate = len(probe) / max(time.perf_counter() - t_probe, 1e-6)
