@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--cache", default=str(_default_cache()), help="embedding cache directory")
     d.add_argument(
-        "--embed-seconds", type=float, default=60.0, help="time budget for embedding passages"
+        "--embed-seconds", type=float, default=120.0, help="time budget for embedding passages (s)"
     )
     d.add_argument("--max-passages", type=int, default=None, help="cap the corpus size")
     d.add_argument("--delete-share", type=float, default=0.3, help="share of rows to delete")
