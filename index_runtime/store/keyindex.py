@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from index_runtime.store.rows import Key, RowBatch
 
 
@@ -80,11 +78,6 @@ class KeyIndex:
         w = self.winner.get(key)
         return w is not None and w[0] == seq
 
-    def relocate(self, key: Key, seq: int, seg_id: int) -> None:
-        w = self.winner.get(key)
-        if w is not None and w[0] == seq:
-            self.winner[key] = (seq, seg_id, w[2])
-
     def drop_rows(self, key: Key, n: int, drop_winner: bool) -> None:
         """``n`` physical rows of ``key`` are gone; ``drop_winner`` if the winner is among them
         (then every row of the key must be among them)."""
@@ -106,16 +99,3 @@ class KeyIndex:
             else:
                 d.live += 1
         return out
-
-    @property
-    def live_keys(self) -> int:
-        return sum(1 for w in self.winner.values() if not w[2])
-
-
-def live_mask(index: KeyIndex, batch: RowBatch) -> np.ndarray:
-    """Rows of ``batch`` that are the winning, non-tombstone version of their key."""
-    out = np.zeros(len(batch), bool)
-    for i, (key, seq) in enumerate(zip(batch.keys.tolist(), batch.seqs.tolist(), strict=True)):
-        w = index.winner.get(key)
-        out[i] = w is not None and w[0] == seq and not w[2]
-    return out

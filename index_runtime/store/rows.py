@@ -8,7 +8,6 @@ migration started), optional texts and JSON metadata.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -246,10 +245,6 @@ def dedupe_keys(ks: list[Key]) -> list[Key]:
             seen.add(k)
             out.append(k)
     return out
-
-
-def is_missing(vec: npt.NDArray[np.float32]) -> bool:
-    return bool(vec.size) and math.isnan(float(vec[0]))
 
 
 def split_by_tombstone(batch: RowBatch) -> list[RowBatch]:
