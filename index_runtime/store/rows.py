@@ -48,8 +48,9 @@ class RowBatch:
         )
 
 
-def empty_keys(key_type: KeyType, n: int = 0) -> npt.NDArray[Any]:
-    return np.zeros(n, dtype=np.int64) if key_type == "int" else np.empty(n, dtype=object)
+def key_array(keys: Sequence[Key], key_type: KeyType) -> npt.NDArray[Any]:
+    """Keys as the column type of the index: int64, or an object array of str."""
+    return np.array(keys, dtype=np.int64 if key_type == "int" else object)
 
 
 def concat_batches(
@@ -59,7 +60,7 @@ def concat_batches(
     if not batches:
         return RowBatch(
             np.zeros(0, np.int64),
-            empty_keys(key_type),
+            key_array([], key_type),
             np.zeros(0, bool),
             {m: np.zeros((0, d), np.float32) for m, d in dims.items()},
         )
@@ -118,7 +119,7 @@ def validate_keys(keys: Sequence[object], key_type: KeyType, limits: Limits) -> 
             f"the batch has {len(keys)} rows; at most {limits.max_batch_rows} are accepted per call"
         )
     if key_type == "int":
-        arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
+        arr = np.asarray(keys)
         if (
             arr.ndim == 1
             and arr.dtype.kind in "iu"

@@ -53,6 +53,7 @@ from index_runtime.store.rows import (
     RowBatch,
     concat_batches,
     dedupe_keys,
+    key_array,
     split_by_tombstone,
     validate_keys,
     validate_upsert,
@@ -306,7 +307,7 @@ class IndexWriter:
         def make_batch(first: int) -> RowBatch:
             return RowBatch(
                 seqs=np.arange(first, first + n, dtype=np.int64),
-                keys=np.array(ks, dtype=np.int64 if self.spec.key_type == "int" else object),
+                keys=key_array(ks, self.spec.key_type),
                 tombstone=np.full(n, tombstone),
                 vectors=mats,
                 texts=texts,
@@ -559,11 +560,10 @@ class IndexWriter:
                     )
             if needed:
                 tombs = SegmentWriter(self.spec.key_type, self.spec.dims)
-                key_dtype = np.int64 if self.spec.key_type == "int" else object
                 tombs.write(
                     RowBatch(
                         seqs=np.array([s for _, s in needed], dtype=np.int64),
-                        keys=np.array([k for k, _ in needed], dtype=key_dtype),
+                        keys=key_array([k for k, _ in needed], self.spec.key_type),
                         tombstone=np.ones(len(needed), bool),
                     )
                 )
