@@ -58,6 +58,68 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def lazy_encoders() -> dict[str, object]:
+    """Encoders this install can run, loaded on first use (the model takes seconds to load)."""
+    from index_runtime.encoders.local import MiniLM
+
+    state: dict[str, MiniLM] = {}
+
+    def minilm(texts: list[str]) -> object:
+        if "m" not in state:
+            state["m"] = MiniLM()
+        return state["m"].encode(texts)
+
+    return {MiniLM.model_id: minilm}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import faiss
+    import uvicorn
+
+    from index_runtime.service.app import create_app
+    from index_runtime.service.engine import Engine, ServeConfig
+    from index_runtime.service.metrics import Metrics
+    from index_runtime.service.runtime import Roles, RuntimeOptions
+    from index_runtime.store.objects import S3Config
+
+    faiss.omp_set_num_threads(args.omp_threads)  # 1 per query worker: concurrency from workers
+    roles = {
+        "all": Roles(),
+        "writer": Roles(True, False, False),
+        "reader": Roles(False, True, False),
+        "shadow": Roles(False, True, True),
+    }[args.role]
+    s3 = None
+    if args.s3_bucket:
+        s3 = S3Config(args.s3_bucket, args.s3_prefix, args.s3_endpoint, args.s3_region)
+    config = ServeConfig(
+        data=Path(args.data) if args.data else None,
+        s3=s3,
+        wal_dir=Path(args.wal_dir) if args.wal_dir else None,
+        roles=roles,
+        options=RuntimeOptions(maintenance=args.maintenance == "on", tick_s=args.tick),
+        admin_token=args.admin_token or os.environ.get("DRIFTLESS_ADMIN_TOKEN") or None,
+    )
+    metrics = Metrics()
+    engine = Engine(config, metrics, lazy_encoders())  # type: ignore[arg-type]
+    engine.open_existing()
+    app = create_app(engine, metrics)
+    print(
+        f"driftless serving {len(engine.runtimes)} index(es) from "
+        f"{args.data or 's3://' + args.s3_bucket} on http://{args.host}:{args.port} "
+        f"(maintenance {args.maintenance}, role {args.role})",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(args.grace),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="driftless", description="Vector search that keeps serving through change."
@@ -74,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-passages", type=int, default=None, help="cap the corpus size")
     d.add_argument("--delete-share", type=float, default=0.3, help="share of rows to delete")
     d.set_defaults(func=cmd_demo)
+    s = sub.add_parser("serve", help="run the vector service (all roles in one process)")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", help="local directory holding the indexes")
+    where.add_argument("--s3-bucket", help="S3 bucket holding the indexes")
+    s.add_argument("--s3-prefix", default="", help="prefix inside the bucket")
+    s.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (non-AWS stores)")
+    s.add_argument("--s3-region", default=None)
+    s.add_argument("--wal-dir", default=None, help="WAL directory (default <data>/.wal)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--role", choices=["all", "writer", "reader", "shadow"], default="all")
+    s.add_argument(
+        "--maintenance",
+        choices=["on", "off"],
+        default="on",
+        help="off: only apply decisions made elsewhere (the operator), through the admin API",
+    )
+    s.add_argument("--tick", type=float, default=0.5, help="maintenance loop period (s)")
+    s.add_argument("--omp-threads", type=int, default=1, help="OpenMP threads per query worker")
+    s.add_argument("--grace", type=float, default=25.0, help="graceful shutdown budget (s)")
+    s.add_argument(
+        "--admin-token", default=None, help="bearer token of the admin API (or DRIFTLESS_ADMIN_TOKEN)"
+    )
+    s.set_defaults(func=cmd_serve)
     i = sub.add_parser("info", help="print the manifest summary of a local index directory")
     i.add_argument("--data", required=True)
     i.add_argument("--version", type=int, default=None)

@@ -112,3 +112,18 @@ class ClosedError(DriftlessError):
 
     status = 503
     reason = "ShuttingDown"
+
+
+class ConflictError(DriftlessError):
+    """The request is valid but conflicts with the index's state (e.g. writes sent to a
+    reader, promote without a candidate, an index that already exists)."""
+
+    status = 409
+    reason = "Conflict"
+
+
+class UnauthorizedError(DriftlessError):
+    """An admin call without the right bearer token."""
+
+    status = 401
+    reason = "Unauthorized"

@@ -15,11 +15,14 @@ from typing import Any
 from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
 from index_runtime.store.rows import KeyType
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2 added codebooks, index files, serving and settings
 MANIFEST_DIR = "manifests/"
 LATEST_HINT = "manifests/_latest"
 PIN_DIR = "pins/"
 SEGMENT_DIR = "segments"
+CODEBOOK_DIR = "codebooks"
+INDEX_FILE_DIR = "indexfiles"
+OBJECT_DIRS = (SEGMENT_DIR, CODEBOOK_DIR, INDEX_FILE_DIR)
 METRICS = ("cosine", "ip", "l2")
 
 
@@ -103,6 +106,33 @@ class Retired:
 
 
 @dataclass(frozen=True)
+class Codebook:
+    """A trained, empty primary index (FAISS IVF-PQ), stored as one object."""
+
+    version: int
+    model: str
+    key: str  # object key of the serialized FAISS index
+    nlist: int
+    m: int
+    nbits: int
+    coarse: str  # "flat" | "hnsw"
+    trained_rows: int  # live rows of the index when it was trained
+    sample_rows: int  # vectors the codebook was trained on
+    trained_at: float
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """One segment's rows encoded with one codebook (built once, read by every replica)."""
+
+    segment_id: int
+    codebook: int
+    key: str
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: int
     index: IndexSpec
@@ -113,6 +143,11 @@ class Manifest:
     retired: tuple[Retired, ...] = ()
     committed_at: float = 0.0
     reason: str = ""
+    codebooks: tuple[Codebook, ...] = ()  # the serving one and at most one candidate
+    index_files: tuple[IndexFile, ...] = ()
+    serving: int = 0  # codebook version of the primary that serves; 0 = the shadow serves
+    next_codebook: int = 1
+    settings: Mapping[str, Any] = field(default_factory=dict)  # index settings (JSON)
     format_version: int = MANIFEST_FORMAT_VERSION
 
     @property
@@ -127,16 +162,46 @@ class Manifest:
         """The manifest one version later with ``changes`` applied."""
         return replace(self, version=self.version + 1, **changes)
 
+    def codebook(self, version: int) -> Codebook | None:
+        return next((c for c in self.codebooks if c.version == version), None)
+
+    @property
+    def candidate(self) -> Codebook | None:
+        """The newest codebook that does not serve (being validated), if any."""
+        others = [c for c in self.codebooks if c.version != self.serving]
+        return max(others, key=lambda c: c.version) if others else None
+
+    def files_of(self, codebook: int) -> dict[int, IndexFile]:
+        return {f.segment_id: f for f in self.index_files if f.codebook == codebook}
+
 
 def referenced_objects(m: Manifest) -> set[str]:
-    """Object keys the manifest needs to exist (segments; later: index files, codebooks)."""
-    return {s.key for s in m.segments}
+    """Object keys the manifest needs to exist: segments, codebooks, index files."""
+    return (
+        {s.key for s in m.segments}
+        | {c.key for c in m.codebooks}
+        | {f.key for f in m.index_files}
+    )
+
+
+def retire_unreferenced(old: Manifest, new: Manifest, now: float) -> Manifest:
+    """``new`` with every object ``old`` referenced and ``new`` does not added to ``retired``,
+    and index files of segments or codebooks ``new`` no longer lists dropped first."""
+    segs = {s.id for s in new.segments}
+    books = {c.version for c in new.codebooks}
+    files = tuple(f for f in new.index_files if f.segment_id in segs and f.codebook in books)
+    new = replace(new, index_files=files)
+    keep = referenced_objects(new)
+    already = {r.key for r in new.retired}
+    gone = sorted(referenced_objects(old) - keep - already)
+    return replace(new, retired=new.retired + tuple(Retired(k, now) for k in gone))
 
 
 def encode_manifest(m: Manifest) -> bytes:
     d = asdict(m)
     d["index"]["models"] = {k: asdict(v) for k, v in m.index.models.items()}
     d["index"]["write_models"] = list(m.index.write_models)
+    d["settings"] = dict(m.settings)
     return json.dumps(d, sort_keys=True, indent=1).encode()
 
 
@@ -171,6 +236,11 @@ def decode_manifest(data: bytes) -> Manifest:
             retired=tuple(Retired(**r) for r in d["retired"]),
             committed_at=d["committed_at"],
             reason=d["reason"],
+            codebooks=tuple(Codebook(**c) for c in d.get("codebooks", ())),
+            index_files=tuple(IndexFile(**f) for f in d.get("index_files", ())),
+            serving=d.get("serving", 0),
+            next_codebook=d.get("next_codebook", 1),
+            settings=d.get("settings", {}),
             format_version=version,
         )
     except (KeyError, TypeError) as exc:

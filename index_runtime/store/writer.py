@@ -40,11 +40,12 @@ from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import (
     IndexSpec,
     Manifest,
-    Retired,
     SegmentInfo,
+    OBJECT_DIRS,
     manifest_key,
     plan_gc,
     referenced_objects,
+    retire_unreferenced,
 )
 from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
 from index_runtime.store.rows import (
@@ -179,12 +180,14 @@ class IndexWriter:
         config: WriterConfig | None = None,
         *,
         create: IndexSpec | None = None,
+        settings: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> IndexWriter:
         """Open (or with ``create``, create if absent) the index in ``store`` as its writer.
 
         Bumps the writer epoch, rebuilds the key index from the segments and replays the WAL
-        entries above the flushed seq.
+        entries above the flushed seq. ``settings`` (index settings as JSON) are recorded in the
+        first manifest when the index is created.
         """
         config = config or WriterConfig()
         mlog = ManifestLog(store, config.commit_attempts)
@@ -200,6 +203,7 @@ class IndexWriter:
                 next_segment_id=1,
                 committed_at=clock(),
                 reason="create",
+                settings=dict(settings or {}),
             )
             mlog.create(first)  # losing this race is fine: somebody created the same thing
         elif create is not None and (
@@ -615,14 +619,24 @@ class IndexWriter:
             def edit(m: Manifest) -> Manifest:
                 if m.next_segment_id != first_id or not input_ids <= {s.id for s in m.segments}:
                     raise FencedError("the manifest moved under this writer's epoch")
-                return replace(
+                out = replace(
                     m,
                     segments=tuple(s for s in m.segments if s.id not in input_ids) + tuple(new),
                     next_segment_id=first_id + len(new),
-                    retired=m.retired + tuple(Retired(s.key, now) for s in inputs),
                 )
+                return retire_unreferenced(m, out, now)  # inputs and their index files
 
             self._commit_edit(base, edit, "compaction")
+
+    # index state -----------------------------------------------------------------------------
+
+    def commit_edit(self, edit: Callable[[Manifest], Manifest], reason: str) -> Manifest:
+        """Commit an edit of the index state (codebooks, index files, serving, settings) with
+        this writer's epoch. The edit must not touch segments or seqs; it is re-applied to the
+        newest manifest if another commit of ours landed first."""
+        with self._commit:
+            self._ensure_index()
+            return self._commit_edit(self.manifest, edit, reason)
 
     # garbage collection ----------------------------------------------------------------------
 
@@ -642,7 +656,7 @@ class IndexWriter:
                 log.warning(
                     "pin %s holds manifest %d, which no longer exists", p.holder, p.manifest_version
                 )
-        listed = {o.key: o.mtime for o in self.store.list("segments/")}
+        listed = {o.key: o.mtime for d in OBJECT_DIRS for o in self.store.list(d + "/")}
         with self._commit:  # a flush's object is either in the manifest or in flight here
             current = self.manifest
             inflight = set(self._inflight)
@@ -704,12 +718,16 @@ class IndexWriter:
                 now = self.clock()
 
                 def edit(m: Manifest) -> Manifest:
-                    gone = tuple(Retired(s.key, now) for s in m.segments if s.key not in keep)
-                    return replace(
+                    out = replace(
                         m,
                         segments=segs,
-                        retired=tuple(r for r in m.retired if r.key not in keep) + gone,
+                        codebooks=old.codebooks,
+                        index_files=old.index_files,
+                        serving=old.serving,
+                        next_codebook=max(m.next_codebook, old.next_codebook),
+                        retired=tuple(r for r in m.retired if r.key not in keep),
                     )
+                    return retire_unreferenced(m, out, now)
 
                 manifest = self._commit_edit(self.manifest, edit, f"restore-{version}")
                 self._index = index

@@ -39,8 +39,8 @@ def test_manifest_round_trip() -> None:
 
 def test_unknown_manifest_version_is_refused() -> None:
     d = json.loads(encode_manifest(manifest()))
-    d["format_version"] = 2
-    with pytest.raises(FormatVersionError, match="format_version 2 is not supported"):
+    d["format_version"] = 3
+    with pytest.raises(FormatVersionError, match="format_version 3 is not supported"):
         decode_manifest(json.dumps(d).encode())
     with pytest.raises(CorruptObjectError):
         decode_manifest(b"{not json")

@@ -1,0 +1,112 @@
+"""Metadata filters (pure): equality, ``$in`` and ranges, parsed once, applied identically by
+the serving path and the exact oracle.
+
+Grammar (a JSON object; all clauses must hold)::
+
+    {"lang": "en"}                       equality
+    {"lang": {"$in": ["en", "de"]}}      membership
+    {"year": {"$gte": 2000, "$lt": 2010}} range ($gt, $gte, $lt, $lte)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from index_runtime.errors import InvalidInputError
+
+_RANGE = {"$gt", "$gte", "$lt", "$lte"}
+Scalar = str | int | float | bool
+
+
+def _scalar(v: Any, where: str) -> Scalar:
+    if isinstance(v, str | int | float | bool) and v is not None:
+        return v
+    raise InvalidInputError(f"filter {where}: expected a string, number or boolean, got {v!r}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that keeps True apart from 1 (JSON booleans are not numbers)."""
+    return bool(a == b) and (type(a) is bool) == (type(b) is bool)
+
+
+@dataclass(frozen=True)
+class Clause:
+    field: str
+    op: str  # "$eq" | "$in" | "$gt" | "$gte" | "$lt" | "$lte"
+    value: Any
+
+    def holds(self, meta: Mapping[str, Any]) -> bool:
+        if self.field not in meta:
+            return False
+        v = meta[self.field]
+        if self.op == "$eq":
+            return _same(v, self.value)
+        if self.op == "$in":
+            return any(_same(v, x) for x in self.value)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return False
+        x = self.value
+        return bool(
+            (self.op == "$gt" and v > x)
+            or (self.op == "$gte" and v >= x)
+            or (self.op == "$lt" and v < x)
+            or (self.op == "$lte" and v <= x)
+        )
+
+
+@dataclass(frozen=True)
+class Filter:
+    clauses: tuple[Clause, ...]
+    canonical: str  # a stable JSON form: cache key
+
+    def holds(self, meta: Mapping[str, Any] | None) -> bool:
+        return meta is not None and all(c.holds(meta) for c in self.clauses)
+
+    def mask(self, metas: Sequence[Mapping[str, Any] | None]) -> npt.NDArray[np.bool_]:
+        return np.fromiter((self.holds(m) for m in metas), dtype=bool, count=len(metas))
+
+
+def parse_filter(spec: Any) -> Filter | None:
+    """A validated filter, or None for no filter; bad input raises InvalidInputError (400)."""
+    if spec is None or spec == {}:
+        return None
+    if not isinstance(spec, dict):
+        raise InvalidInputError("filter must be an object of field -> condition")
+    clauses: list[Clause] = []
+    for name, cond in spec.items():
+        if not isinstance(name, str) or not name or name.startswith("$"):
+            raise InvalidInputError(f"filter field names must be non-empty strings: {name!r}")
+        if not isinstance(cond, dict):
+            clauses.append(Clause(name, "$eq", _scalar(cond, name)))
+            continue
+        if not cond:
+            raise InvalidInputError(f"filter {name}: empty condition")
+        for op, val in cond.items():
+            if op == "$eq":
+                clauses.append(Clause(name, op, _scalar(val, name)))
+            elif op == "$in":
+                if not isinstance(val, list) or not val or len(val) > 1024:
+                    raise InvalidInputError(f"filter {name}: $in needs a list of 1..1024 values")
+                clauses.append(Clause(name, op, tuple(_scalar(x, name) for x in val)))
+            elif op in _RANGE:
+                if isinstance(val, bool) or not isinstance(val, int | float):
+                    raise InvalidInputError(f"filter {name}: {op} needs a number, got {val!r}")
+                clauses.append(Clause(name, op, val))
+            else:
+                raise InvalidInputError(
+                    f"filter {name}: unknown operator {op!r} (use $eq, $in, $gt, $gte, $lt, $lte)"
+                )
+    return Filter(tuple(clauses), json.dumps(spec, sort_keys=True))
+
+
+def parse_metadata(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,184 @@
+"""Building views from the store (I/O edge): segments, codebooks and index files are loaded
+once and cached by object key (objects are immutable), then assembled into a :class:`View`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+from index_runtime.index.rows import Block, make_block
+from index_runtime.index.settings import IndexSettings
+from index_runtime.index.training import load_index
+from index_runtime.index.view import (
+    Base,
+    Primary,
+    View,
+    alive_mask,
+    base_winners,
+    covered_mask,
+    empty_block,
+    ivf_ids,
+    merge_files,
+    without_dead,
+)
+from index_runtime.store.manifest import Manifest
+from index_runtime.store.objects import ObjectStore, segment_source
+from index_runtime.store.rows import RowBatch
+from index_runtime.store.segment import iter_segment
+
+log = logging.getLogger(__name__)
+
+REMOVE_DEAD_RATIO = 0.1  # rewrite a merged primary without its dead ids past this share
+
+
+def serving_model(m: Manifest) -> str:
+    return m.index.write_models[0] if m.index.write_models else next(iter(m.index.models))
+
+
+class ViewBuilder:
+    """Assembles views of one index; keeps what can be reused between consecutive views."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._blocks: dict[str, Block] = {}
+        self._base: tuple[tuple[str, ...], Base, np.ndarray] | None = None
+        self._primaries: dict[int, Primary] = {}
+
+    def _segment(self, m: Manifest, key: str, model: str) -> Block:
+        blk = self._blocks.get(key)
+        if blk is None:
+            batches = list(iter_segment(segment_source(self.store, key), m.index.key_type))
+            spec = m.index.models[model]
+            blk = make_block(batches, m.index.key_type, m.index.dims, model, spec.metric)
+            self._blocks[key] = blk
+        return blk
+
+    def _base_for(self, m: Manifest, model: str) -> tuple[Base, np.ndarray]:
+        keys = tuple(s.key for s in m.segments)
+        if self._base is not None and self._base[0] == keys:
+            return self._base[1], self._base[2]
+        blocks = [self._segment(m, k, model) for k in keys]
+        ranges, start = {}, 0
+        for s, b in zip(m.segments, blocks, strict=True):
+            ranges[s.id] = (start, start + len(b))
+            start += len(b)
+        dim = m.index.dims[model]
+        block = _concat_blocks(blocks) if blocks else empty_block(dim, m.index.key_type)
+        base = Base(block, ranges, tuple(s.id for s in m.segments))
+        win = base_winners(base)
+        self._base = (keys, base, win)
+        live = set(keys)
+        self._blocks = {k: v for k, v in self._blocks.items() if k in live}
+        return base, win
+
+    def _file(self, key: str) -> faiss.Index:
+        # not cached: the merged index holds the codes; a full re-merge (after compaction)
+        # reads the files again
+        return load_index(self.store.get(key))
+
+    def _primary(self, m: Manifest, version: int, base: Base, alive_bits: np.ndarray) -> Primary:
+        files = sorted(
+            (f for f in m.files_of(version).values() if f.segment_id in base.seg_ranges),
+            key=lambda f: f.segment_id,
+        )
+        keys = tuple(f.key for f in files)
+        seg_ids = tuple(f.segment_id for f in files)
+        prev = self._primaries.get(version)
+        if prev is not None and prev.file_keys == keys:
+            p = prev
+        elif prev is not None and keys[: len(prev.file_keys)] == prev.file_keys and prev.file_keys:
+            new = [self._file(k) for k in keys[len(prev.file_keys) :]]
+            merged = merge_files(new, into=prev.index)
+            p = Primary(version, merged, prev.covered, keys, ivf_ids(merged), seg_ids)
+        else:
+            cb = m.codebook(version)
+            assert cb is not None
+            parts = [self._file(cb.key)] + [self._file(k) for k in keys]
+            merged = merge_files(parts)
+            p = Primary(
+                version,
+                merged,
+                prev.covered if prev else np.zeros(0, bool),
+                keys,
+                ivf_ids(merged),
+                seg_ids,
+            )
+        if (
+            p.ntotal
+            and len(p.ids)
+            and (
+                (p.ntotal - int(np.count_nonzero(_member(alive_bits, p.ids))))
+                > REMOVE_DEAD_RATIO * p.ntotal
+            )
+        ):
+            p = without_dead(p, alive_bits)
+        p = Primary(p.codebook, p.index, covered_mask(base, seg_ids), keys, p.ids, seg_ids)
+        self._primaries[version] = p
+        return p
+
+    def build(
+        self, m: Manifest, pending: Sequence[RowBatch] = (), settings: IndexSettings | None = None
+    ) -> View:
+        """The view of manifest ``m`` plus the writer's ``pending`` rows."""
+        with self._lock:
+            model = serving_model(m)
+            spec = m.index.models[model]
+            settings = settings or IndexSettings.from_json(m.settings, spec.dim)
+            base, win = self._base_for(m, model)
+            if pending:
+                delta = make_block(
+                    list(pending), m.index.key_type, m.index.dims, model, spec.metric
+                )
+            else:
+                delta = empty_block(spec.dim, m.index.key_type)
+            alive = alive_mask(base, win, delta)
+            seqs = np.concatenate([base.block.seqs, delta.seqs])
+            bits = np.zeros(int(seqs.max()) + 1 if len(seqs) else 1, bool)
+            bits[seqs[alive]] = True
+            prims = {c.version: self._primary(m, c.version, base, bits) for c in m.codebooks}
+            self._primaries = {v: p for v, p in self._primaries.items() if v in prims}
+            return View(
+                version=m.version,
+                committed_at=m.committed_at,
+                model=model,
+                metric=spec.metric,
+                settings=settings,
+                serving=m.serving,
+                base=base,
+                delta=delta,
+                alive=alive,
+                primaries=prims,
+                pending_seq=int(delta.seqs.max()) if len(delta) else m.flushed_seq,
+            )
+
+
+def _member(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    ok = ids < len(bits)
+    ok[ok] = bits[ids[ok]]
+    return ok
+
+
+def _concat_blocks(blocks: list[Block]) -> Block:
+    def cat_list(xs: list[list[str | None] | None], n: list[int]) -> list[str | None] | None:
+        if all(x is None for x in xs):
+            return None
+        out: list[str | None] = []
+        for x, k in zip(xs, n, strict=True):
+            out.extend(x if x is not None else [None] * k)
+        return out
+
+    sizes = [len(b) for b in blocks]
+    return Block(
+        seqs=np.concatenate([b.seqs for b in blocks]),
+        keys=np.concatenate([b.keys for b in blocks]),
+        tomb=np.concatenate([b.tomb for b in blocks]),
+        vecs=np.concatenate([b.vecs for b in blocks]),
+        has_vec=np.concatenate([b.has_vec for b in blocks]),
+        texts=cat_list([b.texts for b in blocks], sizes),
+        meta=cat_list([b.meta for b in blocks], sizes),
+    )

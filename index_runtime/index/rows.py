@@ -1,0 +1,106 @@
+"""Rows of one model in memory, as searchable blocks (pure numpy, no I/O).
+
+A :class:`Block` holds rows in seq order of arrival with their vectors for one model
+(normalized for cosine). :func:`winners` decides, per key, which row is the live one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from index_runtime.index.filters import parse_metadata
+from index_runtime.store.rows import KeyType, RowBatch, concat_batches
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+Mask = npt.NDArray[np.bool_]
+
+
+def normalize(x: F32) -> F32:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
+
+
+def score(vecs: F32, q: F32, metric: str) -> F32:
+    """Similarity of each row of ``vecs`` to ``q`` (higher is better): dot product for cosine
+    and ip, minus the squared L2 distance for l2."""
+    s = vecs @ q
+    if metric == "l2":
+        s = 2 * s - np.einsum("ij,ij->i", vecs, vecs) - float(q @ q)
+    return s.astype(np.float32, copy=False)
+
+
+@dataclass
+class Block:
+    seqs: I64
+    keys: npt.NDArray[Any]
+    tomb: Mask
+    vecs: F32  # (n, d); NaN rows where a row has no vector for the model
+    has_vec: Mask
+    texts: list[str | None] | None
+    meta: list[str | None] | None
+    _parsed: list[dict[str, Any] | None] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.seqs.shape[0])
+
+    def metas(self) -> list[dict[str, Any] | None]:
+        """Metadata parsed once per block (filters and payloads read it)."""
+        if self._parsed is None:
+            raw = self.meta or [None] * len(self)
+            self._parsed = [parse_metadata(m) for m in raw]
+        return self._parsed
+
+
+def make_block(
+    batches: Sequence[RowBatch], key_type: KeyType, dims: dict[str, int], model: str, metric: str
+) -> Block:
+    rows = concat_batches(list(batches), key_type, dims)
+    vecs = rows.vectors.get(model)
+    if vecs is None:
+        vecs = np.full((len(rows), dims[model]), np.nan, np.float32)
+    has = ~np.isnan(vecs[:, 0]) if len(rows) else np.zeros(0, bool)
+    if metric == "cosine" and len(rows):
+        vecs = normalize(vecs)
+    return Block(
+        seqs=rows.seqs,
+        keys=rows.keys,
+        tomb=rows.tombstone,
+        vecs=np.ascontiguousarray(vecs, dtype=np.float32),
+        has_vec=has,
+        texts=rows.texts,
+        meta=rows.metadata,
+    )
+
+
+def key_codes(*key_arrays: npt.NDArray[Any]) -> list[I64]:
+    """Integer codes such that equal keys get equal codes, across the given arrays."""
+    allk = np.concatenate(key_arrays) if key_arrays else np.zeros(0, np.int64)
+    if allk.dtype == object:
+        _, inv = np.unique(allk.astype(str), return_inverse=True)
+    else:
+        inv = allk.astype(np.int64)
+    out, start = [], 0
+    for a in key_arrays:
+        out.append(inv[start : start + len(a)].astype(np.int64))
+        start += len(a)
+    return out
+
+
+def winners(codes: I64, seqs: I64) -> Mask:
+    """True where the row has the highest seq of its key."""
+    n = len(codes)
+    if n == 0:
+        return np.zeros(0, bool)
+    order = np.lexsort((seqs, codes))
+    last = np.ones(n, bool)
+    last[:-1] = codes[order][1:] != codes[order][:-1]
+    out = np.zeros(n, bool)
+    out[order[last]] = True
+    return out

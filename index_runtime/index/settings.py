@@ -1,0 +1,133 @@
+"""Index settings: primary, shadow, oracle and lifecycle parameters (pure, validated).
+
+Stored as JSON in the manifest (``Manifest.settings``); parsed here at the boundary so the rest
+of the code sees typed, range-checked values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from index_runtime.errors import InvalidInputError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidInputError(msg)
+
+
+@dataclass(frozen=True)
+class PrimarySettings:
+    nlist: int | Literal["auto"] = "auto"
+    m: int = 8  # PQ sub-quantizers; must divide the dimension
+    nbits: int = 8  # bits per PQ code
+    nprobe: int = 16
+    coarse: Literal["flat", "hnsw"] = "flat"  # coarse quantizer
+    rerank: int = 4  # candidates fetched per result, re-ranked with exact vectors
+
+    def validate(self, dim: int) -> None:
+        _check(
+            self.nlist == "auto" or (isinstance(self.nlist, int) and 1 <= self.nlist <= 1 << 20),
+            f"primary.nlist must be 'auto' or 1..1048576, got {self.nlist!r}",
+        )
+        _check(1 <= self.nbits <= 16, f"primary.nbits must be 1..16, got {self.nbits}")
+        _check(self.m >= 1 and dim % self.m == 0, f"primary.m={self.m} must divide dim={dim}")
+        _check(1 <= self.nprobe <= 1 << 16, f"primary.nprobe must be >= 1, got {self.nprobe}")
+        _check(self.coarse in ("flat", "hnsw"), "primary.coarse must be 'flat' or 'hnsw'")
+        _check(1 <= self.rerank <= 100, f"primary.rerank must be 1..100, got {self.rerank}")
+
+
+@dataclass(frozen=True)
+class ShadowSettings:
+    kind: Literal["flat", "hnsw"] = "flat"
+    hnsw_m: int = 32
+    ef_search: int = 64
+    regenerate_overhead: float = 0.3  # rebuild the HNSW graph when this share of nodes is dead
+
+    def validate(self) -> None:
+        _check(self.kind in ("flat", "hnsw"), "shadow.kind must be 'flat' or 'hnsw'")
+        _check(4 <= self.hnsw_m <= 128, "shadow.hnsw_m must be 4..128")
+        _check(1 <= self.ef_search <= 4096, "shadow.ef_search must be 1..4096")
+        _check(0 < self.regenerate_overhead <= 1, "shadow.regenerate_overhead must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class OracleSettings:
+    sample_rate: float = 0.1  # share of queries mirrored to the exact oracle
+    k: int = 10  # overlap@k
+    theta: float = 0.9  # cutover needs the window's lower bound >= theta
+    delta: float = 0.05  # retraining needs the upper bound < theta - delta
+    window: int = 500  # samples kept per (index, codebook version)
+    min_samples: int = 50  # no decision on fewer samples
+    cpu_budget: float = 0.25  # share of one core the oracle may use
+    queue: int = 256  # sampled queries waiting; more are dropped (counted)
+
+    def validate(self) -> None:
+        _check(0 <= self.sample_rate <= 1, "oracle.sample_rate must be in [0, 1]")
+        _check(1 <= self.k <= 1000, "oracle.k must be 1..1000")
+        _check(0 < self.theta <= 1, f"oracle.theta must be in (0, 1], got {self.theta}")
+        _check(0 <= self.delta < self.theta, "oracle.delta must be >= 0 and < theta")
+        _check(self.min_samples >= 2, "oracle.min_samples must be >= 2")
+        _check(self.window >= self.min_samples, "oracle.window must be >= min_samples")
+        _check(0 < self.cpu_budget <= 1, "oracle.cpu_budget must be in (0, 1]")
+        _check(self.queue >= 1, "oracle.queue must be >= 1")
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    tau: int = 0  # live rows before the first training; 0 = the sample size training needs
+    growth_factor: float = 4.0  # retrain when live rows >= factor x rows at training
+    backoff_s: float = 30.0  # wait after a failed or rejected training, doubled each time
+    backoff_max_s: float = 900.0
+    compaction_interval_s: float = 60.0  # how often the maintenance loop plans a compaction
+
+    def validate(self) -> None:
+        _check(self.tau >= 0, "lifecycle.tau must be >= 0")
+        _check(self.growth_factor > 1, "lifecycle.growth_factor must be > 1")
+        _check(0 <= self.backoff_s <= self.backoff_max_s, "need 0 <= backoff_s <= backoff_max_s")
+        _check(self.compaction_interval_s > 0, "lifecycle.compaction_interval_s must be > 0")
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    primary: PrimarySettings = field(default_factory=PrimarySettings)
+    shadow: ShadowSettings = field(default_factory=ShadowSettings)
+    oracle: OracleSettings = field(default_factory=OracleSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+
+    def validate(self, dim: int) -> IndexSettings:
+        self.primary.validate(dim)
+        self.shadow.validate()
+        self.oracle.validate()
+        self.lifecycle.validate()
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: Any, dim: int) -> IndexSettings:
+        """Parse and validate; unknown fields and wrong types are a 400, not a crash."""
+        if d is None:
+            d = {}
+        _check(isinstance(d, dict), "settings must be an object")
+        parts: dict[str, Any] = {}
+        for f in fields(IndexSettings):
+            sub = d.get(f.name, {})
+            _check(isinstance(sub, dict), f"settings.{f.name} must be an object")
+            cls = {"primary": PrimarySettings, "shadow": ShadowSettings}.get(
+                f.name, OracleSettings if f.name == "oracle" else LifecycleSettings
+            )
+            known = {x.name: x for x in fields(cls)}
+            for k, v in sub.items():
+                _check(k in known, f"unknown setting {f.name}.{k}")
+                default = getattr(cls(), k)
+                ok = (
+                    isinstance(v, type(default))
+                    or (isinstance(default, float) and isinstance(v, int))
+                    or (k == "nlist" and (v == "auto" or isinstance(v, int)))
+                ) and not (isinstance(v, bool) and not isinstance(default, bool))
+                _check(ok, f"setting {f.name}.{k} has the wrong type: {v!r}")
+            parts[f.name] = cls(**sub)
+        return IndexSettings(**parts).validate(dim)

@@ -1,0 +1,317 @@
+"""A searchable, immutable snapshot of one index for one model: the View.
+
+A view is made of the committed segments (the *base*, one block) and the writer's pending
+rows (the *delta*), an ``alive`` mask (the winning, non-deleted row of each key), and the
+primaries (merged per-segment IVF-PQ index files, one per codebook) with their *tail*: live
+rows that no index file of that codebook covers yet, searched exactly.
+
+Views are built off the query path and swapped in by reference; a query uses one view from
+start to end, so it never sees a half-applied change. FAISS ids are seqs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index_runtime.index.filters import Filter
+from index_runtime.index.rows import F32, I64, Block, Mask, key_codes, score, winners
+from index_runtime.index.settings import IndexSettings
+from index_runtime.store.rows import Key
+
+
+@dataclass
+class Base:
+    """The committed segments as one block, with each segment's row range."""
+
+    block: Block
+    seg_ranges: dict[int, tuple[int, int]]
+    segment_ids: tuple[int, ...]
+
+
+@dataclass
+class Primary:
+    """A merged IVF-PQ index of one codebook over the base segments it covers."""
+
+    codebook: int
+    index: faiss.Index
+    covered: Mask  # over base positions
+    file_keys: tuple[str, ...]
+    ids: I64  # seqs held by ``index``
+    segment_ids: tuple[int, ...] = ()
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+
+@dataclass(frozen=True)
+class Hits:
+    pos: I64  # positions in the view, best first
+    scores: F32  # exact scores
+    approx: F32 | None = None  # the index's own (PQ) scores for the same rows, if any
+
+
+@dataclass
+class View:
+    version: int  # manifest version
+    committed_at: float
+    model: str
+    metric: str
+    settings: IndexSettings
+    serving: int  # codebook version serving, 0 = shadow
+    base: Base
+    delta: Block
+    alive: Mask  # over base + delta positions
+    primaries: dict[int, Primary]
+    built_at: float = field(default_factory=time.time)
+    pending_seq: int = 0
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # derived structures (built once per view) ---------------------------------------------
+
+    def __post_init__(self) -> None:
+        nb = len(self.base.block)
+        seqs = np.concatenate([self.base.block.seqs, self.delta.seqs])
+        self.seqs: I64 = seqs
+        top = int(seqs.max()) + 1 if len(seqs) else 1
+        self.pos_of_seq = np.full(top, -1, np.int64)
+        self.pos_of_seq[seqs] = np.arange(len(seqs))
+        self.live_pos: I64 = np.flatnonzero(self.alive)
+        bits = np.zeros(top, bool)
+        bits[seqs[self.alive]] = True
+        self.bitmap = np.packbits(bits, bitorder="little")
+        self.tails: dict[int, I64] = {}
+        self.dead_in_primary: dict[int, int] = {}
+        for v, p in self.primaries.items():
+            covered = np.zeros(len(seqs), bool)
+            covered[:nb] = p.covered
+            self.tails[v] = np.flatnonzero(self.alive & ~covered)
+            self.dead_in_primary[v] = p.ntotal - int(np.count_nonzero(self.alive[:nb] & p.covered))
+
+    @property
+    def live_rows(self) -> int:
+        return int(self.live_pos.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.base.block.vecs.shape[1])
+
+    def vectors_at(self, pos: I64) -> F32:
+        nb = len(self.base.block)
+        if len(self.delta) == 0:
+            return self.base.block.vecs[pos]
+        out = np.empty((len(pos), self.dim), np.float32)
+        m = pos < nb
+        out[m] = self.base.block.vecs[pos[m]]
+        out[~m] = self.delta.vecs[pos[~m] - nb]
+        return out
+
+    def _field(self, name: str, pos: int) -> Any:
+        nb = len(self.base.block)
+        blk, i = (self.base.block, pos) if pos < nb else (self.delta, pos - nb)
+        if name == "key":
+            k = blk.keys[i]
+            return int(k) if blk.keys.dtype != object else str(k)
+        if name == "text":
+            return None if blk.texts is None else blk.texts[i]
+        if name == "metadata":
+            return blk.metas()[i]
+        raise KeyError(name)
+
+    def row(self, pos: int, payload: bool = False, vector: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self._field("key", pos), "seq": int(self.seqs[pos])}
+        if payload:
+            out["text"] = self._field("text", pos)
+            out["metadata"] = self._field("metadata", pos)
+        if vector:
+            out["vector"] = self.vectors_at(np.array([pos]))[0].tolist()
+        return out
+
+    def match_mask(self, flt: Filter | None) -> Mask | None:
+        """Positions whose metadata satisfies ``flt`` (cached per view and filter)."""
+        if flt is None:
+            return None
+        cached = self._cache.get("f:" + flt.canonical)
+        if cached is None:
+            cached = np.concatenate(
+                [flt.mask(self.base.block.metas()), flt.mask(self.delta.metas())]
+            )
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache["f:" + flt.canonical] = cached
+        return cached  # type: ignore[no-any-return]
+
+    def position_of(self, key: Key) -> int | None:
+        """The live row of ``key``, if any."""
+        index = self._cache.get("keys")
+        if index is None:
+            keys = np.concatenate([self.base.block.keys, self.delta.keys])[self.live_pos]
+            index = dict(zip(keys.tolist(), self.live_pos.tolist(), strict=True))
+            self._cache["keys"] = index
+        return index.get(key)  # type: ignore[no-any-return]
+
+    # search -------------------------------------------------------------------------------
+
+    def exact(self, q: F32, k: int, match: Mask | None = None) -> Hits:
+        """Brute force over every live row (matching the filter): the oracle's answer."""
+        allowed = self.alive if match is None else self.alive & match
+        return _topk_masked(self, q[None, :], k, allowed)[0]
+
+    def exact_batch(self, qs: F32, k: int, match: Mask | None = None) -> list[Hits]:
+        allowed = self.alive if match is None else self.alive & match
+        return _topk_masked(self, qs, k, allowed)
+
+    def search_primary(
+        self, codebook: int, q: F32, k: int, match: Mask | None = None, nprobe: int | None = None
+    ) -> Hits:
+        """IVF-PQ candidates re-ranked with exact vectors, merged with the exact tail."""
+        p = self.primaries[codebook]
+        s = self.settings.primary
+        sel_bits = self.bitmap
+        need_sel = self.dead_in_primary[codebook] > 0 or match is not None
+        if match is not None:
+            bits = np.zeros(len(self.pos_of_seq), bool)
+            bits[self.seqs[self.alive & match]] = True
+            sel_bits = np.packbits(bits, bitorder="little")
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe or s.nprobe
+        if need_sel:
+            sel = faiss.IDSelectorBitmap(len(sel_bits), faiss.swig_ptr(sel_bits))
+            params.sel = sel
+        kk = max(k, k * s.rerank)
+        d, ids = p.index.search(q[None, :], kk, params=params)
+        found = ids[0] >= 0
+        cand = self.pos_of_seq[ids[0][found]]
+        approx = d[0][found]
+        if self.metric == "l2":
+            approx = -approx
+        exact = score(self.vectors_at(cand), q, self.metric)
+        tail = self.tails[codebook]
+        if match is not None and len(tail):
+            tail = tail[match[tail]]
+        if len(tail):
+            tail_scores = score(self.vectors_at(tail), q, self.metric)
+            cand = np.concatenate([cand, tail])
+            approx = np.concatenate([approx, np.full(len(tail), np.nan, np.float32)])
+            exact = np.concatenate([exact, tail_scores])
+        order = _best(exact, k)
+        return Hits(cand[order], exact[order], approx[order])
+
+
+def _best(scores: F32, k: int) -> I64:
+    """Indices of the ``k`` highest scores, best first (ties broken by position)."""
+    part = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]
+
+
+_CHUNK = 65536
+
+
+def _topk_masked(view: View, qs: F32, k: int, allowed: Mask) -> list[Hits]:
+    """Exact top-k for each query over the allowed rows, in row chunks (bounded memory)."""
+    nq = qs.shape[0]
+    best_pos = [np.zeros(0, np.int64) for _ in range(nq)]
+    best_sc = [np.zeros(0, np.float32) for _ in range(nq)]
+    blocks = [(view.base.block, 0), (view.delta, len(view.base.block))]
+    for blk, offset in blocks:
+        for start in range(0, len(blk), _CHUNK):
+            stop = min(len(blk), start + _CHUNK)
+            ok = np.flatnonzero(allowed[offset + start : offset + stop])
+            if not len(ok):
+                continue
+            mat = blk.vecs[start:stop][ok]
+            sc = mat @ qs.T  # (rows, nq)
+            if view.metric == "l2":
+                sc = (
+                    2 * sc
+                    - np.einsum("ij,ij->i", mat, mat)[:, None]
+                    - np.einsum("ij,ij->i", qs, qs)[None, :]
+                )
+            for j in range(nq):
+                col = sc[:, j]
+                top = _best(col, k)
+                best_pos[j] = np.concatenate([best_pos[j], offset + start + ok[top]])
+                best_sc[j] = np.concatenate([best_sc[j], col[top].astype(np.float32)])
+    out = []
+    for j in range(nq):
+        top = _best(best_sc[j], k)
+        out.append(Hits(best_pos[j][top], best_sc[j][top]))
+    return out
+
+
+def empty_block(dim: int, key_type: str) -> Block:
+    return Block(
+        seqs=np.zeros(0, np.int64),
+        keys=np.zeros(0, np.int64 if key_type == "int" else object),
+        tomb=np.zeros(0, bool),
+        vecs=np.zeros((0, dim), np.float32),
+        has_vec=np.zeros(0, bool),
+        texts=None,
+        meta=None,
+    )
+
+
+def alive_mask(base: Base, base_winner: Mask, delta: Block) -> Mask:
+    """Base winners not overridden by the delta, plus the delta's own winners; tombstones and
+    rows without a vector for the model are not alive."""
+    if len(delta):
+        bc, dc = key_codes(base.block.keys, delta.keys)
+        over = np.isin(bc, dc)
+        dwin = winners(dc, delta.seqs)
+        alive = np.concatenate([base_winner & ~over, dwin])
+    else:
+        alive = base_winner.copy()
+    tomb = np.concatenate([base.block.tomb, delta.tomb])
+    has = np.concatenate([base.block.has_vec, delta.has_vec])
+    return np.asarray(alive & ~tomb & has)
+
+
+def base_winners(base: Base) -> Mask:
+    (codes,) = key_codes(base.block.keys)
+    return winners(codes, base.block.seqs)
+
+
+def ivf_ids(index: faiss.Index) -> I64:
+    """Every id held by an IVF index."""
+    ivf = faiss.extract_index_ivf(index)
+    parts = [
+        faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if ivf.invlists.list_size(i)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def covered_mask(base: Base, segment_ids: tuple[int, ...]) -> Mask:
+    covered = np.zeros(len(base.block), bool)
+    for seg_id in segment_ids:
+        lo, hi = base.seg_ranges[seg_id]
+        covered[lo:hi] = True
+    return covered
+
+
+def merge_files(files: list[faiss.Index], into: faiss.Index | None = None) -> faiss.Index:
+    """Merge per-segment IVF indexes (same codebook) into a copy of ``into`` or the first."""
+    merged = faiss.clone_index(into if into is not None else files[0])
+    for idx in files if into is not None else files[1:]:
+        merged.merge_from(idx, 0)
+    return merged
+
+
+def without_dead(p: Primary, alive_bits: Mask) -> Primary:
+    """A copy of ``p`` with the ids that are no longer alive removed (batched ``remove_ids``);
+    the caller swaps it in, so searches never run on an index being modified.
+    ``alive_bits`` is indexed by seq."""
+    ok = p.ids < len(alive_bits)
+    ok[ok] = alive_bits[p.ids[ok]]
+    dead = np.ascontiguousarray(p.ids[~ok])
+    if not len(dead):
+        return p
+    copy = faiss.clone_index(p.index)
+    copy.remove_ids(faiss.IDSelectorBatch(len(dead), faiss.swig_ptr(dead)))
+    return Primary(p.codebook, copy, p.covered, p.file_keys, p.ids[ok], p.segment_ids)

@@ -1,0 +1,302 @@
+"""The HTTP API (FastAPI). Thin: parse, call the runtime, shape the answer.
+
+Errors: every :class:`DriftlessError` becomes its HTTP status with ``{"error": reason,
+"message": ...}`` (429 and 503 with ``Retry-After``); request-schema violations are 422 with
+``error: InvalidInput``. Admin routes need ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from index_runtime import __version__
+from index_runtime.errors import (
+    BackpressureError,
+    DriftlessError,
+    InvalidInputError,
+    StoreUnavailableError,
+    UnauthorizedError,
+)
+from index_runtime.index.filters import parse_filter
+from index_runtime.service.engine import Engine
+from index_runtime.service.metrics import Metrics
+from index_runtime.service.runtime import IndexRuntime
+
+log = logging.getLogger(__name__)
+
+Key = int | str
+MAX_BATCH_QUERIES = 256
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateIndex(Strict):
+    name: str = Field(description="1..63 lowercase letters, digits and '-'")
+    model: str = Field(description="embedding model name the vectors come from")
+    dim: int = Field(ge=1, le=65536)
+    metric: Literal["cosine", "ip", "l2"] = "cosine"
+    key_type: Literal["int", "str"] = "str"
+    settings: dict[str, Any] = Field(default_factory=dict, description="primary, shadow, oracle, lifecycle")
+
+
+class Upsert(Strict):
+    keys: list[Key] = Field(min_length=1)
+    vectors: list[list[float]] | None = Field(default=None, description="one per key")
+    texts: list[str | None] | None = Field(default=None, description="stored; encoded if no vectors")
+    metadata: list[dict[str, Any] | None] | None = None
+
+
+class Keys(Strict):
+    keys: list[Key] = Field(min_length=1)
+
+
+class Fetch(Keys):
+    include_vector: bool = False
+
+
+class SearchQuery(Strict):
+    vector: list[float] | None = None
+    text: str | None = None
+    model: str | None = Field(default=None, description="model of the vector (default: the index's)")
+    k: int = Field(default=10, ge=1, le=1000)
+    filter: dict[str, Any] | None = None
+    include_payload: bool = False
+    include_vector: bool = False
+
+
+class BatchSearch(Strict):
+    queries: list[SearchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+
+
+class Promote(Strict):
+    codebook: int | None = Field(default=None, ge=1)
+
+
+def _error(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
+    headers = {"Retry-After": str(max(1, int(np.ceil(retry_after))))} if retry_after else None
+    return JSONResponse({"error": reason, "message": message}, status_code=status, headers=headers)
+
+
+def _runtime(request: Request, name: str) -> IndexRuntime:
+    engine: Engine = request.app.state.engine
+    return engine.get(name)
+
+
+def admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    token = request.app.state.engine.config.admin_token
+    if not token:
+        raise UnauthorizedError("the admin API is disabled: start the server with an admin token")
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise UnauthorizedError("admin calls need 'Authorization: Bearer <token>'")
+
+
+Rt = Annotated[IndexRuntime, Depends(_runtime)]
+
+
+def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()  # SIGTERM: uvicorn stops accepting, drains, then we flush and commit
+
+    app = FastAPI(title="Driftless runtime", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(DriftlessError)
+    async def driftless_error(_: Request, exc: DriftlessError) -> Response:
+        retry = None
+        if isinstance(exc, BackpressureError | StoreUnavailableError):
+            retry = getattr(exc, "retry_after_s", 1.0) or 1.0
+        return _error(exc.status, exc.reason, str(exc), retry)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        errs = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()[:5]
+        ]
+        return _error(422, "InvalidInput", "; ".join(errs))
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        try:
+            response: Response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error on %s", request.url.path)
+            response = _error(500, "InternalError", "internal error; see the server log")
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http_seconds.labels(path, request.method).observe(time.perf_counter() - started)
+        if "/search" in path and response.status_code >= 400:
+            idx = request.path_params.get("name", "")
+            if idx in engine.runtimes:
+                metrics.query_errors.labels(idx, f"{response.status_code // 100}xx").inc()
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if engine.closing:
+            return _error(503, "ShuttingDown", "the server is shutting down")
+        return JSONResponse({"status": "ready", "indexes": sorted(engine.runtimes)})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        metrics.collect_state(list(engine.runtimes.values()))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/indexes", status_code=201)
+    def create_index(body: CreateIndex) -> dict[str, Any]:
+        rt = engine.create(body.name, body.model, body.dim, body.metric, body.key_type, body.settings)
+        return describe(rt)
+
+    @app.get("/v1/indexes")
+    def list_indexes() -> dict[str, Any]:
+        return {"indexes": [describe(rt) for rt in engine.runtimes.values()]}
+
+    def describe(rt: IndexRuntime) -> dict[str, Any]:
+        spec = rt.spec.models[rt.model]
+        return {
+            "name": rt.name,
+            "model": rt.model,
+            "dim": spec.dim,
+            "metric": spec.metric,
+            "key_type": rt.spec.key_type,
+            "settings": rt.settings.to_json(),
+            "phase": rt.decision.phase.value,
+            "count": rt.view.live_rows,
+        }
+
+    @app.get("/v1/indexes/{name}")
+    def get_index(rt: Rt) -> dict[str, Any]:
+        return describe(rt)
+
+    @app.post("/v1/indexes/{name}/upsert")
+    def upsert(rt: Rt, body: Upsert) -> dict[str, Any]:
+        n = len(body.keys)
+        for field, col in (("vectors", body.vectors), ("texts", body.texts), ("metadata", body.metadata)):
+            if col is not None and len(col) != n:
+                raise InvalidInputError(f"{field} has {len(col)} entries for {n} keys")
+        if body.vectors is not None:
+            try:
+                mat = np.asarray(body.vectors, dtype=np.float32)
+            except ValueError:
+                raise InvalidInputError("vectors must all have the same length") from None
+        else:
+            if body.texts is None or any(t is None for t in body.texts):
+                raise InvalidInputError("give vectors, or a text for every key")
+            mat = engine.encode(rt.model, [t for t in body.texts if t is not None])
+        ack = rt.upsert(body.keys, {rt.model: mat}, body.texts, body.metadata)
+        return {"first_seq": ack.first_seq, "last_seq": ack.last_seq, "rows": ack.rows}
+
+    @app.post("/v1/indexes/{name}/delete")
+    def delete(rt: Rt, body: Keys) -> dict[str, Any]:
+        ack = rt.delete(body.keys)
+        return {"first_seq": ack.first_seq, "last_seq": ack.last_seq, "rows": ack.rows}
+
+    @app.post("/v1/indexes/{name}/fetch")
+    def fetch(rt: Rt, body: Fetch) -> dict[str, Any]:
+        view = rt.view
+        rows, missing = [], []
+        for key in body.keys:
+            pos = view.position_of(key)
+            if pos is None:
+                missing.append(key)
+            else:
+                rows.append(view.row(pos, payload=True, vector=body.include_vector))
+        return {"rows": rows, "missing": missing}
+
+    @app.get("/v1/indexes/{name}/count")
+    def count(rt: Rt) -> dict[str, int]:
+        return {"count": rt.view.live_rows}
+
+    @app.get("/v1/indexes/{name}/scan")
+    def scan(
+        rt: Rt,
+        cursor: Annotated[int, Query(ge=0, description="seq after which to continue")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        include_vector: bool = False,
+    ) -> dict[str, Any]:
+        """Live rows in seq order; pass ``next_cursor`` back to continue."""
+        view = rt.view
+        seqs = view.seqs[view.live_pos]
+        order = np.argsort(seqs, kind="stable")
+        start = int(np.searchsorted(seqs[order], cursor, side="right"))
+        page = view.live_pos[order[start : start + limit]]
+        rows = [view.row(int(p), payload=True, vector=include_vector) for p in page]
+        more = start + limit < len(order)
+        return {"rows": rows, "next_cursor": rows[-1]["seq"] if rows and more else None}
+
+    def run_query(rt: IndexRuntime, q: SearchQuery) -> dict[str, Any]:
+        flt = parse_filter(q.filter)
+        if (q.vector is None) == (q.text is None):
+            raise InvalidInputError("give exactly one of 'vector' or 'text'")
+        if q.model is not None and q.model != rt.model:
+            raise InvalidInputError(
+                f"this index serves model {rt.model!r}; a {q.model!r} vector cannot be compared"
+            )
+        if q.vector is not None:
+            vec = rt.prepare_query(q.vector)
+        else:
+            assert q.text is not None
+            vec = rt.prepare_query(engine.encode(rt.model, [q.text])[0])
+        ans = rt.search(vec, q.k, flt)
+        view = ans.view
+        results = []
+        for pos, sc in zip(ans.hits.pos.tolist(), ans.hits.scores.tolist(), strict=True):
+            row = view.row(pos, payload=q.include_payload, vector=q.include_vector)
+            row["score"] = sc
+            results.append(row)
+        return {"results": results, "path": ans.path, "manifest_version": view.version}
+
+    @app.post("/v1/indexes/{name}/search")
+    def search(rt: Rt, body: SearchQuery) -> dict[str, Any]:
+        return run_query(rt, body)
+
+    @app.post("/v1/indexes/{name}/search/batch")
+    def search_batch(rt: Rt, body: BatchSearch) -> dict[str, Any]:
+        return {"answers": [run_query(rt, q) for q in body.queries]}
+
+    @app.get("/v1/indexes/{name}/status")
+    def status(rt: Rt) -> dict[str, Any]:
+        return rt.status()
+
+    @app.post("/v1/indexes/{name}/admin/train", status_code=202, dependencies=[Depends(admin)])
+    def admin_train(rt: Rt) -> dict[str, Any]:
+        return {"started": rt.start_training()}
+
+    @app.post("/v1/indexes/{name}/admin/promote", dependencies=[Depends(admin)])
+    def admin_promote(rt: Rt, body: Promote) -> dict[str, Any]:
+        m = rt.promote(body.codebook)
+        return {"serving": m.serving, "manifest_version": m.version}
+
+    @app.post("/v1/indexes/{name}/admin/compact", dependencies=[Depends(admin)])
+    def admin_compact(rt: Rt) -> dict[str, Any]:
+        r = rt.compact()
+        return {"input_segments": r.input_segments, "output_segments": r.output_segments}
+
+    @app.post("/v1/indexes/{name}/admin/reload", dependencies=[Depends(admin)])
+    def admin_reload(rt: Rt) -> dict[str, Any]:
+        view = rt.refresh()
+        return {"manifest_version": view.version}
+
+    return app

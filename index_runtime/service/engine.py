@@ -1,0 +1,165 @@
+"""The set of indexes one process serves, over a local directory or an S3 prefix."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
+from index_runtime.index.settings import IndexSettings
+from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
+from index_runtime.store.log import ManifestLog
+from index_runtime.store.manifest import LATEST_HINT, IndexSpec, ModelSpec
+from index_runtime.store.objects import LocalDirStore, ObjectStore, S3Config, S3Store
+from index_runtime.store.writer import IndexWriter, WriterConfig
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+Encoder = Callable[[list[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data: Path | None = None  # local directory (one subdirectory per index)
+    s3: S3Config | None = None  # or an S3 bucket/prefix (one sub-prefix per index)
+    wal_dir: Path | None = None  # where writers keep their WAL (default: <data>/.wal)
+    roles: Roles = field(default_factory=Roles)
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    writer: WriterConfig = field(default_factory=WriterConfig)
+    admin_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.s3 is None):
+            raise InvalidInputError("give exactly one of a data directory or an S3 location")
+        if self.roles.writer and self.data is None and self.wal_dir is None:
+            raise InvalidInputError("a writer on S3 needs --wal-dir (a local, durable directory)")
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise InvalidInputError(
+            f"index names are 1..63 lowercase letters, digits and '-', starting with a letter "
+            f"or digit; got {name!r}"
+        )
+    return name
+
+
+class Engine:
+    def __init__(
+        self,
+        config: ServeConfig,
+        hooks: Hooks | None = None,
+        encoders: dict[str, Encoder] | None = None,
+    ) -> None:
+        self.config = config
+        self.hooks = hooks or Hooks()
+        self.encoders = encoders or {}
+        self.runtimes: dict[str, IndexRuntime] = {}
+        self._lock = threading.Lock()
+        self.closing = False
+
+    def _store(self, name: str) -> ObjectStore:
+        if self.config.data is not None:
+            return LocalDirStore(self.config.data / name)
+        assert self.config.s3 is not None
+        base = self.config.s3.prefix.strip("/")
+        prefix = f"{base}/{name}" if base else name
+        return S3Store(S3Config(**{**self.config.s3.__dict__, "prefix": prefix}))
+
+    def _wal(self, name: str) -> Path:
+        root = self.config.wal_dir or (self.config.data / ".wal" if self.config.data else None)
+        assert root is not None
+        return root / name
+
+    def discover(self) -> list[str]:
+        """Names of the indexes that exist under the data location."""
+        if self.config.data is not None:
+            root = self.config.data
+            if not root.exists():
+                return []
+            return sorted(
+                p.name for p in root.iterdir() if p.is_dir() and (p / "manifests").is_dir()
+            )
+        assert self.config.s3 is not None
+        lister = S3Store(self.config.s3)
+        names = {
+            o.key.split("/")[0] for o in lister.list("") if o.key.endswith("/" + LATEST_HINT)
+        }
+        return sorted(names)
+
+    def open_existing(self) -> None:
+        for name in self.discover():
+            self._open(name, None, None)
+
+    def _open(
+        self, name: str, create: IndexSpec | None, settings: IndexSettings | None
+    ) -> IndexRuntime:
+        store = self._store(name)
+        writer = None
+        if self.config.roles.writer:
+            writer = IndexWriter.open(
+                store,
+                self._wal(name),
+                self.config.writer,
+                create=create,
+                settings=settings.to_json() if settings else None,
+            )
+        elif ManifestLog(store).latest() is None:
+            raise NotFoundError(f"index {name!r} does not exist")
+        rt = IndexRuntime(name, store, writer, self.config.options, self.config.roles, self.hooks)
+        rt.start()
+        self.runtimes[name] = rt
+        init = getattr(self.hooks, "init_index", None)
+        if init is not None:
+            init(name)
+        return rt
+
+    def create(
+        self,
+        name: str,
+        model: str,
+        dim: int,
+        metric: str = "cosine",
+        key_type: str = "str",
+        settings: dict[str, Any] | None = None,
+    ) -> IndexRuntime:
+        check_name(name)
+        if not self.config.roles.writer:
+            raise ConflictError("this replica is not a writer; create indexes on the writer")
+        spec = IndexSpec(name, key_type, {model: ModelSpec(dim, metric)}, (model,))  # type: ignore[arg-type]
+        parsed = IndexSettings.from_json(settings or {}, dim)
+        with self._lock:
+            if name in self.runtimes or ManifestLog(self._store(name)).latest() is not None:
+                raise ConflictError(f"index {name!r} already exists")
+            return self._open(name, spec, parsed)
+
+    def get(self, name: str) -> IndexRuntime:
+        rt = self.runtimes.get(name)
+        if rt is None:
+            raise NotFoundError(f"no index named {name!r}")
+        return rt
+
+    def encode(self, model: str, texts: list[str]) -> np.ndarray:
+        enc = self.encoders.get(model)
+        if enc is None:
+            raise InvalidInputError(
+                f"this server has no encoder for model {model!r}; send vectors instead of text"
+            )
+        return enc(texts)
+
+    def close(self) -> None:
+        """Graceful stop: every writer flushes and commits what it acknowledged."""
+        self.closing = True
+        for rt in list(self.runtimes.values()):
+            try:
+                rt.stop()
+            except Exception:
+                log.exception("stopping %s failed", rt.name)

@@ -1,0 +1,211 @@
+"""Prometheus metrics of the runtime: ``driftless_`` prefix, base units, low-cardinality labels
+(the index name, the query path, the window — never a query, key or segment id).
+
+Event metrics (latencies, durations, failures) are recorded through :class:`Hooks`; state
+metrics (windows, counts, phase) are refreshed from each runtime's status at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from index_runtime.lifecycle import Phase
+from index_runtime.quality.oracle import Measurement
+from index_runtime.service.runtime import Hooks, IndexRuntime
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics(Hooks):
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.query_seconds = Histogram(
+            "driftless_query_duration_seconds",
+            "Search latency inside the runtime, by index and serving path.",
+            ["index", "path"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.query_errors = Counter(
+            "driftless_query_errors",
+            "Searches that failed (4xx and 5xx), by index and HTTP status class.",
+            ["index", "status_class"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "driftless_http_request_duration_seconds",
+            "HTTP request latency by route template and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        g = {
+            "overlap": ("overlap_ratio", "Mean overlap@k of the window against the exact oracle."),
+            "overlap_lower": ("overlap_lower_ratio", "Lower 95% bound of the overlap window."),
+            "overlap_upper": ("overlap_upper_ratio", "Upper 95% bound of the overlap window."),
+            "samples": ("window_samples", "Samples in the overlap window."),
+            "rank_correlation": (
+                "rank_correlation",
+                "Mean Spearman rank correlation over items common to both answers.",
+            ),
+            "distortion_ratio": (
+                "distortion_ratio",
+                "Mean |PQ - exact score| relative to the exact top-k score spread.",
+            ),
+        }
+        self.window = {
+            key: Gauge(f"driftless_oracle_{name}", help_, ["index", "window"], registry=r)
+            for key, (name, help_) in g.items()
+        }
+        self.oracle_samples = Counter(
+            "driftless_oracle_samples",
+            "Sampled queries measured by the exact oracle, by window.",
+            ["index", "window"],
+            registry=r,
+        )
+        self.oracle_dropped = Gauge(
+            "driftless_oracle_dropped_samples",
+            "Sampled queries dropped because the oracle's queue was full (since start).",
+            ["index"],
+            registry=r,
+        )
+        self.theta = Gauge("driftless_oracle_theta", "Cutover threshold θ.", ["index"], registry=r)
+        self.retrain_below = Gauge(
+            "driftless_oracle_retrain_threshold", "Retraining threshold θ − δ.", ["index"], registry=r
+        )
+        self.vectors = Gauge("driftless_index_vectors", "Live rows.", ["index"], registry=r)
+        self.segments = Gauge("driftless_index_segments", "Live segments.", ["index"], registry=r)
+        self.tombstones = Gauge(
+            "driftless_index_tombstones", "Tombstones still stored.", ["index"], registry=r
+        )
+        self.deleted_ratio = Gauge(
+            "driftless_index_deleted_ratio",
+            "Share of stored rows that serve nothing (superseded or deleted).",
+            ["index"],
+            registry=r,
+        )
+        self.primary_overhead = Gauge(
+            "driftless_index_deleted_overhead_ratio",
+            "Share of entries in the serving structure that are dead, by structure.",
+            ["index", "structure"],
+            registry=r,
+        )
+        self.reader_lag = Gauge(
+            "driftless_reader_lag_seconds",
+            "How far the served view is behind the newest manifest.",
+            ["index"],
+            registry=r,
+        )
+        self.manifest_version = Gauge(
+            "driftless_manifest_version", "Manifest version served.", ["index"], registry=r
+        )
+        self.codebook = Gauge(
+            "driftless_codebook_version", "Codebook serving (0 = shadow).", ["index"], registry=r
+        )
+        self.phase = Gauge(
+            "driftless_index_phase", "1 for the index's current phase.", ["index", "phase"],
+            registry=r,
+        )
+        self.training_seconds = Histogram(
+            "driftless_training_duration_seconds",
+            "Codebook training and encoding duration.",
+            ["index"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.training_failures = Counter(
+            "driftless_training_failures", "Failed trainings.", ["index"], registry=r
+        )
+        self.rejections = Gauge(
+            "driftless_training_consecutive_failures",
+            "Consecutive failed or rejected trainings (drives the back-off).",
+            ["index"],
+            registry=r,
+        )
+        self.compaction_seconds = Histogram(
+            "driftless_compaction_duration_seconds",
+            "Compaction duration.",
+            ["index"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.compaction_failures = Counter(
+            "driftless_compaction_failures", "Failed compactions.", ["index"], registry=r
+        )
+        self.last_compaction = Gauge(
+            "driftless_compaction_last_success_timestamp_seconds",
+            "When compaction last succeeded (Unix time; 0 = never).",
+            ["index"],
+            registry=r,
+        )
+
+    # event hooks ----------------------------------------------------------------------------
+
+    def query(self, index: str, path: str, seconds: float) -> None:
+        self.query_seconds.labels(index, path).observe(seconds)
+
+    def measured(self, index: str, m: Measurement, serving: int) -> None:
+        self.oracle_samples.labels(index, "serving" if m.codebook == serving else "candidate").inc()
+
+    def training(self, index: str, seconds: float, ok: bool) -> None:
+        self.training_seconds.labels(index).observe(seconds)
+        if not ok:
+            self.training_failures.labels(index).inc()
+
+    def compaction(self, index: str, seconds: float, ok: bool) -> None:
+        self.compaction_seconds.labels(index).observe(seconds)
+        if not ok:
+            self.compaction_failures.labels(index).inc()
+
+    def init_index(self, index: str) -> None:
+        """Create every labelled series of an index at zero, so dashboards see them at once."""
+        for path in ("primary", "shadow"):
+            self.query_seconds.labels(index, path)
+        for window in ("serving", "candidate"):
+            self.oracle_samples.labels(index, window)
+        for sc in ("4xx", "5xx"):
+            self.query_errors.labels(index, sc)
+        self.training_seconds.labels(index)
+        self.training_failures.labels(index)
+        self.compaction_seconds.labels(index)
+        self.compaction_failures.labels(index)
+
+    # state ----------------------------------------------------------------------------------
+
+    def collect_state(self, runtimes: Iterable[IndexRuntime]) -> None:
+        for rt in runtimes:
+            st = rt.status()
+            n = rt.name
+            self.vectors.labels(n).set(st["counts"]["live"])
+            self.segments.labels(n).set(st["counts"]["segments"])
+            self.tombstones.labels(n).set(st["counts"]["tombstones"])
+            self.deleted_ratio.labels(n).set(st["counts"]["deleted_ratio"])
+            self.primary_overhead.labels(n, "primary").set(st["deletion_overhead"]["primary"])
+            self.reader_lag.labels(n).set(st["reader"]["lag_seconds"])
+            self.manifest_version.labels(n).set(st["reader"]["manifest_version"])
+            self.codebook.labels(n).set(st["serving"]["codebook"])
+            self.oracle_dropped.labels(n).set(st["oracle"]["dropped"])
+            self.theta.labels(n).set(st["oracle"]["theta"])
+            self.retrain_below.labels(n).set(st["oracle"]["theta"] - st["oracle"]["delta"])
+            self.rejections.labels(n).set(st["training"]["consecutive_failures"])
+            self.last_compaction.labels(n).set(st["compaction"]["last_success_at"])
+            for p in Phase:
+                self.phase.labels(n, p.value).set(1 if st["phase"] == p.value else 0)
+            for window in ("serving", "candidate"):
+                w = st["windows"].get(window)
+                _set_window(self.window, n, window, w)
+
+
+def _set_window(gauges: dict[str, Gauge], index: str, window: str, w: dict[str, float] | None) -> None:
+    get: Callable[[str], float] = (lambda k: float("nan")) if w is None else (
+        lambda k: float("nan") if w.get(k) is None else float(w[k])
+    )
+    gauges["overlap"].labels(index, window).set(get("mean"))
+    gauges["overlap_lower"].labels(index, window).set(get("lower"))
+    gauges["overlap_upper"].labels(index, window).set(get("upper"))
+    gauges["samples"].labels(index, window).set(0 if w is None else w["count"])
+    gauges["rank_correlation"].labels(index, window).set(get("rank_correlation"))
+    gauges["distortion_ratio"].labels(index, window).set(get("distortion_ratio"))

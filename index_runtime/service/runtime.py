@@ -1,0 +1,535 @@
+"""One index at run time: writer, views, search, the exact oracle and the maintenance loop.
+
+Roles (``Roles``): ``writer`` owns the WAL and commits; ``reader`` serves queries from the
+newest manifest it has loaded (polling); ``shadow`` holds the exact oracle and the overlap
+windows. Standalone, one process has all three.
+
+Threads: the *refresher* builds a new :class:`View` when the manifest or the pending rows
+change and swaps it in by reference; the *maintenance* loop flushes, encodes new segments with
+every codebook, asks :func:`index_runtime.lifecycle.decide` what to do and does it (only with
+maintenance on); training runs in a thread of its own. Queries never wait for any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from index_runtime import lifecycle
+from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
+from index_runtime.index.filters import Filter
+from index_runtime.index.loader import ViewBuilder
+from index_runtime.index.rows import F32, normalize
+from index_runtime.index.settings import IndexSettings
+from index_runtime.index.training import (
+    encode_segment_index,
+    plan_training,
+    required_rows,
+    sample_rows,
+    train_codebook,
+)
+from index_runtime.index.view import Hits, View
+from index_runtime.quality.oracle import Measurement, Oracle, Sample
+from index_runtime.store.compaction import plan_compaction
+from index_runtime.store.log import ManifestLog
+from index_runtime.store.manifest import Codebook, IndexFile, Manifest, retire_unreferenced
+from index_runtime.store.objects import ObjectStore, new_object_name
+from index_runtime.store.writer import IndexWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Roles:
+    writer: bool = True
+    reader: bool = True
+    shadow: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    maintenance: bool = True  # off: decisions come from elsewhere (the operator)
+    refresh_s: float = 0.1  # how often the refresher looks for changes
+    tick_s: float = 0.5  # maintenance loop period
+    seed: int = 0
+
+
+@dataclass
+class Answer:
+    hits: Hits
+    view: View
+    path: str  # "primary" | "shadow"
+
+
+class Hooks:
+    """Callbacks the service uses for metrics (no-ops by default)."""
+
+    def query(self, index: str, path: str, seconds: float) -> None: ...
+    def measured(self, index: str, m: Measurement, serving: int) -> None: ...
+    def training(self, index: str, seconds: float, ok: bool) -> None: ...
+    def compaction(self, index: str, seconds: float, ok: bool) -> None: ...
+
+
+class IndexRuntime:
+    def __init__(
+        self,
+        name: str,
+        store: ObjectStore,
+        writer: IndexWriter | None,
+        options: RuntimeOptions,
+        roles: Roles,
+        hooks: Hooks | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.writer = writer
+        self.options = options
+        self.roles = roles
+        self.hooks = hooks or Hooks()
+        self.clock = clock
+        self.mlog = ManifestLog(store)
+        self.builder = ViewBuilder(store)
+        self._rng = random.Random(options.seed)
+        manifest = writer.manifest if writer is not None else self.mlog.latest()
+        if manifest is None:
+            raise NotFoundError(f"index {name!r} does not exist in {store.describe()}")
+        self.spec = manifest.index
+        self.model = manifest.index.write_models[0]
+        self.settings = IndexSettings.from_json(manifest.settings, self.spec.dims[self.model])
+        o = self.settings.oracle
+        self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
+        self.view: View = self.builder.build(manifest, self._pending())
+        self.latest_committed_at = manifest.committed_at
+        self.reader_lag_s = 0.0
+        self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
+        self.training_thread: threading.Thread | None = None
+        self.failures = 0
+        self.last_failure_at = 0.0
+        self.last_failure = ""
+        self.last_compaction_at = 0.0
+        self.trainings = 0
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._maint_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+
+    # lifecycle of the object ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.roles.shadow:
+            self.oracle.start()
+        for target, label in ((self._refresh_loop, "refresh"), (self._maint_loop, "maintenance")):
+            t = threading.Thread(target=target, name=f"{label}-{self.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop the loops, then flush and close the writer (graceful shutdown)."""
+        self._stop.set()
+        self._changed.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.training_thread is not None:
+            self.training_thread.join(timeout=30)
+        self.oracle.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+    # views ------------------------------------------------------------------------------------
+
+    def _pending(self) -> list[Any]:
+        return self.writer.pending_batches() if self.writer is not None else []
+
+    def _manifest(self) -> Manifest:
+        if self.writer is not None:
+            return self.writer.manifest
+        latest = self.mlog.latest()
+        if latest is None:
+            raise NotFoundError(f"index {self.name!r} is gone")
+        return latest
+
+    def refresh(self) -> View:
+        """Build a view of the newest state if anything changed, and swap it in."""
+        m = self._manifest()
+        pending = self._pending()
+        top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
+        if m.version != self.view.version or top != self.view.pending_seq or (
+            not pending and len(self.view.delta)
+        ):
+            self.view = self.builder.build(m, pending, self.settings)
+            if self.roles.shadow:
+                self.oracle.retain(set(self.view.primaries))
+        self.latest_committed_at = m.committed_at
+        self.reader_lag_s = 0.0 if m.version == self.view.version else self.clock() - m.committed_at
+        return self.view
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.is_set():
+            self._changed.wait(self.options.refresh_s)
+            self._changed.clear()
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("refreshing the view of %s failed", self.name)
+
+    # queries ----------------------------------------------------------------------------------
+
+    def prepare_query(self, vector: Sequence[float] | np.ndarray) -> F32:
+        q = np.asarray(vector, dtype=np.float32)
+        d = self.spec.dims[self.model]
+        if q.shape != (d,):
+            raise InvalidInputError(f"query vector must have {d} dimensions, got {q.shape}")
+        if not np.isfinite(q).all():
+            raise InvalidInputError("query vector has NaN or infinite values")
+        if self.spec.models[self.model].metric == "cosine":
+            q = normalize(q)
+        return q
+
+    def search(self, q: F32, k: int, flt: Filter | None = None) -> Answer:
+        """Top-k over the current view: the serving primary if there is one, else the shadow.
+        A share of queries is mirrored to the oracle (non-blocking)."""
+        if not 1 <= k <= 1000:
+            raise InvalidInputError(f"k must be 1..1000, got {k}")
+        started = time.perf_counter()
+        view = self.view
+        match = view.match_mask(flt)
+        if view.serving and view.serving in view.primaries:
+            hits, path = view.search_primary(view.serving, q, k, match), "primary"
+        else:
+            hits, path = view.exact(q, k, match), "shadow"
+        self.hooks.query(self.name, path, time.perf_counter() - started)
+        rate = self.settings.oracle.sample_rate
+        if self.roles.shadow and view.primaries and rate > 0 and self._rng.random() < rate:
+            self.oracle.offer(Sample(view, q, match))
+        return Answer(hits, view, path)
+
+    def _measured(self, m: Measurement) -> None:
+        self.hooks.measured(self.name, m, self.view.serving)
+
+    # writes -----------------------------------------------------------------------------------
+
+    def _writer(self) -> IndexWriter:
+        if self.writer is None:
+            raise ConflictError("this replica is a reader; send writes to the writer")
+        return self.writer
+
+    def upsert(self, keys: Sequence[object], vectors: dict[str, Any], texts: Any, meta: Any) -> Any:
+        ack = self._writer().upsert(keys, vectors, texts, meta)
+        self._changed.set()
+        return ack
+
+    def delete(self, keys: Sequence[object]) -> Any:
+        ack = self._writer().delete(keys)
+        self._changed.set()
+        return ack
+
+    # observation and policy -------------------------------------------------------------------
+
+    def thresholds(self) -> lifecycle.Thresholds:
+        o, lc = self.settings.oracle, self.settings.lifecycle
+        return lifecycle.Thresholds(
+            tau=lc.tau or required_rows(self.settings.primary),
+            theta=o.theta,
+            delta=o.delta,
+            min_samples=o.min_samples,
+            growth_factor=lc.growth_factor,
+            backoff_s=lc.backoff_s,
+            backoff_max_s=lc.backoff_max_s,
+        )
+
+    def observe(self) -> lifecycle.Observed:
+        m = self._manifest()
+        view = self.view
+        serving = m.codebook(m.serving) if m.serving else None
+        cand = m.candidate
+        ready = cand is not None and set(m.files_of(cand.version)) >= {s.id for s in m.segments}
+        due = (
+            self.writer is not None
+            and self.clock() - self.last_compaction_at
+            >= self.settings.lifecycle.compaction_interval_s
+            and bool(plan_compaction(m.segments, self.writer.config.compaction))
+        )
+        return lifecycle.Observed(
+            now=self.clock(),
+            live_rows=view.live_rows,
+            serving=m.serving,
+            serving_trained_rows=serving.trained_rows if serving else 0,
+            serving_window=self.oracle.window(m.serving) if m.serving else lifecycle.Window.empty(),
+            candidate=cand.version if cand else 0,
+            candidate_ready=ready and cand.version in view.primaries if cand else False,
+            candidate_window=self.oracle.window(cand.version) if cand else lifecycle.Window.empty(),
+            training=self.training_thread is not None and self.training_thread.is_alive(),
+            failures=self.failures,
+            last_failure_at=self.last_failure_at,
+            compaction_due=due,
+        )
+
+    def tick(self) -> lifecycle.Decision:
+        """One maintenance step: flush, encode new segments, decide, act (if maintenance on)."""
+        with self._maint_lock:
+            if self.writer is not None:
+                self.writer.maybe_flush()
+                self.encode_segments()
+            self.refresh()
+            decision = lifecycle.decide(self.observe(), self.thresholds())
+            self.decision = decision
+            if self.options.maintenance and self.writer is not None:
+                for action in decision.actions:
+                    self.apply(action)
+            return decision
+
+    def _maint_loop(self) -> None:
+        while not self._stop.wait(self.options.tick_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("maintenance of %s failed", self.name)
+
+    def apply(self, action: lifecycle.Action) -> None:
+        if action is lifecycle.Action.TRAIN:
+            self.start_training()
+        elif action is lifecycle.Action.PROMOTE:
+            self.promote()
+        elif action is lifecycle.Action.DISCARD:
+            self.discard_candidate("CandidateRejected")
+        elif action is lifecycle.Action.COMPACT:
+            self.compact()
+
+    # actions ----------------------------------------------------------------------------------
+
+    def start_training(self) -> bool:
+        """Train a candidate codebook in the background; False if one is already training."""
+        self._writer()
+        if self.training_thread is not None and self.training_thread.is_alive():
+            return False
+        self.training_thread = threading.Thread(
+            target=self._train, name=f"train-{self.name}", daemon=True
+        )
+        self.training_thread.start()
+        return True
+
+    def _train(self) -> None:
+        w = self._writer()
+        started = time.perf_counter()
+        try:
+            view = self.view
+            p = self.settings.primary
+            plan = plan_training(view.live_rows, view.dim, p)
+            pick = sample_rows(view.live_rows, plan.sample_rows, self.options.seed + self.trainings)
+            sample = view.vectors_at(view.live_pos[pick])
+            data = train_codebook(sample, view.metric, plan, p.coarse, self.options.seed)
+            key = new_object_name("codebooks", ".faiss")
+            self.store.put(key, data)
+            now = self.clock()
+
+            def edit(m: Manifest) -> Manifest:
+                book = Codebook(
+                    m.next_codebook, self.model, key, plan.nlist, plan.m, plan.nbits, p.coarse,
+                    view.live_rows, plan.sample_rows, now,
+                )
+                keep = tuple(c for c in m.codebooks if c.version == m.serving)
+                out = replace(m, codebooks=(*keep, book), next_codebook=m.next_codebook + 1)
+                return retire_unreferenced(m, out, now)
+
+            w.commit_edit(edit, "train")
+            self.trainings += 1
+            self.encode_segments()
+            self.hooks.training(self.name, time.perf_counter() - started, True)
+        except Exception as exc:
+            log.warning("training %s failed: %s", self.name, exc)
+            self.failures += 1
+            self.last_failure_at = self.clock()
+            self.last_failure = str(exc)
+            self.hooks.training(self.name, time.perf_counter() - started, False)
+        self._changed.set()
+
+    def encode_segments(self) -> int:
+        """Build the missing (segment, codebook) index files and commit them. Returns count."""
+        with self._encode_lock:
+            return self._encode_segments()
+
+    def _encode_segments(self) -> int:
+        w = self._writer()
+        m = w.manifest
+        if not m.codebooks:
+            return 0
+        view = self.view
+        files: list[IndexFile] = []
+        for book in m.codebooks:
+            have = m.files_of(book.version)
+            missing = [s for s in m.segments if s.id not in have and s.id in view.base.seg_ranges]
+            if not missing:
+                continue
+            codebook = self.store.get(book.key)
+            blk = view.base.block
+            for seg in missing:
+                lo, hi = view.base.seg_ranges[seg.id]
+                rows = np.flatnonzero(blk.has_vec[lo:hi]) + lo
+                data = encode_segment_index(codebook, blk.vecs[rows], blk.seqs[rows])
+                key = new_object_name("indexfiles", ".faiss")
+                self.store.put(key, data)
+                files.append(IndexFile(seg.id, book.version, key, len(rows), len(data)))
+        if not files:
+            return 0
+
+        def edit(m: Manifest) -> Manifest:
+            segs = {s.id for s in m.segments}
+            books = {c.version for c in m.codebooks}
+            have = {(f.segment_id, f.codebook) for f in m.index_files}
+            new = tuple(
+                f for f in files
+                if f.segment_id in segs and f.codebook in books
+                and (f.segment_id, f.codebook) not in have
+            )
+            return replace(m, index_files=m.index_files + new)
+
+        w.commit_edit(edit, "index-files")
+        self._changed.set()
+        return len(files)
+
+    def promote(self, version: int | None = None) -> Manifest:
+        """Make the candidate (or codebook ``version``) serve; the old one is retired."""
+        w = self._writer()
+        cand = w.manifest.candidate
+        target = version if version is not None else (cand.version if cand else 0)
+        if not target or w.manifest.codebook(target) is None:
+            raise ConflictError("there is no candidate codebook to promote")
+        now = self.clock()
+
+        def edit(m: Manifest) -> Manifest:
+            if m.codebook(target) is None:
+                raise ConflictError(f"codebook {target} no longer exists")
+            out = replace(
+                m, serving=target, codebooks=tuple(c for c in m.codebooks if c.version == target)
+            )
+            return retire_unreferenced(m, out, now)
+
+        out = w.commit_edit(edit, f"promote-{target}")
+        self.failures = 0
+        self._changed.set()
+        return out
+
+    def discard_candidate(self, why: str) -> None:
+        w = self._writer()
+        cand = w.manifest.candidate
+        if cand is None:
+            return
+        now = self.clock()
+
+        def edit(m: Manifest) -> Manifest:
+            out = replace(m, codebooks=tuple(c for c in m.codebooks if c.version != cand.version))
+            return retire_unreferenced(m, out, now)
+
+        w.commit_edit(edit, f"discard-{cand.version}")
+        self.failures += 1
+        self.last_failure_at = now
+        self.last_failure = why
+        self._changed.set()
+
+    def compact(self) -> Any:
+        w = self._writer()
+        started = time.perf_counter()
+        try:
+            report = w.compact()
+        except Exception:
+            self.hooks.compaction(self.name, time.perf_counter() - started, False)
+            raise
+        self.last_compaction_at = self.clock()
+        self.hooks.compaction(self.name, time.perf_counter() - started, True)
+        self._changed.set()
+        return report
+
+    # status -----------------------------------------------------------------------------------
+
+    def _window(self, version: int) -> dict[str, Any]:
+        stats, rank, dist, total = self.oracle.details(version)
+        return {
+            "codebook": version,
+            "count": stats.count,
+            "mean": None if stats.count == 0 else stats.mean,
+            "lower": stats.lower,
+            "upper": stats.upper,
+            "rank_correlation": rank,
+            "distortion_ratio": dist,
+            "samples_total": total,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Everything the operator and dashboards need (a projection, computed on demand)."""
+        m = self._manifest()
+        view = self.view
+        d = self.decision
+        cand = m.candidate
+        rows = sum(s.rows for s in m.segments)
+        live_stored = sum(s.live for s in m.segments)
+        prim = view.primaries.get(view.serving)
+        overhead = view.dead_in_primary[view.serving] / prim.ntotal if prim and prim.ntotal else 0.0
+        o = self.settings.oracle
+        serving_path = "primary" if view.serving and view.serving in view.primaries else "shadow"
+        return {
+            "index": self.name,
+            "phase": d.phase.value,
+            "reason": d.reason,
+            "message": d.message,
+            "maintenance": self.options.maintenance,
+            "serving": {"path": serving_path, "codebook": m.serving},
+            "codebooks": [
+                {
+                    "version": c.version,
+                    "role": "serving" if c.version == m.serving else "candidate",
+                    "nlist": c.nlist,
+                    "m": c.m,
+                    "nbits": c.nbits,
+                    "coarse": c.coarse,
+                    "trained_rows": c.trained_rows,
+                    "sample_rows": c.sample_rows,
+                    "trained_at": c.trained_at,
+                    "index_files": len(m.files_of(c.version)),
+                }
+                for c in m.codebooks
+            ],
+            "windows": {
+                "serving": self._window(m.serving) if m.serving else None,
+                "candidate": self._window(cand.version) if cand else None,
+            },
+            "oracle": {
+                "k": o.k,
+                "theta": o.theta,
+                "delta": o.delta,
+                "min_samples": o.min_samples,
+                "sample_rate": o.sample_rate,
+                "measured": self.oracle.measured,
+                "dropped": self.oracle.dropped,
+                "busy_seconds": round(self.oracle.busy_s, 3),
+            },
+            "counts": {
+                "live": view.live_rows,
+                "pending": len(view.delta),
+                "segments": len(m.segments),
+                "stored_rows": rows,
+                "tombstones": sum(s.tombstones for s in m.segments),
+                "deleted_ratio": (rows - live_stored) / rows if rows else 0.0,
+            },
+            "deletion_overhead": {"primary": overhead},
+            "reader": {
+                "manifest_version": view.version,
+                "lag_seconds": self.reader_lag_s,
+                "view_built_at": view.built_at,
+            },
+            "training": {
+                "running": self.training_thread is not None and self.training_thread.is_alive(),
+                "trainings": self.trainings,
+                "consecutive_failures": self.failures,
+                "last_failure": self.last_failure,
+            },
+            "compaction": {"last_success_at": self.last_compaction_at},
+        }

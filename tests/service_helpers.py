@@ -1,0 +1,66 @@
+"""A real runtime service on loopback for tests: uvicorn in a thread, httpx as the client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+
+from index_runtime.service.app import create_app
+from index_runtime.service.engine import Engine, ServeConfig
+from index_runtime.service.metrics import Metrics
+from index_runtime.service.runtime import RuntimeOptions
+from index_runtime.store.writer import WriterConfig
+
+TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_service(
+    data: Path,
+    maintenance: bool = True,
+    tick_s: float = 0.1,
+    writer: WriterConfig | None = None,
+) -> Iterator[httpx.Client]:
+    config = ServeConfig(
+        data=data,
+        options=RuntimeOptions(maintenance=maintenance, tick_s=tick_s, refresh_s=0.05),
+        writer=writer or WriterConfig(flush_rows=400, flush_interval_s=0.3),
+        admin_token=TOKEN,
+    )
+    metrics = Metrics()
+    engine = Engine(config, metrics)
+    engine.open_existing()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, metrics), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def clustered(rng: np.random.Generator, centers: np.ndarray, n: int, noise: float) -> np.ndarray:
+    pick = rng.integers(0, len(centers), n)
+    return (centers[pick] + noise * rng.normal(size=(n, centers.shape[1]))).astype(np.float32)
