@@ -55,6 +55,7 @@ def running_service(
         time.sleep(0.02)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            client.engine = engine  # type: ignore[attr-defined]  # for fault injection
             yield client
     finally:
         server.should_exit = True

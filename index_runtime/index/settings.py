@@ -113,6 +113,9 @@ class IndexSettings:
             d = {}
         _check(isinstance(d, dict), "settings must be an object")
         parts: dict[str, Any] = {}
+        sections = {f.name for f in fields(IndexSettings)}
+        for name in d:
+            _check(name in sections, f"unknown settings section {name!r} (use {sorted(sections)})")
         for f in fields(IndexSettings):
             sub = d.get(f.name, {})
             _check(isinstance(sub, dict), f"settings.{f.name} must be an object")

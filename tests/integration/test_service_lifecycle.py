@@ -125,3 +125,30 @@ def test_cold_start_cutover_degradation_and_retraining(tmp_path: Any) -> None:
         assert st["codebooks"][0]["trained_rows"] > 3000
         assert drv.failed == [], drv.failed[:3]
         assert drv.answers > 100
+
+
+def test_misconfigured_primary_never_cuts_over(tmp_path: Any) -> None:
+    """PQ m=4 on 32 dims with nprobe=1: training works, validation keeps rejecting it, the
+    shadow keeps serving, and the back-off spaces the attempts."""
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(24, D)).astype(np.float32)
+    bad = {
+        **SETTINGS,
+        "primary": {"nlist": 16, "m": 4, "nbits": 6, "nprobe": 1, "rerank": 1},
+    }
+    with running_service(tmp_path) as c:
+        r = c.post("/v1/indexes", json={"name": "bad", "model": "m", "dim": D, "key_type": "int", "settings": bad})
+        assert r.status_code == 201, r.text
+        drv = Driver(c, "bad")
+        while drv.key < 3000:
+            drv.write(clustered(rng, centers, 250, 0.4))
+        deadline = time.time() + 12
+        rejected = 0
+        while time.time() < deadline:
+            drv.query(clustered(rng, centers, 10, 0.4))
+            st = drv.status()
+            assert st["serving"]["path"] == "shadow", st
+            rejected = max(rejected, st["training"]["consecutive_failures"])
+        assert rejected >= 1, drv.reasons
+        assert "CandidateRejected" in drv.reasons, drv.reasons
+        assert drv.failed == []

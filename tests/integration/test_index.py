@@ -1,0 +1,115 @@
+"""Indexes over the store: per-segment index files, merge, deletes, compaction and readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from index_runtime.index.loader import ViewBuilder
+from index_runtime.index.view import without_dead
+from index_runtime.service.runtime import IndexRuntime, Roles, RuntimeOptions
+from index_runtime.store.manifest import IndexSpec, referenced_objects
+from index_runtime.store.objects import LocalDirStore
+from index_runtime.store.writer import IndexWriter, WriterConfig
+
+D = 16
+SETTINGS = {"primary": {"nlist": 8, "m": 8, "nbits": 4, "nprobe": 8, "rerank": 10}}
+
+
+def _runtime(tmp_path: Path, **cfg: object) -> IndexRuntime:
+    store = LocalDirStore(tmp_path / "idx")
+    w = IndexWriter.open(
+        store, tmp_path / "wal", WriterConfig(flush_rows=300, **cfg),  # type: ignore[arg-type]
+        create=IndexSpec.single("idx", "m", D, "int"), settings=SETTINGS,
+    )
+    return IndexRuntime("idx", store, w, RuntimeOptions(maintenance=False), Roles())
+
+
+def _train(rt: IndexRuntime) -> None:
+    assert rt.start_training()
+    assert rt.training_thread is not None
+    rt.training_thread.join()
+    assert rt.failures == 0, rt.last_failure
+    rt.refresh()
+
+
+def test_primary_matches_exact_with_full_probe_and_honours_deletes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rt = _runtime(tmp_path)
+    x = rng.normal(size=(1500, D)).astype(np.float32)
+    for i in range(0, 1500, 300):
+        rt.upsert(list(range(i, i + 300)), {"m": x[i : i + 300]}, None, None)
+    rt.writer.flush()  # type: ignore[union-attr]
+    rt.refresh()
+    _train(rt)
+    m = rt.writer.manifest  # type: ignore[union-attr]
+    assert len(m.files_of(1)) == len(m.segments) == 5
+    assert referenced_objects(m) >= {f.key for f in m.index_files} | {m.codebooks[0].key}
+    view = rt.view
+    assert len(view.tails[1]) == 0
+    q = rt.prepare_query(rng.normal(size=D))
+    # nprobe = nlist and rerank 10: every row is a candidate -> exactly the exact answer
+    assert view.search_primary(1, q, 10).pos.tolist() == view.exact(q, 10).pos.tolist()
+
+    # delete the current top hits and overwrite another: they vanish from the primary at once
+    top = view.exact(q, 10)
+    gone = [int(view.row(int(p))["key"]) for p in top.pos[:3]]
+    rt.delete(gone)
+    rt.upsert([int(view.row(int(top.pos[3]))["key"])], {"m": -x[:1]}, None, None)
+    view = rt.refresh()
+    hits = view.search_primary(1, q, 10)
+    keys = [view.row(int(p))["key"] for p in hits.pos]
+    assert not set(gone) & set(keys)
+    assert hits.pos.tolist() == view.exact(q, 10).pos.tolist()
+
+    # flushing makes the overwritten row's old version dead inside the primary
+    rt.writer.flush()  # type: ignore[union-attr]
+    rt.encode_segments()
+    view = rt.refresh()
+    assert view.dead_in_primary[1] == 4
+    bits = np.zeros(len(view.pos_of_seq), bool)
+    bits[view.seqs[view.alive]] = True
+    p = view.primaries[1]
+    copy = without_dead(p, bits)
+    assert copy.ntotal == p.ntotal - 4 and p.ntotal == len(p.ids)  # the original is untouched
+    # compaction rewrites segments: their index files are retired, the new ones are in the tail
+    report = rt.compact()
+    m = rt.writer.manifest  # type: ignore[union-attr]
+    assert report.input_segments >= 2
+    assert all(f.segment_id in {s.id for s in m.segments} for f in m.index_files)
+    assert any(r.key.startswith("indexfiles/") for r in m.retired)
+    view = rt.refresh()
+    assert len(view.tails[1]) == view.live_rows  # not encoded yet: searched exactly
+    assert view.search_primary(1, q, 10).pos.size == 10
+    rt.encode_segments()
+    view = rt.refresh()
+    assert len(view.tails[1]) == 0 and view.dead_in_primary[1] == 0
+    rt.stop()
+
+
+def test_reader_polls_the_manifest_and_never_sees_unflushed_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rt = _runtime(tmp_path)
+    reader = IndexRuntime(
+        "idx", LocalDirStore(tmp_path / "idx"), None, RuntimeOptions(maintenance=False),
+        Roles(writer=False, reader=True, shadow=False),
+    )
+    rt.upsert(list(range(100)), {"m": rng.normal(size=(100, D))}, None, None)
+    assert reader.refresh().live_rows == 0  # acknowledged, not committed yet
+    rt.writer.flush()  # type: ignore[union-attr]
+    assert reader.refresh().live_rows == 100
+    assert reader.reader_lag_s == 0.0
+    rt.stop()
+
+
+def test_views_reuse_loaded_segments(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    rt = _runtime(tmp_path)
+    rt.upsert(list(range(300)), {"m": rng.normal(size=(300, D))}, None, None)
+    rt.writer.flush()  # type: ignore[union-attr]
+    b = ViewBuilder(rt.store)
+    v1 = b.build(rt.writer.manifest)  # type: ignore[union-attr]
+    v2 = b.build(rt.writer.manifest)  # type: ignore[union-attr]
+    assert v1.base is v2.base
+    rt.stop()
