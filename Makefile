@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean tools
 
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,18 @@ $(DEPS): pyproject.toml
 demo: $(DEPS)
 	$(BIN)/driftless demo
 
+# promtool (Debian's prometheus package) checks the live /metrics in the tests
+tools:
+	@command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
 lint: $(DEPS)
 	$(BIN)/ruff check index_runtime index_operator tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: lint
+test: lint tools
 	@echo "== unit suite"; $(BIN)/python -m pytest tests/unit -q -m "not slow" -p no:cacheprovider
 	@echo "== integration suite (local directory and S3 via moto)"; $(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider
 

@@ -120,6 +120,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from index_runtime.index.memory import plan_memory
+    from index_runtime.index.training import auto_nlist
+
+    nlist = args.nlist or auto_nlist(args.vectors, args.nbits)
+    m = args.m or max(1, args.dim // 8)
+    p = plan_memory(args.vectors, args.dim, nlist, m, args.nbits)
+    mib = 1 << 20
+    print(f"{p.vectors:,} vectors x {p.dim} dims, IVF{nlist} PQ{m}x{p.nbits}")
+    print(f"  reader  {p.reader_bytes / mib:10,.1f} MiB  (vectors for re-rank + PQ codes + ids)")
+    print(f"  shadow  {p.shadow_bytes / mib:10,.1f} MiB  (same view + oracle windows)")
+    print(f"  writer  {p.writer_bytes / mib:10,.1f} MiB  (+ key index and memtable bound)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="driftless", description="Vector search that keeps serving through change."
@@ -160,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token", default=None, help="bearer token of the admin API (or DRIFTLESS_ADMIN_TOKEN)"
     )
     s.set_defaults(func=cmd_serve)
+    pl = sub.add_parser("plan", help="print the memory each role needs")
+    pl.add_argument("--vectors", type=int, required=True)
+    pl.add_argument("--dim", type=int, required=True)
+    pl.add_argument("--nlist", type=int, default=0, help="default: auto")
+    pl.add_argument("--m", type=int, default=0, help="PQ sub-quantizers (default dim/8)")
+    pl.add_argument("--nbits", type=int, default=8)
+    pl.set_defaults(func=cmd_plan)
     i = sub.add_parser("info", help="print the manifest summary of a local index directory")
     i.add_argument("--data", required=True)
     i.add_argument("--version", type=int, default=None)

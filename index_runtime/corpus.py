@@ -112,3 +112,30 @@ def build_stdlib_corpus(
     return Corpus(
         docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstrings"
     )
+
+
+def build_paragraph_corpus(
+    min_chars: int = 80, max_chars: int = 500, root: Path | None = None
+) -> Corpus:
+    """Every docstring paragraph of the standard library (a larger corpus for benchmarks):
+    passages only (the query field repeats the source name), deduplicated, pinned by hash."""
+    root = root or Path(sysconfig.get_paths()["stdlib"])
+    seen: dict[str, Doc] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p in SKIP_DIRS for p in rel.parts):
+            continue
+        module = ".".join(rel.with_suffix("").parts)
+        for qual, doc in _iter_docstrings(path, module):
+            for para in inspect.cleandoc(doc).split("\n\n"):
+                text = " ".join(para.split())
+                if len(text) < min_chars or text.startswith((">>>", "..")):
+                    continue
+                passage = text[:max_chars]
+                pid = hashlib.sha256(passage.encode()).hexdigest()
+                if pid not in seen:
+                    seen[pid] = Doc(pid, qual, passage, qual)
+    docs = tuple(sorted(seen.values(), key=lambda d: d.id))
+    return Corpus(
+        docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstring paragraphs"
+    )

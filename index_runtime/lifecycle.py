@@ -17,7 +17,7 @@ theta − delta and theta nothing happens (hysteresis).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from index_runtime.quality.window import WindowStats as Window
@@ -56,10 +56,10 @@ class Observed:
     live_rows: int
     serving: int = 0  # codebook version that serves; 0 = the shadow serves
     serving_trained_rows: int = 0
-    serving_window: Window = Window.empty()
+    serving_window: Window = field(default_factory=Window.empty)
     candidate: int = 0  # codebook being validated; 0 = none
     candidate_ready: bool = False  # its index files cover the committed segments
-    candidate_window: Window = Window.empty()
+    candidate_window: Window = field(default_factory=Window.empty)
     training: bool = False  # a training runs now
     failures: int = 0  # consecutive failed or rejected trainings
     last_failure_at: float = 0.0
@@ -77,7 +77,7 @@ class Decision:
 def backoff_until(obs: Observed, th: Thresholds) -> float:
     if obs.failures <= 0:
         return 0.0
-    wait = min(th.backoff_max_s, th.backoff_s * 2 ** (obs.failures - 1))
+    wait = min(th.backoff_max_s, th.backoff_s * 2.0 ** (obs.failures - 1))
     return obs.last_failure_at + wait
 
 

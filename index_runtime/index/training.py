@@ -65,7 +65,7 @@ def new_ivfpq(dim: int, metric: str, plan: TrainingPlan, coarse: str) -> faiss.I
     quantizer = faiss.IndexHNSWFlat(dim, 32, mt) if coarse == "hnsw" else faiss.IndexFlat(dim, mt)
     index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.m, plan.nbits, mt)
     index.own_fields = True
-    quantizer.this.disown()
+    quantizer.this.disown()  # type: ignore[union-attr]  # the IVF index owns it now
     return index
 
 

@@ -144,7 +144,7 @@ class View:
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache["f:" + flt.canonical] = cached
-        return cached  # type: ignore[no-any-return]
+        return cached
 
     def position_of(self, key: Key) -> int | None:
         """The live row of ``key``, if any."""
@@ -153,7 +153,7 @@ class View:
             keys = np.concatenate([self.base.block.keys, self.delta.keys])[self.live_pos]
             index = dict(zip(keys.tolist(), self.live_pos.tolist(), strict=True))
             self._cache["keys"] = index
-        return index.get(key)  # type: ignore[no-any-return]
+        return index.get(key)
 
     # search -------------------------------------------------------------------------------
 
@@ -279,6 +279,7 @@ def base_winners(base: Base) -> Mask:
 def ivf_ids(index: faiss.Index) -> I64:
     """Every id held by an IVF index."""
     ivf = faiss.extract_index_ivf(index)
+    assert ivf.invlists is not None
     parts = [
         faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
         for i in range(ivf.nlist)

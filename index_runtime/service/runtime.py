@@ -37,6 +37,7 @@ from index_runtime.index.training import (
 )
 from index_runtime.index.view import Hits, View
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
+from index_runtime.quality.window import WindowStats
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import Codebook, IndexFile, Manifest, retire_unreferenced
@@ -263,10 +264,10 @@ class IndexRuntime:
             live_rows=view.live_rows,
             serving=m.serving,
             serving_trained_rows=serving.trained_rows if serving else 0,
-            serving_window=self.oracle.window(m.serving) if m.serving else lifecycle.Window.empty(),
+            serving_window=self.oracle.window(m.serving) if m.serving else WindowStats.empty(),
             candidate=cand.version if cand else 0,
             candidate_ready=ready and cand.version in view.primaries if cand else False,
-            candidate_window=self.oracle.window(cand.version) if cand else lifecycle.Window.empty(),
+            candidate_window=self.oracle.window(cand.version) if cand else WindowStats.empty(),
             training=self.training_thread is not None and self.training_thread.is_alive(),
             failures=self.failures,
             last_failure_at=self.last_failure_at,

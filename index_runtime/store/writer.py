@@ -38,10 +38,10 @@ from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.keyindex import KeyIndex, SegmentDelta
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import (
+    OBJECT_DIRS,
     IndexSpec,
     Manifest,
     SegmentInfo,
-    OBJECT_DIRS,
     manifest_key,
     plan_gc,
     referenced_objects,
