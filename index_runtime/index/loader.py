@@ -45,18 +45,20 @@ class ViewBuilder:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._blocks: dict[str, Block] = {}
         self._base: tuple[tuple[str, ...], Base, np.ndarray] | None = None
         self._primaries: dict[int, Primary] = {}
 
     def _segment(self, m: Manifest, key: str, model: str) -> Block:
-        blk = self._blocks.get(key)
-        if blk is None:
-            batches = list(iter_segment(segment_source(self.store, key), m.index.key_type))
-            spec = m.index.models[model]
-            blk = make_block(batches, m.index.key_type, m.index.dims, model, spec.metric)
-            self._blocks[key] = blk
-        return blk
+        """A segment's rows: sliced from the previous base if it had them, else loaded."""
+        if self._base is not None:
+            prev = self._base[1]
+            where = dict(zip(self._base[0], prev.segment_ids, strict=True)).get(key)
+            if where is not None:
+                lo, hi = prev.seg_ranges[where]
+                return _slice(prev.block, lo, hi)
+        batches = list(iter_segment(segment_source(self.store, key), m.index.key_type))
+        spec = m.index.models[model]
+        return make_block(batches, m.index.key_type, m.index.dims, model, spec.metric)
 
     def _base_for(self, m: Manifest, model: str) -> tuple[Base, np.ndarray]:
         keys = tuple(s.key for s in m.segments)
@@ -68,12 +70,15 @@ class ViewBuilder:
             ranges[s.id] = (start, start + len(b))
             start += len(b)
         dim = m.index.dims[model]
-        block = _concat_blocks(blocks) if blocks else empty_block(dim, m.index.key_type)
+        if len(blocks) == 1:
+            block = blocks[0]
+        elif blocks:
+            block = _concat_blocks(blocks)
+        else:
+            block = empty_block(dim, m.index.key_type)
         base = Base(block, ranges, tuple(s.id for s in m.segments))
         win = base_winners(base)
-        self._base = (keys, base, win)
-        live = set(keys)
-        self._blocks = {k: v for k, v in self._blocks.items() if k in live}
+        self._base = (keys, base, win)  # the only copy of the rows this builder keeps
         return base, win
 
     def _file(self, key: str) -> faiss.Index:
@@ -161,6 +166,18 @@ def _member(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     ok = ids < len(bits)
     ok[ok] = bits[ids[ok]]
     return ok
+
+
+def _slice(b: Block, lo: int, hi: int) -> Block:
+    return Block(
+        seqs=b.seqs[lo:hi],
+        keys=b.keys[lo:hi],
+        tomb=b.tomb[lo:hi],
+        vecs=b.vecs[lo:hi],
+        has_vec=b.has_vec[lo:hi],
+        texts=None if b.texts is None else b.texts[lo:hi],
+        meta=None if b.meta is None else b.meta[lo:hi],
+    )
 
 
 def _concat_blocks(blocks: list[Block]) -> Block:

@@ -30,10 +30,10 @@ def normalize(x: F32) -> F32:
 def score(vecs: F32, q: F32, metric: str) -> F32:
     """Similarity of each row of ``vecs`` to ``q`` (higher is better): dot product for cosine
     and ip, minus the squared L2 distance for l2."""
-    s = vecs @ q
-    if metric == "l2":
-        s = 2 * s - np.einsum("ij,ij->i", vecs, vecs) - float(q @ q)
-    return s.astype(np.float32, copy=False)
+    s: F32 = vecs @ q
+    if metric != "l2":
+        return s
+    return (2 * s - np.einsum("ij,ij->i", vecs, vecs) - float(q @ q)).astype(np.float32)
 
 
 @dataclass

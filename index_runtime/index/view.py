@@ -85,6 +85,7 @@ class View:
         bits = np.zeros(top, bool)
         bits[seqs[self.alive]] = True
         self.bitmap = np.packbits(bits, bitorder="little")
+        self._fast = self.metric != "l2" and len(self.delta) == 0
         self.tails: dict[int, I64] = {}
         self.dead_in_primary: dict[int, int] = {}
         for v, p in self.primaries.items():
@@ -166,46 +167,80 @@ class View:
         allowed = self.alive if match is None else self.alive & match
         return _topk_masked(self, qs, k, allowed)
 
+    def _search_params(self, codebook: int, nprobe: int, match: Mask | None) -> Any:
+        """IVF search parameters with the alive (and filter) bitmap selector; unfiltered ones
+        are built once per view. The bitmap array is returned too: it must outlive the call."""
+        key = f"p:{codebook}:{nprobe}"
+        if match is None and key in self._cache:
+            return self._cache[key]
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        bits = self.bitmap
+        if match is not None:
+            allowed = np.zeros(len(self.pos_of_seq), bool)
+            allowed[self.seqs[self.alive & match]] = True
+            bits = np.packbits(allowed, bitorder="little")
+        sel = None
+        if match is not None or self.dead_in_primary[codebook] > 0:
+            sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+            params.sel = sel
+        out = (params, sel, bits)
+        if match is None:
+            self._cache[key] = out
+        return out
+
     def search_primary(
-        self, codebook: int, q: F32, k: int, match: Mask | None = None, nprobe: int | None = None
+        self,
+        codebook: int,
+        q: F32,
+        k: int,
+        match: Mask | None = None,
+        nprobe: int | None = None,
+        approx: bool = False,
     ) -> Hits:
-        """IVF-PQ candidates re-ranked with exact vectors, merged with the exact tail."""
+        """IVF-PQ candidates re-ranked with exact vectors, merged with the exact tail.
+        With ``approx``, the index's own (PQ) scores of the returned rows come along (NaN for
+        tail rows): the oracle uses them to measure distortion; the query path does not."""
         p = self.primaries[codebook]
         s = self.settings.primary
-        sel_bits = self.bitmap
-        need_sel = self.dead_in_primary[codebook] > 0 or match is not None
-        if match is not None:
-            bits = np.zeros(len(self.pos_of_seq), bool)
-            bits[self.seqs[self.alive & match]] = True
-            sel_bits = np.packbits(bits, bitorder="little")
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe or s.nprobe
-        if need_sel:
-            sel = faiss.IDSelectorBitmap(len(sel_bits), faiss.swig_ptr(sel_bits))
-            params.sel = sel
-        kk = max(k, k * s.rerank)
-        d, ids = p.index.search(q[None, :], kk, params=params)
-        found = ids[0] >= 0
-        cand = self.pos_of_seq[ids[0][found]]
-        approx = d[0][found]
-        if self.metric == "l2":
-            approx = -approx
-        exact = score(self.vectors_at(cand), q, self.metric)
+        params = self._search_params(codebook, nprobe or s.nprobe, match)[0]
+        d, ids = p.index.search(q[None, :], max(k, k * s.rerank), params=params)
+        ids0, dist = ids[0], d[0]
+        if ids0[-1] < 0:  # fewer candidates than asked: FAISS pads with -1 at the end
+            keep = ids0 >= 0
+            ids0, dist = ids0[keep], dist[keep]
+        cand = self.pos_of_seq[ids0]
         tail = self.tails[codebook]
-        if match is not None and len(tail):
-            tail = tail[match[tail]]
-        if len(tail):
-            tail_scores = score(self.vectors_at(tail), q, self.metric)
-            cand = np.concatenate([cand, tail])
-            approx = np.concatenate([approx, np.full(len(tail), np.nan, np.float32)])
-            exact = np.concatenate([exact, tail_scores])
-        order = _best(exact, k)
-        return Hits(cand[order], exact[order], approx[order])
+        if self._fast and not len(tail):  # the common case, kept short: no tail, no delta
+            exact = self.base.block.vecs[cand] @ q
+            order = np.argsort(-exact, kind="stable")[:k]
+            if not approx:
+                return Hits(cand[order], exact[order])
+        else:
+            exact = self._exact_scores(cand, q)
+            if match is not None and len(tail):
+                tail = tail[match[tail]]
+            if len(tail):
+                cand = np.concatenate([cand, tail])
+                exact = np.concatenate([exact, self._exact_scores(tail, q)])
+                dist = np.concatenate([dist, np.full(len(tail), np.nan, np.float32)])
+            order = _best(exact, k)
+        if not approx:
+            return Hits(cand[order], exact[order])
+        pq = -dist if self.metric == "l2" else dist
+        return Hits(cand[order], exact[order], pq[order])
+
+    def _exact_scores(self, pos: I64, q: F32) -> F32:
+        if self.metric != "l2" and not len(self.delta):
+            return self.base.block.vecs[pos] @ q  # the common case, kept short
+        return score(self.vectors_at(pos), q, self.metric)
 
 
 def _best(scores: F32, k: int) -> I64:
     """Indices of the ``k`` highest scores, best first (ties broken by position)."""
-    part = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
+    if len(scores) <= 256:
+        return np.argsort(-scores, kind="stable")[:k]
+    part = np.argpartition(-scores, k - 1)[:k]
     return part[np.lexsort((part, -scores[part]))]
 
 

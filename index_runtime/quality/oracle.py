@@ -53,7 +53,7 @@ def measure(view: View, samples: list[Sample], k: int) -> list[Measurement]:
         for j, i in enumerate(idxs):
             ex = exact[j]
             for version in view.primaries:
-                hits = view.search_primary(version, samples[i].query, k, match)
+                hits = view.search_primary(version, samples[i].query, k, match, approx=True)
                 out.append(
                     Measurement(
                         version,

@@ -82,6 +82,25 @@ class BatchSearch(Strict):
     queries: list[SearchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
 
 
+class Hit(BaseModel):
+    key: Key
+    seq: int
+    score: float = Field(description="higher is better: cosine/ip similarity, or -squared L2")
+    text: str | None = None
+    metadata: dict[str, Any] | None = None
+    vector: list[float] | None = None
+
+
+class SearchAnswer(BaseModel):
+    results: list[Hit]
+    path: Literal["primary", "shadow"]
+    manifest_version: int
+
+
+class BatchAnswer(BaseModel):
+    answers: list[SearchAnswer]
+
+
 class Promote(Strict):
     codebook: int | None = Field(default=None, ge=1)
 
@@ -89,6 +108,42 @@ class Promote(Strict):
 def _error(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
     headers = {"Retry-After": str(max(1, int(np.ceil(retry_after))))} if retry_after else None
     return JSONResponse({"error": reason, "message": message}, status_code=status, headers=headers)
+
+
+class TimingMiddleware:
+    """Pure ASGI middleware (Starlette's decorator style adds a task hop per request): request
+    latency by route template, search errors by index, and a 500 with a reason for anything
+    unhandled."""
+
+    def __init__(self, app: Any, metrics: Metrics, engine: Engine) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.engine = engine
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_seconds.labels(route, scope["method"]).observe(
+                time.perf_counter() - started
+            )
+            if "/search" in route and status >= 400:
+                idx = scope.get("path_params", {}).get("name", "")
+                if idx in self.engine.runtimes:
+                    self.metrics.query_errors.labels(idx, f"{status // 100}xx").inc()
 
 
 def _runtime(request: Request, name: str) -> IndexRuntime:
@@ -124,6 +179,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             retry = getattr(exc, "retry_after_s", 1.0) or 1.0
         return _error(exc.status, exc.reason, str(exc), retry)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "InternalError", "internal error; see the server log")
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         errs = [
@@ -132,22 +192,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         ]
         return _error(422, "InvalidInput", "; ".join(errs))
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        try:
-            response: Response = await call_next(request)
-        except Exception:
-            log.exception("unhandled error on %s", request.url.path)
-            response = _error(500, "InternalError", "internal error; see the server log")
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.http_seconds.labels(path, request.method).observe(time.perf_counter() - started)
-        if "/search" in path and response.status_code >= 400:
-            idx = request.path_params.get("name", "")
-            if idx in engine.runtimes:
-                metrics.query_errors.labels(idx, f"{response.status_code // 100}xx").inc()
-        return response
+    app.add_middleware(TimingMiddleware, metrics=metrics, engine=engine)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -268,13 +313,15 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             results.append(row)
         return {"results": results, "path": ans.path, "manifest_version": view.version}
 
-    @app.post("/v1/indexes/{name}/search")
-    def search(rt: Rt, body: SearchQuery) -> dict[str, Any]:
-        return run_query(rt, body)
+    # the query path answers with JSONResponse directly: FastAPI's generic encoder walks every
+    # value and costs more than the search itself on small indexes
+    @app.post("/v1/indexes/{name}/search", response_model=SearchAnswer)
+    def search(rt: Rt, body: SearchQuery) -> Response:
+        return JSONResponse(run_query(rt, body))
 
-    @app.post("/v1/indexes/{name}/search/batch")
-    def search_batch(rt: Rt, body: BatchSearch) -> dict[str, Any]:
-        return {"answers": [run_query(rt, q) for q in body.queries]}
+    @app.post("/v1/indexes/{name}/search/batch", response_model=BatchAnswer)
+    def search_batch(rt: Rt, body: BatchSearch) -> Response:
+        return JSONResponse({"answers": [run_query(rt, q) for q in body.queries]})
 
     @app.get("/v1/indexes/{name}/status")
     def status(rt: Rt) -> dict[str, Any]:
