@@ -33,7 +33,9 @@ def score(vecs: F32, q: F32, metric: str) -> F32:
     s: F32 = vecs @ q
     if metric != "l2":
         return s
-    return (2 * s - np.einsum("ij,ij->i", vecs, vecs) - float(q @ q)).astype(np.float32)
+    norms: F32 = np.einsum("ij,ij->i", vecs, vecs)
+    out: F32 = (2 * s - norms - float(q @ q)).astype(np.float32)
+    return out
 
 
 @dataclass
