@@ -248,7 +248,9 @@ _CHUNK = 65536
 
 
 def _topk_masked(view: View, qs: F32, k: int, allowed: Mask) -> list[Hits]:
-    """Exact top-k for each query over the allowed rows, in row chunks (bounded memory)."""
+    """Exact top-k for each query over the allowed rows, in row chunks (bounded memory).
+    Scores are computed on whole chunks and disallowed rows masked out: gathering the allowed
+    rows first would copy the matrix on every query."""
     nq = qs.shape[0]
     best_pos = [np.zeros(0, np.int64) for _ in range(nq)]
     best_sc = [np.zeros(0, np.float32) for _ in range(nq)]
@@ -256,21 +258,23 @@ def _topk_masked(view: View, qs: F32, k: int, allowed: Mask) -> list[Hits]:
     for blk, offset in blocks:
         for start in range(0, len(blk), _CHUNK):
             stop = min(len(blk), start + _CHUNK)
-            ok = np.flatnonzero(allowed[offset + start : offset + stop])
-            if not len(ok):
+            ok = allowed[offset + start : offset + stop]
+            n_ok = int(np.count_nonzero(ok))
+            if not n_ok:
                 continue
-            mat = blk.vecs[start:stop][ok]
-            sc = mat @ qs.T  # (rows, nq)
-            if view.metric == "l2":
-                sc = (
-                    2 * sc
-                    - np.einsum("ij,ij->i", mat, mat)[:, None]
-                    - np.einsum("ij,ij->i", qs, qs)[None, :]
-                )
+            mat = blk.vecs[start:stop]
+            with np.errstate(invalid="ignore"):  # NaN rows (no vector) are masked below
+                sc = mat @ qs.T  # (rows, nq)
+                if view.metric == "l2":
+                    sc = 2 * sc - np.einsum("ij,ij->i", mat, mat)[:, None] - np.einsum(
+                        "ij,ij->i", qs, qs
+                    )[None, :]
+            sc[~ok] = -np.inf
+            kk = min(k, n_ok)
             for j in range(nq):
                 col = sc[:, j]
-                top = _best(col, k)
-                best_pos[j] = np.concatenate([best_pos[j], offset + start + ok[top]])
+                top = _best(col, kk)
+                best_pos[j] = np.concatenate([best_pos[j], offset + start + top])
                 best_sc[j] = np.concatenate([best_sc[j], col[top].astype(np.float32)])
     out = []
     for j in range(nq):

@@ -436,11 +436,11 @@ class IndexRuntime:
         self.last_failure = why
         self._changed.set()
 
-    def compact(self) -> Any:
+    def compact(self, gc: bool = True) -> Any:
         w = self._writer()
         started = time.perf_counter()
         try:
-            report = w.compact()
+            report = w.compact(gc=gc)
         except Exception:
             self.hooks.compaction(self.name, time.perf_counter() - started, False)
             raise

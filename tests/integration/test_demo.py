@@ -25,3 +25,4 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert code == 0
     from index_runtime.demo import Stage  # noqa: F401  (the table printed above came from these)
     assert (tmp_path / "cache" / "embeddings.sqlite").exists()
+    assert (tmp_path / "demo" / "cold-start.png").stat().st_size > 10_000
