@@ -135,6 +135,12 @@ class Metrics(Hooks):
         self.compaction_failures = Counter(
             "driftless_compaction_failures", "Failed compactions.", ["index"], registry=r
         )
+        self.regenerations = Counter(
+            "driftless_shadow_regenerations",
+            "HNSW shadow graph regenerations after compaction, by result.",
+            ["index", "result"],
+            registry=r,
+        )
         self.last_compaction = Gauge(
             "driftless_compaction_last_success_timestamp_seconds",
             "When compaction last succeeded (Unix time; 0 = never).",
@@ -160,6 +166,9 @@ class Metrics(Hooks):
         if not ok:
             self.compaction_failures.labels(index).inc()
 
+    def regeneration(self, index: str, ok: bool) -> None:
+        self.regenerations.labels(index, "ok" if ok else "failed").inc()
+
     def init_index(self, index: str) -> None:
         """Create every labelled series of an index at zero, so dashboards see them at once."""
         for path in ("primary", "shadow"):
@@ -172,6 +181,8 @@ class Metrics(Hooks):
         self.training_failures.labels(index)
         self.compaction_seconds.labels(index)
         self.compaction_failures.labels(index)
+        for result in ("ok", "failed"):
+            self.regenerations.labels(index, result)
 
     # state ----------------------------------------------------------------------------------
 
@@ -183,7 +194,8 @@ class Metrics(Hooks):
             self.segments.labels(n).set(st["counts"]["segments"])
             self.tombstones.labels(n).set(st["counts"]["tombstones"])
             self.deleted_ratio.labels(n).set(st["counts"]["deleted_ratio"])
-            self.primary_overhead.labels(n, "primary").set(st["deletion_overhead"]["primary"])
+            for structure in ("primary", "shadow"):
+                self.primary_overhead.labels(n, structure).set(st["deletion_overhead"][structure])
             self.reader_lag.labels(n).set(st["reader"]["lag_seconds"])
             self.manifest_version.labels(n).set(st["reader"]["manifest_version"])
             self.codebook.labels(n).set(st["serving"]["codebook"])

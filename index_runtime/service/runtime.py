@@ -28,6 +28,7 @@ from index_runtime.index.filters import Filter
 from index_runtime.index.loader import ViewBuilder
 from index_runtime.index.rows import F32, normalize
 from index_runtime.index.settings import IndexSettings
+from index_runtime.index.shadow import ShadowGraph
 from index_runtime.index.training import (
     encode_segment_index,
     plan_training,
@@ -76,6 +77,7 @@ class Hooks:
     def measured(self, index: str, m: Measurement, serving: int) -> None: ...
     def training(self, index: str, seconds: float, ok: bool) -> None: ...
     def compaction(self, index: str, seconds: float, ok: bool) -> None: ...
+    def regeneration(self, index: str, ok: bool) -> None: ...
 
 
 class IndexRuntime:
@@ -107,7 +109,15 @@ class IndexRuntime:
         self.settings = IndexSettings.from_json(manifest.settings, self.spec.dims[self.model])
         o = self.settings.oracle
         self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
+        self.shadow_graph: ShadowGraph | None = None
+        if self.settings.shadow.kind == "hnsw" and roles.shadow:
+            dim = self.spec.dims[self.model]
+            metric = self.spec.models[self.model].metric
+            self.shadow_graph = ShadowGraph(dim, metric, self.settings.shadow)
+        self.regeneration_failures = 0
         self.view: View = self.builder.build(manifest, self._pending())
+        if self.shadow_graph is not None:
+            self.shadow_graph.sync(self.view)
         self.latest_committed_at = manifest.committed_at
         self.reader_lag_s = 0.0
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
@@ -166,7 +176,10 @@ class IndexRuntime:
         if m.version != self.view.version or top != self.view.pending_seq or (
             not pending and len(self.view.delta)
         ):
-            self.view = self.builder.build(m, pending, self.settings)
+            view = self.builder.build(m, pending, self.settings)
+            if self.shadow_graph is not None:
+                self.shadow_graph.sync(view)  # before the swap: the view's rows are in the graph
+            self.view = view
             if self.roles.shadow:
                 self.oracle.retain(set(self.view.primaries))
         self.latest_committed_at = m.committed_at
@@ -205,6 +218,8 @@ class IndexRuntime:
         match = view.match_mask(flt)
         if view.serving and view.serving in view.primaries:
             hits, path = view.search_primary(view.serving, q, k, match), "primary"
+        elif self.shadow_graph is not None:
+            hits, path = self.shadow_graph.search(view, q, k, match), "shadow"
         else:
             hits, path = view.exact(q, k, match), "shadow"
         self.hooks.query(self.name, path, time.perf_counter() - started)
@@ -447,7 +462,28 @@ class IndexRuntime:
         self.last_compaction_at = self.clock()
         self.hooks.compaction(self.name, time.perf_counter() - started, True)
         self._changed.set()
+        self.regenerate_shadow()
         return report
+
+    def regenerate_shadow(self, force: bool = False) -> bool | None:
+        """Rebuild the HNSW shadow if its deleted overhead passed the threshold. A failure is
+        logged and counted and never fails the caller (compaction has already committed); the
+        next compaction cycle tries again. Returns None if nothing was due."""
+        g = self.shadow_graph
+        if g is None:
+            return None
+        view = self.refresh()
+        if not force and g.overhead(view) < self.settings.shadow.regenerate_overhead:
+            return None
+        try:
+            g.regenerate(view)
+        except Exception:
+            log.exception("regenerating the shadow graph of %s failed; retried next cycle", self.name)
+            self.regeneration_failures += 1
+            self.hooks.regeneration(self.name, False)
+            return False
+        self.hooks.regeneration(self.name, True)
+        return True
 
     # status -----------------------------------------------------------------------------------
 
@@ -520,7 +556,16 @@ class IndexRuntime:
                 "tombstones": sum(s.tombstones for s in m.segments),
                 "deleted_ratio": (rows - live_stored) / rows if rows else 0.0,
             },
-            "deletion_overhead": {"primary": overhead},
+            "deletion_overhead": {
+                "primary": overhead,
+                "shadow": self.shadow_graph.overhead(view) if self.shadow_graph else 0.0,
+            },
+            "shadow": {
+                "kind": self.settings.shadow.kind,
+                "nodes": self.shadow_graph.nodes if self.shadow_graph else view.live_rows,
+                "regenerations": self.shadow_graph.regenerations if self.shadow_graph else 0,
+                "regeneration_failures": self.regeneration_failures,
+            },
             "reader": {
                 "manifest_version": view.version,
                 "lag_seconds": self.reader_lag_s,

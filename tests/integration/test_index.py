@@ -113,3 +113,47 @@ def test_views_reuse_loaded_segments(tmp_path: Path) -> None:
     v2 = b.build(rt.writer.manifest)  # type: ignore[union-attr]
     assert v1.base is v2.base
     rt.stop()
+
+
+def test_hnsw_shadow_tracks_deleted_overhead_and_regenerates_at_compaction(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    store = LocalDirStore(tmp_path / "h")
+    settings = {**SETTINGS, "shadow": {"kind": "hnsw", "regenerate_overhead": 0.2}}
+    w = IndexWriter.open(
+        store, tmp_path / "wal", WriterConfig(flush_rows=200),
+        create=IndexSpec.single("h", "m", D, "int"), settings=settings,
+    )
+    rt = IndexRuntime("h", store, w, RuntimeOptions(maintenance=False), Roles())
+    x = rng.normal(size=(1000, D)).astype(np.float32)
+    rt.upsert(list(range(1000)), {"m": x}, None, None)
+    view = rt.refresh()
+    g = rt.shadow_graph
+    assert g is not None and g.nodes == 1000 and g.overhead(view) == 0.0
+    q = rt.prepare_query(x[5])
+    ans = rt.search(q, 10)
+    assert ans.path == "shadow" and ans.view.row(int(ans.hits.pos[0]))["key"] == 5
+    exact = view.exact(q, 10).pos.tolist()
+    assert len(set(ans.hits.pos.tolist()) & set(exact)) >= 8  # HNSW is approximate
+
+    rt.delete(list(range(400)))  # 40% deleted: the graph cannot remove them
+    view = rt.refresh()
+    assert g.overhead(view) == 0.4 and rt.status()["deletion_overhead"]["shadow"] == 0.4
+    keys = {ans.view.row(int(p))["key"] for p in rt.search(q, 10).hits.pos}
+    assert keys and min(keys) >= 400  # dead nodes are filtered by the alive bitmap
+
+    # regeneration fails once: compaction still commits, the failure is counted
+    real = g.regenerate
+
+    def broken(view: object) -> None:
+        raise MemoryError("injected: no memory for a new graph")
+
+    g.regenerate = broken  # type: ignore[method-assign]
+    rt.writer.flush()  # type: ignore[union-attr]
+    before = rt.writer.manifest.version  # type: ignore[union-attr]
+    report = rt.compact()
+    assert report.input_segments >= 1 and rt.writer.manifest.version > before  # type: ignore[union-attr]
+    assert rt.regeneration_failures == 1 and g.overhead(rt.view) == 0.4
+    g.regenerate = real  # type: ignore[method-assign]
+    assert rt.regenerate_shadow() is True  # the next cycle succeeds
+    assert g.nodes == 600 and g.overhead(rt.view) == 0.0
+    rt.stop()

@@ -1,0 +1,106 @@
+"""The HNSW shadow: a graph over the live rows, grown incrementally as views change.
+
+HNSW cannot remove nodes. Deleted and superseded rows stay in the graph, filtered at query time
+by the view's alive bitmap, and are counted as *deleted overhead*; compaction regenerates the
+graph once the overhead passes a threshold (a new graph is built off to the side and swapped
+in; if building it fails, the old graph keeps serving and the failure is counted).
+
+FAISS indexes are not safe to modify during a search: additions and searches take one lock.
+Additions are small (the rows that arrived since the last view), so queries wait briefly.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import faiss
+import numpy as np
+
+from index_runtime.index.rows import F32, I64, Mask
+from index_runtime.index.settings import ShadowSettings
+from index_runtime.index.training import faiss_metric
+from index_runtime.index.view import Hits, View
+
+
+def _new_graph(dim: int, metric: str, s: ShadowSettings) -> faiss.IndexIDMap:
+    hnsw = faiss.IndexHNSWFlat(dim, s.hnsw_m, faiss_metric(metric))
+    hnsw.hnsw.efConstruction = max(40, 2 * s.hnsw_m)
+    graph = faiss.IndexIDMap(hnsw)
+    graph.own_fields = True
+    hnsw.this.disown()  # type: ignore[attr-defined]
+    return graph
+
+
+class ShadowGraph:
+    def __init__(self, dim: int, metric: str, settings: ShadowSettings) -> None:
+        self.dim = dim
+        self.metric = metric
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._graph = _new_graph(dim, metric, settings)
+        self._ids: I64 = np.zeros(0, np.int64)  # seqs in the graph
+        self.max_seq = 0
+        self.regenerations = 0
+
+    @property
+    def nodes(self) -> int:
+        return int(self._ids.shape[0])
+
+    def overhead(self, view: View) -> float:
+        """Share of graph nodes that are no longer alive in ``view``."""
+        if not self.nodes:
+            return 0.0
+        alive = np.zeros(len(view.pos_of_seq), bool)
+        alive[view.seqs[view.alive]] = True
+        known = self._ids < len(alive)
+        live = int(np.count_nonzero(alive[self._ids[known]]))
+        return 1.0 - live / self.nodes
+
+    def sync(self, view: View) -> int:
+        """Add the view's live rows that arrived since the last sync. Returns rows added."""
+        live = view.live_pos
+        new = live[view.seqs[live] > self.max_seq]
+        if not len(new):
+            return 0
+        vecs = np.ascontiguousarray(view.vectors_at(new))
+        seqs = np.ascontiguousarray(view.seqs[new])
+        with self._lock:
+            self._graph.add_with_ids(vecs, seqs)
+            self._ids = np.concatenate([self._ids, seqs])
+            self.max_seq = max(self.max_seq, int(seqs.max()))
+        return len(new)
+
+    def regenerate(self, view: View) -> None:
+        """Build a graph of the live rows only and swap it in (the old one serves meanwhile)."""
+        graph = _new_graph(self.dim, self.metric, self.settings)
+        live = view.live_pos
+        seqs = np.ascontiguousarray(view.seqs[live])
+        if len(live):
+            graph.add_with_ids(np.ascontiguousarray(view.vectors_at(live)), seqs)
+        with self._lock:
+            self._graph = graph
+            self._ids = seqs
+            self.max_seq = max(self.max_seq, int(seqs.max()) if len(seqs) else 0)
+        self.regenerations += 1
+
+    def search(self, view: View, q: F32, k: int, match: Mask | None = None) -> Hits:
+        packed = view.bitmap
+        if match is not None:
+            bits = np.zeros(len(view.pos_of_seq), bool)
+            bits[view.seqs[view.alive & match]] = True
+            packed = np.packbits(bits, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from stubs
+        params.efSearch = max(self.settings.ef_search, k)
+        params.sel = sel
+        with self._lock:
+            _, ids = self._graph.search(q[None, :], k, params=params)
+        found = ids[0][ids[0] >= 0]
+        found = found[found < len(view.pos_of_seq)]
+        pos = view.pos_of_seq[found]
+        pos = pos[pos >= 0]
+        if not len(pos):
+            return Hits(np.zeros(0, np.int64), np.zeros(0, np.float32))
+        scores = view._exact_scores(pos, q)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return Hits(pos[order], scores[order])
