@@ -156,7 +156,7 @@ def lancedb_at_matched_recall(
             r = recall(found, truth[:200])
             tried.append({"nprobes": nprobes, "refine_factor": refine, "recall": r, "qps": qps})
             if r >= target - 0.005 and (best is None or qps > best["qps"]):
-                best = {"nprobes": nprobes, "refine_factor": refine, "fn": f}
+                best = {"nprobes": nprobes, "refine_factor": refine, "qps": qps, "recall": r, "fn": f}
         if best is not None:
             break
     return {"build_s": build_s, "tried": tried, "best": best}

@@ -97,7 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         s3=s3,
         wal_dir=Path(args.wal_dir) if args.wal_dir else None,
         roles=roles,
-        options=RuntimeOptions(maintenance=args.maintenance == "on", tick_s=args.tick),
+        options=RuntimeOptions(
+            maintenance=args.maintenance == "on", tick_s=args.tick, shadow_url=args.shadow_url
+        ),
         admin_token=args.admin_token or os.environ.get("DRIFTLESS_ADMIN_TOKEN") or None,
     )
     metrics = Metrics()
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["on", "off"],
         default="on",
         help="off: only apply decisions made elsewhere (the operator), through the admin API",
+    )
+    s.add_argument(
+        "--shadow-url", default=None, help="readers: the shadow service to mirror sampled queries to"
     )
     s.add_argument("--tick", type=float, default=0.5, help="maintenance loop period (s)")
     s.add_argument("--omp-threads", type=int, default=1, help="OpenMP threads per query worker")

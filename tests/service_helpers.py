@@ -16,7 +16,7 @@ import uvicorn
 from index_runtime.service.app import create_app
 from index_runtime.service.engine import Engine, ServeConfig
 from index_runtime.service.metrics import Metrics
-from index_runtime.service.runtime import RuntimeOptions
+from index_runtime.service.runtime import Roles, RuntimeOptions
 from index_runtime.store.writer import WriterConfig
 
 TOKEN = "test-admin-token"
@@ -34,10 +34,15 @@ def running_service(
     maintenance: bool = True,
     tick_s: float = 0.1,
     writer: WriterConfig | None = None,
+    roles: Roles | None = None,
+    shadow_url: str | None = None,
 ) -> Iterator[httpx.Client]:
     config = ServeConfig(
         data=data,
-        options=RuntimeOptions(maintenance=maintenance, tick_s=tick_s, refresh_s=0.05),
+        roles=roles or Roles(),
+        options=RuntimeOptions(
+            maintenance=maintenance, tick_s=tick_s, refresh_s=0.05, shadow_url=shadow_url
+        ),
         writer=writer or WriterConfig(flush_rows=400, flush_interval_s=0.3),
         admin_token=TOKEN,
     )

@@ -65,6 +65,11 @@ class Filter:
     clauses: tuple[Clause, ...]
     canonical: str  # a stable JSON form: cache key
 
+    @property
+    def spec(self) -> Any:
+        """The filter as the user wrote it (JSON), e.g. to mirror it to the shadow."""
+        return json.loads(self.canonical)
+
     def holds(self, meta: Mapping[str, Any] | None) -> bool:
         return meta is not None and all(c.holds(meta) for c in self.clauses)
 

@@ -101,6 +101,16 @@ class BatchAnswer(BaseModel):
     answers: list[SearchAnswer]
 
 
+class MirroredQuery(Strict):
+    vector: list[float]
+    filter: dict[str, Any] | None = None
+
+
+class Samples(Strict):
+    manifest_version: int = Field(ge=1)
+    queries: list[MirroredQuery] = Field(min_length=1, max_length=1024)
+
+
 class Promote(Strict):
     codebook: int | None = Field(default=None, ge=1)
 
@@ -322,6 +332,12 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     @app.post("/v1/indexes/{name}/search/batch", response_model=BatchAnswer)
     def search_batch(rt: Rt, body: BatchSearch) -> Response:
         return JSONResponse({"answers": [run_query(rt, q) for q in body.queries]})
+
+    @app.post("/v1/indexes/{name}/internal/samples", status_code=202)
+    def samples(rt: Rt, body: Samples) -> dict[str, int]:
+        """Sampled queries mirrored by readers to the shadow (oracle) service."""
+        qs = [(rt.prepare_query(q.vector), parse_filter(q.filter)) for q in body.queries]
+        return {"accepted": rt.accept_samples(body.manifest_version, qs)}
 
     @app.get("/v1/indexes/{name}/status")
     def status(rt: Rt) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from index_runtime.index.training import (
 from index_runtime.index.view import Hits, View
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
 from index_runtime.quality.window import WindowStats
+from index_runtime.service.mirror import Mirror
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import Codebook, IndexFile, Manifest, retire_unreferenced
@@ -61,6 +62,7 @@ class RuntimeOptions:
     refresh_s: float = 0.1  # how often the refresher looks for changes
     tick_s: float = 0.5  # maintenance loop period
     seed: int = 0
+    shadow_url: str | None = None  # a reader without the shadow role mirrors samples here
 
 
 @dataclass
@@ -115,6 +117,10 @@ class IndexRuntime:
             metric = self.spec.models[self.model].metric
             self.shadow_graph = ShadowGraph(dim, metric, self.settings.shadow)
         self.regeneration_failures = 0
+        self.mirror: Mirror | None = None
+        if options.shadow_url and not roles.shadow:
+            self.mirror = Mirror(options.shadow_url, name, self.settings.oracle.queue)
+        self.stale_samples = 0
         self.view: View = self.builder.build(manifest, self._pending())
         if self.shadow_graph is not None:
             self.shadow_graph.sync(self.view)
@@ -138,6 +144,8 @@ class IndexRuntime:
     def start(self) -> None:
         if self.roles.shadow:
             self.oracle.start()
+        if self.mirror is not None:
+            self.mirror.start()
         for target, label in ((self._refresh_loop, "refresh"), (self._maint_loop, "maintenance")):
             t = threading.Thread(target=target, name=f"{label}-{self.name}", daemon=True)
             t.start()
@@ -152,6 +160,8 @@ class IndexRuntime:
         if self.training_thread is not None:
             self.training_thread.join(timeout=30)
         self.oracle.stop()
+        if self.mirror is not None:
+            self.mirror.stop()
         if self.writer is not None:
             self.writer.close()
 
@@ -208,6 +218,22 @@ class IndexRuntime:
             q = normalize(q)
         return q
 
+    def accept_samples(self, manifest_version: int, queries: list[tuple[F32, Filter | None]]) -> int:
+        """Samples mirrored by a reader (shadow role). Measured only against the same manifest
+        version the reader answered from; others are counted as stale. Returns accepted."""
+        if not self.roles.shadow:
+            raise ConflictError("this replica does not hold the oracle (not a shadow)")
+        view = self.view
+        if view.version != manifest_version:
+            view = self.refresh()
+        if view.version != manifest_version:
+            self.stale_samples += len(queries)
+            return 0
+        accepted = 0
+        for q, flt in queries:
+            accepted += self.oracle.offer(Sample(view, q, view.match_mask(flt)))
+        return accepted
+
     def search(self, q: F32, k: int, flt: Filter | None = None) -> Answer:
         """Top-k over the current view: the serving primary if there is one, else the shadow.
         A share of queries is mirrored to the oracle (non-blocking)."""
@@ -224,8 +250,11 @@ class IndexRuntime:
             hits, path = view.exact(q, k, match), "shadow"
         self.hooks.query(self.name, path, time.perf_counter() - started)
         rate = self.settings.oracle.sample_rate
-        if self.roles.shadow and view.primaries and rate > 0 and self._rng.random() < rate:
-            self.oracle.offer(Sample(view, q, match))
+        if view.primaries and rate > 0 and self._rng.random() < rate:
+            if self.roles.shadow:
+                self.oracle.offer(Sample(view, q, match))
+            elif self.mirror is not None:
+                self.mirror.offer(view.version, q.tolist(), None if flt is None else flt.spec)
         return Answer(hits, view, path)
 
     def _measured(self, m: Measurement) -> None:
@@ -534,11 +563,13 @@ class IndexRuntime:
                 }
                 for c in m.codebooks
             ],
+            # the windows live where the oracle runs: here, or on the shadow service
             "windows": {
-                "serving": self._window(m.serving) if m.serving else None,
-                "candidate": self._window(cand.version) if cand else None,
+                "serving": self._window(m.serving) if m.serving and self.roles.shadow else None,
+                "candidate": self._window(cand.version) if cand and self.roles.shadow else None,
             },
             "oracle": {
+                "location": "local" if self.roles.shadow else (self.options.shadow_url or "none"),
                 "k": o.k,
                 "theta": o.theta,
                 "delta": o.delta,
@@ -547,6 +578,9 @@ class IndexRuntime:
                 "measured": self.oracle.measured,
                 "dropped": self.oracle.dropped,
                 "busy_seconds": round(self.oracle.busy_s, 3),
+                "stale_samples": self.stale_samples,
+                "mirrored": self.mirror.sent if self.mirror else 0,
+                "mirror_dropped": self.mirror.dropped if self.mirror else 0,
             },
             "counts": {
                 "live": view.live_rows,
