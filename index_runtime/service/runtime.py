@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,7 +43,7 @@ from index_runtime.quality.window import WindowStats
 from index_runtime.service.mirror import Mirror
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
-from index_runtime.store.manifest import Codebook, IndexFile, Manifest, retire_unreferenced
+from index_runtime.store.manifest import Codebook, IndexFile, Manifest, Pin, retire_unreferenced
 from index_runtime.store.objects import ObjectStore, new_object_name
 from index_runtime.store.writer import IndexWriter
 
@@ -121,9 +122,15 @@ class IndexRuntime:
         if options.shadow_url and not roles.shadow:
             self.mirror = Mirror(options.shadow_url, name, self.settings.oracle.queue)
         self.stale_samples = 0
+        # a reader pins the manifest it serves, so GC keeps its objects (lease, renewed)
+        self.pin_holder = f"reader-{name}-{uuid.uuid4().hex[:8]}" if writer is None else None
+        self.pin_lease_s = 600.0
+        self._pinned_at = 0.0
+        self._pinned_version = 0
         self.view: View = self.builder.build(manifest, self._pending())
         if self.shadow_graph is not None:
             self.shadow_graph.sync(self.view)
+        self._renew_pin()
         self.latest_committed_at = manifest.committed_at
         self.reader_lag_s = 0.0
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
@@ -160,6 +167,8 @@ class IndexRuntime:
         if self.training_thread is not None:
             self.training_thread.join(timeout=30)
         self.oracle.stop()
+        if self.pin_holder is not None:
+            self.mlog.drop_pin(self.pin_holder)
         if self.mirror is not None:
             self.mirror.stop()
         if self.writer is not None:
@@ -194,7 +203,18 @@ class IndexRuntime:
                 self.oracle.retain(set(self.view.primaries))
         self.latest_committed_at = m.committed_at
         self.reader_lag_s = 0.0 if m.version == self.view.version else self.clock() - m.committed_at
+        self._renew_pin()
         return self.view
+
+    def _renew_pin(self) -> None:
+        if self.pin_holder is None:
+            return
+        now = self.clock()
+        version = self.view.version
+        if self._pinned_at and self._pinned_version == version and now - self._pinned_at < self.pin_lease_s / 3:
+            return
+        self.mlog.put_pin(Pin(self.pin_holder, version, now + self.pin_lease_s))
+        self._pinned_at, self._pinned_version = now, version
 
     def _refresh_loop(self) -> None:
         while not self._stop.is_set():

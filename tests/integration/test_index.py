@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,4 +157,22 @@ def test_hnsw_shadow_tracks_deleted_overhead_and_regenerates_at_compaction(tmp_p
     g.regenerate = real  # type: ignore[method-assign]
     assert rt.regenerate_shadow() is True  # the next cycle succeeds
     assert g.nodes == 600 and g.overhead(rt.view) == 0.0
+    rt.stop()
+
+
+def test_reader_pins_the_manifest_it_serves(tmp_path: Path) -> None:
+    from index_runtime.store.log import ManifestLog
+
+    rng = np.random.default_rng(4)
+    rt = _runtime(tmp_path)
+    rt.upsert(list(range(100)), {"m": rng.normal(size=(100, D))}, None, None)
+    rt.writer.flush()  # type: ignore[union-attr]
+    reader = IndexRuntime(
+        "idx", LocalDirStore(tmp_path / "idx"), None, RuntimeOptions(maintenance=False),
+        Roles(writer=False, reader=True, shadow=False),
+    )
+    pins = ManifestLog(rt.store).live_pins(time.time())
+    assert [p.manifest_version for p in pins if p.holder == reader.pin_holder] == [reader.view.version]
+    reader.stop()
+    assert not [p for p in ManifestLog(rt.store).live_pins(time.time()) if p.holder == reader.pin_holder]
     rt.stop()
