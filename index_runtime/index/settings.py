@@ -20,7 +20,7 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class PrimarySettings:
     nlist: int | Literal["auto"] = "auto"
-    m: int = 8  # PQ sub-quantizers; must divide the dimension
+    m: int = 0  # PQ sub-quantizers; must divide the dimension; 0 = auto (about d/8)
     nbits: int = 8  # bits per PQ code
     nprobe: int = 16
     coarse: Literal["flat", "hnsw"] = "flat"  # coarse quantizer
@@ -32,10 +32,20 @@ class PrimarySettings:
             f"primary.nlist must be 'auto' or 1..1048576, got {self.nlist!r}",
         )
         _check(1 <= self.nbits <= 16, f"primary.nbits must be 1..16, got {self.nbits}")
-        _check(self.m >= 1 and dim % self.m == 0, f"primary.m={self.m} must divide dim={dim}")
+        _check(
+            self.m == 0 or (self.m >= 1 and dim % self.m == 0),
+            f"primary.m={self.m} must divide dim={dim} (or be 0 for auto)",
+        )
         _check(1 <= self.nprobe <= 1 << 16, f"primary.nprobe must be >= 1, got {self.nprobe}")
         _check(self.coarse in ("flat", "hnsw"), "primary.coarse must be 'flat' or 'hnsw'")
         _check(1 <= self.rerank <= 100, f"primary.rerank must be 1..100, got {self.rerank}")
+
+
+def auto_m(dim: int) -> int:
+    """The largest divisor of ``dim`` that is at most dim/8 (8 dimensions per sub-quantizer
+    or more), at least 1."""
+    top = max(1, dim // 8)
+    return max(m for m in range(1, top + 1) if dim % m == 0)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from index_runtime.errors import InvalidInputError
-from index_runtime.index.settings import PrimarySettings
+from index_runtime.index.settings import PrimarySettings, auto_m
 
 SAMPLES_PER_CENTROID = 39  # FAISS warns below this many training points per centroid
 
@@ -57,7 +57,7 @@ def plan_training(live_rows: int, dim: int, p: PrimarySettings) -> TrainingPlan:
         )
     nlist = auto_nlist(live_rows, p.nbits) if p.nlist == "auto" else p.nlist
     sample = min(live_rows, max(SAMPLES_PER_CENTROID * max(nlist, 1 << p.nbits), 256 * nlist))
-    return TrainingPlan(nlist, p.m, p.nbits, sample)
+    return TrainingPlan(nlist, p.m or auto_m(dim), p.nbits, sample)
 
 
 def new_ivfpq(dim: int, metric: str, plan: TrainingPlan, coarse: str) -> faiss.IndexIVFPQ:

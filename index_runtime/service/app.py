@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index_runtime import __version__
 from index_runtime.errors import (
@@ -80,6 +81,26 @@ class SearchQuery(Strict):
 
 class BatchSearch(Strict):
     queries: list[SearchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="CamelCase reason, e.g. InvalidInput, NotFound, Backpressure")
+    message: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (400, "invalid input"),
+        (401, "admin call without the right bearer token"),
+        (404, "no such index"),
+        (409, "conflicts with the index's state"),
+        (413, "batch too large"),
+        (422, "request does not match the schema"),
+        (429, "backpressure; see Retry-After"),
+        (503, "store unavailable or shutting down; see Retry-After"),
+    )
+}
 
 
 class Hit(BaseModel):
@@ -179,7 +200,9 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         yield
         engine.close()  # SIGTERM: uvicorn stops accepting, drains, then we flush and commit
 
-    app = FastAPI(title="Driftless runtime", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Driftless runtime", version=__version__, lifespan=lifespan, responses=_ERRORS
+    )
     app.state.engine = engine
 
     @app.exception_handler(DriftlessError)
@@ -188,6 +211,15 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         if isinstance(exc, BackpressureError | StoreUnavailableError):
             retry = getattr(exc, "retry_after_s", 1.0) or 1.0
         return _error(exc.status, exc.reason, str(exc), retry)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        reason = {400: "InvalidInput", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+            exc.status_code, "HttpError"
+        )
+        response = _error(exc.status_code, reason, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on 405
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:
@@ -214,7 +246,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             return _error(503, "ShuttingDown", "the server is shutting down")
         return JSONResponse({"status": "ready", "indexes": sorted(engine.runtimes)})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    )
     def prometheus() -> Response:
         metrics.collect_state(list(engine.runtimes.values()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

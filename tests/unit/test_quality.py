@@ -91,6 +91,14 @@ def test_settings_validation() -> None:
             IndexSettings.from_json(bad, 32)
 
 
+def test_auto_pq_m_divides_the_dimension() -> None:
+    from index_runtime.index.settings import auto_m
+
+    assert [auto_m(d) for d in (4, 32, 100, 384, 768, 7)] == [1, 4, 10, 48, 96, 1]
+    plan = plan_training(20000, 100, IndexSettings.from_json({"primary": {"nbits": 4}}, 100).primary)
+    assert plan.m == 10
+
+
 def test_training_plan_follows_the_sample_rule() -> None:
     p = IndexSettings.from_json({"primary": {"nlist": 64, "nbits": 8, "m": 8}}, 32).primary
     assert required_rows(p) == 39 * 256
