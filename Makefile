@@ -41,6 +41,7 @@ test-slow: $(DEPS)
 bench: $(DEPS)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf $(VENV) .driftless
