@@ -395,7 +395,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     @app.post("/v1/indexes/{name}/admin/reload", dependencies=[Depends(admin)])
     def admin_reload(rt: Rt) -> dict[str, Any]:
-        view = rt.refresh()
+        view = rt.refresh(force=True)
         return {"manifest_version": view.version}
 
     return app

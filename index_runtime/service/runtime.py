@@ -61,6 +61,7 @@ class Roles:
 class RuntimeOptions:
     maintenance: bool = True  # off: decisions come from elsewhere (the operator)
     refresh_s: float = 0.1  # how often the refresher looks for changes
+    poll_s: float = 1.0  # how often a reader without the writer reads the newest manifest
     tick_s: float = 0.5  # maintenance loop period
     seed: int = 0
     shadow_url: str | None = None  # a reader without the shadow role mirrors samples here
@@ -112,6 +113,7 @@ class IndexRuntime:
         self.settings = IndexSettings.from_json(manifest.settings, self.spec.dims[self.model])
         o = self.settings.oracle
         self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
+        self._polled: tuple[float, Manifest] | None = None
         self.shadow_graph: ShadowGraph | None = None
         if self.settings.shadow.kind == "hnsw" and roles.shadow:
             dim = self.spec.dims[self.model]
@@ -179,17 +181,21 @@ class IndexRuntime:
     def _pending(self) -> list[Any]:
         return self.writer.pending_batches() if self.writer is not None else []
 
-    def _manifest(self) -> Manifest:
+    def _manifest(self, force: bool = False) -> Manifest:
         if self.writer is not None:
             return self.writer.manifest
-        latest = self.mlog.latest()
-        if latest is None:
-            raise NotFoundError(f"index {self.name!r} is gone")
-        return latest
+        now = time.monotonic()
+        if force or self._polled is None or now - self._polled[0] >= self.options.poll_s:
+            latest = self.mlog.latest()
+            if latest is None:
+                raise NotFoundError(f"index {self.name!r} is gone")
+            self._polled = (now, latest)
+        return self._polled[1]
 
-    def refresh(self) -> View:
-        """Build a view of the newest state if anything changed, and swap it in."""
-        m = self._manifest()
+    def refresh(self, force: bool = False) -> View:
+        """Build a view of the newest state if anything changed, and swap it in. Readers read
+        the newest manifest at most every ``poll_s`` unless ``force``."""
+        m = self._manifest(force)
         pending = self._pending()
         top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
         if m.version != self.view.version or top != self.view.pending_seq or (
@@ -245,7 +251,7 @@ class IndexRuntime:
             raise ConflictError("this replica does not hold the oracle (not a shadow)")
         view = self.view
         if view.version != manifest_version:
-            view = self.refresh()
+            view = self.refresh(force=True)
         if view.version != manifest_version:
             self.stale_samples += len(queries)
             return 0

@@ -99,7 +99,7 @@ def test_reader_polls_the_manifest_and_never_sees_unflushed_rows(tmp_path: Path)
     rt.upsert(list(range(100)), {"m": rng.normal(size=(100, D))}, None, None)
     assert reader.refresh().live_rows == 0  # acknowledged, not committed yet
     rt.writer.flush()  # type: ignore[union-attr]
-    assert reader.refresh().live_rows == 100
+    assert reader.refresh(force=True).live_rows == 100
     assert reader.reader_lag_s == 0.0
     rt.stop()
 
