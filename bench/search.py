@@ -146,7 +146,7 @@ def lancedb_at_matched_recall(
     build_s = time.perf_counter() - t
     tried = []
     best = None
-    for nprobes in (8, 16, 32, 64, 128):
+    for nprobes in (16, 32, 64, 128, 256):
         for refine in (1, 4, 10, 20):
             def f(q: np.ndarray, nprobes: int = nprobes, refine: int = refine) -> list[int]:
                 res = tbl.search(q).metric("cosine").nprobes(nprobes).refine_factor(refine).limit(K).to_arrow()
@@ -246,7 +246,7 @@ def scale(n: int, d: int, nq: int, repeats: int, work: Path) -> dict[str, Any]:
     qs = clustered(nq, d, seed=2)
     truth_pos = exact_topk(x, qs, K)
     nlist = 1024 if n >= 500_000 else 256
-    primary = {"nlist": nlist, "m": d // 8, "nbits": 8, "nprobe": 16, "rerank": 4}
+    primary = {"nlist": nlist, "m": d // 4, "nbits": 8, "nprobe": 32, "rerank": 8}
     data = work / f"scale-{n}"
     rt, train_s = build_index(data, x, primary)
     seqs = rt.view.seqs  # row i has seq i + 1 (one bulk path, in order)
@@ -256,7 +256,7 @@ def scale(n: int, d: int, nq: int, repeats: int, work: Path) -> dict[str, Any]:
     _, found_ours = time_queries(ours, qs)  # warm-up pass; timed below in repeats
     _, found_raw = time_queries(raw, qs)
     r_ours, r_raw = recall(found_ours, truth), recall(found_raw, truth)
-    lance = lancedb_at_matched_recall(work / f"lance-{n}", x, qs, truth_pos, r_ours, nlist, d // 8)
+    lance = lancedb_at_matched_recall(work / f"lance-{n}", x, qs, truth_pos, r_ours, nlist, d // 4)
     runs = []
     for _ in tqdm(range(repeats), desc=f"repeats {n:,}"):
         row = {"ours": time_queries(ours, qs)[0], "raw": time_queries(raw, qs)[0]}
@@ -271,7 +271,7 @@ def scale(n: int, d: int, nq: int, repeats: int, work: Path) -> dict[str, Any]:
     http = http_client_stats(data, qs)
     r_http = recall(http.pop("found"), truth)
     mem = measure_memory(data / "bench")
-    plan = plan_memory(n, d, nlist, d // 8)
+    plan = plan_memory(n, d, nlist, d // 4)
     return {
         "n": n, "dim": d, "data": "synthetic clustered (256 Gaussian clusters, normalized)",
         "primary": primary, "train_and_encode_s": train_s,

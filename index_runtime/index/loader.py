@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from index_runtime.index.rows import Block, make_block
 from index_runtime.index.settings import IndexSettings
@@ -78,6 +79,8 @@ class ViewBuilder:
             block = empty_block(dim, m.index.key_type)
         base = Base(block, ranges, tuple(s.id for s in m.segments))
         win = base_winners(base)
+        # Arrow's allocator keeps freed buffers (the decoded segments) for reuse; give them back
+        pa.default_memory_pool().release_unused()
         self._base = (keys, base, win)  # the only copy of the rows this builder keeps
         return base, win
 

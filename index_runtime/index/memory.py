@@ -1,9 +1,10 @@
 """Memory per role (pure): what `driftless plan` prints and the benchmark checks.
 
-Per live row a reader holds its exact vector (4·d bytes, for re-ranking and the exact tail),
-seq, key and position entries (8 + 8 + 8), alive flags, and the primary's code (m bytes) with
-its id (8) in the merged IVF lists plus a copy of the id list (8). Fixed costs: the codebook
-(coarse centroids and PQ centroids). The writer adds its key index (~190 B per key, measured in
+Per stored row a reader holds its exact vector (4·d bytes, for re-ranking and the exact tail);
+int64 seq and key in the base block and the seq again in the view (24); the seq -> position
+map, the live-position list (16); five byte-flags (tombstone, has-vector, winner, alive,
+covered); the primary's code (m bytes) with its id (8) in the merged IVF lists plus a copy of
+the id list (8). Fixed costs: the codebook (coarse centroids and PQ centroids). The writer adds its key index (~190 B per key, measured in
 bench/results/store.md) and its memtable bound; the shadow role adds the oracle's windows
 (negligible). Texts and metadata are extra and depend on the data.
 """
@@ -30,7 +31,7 @@ class MemoryPlan:
 def plan_memory(
     vectors: int, dim: int, nlist: int, m: int, nbits: int = 8, memtable_rows: int = 20_000
 ) -> MemoryPlan:
-    per_row = 4 * dim + 8 + 8 + 8 + 1 + (m + 8) + 8
+    per_row = 4 * dim + 24 + 16 + 5 + (m + 8) + 8
     codebook = 4 * dim * nlist + 4 * dim * (1 << nbits)
     reader = vectors * per_row + codebook
     writer = reader + vectors * KEY_INDEX_BYTES_PER_ROW + memtable_rows * (4 * dim + 64)
