@@ -176,3 +176,26 @@ def test_reader_pins_the_manifest_it_serves(tmp_path: Path) -> None:
     reader.stop()
     assert not [p for p in ManifestLog(rt.store).live_pins(time.time()) if p.holder == reader.pin_holder]
     rt.stop()
+
+
+def test_hnsw_coarse_quantizer_trains_merges_and_serves(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    store = LocalDirStore(tmp_path / "c")
+    settings = {"primary": {"nlist": 8, "m": 8, "nbits": 4, "nprobe": 8, "rerank": 10, "coarse": "hnsw"}}
+    w = IndexWriter.open(
+        store, tmp_path / "wal", WriterConfig(flush_rows=300),
+        create=IndexSpec.single("c", "m", D, "int"), settings=settings,
+    )
+    rt = IndexRuntime("c", store, w, RuntimeOptions(maintenance=False), Roles())
+    x = rng.normal(size=(900, D)).astype(np.float32)
+    for i in range(0, 900, 300):
+        rt.upsert(list(range(i, i + 300)), {"m": x[i : i + 300]}, None, None)
+    w.flush()
+    rt.refresh()
+    _train(rt)
+    assert rt.writer.manifest.codebooks[0].coarse == "hnsw"  # type: ignore[union-attr]
+    view = rt.view
+    assert view.primaries[1].ntotal == 900 and len(view.tails[1]) == 0
+    q = rt.prepare_query(x[7])
+    assert view.search_primary(1, q, 10).pos.tolist() == view.exact(q, 10).pos.tolist()
+    rt.stop()

@@ -208,3 +208,29 @@ def test_sigterm_flushes_acknowledged_rows(tmp_path: Path) -> None:
 
     m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
     assert m is not None and m.live_rows == 50  # flushed at shutdown, not left in the WAL
+
+
+def test_text_upserts_and_queries_go_through_the_models_encoder(tmp_path: Path) -> None:
+    """The HTTP text path: texts are encoded by the encoder registered for the index's model
+    (the real MiniLM is exercised by the demo test; here a deterministic bag-of-words hash
+    encoder keeps the test fast), stored with the rows and returned as payload."""
+
+    def bag_of_words(texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), D), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, sum(map(ord, w)) % D] += 1.0
+        return out
+
+    with running_service(tmp_path) as c:
+        c.engine.encoders["m"] = bag_of_words  # type: ignore[attr-defined]
+        _make(c)
+        texts = ["red apples and pears", "fast cars on roads", "apples grow on trees"]
+        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["a", "b", "c"], "texts": texts})
+        assert r.status_code == 200, r.text
+        time.sleep(0.3)
+        r = c.post("/v1/indexes/docs/search", json={"text": "fast cars", "k": 1, "include_payload": True})
+        assert r.json()["results"][0]["key"] == "b"
+        assert r.json()["results"][0]["text"] == "fast cars on roads"
+        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["d"], "texts": [None]})
+        assert r.status_code == 400
