@@ -439,6 +439,12 @@ def plot(res: dict[str, Any]) -> None:
     if cut:
         for a in (a1, a2):
             a.axvline(cut, c="r", lw=0.8)
+    seen: set[str] = set()
+    for r in tl:  # the first moment of each phase
+        if len(r) > 3 and r[3] not in seen:
+            seen.add(r[3])
+            a2.axvline(r[0], c="grey", lw=0.6, ls=":")
+            a2.text(r[0], a2.get_ylim()[1] * 0.9, f" {r[3]}", fontsize=8, color="grey")
     a1.set_ylabel("overlap")
     a1.legend(loc="lower right")
     a2.plot(t, [1000 * r[2] for r in tl], ".", ms=3)

@@ -125,6 +125,12 @@ def plot_cold_start(timeline: list[Point], path: Path, theta: float) -> None:
         pts = [(p.t, 1000 * p.latency_s) for p in timeline if p.path == name]
         if pts:
             a2.plot(*zip(*pts, strict=True), ".", ms=3, c=colour, label=f"{name} answers")
+    seen: set[str] = set()
+    for p in timeline:  # the first moment of each phase
+        if p.phase not in seen:
+            seen.add(p.phase)
+            a2.axvline(p.t, c="grey", lw=0.6, ls=":")
+            a2.text(p.t, a2.get_ylim()[1] * 0.9, f" {p.phase}", fontsize=8, color="grey")
     a2.set_ylabel("query latency (ms)")
     a2.set_xlabel("seconds since the first write")
     a2.legend(loc="upper right")
