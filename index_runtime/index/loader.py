@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from index_runtime.errors import CorruptObjectError
 from index_runtime.index.rows import Block, make_block
 from index_runtime.index.settings import IndexSettings
 from index_runtime.index.training import load_index
@@ -62,22 +63,41 @@ class ViewBuilder:
         return make_block(batches, m.index.key_type, m.index.dims, model, spec.metric)
 
     def _base_for(self, m: Manifest, model: str) -> tuple[Base, np.ndarray]:
+        """The committed rows as one block. Filled segment by segment into arrays sized from
+        the manifest's row counts, so at most one decoded segment exists besides the result
+        (and the previous base, which the current view still serves from)."""
         keys = tuple(s.key for s in m.segments)
         if self._base is not None and self._base[0] == keys:
             return self._base[1], self._base[2]
-        blocks = [self._segment(m, k, model) for k in keys]
-        ranges, start = {}, 0
-        for s, b in zip(m.segments, blocks, strict=True):
-            ranges[s.id] = (start, start + len(b))
-            start += len(b)
         dim = m.index.dims[model]
-        if len(blocks) == 1:
-            block = blocks[0]
-        elif blocks:
-            block = _concat_blocks(blocks)
-        else:
-            block = empty_block(dim, m.index.key_type)
-        base = Base(block, ranges, tuple(s.id for s in m.segments))
+        total = sum(s.rows for s in m.segments)
+        out = empty_block(dim, m.index.key_type, total)
+        texts: list[str | None] = []
+        meta: list[str | None] = []
+        has_text = has_meta = False
+        ranges, start = {}, 0
+        for seg in m.segments:
+            b = self._segment(m, seg.key, model)
+            n = len(b)
+            if start + n > total:
+                raise CorruptObjectError(f"segment {seg.key} has more rows than the manifest says")
+            out.seqs[start : start + n] = b.seqs
+            out.keys[start : start + n] = b.keys
+            out.tomb[start : start + n] = b.tomb
+            out.vecs[start : start + n] = b.vecs
+            out.has_vec[start : start + n] = b.has_vec
+            texts.extend(b.texts if b.texts is not None else [None] * n)
+            meta.extend(b.meta if b.meta is not None else [None] * n)
+            has_text |= b.texts is not None
+            has_meta |= b.meta is not None
+            ranges[seg.id] = (start, start + n)
+            start += n
+            del b
+        if start != total:
+            raise CorruptObjectError(f"segments hold {start} rows; the manifest says {total}")
+        out.texts = texts if has_text else None
+        out.meta = meta if has_meta else None
+        base = Base(out, ranges, tuple(s.id for s in m.segments))
         win = base_winners(base)
         # Arrow's allocator keeps freed buffers (the decoded segments) for reuse; give them back
         pa.default_memory_pool().release_unused()
@@ -180,25 +200,4 @@ def _slice(b: Block, lo: int, hi: int) -> Block:
         has_vec=b.has_vec[lo:hi],
         texts=None if b.texts is None else b.texts[lo:hi],
         meta=None if b.meta is None else b.meta[lo:hi],
-    )
-
-
-def _concat_blocks(blocks: list[Block]) -> Block:
-    def cat_list(xs: list[list[str | None] | None], n: list[int]) -> list[str | None] | None:
-        if all(x is None for x in xs):
-            return None
-        out: list[str | None] = []
-        for x, k in zip(xs, n, strict=True):
-            out.extend(x if x is not None else [None] * k)
-        return out
-
-    sizes = [len(b) for b in blocks]
-    return Block(
-        seqs=np.concatenate([b.seqs for b in blocks]),
-        keys=np.concatenate([b.keys for b in blocks]),
-        tomb=np.concatenate([b.tomb for b in blocks]),
-        vecs=np.concatenate([b.vecs for b in blocks]),
-        has_vec=np.concatenate([b.has_vec for b in blocks]),
-        texts=cat_list([b.texts for b in blocks], sizes),
-        meta=cat_list([b.meta for b in blocks], sizes),
     )

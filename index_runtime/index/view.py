@@ -283,13 +283,14 @@ def _topk_masked(view: View, qs: F32, k: int, allowed: Mask) -> list[Hits]:
     return out
 
 
-def empty_block(dim: int, key_type: str) -> Block:
+def empty_block(dim: int, key_type: str, rows: int = 0) -> Block:
+    """A block of ``rows`` uninitialized rows (to be filled), or an empty one."""
     return Block(
-        seqs=np.zeros(0, np.int64),
-        keys=np.zeros(0, np.int64 if key_type == "int" else object),
-        tomb=np.zeros(0, bool),
-        vecs=np.zeros((0, dim), np.float32),
-        has_vec=np.zeros(0, bool),
+        seqs=np.zeros(rows, np.int64),
+        keys=np.zeros(rows, np.int64) if key_type == "int" else np.empty(rows, object),
+        tomb=np.zeros(rows, bool),
+        vecs=np.empty((rows, dim), np.float32),
+        has_vec=np.zeros(rows, bool),
         texts=None,
         meta=None,
     )
