@@ -92,8 +92,8 @@ def _cold_start(
             if start >= n:
                 if st["serving"]["path"] == "primary" and st["phase"] == "Serving":
                     break
-                if st["reason"] == "CollectingRows":  # too few rows to ever train
-                    break
+                if n < rt.thresholds().tau:
+                    break  # too few rows to ever train: the shadow keeps serving
                 if done_at is not None and time.perf_counter() - done_at > settle_s:
                     break
                 time.sleep(0.02)
@@ -133,7 +133,7 @@ def plot_cold_start(timeline: list[Point], path: Path, theta: float) -> None:
             a2.text(p.t, a2.get_ylim()[1] * 0.9, f" {p.phase}", fontsize=8, color="grey")
     a2.set_ylabel("query latency (ms)")
     a2.set_xlabel("seconds since the first write")
-    a2.legend(loc="upper right")
+    a2.legend(loc="center left")
     a1.set_title("driftless demo: cold start on stdlib docstrings (all-MiniLM-L6-v2)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
