@@ -147,6 +147,14 @@ class View:
             self._cache["f:" + flt.canonical] = cached
         return cached
 
+    def live_by_seq(self) -> I64:
+        """Live positions in seq order (for paginated scans; computed once per view)."""
+        cached = self._cache.get("scan")
+        if cached is None:
+            seqs = self.seqs[self.live_pos]
+            cached = self._cache["scan"] = self.live_pos[np.argsort(seqs, kind="stable")]
+        return cached
+
     def position_of(self, key: Key) -> int | None:
         """The live row of ``key``, if any."""
         index = self._cache.get("keys")

@@ -329,10 +329,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     ) -> dict[str, Any]:
         """Live rows in seq order; pass ``next_cursor`` back to continue."""
         view = rt.view
-        seqs = view.seqs[view.live_pos]
-        order = np.argsort(seqs, kind="stable")
-        start = int(np.searchsorted(seqs[order], cursor, side="right"))
-        page = view.live_pos[order[start : start + limit]]
+        by_seq = view.live_by_seq()
+        start = int(np.searchsorted(view.seqs[by_seq], cursor, side="right"))
+        page = by_seq[start : start + limit]
+        order = by_seq
         rows = [view.row(int(p), payload=True, vector=include_vector) for p in page]
         more = start + limit < len(order)
         return {"rows": rows, "next_cursor": rows[-1]["seq"] if rows and more else None}

@@ -199,3 +199,28 @@ def test_hnsw_coarse_quantizer_trains_merges_and_serves(tmp_path: Path) -> None:
     q = rt.prepare_query(x[7])
     assert view.search_primary(1, q, 10).pos.tolist() == view.exact(q, 10).pos.tolist()
     rt.stop()
+
+
+def test_oracle_skips_a_primary_that_mostly_answers_exactly(tmp_path: Path) -> None:
+    """Right after training, before the index files cover the rows, the tail is searched
+    exactly: measuring then would flatter the candidate, so the oracle waits for coverage."""
+    from index_runtime.quality.oracle import Sample
+
+    rng = np.random.default_rng(6)
+    rt = _runtime(tmp_path)
+    rt.upsert(list(range(900)), {"m": rng.normal(size=(900, D))}, None, None)
+    rt.writer.flush()  # type: ignore[union-attr]
+    rt.refresh()
+    _train(rt)
+    q = rt.prepare_query(rng.normal(size=D))
+    assert [m.codebook for m in rt.oracle.process([Sample(rt.view, q, None)])] == [1]
+    rt.upsert(list(range(900, 1050)), {"m": rng.normal(size=(150, D))}, None, None)  # 14% tail
+    view = rt.refresh()
+    assert len(view.tails[1]) == 150
+    assert rt.oracle.process([Sample(view, q, None)]) == []
+    rt.writer.flush()  # type: ignore[union-attr]
+    rt.refresh()  # segments are encoded from the view that holds them (the next tick here)
+    rt.encode_segments()
+    view = rt.refresh()
+    assert [m.codebook for m in rt.oracle.process([Sample(view, q, None)])] == [1]
+    rt.stop()
