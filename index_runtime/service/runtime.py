@@ -41,6 +41,7 @@ from index_runtime.index.view import Hits, View
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
 from index_runtime.quality.window import WindowStats
 from index_runtime.service.mirror import Mirror
+from index_runtime.service.status import build_status
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import Codebook, IndexFile, Manifest, Pin, retire_unreferenced
@@ -181,7 +182,7 @@ class IndexRuntime:
     def _pending(self) -> list[Any]:
         return self.writer.pending_batches() if self.writer is not None else []
 
-    def _manifest(self, force: bool = False) -> Manifest:
+    def current_manifest(self, force: bool = False) -> Manifest:
         if self.writer is not None:
             return self.writer.manifest
         now = time.monotonic()
@@ -195,7 +196,7 @@ class IndexRuntime:
     def refresh(self, force: bool = False) -> View:
         """Build a view of the newest state if anything changed, and swap it in. Readers read
         the newest manifest at most every ``poll_s`` unless ``force``."""
-        m = self._manifest(force)
+        m = self.current_manifest(force)
         pending = self._pending()
         top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
         if m.version != self.view.version or top != self.view.pending_seq or (
@@ -318,7 +319,7 @@ class IndexRuntime:
         )
 
     def observe(self) -> lifecycle.Observed:
-        m = self._manifest()
+        m = self.current_manifest()
         view = self.view
         serving = m.codebook(m.serving) if m.serving else None
         cand = m.candidate
@@ -542,100 +543,6 @@ class IndexRuntime:
 
     # status -----------------------------------------------------------------------------------
 
-    def _window(self, version: int) -> dict[str, Any]:
-        stats, rank, dist, total = self.oracle.details(version)
-        return {
-            "codebook": version,
-            "count": stats.count,
-            "mean": None if stats.count == 0 else stats.mean,
-            "lower": stats.lower,
-            "upper": stats.upper,
-            "rank_correlation": rank,
-            "distortion_ratio": dist,
-            "samples_total": total,
-        }
-
     def status(self) -> dict[str, Any]:
         """Everything the operator and dashboards need (a projection, computed on demand)."""
-        m = self._manifest()
-        view = self.view
-        d = self.decision
-        cand = m.candidate
-        rows = sum(s.rows for s in m.segments)
-        live_stored = sum(s.live for s in m.segments)
-        prim = view.primaries.get(view.serving)
-        overhead = view.dead_in_primary[view.serving] / prim.ntotal if prim and prim.ntotal else 0.0
-        o = self.settings.oracle
-        serving_path = "primary" if view.serving and view.serving in view.primaries else "shadow"
-        return {
-            "index": self.name,
-            "phase": d.phase.value,
-            "reason": d.reason,
-            "message": d.message,
-            "maintenance": self.options.maintenance,
-            "serving": {"path": serving_path, "codebook": m.serving},
-            "codebooks": [
-                {
-                    "version": c.version,
-                    "role": "serving" if c.version == m.serving else "candidate",
-                    "nlist": c.nlist,
-                    "m": c.m,
-                    "nbits": c.nbits,
-                    "coarse": c.coarse,
-                    "trained_rows": c.trained_rows,
-                    "sample_rows": c.sample_rows,
-                    "trained_at": c.trained_at,
-                    "index_files": len(m.files_of(c.version)),
-                }
-                for c in m.codebooks
-            ],
-            # the windows live where the oracle runs: here, or on the shadow service
-            "windows": {
-                "serving": self._window(m.serving) if m.serving and self.roles.shadow else None,
-                "candidate": self._window(cand.version) if cand and self.roles.shadow else None,
-            },
-            "oracle": {
-                "location": "local" if self.roles.shadow else (self.options.shadow_url or "none"),
-                "k": o.k,
-                "theta": o.theta,
-                "delta": o.delta,
-                "min_samples": o.min_samples,
-                "sample_rate": o.sample_rate,
-                "measured": self.oracle.measured,
-                "dropped": self.oracle.dropped,
-                "busy_seconds": round(self.oracle.busy_s, 3),
-                "stale_samples": self.stale_samples,
-                "mirrored": self.mirror.sent if self.mirror else 0,
-                "mirror_dropped": self.mirror.dropped if self.mirror else 0,
-            },
-            "counts": {
-                "live": view.live_rows,
-                "pending": len(view.delta),
-                "segments": len(m.segments),
-                "stored_rows": rows,
-                "tombstones": sum(s.tombstones for s in m.segments),
-                "deleted_ratio": (rows - live_stored) / rows if rows else 0.0,
-            },
-            "deletion_overhead": {
-                "primary": overhead,
-                "shadow": self.shadow_graph.overhead(view) if self.shadow_graph else 0.0,
-            },
-            "shadow": {
-                "kind": self.settings.shadow.kind,
-                "nodes": self.shadow_graph.nodes if self.shadow_graph else view.live_rows,
-                "regenerations": self.shadow_graph.regenerations if self.shadow_graph else 0,
-                "regeneration_failures": self.regeneration_failures,
-            },
-            "reader": {
-                "manifest_version": view.version,
-                "lag_seconds": self.reader_lag_s,
-                "view_built_at": view.built_at,
-            },
-            "training": {
-                "running": self.training_thread is not None and self.training_thread.is_alive(),
-                "trainings": self.trainings,
-                "consecutive_failures": self.failures,
-                "last_failure": self.last_failure,
-            },
-            "compaction": {"last_success_at": self.last_compaction_at},
-        }
+        return build_status(self)
