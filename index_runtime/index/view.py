@@ -211,7 +211,9 @@ class View:
         tail rows): the oracle uses them to measure distortion; the query path does not."""
         p = self.primaries[codebook]
         s = self.settings.primary
-        params = self._search_params(codebook, nprobe or s.nprobe, match)[0]
+        # the selector and its bitmap must outlive the search: FAISS keeps raw pointers to them
+        # (SearchParameters do not hold a Python reference to an assigned selector)
+        params, _sel, _bits = self._search_params(codebook, nprobe or s.nprobe, match)
         d, ids = p.index.search(q[None, :], max(k, k * s.rerank), params=params)
         ids0, dist = ids[0], d[0]
         if ids0[-1] < 0:  # fewer candidates than asked: FAISS pads with -1 at the end

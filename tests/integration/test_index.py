@@ -224,3 +224,28 @@ def test_oracle_skips_a_primary_that_mostly_answers_exactly(tmp_path: Path) -> N
     view = rt.refresh()
     assert [m.codebook for m in rt.oracle.process([Sample(view, q, None)])] == [1]
     rt.stop()
+
+
+def test_filtered_primary_search_matches_the_filtered_exact_answer(tmp_path: Path) -> None:
+    """With every list probed and a deep re-rank, the primary must return exactly the filtered
+    exact top-k (the filter reaches FAISS as a bitmap selector over seqs)."""
+    from index_runtime.index.filters import parse_filter
+
+    rng = np.random.default_rng(7)
+    rt = _runtime(tmp_path)
+    x = rng.normal(size=(1200, D)).astype(np.float32)
+    meta = [{"group": i % 5} for i in range(1200)]
+    rt.upsert(list(range(1200)), {"m": x}, None, meta)
+    rt.writer.flush()  # type: ignore[union-attr]
+    rt.refresh()
+    _train(rt)
+    view = rt.view
+    flt = parse_filter({"group": {"$in": [1, 3]}})
+    match = view.match_mask(flt)
+    assert match is not None and int(match.sum()) == 480
+    for i in range(20):
+        q = rt.prepare_query(rng.normal(size=D))
+        hits = view.search_primary(1, q, 10, match)
+        assert hits.pos.tolist() == view.exact(q, 10, match).pos.tolist(), i
+        assert all(view.row(int(p), payload=True)["metadata"]["group"] in (1, 3) for p in hits.pos)
+    rt.stop()
