@@ -23,8 +23,10 @@ from index_runtime.index.view import (
     base_winners,
     covered_mask,
     empty_block,
+    ids_in,
     ivf_ids,
     merge_files,
+    seq_mask,
     without_dead,
 )
 from index_runtime.store.manifest import Manifest
@@ -140,7 +142,7 @@ class ViewBuilder:
             p.ntotal
             and len(p.ids)
             and (
-                (p.ntotal - int(np.count_nonzero(_member(alive_bits, p.ids))))
+                (p.ntotal - int(np.count_nonzero(ids_in(alive_bits, p.ids))))
                 > REMOVE_DEAD_RATIO * p.ntotal
             )
         ):
@@ -166,8 +168,7 @@ class ViewBuilder:
                 delta = empty_block(spec.dim, m.index.key_type)
             alive = alive_mask(base, win, delta)
             seqs = np.concatenate([base.block.seqs, delta.seqs])
-            bits = np.zeros(int(seqs.max()) + 1 if len(seqs) else 1, bool)
-            bits[seqs[alive]] = True
+            bits = seq_mask(seqs, alive, int(seqs.max()) + 1 if len(seqs) else 1)
             prims = {c.version: self._primary(m, c.version, base, bits) for c in m.codebooks}
             self._primaries = {v: p for v, p in self._primaries.items() if v in prims}
             return View(
@@ -184,11 +185,6 @@ class ViewBuilder:
                 pending_seq=int(delta.seqs.max()) if len(delta) else m.flushed_seq,
             )
 
-
-def _member(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    ok = ids < len(bits)
-    ok[ok] = bits[ids[ok]]
-    return ok
 
 
 def _slice(b: Block, lo: int, hi: int) -> Block:

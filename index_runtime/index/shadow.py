@@ -19,7 +19,7 @@ import numpy as np
 from index_runtime.index.rows import F32, I64, Mask
 from index_runtime.index.settings import ShadowSettings
 from index_runtime.index.training import faiss_metric
-from index_runtime.index.view import Hits, View
+from index_runtime.index.view import Hits, View, ids_in
 
 
 def _new_graph(dim: int, metric: str, s: ShadowSettings) -> faiss.IndexIDMap:
@@ -50,10 +50,7 @@ class ShadowGraph:
         """Share of graph nodes that are no longer alive in ``view``."""
         if not self.nodes:
             return 0.0
-        alive = np.zeros(len(view.pos_of_seq), bool)
-        alive[view.seqs[view.alive]] = True
-        known = self._ids < len(alive)
-        live = int(np.count_nonzero(alive[self._ids[known]]))
+        live = int(np.count_nonzero(ids_in(view.alive_by_seq, self._ids)))
         return 1.0 - live / self.nodes
 
     def sync(self, view: View) -> int:
@@ -84,11 +81,7 @@ class ShadowGraph:
         self.regenerations += 1
 
     def search(self, view: View, q: F32, k: int, match: Mask | None = None) -> Hits:
-        packed = view.bitmap
-        if match is not None:
-            bits = np.zeros(len(view.pos_of_seq), bool)
-            bits[view.seqs[view.alive & match]] = True
-            packed = np.packbits(bits, bitorder="little")
+        packed = view.allowed_bitmap(match)  # must outlive the search: FAISS keeps a pointer
         sel = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from stubs
         params.efSearch = max(self.settings.ef_search, k)

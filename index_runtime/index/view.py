@@ -17,6 +17,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 
 from index_runtime.index.filters import Filter
 from index_runtime.index.rows import F32, I64, Block, Mask, key_codes, score, winners
@@ -82,9 +83,8 @@ class View:
         self.pos_of_seq = np.full(top, -1, np.int64)
         self.pos_of_seq[seqs] = np.arange(len(seqs))
         self.live_pos: I64 = np.flatnonzero(self.alive)
-        bits = np.zeros(top, bool)
-        bits[seqs[self.alive]] = True
-        self.bitmap = np.packbits(bits, bitorder="little")
+        self.alive_by_seq: Mask = seq_mask(seqs, self.alive, top)
+        self.bitmap = np.packbits(self.alive_by_seq, bitorder="little")
         self._fast = self.metric != "l2" and len(self.delta) == 0
         self.tails: dict[int, I64] = {}
         self.dead_in_primary: dict[int, int] = {}
@@ -175,6 +175,14 @@ class View:
         allowed = self.alive if match is None else self.alive & match
         return _topk_masked(self, qs, k, allowed)
 
+    def allowed_bitmap(self, match: Mask | None) -> npt.NDArray[np.uint8]:
+        """Packed bitmap over seqs of the rows a search may return (FAISS IDSelectorBitmap):
+        the alive rows, and with a filter only those matching it."""
+        if match is None:
+            return self.bitmap
+        allowed = seq_mask(self.seqs, self.alive & match, len(self.pos_of_seq))
+        return np.packbits(allowed, bitorder="little")
+
     def _search_params(self, codebook: int, nprobe: int, match: Mask | None) -> Any:
         """IVF search parameters with the alive (and filter) bitmap selector; unfiltered ones
         are built once per view. The bitmap array is returned too: it must outlive the call."""
@@ -183,11 +191,7 @@ class View:
             return self._cache[key]
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
-        bits = self.bitmap
-        if match is not None:
-            allowed = np.zeros(len(self.pos_of_seq), bool)
-            allowed[self.seqs[self.alive & match]] = True
-            bits = np.packbits(allowed, bitorder="little")
+        bits = self.allowed_bitmap(match)
         sel = None
         if match is not None or self.dead_in_primary[codebook] > 0:
             sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
@@ -326,6 +330,20 @@ def base_winners(base: Base) -> Mask:
     return winners(codes, base.block.seqs)
 
 
+def seq_mask(seqs: I64, mask: Mask, size: int) -> Mask:
+    """A boolean array indexed by seq: True for the seqs of the rows where ``mask`` holds."""
+    out = np.zeros(size, bool)
+    out[seqs[mask]] = True
+    return out
+
+
+def ids_in(by_seq: Mask, ids: I64) -> Mask:
+    """For each id (a seq), whether ``by_seq`` marks it; ids beyond its end are not marked."""
+    ok = ids < len(by_seq)
+    ok[ok] = by_seq[ids[ok]]
+    return ok
+
+
 def ivf_ids(index: faiss.Index) -> I64:
     """Every id held by an IVF index."""
     ivf = faiss.extract_index_ivf(index)
@@ -358,8 +376,7 @@ def without_dead(p: Primary, alive_bits: Mask) -> Primary:
     """A copy of ``p`` with the ids that are no longer alive removed (batched ``remove_ids``);
     the caller swaps it in, so searches never run on an index being modified.
     ``alive_bits`` is indexed by seq."""
-    ok = p.ids < len(alive_bits)
-    ok[ok] = alive_bits[p.ids[ok]]
+    ok = ids_in(alive_bits, p.ids)
     dead = np.ascontiguousarray(p.ids[~ok])
     if not len(dead):
         return p
