@@ -83,6 +83,16 @@ def _iter_docstrings(path: Path, module: str) -> Iterator[tuple[str, str]]:
                 stack.append((child, qual))
 
 
+def _iter_tree(root: Path) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of every documented definition under ``root``, in path
+    order, skipping test and vendored directories."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p in SKIP_DIRS for p in rel.parts):
+            continue
+        yield from _iter_docstrings(path, ".".join(rel.with_suffix("").parts))
+
+
 def build_stdlib_corpus(
     min_body: int = 120, max_passage: int = 600, root: Path | None = None
 ) -> Corpus:
@@ -90,24 +100,19 @@ def build_stdlib_corpus(
     root = root or Path(sysconfig.get_paths()["stdlib"])
     seen: dict[str, Doc] = {}
     queries: set[str] = set()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(p in SKIP_DIRS for p in rel.parts):
+    for qual, doc in _iter_tree(root):
+        split = _split(doc)
+        if split is None:
             continue
-        module = ".".join(rel.with_suffix("").parts)
-        for qual, doc in _iter_docstrings(path, module):
-            split = _split(doc)
-            if split is None:
-                continue
-            summary, body = split
-            if len(body) < min_body or len(summary) < 12 or summary.lower() in queries:
-                continue
-            passage = body[:max_passage]
-            pid = hashlib.sha256(passage.encode()).hexdigest()
-            if pid in seen:
-                continue
-            queries.add(summary.lower())
-            seen[pid] = Doc(pid, summary, passage, qual)
+        summary, body = split
+        if len(body) < min_body or len(summary) < 12 or summary.lower() in queries:
+            continue
+        passage = body[:max_passage]
+        pid = hashlib.sha256(passage.encode()).hexdigest()
+        if pid in seen:
+            continue
+        queries.add(summary.lower())
+        seen[pid] = Doc(pid, summary, passage, qual)
     docs = tuple(sorted(seen.values(), key=lambda d: d.id))
     return Corpus(
         docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstrings"
@@ -121,20 +126,15 @@ def build_paragraph_corpus(
     passages only (the query field repeats the source name), deduplicated, pinned by hash."""
     root = root or Path(sysconfig.get_paths()["stdlib"])
     seen: dict[str, Doc] = {}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(p in SKIP_DIRS for p in rel.parts):
-            continue
-        module = ".".join(rel.with_suffix("").parts)
-        for qual, doc in _iter_docstrings(path, module):
-            for para in inspect.cleandoc(doc).split("\n\n"):
-                text = " ".join(para.split())
-                if len(text) < min_chars or text.startswith((">>>", "..")):
-                    continue
-                passage = text[:max_chars]
-                pid = hashlib.sha256(passage.encode()).hexdigest()
-                if pid not in seen:
-                    seen[pid] = Doc(pid, qual, passage, qual)
+    for qual, doc in _iter_tree(root):
+        for para in inspect.cleandoc(doc).split("\n\n"):
+            text = " ".join(para.split())
+            if len(text) < min_chars or text.startswith((">>>", "..")):
+                continue
+            passage = text[:max_chars]
+            pid = hashlib.sha256(passage.encode()).hexdigest()
+            if pid not in seen:
+                seen[pid] = Doc(pid, qual, passage, qual)
     docs = tuple(sorted(seen.values(), key=lambda d: d.id))
     return Corpus(
         docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstring paragraphs"

@@ -21,6 +21,7 @@ from index_runtime.index.rows import F32, Mask
 from index_runtime.index.view import View
 from index_runtime.quality.metrics import distortion, overlap_at_k, rank_correlation
 from index_runtime.quality.window import Window, WindowStats
+from index_runtime.queues import take_batch
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +157,9 @@ class Oracle:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._q.get(timeout=0.2)
-            except queue.Empty:
+            batch = take_batch(self._q, self.batch, 0.2)
+            if not batch:
                 continue
-            batch = [first]
-            while len(batch) < self.batch:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
             started = time.thread_time()  # this thread's CPU: FAISS runs here with 1 thread
             try:
                 self.process(batch)

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from index_runtime.queues import take_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -58,16 +60,9 @@ class Mirror:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._q.get(timeout=0.2)
-            except queue.Empty:
+            batch = take_batch(self._q, self.batch, 0.2)
+            if not batch:
                 continue
-            batch = [first]
-            while len(batch) < self.batch:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
             by_version: dict[int, list[tuple[list[float], Any]]] = {}
             for version, vec, flt in batch:
                 by_version.setdefault(version, []).append((vec, flt))
