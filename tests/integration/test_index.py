@@ -18,11 +18,12 @@ D = 16
 SETTINGS = {"primary": {"nlist": 8, "m": 8, "nbits": 4, "nprobe": 8, "rerank": 10}}
 
 
-def _runtime(tmp_path: Path, **cfg: object) -> IndexRuntime:
+def _runtime(tmp_path: Path, settings: dict[str, object] = SETTINGS, **cfg: object) -> IndexRuntime:
     store = LocalDirStore(tmp_path / "idx")
+    cfg = {"flush_rows": 300, **cfg}
     w = IndexWriter.open(
-        store, tmp_path / "wal", WriterConfig(flush_rows=300, **cfg),  # type: ignore[arg-type]
-        create=IndexSpec.single("idx", "m", D, "int"), settings=SETTINGS,
+        store, tmp_path / "wal", WriterConfig(**cfg),  # type: ignore[arg-type]
+        create=IndexSpec.single("idx", "m", D, "int"), settings=settings,
     )
     return IndexRuntime("idx", store, w, RuntimeOptions(maintenance=False), Roles())
 
@@ -118,13 +119,8 @@ def test_views_reuse_loaded_segments(tmp_path: Path) -> None:
 
 def test_hnsw_shadow_tracks_deleted_overhead_and_regenerates_at_compaction(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    store = LocalDirStore(tmp_path / "h")
     settings = {**SETTINGS, "shadow": {"kind": "hnsw", "regenerate_overhead": 0.2}}
-    w = IndexWriter.open(
-        store, tmp_path / "wal", WriterConfig(flush_rows=200),
-        create=IndexSpec.single("h", "m", D, "int"), settings=settings,
-    )
-    rt = IndexRuntime("h", store, w, RuntimeOptions(maintenance=False), Roles())
+    rt = _runtime(tmp_path, settings, flush_rows=200)
     x = rng.normal(size=(1000, D)).astype(np.float32)
     rt.upsert(list(range(1000)), {"m": x}, None, None)
     view = rt.refresh()
@@ -180,17 +176,12 @@ def test_reader_pins_the_manifest_it_serves(tmp_path: Path) -> None:
 
 def test_hnsw_coarse_quantizer_trains_merges_and_serves(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    store = LocalDirStore(tmp_path / "c")
     settings = {"primary": {"nlist": 8, "m": 8, "nbits": 4, "nprobe": 8, "rerank": 10, "coarse": "hnsw"}}
-    w = IndexWriter.open(
-        store, tmp_path / "wal", WriterConfig(flush_rows=300),
-        create=IndexSpec.single("c", "m", D, "int"), settings=settings,
-    )
-    rt = IndexRuntime("c", store, w, RuntimeOptions(maintenance=False), Roles())
+    rt = _runtime(tmp_path, settings)
     x = rng.normal(size=(900, D)).astype(np.float32)
     for i in range(0, 900, 300):
         rt.upsert(list(range(i, i + 300)), {"m": x[i : i + 300]}, None, None)
-    w.flush()
+    rt.writer.flush()  # type: ignore[union-attr]
     rt.refresh()
     _train(rt)
     assert rt.writer.manifest.codebooks[0].coarse == "hnsw"  # type: ignore[union-attr]
