@@ -332,9 +332,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         by_seq = view.live_by_seq()
         start = int(np.searchsorted(view.seqs[by_seq], cursor, side="right"))
         page = by_seq[start : start + limit]
-        order = by_seq
         rows = [view.row(int(p), payload=True, vector=include_vector) for p in page]
-        more = start + limit < len(order)
+        more = start + limit < len(by_seq)
         return {"rows": rows, "next_cursor": rows[-1]["seq"] if rows and more else None}
 
     def run_query(rt: IndexRuntime, q: SearchQuery) -> dict[str, Any]:

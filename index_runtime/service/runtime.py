@@ -134,7 +134,6 @@ class IndexRuntime:
         if self.shadow_graph is not None:
             self.shadow_graph.sync(self.view)
         self._renew_pin()
-        self.latest_committed_at = manifest.committed_at
         self.reader_lag_s = 0.0
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
         self.training_thread: threading.Thread | None = None
@@ -208,7 +207,6 @@ class IndexRuntime:
             self.view = view
             if self.roles.shadow:
                 self.oracle.retain(set(self.view.primaries))
-        self.latest_committed_at = m.committed_at
         self.reader_lag_s = 0.0 if m.version == self.view.version else self.clock() - m.committed_at
         self._renew_pin()
         return self.view
