@@ -299,7 +299,8 @@ def scale(n: int, d: int, nq: int, repeats: int, work: Path) -> dict[str, Any]:
 
 def real_quality(n_passages: int, nq: int, work: Path, cache: Path) -> dict[str, Any]:
     from index_runtime.corpus import Corpus, build_paragraph_corpus, corpus_hash
-    from index_runtime.encoders.local import EmbeddingCache, MiniLM, encode_cached
+    from index_runtime.encoders.cache import encode_cached, open_cache
+    from index_runtime.encoders.local import MiniLM
     from index_runtime.quality.oracle import Sample
 
     sp = Path(np.__file__).parent.parent
@@ -311,7 +312,8 @@ def real_quality(n_passages: int, nq: int, work: Path, cache: Path) -> dict[str,
     allc = tuple(sorted(docs.values(), key=lambda d: d.id))[:n_passages]
     corpus = Corpus(allc, corpus_hash(allc), "docstring paragraphs: stdlib, numpy, sympy")
     texts = [d.passage for d in corpus.docs]
-    vecs = encode_cached(MiniLM(), texts, EmbeddingCache(cache / "embeddings.sqlite", MiniLM.model_id), desc="embed corpus")
+    enc = MiniLM()
+    vecs = encode_cached(enc, texts, open_cache(cache, enc), desc="embed corpus")
     qs, x = vecs[:nq], vecs[nq:]
     primary = {"nlist": "auto", "m": 48, "nbits": 8, "nprobe": 16, "rerank": 4}
     rt, train_s = build_index(work / "real", x, primary)

@@ -10,8 +10,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from index_runtime.errors import DriftlessError
+
+if TYPE_CHECKING:
+    from index_runtime.service.engine import Encoder
 
 
 def set_omp_threads(n: int) -> None:
@@ -69,18 +73,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def lazy_encoders() -> dict[str, object]:
-    """Encoders this install can run, loaded on first use (the model takes seconds to load)."""
-    from index_runtime.encoders.local import MiniLM
+def lazy_encoders() -> dict[str, Encoder]:
+    """Encoders this install can run, each loaded on first use (a model takes seconds to load)."""
+    import numpy as np
 
-    state: dict[str, MiniLM] = {}
+    from index_runtime.encoders import LOCAL_MODELS, Kind, open_encoder
 
-    def minilm(texts: list[str]) -> object:
-        if "m" not in state:
-            state["m"] = MiniLM()
-        return state["m"].encode(texts)
+    state: dict[str, Any] = {}
 
-    return {MiniLM.model_id: minilm}
+    def loader(model: str) -> Encoder:
+        def encode(texts: list[str], kind: Kind) -> np.ndarray:
+            if model not in state:
+                state[model] = open_encoder(model)
+            return np.asarray(state[model].encode(texts, kind))
+
+        return encode
+
+    return {m: loader(m) for m in LOCAL_MODELS}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -113,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or os.environ.get("DRIFTLESS_ADMIN_TOKEN") or None,
     )
     metrics = Metrics()
-    engine = Engine(config, metrics, lazy_encoders())  # type: ignore[arg-type]
+    engine = Engine(config, metrics, lazy_encoders())
     engine.open_existing()
     app = create_app(engine, metrics)
     print(

@@ -13,7 +13,7 @@ import hashlib
 import inspect
 import json
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,3 +139,43 @@ def build_paragraph_corpus(
     return Corpus(
         docs, corpus_hash(docs), f"python {sysconfig.get_python_version()} stdlib docstring paragraphs"
     )
+
+
+def build_labelled_corpus(roots: Sequence[Path | None] = (None,)) -> Corpus:
+    """Docstring pairs from several source trees (``None`` = the standard library), merged:
+    a passage or a query seen in an earlier tree is not repeated. Sorted and pinned by hash."""
+    seen: dict[str, Doc] = {}
+    queries: set[str] = set()
+    names = []
+    for root in roots:
+        part = build_stdlib_corpus(root=root)
+        names.append("stdlib" if root is None else root.name)
+        for d in part.docs:
+            if d.id not in seen and d.query.lower() not in queries:
+                seen[d.id] = d
+                queries.add(d.query.lower())
+    docs = tuple(sorted(seen.values(), key=lambda d: d.id))
+    return Corpus(docs, corpus_hash(docs), f"docstring pairs: {', '.join(names)}")
+
+
+def site_roots(*packages: str) -> list[Path | None]:
+    """The standard library plus the installed source trees of ``packages`` that exist."""
+    import numpy
+
+    site = Path(numpy.__file__).parent.parent
+    return [None, *(site / p for p in packages if (site / p).exists())]
+
+
+SPLITS = (("fit", 0.6), ("calibration", 0.2), ("test", 0.2))
+
+
+def split_of(item_id: str, salt: str = "driftless") -> str:
+    """Which disjoint split an item belongs to (fit 60% / calibration 20% / test 20%), from a
+    hash of its id: stable across runs, corpus sizes and orderings."""
+    u = int.from_bytes(hashlib.sha256(f"{salt}:{item_id}".encode()).digest()[:8], "big") / 2**64
+    acc = 0.0
+    for name, share in SPLITS:
+        acc += share
+        if u < acc:
+            return name
+    return SPLITS[-1][0]

@@ -162,7 +162,8 @@ def run_demo(
     delete_share: float = 0.3,
     seed: int = 0,
 ) -> list[Stage]:
-    from index_runtime.encoders.local import EmbeddingCache, MiniLM, encode_cached
+    from index_runtime.encoders.cache import encode_cached, open_cache
+    from index_runtime.encoders.local import MiniLM
 
     stages: list[Stage] = []
     t = time.perf_counter()
@@ -178,7 +179,7 @@ def run_demo(
 
     t = time.perf_counter()
     encoder = MiniLM()
-    emb_cache = EmbeddingCache(cache / "embeddings.sqlite", encoder.model_id)
+    emb_cache = open_cache(cache, encoder)
     encoder.encode([d.passage for d in corpus.docs[:64]])  # warm-up, not timed
     probe = [d.passage for d in corpus.docs[64:192]]
     t_probe = time.perf_counter()
@@ -208,7 +209,11 @@ def run_demo(
     rng = np.random.default_rng(seed)
     sample = rng.choice(n, size=min(200, n), replace=False)
     queries = encode_cached(
-        encoder, [corpus.docs[i].query for i in sample], emb_cache, desc="embed queries"
+        encoder,
+        [corpus.docs[i].query for i in sample],
+        emb_cache,
+        desc="embed queries",
+        kind="query",
     )
     stages.append(Stage("embed queries", time.perf_counter() - t, len(sample)))
 

@@ -127,3 +127,11 @@ class UnauthorizedError(DriftlessError):
 
     status = 401
     reason = "Unauthorized"
+
+
+class EncoderError(DriftlessError):
+    """An encoder could not turn text into vectors (endpoint down, bad answer, wrong dimension).
+    A dependency failure, not the caller's fault: 503 so clients retry or send vectors."""
+
+    status = 503
+    reason = "EncoderUnavailable"

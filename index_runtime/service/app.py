@@ -348,7 +348,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             vec = rt.prepare_query(q.vector)
         else:
             assert q.text is not None
-            vec = rt.prepare_query(engine.encode(rt.model, [q.text])[0])
+            vec = rt.prepare_query(engine.encode(rt.model, [q.text], "query")[0])
         ans = rt.search(vec, q.k, flt)
         view = ans.view
         results = []

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from index_runtime.encoders import Kind
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
 from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
@@ -23,7 +24,7 @@ from index_runtime.store.writer import IndexWriter, WriterConfig
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-Encoder = Callable[[list[str]], np.ndarray]
+Encoder = Callable[[list[str], Kind], np.ndarray]  # (texts, 'query' | 'passage') -> rows
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,13 @@ class Engine:
             raise NotFoundError(f"no index named {name!r}")
         return rt
 
-    def encode(self, model: str, texts: list[str]) -> np.ndarray:
+    def encode(self, model: str, texts: list[str], kind: Kind = "passage") -> np.ndarray:
         enc = self.encoders.get(model)
         if enc is None:
             raise InvalidInputError(
                 f"this server has no encoder for model {model!r}; send vectors instead of text"
             )
-        return enc(texts)
+        return enc(texts, kind)
 
     def close(self) -> None:
         """Graceful stop: every writer flushes and commits what it acknowledged."""

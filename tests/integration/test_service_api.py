@@ -215,7 +215,7 @@ def test_text_upserts_and_queries_go_through_the_models_encoder(tmp_path: Path) 
     (the real MiniLM is exercised by the demo test; here a deterministic bag-of-words hash
     encoder keeps the test fast), stored with the rows and returned as payload."""
 
-    def bag_of_words(texts: list[str]) -> np.ndarray:
+    def bag_of_words(texts: list[str], kind: str) -> np.ndarray:
         out = np.zeros((len(texts), D), np.float32)
         for i, t in enumerate(texts):
             for w in t.lower().split():
