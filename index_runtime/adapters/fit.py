@@ -115,10 +115,10 @@ def _residual_mlp(
     for epoch in range(1, opts.epochs + 1):
         ran = epoch
         net.train()
-        for idx in tr_t[torch.randperm(len(tr_t), generator=gen)].split(opts.batch):
+        for idx in tr_t[torch.randperm(len(tr_t), generator=gen)].split(opts.batch):  # type: ignore[no-untyped-call]
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(net(tx[idx]), ty[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
         net.eval()
         with torch.no_grad():

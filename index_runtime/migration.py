@@ -1,0 +1,233 @@
+"""Model migrations, the pure part: which strategy serves, and how native results of the
+backfilled rows merge with it. No I/O; the runtime and the benchmark feed it numbers.
+
+Strategies (names are the API's and the manifest's):
+
+* ``status-quo`` — the query's text encoded with the old model → old index.
+* ``adapter:<kind>[+diag]`` — the new model's query vector → adapter → old index.
+* ``native`` — the new model's query vector → the new model's vectors (only over rows the
+  backfill has re-encoded, until cutover).
+
+**Gate.** The decision metric is Success@k when at least ``min_labelled`` labelled queries
+exist, otherwise ARR@k (estimated). A strategy replaces the status quo only if the paired
+bootstrap's lower bound of its gain is above 0; among those, the highest mean wins. So the
+served strategy is never measured below the status quo: either it *is* the status quo (gain
+exactly 0) or its gain is significantly positive.
+
+**Progressive merge.** While the backfill runs, the served strategy's top-k (over the old
+index, all rows) is merged with the native top-k over the backfilled share ``p``. Raw scores
+of two models are not comparable, so each list's entries are mapped to a *calibrated
+probability of relevance* given their estimated full-corpus rank (strategy: its exact rank;
+native: rank within the backfilled rows ÷ p), fitted per model on the calibration split
+(:func:`fit_calibration`, monotone in rank). The merge keeps the k most probable. At p = 0 it
+is the served strategy exactly. A *guard* serves the merge only while its paired gain over
+the served strategy has a lower bound above 0 on the calibration queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from index_runtime.quality.arr import Interval, bootstrap, paired_gain
+
+STATUS_QUO = "status-quo"
+NATIVE = "native"
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+
+def decision_metric(labelled_queries: int, min_labelled: int = 200, k: int = 10) -> str:
+    return f"success@{k}" if labelled_queries >= min_labelled else f"arr@{k}"
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    name: str
+    metric: Interval
+    gain: Interval  # vs the status quo, paired
+    eligible: bool  # gain's lower bound > 0 (the status quo is always eligible)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "metric": self.metric.as_dict(),
+            "gain": self.gain.as_dict(),
+            "eligible": self.eligible,
+        }
+
+
+@dataclass(frozen=True)
+class Selection:
+    metric: str
+    selected: str
+    rows: tuple[StrategyRow, ...]
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "selected": self.selected,
+            "reason": self.reason,
+            "strategies": [r.as_dict() for r in self.rows],
+        }
+
+
+def select_strategy(
+    per_query: Mapping[str, npt.ArrayLike],
+    metric: str,
+    status_quo: str = STATUS_QUO,
+    repeats: int = 2000,
+    seed: int = 0,
+) -> Selection:
+    """Pick the strategy that serves from per-query values of the decision metric (the same
+    queries, in the same order, for every strategy)."""
+    if status_quo not in per_query:
+        raise ValueError(f"the status quo {status_quo!r} must be measured")
+    base = np.asarray(per_query[status_quo], np.float64)
+    rows = []
+    for name, vals in per_query.items():
+        gain = paired_gain(vals, base, repeats, seed)
+        eligible = name == status_quo or gain.low > 0
+        rows.append(StrategyRow(name, bootstrap(vals, repeats, seed), gain, eligible))
+    best = max((r for r in rows if r.eligible), key=lambda r: (r.gain.mean, r.name == status_quo))
+    if best.name == status_quo:
+        challengers = [r for r in rows if r.name != status_quo]
+        top = max(challengers, key=lambda r: r.gain.mean, default=None)
+        reason = "no strategy beats the status quo significantly" + (
+            f" (best: {top.name}, gain {top.gain.mean:+.3f} [{top.gain.low:+.3f}, {top.gain.high:+.3f}])"
+            if top
+            else ""
+        )
+    else:
+        reason = (
+            f"{best.name} gains {best.gain.mean:+.3f} [{best.gain.low:+.3f}, {best.gain.high:+.3f}] "
+            f"{metric} over the status quo"
+        )
+    return Selection(metric, best.name, tuple(rows), reason)
+
+
+# --- calibration and the progressive merge -------------------------------------------------
+
+# bin i holds estimated ranks in [e_i, e_i+1): one bin per rank up to 10 (the boundary of a
+# top-10 matters most), then coarser
+RANK_EDGES = np.array(
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 16, 21, 31, 46, 65, 129], dtype=np.float64
+)
+
+
+def _bin(est_rank: npt.ArrayLike) -> I64:
+    return np.asarray(
+        np.searchsorted(RANK_EDGES, np.asarray(est_rank, np.float64), side="right") - 1, np.int64
+    )
+
+
+def _antitone(p: F64, w: F64) -> F64:
+    """Pool-adjacent-violators: the closest non-increasing sequence (weights ``w``)."""
+    blocks: list[list[float]] = []  # [value, weight, length]
+    for v, wt in zip(p, w, strict=True):
+        blocks.append([float(v), float(wt), 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            tw = w1 + w2
+            blocks.append([(v1 * w1 + v2 * w2) / tw if tw else (v1 + v2) / 2, tw, n1 + n2])
+    return np.array([b[0] for b in blocks for _ in range(int(b[2]))], np.float64)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """P(relevant | estimated full-corpus rank) for one model's result lists."""
+
+    probs: tuple[float, ...]  # per RANK_EDGES bin, non-increasing
+    counts: tuple[int, ...] = field(default=())
+
+    def prob(self, est_rank: npt.ArrayLike) -> F64:
+        return np.asarray(self.probs, np.float64)[_bin(est_rank)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank_edges": RANK_EDGES.tolist(),
+            "probs": list(self.probs),
+            "counts": list(self.counts),
+        }
+
+
+def fit_calibration(
+    est_ranks: npt.ArrayLike, relevant: npt.ArrayLike, prior: float = 1.0
+) -> Calibration:
+    """From (estimated rank, relevant?) observations of calibration queries' result lists.
+    A weak prior (``prior`` pseudo-observations at the overall rate) keeps empty bins sane."""
+    r = np.asarray(est_ranks, np.float64).ravel()
+    y = np.asarray(relevant, np.float64).ravel()
+    b = _bin(r)
+    nb = len(RANK_EDGES)
+    hits = np.bincount(b, weights=y, minlength=nb)
+    counts = np.bincount(b, minlength=nb).astype(np.float64)
+    rate = float(y.mean()) if len(y) else 0.0
+    w = counts + prior
+    raw = np.divide(hits + prior * rate, w, out=np.full(nb, np.nan), where=w > 0)
+    for i in range(nb):  # a bin nobody landed in behaves like the rank just above it
+        if np.isnan(raw[i]):
+            raw[i] = raw[i - 1] if i else rate
+    return Calibration(tuple(_antitone(raw, w).tolist()), tuple(int(c) for c in counts))
+
+
+def merge(
+    strategy_ids: I64,
+    native_ids: I64,
+    native_est_ranks: npt.ArrayLike,
+    cal_strategy: Calibration,
+    cal_native: Calibration,
+    k: int,
+) -> I64:
+    """Per query: the k most probably relevant of the strategy's list (exact ranks 1..) and
+    the native list (estimated full-corpus ranks). ``-1`` pads missing entries. Ties keep the
+    strategy's order first."""
+    nq = strategy_ids.shape[0]
+    ps = np.broadcast_to(
+        cal_strategy.prob(np.arange(1, strategy_ids.shape[1] + 1)), strategy_ids.shape
+    )
+    pn = cal_native.prob(native_est_ranks) if native_ids.size else np.zeros(native_ids.shape)
+    out = np.full((nq, k), -1, np.int64)
+    for q in range(nq):
+        best: dict[int, float] = {}
+        for rid, p in zip(strategy_ids[q].tolist(), ps[q].tolist(), strict=True):
+            if rid >= 0 and p > best.get(rid, -1.0):
+                best[rid] = p
+        for rid, p in zip(native_ids[q].tolist(), np.atleast_1d(pn[q]).tolist(), strict=True):
+            if rid >= 0 and p > best.get(rid, -1.0) + 1e-12:  # strict: ties stay with the strategy
+                best[rid] = p
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:k]  # stable: strategy order first
+        out[q, : len(ranked)] = [rid for rid, _ in ranked]
+    return out
+
+
+def rank_fusion(a: I64, b: I64, k: int, c: float = 60.0) -> I64:
+    """Reciprocal rank fusion (the naive merge the guard exists for): Σ 1/(c + rank)."""
+    out = np.full((a.shape[0], k), -1, np.int64)
+    for q in range(a.shape[0]):
+        score: dict[int, float] = {}
+        for lst in (a[q], b[q]):
+            for r, rid in enumerate(lst.tolist(), 1):
+                if rid >= 0:
+                    score[rid] = score.get(rid, 0.0) + 1.0 / (c + r)
+        ranked = sorted(score.items(), key=lambda kv: -kv[1])[:k]
+        out[q, : len(ranked)] = [rid for rid, _ in ranked]
+    return out
+
+
+def guard(
+    merged: npt.ArrayLike, served: npt.ArrayLike, repeats: int = 2000, seed: int = 0
+) -> tuple[bool, Interval]:
+    """Serve the merge only if its paired gain over the served strategy is significant."""
+    gain = paired_gain(merged, served, repeats, seed)
+    return gain.low > 0, gain
+
+
+def strategy_names(kinds: Sequence[str], diagonal: Sequence[bool] = (False, True)) -> list[str]:
+    return [f"adapter:{k}{'+diag' if d else ''}" for k in kinds for d in diagonal]
