@@ -42,6 +42,7 @@ bench: $(DEPS)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/search.py
+	$(BIN)/python bench/adapters.py
 
 clean:
 	rm -rf $(VENV) .driftless
