@@ -27,6 +27,16 @@ def _make(c: httpx.Client, name: str = "docs", **settings: Any) -> None:
     assert r.status_code == 201, r.text
 
 
+def _count_reaches(c: httpx.Client, n: int, timeout_s: float = 10.0) -> bool:
+    """Counts come from the served view, which a refresher thread swaps in: poll for it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if c.get("/v1/indexes/docs/count").json()["count"] == n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _rows(rng: np.random.Generator, n: int, start: int = 0) -> dict[str, Any]:
     return {
         "keys": [f"k{i}" for i in range(start, start + n)],
@@ -97,6 +107,7 @@ def test_errors_carry_status_and_reason(
     with running_service(tmp_path) as c:
         _make(c)
         c.post("/v1/indexes/docs/upsert", json=_rows(rng, 20))
+        assert _count_reaches(c, 20)
         headers = AUTH if body == "auth" else None
         r = getattr(c, method)(path, json={} if body == "auth" else body, headers=headers)
         assert r.status_code == status, r.text
