@@ -25,14 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from index_runtime import __version__
 from index_runtime.errors import (
     BackpressureError,
+    ConflictError,
     DriftlessError,
     InvalidInputError,
     StoreUnavailableError,
     UnauthorizedError,
 )
 from index_runtime.index.filters import parse_filter
+from index_runtime.migration import STATUS_QUO
 from index_runtime.service.engine import Engine
 from index_runtime.service.metrics import Metrics
+from index_runtime.service.migrate import MigrationRequest, strategy_for
 from index_runtime.service.runtime import IndexRuntime
 
 log = logging.getLogger(__name__)
@@ -51,13 +54,17 @@ class CreateIndex(Strict):
     dim: int = Field(ge=1, le=65536)
     metric: Literal["cosine", "ip", "l2"] = "cosine"
     key_type: Literal["int", "str"] = "str"
-    settings: dict[str, Any] = Field(default_factory=dict, description="primary, shadow, oracle, lifecycle")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="primary, shadow, oracle, lifecycle"
+    )
 
 
 class Upsert(Strict):
     keys: list[Key] = Field(min_length=1)
     vectors: list[list[float]] | None = Field(default=None, description="one per key")
-    texts: list[str | None] | None = Field(default=None, description="stored; encoded if no vectors")
+    texts: list[str | None] | None = Field(
+        default=None, description="stored; encoded if no vectors"
+    )
     metadata: list[dict[str, Any] | None] | None = None
 
 
@@ -72,7 +79,9 @@ class Fetch(Keys):
 class SearchQuery(Strict):
     vector: list[float] | None = None
     text: str | None = None
-    model: str | None = Field(default=None, description="model of the vector (default: the index's)")
+    model: str | None = Field(
+        default=None, description="model of the vector (default: the index's)"
+    )
     k: int = Field(default=10, ge=1, le=1000)
     filter: dict[str, Any] | None = None
     include_payload: bool = False
@@ -116,6 +125,9 @@ class SearchAnswer(BaseModel):
     results: list[Hit]
     path: Literal["primary", "shadow"]
     manifest_version: int
+    strategy: str = Field(
+        description="how the query reached the index: status-quo, or adapter:<kind> during a migration"
+    )
 
 
 class BatchAnswer(BaseModel):
@@ -134,6 +146,32 @@ class Samples(Strict):
 
 class Promote(Strict):
     codebook: int | None = Field(default=None, ge=1)
+
+
+class LabelledQuery(Strict):
+    text: str = Field(min_length=1)
+    key: str | int = Field(description="key of the row this query should find")
+
+
+class StartMigration(Strict):
+    to_model: str = Field(
+        min_length=1, description="the new embedding model (an encoder this server runs)"
+    )
+    kinds: list[Literal["procrustes", "lowrank", "mlp"]] = Field(
+        default=["procrustes", "lowrank", "mlp"],
+        min_length=1,
+        description="adapter kinds to fit and measure",
+    )
+    diagonal: bool = Field(default=False, description="also fit each kind with diagonal scaling")
+    pairs: int = Field(
+        default=20_000, ge=50, le=1_000_000, description="rows with text to sample and pair"
+    )
+    min_labelled: int = Field(
+        default=200, ge=1, description="labelled queries needed to decide on Success@k"
+    )
+    k: int = Field(default=10, ge=1, le=100)
+    seed: int = 0
+    labelled: list[LabelledQuery] = Field(default=[], max_length=100_000)
 
 
 def _error(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
@@ -257,7 +295,9 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     @app.post("/v1/indexes", status_code=201)
     def create_index(body: CreateIndex) -> dict[str, Any]:
-        rt = engine.create(body.name, body.model, body.dim, body.metric, body.key_type, body.settings)
+        rt = engine.create(
+            body.name, body.model, body.dim, body.metric, body.key_type, body.settings
+        )
         return describe(rt)
 
     @app.get("/v1/indexes")
@@ -284,7 +324,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     @app.post("/v1/indexes/{name}/upsert")
     def upsert(rt: Rt, body: Upsert) -> dict[str, Any]:
         n = len(body.keys)
-        for field, col in (("vectors", body.vectors), ("texts", body.texts), ("metadata", body.metadata)):
+        for field, col in (
+            ("vectors", body.vectors),
+            ("texts", body.texts),
+            ("metadata", body.metadata),
+        ):
             if col is not None and len(col) != n:
                 raise InvalidInputError(f"{field} has {len(col)} entries for {n} keys")
         if body.vectors is not None:
@@ -340,15 +384,23 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         flt = parse_filter(q.filter)
         if (q.vector is None) == (q.text is None):
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
-        if q.model is not None and q.model != rt.model:
+        record = rt.bridge
+        strategy = strategy_for(record, q.text is not None, q.model)
+        if q.model not in (None, rt.model) and q.model != record.get("to"):
             raise InvalidInputError(
                 f"this index serves model {rt.model!r}; a {q.model!r} vector cannot be compared"
             )
+        if strategy == "refused":
+            raise ConflictError(
+                f"the migration gate kept the status quo for {record['to']!r} vectors "
+                f"({record['reason']}); send the query's text or a {rt.model!r} vector"
+            )
         if q.vector is not None:
-            vec = rt.prepare_query(q.vector)
+            vec = rt.query_vector(strategy, np.asarray(q.vector, np.float32))
         else:
             assert q.text is not None
-            vec = rt.prepare_query(engine.encode(rt.model, [q.text], "query")[0])
+            model = rt.model if strategy == STATUS_QUO else str(record["to"])
+            vec = rt.query_vector(strategy, engine.encode(model, [q.text], "query")[0])
         ans = rt.search(vec, q.k, flt)
         view = ans.view
         results = []
@@ -356,7 +408,12 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             row = view.row(pos, payload=q.include_payload, vector=q.include_vector)
             row["score"] = sc
             results.append(row)
-        return {"results": results, "path": ans.path, "manifest_version": view.version}
+        return {
+            "results": results,
+            "path": ans.path,
+            "manifest_version": view.version,
+            "strategy": strategy,
+        }
 
     # the query path answers with JSONResponse directly: FastAPI's generic encoder walks every
     # value and costs more than the search itself on small indexes
@@ -391,6 +448,22 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     def admin_compact(rt: Rt) -> dict[str, Any]:
         r = rt.compact()
         return {"input_segments": r.input_segments, "output_segments": r.output_segments}
+
+    @app.post("/v1/indexes/{name}/admin/migrations", status_code=202, dependencies=[Depends(admin)])
+    def admin_migrate(rt: Rt, body: StartMigration) -> dict[str, Any]:
+        """Start a model migration: sample pairs, fit adapters, measure every strategy against
+        the status quo and publish the decision (status.migration; the manifest)."""
+        for model in (rt.model, body.to_model):
+            if model not in engine.encoders:
+                raise InvalidInputError(
+                    f"this server has no encoder for {model!r}; a migration re-encodes text"
+                )
+        req = MigrationRequest.from_json(body.model_dump())
+
+        def enc(model: str) -> Any:
+            return lambda texts, kind: engine.encode(model, texts, kind)
+
+        return {"started": rt.start_migration(req, enc(rt.model), enc(body.to_model))}
 
     @app.post("/v1/indexes/{name}/admin/reload", dependencies=[Depends(admin)])
     def admin_reload(rt: Rt) -> dict[str, Any]:

@@ -8,6 +8,7 @@ metrics (windows, counts, phase) are refreshed from each runtime's status at scr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -15,6 +16,16 @@ from index_runtime.lifecycle import Phase
 from index_runtime.quality.oracle import Measurement
 from index_runtime.service.runtime import Hooks, IndexRuntime
 
+MIGRATION_PHASES = (
+    "None",
+    "Pending",
+    "SamplingPairs",
+    "TrainingAdapter",
+    "Evaluating",
+    "Bridged",
+    "Failed",
+)
+PUBLISHED = ("Bridged", "Failed")  # phases the manifest's record carries
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -74,7 +85,10 @@ class Metrics(Hooks):
         )
         self.theta = Gauge("driftless_oracle_theta", "Cutover threshold θ.", ["index"], registry=r)
         self.retrain_below = Gauge(
-            "driftless_oracle_retrain_threshold", "Retraining threshold θ − δ.", ["index"], registry=r
+            "driftless_oracle_retrain_threshold",
+            "Retraining threshold θ − δ.",
+            ["index"],
+            registry=r,
         )
         self.vectors = Gauge("driftless_index_vectors", "Live rows.", ["index"], registry=r)
         self.segments = Gauge("driftless_index_segments", "Live segments.", ["index"], registry=r)
@@ -106,7 +120,9 @@ class Metrics(Hooks):
             "driftless_codebook_version", "Codebook serving (0 = shadow).", ["index"], registry=r
         )
         self.phase = Gauge(
-            "driftless_index_phase", "1 for the index's current phase.", ["index", "phase"],
+            "driftless_index_phase",
+            "1 for the index's current phase.",
+            ["index", "phase"],
             registry=r,
         )
         self.training_seconds = Histogram(
@@ -148,7 +164,48 @@ class Metrics(Hooks):
             registry=r,
         )
 
+        self.adapter_seconds = Histogram(
+            "driftless_adapter_duration_seconds",
+            "Time to map one query through the migration's adapter.",
+            ["index"],
+            buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2),
+            registry=r,
+        )
+        self.migration_phase = Gauge(
+            "driftless_migration_phase",
+            "1 for the model migration's current phase.",
+            ["index", "phase"],
+            registry=r,
+        )
+        self.migration_strategy = Gauge(
+            "driftless_migration_strategy",
+            "1 for the strategy serving during the migration (status-quo or adapter:<kind>).",
+            ["index", "strategy"],
+            registry=r,
+        )
+        self.migration_arr = Gauge(
+            "driftless_migration_estimated_arr_ratio",
+            "Estimated ARR@k of the served strategy (mean and 95% bounds).",
+            ["index", "bound"],
+            registry=r,
+        )
+        self.migration_gain = Gauge(
+            "driftless_migration_gain_ratio",
+            "Paired gain of the served strategy over the status quo on the decision metric.",
+            ["index", "bound"],
+            registry=r,
+        )
+        self.text_coverage = Gauge(
+            "driftless_migration_text_coverage_ratio",
+            "Share of live rows that have text (rows without text cannot be re-encoded).",
+            ["index"],
+            registry=r,
+        )
+
     # event hooks ----------------------------------------------------------------------------
+
+    def adapter(self, index: str, seconds: float) -> None:
+        self.adapter_seconds.labels(index).observe(seconds)
 
     def query(self, index: str, path: str, seconds: float) -> None:
         self.query_seconds.labels(index, path).observe(seconds)
@@ -209,11 +266,34 @@ class Metrics(Hooks):
             for window in ("serving", "candidate"):
                 w = st["windows"].get(window)
                 _set_window(self.window, n, window, w)
+            self._collect_migration(n, rt.bridge, rt.migration_job)
+
+    def _collect_migration(self, n: str, record: dict[str, Any], job: dict[str, Any]) -> None:
+        current = (
+            job.get("phase") if job and job.get("phase") not in PUBLISHED else record.get("phase")
+        ) or "None"
+        for p in MIGRATION_PHASES:
+            self.migration_phase.labels(n, p).set(1 if current == p else 0)
+        if not record.get("strategies"):
+            return
+        for row in record["strategies"]:
+            self.migration_strategy.labels(n, row["name"]).set(
+                1 if row["name"] == record["selected"] else 0
+            )
+            if row["name"] == record["selected"]:
+                for bound, key in (("mean", "mean"), ("lower", "low"), ("upper", "high")):
+                    self.migration_arr.labels(n, bound).set(row["arr"][key])
+                    self.migration_gain.labels(n, bound).set(row["gain"][key])
+        self.text_coverage.labels(n).set(record.get("text_coverage", float("nan")))
 
 
-def _set_window(gauges: dict[str, Gauge], index: str, window: str, w: dict[str, float] | None) -> None:
-    get: Callable[[str], float] = (lambda k: float("nan")) if w is None else (
-        lambda k: float("nan") if w.get(k) is None else float(w[k])
+def _set_window(
+    gauges: dict[str, Gauge], index: str, window: str, w: dict[str, float] | None
+) -> None:
+    get: Callable[[str], float] = (
+        (lambda k: float("nan"))
+        if w is None
+        else (lambda k: float("nan") if w.get(k) is None else float(w[k]))
     )
     gauges["overlap"].labels(index, window).set(get("mean"))
     gauges["overlap_lower"].labels(index, window).set(get("lower"))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from index_runtime import lifecycle
+from index_runtime.adapters import Adapter, artifact
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.filters import Filter
 from index_runtime.index.loader import ViewBuilder
@@ -38,13 +39,22 @@ from index_runtime.index.training import (
     train_codebook,
 )
 from index_runtime.index.view import Hits, View
+from index_runtime.migration import STATUS_QUO
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
 from index_runtime.quality.window import WindowStats
+from index_runtime.service.migrate import Encode, MigrationRequest, run_gate
 from index_runtime.service.mirror import Mirror
 from index_runtime.service.status import build_status
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
-from index_runtime.store.manifest import Codebook, IndexFile, Manifest, Pin, retire_unreferenced
+from index_runtime.store.manifest import (
+    ADAPTER_DIR,
+    Codebook,
+    IndexFile,
+    Manifest,
+    Pin,
+    retire_unreferenced,
+)
 from index_runtime.store.objects import ObjectStore, new_object_name
 from index_runtime.store.writer import IndexWriter
 
@@ -83,6 +93,7 @@ class Hooks:
     def training(self, index: str, seconds: float, ok: bool) -> None: ...
     def compaction(self, index: str, seconds: float, ok: bool) -> None: ...
     def regeneration(self, index: str, ok: bool) -> None: ...
+    def adapter(self, index: str, seconds: float) -> None: ...
 
 
 class IndexRuntime:
@@ -147,6 +158,14 @@ class IndexRuntime:
         self._threads: list[threading.Thread] = []
         self._maint_lock = threading.Lock()
         self._encode_lock = threading.Lock()
+        # model migration: the published record and its adapter (loaded from the manifest,
+        # swapped by reference), and the writer's job while it runs
+        self.bridge: dict[str, Any] = {}
+        self.bridge_adapter: Adapter | None = None
+        self._bridge_key: str | None = None
+        self.migration_job: dict[str, Any] = {}
+        self.migration_thread: threading.Thread | None = None
+        self._load_bridge(manifest)
 
     # lifecycle of the object ------------------------------------------------------------------
 
@@ -198,8 +217,10 @@ class IndexRuntime:
         m = self.current_manifest(force)
         pending = self._pending()
         top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
-        if m.version != self.view.version or top != self.view.pending_seq or (
-            not pending and len(self.view.delta)
+        if (
+            m.version != self.view.version
+            or top != self.view.pending_seq
+            or (not pending and len(self.view.delta))
         ):
             view = self.builder.build(m, pending, self.settings)
             if self.shadow_graph is not None:
@@ -207,6 +228,7 @@ class IndexRuntime:
             self.view = view
             if self.roles.shadow:
                 self.oracle.retain(set(self.view.primaries))
+            self._load_bridge(m)
         self.reader_lag_s = 0.0 if m.version == self.view.version else self.clock() - m.committed_at
         self._renew_pin()
         return self.view
@@ -216,7 +238,11 @@ class IndexRuntime:
             return
         now = self.clock()
         version = self.view.version
-        if self._pinned_at and self._pinned_version == version and now - self._pinned_at < self.pin_lease_s / 3:
+        if (
+            self._pinned_at
+            and self._pinned_version == version
+            and now - self._pinned_at < self.pin_lease_s / 3
+        ):
             return
         self.mlog.put_pin(Pin(self.pin_holder, version, now + self.pin_lease_s))
         self._pinned_at, self._pinned_version = now, version
@@ -243,7 +269,9 @@ class IndexRuntime:
             q = normalize(q)
         return q
 
-    def accept_samples(self, manifest_version: int, queries: list[tuple[F32, Filter | None]]) -> int:
+    def accept_samples(
+        self, manifest_version: int, queries: list[tuple[F32, Filter | None]]
+    ) -> int:
         """Samples mirrored by a reader (shadow role). Measured only against the same manifest
         version the reader answered from; others are counted as stale. Returns accepted."""
         if not self.roles.shadow:
@@ -403,8 +431,16 @@ class IndexRuntime:
 
             def edit(m: Manifest) -> Manifest:
                 book = Codebook(
-                    m.next_codebook, self.model, key, plan.nlist, plan.m, plan.nbits, p.coarse,
-                    view.live_rows, plan.sample_rows, now,
+                    m.next_codebook,
+                    self.model,
+                    key,
+                    plan.nlist,
+                    plan.m,
+                    plan.nbits,
+                    p.coarse,
+                    view.live_rows,
+                    plan.sample_rows,
+                    now,
                 )
                 keep = tuple(c for c in m.codebooks if c.version == m.serving)
                 out = replace(m, codebooks=(*keep, book), next_codebook=m.next_codebook + 1)
@@ -456,8 +492,10 @@ class IndexRuntime:
             books = {c.version for c in m.codebooks}
             have = {(f.segment_id, f.codebook) for f in m.index_files}
             new = tuple(
-                f for f in files
-                if f.segment_id in segs and f.codebook in books
+                f
+                for f in files
+                if f.segment_id in segs
+                and f.codebook in books
                 and (f.segment_id, f.codebook) not in have
             )
             return replace(m, index_files=m.index_files + new)
@@ -532,7 +570,9 @@ class IndexRuntime:
         try:
             g.regenerate(view)
         except Exception:
-            log.exception("regenerating the shadow graph of %s failed; retried next cycle", self.name)
+            log.exception(
+                "regenerating the shadow graph of %s failed; retried next cycle", self.name
+            )
             self.regeneration_failures += 1
             self.hooks.regeneration(self.name, False)
             return False
@@ -540,6 +580,82 @@ class IndexRuntime:
         return True
 
     # status -----------------------------------------------------------------------------------
+
+    # model migration ----------------------------------------------------------------------------
+
+    def _load_bridge(self, m: Manifest) -> None:
+        """Publish the manifest's migration record and load its adapter when it changed."""
+        key = m.migration.get("adapter_key")
+        if key != self._bridge_key:
+            adapter = artifact.from_bytes(self.store.get(key)) if key else None
+            self.bridge_adapter, self._bridge_key = adapter, key
+        self.bridge = dict(m.migration)
+
+    def start_migration(
+        self, req: MigrationRequest, encode_old: Encode, encode_new: Encode
+    ) -> bool:
+        """Run the gate (sample pairs, fit, measure, select) in the background and publish
+        the result through the manifest. False if one is already running."""
+        self._writer()
+        if self.migration_thread is not None and self.migration_thread.is_alive():
+            return False
+        if req.to_model == self.model:
+            raise InvalidInputError(f"the index already serves {self.model!r}")
+        self.migration_job = {
+            "to": req.to_model,
+            "phase": "Pending",
+            "message": "",
+            "started_at": self.clock(),
+        }
+        self.migration_thread = threading.Thread(
+            target=self._migrate,
+            args=(req, encode_old, encode_new),
+            name=f"migrate-{self.name}",
+            daemon=True,
+        )
+        self.migration_thread.start()
+        return True
+
+    def _migrate(self, req: MigrationRequest, encode_old: Encode, encode_new: Encode) -> None:
+        def progress(phase: str, message: str) -> None:
+            self.migration_job.update(phase=phase, message=message)
+
+        w = self._writer()
+        try:
+            record, adapter = run_gate(self.view, self.model, encode_old, encode_new, req, progress)
+            if adapter is not None:
+                key = new_object_name(ADAPTER_DIR, ".safetensors")
+                self.store.put(key, artifact.to_bytes(adapter))
+                record["adapter_key"] = key
+        except Exception as exc:
+            log.warning("migration of %s to %s failed: %s", self.name, req.to_model, exc)
+            record = {
+                "from": self.model,
+                "to": req.to_model,
+                "phase": "Failed",
+                "reason": str(exc),
+                "finished_at": self.clock(),
+            }
+        now = self.clock()
+        w.commit_edit(
+            lambda m: retire_unreferenced(m, m.next(migration=record), now),
+            f"migration {record['phase']}",
+        )
+        self.migration_job.update(phase=record["phase"], message=record.get("reason", ""))
+        self._changed.set()
+        self.refresh(force=True)
+
+    def query_vector(self, strategy: str, vector: F32) -> F32:
+        """The old-space vector a strategy searches with: adapters map new-model vectors."""
+        if strategy == STATUS_QUO:
+            return self.prepare_query(vector)
+        adapter = self.bridge_adapter
+        if adapter is None:
+            raise ConflictError("no adapter is published for this index")
+        started = time.perf_counter()
+        mapped = adapter.apply(np.asarray(vector, np.float32))
+        self.hooks.adapter(self.name, time.perf_counter() - started)
+        return self.prepare_query(mapped)
 
     def status(self) -> dict[str, Any]:
         """Everything the operator and dashboards need (a projection, computed on demand)."""

@@ -38,6 +38,7 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
     return {
         "index": rt.name,
         "phase": d.phase.value,
+        "migration": {"record": rt.bridge or None, "job": rt.migration_job or None},
         "reason": d.reason,
         "message": d.message,
         "maintenance": rt.options.maintenance,

@@ -15,14 +15,15 @@ from typing import Any
 from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
 from index_runtime.store.rows import KeyType
 
-MANIFEST_FORMAT_VERSION = 2  # 2 added codebooks, index files, serving and settings
+MANIFEST_FORMAT_VERSION = 3  # 2 added codebooks, index files, serving, settings; 3 migration
 MANIFEST_DIR = "manifests/"
 LATEST_HINT = "manifests/_latest"
 PIN_DIR = "pins/"
 SEGMENT_DIR = "segments"
 CODEBOOK_DIR = "codebooks"
 INDEX_FILE_DIR = "indexfiles"
-OBJECT_DIRS = (SEGMENT_DIR, CODEBOOK_DIR, INDEX_FILE_DIR)
+ADAPTER_DIR = "adapters"
+OBJECT_DIRS = (SEGMENT_DIR, CODEBOOK_DIR, INDEX_FILE_DIR, ADAPTER_DIR)
 METRICS = ("cosine", "ip", "l2")
 
 
@@ -148,6 +149,9 @@ class Manifest:
     serving: int = 0  # codebook version of the primary that serves; 0 = the shadow serves
     next_codebook: int = 1
     settings: Mapping[str, Any] = field(default_factory=dict)  # index settings (JSON)
+    # the model migration's record (JSON): models, phase, strategy table, the selected
+    # strategy and its adapter object ("adapter_key"); {} when none ran
+    migration: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = MANIFEST_FORMAT_VERSION
 
     @property
@@ -159,8 +163,11 @@ class Manifest:
         return sum(s.bytes for s in self.segments)
 
     def next(self, **changes: Any) -> Manifest:
-        """The manifest one version later with ``changes`` applied."""
-        return replace(self, version=self.version + 1, **changes)
+        """The manifest one version later with ``changes`` applied, in this build's format (a
+        manifest read in an older format is written back in the current one)."""
+        return replace(
+            self, version=self.version + 1, format_version=MANIFEST_FORMAT_VERSION, **changes
+        )
 
     def codebook(self, version: int) -> Codebook | None:
         return next((c for c in self.codebooks if c.version == version), None)
@@ -176,11 +183,14 @@ class Manifest:
 
 
 def referenced_objects(m: Manifest) -> set[str]:
-    """Object keys the manifest needs to exist: segments, codebooks, index files."""
+    """Object keys the manifest needs to exist: segments, codebooks, index files, the
+    migration's adapter."""
+    adapter = m.migration.get("adapter_key")
     return (
         {s.key for s in m.segments}
         | {c.key for c in m.codebooks}
         | {f.key for f in m.index_files}
+        | ({adapter} if adapter else set())
     )
 
 
@@ -202,6 +212,7 @@ def encode_manifest(m: Manifest) -> bytes:
     d["index"]["models"] = {k: asdict(v) for k, v in m.index.models.items()}
     d["index"]["write_models"] = list(m.index.write_models)
     d["settings"] = dict(m.settings)
+    d["migration"] = dict(m.migration)
     return json.dumps(d, sort_keys=True, indent=1).encode()
 
 
@@ -241,6 +252,7 @@ def decode_manifest(data: bytes) -> Manifest:
             serving=d.get("serving", 0),
             next_codebook=d.get("next_codebook", 1),
             settings=d.get("settings", {}),
+            migration=d.get("migration", {}),
             format_version=version,
         )
     except (KeyError, TypeError) as exc:

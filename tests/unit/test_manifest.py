@@ -9,6 +9,7 @@ import pytest
 from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
 from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.manifest import (
+    MANIFEST_FORMAT_VERSION,
     IndexSpec,
     Manifest,
     ModelSpec,
@@ -17,6 +18,7 @@ from index_runtime.store.manifest import (
     decode_manifest,
     encode_manifest,
     plan_gc,
+    referenced_objects,
 )
 from index_runtime.store.rows import RowBatch
 from index_runtime.store.segment import encode_segment, read_segment
@@ -37,10 +39,25 @@ def test_manifest_round_trip() -> None:
     assert decode_manifest(encode_manifest(m)) == m
 
 
+def test_migration_record_round_trips_and_keeps_its_adapter_alive() -> None:
+    m = manifest(seg(1)).next(migration={"to": "e5", "adapter_key": "adapters/1-procrustes.safetensors"})
+    assert decode_manifest(encode_manifest(m)) == m
+    assert "adapters/1-procrustes.safetensors" in referenced_objects(m)
+
+
+def test_an_older_format_is_written_back_in_the_current_one() -> None:
+    d = json.loads(encode_manifest(manifest()))
+    d["format_version"] = 2
+    del d["migration"]
+    old = decode_manifest(json.dumps(d).encode())
+    assert old.format_version == 2 and old.migration == {}
+    assert old.next(reason="x").format_version == MANIFEST_FORMAT_VERSION
+
+
 def test_unknown_manifest_version_is_refused() -> None:
     d = json.loads(encode_manifest(manifest()))
-    d["format_version"] = 3
-    with pytest.raises(FormatVersionError, match="format_version 3 is not supported"):
+    d["format_version"] = MANIFEST_FORMAT_VERSION + 1
+    with pytest.raises(FormatVersionError, match=f"format_version {MANIFEST_FORMAT_VERSION + 1} is not"):
         decode_manifest(json.dumps(d).encode())
     with pytest.raises(CorruptObjectError):
         decode_manifest(b"{not json")
