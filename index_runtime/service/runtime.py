@@ -638,7 +638,7 @@ class IndexRuntime:
             }
         now = self.clock()
         w.commit_edit(
-            lambda m: retire_unreferenced(m, m.next(migration=record), now),
+            lambda m: retire_unreferenced(m, replace(m, migration=record), now),
             f"migration {record['phase']}",
         )
         self.migration_job.update(phase=record["phase"], message=record.get("reason", ""))

@@ -23,6 +23,7 @@ from index_runtime.errors import (
 from index_runtime.store.manifest import (
     LATEST_HINT,
     MANIFEST_DIR,
+    MANIFEST_FORMAT_VERSION,
     PIN_DIR,
     Manifest,
     Pin,
@@ -108,6 +109,7 @@ class ManifestLog:
             proposed = replace(
                 edit(current),
                 version=current.version + 1,
+                format_version=MANIFEST_FORMAT_VERSION,  # written in this build's format
                 writer_epoch=epoch,
                 committed_at=time.time(),
                 reason=reason,

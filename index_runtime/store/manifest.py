@@ -163,8 +163,9 @@ class Manifest:
         return sum(s.bytes for s in self.segments)
 
     def next(self, **changes: Any) -> Manifest:
-        """The manifest one version later with ``changes`` applied, in this build's format (a
-        manifest read in an older format is written back in the current one)."""
+        """The manifest one version later with ``changes`` applied, in this build's format.
+        (``ManifestLog.commit`` does the same for every commit: a manifest read in an older
+        format is written back in the current one.)"""
         return replace(
             self, version=self.version + 1, format_version=MANIFEST_FORMAT_VERSION, **changes
         )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -135,3 +136,18 @@ POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000)
 )
 def test_plan_compaction(case: str, segments: list[SegmentInfo], groups: list[tuple[int, ...]]) -> None:
     assert plan_compaction(segments, POLICY) == groups, case
+
+
+def test_commits_write_an_older_manifest_back_in_the_current_format(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from index_runtime.store.log import ManifestLog
+    from index_runtime.store.objects import LocalDirStore
+
+    log = ManifestLog(LocalDirStore(tmp_path))
+    old = replace(manifest(), version=1, writer_epoch=3, format_version=2)
+    assert log.create(old)
+    assert log.latest() is not None and log.latest().format_version == 2  # type: ignore[union-attr]
+    new = log.commit(old, lambda m: replace(m, settings={"x": 1}), 3, "edit")
+    assert new.format_version == MANIFEST_FORMAT_VERSION
+    assert log.latest() == new
