@@ -11,6 +11,8 @@ model is made noisy on *queries* to decide which strategy should win.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,10 @@ def test_adapter_wins_when_new_model_queries_are_better(tmp_path: Path) -> None:
             in metrics
         )
         assert 'driftless_adapter_duration_seconds_count{index="docs"} 2.0' in metrics
+        assert 'driftless_migration_estimated_arr_ratio{bound="lower",index="docs"}' in metrics
+        if shutil.which("promtool"):
+            out = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
     # published through the manifest: a restarted service serves the same decision
     m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
     assert m is not None and m.migration["selected"] == rec["selected"]
