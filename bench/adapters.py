@@ -148,19 +148,15 @@ def direction(
 
     # the estimator the gate uses, against the full-corpus value
     res["estimator"] = []
+    names = [STATUS_QUO, "adapter:procrustes", "adapter:lowrank", "adapter:mlp"]
     for share in (0.1, 0.2):
-        for name in (STATUS_QUO, "adapter:procrustes", "adapter:lowrank", "adapter:mlp"):
-            est = ev.estimate_arr(ds, test, results[name], share, seed)
+        est = ev.estimate_arr(ds, test, {n: results[n] for n in names}, share, seed)
+        for name in names:
             full = float(per[name]["arr"].mean())
-            res["estimator"].append(
-                {
-                    "share": share,
-                    "strategy": name,
-                    "estimate": iv(est),
-                    "full_corpus": round(full, 4),
-                    "contained": est.low <= full <= est.high,
-                }
-            )
+            e = est[name][0]
+            res["estimator"].append({"share": share, "strategy": name, "estimate": iv(e), "full_corpus": round(full, 4),
+                                     "contained": e.low <= full <= e.high,
+                                     "gain_vs_status_quo": iv(est[name][1]) if name != STATUS_QUO else None})
 
     # training-size curve
     rng = np.random.default_rng(seed)
@@ -193,7 +189,7 @@ def direction(
         )[chosen]
 
     sample = np.zeros(len(docs), bool)
-    sample[fit_rows] = True  # the rows the gate re-embedded for its pairs
+    sample[split != "test"] = True  # what the gate re-embedded: fit pairs + calibration rows
     cal_s, cal_n = ev.calibrate(ds, cal, serve(cal), metric, sample, depth=20)
     res["calibration"] = {"strategy": cal_s.as_dict(), "native": cal_n.as_dict()}
     orders = {

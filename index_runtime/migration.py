@@ -89,11 +89,24 @@ def select_strategy(
     if status_quo not in per_query:
         raise ValueError(f"the status quo {status_quo!r} must be measured")
     base = np.asarray(per_query[status_quo], np.float64)
-    rows = []
-    for name, vals in per_query.items():
-        gain = paired_gain(vals, base, repeats, seed)
-        eligible = name == status_quo or gain.low > 0
-        rows.append(StrategyRow(name, bootstrap(vals, repeats, seed), gain, eligible))
+    intervals = {
+        name: (bootstrap(vals, repeats, seed), paired_gain(vals, base, repeats, seed))
+        for name, vals in per_query.items()
+    }
+    return select_from_intervals(intervals, metric, status_quo)
+
+
+def select_from_intervals(
+    intervals: Mapping[str, tuple[Interval, Interval]], metric: str, status_quo: str = STATUS_QUO
+) -> Selection:
+    """The same rule from (metric interval, paired gain interval) per strategy, for metrics
+    that are not per-query means (the model-based ARR estimate)."""
+    if status_quo not in intervals:
+        raise ValueError(f"the status quo {status_quo!r} must be measured")
+    rows = [
+        StrategyRow(name, m, g, name == status_quo or g.low > 0)
+        for name, (m, g) in intervals.items()
+    ]
     best = max((r for r in rows if r.eligible), key=lambda r: (r.gain.mean, r.name == status_quo))
     if best.name == status_quo:
         challengers = [r for r in rows if r.name != status_quo]
@@ -184,6 +197,7 @@ def merge(
     cal_strategy: Calibration,
     cal_native: Calibration,
     k: int,
+    native_weight: float = 1.0,
 ) -> I64:
     """Per query: the k most probably relevant of the strategy's list (exact ranks 1..) and
     the native list (estimated full-corpus ranks). ``-1`` pads missing entries. Ties keep the
@@ -192,7 +206,7 @@ def merge(
     ps = np.broadcast_to(
         cal_strategy.prob(np.arange(1, strategy_ids.shape[1] + 1)), strategy_ids.shape
     )
-    pn = cal_native.prob(native_est_ranks) if native_ids.size else np.zeros(native_ids.shape)
+    pn = native_weight * cal_native.prob(native_est_ranks) if native_ids.size else np.zeros(native_ids.shape)
     out = np.full((nq, k), -1, np.int64)
     for q in range(nq):
         best: dict[int, float] = {}

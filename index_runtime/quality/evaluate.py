@@ -27,13 +27,13 @@ from index_runtime.migration import (
 from index_runtime.quality.arr import (
     Interval,
     bootstrap,
-    estimated_recall,
     mrr,
     paired_gain,
     recall,
     success,
     topk,
 )
+from index_runtime.quality.arr import estimate_arr as arr_estimate
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -84,27 +84,22 @@ def metrics(ds: Paired, q: I64, results: Mapping[str, I64]) -> dict[str, dict[st
 
 
 def estimate_arr(
-    ds: Paired, q: I64, retrieved: I64, sample_share: float, seed: int = 0, repeats: int = 2000
-) -> Interval:
-    """What the gate would report: ARR@k against a ``sample_share`` random sample of rows
-    re-embedded, with a bootstrap interval over queries."""
+    ds: Paired,
+    q: I64,
+    retrieved: Mapping[str, I64],
+    sample_share: float,
+    seed: int = 0,
+    repeats: int = 200,
+    baseline: str | None = STATUS_QUO,
+) -> dict[str, tuple[Interval, Interval]]:
+    """What the gate would report: each strategy's ARR@k estimated from a ``sample_share``
+    random sample of rows re-embedded (and its paired gain over ``baseline``)."""
     rng = np.random.default_rng(seed)
     n = len(ds.new_rows)
     rows = np.sort(rng.choice(n, size=max(ds.k, round(sample_share * n)), replace=False))
-    per_query = np.concatenate(
-        [
-            estimated_recall(
-                ds.new_queries[q[s : s + 256]],
-                ds.new_rows[rows],
-                rows,
-                retrieved[s : s + 256, : ds.k],
-                n,
-                ds.k,
-            )
-            for s in range(0, len(q), 256)
-        ]
+    return arr_estimate(
+        ds.new_queries[q], ds.new_rows[rows], rows, retrieved, n, ds.k, baseline, repeats, seed
     )
-    return bootstrap(per_query, repeats, seed)
 
 
 def relevance(ds: Paired, q: I64, ids: I64, metric: str) -> npt.NDArray[np.bool_]:
@@ -132,7 +127,8 @@ def calibrate(
 ) -> tuple[Calibration, Calibration]:
     """Per-model calibrations on the calibration queries ``q``: the served strategy's list by
     exact rank; the native list by estimated rank within ``sample`` (the rows the gate has
-    re-embedded), exactly as the merge will see it during the backfill."""
+    re-embedded, which must include the calibration queries' labelled rows), exactly as the
+    merge will see it during the backfill."""
     cal_s = fit_calibration(
         np.arange(1, depth + 1)[None, :].repeat(len(q), 0),
         relevance(ds, q, served[:, :depth], metric),
@@ -179,7 +175,8 @@ def progressive(
         for split, q in ((True, cal), (False, test)):
             served = served_by_split[split]
             nat, est = native_over(ds, q, backfilled, depth)
-            merged = merge(served, nat, est, cal_s, cal_n, k)
+            weight = share if metric == "success" else 1.0
+            merged = merge(served, nat, est, cal_s, cal_n, k, weight)
             fused = rank_fusion(served[:, :k], nat[:, :k], k)
             per[str(split)] = {
                 strategy: metric_fn(q, served[:, :k]),

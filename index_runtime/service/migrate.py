@@ -5,7 +5,7 @@ itself is :func:`index_runtime.migration.select_strategy` (pure); this module is
 
 Queries: the caller's labelled queries (text + the key they should find) when there are at
 least ``min_labelled`` of them (metric Success@k), else the texts of sampled test-split rows
-(metric ARR@k, estimated against the new model's top-k over the sample).
+(metric ARR@k, estimated from the sampled rows' new vectors: ``quality.arr.estimate_arr``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ from index_runtime.corpus import split_of
 from index_runtime.encoders import Kind
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.view import View
-from index_runtime.migration import STATUS_QUO, decision_metric, select_strategy
-from index_runtime.quality.arr import bootstrap, estimated_recall, success, topk
+from index_runtime.migration import (
+    STATUS_QUO,
+    decision_metric,
+    select_from_intervals,
+    select_strategy,
+)
+from index_runtime.quality.arr import estimate_arr, success, topk
 
 Encode = Callable[[list[str], Kind], npt.NDArray[np.float32]]
 Progress = Callable[[str, str], None]  # (phase, message)
@@ -170,26 +175,25 @@ def run_gate(
     for name, a in adapters.items():
         retrieved[name] = topk(a.apply(q_new), base, req.k)[0]
     sample_idx = np.array([index_of[p] for p in pos], np.int64)
-    arr = {
-        name: estimated_recall(q_new, new, sample_idx, ids, len(alive), req.k)
-        for name, ids in retrieved.items()
-    }
-    per_query = (
-        arr
-        if metric.startswith("arr")
-        else {n: success(ids, labels, req.k) for n, ids in retrieved.items()}
+    arr = estimate_arr(
+        q_new, new, sample_idx, retrieved, len(alive), req.k, STATUS_QUO, seed=req.seed
     )
-    sel = select_strategy(per_query, metric, seed=req.seed)
+    if metric.startswith("arr"):
+        sel = select_from_intervals(arr, metric)
+    else:
+        sel = select_strategy(
+            {n: success(ids, labels, req.k) for n, ids in retrieved.items()}, metric, seed=req.seed
+        )
     table = sel.as_dict()
     for row in table["strategies"]:
-        row["arr"] = bootstrap(arr[row["name"]], seed=req.seed).as_dict()
+        row["arr"] = arr[row["name"]][0].as_dict()
     chosen = adapters.get(sel.selected)
     if chosen is not None:
         chosen.provenance.update(
             old_model=from_model,
             new_model=req.to_model,
             metric=metric,
-            estimated_arr=bootstrap(arr[sel.selected], seed=req.seed).as_dict(),
+            estimated_arr=arr[sel.selected][0].as_dict(),
             manifest_version=view.version,
         )
     record = {
