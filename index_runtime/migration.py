@@ -206,7 +206,11 @@ def merge(
     ps = np.broadcast_to(
         cal_strategy.prob(np.arange(1, strategy_ids.shape[1] + 1)), strategy_ids.shape
     )
-    pn = native_weight * cal_native.prob(native_est_ranks) if native_ids.size else np.zeros(native_ids.shape)
+    pn = (
+        native_weight * cal_native.prob(native_est_ranks)
+        if native_ids.size
+        else np.zeros(native_ids.shape)
+    )
     out = np.full((nq, k), -1, np.int64)
     for q in range(nq):
         best: dict[int, float] = {}
@@ -236,10 +240,17 @@ def rank_fusion(a: I64, b: I64, k: int, c: float = 60.0) -> I64:
 
 
 def guard(
-    merged: npt.ArrayLike, served: npt.ArrayLike, repeats: int = 2000, seed: int = 0
+    merged: npt.ArrayLike,
+    served: npt.ArrayLike,
+    repeats: int = 2000,
+    seed: int = 0,
+    level: float = 0.98,
 ) -> tuple[bool, Interval]:
-    """Serve the merge only if its paired gain over the served strategy is significant."""
-    gain = paired_gain(merged, served, repeats, seed)
+    """Serve the merge only if its paired gain over the served strategy is significant at a
+    one-sided 99% (the lower end of a 98% interval above 0). Stricter than the gate's 95%: the
+    guard is re-decided at every checkpoint, and at 95% a marginal merge (+0.002) passed on
+    the calibration queries and measured [−0.004, +0.007] on the test queries."""
+    gain = paired_gain(merged, served, repeats, seed, level)
     return gain.low > 0, gain
 
 

