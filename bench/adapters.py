@@ -355,7 +355,7 @@ def write_report(res: dict[str, Any]) -> None:
                 "",
                 f"**Progressive migration, {oname} backfill** ({d['metric']}@10 on test queries; gain vs status quo, paired):",
                 "",
-                "| backfilled | served | served − status quo | calibrated merge − status quo | rank fusion − status quo | native only |",
+                "| backfilled | served | served − status quo | calibrated merge − status quo | rank fusion − status quo | native only (absolute) |",
                 "|---|---|---|---|---|---|",
             ]
             for p in pts:
@@ -470,8 +470,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200, help="latency repeats (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "driftless"))
+    ap.add_argument("--replot", action="store_true", help="re-render the report and plots from adapters.json")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        res = json.loads((RESULTS / "adapters.json").read_text())
+        write_report(res)
+        plot(res)
+        return
     corpus = build_labelled_corpus(site_roots("numpy", "sympy", "scipy"))
     if args.limit:
         corpus = corpus.head(args.limit)
