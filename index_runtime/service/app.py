@@ -384,9 +384,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         flt = parse_filter(q.filter)
         if (q.vector is None) == (q.text is None):
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
-        record = rt.bridge
+        record, adapter = rt.bridge_state  # one snapshot for the whole query
         strategy = strategy_for(record, q.text is not None, q.model)
-        if q.model not in (None, rt.model) and q.model != record.get("to"):
+        bridged = record.get("phase") == "Bridged"
+        if q.model not in (None, rt.model) and not (bridged and q.model == record.get("to")):
             raise InvalidInputError(
                 f"this index serves model {rt.model!r}; a {q.model!r} vector cannot be compared"
             )
@@ -396,11 +397,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 f"({record['reason']}); send the query's text or a {rt.model!r} vector"
             )
         if q.vector is not None:
-            vec = rt.query_vector(strategy, np.asarray(q.vector, np.float32))
+            vec = rt.query_vector(strategy, np.asarray(q.vector, np.float32), adapter)
         else:
             assert q.text is not None
             model = rt.model if strategy == STATUS_QUO else str(record["to"])
-            vec = rt.query_vector(strategy, engine.encode(model, [q.text], "query")[0])
+            vec = rt.query_vector(strategy, engine.encode(model, [q.text], "query")[0], adapter)
         ans = rt.search(vec, q.k, flt)
         view = ans.view
         results = []

@@ -160,8 +160,7 @@ class IndexRuntime:
         self._encode_lock = threading.Lock()
         # model migration: the published record and its adapter (loaded from the manifest,
         # swapped by reference), and the writer's job while it runs
-        self.bridge: dict[str, Any] = {}
-        self.bridge_adapter: Adapter | None = None
+        self.bridge_state: tuple[dict[str, Any], Adapter | None] = ({}, None)  # swapped as one
         self._bridge_key: str | None = None
         self.migration_job: dict[str, Any] = {}
         self.migration_thread: threading.Thread | None = None
@@ -586,10 +585,16 @@ class IndexRuntime:
     def _load_bridge(self, m: Manifest) -> None:
         """Publish the manifest's migration record and load its adapter when it changed."""
         key = m.migration.get("adapter_key")
+        adapter = self.bridge_state[1]
         if key != self._bridge_key:
             adapter = artifact.from_bytes(self.store.get(key)) if key else None
-            self.bridge_adapter, self._bridge_key = adapter, key
-        self.bridge = dict(m.migration)
+            self._bridge_key = key
+        self.bridge_state = (dict(m.migration), adapter)
+
+    @property
+    def bridge(self) -> dict[str, Any]:
+        """The published migration record ({} when none)."""
+        return self.bridge_state[0]
 
     def start_migration(
         self, req: MigrationRequest, encode_old: Encode, encode_new: Encode
@@ -645,11 +650,12 @@ class IndexRuntime:
         self._changed.set()
         self.refresh(force=True)
 
-    def query_vector(self, strategy: str, vector: F32) -> F32:
-        """The old-space vector a strategy searches with: adapters map new-model vectors."""
+    def query_vector(self, strategy: str, vector: F32, adapter: Adapter | None = None) -> F32:
+        """The old-space vector a strategy searches with: adapters map new-model vectors.
+        Pass the adapter of the same ``bridge_state`` the strategy was chosen from."""
         if strategy == STATUS_QUO:
             return self.prepare_query(vector)
-        adapter = self.bridge_adapter
+        adapter = adapter or self.bridge_state[1]
         if adapter is None:
             raise ConflictError("no adapter is published for this index")
         started = time.perf_counter()

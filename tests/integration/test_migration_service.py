@@ -177,3 +177,6 @@ def test_a_migration_without_enough_text_fails_with_a_reason(tmp_path: Path) -> 
         time.sleep(0.3)
         rec = _migrate(c)
         assert rec["phase"] == "Failed" and "have text" in rec["reason"]
+        # a failed migration serves nothing new: a new-model vector (same dimension or not) is refused
+        r = c.post("/v1/indexes/docs/search", json={"vector": vecs[0][:D_NEW], "model": "new", "k": 1})
+        assert r.status_code == 400 and "cannot be compared" in r.json()["message"]
