@@ -129,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = Metrics()
     engine = Engine(config, metrics, lazy_encoders())
     engine.open_existing()
+    engine.resume_migrations()
     app = create_app(engine, metrics)
     print(
         f"driftless serving {len(engine.runtimes)} index(es) from "
@@ -207,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="off: only apply decisions made elsewhere (the operator), through the admin API",
     )
     s.add_argument(
-        "--shadow-url", default=None, help="readers: the shadow service to mirror sampled queries to"
+        "--shadow-url",
+        default=None,
+        help="readers: the shadow service to mirror sampled queries to",
     )
     s.add_argument("--tick", type=float, default=0.5, help="maintenance loop period (s)")
     s.add_argument("--omp-threads", type=int, default=1, help="OpenMP threads per query worker")
     s.add_argument("--grace", type=float, default=25.0, help="graceful shutdown budget (s)")
     s.add_argument(
-        "--admin-token", default=None, help="bearer token of the admin API (or DRIFTLESS_ADMIN_TOKEN)"
+        "--admin-token",
+        default=None,
+        help="bearer token of the admin API (or DRIFTLESS_ADMIN_TOKEN)",
     )
     s.set_defaults(func=cmd_serve)
     pl = sub.add_parser("plan", help="print the memory each role needs")

@@ -169,6 +169,12 @@ class Calibration:
             "counts": list(self.counts),
         }
 
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Calibration:
+        if list(d.get("rank_edges", ())) != RANK_EDGES.tolist():
+            raise ValueError("the calibration was fitted with other rank bins")
+        return Calibration(tuple(float(p) for p in d["probs"]), tuple(int(c) for c in d["counts"]))
+
 
 def fit_calibration(
     est_ranks: npt.ArrayLike, relevant: npt.ArrayLike, prior: float = 1.0
@@ -256,3 +262,117 @@ def guard(
 
 def strategy_names(kinds: Sequence[str], diagonal: Sequence[bool] = (False, True)) -> list[str]:
     return [f"adapter:{k}{'+diag' if d else ''}" for k in kinds for d in diagonal]
+
+
+# --- the migration's phases, the backfill and the cutover -----------------------------------
+
+PHASES = (
+    "Pending",
+    "SamplingPairs",
+    "TrainingAdapter",
+    "Evaluating",
+    "Bridged",
+    "Backfilling",
+    "Backfilled",
+    "CuttingOver",
+    "Succeeded",
+    "Failed",
+    "RolledBack",
+)
+# phases in which the index dual-writes (stores and requires both models' vectors)
+ACTIVE = (
+    "Pending",
+    "SamplingPairs",
+    "TrainingAdapter",
+    "Evaluating",
+    "Bridged",
+    "Backfilling",
+    "Backfilled",
+    "CuttingOver",
+)
+# phases in which the gate's selected strategy serves text and new-model vectors
+BRIDGED = ("Bridged", "Backfilling", "Backfilled")
+
+
+@dataclass(frozen=True)
+class BackfillProgress:
+    """Counts over the live rows of one view (pure: computed from masks)."""
+
+    live: int
+    backfilled: int  # have a new-model vector
+    todo: int  # have text, no new-model vector: the backfill re-encodes them
+    blocked: int  # neither: only their owner can supply the new-model vector
+
+    @property
+    def share(self) -> float:
+        return self.backfilled / self.live if self.live else 1.0
+
+    @property
+    def text_coverage(self) -> float:
+        """Share of live rows that have, or can get, a new-model vector."""
+        return (self.live - self.blocked) / self.live if self.live else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "live": self.live,
+            "backfilled": self.backfilled,
+            "todo": self.todo,
+            "blocked": self.blocked,
+            "share": self.share,
+            "text_coverage": self.text_coverage,
+        }
+
+
+def backfill_progress(
+    alive: npt.ArrayLike, has_new: npt.ArrayLike, has_text: npt.ArrayLike
+) -> tuple[BackfillProgress, npt.NDArray[np.bool_]]:
+    """Progress and the mask of rows still to re-encode, from per-row masks of one view."""
+    a, n, t = (np.asarray(x, bool) for x in (alive, has_new, has_text))
+    todo = a & ~n & t
+    blocked = a & ~n & ~t
+    p = BackfillProgress(int(a.sum()), int((a & n).sum()), int(todo.sum()), int(blocked.sum()))
+    return p, todo
+
+
+@dataclass(frozen=True)
+class Cutover:
+    go: bool
+    reason: str  # CamelCase, for the condition
+    message: str
+
+
+def cutover_decision(
+    progress: BackfillProgress,
+    native_gain: Interval | None,
+    auto: bool,
+    force: bool = False,
+    to_model: str = "the new model",
+) -> Cutover:
+    """May the index switch to the new model now? Only when every live row has a new-model
+    vector (nothing would vanish from search), and — unless forced — when the native model is
+    not measured significantly worse than what serves (paired gain's upper bound below 0) on
+    the gate's held-out labelled queries. Without ``auto`` it waits for an explicit cutover."""
+    if progress.todo:
+        return Cutover(False, "BackfillRunning", f"{progress.todo} rows still to re-encode")
+    if progress.blocked:
+        return Cutover(
+            False,
+            "RowsWithoutText",
+            f"{progress.blocked} live rows have no text and no {to_model} vector; upsert their "
+            f"vectors for both models, or delete them, to cut over",
+        )
+    if native_gain is not None and native_gain.high < 0 and not force:
+        return Cutover(
+            False,
+            "NativeWorse",
+            f"{to_model} measures {native_gain.mean:+.3f} [{native_gain.low:+.3f}, "
+            f"{native_gain.high:+.3f}] against what serves; cut over with force to accept it",
+        )
+    if not auto and not force:
+        return Cutover(False, "AwaitingCutover", "backfill complete; waiting for a cutover request")
+    measured = (
+        f"native gain {native_gain.mean:+.3f} [{native_gain.low:+.3f}, {native_gain.high:+.3f}]"
+        if native_gain is not None
+        else "native quality not measured (no labelled queries)"
+    )
+    return Cutover(True, "CutOver", f"every live row has a {to_model} vector; {measured}")

@@ -46,8 +46,10 @@ def serving_model(m: Manifest) -> str:
 class ViewBuilder:
     """Assembles views of one index; keeps what can be reused between consecutive views."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, model: str | None = None) -> None:
         self.store = store
+        self.model = model  # None: the index's serving model; else views of this model
+
         self._lock = threading.Lock()
         self._base: tuple[tuple[str, ...], Base, np.ndarray] | None = None
         self._primaries: dict[int, Primary] = {}
@@ -156,7 +158,7 @@ class ViewBuilder:
     ) -> View:
         """The view of manifest ``m`` plus the writer's ``pending`` rows."""
         with self._lock:
-            model = serving_model(m)
+            model = self.model or serving_model(m)
             spec = m.index.models[model]
             settings = settings or IndexSettings.from_json(m.settings, spec.dim)
             base, win = self._base_for(m, model)
@@ -169,7 +171,11 @@ class ViewBuilder:
             alive = alive_mask(base, win, delta)
             seqs = np.concatenate([base.block.seqs, delta.seqs])
             bits = seq_mask(seqs, alive, int(seqs.max()) + 1 if len(seqs) else 1)
-            prims = {c.version: self._primary(m, c.version, base, bits) for c in m.codebooks}
+            prims = {
+                c.version: self._primary(m, c.version, base, bits)
+                for c in m.codebooks
+                if c.model == model
+            }
             self._primaries = {v: p for v, p in self._primaries.items() if v in prims}
             return View(
                 version=m.version,
@@ -177,14 +183,13 @@ class ViewBuilder:
                 model=model,
                 metric=spec.metric,
                 settings=settings,
-                serving=m.serving,
+                serving=m.serving if m.serving in prims else 0,
                 base=base,
                 delta=delta,
                 alive=alive,
                 primaries=prims,
                 pending_seq=int(delta.seqs.max()) if len(delta) else m.flushed_seq,
             )
-
 
 
 def _slice(b: Block, lo: int, hi: int) -> Block:

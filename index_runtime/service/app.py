@@ -32,7 +32,7 @@ from index_runtime.errors import (
     UnauthorizedError,
 )
 from index_runtime.index.filters import parse_filter
-from index_runtime.migration import STATUS_QUO
+from index_runtime.migration import BRIDGED, STATUS_QUO
 from index_runtime.service.engine import Engine
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.migrate import MigrationRequest, strategy_for
@@ -61,7 +61,14 @@ class CreateIndex(Strict):
 
 class Upsert(Strict):
     keys: list[Key] = Field(min_length=1)
-    vectors: list[list[float]] | None = Field(default=None, description="one per key")
+    vectors: list[list[float]] | None = Field(
+        default=None, description="one per key, of the model the index serves"
+    )
+    vectors_by_model: dict[str, list[list[float]]] | None = Field(
+        default=None,
+        description="vectors of other models the index stores (during a model migration: "
+        "the new model's); a model without vectors is encoded from the texts",
+    )
     texts: list[str | None] | None = Field(
         default=None, description="stored; encoded if no vectors"
     )
@@ -126,7 +133,10 @@ class SearchAnswer(BaseModel):
     path: Literal["primary", "shadow"]
     manifest_version: int
     strategy: str = Field(
-        description="how the query reached the index: status-quo, or adapter:<kind> during a migration"
+        description="how the query reached the index: status-quo (the index's model), "
+        "adapter:<kind> during a migration, or merge (that strategy merged with the new "
+        "model's results over the backfilled rows; scores are then calibrated probabilities "
+        "of relevance)"
     )
 
 
@@ -172,6 +182,18 @@ class StartMigration(Strict):
     k: int = Field(default=10, ge=1, le=100)
     seed: int = 0
     labelled: list[LabelledQuery] = Field(default=[], max_length=100_000)
+    backfill: bool = Field(
+        default=True, description="re-encode every row after the gate (false: stay Bridged)"
+    )
+    cutover: Literal["auto", "manual"] = Field(
+        default="auto", description="switch to the new model when the backfill completes"
+    )
+    backfill_batch: int = Field(default=256, ge=1, le=4000)
+    backfill_rate: float = Field(default=0.0, ge=0, description="rows/s; 0 = unlimited")
+
+
+class Cutover(Strict):
+    force: bool = Field(default=False, description="cut over even if the new model measured worse")
 
 
 def _error(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
@@ -331,16 +353,33 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         ):
             if col is not None and len(col) != n:
                 raise InvalidInputError(f"{field} has {len(col)} entries for {n} keys")
+        given: dict[str, Any] = dict(body.vectors_by_model or {})
         if body.vectors is not None:
+            given[rt.model] = body.vectors
+        vectors: dict[str, np.ndarray] = {}
+        for model, rows in given.items():
+            if len(rows) != n:
+                raise InvalidInputError(f"vectors of {model!r} have {len(rows)} rows for {n} keys")
             try:
-                mat = np.asarray(body.vectors, dtype=np.float32)
+                vectors[model] = np.asarray(rows, dtype=np.float32)
             except ValueError:
-                raise InvalidInputError("vectors must all have the same length") from None
-        else:
+                raise InvalidInputError(
+                    f"vectors of {model!r} must all have the same length"
+                ) from None
+        for model in rt.write_models:
+            if model in vectors:
+                continue
             if body.texts is None or any(t is None for t in body.texts):
-                raise InvalidInputError("give vectors, or a text for every key")
-            mat = engine.encode(rt.model, [t for t in body.texts if t is not None])
-        ack = rt.upsert(body.keys, {rt.model: mat}, body.texts, body.metadata)
+                during = (
+                    f" (the index is migrating to {model!r} and stores both models)"
+                    if model != rt.model
+                    else ""
+                )
+                raise InvalidInputError(
+                    f"give {model!r} vectors, or a text for every key to encode{during}"
+                )
+            vectors[model] = engine.encode(model, [t for t in body.texts if t is not None])
+        ack = rt.upsert(body.keys, vectors, body.texts, body.metadata)
         return {"first_seq": ack.first_seq, "last_seq": ack.last_seq, "rows": ack.rows}
 
     @app.post("/v1/indexes/{name}/delete")
@@ -386,7 +425,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
         record, adapter = rt.bridge_state  # one snapshot for the whole query
         strategy = strategy_for(record, q.text is not None, q.model)
-        bridged = record.get("phase") == "Bridged"
+        bridged = record.get("phase") in BRIDGED
         if q.model not in (None, rt.model) and not (bridged and q.model == record.get("to")):
             raise InvalidInputError(
                 f"this index serves model {rt.model!r}; a {q.model!r} vector cannot be compared"
@@ -396,13 +435,27 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 f"the migration gate kept the status quo for {record['to']!r} vectors "
                 f"({record['reason']}); send the query's text or a {rt.model!r} vector"
             )
+        new_vec = None  # the query in the new model's space, when there is one
         if q.vector is not None:
             vec = rt.query_vector(strategy, np.asarray(q.vector, np.float32), adapter)
+            if bridged and q.model == record.get("to"):
+                new_vec = np.asarray(q.vector, np.float32)
         else:
             assert q.text is not None
             model = rt.model if strategy == STATUS_QUO else str(record["to"])
-            vec = rt.query_vector(strategy, engine.encode(model, [q.text], "query")[0], adapter)
-        ans = rt.search(vec, q.k, flt)
+            raw = engine.encode(model, [q.text], "query")[0]
+            vec = rt.query_vector(strategy, raw, adapter)
+            if model != rt.model:
+                new_vec = raw
+            elif record.get("merge", {}).get("serves") and record.get("to") in engine.encoders:
+                new_vec = engine.encode(str(record["to"]), [q.text], "query")[0]
+        ans = None
+        if bridged and new_vec is not None and record.get("merge", {}).get("serves"):
+            ans = rt.search_merged(vec, new_vec, q.k, flt)
+            if ans is not None:
+                strategy = "merge"
+        if ans is None:
+            ans = rt.search(vec, q.k, flt)
         view = ans.view
         results = []
         for pos, sc in zip(ans.hits.pos.tolist(), ans.hits.scores.tolist(), strict=True):
@@ -454,17 +507,41 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     def admin_migrate(rt: Rt, body: StartMigration) -> dict[str, Any]:
         """Start a model migration: sample pairs, fit adapters, measure every strategy against
         the status quo and publish the decision (status.migration; the manifest)."""
-        for model in (rt.model, body.to_model):
+        enc_old, enc_new = encoders_for(rt, (rt.model, body.to_model))
+        req = MigrationRequest.from_json(body.model_dump())
+        return {"started": rt.start_migration(req, enc_old, enc_new)}
+
+    def encoders_for(rt: IndexRuntime, models: tuple[str, ...]) -> list[Any]:
+        for model in models:
             if model not in engine.encoders:
                 raise InvalidInputError(
                     f"this server has no encoder for {model!r}; a migration re-encodes text"
                 )
-        req = MigrationRequest.from_json(body.model_dump())
+        return [engine.encoder_fn(m) for m in models]
 
-        def enc(model: str) -> Any:
-            return lambda texts, kind: engine.encode(model, texts, kind)
+    @app.post(
+        "/v1/indexes/{name}/admin/migrations/backfill",
+        status_code=202,
+        dependencies=[Depends(admin)],
+    )
+    def admin_backfill(rt: Rt) -> dict[str, Any]:
+        """Start (a migration begun with ``backfill: false``) or resume the backfill."""
+        rec = rt.bridge
+        if not rec:
+            raise ConflictError("no migration in progress")
+        enc_old, enc_new = encoders_for(rt, (str(rec["from"]), str(rec["to"])))
+        return {"started": rt.resume_migration(enc_old, enc_new)}
 
-        return {"started": rt.start_migration(req, enc(rt.model), enc(body.to_model))}
+    @app.post("/v1/indexes/{name}/admin/migrations/cutover", dependencies=[Depends(admin)])
+    def admin_cutover(rt: Rt, body: Cutover) -> dict[str, Any]:
+        """Switch to the new model now (409 with the reason when it may not)."""
+        return rt.cutover(force=body.force)
+
+    @app.post("/v1/indexes/{name}/admin/migrations/rollback", dependencies=[Depends(admin)])
+    def admin_rollback(rt: Rt) -> dict[str, Any]:
+        """Stop the migration and serve the old model only (before the cutover)."""
+        rt.rollback_migration()
+        return {"phase": rt.bridge.get("phase")}
 
     @app.post("/v1/indexes/{name}/admin/reload", dependencies=[Depends(admin)])
     def admin_reload(rt: Rt) -> dict[str, Any]:

@@ -91,9 +91,7 @@ class Engine:
             )
         assert self.config.s3 is not None
         lister = S3Store(self.config.s3)
-        names = {
-            o.key.split("/")[0] for o in lister.list("") if o.key.endswith("/" + LATEST_HINT)
-        }
+        names = {o.key.split("/")[0] for o in lister.list("") if o.key.endswith("/" + LATEST_HINT)}
         return sorted(names)
 
     def open_existing(self) -> None:
@@ -155,6 +153,29 @@ class Engine:
                 f"this server has no encoder for model {model!r}; send vectors instead of text"
             )
         return enc(texts, kind)
+
+    def encoder_fn(self, model: str) -> Encoder:
+        return lambda texts, kind: self.encode(model, texts, kind)
+
+    def resume_migrations(self) -> None:
+        """A writer that restarts mid-migration continues its backfill (when it has both
+        models' encoders; otherwise the status says what is missing)."""
+        for rt in self.runtimes.values():
+            rec = rt.bridge
+            if (
+                rt.writer is None
+                or not rec
+                or rec.get("phase") not in ("Backfilling", "Backfilled")
+            ):
+                continue
+            missing = [m for m in (rec["from"], rec["to"]) if m not in self.encoders]
+            if missing:
+                rt.migration_job = {
+                    "phase": rec["phase"],
+                    "message": f"cannot resume: no encoder for {missing}",
+                }
+                continue
+            rt.resume_migration(self.encoder_fn(str(rec["from"])), self.encoder_fn(str(rec["to"])))
 
     def close(self) -> None:
         """Graceful stop: every writer flushes and commits what it acknowledged."""

@@ -13,19 +13,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from index_runtime.lifecycle import Phase
+from index_runtime.migration import PHASES
 from index_runtime.quality.oracle import Measurement
 from index_runtime.service.runtime import Hooks, IndexRuntime
 
-MIGRATION_PHASES = (
-    "None",
-    "Pending",
-    "SamplingPairs",
-    "TrainingAdapter",
-    "Evaluating",
-    "Bridged",
-    "Failed",
-)
-PUBLISHED = ("Bridged", "Failed")  # phases the manifest's record carries
+MIGRATION_PHASES = ("None", *PHASES)
+GATE_STEPS = ("SamplingPairs", "TrainingAdapter", "Evaluating")  # only the writer's job knows
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -197,7 +190,31 @@ class Metrics(Hooks):
         )
         self.text_coverage = Gauge(
             "driftless_migration_text_coverage_ratio",
-            "Share of live rows that have text (rows without text cannot be re-encoded).",
+            "Share of live rows that have text or a new-model vector (others cannot be re-encoded).",
+            ["index"],
+            registry=r,
+        )
+        self.backfill_rows = Gauge(
+            "driftless_migration_backfill_rows",
+            "Live rows by backfill state at the last checkpoint (backfilled, todo, blocked).",
+            ["index", "state"],
+            registry=r,
+        )
+        self.backfill_share = Gauge(
+            "driftless_migration_backfill_ratio",
+            "Share of live rows with a new-model vector at the last checkpoint.",
+            ["index"],
+            registry=r,
+        )
+        self.backfill_rewritten = Counter(
+            "driftless_migration_backfill_rewritten_rows",
+            "Rows the backfill re-encoded and rewrote (rate() of it is the backfill rate).",
+            ["index"],
+            registry=r,
+        )
+        self.merge_serving = Gauge(
+            "driftless_migration_merge_serving",
+            "1 while the guard lets the progressive merge serve, else 0.",
             ["index"],
             registry=r,
         )
@@ -206,6 +223,9 @@ class Metrics(Hooks):
 
     def adapter(self, index: str, seconds: float) -> None:
         self.adapter_seconds.labels(index).observe(seconds)
+
+    def backfill(self, index: str, rows: int) -> None:
+        self.backfill_rewritten.labels(index).inc(rows)
 
     def query(self, index: str, path: str, seconds: float) -> None:
         self.query_seconds.labels(index, path).observe(seconds)
@@ -269,9 +289,9 @@ class Metrics(Hooks):
             self._collect_migration(n, rt.bridge, rt.migration_job)
 
     def _collect_migration(self, n: str, record: dict[str, Any], job: dict[str, Any]) -> None:
-        current = (
-            job.get("phase") if job and job.get("phase") not in PUBLISHED else record.get("phase")
-        ) or "None"
+        current = record.get("phase") or "None"
+        if current == "Pending" and job.get("phase") in GATE_STEPS:
+            current = job["phase"]
         for p in MIGRATION_PHASES:
             self.migration_phase.labels(n, p).set(1 if current == p else 0)
         if not record.get("strategies"):
@@ -285,6 +305,12 @@ class Metrics(Hooks):
                     self.migration_arr.labels(n, bound).set(row["arr"][key])
                     self.migration_gain.labels(n, bound).set(row["gain"][key])
         self.text_coverage.labels(n).set(record.get("text_coverage", float("nan")))
+        bf = record.get("backfill")
+        if bf:
+            for state in ("backfilled", "todo", "blocked"):
+                self.backfill_rows.labels(n, state).set(bf[state])
+            self.backfill_share.labels(n).set(bf["share"])
+        self.merge_serving.labels(n).set(1 if record.get("merge", {}).get("serves") else 0)
 
 
 def _set_window(

@@ -10,7 +10,9 @@ least ``min_labelled`` of them (metric Success@k), else the texts of sampled tes
 
 from __future__ import annotations
 
+import json
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,15 +26,23 @@ from index_runtime.encoders import Kind
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.view import View
 from index_runtime.migration import (
+    BRIDGED,
     STATUS_QUO,
+    Calibration,
     decision_metric,
+    fit_calibration,
+    guard,
+    merge,
     select_from_intervals,
     select_strategy,
 )
-from index_runtime.quality.arr import estimate_arr, success, topk
+from index_runtime.quality.arr import Interval, bootstrap, estimate_arr, paired_gain, success, topk
 
 Encode = Callable[[list[str], Kind], npt.NDArray[np.float32]]
 Progress = Callable[[str, str], None]  # (phase, message)
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+DEPTH = 20  # list depth the merge draws from (each model's top-20)
 
 
 @dataclass(frozen=True)
@@ -45,10 +55,27 @@ class MigrationRequest:
     k: int = 10
     seed: int = 0
     labelled: tuple[tuple[str, int | str], ...] = field(default=())
+    backfill: bool = True  # False: stay Bridged until a backfill is requested
+    auto_cutover: bool = True  # False: stay Backfilled until a cutover is requested
+    backfill_batch: int = 256
+    backfill_rate: float = 0.0  # rows per second, 0 = as fast as the encoder goes
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> MigrationRequest:
-        known = {"to_model", "kinds", "diagonal", "pairs", "min_labelled", "k", "seed", "labelled"}
+        known = {
+            "to_model",
+            "kinds",
+            "diagonal",
+            "pairs",
+            "min_labelled",
+            "k",
+            "seed",
+            "labelled",
+            "backfill",
+            "cutover",
+            "backfill_batch",
+            "backfill_rate",
+        }
         extra = set(d) - known
         if extra:
             raise InvalidInputError(f"unknown migration fields: {sorted(extra)}")
@@ -78,6 +105,12 @@ class MigrationRequest:
             ):
                 raise InvalidInputError("each labelled query is {'text': str, 'key': <row key>}")
             labelled.append((item["text"], item["key"]))
+        cutover = d.get("cutover", "auto")
+        if cutover not in ("auto", "manual"):
+            raise InvalidInputError(f"cutover must be 'auto' or 'manual', got {cutover!r}")
+        batch, rate = int(d.get("backfill_batch", 256)), float(d.get("backfill_rate", 0.0))
+        if not 1 <= batch <= 4000 or rate < 0:
+            raise InvalidInputError("backfill_batch must be 1..4000 and backfill_rate >= 0")
         return MigrationRequest(
             d["to_model"],
             kinds,
@@ -87,7 +120,21 @@ class MigrationRequest:
             k,
             int(d.get("seed", 0)),
             tuple(labelled),
+            bool(d.get("backfill", True)),
+            cutover == "auto",
+            batch,
+            rate,
         )
+
+    def options(self) -> dict[str, Any]:
+        """What the backfill and cutover need after a restart (kept in the record)."""
+        return {
+            "backfill": self.backfill,
+            "auto_cutover": self.auto_cutover,
+            "backfill_batch": self.backfill_batch,
+            "backfill_rate": self.backfill_rate,
+            "k": self.k,
+        }
 
 
 def adapter_name(kind: str, diagonal: bool) -> str:
@@ -126,7 +173,10 @@ def run_gate(
     encode_new: Encode,
     req: MigrationRequest,
     progress: Progress = lambda phase, msg: None,
-) -> tuple[dict[str, Any], Adapter | None]:
+) -> tuple[dict[str, Any], Adapter | None, EvalSet | None]:
+    """Sample, fit, measure and select. Returns the record the manifest publishes, the
+    selected adapter (None for the status quo) and, with labelled queries, the evaluation
+    set the progressive merge and the cutover are measured on."""
     rng = np.random.default_rng(req.seed)
     t0 = time.time()
     progress("SamplingPairs", f"sampling up to {req.pairs} rows with text")
@@ -188,6 +238,16 @@ def run_gate(
     for row in table["strategies"]:
         row["arr"] = arr[row["name"]][0].as_dict()
     chosen = adapters.get(sel.selected)
+    evalset: EvalSet | None = None
+    calibration: dict[str, Any] | None = None
+    if metric.startswith("success"):
+        texts_q = [t for t, _ in labelled]
+        keys_q = [view.row(int(alive[i]))["key"] for _, i in labelled]
+        evalset = EvalSet(texts_q, keys_q, calibration_split(texts_q), q_old, q_new)
+        served_q = q_old if chosen is None else chosen.apply(q_new)
+        calibration = _calibrate(
+            view, alive, index_of, pos, new, evalset, served_q, labels, encode_new
+        )
     if chosen is not None:
         chosen.provenance.update(
             old_model=from_model,
@@ -212,14 +272,179 @@ def run_gate(
         "measured_on_version": view.version,
         "started_at": t0,
         "finished_at": time.time(),
+        "options": req.options(),
     }
-    return record, chosen
+    if calibration is not None:
+        record["calibration"] = calibration
+    else:
+        record["merge"] = {
+            "serves": False,
+            "reason": "no labelled queries: the merge cannot be measured, so the selected "
+            "strategy serves until cutover",
+        }
+    return record, chosen, evalset
+
+
+def calibration_split(texts: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """True for the calibration half of the labelled queries (by a hash of the text: stable
+    across restarts), False for the test half the curve is reported on."""
+    return np.array([zlib.crc32(t.encode()) % 2 == 0 for t in texts], bool)
+
+
+@dataclass
+class EvalSet:
+    """The gate's labelled queries (text, the key they should find), encoded with both
+    models. Calibration half: fits the merge's calibration and decides its guard; test half:
+    reports the curve. Stored as an object so a resumed backfill measures the same queries."""
+
+    texts: list[str]
+    keys: list[Any]
+    cal: npt.NDArray[np.bool_]
+    q_old: F32
+    q_new: F32
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"texts": self.texts, "keys": self.keys}).encode()
+
+    @staticmethod
+    def from_bytes(data: bytes, encode_old: Encode, encode_new: Encode) -> EvalSet:
+        d = json.loads(data)
+        texts = list(d["texts"])
+        return EvalSet(
+            texts,
+            list(d["keys"]),
+            calibration_split(texts),
+            _normalized(encode_old(texts, "query")),
+            _normalized(encode_new(texts, "query")),
+        )
+
+
+def _padded(hits: Sequence[Any], depth: int) -> I64:
+    out = np.full((len(hits), depth), -1, np.int64)
+    for i, h in enumerate(hits):
+        out[i, : len(h.pos)] = h.pos[:depth]
+    return out
+
+
+def _calibrate(
+    view: View,
+    alive: I64,
+    index_of: dict[int, int],
+    pos: list[int],
+    new: F32,
+    ev: EvalSet,
+    served_q: F32,
+    labels: I64,
+    encode_new: Encode,
+) -> dict[str, Any]:
+    """Per-model calibrations on the calibration half (``migration.fit_calibration``): the
+    served strategy's list by exact rank over all rows; the native list over the rows the
+    gate re-encoded (plus the calibration queries' labelled rows, which the backfill reaches
+    with probability = its share: the merge weighs native probabilities by the share) at
+    estimated full-corpus rank = rank ÷ sampled share."""
+    cal = np.flatnonzero(ev.cal)
+    base = view.vectors_at(alive)
+    served = topk(served_q[cal], base, DEPTH)[0]
+    ranks = np.broadcast_to(np.arange(1, served.shape[1] + 1), served.shape)
+    cal_s = fit_calibration(ranks, served == labels[cal][:, None])
+    sampled = {index_of[p] for p in pos}
+    extra = sorted({int(i) for i in labels[cal]} - sampled)
+    extra_new = (
+        _normalized(
+            encode_new([view.row(int(alive[i]), payload=True)["text"] for i in extra], "passage")
+        )
+        if extra
+        else np.zeros((0, new.shape[1]), np.float32)
+    )
+    rows = np.array([index_of[p] for p in pos] + extra, np.int64)
+    vecs = np.vstack([new, extra_new])
+    local = topk(ev.q_new[cal], vecs, DEPTH)[0]
+    est = np.broadcast_to(np.arange(1, local.shape[1] + 1) / (len(rows) / len(alive)), local.shape)
+    cal_n = fit_calibration(est, rows[local] == labels[cal][:, None])
+    return {"served": cal_s.as_dict(), "native": cal_n.as_dict(), "queries": len(cal)}
+
+
+def native_mask(native: View) -> npt.NDArray[np.bool_]:
+    """Live rows of the new model's view that have a new-model vector (are backfilled)."""
+    has = np.concatenate([native.base.block.has_vec, native.delta.has_vec])
+    return np.asarray(native.alive & has)
+
+
+def merged_positions(
+    served: I64,
+    native: I64,
+    share: float,
+    calibration: Mapping[str, Any],
+    k: int,
+) -> I64:
+    """The progressive merge of per-query lists of view positions (``-1`` padded): native
+    ranks become estimated full-corpus ranks (÷ share), native probabilities are weighed by
+    the share (the label is backfilled with that probability)."""
+    cal_s = Calibration.from_dict(calibration["served"])
+    cal_n = Calibration.from_dict(calibration["native"])
+    est = np.broadcast_to(np.arange(1, native.shape[1] + 1) / max(share, 1e-9), native.shape)
+    return merge(served, native, est, cal_s, cal_n, k, share)
+
+
+def measure_progress(
+    view: View,
+    native: View,
+    ev: EvalSet,
+    served_q: F32,
+    calibration: Mapping[str, Any],
+    k: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One checkpoint of the progressive migration, on the same snapshot (``view`` and
+    ``native`` built from one manifest): the guard's decision on the calibration half, and on
+    the test half Success@k of the status quo, the served strategy, native-only, the merge
+    and what is served, each with its interval and its paired gain over the status quo.
+    ``native_gain`` (all queries, native vs served) is what the cutover checks."""
+    # a deleted label can never be found (-2: lists are padded with -1)
+    labels = np.array([p if (p := view.position_of(key)) is not None else -2 for key in ev.keys])
+    has = native_mask(native)
+    share = float(has.sum() / max(1, native.live_rows))
+    served = _padded(view.exact_batch(served_q, DEPTH), DEPTH)
+    nat = (
+        _padded(native.exact_batch(ev.q_new, DEPTH, has), DEPTH)
+        if share > 0
+        else np.full((len(ev.keys), 0), -1, np.int64)
+    )
+    merged = merged_positions(served, nat, share, calibration, k)
+    status_quo = _padded(view.exact_batch(ev.q_old, k), k)
+    per = {
+        STATUS_QUO: success(status_quo, labels, k),
+        "served-strategy": success(served, labels, k),
+        "native-only": success(nat, labels, k) if nat.size else np.zeros(len(labels)),
+        "merge": success(merged, labels, k),
+    }
+    cal, test = ev.cal, ~ev.cal
+    serves, gain_cal = guard(per["merge"][cal], per["served-strategy"][cal], seed=seed)
+    per["served"] = per["merge"] if serves else per["served-strategy"]
+    return {
+        "share": share,
+        "merge_serves": bool(serves),
+        "merge_gain_calibration": gain_cal.as_dict(),
+        "test": {n: bootstrap(v[test], seed=seed).as_dict() for n, v in per.items()},
+        "test_gain_vs_status_quo": {
+            n: paired_gain(v[test], per[STATUS_QUO][test], seed=seed).as_dict()
+            for n, v in per.items()
+        },
+        "native_gain": paired_gain(per["native-only"], per["served-strategy"], seed=seed).as_dict(),
+        "queries": {"calibration": int(cal.sum()), "test": int(test.sum())},
+    }
+
+
+def interval_of(d: Mapping[str, Any] | None) -> Interval | None:
+    if not d:
+        return None
+    return Interval(float(d["mean"]), float(d["low"]), float(d["high"]), int(d.get("n", 0)))
 
 
 def strategy_for(record: Mapping[str, Any] | None, has_text: bool, model: str | None) -> str:
     """How a query is served during a bridged migration (pure): text follows the selected
     strategy; a new-model vector needs the adapter; anything else is the status quo."""
-    if not record or record.get("phase") not in ("Bridged",):
+    if not record or record.get("phase") not in BRIDGED:
         return STATUS_QUO
     selected = str(record["selected"])
     if model == record["to"]:

@@ -27,7 +27,7 @@ from index_runtime import lifecycle
 from index_runtime.adapters import Adapter, artifact
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.filters import Filter
-from index_runtime.index.loader import ViewBuilder
+from index_runtime.index.loader import ViewBuilder, serving_model
 from index_runtime.index.rows import F32, normalize
 from index_runtime.index.settings import IndexSettings
 from index_runtime.index.shadow import ShadowGraph
@@ -39,10 +39,27 @@ from index_runtime.index.training import (
     train_codebook,
 )
 from index_runtime.index.view import Hits, View
-from index_runtime.migration import STATUS_QUO
+from index_runtime.migration import (
+    ACTIVE,
+    BRIDGED,
+    STATUS_QUO,
+    Calibration,
+    backfill_progress,
+    cutover_decision,
+)
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
 from index_runtime.quality.window import WindowStats
-from index_runtime.service.migrate import Encode, MigrationRequest, run_gate
+from index_runtime.service.migrate import (
+    DEPTH,
+    Encode,
+    EvalSet,
+    MigrationRequest,
+    interval_of,
+    measure_progress,
+    merged_positions,
+    native_mask,
+    run_gate,
+)
 from index_runtime.service.mirror import Mirror
 from index_runtime.service.status import build_status
 from index_runtime.store.compaction import plan_compaction
@@ -52,6 +69,7 @@ from index_runtime.store.manifest import (
     Codebook,
     IndexFile,
     Manifest,
+    ModelSpec,
     Pin,
     retire_unreferenced,
 )
@@ -94,6 +112,7 @@ class Hooks:
     def compaction(self, index: str, seconds: float, ok: bool) -> None: ...
     def regeneration(self, index: str, ok: bool) -> None: ...
     def adapter(self, index: str, seconds: float) -> None: ...
+    def backfill(self, index: str, rows: int) -> None: ...
 
 
 class IndexRuntime:
@@ -164,7 +183,13 @@ class IndexRuntime:
         self._bridge_key: str | None = None
         self.migration_job: dict[str, Any] = {}
         self.migration_thread: threading.Thread | None = None
+        self._migration_lock = threading.Lock()  # record commits of the migration
+        self._cancel_migration = threading.Event()
+        # during a migration: (view, the new model's view of the same snapshot), swapped as one
+        self._native_builder: ViewBuilder | None = None
+        self.native_pair: tuple[View, View] | None = None
         self._load_bridge(manifest)
+        self._build_native(manifest, self._pending())
 
     # lifecycle of the object ------------------------------------------------------------------
 
@@ -216,6 +241,8 @@ class IndexRuntime:
         m = self.current_manifest(force)
         pending = self._pending()
         top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
+        if serving_model(m) != self.model:
+            self._adopt_model(m)
         if (
             m.version != self.view.version
             or top != self.view.pending_seq
@@ -228,9 +255,44 @@ class IndexRuntime:
             if self.roles.shadow:
                 self.oracle.retain(set(self.view.primaries))
             self._load_bridge(m)
+            self._build_native(m, pending)
         self.reader_lag_s = 0.0 if m.version == self.view.version else self.clock() - m.committed_at
         self._renew_pin()
         return self.view
+
+    def _adopt_model(self, m: Manifest) -> None:
+        """The index's model changed (a migration cut over): new settings, oracle and shadow
+        graph for the new model; the next view is built from its vectors."""
+        log.info("index %s now serves model %s", self.name, serving_model(m))
+        self.spec = m.index
+        self.model = serving_model(m)
+        self.settings = IndexSettings.from_json(m.settings, self.spec.dims[self.model])
+        self.builder = ViewBuilder(self.store)
+        self._native_builder = None
+        self.native_pair = None
+        old_oracle = self.oracle
+        o = self.settings.oracle
+        self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
+        if self.roles.shadow:
+            old_oracle.stop()
+            self.oracle.start()
+        self.shadow_graph = None
+        if self.settings.shadow.kind == "hnsw" and self.roles.shadow:
+            spec = self.spec.models[self.model]
+            self.shadow_graph = ShadowGraph(spec.dim, spec.metric, self.settings.shadow)
+        self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "ModelChanged", "")
+
+    def _build_native(self, m: Manifest, pending: list[Any]) -> None:
+        """During a migration with dual writes, the new model's view of the same snapshot as
+        ``self.view`` (same rows and positions; the backfilled rows have vectors)."""
+        to = m.migration.get("to")
+        if m.migration.get("phase") not in BRIDGED or to not in m.index.models or to == self.model:
+            self._native_builder, self.native_pair = None, None
+            return
+        if self._native_builder is None or self._native_builder.model != to:
+            self._native_builder = ViewBuilder(self.store, model=to)
+        native = self._native_builder.build(m, pending, self.settings)
+        self.native_pair = (self.view, native)
 
     def _renew_pin(self) -> None:
         if self.pin_holder is None:
@@ -286,13 +348,13 @@ class IndexRuntime:
             accepted += self.oracle.offer(Sample(view, q, view.match_mask(flt)))
         return accepted
 
-    def search(self, q: F32, k: int, flt: Filter | None = None) -> Answer:
-        """Top-k over the current view: the serving primary if there is one, else the shadow.
-        A share of queries is mirrored to the oracle (non-blocking)."""
+    def search(self, q: F32, k: int, flt: Filter | None = None, view: View | None = None) -> Answer:
+        """Top-k over the current view (or ``view``): the serving primary if there is one,
+        else the shadow. A share of queries is mirrored to the oracle (non-blocking)."""
         if not 1 <= k <= 1000:
             raise InvalidInputError(f"k must be 1..1000, got {k}")
         started = time.perf_counter()
-        view = self.view
+        view = view or self.view
         match = view.match_mask(flt)
         if view.serving and view.serving in view.primaries:
             hits, path = view.search_primary(view.serving, q, k, match), "primary"
@@ -318,6 +380,11 @@ class IndexRuntime:
         if self.writer is None:
             raise ConflictError("this replica is a reader; send writes to the writer")
         return self.writer
+
+    @property
+    def write_models(self) -> tuple[str, ...]:
+        """Models every upsert must carry (both during a migration)."""
+        return self._writer().spec.write_models
 
     def upsert(self, keys: Sequence[object], vectors: dict[str, Any], texts: Any, meta: Any) -> Any:
         ack = self._writer().upsert(keys, vectors, texts, meta)
@@ -596,59 +663,384 @@ class IndexRuntime:
         """The published migration record ({} when none)."""
         return self.bridge_state[0]
 
+    def _job(self, phase: str, message: str = "", **extra: Any) -> None:
+        self.migration_job.update(phase=phase, message=message, **extra)
+
+    def _commit_record(self, change: Callable[[dict[str, Any]], dict[str, Any]], why: str) -> None:
+        """Commit a change of the migration record (applied to the newest record)."""
+        w = self._writer()
+        now = self.clock()
+        with self._migration_lock:
+            w.commit_edit(
+                lambda m: retire_unreferenced(
+                    m, replace(m, migration=change(dict(m.migration))), now
+                ),
+                why,
+            )
+        self._changed.set()
+        self.refresh(force=True)
+
+    def _run(self, target: Callable[[], None]) -> bool:
+        if self.migration_thread is not None and self.migration_thread.is_alive():
+            return False
+        self._cancel_migration.clear()
+        self.migration_thread = threading.Thread(
+            target=target, name=f"migrate-{self.name}", daemon=True
+        )
+        self.migration_thread.start()
+        return True
+
     def start_migration(
         self, req: MigrationRequest, encode_old: Encode, encode_new: Encode
     ) -> bool:
-        """Run the gate (sample pairs, fit, measure, select) in the background and publish
-        the result through the manifest. False if one is already running."""
+        """Start a model migration in the background: dual writes, the gate (sample pairs,
+        fit, measure, select), then — unless the request says otherwise — the backfill and
+        the cutover. Every step is published through the manifest. False if one is running."""
         self._writer()
         if self.migration_thread is not None and self.migration_thread.is_alive():
             return False
         if req.to_model == self.model:
             raise InvalidInputError(f"the index already serves {self.model!r}")
-        self.migration_job = {
-            "to": req.to_model,
-            "phase": "Pending",
-            "message": "",
-            "started_at": self.clock(),
-        }
-        self.migration_thread = threading.Thread(
-            target=self._migrate,
-            args=(req, encode_old, encode_new),
-            name=f"migrate-{self.name}",
-            daemon=True,
-        )
-        self.migration_thread.start()
-        return True
+        if self.bridge.get("phase") in ACTIVE:
+            raise ConflictError(
+                f"a migration to {self.bridge.get('to')!r} is in phase "
+                f"{self.bridge.get('phase')}; roll it back first"
+            )
+        self.migration_job = {"to": req.to_model, "started_at": self.clock()}
+        self._job("Pending")
+        return self._run(lambda: self._migrate(req, encode_old, encode_new))
 
     def _migrate(self, req: MigrationRequest, encode_old: Encode, encode_new: Encode) -> None:
-        def progress(phase: str, message: str) -> None:
-            self.migration_job.update(phase=phase, message=message)
-
         w = self._writer()
+        old_model = self.model
+        dual = False
         try:
-            record, adapter = run_gate(self.view, self.model, encode_old, encode_new, req, progress)
+            probe = next(
+                (t for p in self.view.live_pos[:1000] if (t := self.view.row(int(p), True)["text"])),
+                None,
+            )
+            if probe is None:
+                raise InvalidInputError("no live rows have text; a migration re-encodes text")
+            dim = int(np.asarray(encode_new([probe], "passage")).shape[1])
+            now = self.clock()
+            record: dict[str, Any] = {
+                "from": old_model,
+                "to": req.to_model,
+                "phase": "Pending",
+                "started_at": now,
+                "options": req.options(),
+            }
+
+            def dual_writes(m: Manifest) -> Manifest:
+                models = {**m.index.models, req.to_model: ModelSpec(dim, "cosine")}
+                spec = replace(m.index, models=models, write_models=(old_model, req.to_model))
+                return replace(m, index=spec, migration=record)
+
+            w.change_spec(dual_writes, f"migration to {req.to_model}: dual writes")
+            dual = True
+            self._changed.set()
+            record, adapter, ev = run_gate(
+                self.view, old_model, encode_old, encode_new, req, self._job
+            )
             if adapter is not None:
                 key = new_object_name(ADAPTER_DIR, ".safetensors")
                 self.store.put(key, artifact.to_bytes(adapter))
                 record["adapter_key"] = key
+            if ev is not None:
+                key = new_object_name(ADAPTER_DIR, ".json")
+                self.store.put(key, ev.to_bytes())
+                record["eval_key"] = key
+            self._commit_record(lambda r: {**r, **record}, f"migration {record['phase']}")
+            self._job("Bridged", record["reason"])
         except Exception as exc:
             log.warning("migration of %s to %s failed: %s", self.name, req.to_model, exc)
-            record = {
-                "from": self.model,
-                "to": req.to_model,
-                "phase": "Failed",
-                "reason": str(exc),
-                "finished_at": self.clock(),
-            }
+            if not dual:  # nothing of this migration is in the manifest yet
+                failed = {"from": old_model, "to": req.to_model, "started_at": self.clock()}
+                self._commit_record(lambda r: failed, "migration Failed")
+            self._end_migration("Failed", str(exc))
+            return
+        if req.backfill:
+            self._backfill_and_cut_over(encode_new, ev)
+
+    def _end_migration(self, phase: str, reason: str) -> None:
+        """Failed or RolledBack: the index stores and requires only the old model again; the
+        adapter and the evaluation set are retired. Nothing stored is lost (new-model vectors
+        already written stay in their segments until compaction drops the column)."""
+        w = self._writer()
         now = self.clock()
-        w.commit_edit(
-            lambda m: retire_unreferenced(m, replace(m, migration=record), now),
-            f"migration {record['phase']}",
-        )
-        self.migration_job.update(phase=record["phase"], message=record.get("reason", ""))
+
+        def edit(m: Manifest) -> Manifest:
+            rec = {**m.migration, "phase": phase, "reason": reason, "finished_at": now}
+            rec.pop("adapter_key", None)
+            rec.pop("eval_key", None)
+            to = rec.get("to")
+            spec = m.index
+            if to in spec.models and to != serving_model(m):
+                spec = replace(
+                    spec,
+                    models={n: v for n, v in spec.models.items() if n != to},
+                    write_models=tuple(x for x in spec.write_models if x != to),
+                )
+            return retire_unreferenced(m, replace(m, index=spec, migration=rec), now)
+
+        with self._migration_lock:
+            w.change_spec(edit, f"migration {phase}")
+        self._job(phase, reason)
         self._changed.set()
         self.refresh(force=True)
+
+    def resume_migration(self, encode_old: Encode, encode_new: Encode) -> bool:
+        """After a restart (or for a migration started with ``backfill: false``): continue
+        the backfill and the cutover of the published migration. False if none to resume."""
+        self._writer()
+        rec = self.bridge
+        if rec.get("phase") not in BRIDGED:
+            return False
+        self.migration_job = {"to": rec["to"], "started_at": self.clock()}
+        self._job(str(rec["phase"]), "resumed")
+
+        def run() -> None:
+            try:
+                ev = None
+                if rec.get("eval_key"):
+                    ev = EvalSet.from_bytes(
+                        self.store.get(str(rec["eval_key"])), encode_old, encode_new
+                    )
+            except Exception as exc:
+                log.warning("resuming the migration of %s failed: %s", self.name, exc)
+                self._job("Failed", f"could not load the evaluation queries: {exc}")
+                return
+            self._backfill_and_cut_over(encode_new, ev)
+
+        return self._run(run)
+
+    def _backfill_and_cut_over(self, encode_new: Encode, ev: EvalSet | None) -> None:
+        try:
+            if self.bridge.get("phase") in ("Bridged", "Backfilling"):
+                self._backfill(encode_new, ev)
+            if self._cancel_migration.is_set():
+                return
+            self.cutover(force=False, explicit=False)
+        except Exception as exc:
+            log.exception("the backfill of %s stopped", self.name)
+            self._job(str(self.bridge.get("phase", "")), f"stopped: {exc}; resume to continue")
+
+    def backfill_snapshot(self) -> tuple[View, View, Any, np.ndarray]:
+        """(view, native view, progress, positions still to re-encode), one snapshot."""
+        pair = self.native_pair
+        if pair is None:
+            raise ConflictError("no migration with dual writes is in progress")
+        view, native = pair
+        texts = [*(native.base.block.texts or [None] * len(native.base.block))]
+        texts += native.delta.texts or [None] * len(native.delta)
+        has_text = np.fromiter((bool(t) for t in texts), bool, len(texts))
+        has_new = np.concatenate([native.base.block.has_vec, native.delta.has_vec])
+        prog, todo = backfill_progress(native.alive, has_new, has_text)
+        return view, native, prog, np.flatnonzero(todo)
+
+    def _backfill(self, encode_new: Encode, ev: EvalSet | None) -> None:
+        """Re-encode every live row with text that has no new-model vector, in passes: a pass
+        works through one snapshot's list (compare-and-set rewrites: a row written meanwhile
+        already carries both vectors and is left alone); the next pass catches up with rows
+        that arrived during it. Progress is checkpointed into the manifest: a restart
+        continues from what is stored."""
+        w = self._writer()
+        rec = self.bridge
+        to, old = str(rec["to"]), str(rec["from"])
+        opts = rec.get("options", {})
+        batch = int(opts.get("backfill_batch", 256))
+        rate = float(opts.get("backfill_rate", 0.0))
+        self._commit_record(lambda r: {**r, "phase": "Backfilling"}, "migration Backfilling")
+        started = time.monotonic()
+        written = skipped = 0
+        last = 0.0
+        next_share = 0.0
+        self.checkpoint_backfill(ev, written, skipped, started)
+        while not self._cancel_migration.is_set():
+            self.refresh(force=True)
+            view, native, prog, todo = self.backfill_snapshot()
+            if not len(todo):
+                break
+            self._job("Backfilling", f"{prog.todo} rows to re-encode", progress=prog.as_dict())
+            for lo in range(0, len(todo), batch):
+                if self._cancel_migration.is_set() or self._stop.is_set():
+                    return
+                pos = todo[lo : lo + batch]
+                rows = [native.row(int(p), payload=True) for p in pos]
+                texts = [str(r["text"]) for r in rows]
+                new = np.asarray(encode_new(texts, "passage"), np.float32)
+                ack, n_skip = w.upsert_unchanged(
+                    [r["key"] for r in rows],
+                    [r["seq"] for r in rows],
+                    {old: view.vectors_at(pos), to: new},
+                    texts,
+                    [r["metadata"] for r in rows],
+                )
+                written += ack.rows if ack else 0
+                skipped += n_skip
+                self._changed.set()
+                self.hooks.backfill(self.name, ack.rows if ack else 0)
+                if rate > 0:
+                    time.sleep(len(pos) / rate)
+                done = (prog.backfilled + written) / max(1, prog.live)
+                if time.monotonic() - last >= 10.0 or done >= next_share:
+                    self.refresh(force=True)
+                    self.checkpoint_backfill(ev, written, skipped, started)
+                    last = time.monotonic()
+                    next_share = min(1.0, np.floor(done * 10 + 1e-9) / 10 + 0.1)
+        if not self._cancel_migration.is_set():
+            self.refresh(force=True)
+            self.checkpoint_backfill(ev, written, skipped, started, phase="Backfilled")
+
+    def checkpoint_backfill(
+        self,
+        ev: EvalSet | None,
+        written: int,
+        skipped: int,
+        started: float,
+        phase: str | None = None,
+    ) -> dict[str, Any]:
+        """Measure the snapshot and publish the backfill's progress (and, with labelled
+        queries, the merge's guard and a point of the quality curve) in the record."""
+        view, native, prog, _ = self.backfill_snapshot()
+        rec = self.bridge
+        elapsed = max(1e-9, time.monotonic() - started)
+        state = {
+            **prog.as_dict(),
+            "rewritten": written,
+            "skipped": skipped,
+            "rows_per_second": written / elapsed,
+            "manifest_version": view.version,
+            "updated_at": self.clock(),
+        }
+        point = None
+        if ev is not None and rec.get("calibration"):
+            served_q = self._served_vectors(ev)
+            point = measure_progress(view, native, ev, served_q, rec["calibration"], self._k())
+
+        def change(r: dict[str, Any]) -> dict[str, Any]:
+            out = {**r, "backfill": state, "text_coverage": prog.text_coverage}
+            if phase:
+                out["phase"] = phase
+            if point is not None:
+                out["merge"] = {
+                    "serves": point["merge_serves"],
+                    "share": point["share"],
+                    "gain_calibration": point["merge_gain_calibration"],
+                    "native_gain": point["native_gain"],
+                }
+                out["curve"] = [*r.get("curve", [])[-49:], point]
+            return out
+
+        self._commit_record(change, f"migration backfill {prog.share:.0%}")
+        self._job(phase or "Backfilling", f"{prog.backfilled}/{prog.live} rows", progress=state)
+        return state
+
+    def _k(self) -> int:
+        return int(self.bridge.get("options", {}).get("k", 10))
+
+    def _served_vectors(self, ev: EvalSet) -> F32:
+        adapter = self.bridge_state[1]
+        if self.bridge.get("selected", STATUS_QUO) == STATUS_QUO or adapter is None:
+            return ev.q_old
+        return normalize(np.asarray(adapter.apply(ev.q_new), np.float32))
+
+    def cutover(self, force: bool = False, explicit: bool = True) -> dict[str, Any]:
+        """Switch the index to the new model when :func:`migration.cutover_decision` says so
+        (``explicit``: an admin request, which may ``force`` past a measured regression).
+        The old model's codebooks and the adapter are retired; the new model is served by the
+        shadow at once and its IVF-PQ primary is trained and validated by the lifecycle, as at
+        a cold start. Returns the decision."""
+        w = self._writer()
+        rec = self.bridge
+        if rec.get("phase") not in BRIDGED:
+            raise ConflictError(f"no migration waits for a cutover (phase {rec.get('phase')!r})")
+        to = str(rec["to"])
+        _, _, prog, _ = self.backfill_snapshot()
+        auto = bool(rec.get("options", {}).get("auto_cutover", True)) or explicit
+        native_gain = interval_of(rec.get("merge", {}).get("native_gain"))
+        d = cutover_decision(prog, native_gain, auto, force, to)
+        try:
+            IndexSettings.from_json(self.current_manifest().settings, w.manifest.index.dims[to])
+        except InvalidInputError as exc:
+            d = replace(d, go=False, reason="SettingsInvalid", message=str(exc))
+        if not d.go:
+            self._commit_record(
+                lambda r: {**r, "cutover": {"reason": d.reason, "message": d.message}},
+                f"migration cutover held: {d.reason}",
+            )
+            self._job(str(rec["phase"]), d.message)
+            if explicit:
+                raise ConflictError(f"{d.reason}: {d.message}")
+            return {"cut_over": False, "reason": d.reason, "message": d.message}
+        self._job("CuttingOver", d.message)
+        now = self.clock()
+
+        def edit(m: Manifest) -> Manifest:
+            spec = replace(m.index, models={to: m.index.models[to]}, write_models=(to,))
+            r = {
+                **m.migration,
+                "phase": "Succeeded",
+                "cutover": {"reason": d.reason, "message": d.message, "at": now},
+                "finished_at": now,
+            }
+            r.pop("adapter_key", None)
+            r.pop("eval_key", None)
+            out = replace(m, index=spec, codebooks=(), index_files=(), serving=0, migration=r)
+            return retire_unreferenced(m, out, now)
+
+        with self._migration_lock:
+            w.change_spec(edit, f"migration cutover to {to}")
+        self._changed.set()
+        self.refresh(force=True)
+        self._job("Succeeded", d.message)
+        return {"cut_over": True, "reason": d.reason, "message": d.message}
+
+    def rollback_migration(self, reason: str = "rolled back on request") -> None:
+        """Stop the migration (any phase before Succeeded) and serve the old model only."""
+        self._writer()
+        if self.bridge.get("phase") not in ACTIVE:
+            raise ConflictError(f"no migration to roll back (phase {self.bridge.get('phase')!r})")
+        self._cancel_migration.set()
+        t = self.migration_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=60)
+        self._end_migration("RolledBack", reason)
+
+    def search_merged(
+        self, served_q: F32, new_q: F32, k: int, flt: Filter | None = None
+    ) -> Answer | None:
+        """During the backfill, when the guard allows it: the served strategy's top list
+        merged with the native top list over the backfilled rows (calibrated probabilities,
+        ``service.migrate.merged_positions``). Scores are the calibrated probabilities of
+        relevance. None when the merge does not serve (then the caller serves the strategy)."""
+        rec = self.bridge
+        pair = self.native_pair
+        if pair is None or not rec.get("merge", {}).get("serves") or not rec.get("calibration"):
+            return None
+        view, native = pair
+        depth = max(DEPTH, k)
+        served = self.search(served_q, depth, flt, view=view)
+        has = native_mask(native)
+        match = native.match_mask(flt)
+        allowed = has if match is None else has & match
+        share = float(has.sum() / max(1, native.live_rows))
+        nq = normalize(np.asarray(new_q, np.float32))
+        nat = native.exact_batch(nq[None, :], depth, allowed)[0] if share > 0 else None
+        s_ids = served.hits.pos[None, :]
+        n_ids = nat.pos[None, :] if nat is not None else np.zeros((1, 0), np.int64)
+        ids = merged_positions(s_ids, n_ids, share, rec["calibration"], k)[0]
+        ids = ids[ids >= 0]
+        cal_s = Calibration.from_dict(rec["calibration"]["served"])
+        cal_n = Calibration.from_dict(rec["calibration"]["native"])
+        prob = {
+            int(p): float(x)
+            for p, x in zip(s_ids[0], cal_s.prob(np.arange(1, s_ids.shape[1] + 1)), strict=True)
+        }
+        for r, p in enumerate(n_ids[0].tolist(), 1):
+            prob[p] = max(prob.get(p, 0.0), share * float(cal_n.prob(r / share)))
+        scores = np.array([prob[int(p)] for p in ids], np.float32)
+        return Answer(Hits(ids, scores), view, served.path)
 
     def query_vector(self, strategy: str, vector: F32, adapter: Adapter | None = None) -> F32:
         """The old-space vector a strategy searches with: adapters map new-model vectors.

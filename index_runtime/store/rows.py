@@ -56,7 +56,8 @@ def key_array(keys: Sequence[Key], key_type: KeyType) -> npt.NDArray[Any]:
 def concat_batches(
     batches: Sequence[RowBatch], key_type: KeyType, dims: Mapping[str, int]
 ) -> RowBatch:
-    """Concatenate batches; models missing from a batch get NaN rows."""
+    """Concatenate batches; models missing from a batch get NaN rows, models not in ``dims``
+    (dropped from the index by a model migration) are left out."""
     if not batches:
         return RowBatch(
             np.zeros(0, np.int64),
@@ -64,7 +65,7 @@ def concat_batches(
             np.zeros(0, bool),
             {m: np.zeros((0, d), np.float32) for m, d in dims.items()},
         )
-    models = sorted({m for b in batches for m in b.vectors})
+    models = sorted({m for b in batches for m in b.vectors if m in dims})
     vectors = {}
     for m in models:
         parts = []

@@ -27,6 +27,7 @@ from index_runtime.crash import crash_point
 from index_runtime.errors import (
     BackpressureError,
     ClosedError,
+    ConflictError,
     DriftlessError,
     FencedError,
     InvalidInputError,
@@ -324,6 +325,8 @@ class IndexWriter:
             with self._flush:
                 with self._lock:
                     self._check_writable()
+                    if not tombstone:
+                        self._check_models(mats)
                     first = self._next_seq
                     self._next_seq += n
                     self._freeze_memtable()
@@ -331,6 +334,8 @@ class IndexWriter:
             return WriteAck(first, first + n - 1, n)
         with self._lock:
             self._check_writable()
+            if not tombstone:
+                self._check_models(mats)
             first = self._next_seq
             batch = make_batch(first)
             self.wal.append(batch)
@@ -338,6 +343,84 @@ class IndexWriter:
             self._mem.add(batch, self.clock())
         self.maybe_flush()
         return WriteAck(first, first + n - 1, n)
+
+    def _check_models(self, mats: Mapping[str, np.ndarray]) -> None:
+        """Under ``_lock``: the rows still carry every required model (the spec may have
+        changed since they were validated: a model migration started or ended)."""
+        missing = [m for m in self.spec.write_models if m not in mats]
+        if missing:
+            raise ConflictError(
+                f"the index now requires vectors for {list(self.spec.write_models)} "
+                f"(a model migration changed it); retry the write"
+            )
+
+    def upsert_unchanged(
+        self,
+        keys: Sequence[object],
+        expected_seqs: Sequence[int],
+        vectors: Mapping[str, Any],
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> tuple[WriteAck | None, int]:
+        """Rewrite rows only where the key's winning seq is still ``expected_seqs[i]`` (the
+        backfill's compare-and-set: a row written meanwhile is newer and is left alone).
+        Returns the acknowledgement (None if nothing was written) and the rows skipped."""
+        ks, mats, txt, meta = validate_upsert(
+            keys,
+            vectors,
+            self.spec.dims,
+            self.spec.write_models,
+            self.spec.key_type,
+            self.config.limits,
+            texts,
+            metadata,
+        )
+        if len(ks) != len(keys) or len(expected_seqs) != len(ks):
+            raise InvalidInputError("a conditional rewrite needs distinct keys, one seq each")
+        if len(ks) >= self.config.bulk_rows:
+            raise InvalidInputError(
+                f"a conditional rewrite takes under {self.config.bulk_rows} rows"
+            )
+        with self._commit, self._lock:
+            self._check_writable()
+            self._ensure_index()
+            current = self._winner_seqs(ks)
+            keep = [i for i, k in enumerate(ks) if current.get(k) == int(expected_seqs[i])]
+            if not keep:
+                return None, len(ks)
+            self._check_models(mats)
+            idx = np.array(keep, np.int64)
+            first = self._next_seq
+            n = len(keep)
+            batch = RowBatch(
+                seqs=np.arange(first, first + n, dtype=np.int64),
+                keys=key_array([ks[i] for i in keep], self.spec.key_type),
+                tombstone=np.zeros(n, bool),
+                vectors={m: v[idx] for m, v in mats.items()},
+                texts=None if txt is None else [txt[i] for i in keep],
+                metadata=None if meta is None else [meta[i] for i in keep],
+            )
+            self.wal.append(batch)
+            self._next_seq += n
+            self._mem.add(batch, self.clock())
+        self.maybe_flush()
+        return WriteAck(first, first + n - 1, n), len(ks) - n
+
+    def _winner_seqs(self, ks: Sequence[Key]) -> dict[Key, int]:
+        """Under ``_commit`` and ``_lock``: the winning seq of each key (pending rows first,
+        then the committed segments); absent keys are left out."""
+        want = set(ks)
+        out: dict[Key, int] = {}
+        for m in [*self._frozen, self._mem]:
+            for b in m.batches:
+                for k, s in zip(b.keys.tolist(), b.seqs.tolist(), strict=True):
+                    if k in want and s > out.get(k, -1):
+                        out[k] = s
+        for k in want - out.keys():
+            w = self._index.winner.get(k)
+            if w is not None:
+                out[k] = w[0]
+        return out
 
     def maybe_flush(self) -> None:
         """Flush if enough rows wait or the oldest waits too long. Store outages are absorbed:
@@ -637,6 +720,17 @@ class IndexWriter:
         with self._commit:
             self._ensure_index()
             return self._commit_edit(self.manifest, edit, reason)
+
+    def change_spec(self, edit: Callable[[Manifest], Manifest], reason: str) -> Manifest:
+        """Commit an edit that changes the index spec (which models are stored and required:
+        a model migration starting, cutting over or rolling back). Writes wait meanwhile, so
+        every row is checked and logged under one spec."""
+        with self._commit, self._lock:
+            self._ensure_index()
+            manifest = self._commit_edit(self.manifest, edit, reason)
+            self.spec = manifest.index
+            self.wal.dims = dict(self.spec.dims)
+            return manifest
 
     # garbage collection ----------------------------------------------------------------------
 

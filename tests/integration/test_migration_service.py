@@ -74,20 +74,27 @@ def _setup(c: httpx.Client, old_noise: float, new_noise: float) -> list[str]:
     return texts
 
 
-def _migrate(c: httpx.Client, **body: Any) -> dict[str, Any]:
+def _wait(c: httpx.Client, phases: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mig = c.get("/v1/indexes/docs/status").json()["migration"]
+        if mig["record"] and mig["record"].get("phase") in phases:
+            return dict(mig["record"])
+        time.sleep(0.1)
+    raise AssertionError(f"the migration did not reach {phases}: {mig}")
+
+
+def _migrate(
+    c: httpx.Client, until: tuple[str, ...] = ("Bridged", "Failed"), **body: Any
+) -> dict[str, Any]:
+    """Start a migration (by default without backfill: it stays Bridged) and wait."""
     r = c.post(
         "/v1/indexes/docs/admin/migrations",
-        json={"to_model": "new", "kinds": ["procrustes", "lowrank"], **body},
+        json={"to_model": "new", "kinds": ["procrustes", "lowrank"], "backfill": False, **body},
         headers=AUTH,
     )
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        mig = c.get("/v1/indexes/docs/status").json()["migration"]
-        if mig["record"] and mig["record"].get("phase") in ("Bridged", "Failed"):
-            return dict(mig["record"])
-        time.sleep(0.1)
-    raise AssertionError("the migration did not finish")
+    return _wait(c, until)
 
 
 def test_adapter_wins_when_new_model_queries_are_better(tmp_path: Path) -> None:
