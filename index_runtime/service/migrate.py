@@ -365,9 +365,9 @@ def _calibrate(
 
 
 def native_mask(native: View) -> npt.NDArray[np.bool_]:
-    """Live rows of the new model's view that have a new-model vector (are backfilled)."""
-    has = np.concatenate([native.base.block.has_vec, native.delta.has_vec])
-    return np.asarray(native.alive & has)
+    """Rows of the new model's view that are live and have a new-model vector (backfilled):
+    a view's ``alive`` already requires a vector of its model."""
+    return native.alive
 
 
 def merged_positions(
@@ -403,7 +403,7 @@ def measure_progress(
     # a deleted label can never be found (-2: lists are padded with -1)
     labels = np.array([p if (p := view.position_of(key)) is not None else -2 for key in ev.keys])
     has = native_mask(native)
-    share = float(has.sum() / max(1, native.live_rows))
+    share = float(has.sum() / max(1, view.live_rows))
     served = _padded(view.exact_batch(served_q, DEPTH), DEPTH)
     nat = (
         _padded(native.exact_batch(ev.q_new, DEPTH, has), DEPTH)

@@ -835,7 +835,7 @@ class IndexRuntime:
         texts += native.delta.texts or [None] * len(native.delta)
         has_text = np.fromiter((bool(t) for t in texts), bool, len(texts))
         has_new = np.concatenate([native.base.block.has_vec, native.delta.has_vec])
-        prog, todo = backfill_progress(native.alive, has_new, has_text)
+        prog, todo = backfill_progress(view.alive, has_new, has_text)
         return view, native, prog, np.flatnonzero(todo)
 
     def _backfill(self, encode_new: Encode, ev: EvalSet | None) -> None:
@@ -866,7 +866,7 @@ class IndexRuntime:
                 if self._cancel_migration.is_set() or self._stop.is_set():
                     return
                 pos = todo[lo : lo + batch]
-                rows = [native.row(int(p), payload=True) for p in pos]
+                rows = [view.row(int(p), payload=True) for p in pos]
                 texts = [str(r["text"]) for r in rows]
                 new = np.asarray(encode_new(texts, "passage"), np.float32)
                 ack, n_skip = w.upsert_unchanged(
@@ -1024,7 +1024,7 @@ class IndexRuntime:
         has = native_mask(native)
         match = native.match_mask(flt)
         allowed = has if match is None else has & match
-        share = float(has.sum() / max(1, native.live_rows))
+        share = float(has.sum() / max(1, view.live_rows))
         nq = normalize(np.asarray(new_q, np.float32))
         nat = native.exact_batch(nq[None, :], depth, allowed)[0] if share > 0 else None
         s_ids = served.hits.pos[None, :]

@@ -36,7 +36,7 @@ def _vector_array(mat: np.ndarray) -> pa.Array:
 
 
 def batch_to_record_batch(
-    batch: RowBatch, key_type: KeyType, dims: Mapping[str, int]
+    batch: RowBatch, key_type: KeyType, dims: Mapping[str, int], every_model: bool = False
 ) -> pa.RecordBatch:
     n = len(batch)
     cols: dict[str, pa.Array] = {
@@ -48,10 +48,13 @@ def batch_to_record_batch(
             batch.metadata if batch.metadata is not None else [None] * n, type=pa.string()
         ),
     }
-    # a model with no vector in any row gets no column at all (tombstone-only segments)
+    # a model with no vector in any row gets no column at all (tombstone-only segments),
+    # unless ``every_model`` (a stream of batches must share one schema)
     for m in sorted(dims):
         mat = batch.vectors.get(m)
-        if mat is not None and n and not np.isnan(mat[:, 0]).all():
+        if every_model and (mat is None or not n):
+            mat = np.full((n, dims[m]), np.nan, np.float32)
+        if mat is not None and (every_model or (n and not np.isnan(mat[:, 0]).all())):
             cols[VECTOR_PREFIX + m] = _vector_array(mat)
     return pa.RecordBatch.from_pydict(cols)
 
@@ -87,7 +90,7 @@ class SegmentWriter:
     def write(self, batch: RowBatch) -> None:
         if len(batch) == 0:
             return
-        rb = batch_to_record_batch(batch, self.key_type, self.dims)
+        rb = batch_to_record_batch(batch, self.key_type, self.dims, every_model=True)
         if self._writer is None:
             schema = rb.schema.with_metadata(segment_schema_metadata(self.key_type, self.dims))
             self._writer = pa.ipc.new_file(self._sink, schema)

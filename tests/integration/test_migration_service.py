@@ -187,3 +187,184 @@ def test_a_migration_without_enough_text_fails_with_a_reason(tmp_path: Path) -> 
         # a failed migration serves nothing new: a new-model vector (same dimension or not) is refused
         r = c.post("/v1/indexes/docs/search", json={"vector": vecs[0][:D_NEW], "model": "new", "k": 1})
         assert r.status_code == 400 and "cannot be compared" in r.json()["message"]
+
+
+# --- past Bridged: dual writes, backfill, merge, cutover, rollback, resume ------------------
+
+
+def _count(c: httpx.Client) -> int:
+    return int(c.get("/v1/indexes/docs/count").json()["count"])
+
+
+def test_backfill_under_writes_then_cutover_serves_the_new_model(tmp_path: Path) -> None:
+    """The adapter wins, the backfill rewrites every row while clients keep writing (dual
+    writes), the merge is guarded at every checkpoint, and the cutover leaves every row
+    searchable with the new model's vectors."""
+    with running_service(tmp_path) as c:
+        texts = _setup(c, old_noise=1.5, new_noise=0.0)
+        labelled = [{"text": t, "key": f"k{i}"} for i, t in enumerate(texts[:300])]
+        r = c.post(
+            "/v1/indexes/docs/admin/migrations",
+            json={
+                "to_model": "new",
+                "kinds": ["procrustes"],
+                "pairs": 600,
+                "labelled": labelled,
+                "backfill_batch": 40,
+                "backfill_rate": 400,
+            },
+            headers=AUTH,
+        )
+        assert r.status_code == 202, r.text
+        selected = _wait(c, ("Backfilling",))["selected"]
+        # dual writes: a text upsert is stored with both models; a vector-only one is refused
+        more = corpus(660)[600:]
+        r = c.post(
+            "/v1/indexes/docs/upsert",
+            json={"keys": [f"n{i}" for i in range(60)], "texts": more},
+        )
+        assert r.status_code == 200, r.text
+        vec_only = c.post(
+            "/v1/indexes/docs/upsert",
+            json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()},
+        )
+        assert vec_only.status_code == 400 and "migrating to 'new'" in vec_only.json()["message"]
+        assert c.post("/v1/indexes/docs/delete", json={"keys": ["k1", "k2"]}).status_code == 200
+        # during the backfill a text query is answered (by the strategy or the guarded merge)
+        r = c.post("/v1/indexes/docs/search", json={"text": texts[9], "k": 3}).json()
+        assert r["strategy"] in ("merge", selected) and r["results"][0]["key"] == "k9"
+        rec = _wait(c, ("Succeeded", "Backfilled"), timeout=90)
+        assert rec["phase"] == "Succeeded", rec.get("cutover")
+        bf = rec["backfill"]
+        assert bf["todo"] == 0 and bf["blocked"] == 0 and bf["share"] == 1.0
+        assert bf["live"] == 600 + 60 - 2 == _count(c)
+        # the curve: one point per checkpoint, the served strategy never below the status quo
+        curve = rec["curve"]
+        shares = [p["share"] for p in curve]
+        assert shares == sorted(shares) and shares[0] < 0.5 and shares[-1] == 1.0
+        for p in curve:
+            gain = p["test_gain_vs_status_quo"]["served"]
+            assert gain["low"] > -1e-9 or p["merge_serves"], p  # the strategy itself is significant
+            if p["merge_serves"]:
+                assert p["merge_gain_calibration"]["low"] > 0
+        # after the cutover: the new model is the index's model, no adapter, old vectors refused
+        info = c.get("/v1/indexes/docs").json()
+        assert info["model"] == "new" and info["dim"] == D_NEW
+        assert "adapter_key" not in rec and "eval_key" not in rec
+        r = c.post("/v1/indexes/docs/search", json={"text": more[5], "k": 1}).json()
+        assert r["strategy"] == "status-quo" and r["results"][0]["key"] == "n5"
+        old = encoder(W_OLD, 0.0)([texts[3]], "passage")[0].tolist()
+        r = c.post("/v1/indexes/docs/search", json={"vector": old, "model": "old", "k": 1})
+        assert r.status_code == 400
+        # writes need only the new model again; everything is searchable natively
+        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["z"], "vectors": np.ones((1, D_NEW)).tolist()})
+        assert r.status_code == 200, r.text
+        new = encoder(W_NEW, 0.0)(texts[100:140], "query")
+        found = 0
+        for i, v in enumerate(new):
+            r = c.post("/v1/indexes/docs/search", json={"vector": v.tolist(), "k": 1}).json()
+            found += r["results"][0]["key"] == f"k{100 + i}"
+        assert found == 40
+        metrics = c.get("/metrics").text
+        assert 'driftless_migration_phase{index="docs",phase="Succeeded"} 1.0' in metrics
+        assert 'driftless_migration_backfill_ratio{index="docs"} 1.0' in metrics
+        assert 'driftless_migration_backfill_rewritten_rows_total{index="docs"}' in metrics
+        if shutil.which("promtool"):
+            out = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+    # the cutover is in the manifest: a restart serves the new model
+    with running_service(tmp_path) as c:
+        assert c.get("/v1/indexes/docs").json()["model"] == "new"
+        assert _count(c) == 659
+
+
+def test_status_quo_kept_merge_guarded_and_cutover_held_when_native_is_worse(
+    tmp_path: Path,
+) -> None:
+    """The new model is poor at queries: the gate keeps the status quo, the merge never serves
+    below it, and the cutover waits (NativeWorse) until it is forced."""
+    with running_service(tmp_path) as c:
+        texts = _setup(c, old_noise=0.0, new_noise=4.0)
+        labelled = [{"text": t, "key": f"k{i}"} for i, t in enumerate(texts[:300])]
+        rec = _migrate(
+            c,
+            until=("Backfilled", "Succeeded", "Failed"),
+            pairs=600,
+            labelled=labelled,
+            backfill=True,
+            backfill_batch=100,
+        )
+        assert rec["selected"] == "status-quo" and rec["phase"] == "Backfilled", rec.get("merge")
+        assert rec["cutover"]["reason"] == "NativeWorse", rec["cutover"]
+        for p in rec["curve"]:
+            served, sq = p["test"]["served"], p["test"]["status-quo"]
+            if not p["merge_serves"]:
+                assert served["mean"] == sq["mean"]  # it *is* the status quo
+            assert p["test_gain_vs_status_quo"]["served"]["high"] >= 0, p
+        r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={}, headers=AUTH)
+        assert r.status_code == 409 and "NativeWorse" in r.json()["message"]
+        r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={"force": True}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["cut_over"], r.text
+        assert c.get("/v1/indexes/docs").json()["model"] == "new"
+        assert _count(c) == 600
+
+
+def test_rows_without_text_block_the_cutover_until_their_vectors_come(tmp_path: Path) -> None:
+    with running_service(tmp_path) as c:
+        _setup(c, 0.0, 0.0)
+        vecs = np.random.default_rng(3).normal(size=(5, D_OLD)).tolist()
+        c.post("/v1/indexes/docs/upsert", json={"keys": [f"v{i}" for i in range(5)], "vectors": vecs})
+        rec = _migrate(c, until=("Backfilled", "Succeeded", "Failed"), backfill=True, pairs=300)
+        assert rec["phase"] == "Backfilled" and rec["cutover"]["reason"] == "RowsWithoutText"
+        assert rec["backfill"]["blocked"] == 5 and rec["text_coverage"] == 600 / 605
+        new = np.random.default_rng(4).normal(size=(5, D_NEW)).tolist()
+        r = c.post(
+            "/v1/indexes/docs/upsert",
+            json={"keys": [f"v{i}" for i in range(5)], "vectors": vecs, "vectors_by_model": {"new": new}},
+        )
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the rewrite must be visible to the writer's view
+            r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={}, headers=AUTH)
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        assert c.get("/v1/indexes/docs").json()["model"] == "new" and _count(c) == 605
+
+
+def test_rollback_returns_to_the_old_model_only(tmp_path: Path) -> None:
+    with running_service(tmp_path) as c:
+        texts = _setup(c, 0.0, 0.0)
+        _migrate(c, pairs=300)  # stays Bridged (no backfill)
+        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()})
+        assert r.status_code == 400  # dual writes: the new model is required
+        r = c.post("/v1/indexes/docs/admin/migrations/rollback", headers=AUTH)
+        assert r.status_code == 200 and r.json()["phase"] == "RolledBack"
+        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/indexes/docs/search", json={"text": texts[4], "k": 1}).json()
+        assert r["strategy"] == "status-quo" and r["results"][0]["key"] == "k4"
+        r = c.post("/v1/indexes/docs/admin/migrations/rollback", headers=AUTH)
+        assert r.status_code == 409
+    m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
+    assert m is not None and list(m.index.models) == ["old"] and m.migration["phase"] == "RolledBack"
+
+
+def test_a_restarted_writer_resumes_the_backfill(tmp_path: Path) -> None:
+    with running_service(tmp_path) as c:
+        _setup(c, 0.0, 0.0)
+        _migrate(c, until=("Backfilling",), backfill=True, pairs=300, backfill_batch=20, backfill_rate=100)
+        time.sleep(1.0)
+    m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
+    assert m is not None and m.migration["phase"] == "Backfilling"
+    done_before = m.migration["backfill"]["backfilled"]
+    assert done_before < 600
+    with running_service(tmp_path) as c:
+        c.engine.encoders["old"] = encoder(W_OLD, 0.0)  # type: ignore[attr-defined]
+        c.engine.encoders["new"] = encoder(W_NEW, 0.0)  # type: ignore[attr-defined]
+        c.engine.resume_migrations()  # type: ignore[attr-defined]
+        rec = _wait(c, ("Succeeded",), timeout=60)
+        # the resumed job did not redo the rows already rewritten
+        assert rec["backfill"]["rewritten"] <= 600 - done_before
+        assert c.get("/v1/indexes/docs").json()["model"] == "new" and _count(c) == 600
