@@ -716,7 +716,11 @@ class IndexRuntime:
         dual = False
         try:
             probe = next(
-                (t for p in self.view.live_pos[:1000] if (t := self.view.row(int(p), True)["text"])),
+                (
+                    t
+                    for p in self.view.live_pos[:1000]
+                    if (t := self.view.row(int(p), True)["text"])
+                ),
                 None,
             )
             if probe is None:
@@ -858,7 +862,7 @@ class IndexRuntime:
         self.checkpoint_backfill(ev, written, skipped, started)
         while not self._cancel_migration.is_set():
             self.refresh(force=True)
-            view, native, prog, todo = self.backfill_snapshot()
+            view, _, prog, todo = self.backfill_snapshot()
             if not len(todo):
                 break
             self._job("Backfilling", f"{prog.todo} rows to re-encode", progress=prog.as_dict())
@@ -888,9 +892,9 @@ class IndexRuntime:
                     self.checkpoint_backfill(ev, written, skipped, started)
                     last = time.monotonic()
                     next_share = min(1.0, np.floor(done * 10 + 1e-9) / 10 + 0.1)
-        if not self._cancel_migration.is_set():
+        if not self._cancel_migration.is_set():  # the cutover decides: Succeeded or Backfilled
             self.refresh(force=True)
-            self.checkpoint_backfill(ev, written, skipped, started, phase="Backfilled")
+            self.checkpoint_backfill(ev, written, skipped, started)
 
     def checkpoint_backfill(
         self,
@@ -898,7 +902,6 @@ class IndexRuntime:
         written: int,
         skipped: int,
         started: float,
-        phase: str | None = None,
     ) -> dict[str, Any]:
         """Measure the snapshot and publish the backfill's progress (and, with labelled
         queries, the merge's guard and a point of the quality curve) in the record."""
@@ -920,8 +923,6 @@ class IndexRuntime:
 
         def change(r: dict[str, Any]) -> dict[str, Any]:
             out = {**r, "backfill": state, "text_coverage": prog.text_coverage}
-            if phase:
-                out["phase"] = phase
             if point is not None:
                 out["merge"] = {
                     "serves": point["merge_serves"],
@@ -933,7 +934,7 @@ class IndexRuntime:
             return out
 
         self._commit_record(change, f"migration backfill {prog.share:.0%}")
-        self._job(phase or "Backfilling", f"{prog.backfilled}/{prog.live} rows", progress=state)
+        self._job("Backfilling", f"{prog.backfilled}/{prog.live} rows", progress=state)
         return state
 
     def _k(self) -> int:
@@ -965,11 +966,16 @@ class IndexRuntime:
         except InvalidInputError as exc:
             d = replace(d, go=False, reason="SettingsInvalid", message=str(exc))
         if not d.go:
+            phase = "Backfilled" if not prog.todo else str(rec["phase"])
             self._commit_record(
-                lambda r: {**r, "cutover": {"reason": d.reason, "message": d.message}},
+                lambda r: {
+                    **r,
+                    "phase": phase,
+                    "cutover": {"reason": d.reason, "message": d.message},
+                },
                 f"migration cutover held: {d.reason}",
             )
-            self._job(str(rec["phase"]), d.message)
+            self._job(phase, d.message)
             if explicit:
                 raise ConflictError(f"{d.reason}: {d.message}")
             return {"cut_over": False, "reason": d.reason, "message": d.message}

@@ -125,8 +125,12 @@ def test_adapter_wins_when_new_model_queries_are_better(tmp_path: Path) -> None:
         assert 'driftless_adapter_duration_seconds_count{index="docs"} 2.0' in metrics
         assert 'driftless_migration_estimated_arr_ratio{bound="lower",index="docs"}' in metrics
         if shutil.which("promtool"):
-            out = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
-            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+            out = subprocess.run(
+                ["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True
+            )
+            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), (
+                out.stdout + out.stderr
+            )
     # published through the manifest: a restarted service serves the same decision
     m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
     assert m is not None and m.migration["selected"] == rec["selected"]
@@ -185,7 +189,9 @@ def test_a_migration_without_enough_text_fails_with_a_reason(tmp_path: Path) -> 
         rec = _migrate(c)
         assert rec["phase"] == "Failed" and "have text" in rec["reason"]
         # a failed migration serves nothing new: a new-model vector (same dimension or not) is refused
-        r = c.post("/v1/indexes/docs/search", json={"vector": vecs[0][:D_NEW], "model": "new", "k": 1})
+        r = c.post(
+            "/v1/indexes/docs/search", json={"vector": vecs[0][:D_NEW], "model": "new", "k": 1}
+        )
         assert r.status_code == 400 and "cannot be compared" in r.json()["message"]
 
 
@@ -257,7 +263,9 @@ def test_backfill_under_writes_then_cutover_serves_the_new_model(tmp_path: Path)
         r = c.post("/v1/indexes/docs/search", json={"vector": old, "model": "old", "k": 1})
         assert r.status_code == 400
         # writes need only the new model again; everything is searchable natively
-        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["z"], "vectors": np.ones((1, D_NEW)).tolist()})
+        r = c.post(
+            "/v1/indexes/docs/upsert", json={"keys": ["z"], "vectors": np.ones((1, D_NEW)).tolist()}
+        )
         assert r.status_code == 200, r.text
         new = encoder(W_NEW, 0.0)(texts[100:140], "query")
         found = 0
@@ -270,8 +278,12 @@ def test_backfill_under_writes_then_cutover_serves_the_new_model(tmp_path: Path)
         assert 'driftless_migration_backfill_ratio{index="docs"} 1.0' in metrics
         assert 'driftless_migration_backfill_rewritten_rows_total{index="docs"}' in metrics
         if shutil.which("promtool"):
-            out = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
-            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+            out = subprocess.run(
+                ["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True
+            )
+            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), (
+                out.stdout + out.stderr
+            )
     # the cutover is in the manifest: a restart serves the new model
     with running_service(tmp_path) as c:
         assert c.get("/v1/indexes/docs").json()["model"] == "new"
@@ -313,14 +325,20 @@ def test_rows_without_text_block_the_cutover_until_their_vectors_come(tmp_path: 
     with running_service(tmp_path) as c:
         _setup(c, 0.0, 0.0)
         vecs = np.random.default_rng(3).normal(size=(5, D_OLD)).tolist()
-        c.post("/v1/indexes/docs/upsert", json={"keys": [f"v{i}" for i in range(5)], "vectors": vecs})
+        c.post(
+            "/v1/indexes/docs/upsert", json={"keys": [f"v{i}" for i in range(5)], "vectors": vecs}
+        )
         rec = _migrate(c, until=("Backfilled", "Succeeded", "Failed"), backfill=True, pairs=300)
         assert rec["phase"] == "Backfilled" and rec["cutover"]["reason"] == "RowsWithoutText"
         assert rec["backfill"]["blocked"] == 5 and rec["text_coverage"] == 600 / 605
         new = np.random.default_rng(4).normal(size=(5, D_NEW)).tolist()
         r = c.post(
             "/v1/indexes/docs/upsert",
-            json={"keys": [f"v{i}" for i in range(5)], "vectors": vecs, "vectors_by_model": {"new": new}},
+            json={
+                "keys": [f"v{i}" for i in range(5)],
+                "vectors": vecs,
+                "vectors_by_model": {"new": new},
+            },
         )
         assert r.status_code == 200, r.text
         deadline = time.monotonic() + 10
@@ -337,24 +355,37 @@ def test_rollback_returns_to_the_old_model_only(tmp_path: Path) -> None:
     with running_service(tmp_path) as c:
         texts = _setup(c, 0.0, 0.0)
         _migrate(c, pairs=300)  # stays Bridged (no backfill)
-        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()})
+        r = c.post(
+            "/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()}
+        )
         assert r.status_code == 400  # dual writes: the new model is required
         r = c.post("/v1/indexes/docs/admin/migrations/rollback", headers=AUTH)
         assert r.status_code == 200 and r.json()["phase"] == "RolledBack"
-        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()})
+        r = c.post(
+            "/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": np.ones((1, D_OLD)).tolist()}
+        )
         assert r.status_code == 200, r.text
         r = c.post("/v1/indexes/docs/search", json={"text": texts[4], "k": 1}).json()
         assert r["strategy"] == "status-quo" and r["results"][0]["key"] == "k4"
         r = c.post("/v1/indexes/docs/admin/migrations/rollback", headers=AUTH)
         assert r.status_code == 409
     m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
-    assert m is not None and list(m.index.models) == ["old"] and m.migration["phase"] == "RolledBack"
+    assert (
+        m is not None and list(m.index.models) == ["old"] and m.migration["phase"] == "RolledBack"
+    )
 
 
 def test_a_restarted_writer_resumes_the_backfill(tmp_path: Path) -> None:
     with running_service(tmp_path) as c:
         _setup(c, 0.0, 0.0)
-        _migrate(c, until=("Backfilling",), backfill=True, pairs=300, backfill_batch=20, backfill_rate=100)
+        _migrate(
+            c,
+            until=("Backfilling",),
+            backfill=True,
+            pairs=300,
+            backfill_batch=20,
+            backfill_rate=100,
+        )
         time.sleep(1.0)
     m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
     assert m is not None and m.migration["phase"] == "Backfilling"
