@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,11 @@ def vecs(keys: list[int], version: int) -> dict[str, np.ndarray]:
 def state(store: Any, writer: IndexWriter | None = None) -> dict[int, np.ndarray]:
     extra = writer.pending_batches() if writer else []
     rows = Snapshot.open(store, extra_rows=extra).live.rows
-    return {int(k): rows.vectors["m"][i] for i, k in enumerate(rows.keys.tolist())} if len(rows) else {}
+    return (
+        {int(k): rows.vectors["m"][i] for i, k in enumerate(rows.keys.tolist())}
+        if len(rows)
+        else {}
+    )
 
 
 def assert_state(got: dict[int, np.ndarray], want: dict[int, int]) -> None:
@@ -65,8 +70,12 @@ def assert_state(got: dict[int, np.ndarray], want: dict[int, int]) -> None:
 
 def test_upsert_delete_flush_reopen(store: Any, tmp_path: Path) -> None:
     w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
-    w.upsert(list(range(20)), vecs(list(range(20)), 1), texts=[f"t{i}" for i in range(20)],
-             metadata=[{"i": i} for i in range(20)])
+    w.upsert(
+        list(range(20)),
+        vecs(list(range(20)), 1),
+        texts=[f"t{i}" for i in range(20)],
+        metadata=[{"i": i} for i in range(20)],
+    )
     w.upsert([5, 6], vecs([5, 6], 2))
     w.delete([0, 1, 999])
     w.flush()
@@ -119,7 +128,9 @@ def test_string_keys_and_two_models(store: Any, tmp_path: Path) -> None:
 def test_bad_input_is_refused_and_loses_nothing(
     store: Any, tmp_path: Path, keys: list[Any], vectors: Any, error: type, match: str
 ) -> None:
-    w = IndexWriter.open(store, tmp_path / "wal", cfg(limits=Limits(max_batch_rows=10)), create=SPEC)
+    w = IndexWriter.open(
+        store, tmp_path / "wal", cfg(limits=Limits(max_batch_rows=10)), create=SPEC
+    )
     w.upsert([1, 2], vecs([1, 2], 1))
     w.flush()
     with pytest.raises(error, match=match) as info:
@@ -143,7 +154,9 @@ def test_open_missing_index_is_a_clear_error(store: Any, tmp_path: Path) -> None
 
 def test_flush_by_rows_and_by_seconds(store: Any, tmp_path: Path) -> None:
     clock = Clock()
-    w = IndexWriter.open(store, tmp_path / "wal", cfg(flush_rows=10, flush_interval_s=5), create=SPEC, clock=clock)
+    w = IndexWriter.open(
+        store, tmp_path / "wal", cfg(flush_rows=10, flush_interval_s=5), create=SPEC, clock=clock
+    )
     w.upsert(list(range(9)), vecs(list(range(9)), 1))
     assert len(w.manifest.segments) == 0
     w.upsert([9], vecs([9], 1))
@@ -197,7 +210,11 @@ def test_compaction_keeps_tombstones_that_still_shadow_rows(store: Any, tmp_path
     w2 = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy))
     stats = w2._index.stats_by_segment()
     for s in w2.manifest.segments:  # stats in the manifest agree with a rebuild from data
-        assert (s.live, s.tombstones) == (stats[s.id].live, stats[s.id].tombstones) if s.id in stats else (0, 0)
+        assert (
+            (s.live, s.tombstones) == (stats[s.id].live, stats[s.id].tombstones)
+            if s.id in stats
+            else (0, 0)
+        )
     w2.close()
 
 
@@ -325,7 +342,10 @@ def test_manifest_history_is_contiguous(store: Any, tmp_path: Path) -> None:
     assert versions == list(range(1, versions[-1] + 1))
     reasons = [ManifestLog(store).load(v).reason for v in versions]
     assert reasons[:2] == ["create", "writer-open"] and reasons.count("flush") == 3
-    assert list(itertools.accumulate(ManifestLog(store).load(v).flushed_seq for v in versions)) is not None
+    assert (
+        list(itertools.accumulate(ManifestLog(store).load(v).flushed_seq for v in versions))
+        is not None
+    )
 
 
 class _LostResponse:
@@ -375,3 +395,60 @@ def test_retried_conditional_put_that_sees_its_own_412_succeeds(store: Any, tmp_
     w.flush()
     assert_state(state(store), {1: 1, 2: 1})
     w.close()
+
+
+def test_conditional_rewrite_skips_rows_written_meanwhile(store: Any, tmp_path: Path) -> None:
+    """The backfill's compare-and-set: a rewrite lands only where the key's winning seq is
+    the one the backfill read (committed or still pending), never over a newer write."""
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    a = w.upsert([1, 2, 3], vecs([1, 2, 3], 1))  # seqs 1..3
+    w.flush()
+    w.upsert([2], vecs([2], 2))  # pending, newer than what the backfill read
+    w.delete([3])
+    ack, skipped = w.upsert_unchanged(
+        [1, 2, 3, 4], [a.first_seq, a.first_seq + 1, a.first_seq + 2, 9], vecs([1, 2, 3, 4], 5)
+    )
+    assert ack is not None and ack.rows == 1 and skipped == 3
+    assert_state(state(store, w), {1: 5, 2: 2})
+    # the rewrite of a pending row compares against the pending seq
+    b = w.upsert([6], vecs([6], 1))
+    ack, skipped = w.upsert_unchanged([6], [b.first_seq], vecs([6], 7))
+    assert ack is not None and skipped == 0
+    assert_state(state(store, w), {1: 5, 2: 2, 6: 7})
+    with pytest.raises(InvalidInputError, match="distinct keys"):
+        w.upsert_unchanged([1, 1], [1, 1], vecs([1, 1], 1))
+    w.close()
+
+
+def test_spec_change_requires_the_new_model_and_survives_the_wal(
+    store: Any, tmp_path: Path
+) -> None:
+    """A migration's dual writes: after the spec change every upsert must carry both models,
+    the WAL logs both, and a crash before the flush loses neither; dropping a model later
+    leaves its pending vectors out of the segments."""
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
+    w.upsert([1], vecs([1], 1))
+
+    def dual(m: Any) -> Any:
+        spec = IndexSpec("t", "int", {"m": ModelSpec(DIM), "n": ModelSpec(4)}, ("m", "n"))
+        return replace(m, index=spec)
+
+    w.change_spec(dual, "dual writes")
+    with pytest.raises(InvalidInputError, match="required"):
+        w.upsert([2], vecs([2], 1))
+    w.upsert([2], {**vecs([2], 1), "n": np.ones((1, 4))})
+    w2 = IndexWriter.open(store, tmp_path / "wal", cfg())  # abandon w: the WAL is replayed
+    assert w2.spec.write_models == ("m", "n")
+    (batch,) = [b for b in w2.pending_batches() if 2 in b.keys.tolist()]
+    np.testing.assert_array_equal(batch.vectors["n"], np.ones((1, 4)))
+
+    def only_n(m: Any) -> Any:
+        return replace(m, index=IndexSpec("t", "int", {"n": ModelSpec(4)}, ("n",)))
+
+    w2.change_spec(only_n, "cutover")
+    w2.flush()
+    w2.close()
+    d = Snapshot.open(store).live.as_dict()
+    # only the spec's models are read: row 1 was never backfilled, so it has no vector now
+    # (the runtime's cutover refuses while such rows exist)
+    assert set(d[2][0]) == {"n"} and set(d[1][0]) == set()

@@ -3,6 +3,8 @@ calibration and the progressive merge — on synthetic two-model data with known
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -209,3 +211,61 @@ def test_migration_refuses_a_weak_adapter_serves_the_status_quo_and_never_falls_
     assert (
         min(p.gain_vs_status_quo["rank-fusion"].mean for p in curve[1:]) < 0
     )  # what the guard prevents
+
+
+def test_backfill_progress_counts_live_rows_by_state() -> None:
+    from index_runtime.migration import backfill_progress
+
+    alive = np.array([1, 1, 1, 1, 0, 1], bool)
+    has_new = np.array([1, 0, 0, 0, 0, 1], bool)
+    has_text = np.array([1, 1, 0, 1, 1, 0], bool)
+    p, todo = backfill_progress(alive, has_new, has_text)
+    assert (p.live, p.backfilled, p.todo, p.blocked) == (5, 2, 2, 1)
+    assert todo.tolist() == [False, True, False, True, False, False]
+    assert p.share == 0.4 and p.text_coverage == 0.8
+
+
+@pytest.mark.parametrize(
+    ("todo", "blocked", "gain", "auto", "force", "go", "reason"),
+    [
+        (3, 0, None, True, False, False, "BackfillRunning"),
+        (0, 2, None, True, True, False, "RowsWithoutText"),  # force never loses rows
+        (0, 0, (-0.2, -0.3, -0.1), True, False, False, "NativeWorse"),
+        (0, 0, (-0.2, -0.3, -0.1), True, True, True, "CutOver"),
+        (0, 0, (-0.01, -0.05, 0.03), True, False, True, "CutOver"),  # not significantly worse
+        (0, 0, None, False, False, False, "AwaitingCutover"),
+        (0, 0, None, True, False, True, "CutOver"),  # nothing to measure with (no labels)
+    ],
+)
+def test_cutover_decision(
+    todo: int, blocked: int, gain: Any, auto: bool, force: bool, go: bool, reason: str
+) -> None:
+    from index_runtime.migration import BackfillProgress, cutover_decision
+    from index_runtime.quality.arr import Interval
+
+    prog = BackfillProgress(100, 100 - todo - blocked, todo, blocked)
+    d = cutover_decision(prog, Interval(*gain, 50) if gain else None, auto, force, "e5")
+    assert (d.go, d.reason) == (go, reason), d.message
+
+
+def test_calibration_round_trips_and_refuses_other_bins() -> None:
+    cal = fit_calibration(np.array([1, 1, 2, 5, 30]), np.array([1, 1, 0, 1, 0]))
+    assert Calibration.from_dict(cal.as_dict()) == cal
+    bad = {**cal.as_dict(), "rank_edges": [1, 2, 3]}
+    with pytest.raises(ValueError, match="other rank bins"):
+        Calibration.from_dict(bad)
+
+
+def test_merged_positions_at_share_zero_are_the_served_list() -> None:
+    from index_runtime.service.migrate import merged_positions
+
+    cal = fit_calibration(np.arange(1, 21)[None, :].repeat(5, 0), np.eye(5, 20, dtype=bool))
+    served = np.arange(40).reshape(2, 20)
+    out = merged_positions(
+        served,
+        np.zeros((2, 0), np.int64),
+        0.0,
+        {"served": cal.as_dict(), "native": cal.as_dict()},
+        10,
+    )
+    np.testing.assert_array_equal(out, served[:, :10])
