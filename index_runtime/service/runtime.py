@@ -746,6 +746,8 @@ class IndexRuntime:
             record, adapter, ev = run_gate(
                 self.view, old_model, encode_old, encode_new, req, self._job
             )
+            if self._cancel_migration.is_set():  # rolled back while the gate ran
+                return
             if adapter is not None:
                 key = new_object_name(ADAPTER_DIR, ".safetensors")
                 self.store.put(key, artifact.to_bytes(adapter))
