@@ -282,7 +282,16 @@ class IndexWriter:
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> WriteAck:
         """Insert or replace rows. Returns once the rows are fsynced in the WAL."""
-        ks, mats, txt, meta = validate_upsert(
+        return self._write(*self._validate(keys, vectors, texts, metadata), tombstone=False)
+
+    def _validate(
+        self,
+        keys: Sequence[object],
+        vectors: Mapping[str, Any],
+        texts: Sequence[str | None] | None,
+        metadata: Sequence[Mapping[str, Any] | None] | None,
+    ) -> tuple[list[Key], dict[str, np.ndarray], list[str | None] | None, list[str | None] | None]:
+        return validate_upsert(
             keys,
             vectors,
             self.spec.dims,
@@ -292,7 +301,6 @@ class IndexWriter:
             texts,
             metadata,
         )
-        return self._write(ks, mats, txt, meta, tombstone=False)
 
     def delete(self, keys: Sequence[object]) -> WriteAck:
         """Delete rows by key (a tombstone each). Deleting an absent key is not an error."""
@@ -319,29 +327,37 @@ class IndexWriter:
                 metadata=meta,
             )
 
-        if n >= self.config.bulk_rows:
-            # Bulk path: the batch becomes a segment of its own, committed together with
-            # everything pending; it is acknowledged once the manifest commit is durable.
-            with self._flush:
-                with self._lock:
-                    self._check_writable()
-                    if not tombstone:
-                        self._check_models(mats)
-                    first = self._next_seq
-                    self._next_seq += n
-                    self._freeze_memtable()
-                self._flush_locked(extra=make_batch(first))
-            return WriteAck(first, first + n - 1, n)
-        with self._lock:
-            self._check_writable()
-            if not tombstone:
-                self._check_models(mats)
-            first = self._next_seq
-            batch = make_batch(first)
-            self.wal.append(batch)
-            self._next_seq += n
-            self._mem.add(batch, self.clock())
-        self.maybe_flush()
+        if n < self.config.bulk_rows:
+            with self._lock:
+                ack = self._append_locked(make_batch, n, tombstone)
+            self.maybe_flush()
+            return ack
+        # Bulk path: the batch becomes a segment of its own, committed together with
+        # everything pending; it is acknowledged once the manifest commit is durable.
+        with self._flush:
+            with self._lock:
+                self._check_writable()
+                if not tombstone:
+                    self._check_models(mats)
+                first = self._next_seq
+                self._next_seq += n
+                self._freeze_memtable()
+            self._flush_locked(extra=make_batch(first))
+        return WriteAck(first, first + n - 1, n)
+
+    def _append_locked(
+        self, make_batch: Callable[[int], RowBatch], n: int, tombstone: bool
+    ) -> WriteAck:
+        """Under ``_lock``: check, log in the WAL (fsync) and add to the memtable ``n`` rows
+        built by ``make_batch(first_seq)``."""
+        self._check_writable()
+        first = self._next_seq
+        batch = make_batch(first)
+        if not tombstone:
+            self._check_models(batch.vectors)
+        self.wal.append(batch)
+        self._next_seq += n
+        self._mem.add(batch, self.clock())
         return WriteAck(first, first + n - 1, n)
 
     def _check_models(self, mats: Mapping[str, np.ndarray]) -> None:
@@ -365,16 +381,7 @@ class IndexWriter:
         """Rewrite rows only where the key's winning seq is still ``expected_seqs[i]`` (the
         backfill's compare-and-set: a row written meanwhile is newer and is left alone).
         Returns the acknowledgement (None if nothing was written) and the rows skipped."""
-        ks, mats, txt, meta = validate_upsert(
-            keys,
-            vectors,
-            self.spec.dims,
-            self.spec.write_models,
-            self.spec.key_type,
-            self.config.limits,
-            texts,
-            metadata,
-        )
+        ks, mats, txt, meta = self._validate(keys, vectors, texts, metadata)
         if len(ks) != len(keys) or len(expected_seqs) != len(ks):
             raise InvalidInputError("a conditional rewrite needs distinct keys, one seq each")
         if len(ks) >= self.config.bulk_rows:
@@ -388,23 +395,22 @@ class IndexWriter:
             keep = [i for i, k in enumerate(ks) if current.get(k) == int(expected_seqs[i])]
             if not keep:
                 return None, len(ks)
-            self._check_models(mats)
             idx = np.array(keep, np.int64)
-            first = self._next_seq
             n = len(keep)
-            batch = RowBatch(
-                seqs=np.arange(first, first + n, dtype=np.int64),
-                keys=key_array([ks[i] for i in keep], self.spec.key_type),
-                tombstone=np.zeros(n, bool),
-                vectors={m: v[idx] for m, v in mats.items()},
-                texts=None if txt is None else [txt[i] for i in keep],
-                metadata=None if meta is None else [meta[i] for i in keep],
-            )
-            self.wal.append(batch)
-            self._next_seq += n
-            self._mem.add(batch, self.clock())
+
+            def make_batch(first: int) -> RowBatch:
+                return RowBatch(
+                    seqs=np.arange(first, first + n, dtype=np.int64),
+                    keys=key_array([ks[i] for i in keep], self.spec.key_type),
+                    tombstone=np.zeros(n, bool),
+                    vectors={m: v[idx] for m, v in mats.items()},
+                    texts=None if txt is None else [txt[i] for i in keep],
+                    metadata=None if meta is None else [meta[i] for i in keep],
+                )
+
+            ack = self._append_locked(make_batch, n, tombstone=False)
         self.maybe_flush()
-        return WriteAck(first, first + n - 1, n), len(ks) - n
+        return ack, len(ks) - n
 
     def _winner_seqs(self, ks: Sequence[Key]) -> dict[Key, int]:
         """Under ``_commit`` and ``_lock``: the winning seq of each key (pending rows first,
