@@ -41,6 +41,11 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 
+def _signed(i: Interval) -> str:
+    """A gain with its interval, as the reasons print it: ``+0.012 [-0.113, +0.137]``."""
+    return f"{i.mean:+.3f} [{i.low:+.3f}, {i.high:+.3f}]"
+
+
 def decision_metric(labelled_queries: int, min_labelled: int = 200, k: int = 10) -> str:
     return f"success@{k}" if labelled_queries >= min_labelled else f"arr@{k}"
 
@@ -112,15 +117,10 @@ def select_from_intervals(
         challengers = [r for r in rows if r.name != status_quo]
         top = max(challengers, key=lambda r: r.gain.mean, default=None)
         reason = "no strategy beats the status quo significantly" + (
-            f" (best: {top.name}, gain {top.gain.mean:+.3f} [{top.gain.low:+.3f}, {top.gain.high:+.3f}])"
-            if top
-            else ""
+            f" (best: {top.name}, gain {_signed(top.gain)})" if top else ""
         )
     else:
-        reason = (
-            f"{best.name} gains {best.gain.mean:+.3f} [{best.gain.low:+.3f}, {best.gain.high:+.3f}] "
-            f"{metric} over the status quo"
-        )
+        reason = f"{best.name} gains {_signed(best.gain)} {metric} over the status quo"
     return Selection(metric, best.name, tuple(rows), reason)
 
 
@@ -208,6 +208,22 @@ def merge(
     """Per query: the k most probably relevant of the strategy's list (exact ranks 1..) and
     the native list (estimated full-corpus ranks). ``-1`` pads missing entries. Ties keep the
     strategy's order first."""
+    return merge_scored(
+        strategy_ids, native_ids, native_est_ranks, cal_strategy, cal_native, k, native_weight
+    )[0]
+
+
+def merge_scored(
+    strategy_ids: I64,
+    native_ids: I64,
+    native_est_ranks: npt.ArrayLike,
+    cal_strategy: Calibration,
+    cal_native: Calibration,
+    k: int,
+    native_weight: float = 1.0,
+) -> tuple[I64, F64]:
+    """:func:`merge` with each kept entry's calibrated probability of relevance (0 where
+    padded)."""
     nq = strategy_ids.shape[0]
     ps = np.broadcast_to(
         cal_strategy.prob(np.arange(1, strategy_ids.shape[1] + 1)), strategy_ids.shape
@@ -218,6 +234,7 @@ def merge(
         else np.zeros(native_ids.shape)
     )
     out = np.full((nq, k), -1, np.int64)
+    probs = np.zeros((nq, k), np.float64)
     for q in range(nq):
         best: dict[int, float] = {}
         for rid, p in zip(strategy_ids[q].tolist(), ps[q].tolist(), strict=True):
@@ -228,7 +245,8 @@ def merge(
                 best[rid] = p
         ranked = sorted(best.items(), key=lambda kv: -kv[1])[:k]  # stable: strategy order first
         out[q, : len(ranked)] = [rid for rid, _ in ranked]
-    return out
+        probs[q, : len(ranked)] = [p for _, p in ranked]
+    return out, probs
 
 
 def rank_fusion(a: I64, b: I64, k: int, c: float = 60.0) -> I64:
@@ -279,17 +297,9 @@ PHASES = (
     "Failed",
     "RolledBack",
 )
-# phases in which the index dual-writes (stores and requires both models' vectors)
-ACTIVE = (
-    "Pending",
-    "SamplingPairs",
-    "TrainingAdapter",
-    "Evaluating",
-    "Bridged",
-    "Backfilling",
-    "Backfilled",
-    "CuttingOver",
-)
+# phases in which the index dual-writes (stores and requires both models' vectors): every
+# phase before the migration ends
+ACTIVE = PHASES[: PHASES.index("Succeeded")]
 # phases in which the gate's selected strategy serves text and new-model vectors
 BRIDGED = ("Bridged", "Backfilling", "Backfilled")
 
@@ -365,13 +375,13 @@ def cutover_decision(
         return Cutover(
             False,
             "NativeWorse",
-            f"{to_model} measures {native_gain.mean:+.3f} [{native_gain.low:+.3f}, "
-            f"{native_gain.high:+.3f}] against what serves; cut over with force to accept it",
+            f"{to_model} measures {_signed(native_gain)} against what serves; cut over with "
+            "force to accept it",
         )
     if not auto and not force:
         return Cutover(False, "AwaitingCutover", "backfill complete; waiting for a cutover request")
     measured = (
-        f"native gain {native_gain.mean:+.3f} [{native_gain.low:+.3f}, {native_gain.high:+.3f}]"
+        f"native gain {_signed(native_gain)}"
         if native_gain is not None
         else "native quality not measured (no labelled queries)"
     )

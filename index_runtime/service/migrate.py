@@ -32,7 +32,7 @@ from index_runtime.migration import (
     decision_metric,
     fit_calibration,
     guard,
-    merge,
+    merge_scored,
     select_from_intervals,
     select_strategy,
 )
@@ -376,14 +376,15 @@ def merged_positions(
     share: float,
     calibration: Mapping[str, Any],
     k: int,
-) -> I64:
+) -> tuple[I64, npt.NDArray[np.float64]]:
     """The progressive merge of per-query lists of view positions (``-1`` padded): native
     ranks become estimated full-corpus ranks (÷ share), native probabilities are weighed by
-    the share (the label is backfilled with that probability)."""
+    the share (the label is backfilled with that probability). Returns the positions and
+    their calibrated probabilities of relevance."""
     cal_s = Calibration.from_dict(calibration["served"])
     cal_n = Calibration.from_dict(calibration["native"])
     est = np.broadcast_to(np.arange(1, native.shape[1] + 1) / max(share, 1e-9), native.shape)
-    return merge(served, native, est, cal_s, cal_n, k, share)
+    return merge_scored(served, native, est, cal_s, cal_n, k, share)
 
 
 def measure_progress(
@@ -410,7 +411,7 @@ def measure_progress(
         if share > 0
         else np.full((len(ev.keys), 0), -1, np.int64)
     )
-    merged = merged_positions(served, nat, share, calibration, k)
+    merged = merged_positions(served, nat, share, calibration, k)[0]
     status_quo = _padded(view.exact_batch(ev.q_old, k), k)
     per = {
         STATUS_QUO: success(status_quo, labels, k),
@@ -433,6 +434,17 @@ def measure_progress(
         "native_gain": paired_gain(per["native-only"], per["served-strategy"], seed=seed).as_dict(),
         "queries": {"calibration": int(cal.sum()), "test": int(test.sum())},
     }
+
+
+def closed_record(
+    record: Mapping[str, Any], phase: str, now: float, **fields: Any
+) -> dict[str, Any]:
+    """The record of a migration that ended (Succeeded, Failed, RolledBack): its objects
+    (adapter, evaluation queries) are no longer named, so GC retires them."""
+    out = {**record, "phase": phase, "finished_at": now, **fields}
+    out.pop("adapter_key", None)
+    out.pop("eval_key", None)
+    return out
 
 
 def interval_of(d: Mapping[str, Any] | None) -> Interval | None:

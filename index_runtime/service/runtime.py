@@ -43,7 +43,6 @@ from index_runtime.migration import (
     ACTIVE,
     BRIDGED,
     STATUS_QUO,
-    Calibration,
     backfill_progress,
     cutover_decision,
 )
@@ -54,6 +53,7 @@ from index_runtime.service.migrate import (
     Encode,
     EvalSet,
     MigrationRequest,
+    closed_record,
     interval_of,
     measure_progress,
     merged_positions,
@@ -776,9 +776,7 @@ class IndexRuntime:
         now = self.clock()
 
         def edit(m: Manifest) -> Manifest:
-            rec = {**m.migration, "phase": phase, "reason": reason, "finished_at": now}
-            rec.pop("adapter_key", None)
-            rec.pop("eval_key", None)
+            rec = closed_record(m.migration, phase, now, reason=reason)
             to = rec.get("to")
             spec = m.index
             if to in spec.models and to != serving_model(m):
@@ -986,14 +984,12 @@ class IndexRuntime:
 
         def edit(m: Manifest) -> Manifest:
             spec = replace(m.index, models={to: m.index.models[to]}, write_models=(to,))
-            r = {
-                **m.migration,
-                "phase": "Succeeded",
-                "cutover": {"reason": d.reason, "message": d.message, "at": now},
-                "finished_at": now,
-            }
-            r.pop("adapter_key", None)
-            r.pop("eval_key", None)
+            r = closed_record(
+                m.migration,
+                "Succeeded",
+                now,
+                cutover={"reason": d.reason, "message": d.message, "at": now},
+            )
             out = replace(m, index=spec, codebooks=(), index_files=(), serving=0, migration=r)
             return retire_unreferenced(m, out, now)
 
@@ -1037,17 +1033,9 @@ class IndexRuntime:
         nat = native.exact_batch(nq[None, :], depth, allowed)[0] if share > 0 else None
         s_ids = served.hits.pos[None, :]
         n_ids = nat.pos[None, :] if nat is not None else np.zeros((1, 0), np.int64)
-        ids = merged_positions(s_ids, n_ids, share, rec["calibration"], k)[0]
-        ids = ids[ids >= 0]
-        cal_s = Calibration.from_dict(rec["calibration"]["served"])
-        cal_n = Calibration.from_dict(rec["calibration"]["native"])
-        prob = {
-            int(p): float(x)
-            for p, x in zip(s_ids[0], cal_s.prob(np.arange(1, s_ids.shape[1] + 1)), strict=True)
-        }
-        for r, p in enumerate(n_ids[0].tolist(), 1):
-            prob[p] = max(prob.get(p, 0.0), share * float(cal_n.prob(r / share)))
-        scores = np.array([prob[int(p)] for p in ids], np.float32)
+        ids, probs = merged_positions(s_ids, n_ids, share, rec["calibration"], k)
+        kept = ids[0] >= 0
+        ids, scores = ids[0][kept], probs[0][kept].astype(np.float32)
         return Answer(Hits(ids, scores), view, served.path)
 
     def query_vector(self, strategy: str, vector: F32, adapter: Adapter | None = None) -> F32:

@@ -261,7 +261,7 @@ def test_merged_positions_at_share_zero_are_the_served_list() -> None:
 
     cal = fit_calibration(np.arange(1, 21)[None, :].repeat(5, 0), np.eye(5, 20, dtype=bool))
     served = np.arange(40).reshape(2, 20)
-    out = merged_positions(
+    out, _ = merged_positions(
         served,
         np.zeros((2, 0), np.int64),
         0.0,
