@@ -74,6 +74,16 @@ def _setup(c: httpx.Client, old_noise: float, new_noise: float) -> list[str]:
     return texts
 
 
+def _assert_promtool_clean(metrics: str) -> None:
+    if shutil.which("promtool"):
+        out = subprocess.run(
+            ["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True
+        )
+        assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), (
+            out.stdout + out.stderr
+        )
+
+
 def _wait(c: httpx.Client, phases: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,13 +134,7 @@ def test_adapter_wins_when_new_model_queries_are_better(tmp_path: Path) -> None:
         )
         assert 'driftless_adapter_duration_seconds_count{index="docs"} 2.0' in metrics
         assert 'driftless_migration_estimated_arr_ratio{bound="lower",index="docs"}' in metrics
-        if shutil.which("promtool"):
-            out = subprocess.run(
-                ["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True
-            )
-            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), (
-                out.stdout + out.stderr
-            )
+        _assert_promtool_clean(metrics)
     # published through the manifest: a restarted service serves the same decision
     m = ManifestLog(LocalDirStore(tmp_path / "docs")).latest()
     assert m is not None and m.migration["selected"] == rec["selected"]
@@ -277,13 +281,7 @@ def test_backfill_under_writes_then_cutover_serves_the_new_model(tmp_path: Path)
         assert 'driftless_migration_phase{index="docs",phase="Succeeded"} 1.0' in metrics
         assert 'driftless_migration_backfill_ratio{index="docs"} 1.0' in metrics
         assert 'driftless_migration_backfill_rewritten_rows_total{index="docs"}' in metrics
-        if shutil.which("promtool"):
-            out = subprocess.run(
-                ["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True
-            )
-            assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), (
-                out.stdout + out.stderr
-            )
+        _assert_promtool_clean(metrics)
     # the cutover is in the manifest: a restart serves the new model
     with running_service(tmp_path) as c:
         assert c.get("/v1/indexes/docs").json()["model"] == "new"
