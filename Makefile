@@ -14,7 +14,7 @@ $(DEPS): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned: this release's CPU wheel; anything unpinned pulls a CUDA build
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,embed]"
+	$(BIN)/python -m pip install -q -e ".[test,embed,operator]"
 	touch $@
 
 demo: $(DEPS)

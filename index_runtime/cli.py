@@ -12,7 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from index_runtime.errors import DriftlessError
+from index_runtime.contract import Env, JobKind
+from index_runtime.errors import DriftlessError, InvalidInputError
 
 if TYPE_CHECKING:
     from index_runtime.service.engine import Encoder
@@ -86,15 +87,24 @@ def lazy_encoders() -> dict[str, Encoder]:
 
     state: dict[str, Any] = {}
 
+    # DRIFTLESS_ENCODERS maps model names (an EmbeddingModel's name) to encoder specs
+    names: dict[str, str] = {m: m for m in LOCAL_MODELS}
+    raw = os.environ.get(Env.ENCODERS)
+    if raw:
+        extra = json.loads(raw)
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise InvalidInputError(f"{Env.ENCODERS} must be a JSON object of model -> spec")
+        names.update(extra)
+
     def loader(model: str) -> Encoder:
         def encode(texts: list[str], kind: Kind) -> np.ndarray:
             if model not in state:
-                state[model] = open_encoder(model)
+                state[model] = open_encoder(names[model])
             return np.asarray(state[model].encode(texts, kind))
 
         return encode
 
-    return {m: loader(m) for m in LOCAL_MODELS}
+    return {m: loader(m) for m in names}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -113,6 +123,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "reader": Roles(False, True, False),
         "shadow": Roles(False, True, True),
     }[args.role]
+    if args.from_env:  # in a cluster: storage and URLs from the contract's environment
+        args.s3_bucket = args.s3_bucket or os.environ.get(Env.S3_BUCKET)
+        args.s3_prefix = args.s3_prefix or os.environ.get(Env.S3_PREFIX, "")
+        args.s3_endpoint = args.s3_endpoint or os.environ.get(Env.S3_ENDPOINT) or None
+        args.s3_region = args.s3_region or os.environ.get(Env.S3_REGION) or None
+        args.shadow_url = args.shadow_url or os.environ.get(Env.SHADOW_URL) or None
+    if not (args.data or args.s3_bucket):
+        raise InvalidInputError(f"give --data or --s3-bucket (or {Env.S3_BUCKET} with --from-env)")
     s3 = None
     if args.s3_bucket:
         s3 = S3Config(args.s3_bucket, args.s3_prefix, args.s3_endpoint, args.s3_region)
@@ -145,6 +163,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(args.grace),
     )
     return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from index_runtime.jobs import run_job
+
+    return run_job(JobKind(args.kind), os.environ)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -191,9 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.set_defaults(func=cmd_demo)
     s = sub.add_parser("serve", help="run the vector service (all roles in one process)")
-    where = s.add_mutually_exclusive_group(required=True)
+    where = s.add_mutually_exclusive_group()
     where.add_argument("--data", help="local directory holding the indexes")
     where.add_argument("--s3-bucket", help="S3 bucket holding the indexes")
+    s.add_argument(
+        "--from-env", action="store_true", help="read storage and URLs from DRIFTLESS_* variables"
+    )
     s.add_argument("--s3-prefix", default="", help="prefix inside the bucket")
     s.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (non-AWS stores)")
     s.add_argument("--s3-region", default=None)
@@ -221,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token of the admin API (or DRIFTLESS_ADMIN_TOKEN)",
     )
     s.set_defaults(func=cmd_serve)
+    j = sub.add_parser("job", help="run one operator Job (options in DRIFTLESS_JOB_SPEC)")
+    j.add_argument("kind", choices=[k.value for k in JobKind])
+    j.set_defaults(func=cmd_job)
     pl = sub.add_parser("plan", help="print the memory each role needs")
     pl.add_argument("--vectors", type=int, required=True)
     pl.add_argument("--dim", type=int, required=True)

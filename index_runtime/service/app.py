@@ -498,6 +498,12 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         m = rt.promote(body.codebook)
         return {"serving": m.serving, "manifest_version": m.version}
 
+    @app.post("/v1/indexes/{name}/admin/discard", dependencies=[Depends(admin)])
+    def admin_discard(rt: Rt) -> dict[str, Any]:
+        """Drop the candidate codebook (it failed validation); counts as a failed training."""
+        rt.discard_candidate("CandidateRejected")
+        return {"serving": rt.current_manifest().serving}
+
     @app.post("/v1/indexes/{name}/admin/compact", dependencies=[Depends(admin)])
     def admin_compact(rt: Rt) -> dict[str, Any]:
         r = rt.compact()

@@ -142,6 +142,12 @@ class Engine:
 
     def get(self, name: str) -> IndexRuntime:
         rt = self.runtimes.get(name)
+        if rt is None and not self.config.roles.writer and not self.closing:
+            # readers and shadows may start before the writer creates the index
+            with self._lock:
+                rt = self.runtimes.get(name)
+                if rt is None and NAME.match(name) and ManifestLog(self._store(name)).latest():
+                    rt = self._open(name, None, None)
         if rt is None:
             raise NotFoundError(f"no index named {name!r}")
         return rt

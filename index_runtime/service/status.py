@@ -3,6 +3,8 @@ windows and lifecycle decision (what `GET …/status`, the metrics and the opera
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,6 +23,13 @@ def _window(rt: IndexRuntime, version: int) -> dict[str, Any]:
         "distortion_ratio": dist,
         "samples_total": total,
     }
+
+
+def _finite(d: Any) -> Any:
+    """JSON has no NaN: an empty window's mean becomes null."""
+    if isinstance(d, dict):
+        return {k: _finite(v) for k, v in d.items()}
+    return None if isinstance(d, float) and math.isnan(d) else d
 
 
 def build_status(rt: IndexRuntime) -> dict[str, Any]:
@@ -107,4 +116,8 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
             "last_failure": rt.last_failure,
         },
         "compaction": {"last_success_at": rt.last_compaction_at},
+        # the lifecycle policy's input and thresholds as this replica sees them: the operator
+        # combines the writer's (training, compaction) with the shadow's (windows) and decides
+        "observed": _finite(asdict(rt.observe())),
+        "thresholds": asdict(rt.thresholds()),
     }
