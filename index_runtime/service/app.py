@@ -498,6 +498,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         m = rt.promote(body.codebook)
         return {"serving": m.serving, "manifest_version": m.version}
 
+    @app.put("/v1/indexes/{name}/admin/settings", dependencies=[Depends(admin)])
+    def admin_settings(rt: Rt, body: dict[str, Any]) -> dict[str, Any]:
+        """Replace the index settings (400 with the reason when invalid; nothing changes then)."""
+        return {"settings": rt.update_settings(body).to_json()}
+
     @app.post("/v1/indexes/{name}/admin/discard", dependencies=[Depends(admin)])
     def admin_discard(rt: Rt) -> dict[str, Any]:
         """Drop the candidate codebook (it failed validation); counts as a failed training."""

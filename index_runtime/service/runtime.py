@@ -142,6 +142,7 @@ class IndexRuntime:
         self.spec = manifest.index
         self.model = manifest.index.write_models[0]
         self.settings = IndexSettings.from_json(manifest.settings, self.spec.dims[self.model])
+        self._settings_json = manifest.settings
         o = self.settings.oracle
         self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
         self._polled: tuple[float, Manifest] | None = None
@@ -243,6 +244,11 @@ class IndexRuntime:
         top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
         if serving_model(m) != self.model:
             self._adopt_model(m)
+        elif m.settings and m.settings != self._settings_json:
+            # changed through the admin API: thresholds, nprobe, rerank apply from the next
+            # view; the oracle's k and window size keep their values until the process restarts
+            self.settings = IndexSettings.from_json(m.settings, self.spec.dims[self.model])
+            self._settings_json = m.settings
         if (
             m.version != self.view.version
             or top != self.view.pending_seq
@@ -267,6 +273,7 @@ class IndexRuntime:
         self.spec = m.index
         self.model = serving_model(m)
         self.settings = IndexSettings.from_json(m.settings, self.spec.dims[self.model])
+        self._settings_json = m.settings
         self.builder = ViewBuilder(self.store)
         self._native_builder = None
         self.native_pair = None
@@ -591,6 +598,14 @@ class IndexRuntime:
         self.failures = 0
         self._changed.set()
         return out
+
+    def update_settings(self, settings: dict[str, Any]) -> IndexSettings:
+        """Replace the index settings (validated against the serving model's dimension)."""
+        w = self._writer()
+        parsed = IndexSettings.from_json(settings, self.spec.dims[self.model])
+        w.commit_edit(lambda m: replace(m, settings=parsed.to_json()), "settings")
+        self._changed.set()
+        return parsed
 
     def discard_candidate(self, why: str) -> None:
         w = self._writer()

@@ -1,0 +1,156 @@
+"""Names, labels, owner references and the pod conventions every built object shares (PURE)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from index_operator.spec import API_VERSION, Index, Ref, Resources
+from index_runtime import contract
+from index_runtime.contract import Env
+
+MANAGED_BY = "driftless-operator"
+UID = 10001  # the images' non-root user
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Installation-wide settings of the operator (from its Deployment's environment)."""
+
+    runtime_image: str = "driftless-runtime:0.1.0"
+    jobs_image: str = "driftless-jobs:0.1.0"
+    pull_policy: str = "IfNotPresent"
+    monitoring: bool = False  # the monitoring.coreos.com API exists: build ServiceMonitors
+    job_deadline_s: int = 6 * 3600
+    job_ttl_s: int = 24 * 3600
+
+
+def dns_name(*parts: str, limit: int = 63) -> str:
+    """A deterministic DNS-1123 label from parts; long names keep a hash of the whole."""
+    name = "-".join(p for p in parts if p).lower()
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def service_name(index: str, role: contract.Role) -> str:
+    return dns_name(index, role.value)
+
+
+def service_url(index: str, namespace: str, role: contract.Role) -> str:
+    return f"http://{service_name(index, role)}.{namespace}.svc:{contract.HTTP_PORT}"
+
+
+def admin_secret_name(index: str) -> str:
+    return dns_name(index, "admin")
+
+
+def config_name(index: str) -> str:
+    return dns_name(index, "config")
+
+
+def selector(index: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "driftless",
+        "app.kubernetes.io/instance": index,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def labels(index: str, component: str) -> dict[str, str]:
+    return {
+        **selector(index, component),
+        "app.kubernetes.io/part-of": "driftless",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def owner_reference(owner: Ref) -> dict[str, Any]:
+    """The owner is passed explicitly (builders never look anything up)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": owner.kind,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(name: str, owner: Ref, component: str, index: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(index, component),
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def pod_security() -> dict[str, Any]:
+    """The restricted Pod Security profile, pod level."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def storage_env(ix: Index) -> list[dict[str, Any]]:
+    """Where the data lives; S3 keys only by Secret reference (or none: workload identity)."""
+    st = ix.storage
+    env = [
+        {"name": Env.S3_BUCKET.value, "value": st.bucket},
+        {"name": Env.S3_PREFIX.value, "value": st.prefix},
+    ]
+    if st.endpoint:
+        env.append({"name": Env.S3_ENDPOINT.value, "value": st.endpoint})
+    if st.region:
+        env.append({"name": Env.S3_REGION.value, "value": st.region})
+        env.append({"name": "AWS_DEFAULT_REGION", "value": st.region})
+    if st.secret:
+        env.append(secret_env("AWS_ACCESS_KEY_ID", st.secret, st.access_key_id_key))
+        env.append(secret_env("AWS_SECRET_ACCESS_KEY", st.secret, st.secret_access_key_key))
+    return env
+
+
+def admin_env(index: str) -> dict[str, Any]:
+    return secret_env(Env.ADMIN_TOKEN.value, admin_secret_name(index), "token")
+
+
+def threads_env(res: Resources, query_path: bool) -> dict[str, Any]:
+    """Query pods run 1 OpenMP thread per worker (measured: more is slower at batch 1);
+    Jobs use their CPU limit."""
+    n = 1 if query_path else contract.thread_count(res.cpu_limit_millicores())
+    return {"name": Env.OMP_THREADS.value, "value": str(n)}
+
+
+def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+    """An emptyDir for /tmp: the root filesystem is read-only."""
+    return (
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "tmp", "mountPath": contract.TMP_DIR},
+    )
+
+
+def config_hash(data: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:16]

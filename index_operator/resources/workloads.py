@@ -1,0 +1,301 @@
+"""The long-running objects of one VectorIndex (PURE builders: spec in, manifests out).
+
+writer StatefulSet (one pod, a PVC for the WAL) + its Service, reader Deployment + Service,
+shadow Deployment + Service (the shadow index and the exact oracle), the ConfigMap, the admin
+Secret, the readers' PodDisruptionBudget and the ServiceMonitor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from index_operator.resources.common import (
+    Cluster,
+    admin_env,
+    admin_secret_name,
+    config_hash,
+    config_name,
+    container_security,
+    dns_name,
+    labels,
+    metadata,
+    pod_security,
+    selector,
+    service_name,
+    service_url,
+    storage_env,
+    threads_env,
+    tmp_volume,
+)
+from index_operator.spec import Index, Resources
+from index_runtime import contract
+from index_runtime.contract import Env, Role
+
+ENCODERS_KEY = "encoders.json"
+
+
+def desired_config(ix: Index, encoders: Mapping[str, str]) -> dict[str, Any]:
+    """Encoder specs of every model the index needs (its own and a migration's target)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(config_name(ix.ref.name), ix.ref, "config", ix.ref.name),
+        "data": {ENCODERS_KEY: json.dumps(dict(sorted(encoders.items())))},
+    }
+
+
+def desired_admin_secret(ix: Index, token: str) -> dict[str, Any]:
+    """The admin API's bearer token (generated once by the operator, never in a spec)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": metadata(admin_secret_name(ix.ref.name), ix.ref, "admin", ix.ref.name),
+        "stringData": {"token": token},
+    }
+
+
+def _probes() -> dict[str, Any]:
+    port = contract.PORT_NAME
+
+    def get(path: str) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": port}}
+
+    return {
+        # loading index files can take minutes on a large index: startup gets 10 minutes
+        "startupProbe": {
+            **get(contract.LIVENESS_PATH),
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
+        "livenessProbe": {
+            **get(contract.LIVENESS_PATH),
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            **get(contract.READINESS_PATH),
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+    }
+
+
+def _pod(
+    ix: Index,
+    cl: Cluster,
+    role: Role,
+    res: Resources,
+    config: Mapping[str, str],
+    extra_env: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    vol, mount = tmp_volume()
+    env = [
+        {"name": Env.INDEX.value, "value": ix.ref.name},
+        *storage_env(ix),
+        admin_env(ix.ref.name),
+        threads_env(res, query_path=True),
+        {
+            "name": Env.ENCODERS.value,
+            "valueFrom": {
+                "configMapKeyRef": {"name": config_name(ix.ref.name), "key": ENCODERS_KEY}
+            },
+        },
+        *extra_env,
+    ]
+    spec: dict[str, Any] = {
+        "securityContext": pod_security(),
+        "terminationGracePeriodSeconds": 30,  # the runtime flushes within its 25 s grace
+        "automountServiceAccountToken": False,  # runtime pods never talk to the Kubernetes API
+        "containers": [
+            {
+                "name": role.value,
+                "image": cl.runtime_image,
+                "imagePullPolicy": cl.pull_policy,
+                "command": contract.serve_command(role),
+                "ports": [
+                    {
+                        "name": contract.PORT_NAME,
+                        "containerPort": contract.HTTP_PORT,
+                        "protocol": "TCP",
+                    }
+                ],
+                "env": env,
+                "resources": res.to_k8s(),
+                "securityContext": container_security(),
+                "volumeMounts": [mount, *mounts],
+                **_probes(),
+            }
+        ],
+        "volumes": [vol],
+    }
+    if ix.storage.service_account:
+        spec["serviceAccountName"] = ix.storage.service_account
+        spec["automountServiceAccountToken"] = True  # workload identity reads its token
+    return {
+        "metadata": {
+            "labels": labels(ix.ref.name, role.value),
+            "annotations": {"driftless.dev/config-hash": config_hash(config)},
+        },
+        "spec": spec,
+    }
+
+
+def desired_writer(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[str, Any]:
+    name = service_name(ix.ref.name, Role.WRITER)
+    pod = _pod(
+        ix,
+        cl,
+        Role.WRITER,
+        ix.writer_resources,
+        config,
+        [],
+        [{"name": "wal", "mountPath": contract.WAL_DIR}],
+    )
+    pvc: dict[str, Any] = {
+        "metadata": {"name": "wal", "labels": labels(ix.ref.name, Role.WRITER.value)},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": ix.wal_size}},
+        },
+    }
+    if ix.storage_class:
+        pvc["spec"]["storageClassName"] = ix.storage_class
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(name, ix.ref, Role.WRITER.value, ix.ref.name),
+        "spec": {
+            "replicas": 1,  # exactly one writer; the manifest's epoch fences a zombie
+            "serviceName": name,
+            "selector": {"matchLabels": selector(ix.ref.name, Role.WRITER.value)},
+            "podManagementPolicy": "OrderedReady",
+            "updateStrategy": {"type": "RollingUpdate"},
+            # the WAL outlives the pod (acknowledged writes); deleted with the VectorIndex
+            "persistentVolumeClaimRetentionPolicy": {
+                "whenDeleted": "Delete",
+                "whenScaled": "Retain",
+            },
+            "template": pod,
+            "volumeClaimTemplates": [pvc],
+        },
+    }
+
+
+def _deployment(
+    ix: Index, cl: Cluster, role: Role, replicas: int, res: Resources, config: Mapping[str, str]
+) -> dict[str, Any]:
+    extra = []
+    if role is Role.READER:
+        extra.append(
+            {
+                "name": Env.SHADOW_URL.value,
+                "value": service_url(ix.ref.name, ix.ref.namespace, Role.SHADOW),
+            }
+        )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(service_name(ix.ref.name, role), ix.ref, role.value, ix.ref.name),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(ix.ref.name, role.value)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": _pod(ix, cl, role, res, config, extra, []),
+        },
+    }
+
+
+def desired_readers(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[str, Any]:
+    return _deployment(ix, cl, Role.READER, ix.readers, ix.reader_resources, config)
+
+
+def desired_shadow(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[str, Any]:
+    """One shadow pod: it keeps the index's single overlap window (windows are per process)."""
+    return _deployment(ix, cl, Role.SHADOW, 1, ix.shadow_resources, config)
+
+
+def desired_service(ix: Index, role: Role) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "selector": selector(ix.ref.name, role.value),
+        "ports": [
+            {
+                "name": contract.PORT_NAME,
+                "port": contract.HTTP_PORT,
+                "targetPort": contract.PORT_NAME,
+                "protocol": "TCP",
+            }
+        ],
+    }
+    if role is Role.WRITER:
+        spec["clusterIP"] = "None"  # the StatefulSet's governing (headless) service
+        spec["publishNotReadyAddresses"] = False
+    meta = metadata(service_name(ix.ref.name, role), ix.ref, role.value, ix.ref.name)
+    meta["labels"]["driftless.dev/metrics"] = "true"
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def desired_pdb(ix: Index) -> dict[str, Any]:
+    """Voluntary disruptions take at most one reader at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(
+            dns_name(ix.ref.name, "reader"), ix.ref, Role.READER.value, ix.ref.name
+        ),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(ix.ref.name, Role.READER.value)},
+        },
+    }
+
+
+def desired_service_monitor(ix: Index) -> dict[str, Any]:
+    """Scrapes writer, readers and shadow (their Services carry driftless.dev/metrics)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": metadata(dns_name(ix.ref.name, "metrics"), ix.ref, "metrics", ix.ref.name),
+        "spec": {
+            "selector": {
+                "matchLabels": {
+                    "app.kubernetes.io/instance": ix.ref.name,
+                    "app.kubernetes.io/managed-by": "driftless-operator",
+                    "driftless.dev/metrics": "true",
+                }
+            },
+            "namespaceSelector": {"matchNames": [ix.ref.namespace]},
+            "endpoints": [
+                {"port": contract.PORT_NAME, "path": contract.METRICS_PATH, "interval": "30s"}
+            ],
+        },
+    }
+
+
+def desired_objects(
+    ix: Index, cl: Cluster, encoders: Mapping[str, str], token: str
+) -> list[dict[str, Any]]:
+    """Every long-running object of the index, in the order they should be applied."""
+    cm = desired_config(ix, encoders)
+    data = cm["data"]
+    objs = [
+        desired_admin_secret(ix, token),
+        cm,
+        desired_service(ix, Role.WRITER),
+        desired_writer(ix, cl, data),
+        desired_service(ix, Role.SHADOW),
+        desired_shadow(ix, cl, data),
+        desired_service(ix, Role.READER),
+        desired_readers(ix, cl, data),
+    ]
+    if ix.readers >= 2:
+        objs.append(desired_pdb(ix))
+    if cl.monitoring:
+        objs.append(desired_service_monitor(ix))
+    return objs

@@ -1,0 +1,298 @@
+"""Custom resources parsed into typed, frozen values at the boundary (PURE).
+
+The CRD schemas already reject malformed objects and apply defaults; parsing here fills the
+same defaults again (a CR stored before a default existed, or a test object) and converts
+to what the builders and the runtime need. Nothing below reads the API or the clock.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+GROUP = "driftless.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+FINALIZER = f"{GROUP}/finalizer"
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_FACTORS = {
+    None: 1.0,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+}
+
+
+class SpecError(ValueError):
+    """A CR the schema let through but that cannot be served (e.g. m does not divide d)."""
+
+
+def quantity(value: object) -> float:
+    """A Kubernetes quantity (``500m``, ``2``, ``1Gi``) as a number of base units."""
+    m = _QUANTITY.match(str(value))
+    if not m:
+        raise SpecError(f"not a quantity: {value!r}")
+    return float(m.group(1)) * _FACTORS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Resources:
+    requests: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(d: Mapping[str, Any] | None, default: Resources) -> Resources:
+        if not d:
+            return default
+        return Resources(
+            {k: str(v) for k, v in (d.get("requests") or {}).items()},
+            {k: str(v) for k, v in (d.get("limits") or {}).items()},
+        )
+
+    def cpu_limit_millicores(self) -> int | None:
+        cpu = self.limits.get("cpu")
+        return None if cpu is None else round(quantity(cpu) * 1000)
+
+    def to_k8s(self) -> dict[str, dict[str, str]]:
+        return {"requests": dict(self.requests), "limits": dict(self.limits)}
+
+
+QUERY_POD = Resources({"cpu": "500m", "memory": "1Gi"}, {"cpu": "1", "memory": "2Gi"})
+WRITER_POD = Resources({"cpu": "500m", "memory": "1Gi"}, {"cpu": "2", "memory": "4Gi"})
+JOB_POD = Resources({"cpu": "1", "memory": "2Gi"}, {"cpu": "2", "memory": "4Gi"})
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Identity of the CR that owns what we build (for owner references and names)."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    @staticmethod
+    def of(body: Mapping[str, Any]) -> Ref:
+        meta = body.get("metadata") or {}
+        return Ref(
+            str(body.get("kind", "")),
+            str(meta.get("name", "")),
+            str(meta.get("namespace", "")),
+            str(meta.get("uid", "")),
+            int(meta.get("generation") or 1),
+        )
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    dimension: int
+    metric: str
+    encoder: str  # the runtime's encoder spec: a bundled package, or URL#model
+
+    @staticmethod
+    def parse(body: Mapping[str, Any]) -> Model:
+        spec = body.get("spec") or {}
+        enc = spec.get("encoder") or {}
+        if "local" in enc:
+            encoder = str(enc["local"]["package"])
+        elif "http" in enc:
+            http = enc["http"]
+            encoder = f"{http['url']}#{http.get('model') or 'default'}"
+        else:
+            raise SpecError("encoder needs local or http")
+        return Model(
+            str(body["metadata"]["name"]),
+            int(spec["dimension"]),
+            str(spec.get("metric", "cosine")),
+            encoder,
+        )
+
+
+@dataclass(frozen=True)
+class Storage:
+    bucket: str
+    prefix: str = ""
+    endpoint: str = ""
+    region: str = ""
+    secret: str = ""
+    access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    service_account: str = ""
+    reclaim: str = "Retain"
+
+
+@dataclass(frozen=True)
+class Index:
+    ref: Ref
+    model: str
+    key_type: str
+    storage: Storage
+    readers: int
+    wal_size: str
+    storage_class: str
+    writer_resources: Resources
+    reader_resources: Resources
+    shadow_resources: Resources
+    settings: Mapping[str, Any]  # the runtime's IndexSettings JSON
+    compaction_schedule: str
+    compaction_deleted_ratio: float
+    compaction_max_segments: int
+
+    @staticmethod
+    def parse(body: Mapping[str, Any]) -> Index:
+        spec = body.get("spec") or {}
+        st = spec.get("storage") or {}
+        cred = st.get("credentialsSecret") or {}
+        storage = Storage(
+            bucket=str(st["bucket"]),
+            prefix=str(st.get("prefix", "")),
+            endpoint=str(st.get("endpoint", "")),
+            region=str(st.get("region", "")),
+            secret=str(cred.get("name", "")),
+            access_key_id_key=str(cred.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID")),
+            secret_access_key_key=str(cred.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY")),
+            service_account=str(st.get("serviceAccountName", "")),
+            reclaim=str(st.get("reclaimPolicy", "Retain")),
+        )
+        writer = spec.get("writer") or {}
+        readers = spec.get("readers") or {}
+        shadow = spec.get("shadow") or {}
+        comp = spec.get("compaction") or {}
+        return Index(
+            ref=Ref.of(body),
+            model=str(spec["modelRef"]["name"]),
+            key_type=str(spec.get("keyType", "str")),
+            storage=storage,
+            readers=int(readers.get("replicas", 2)),
+            wal_size=str(writer.get("walSize", "10Gi")),
+            storage_class=str(writer.get("storageClassName", "")),
+            writer_resources=Resources.parse(writer.get("resources"), WRITER_POD),
+            reader_resources=Resources.parse(readers.get("resources"), QUERY_POD),
+            shadow_resources=Resources.parse(shadow.get("resources"), QUERY_POD),
+            settings=runtime_settings(spec),
+            compaction_schedule=str(comp.get("schedule", "17 * * * *")),
+            compaction_deleted_ratio=float(comp.get("deletedRatio", 0.2)),
+            compaction_max_segments=int(comp.get("maxSegments", 64)),
+        )
+
+
+def _pick(src: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    return {ours: src[theirs] for theirs, ours in names.items() if theirs in src}
+
+
+def runtime_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The VectorIndex spec as the runtime's settings JSON (``IndexSettings.from_json``);
+    fields left out keep the runtime's defaults."""
+    primary = _pick(
+        spec.get("primary") or {},
+        {"m": "m", "nbits": "nbits", "nprobe": "nprobe", "coarse": "coarse", "rerank": "rerank"},
+    )
+    nlist = (spec.get("primary") or {}).get("nlist", 0)
+    primary["nlist"] = "auto" if not nlist else int(nlist)
+    shadow = _pick(
+        spec.get("shadow") or {},
+        {
+            "kind": "kind",
+            "hnswM": "hnsw_m",
+            "efSearch": "ef_search",
+            "regenerateOverhead": "regenerate_overhead",
+        },
+    )
+    oracle = _pick(
+        spec.get("oracle") or {},
+        {
+            "sampleRate": "sample_rate",
+            "k": "k",
+            "theta": "theta",
+            "delta": "delta",
+            "window": "window",
+            "minSamples": "min_samples",
+            "cpuBudget": "cpu_budget",
+        },
+    )
+    life = _pick(
+        spec.get("lifecycle") or {},
+        {"growthFactor": "growth_factor", "backoffSeconds": "backoff_s"},
+    )
+    tau = (spec.get("coldStart") or {}).get("minTrainingVectors")
+    if tau:
+        life["tau"] = int(tau)
+    for sec in (oracle, life, shadow):  # JSON numbers from YAML may be ints where floats belong
+        for k in ("sample_rate", "theta", "delta", "cpu_budget", "growth_factor", "backoff_s"):
+            if k in sec:
+                sec[k] = float(sec[k])
+    if "regenerate_overhead" in shadow:
+        shadow["regenerate_overhead"] = float(shadow["regenerate_overhead"])
+    return {"primary": primary, "shadow": shadow, "oracle": oracle, "lifecycle": life}
+
+
+@dataclass(frozen=True)
+class Migration:
+    ref: Ref
+    index: str
+    target: str
+    kinds: tuple[str, ...]
+    diagonal: bool
+    pairs: int
+    seed: int
+    k: int
+    min_labelled: int
+    labelled_configmap: str
+    labelled_key: str
+    backfill_batch: int
+    backfill_rate: float
+    cutover_policy: str
+    cutover_approved: bool
+    cutover_force: bool
+    rollback: bool
+
+    @staticmethod
+    def parse(body: Mapping[str, Any]) -> Migration:
+        spec = body.get("spec") or {}
+        ad, gate = spec.get("adapter") or {}, spec.get("gate") or {}
+        bf, co = spec.get("backfill") or {}, spec.get("cutover") or {}
+        lq = gate.get("labelledQueries") or {}
+        return Migration(
+            ref=Ref.of(body),
+            index=str(spec["indexRef"]["name"]),
+            target=str(spec["targetModelRef"]["name"]),
+            kinds=tuple(ad.get("types") or ("procrustes", "lowrank", "mlp")),
+            diagonal=bool(ad.get("diagonalScaling", False)),
+            pairs=int(ad.get("pairs", 20_000)),
+            seed=int(ad.get("seed", 0)),
+            k=int(gate.get("k", 10)),
+            min_labelled=int(gate.get("minLabelledQueries", 200)),
+            labelled_configmap=str(lq.get("configMapName", "")),
+            labelled_key=str(lq.get("key", "queries.json")),
+            backfill_batch=int(bf.get("batch", 256)),
+            backfill_rate=float(bf.get("rate", 0)),
+            cutover_policy=str(co.get("policy", "Auto")),
+            cutover_approved=bool(co.get("approved", False)),
+            cutover_force=bool(co.get("force", False)),
+            rollback=bool(spec.get("rollback", False)),
+        )
+
+    def gate_request(self) -> dict[str, Any]:
+        """The runtime's StartMigration body (the Job adds the labelled queries)."""
+        return {
+            "to_model": self.target,
+            "kinds": list(self.kinds),
+            "diagonal": self.diagonal,
+            "pairs": self.pairs,
+            "min_labelled": self.min_labelled,
+            "k": self.k,
+            "seed": self.seed,
+            "backfill_batch": self.backfill_batch,
+            "backfill_rate": self.backfill_rate,
+        }
