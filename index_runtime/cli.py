@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser("job", help="run one operator Job (options in DRIFTLESS_JOB_SPEC)")
     j.add_argument("kind", choices=[k.value for k in JobKind])
     j.set_defaults(func=cmd_job)
+    # other packages add commands (the operator: `driftless operator`) without the runtime
+    # importing them
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="driftless.commands"):
+        ep.load()(sub)
     pl = sub.add_parser("plan", help="print the memory each role needs")
     pl.add_argument("--vectors", type=int, required=True)
     pl.add_argument("--dim", type=int, required=True)

@@ -46,6 +46,8 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
     serving_path = "primary" if view.serving and view.serving in view.primaries else "shadow"
     return {
         "index": rt.name,
+        "model": rt.model,
+        "settings": rt.settings.to_json(),
         "phase": d.phase.value,
         "migration": {"record": rt.bridge or None, "job": rt.migration_job or None},
         "reason": d.reason,

@@ -1,0 +1,278 @@
+"""Observe -> decide -> act for each custom resource (the I/O around the pure planners).
+
+Each ``reconcile_*`` reads what it needs (children, Jobs, the runtime's status over HTTP),
+calls the pure planner (``reconcile.index.plan_index``, ``reconcile.migration.plan_migration``)
+and carries out its actions. It returns the status to write and the events to post; the kopf
+handlers write them. Actions come first: if one fails, the handler retries and the status is
+not advanced past what really happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from index_operator import resources as res
+from index_operator.kube import Kube
+from index_operator.reconcile.conditions import Condition, merge_conditions
+from index_operator.reconcile.index import Act, Event, IndexObservation, plan_index
+from index_operator.reconcile.jobs import JobState, job_state
+from index_operator.reconcile.migration import TERMINAL, MAct, MigrationObservation, plan_migration
+from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
+from index_operator.spec import Index, Migration, Model, SpecError
+from index_runtime.contract import JobKind, Role
+from index_runtime.errors import InvalidInputError
+from index_runtime.index.settings import IndexSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OperatorConfig:
+    cluster: res.Cluster = field(default_factory=res.Cluster)
+    interval_s: float = 10.0
+    # every runtime Service resolves to this URL (tests: one runtime on loopback); empty = DNS
+    runtime_url: str = ""
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] = os.environ) -> OperatorConfig:
+        cl = res.Cluster(
+            runtime_image=env.get("DRIFTLESS_RUNTIME_IMAGE", res.Cluster.runtime_image),
+            jobs_image=env.get("DRIFTLESS_JOBS_IMAGE", res.Cluster.jobs_image),
+            pull_policy=env.get("DRIFTLESS_IMAGE_PULL_POLICY", res.Cluster.pull_policy),
+            monitoring=env.get("DRIFTLESS_SERVICE_MONITORS", "auto") == "true",
+        )
+        return OperatorConfig(
+            cl,
+            float(env.get("DRIFTLESS_OPERATOR_INTERVAL", "10")),
+            env.get("DRIFTLESS_RUNTIME_URL", ""),
+        )
+
+
+class Controller:
+    """What the handlers share: the API clients, the config, the admin tokens."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self.kube = Kube()
+        self.runtime = RuntimeClient()
+        self._tokens: dict[tuple[str, str], str] = {}
+
+    def url(self, index: str, namespace: str, role: Role) -> str:
+        return self.config.runtime_url or res.service_url(index, namespace, role)
+
+    async def token(self, namespace: str, index: str) -> str:
+        """The index's admin token: from its Secret, or a new one (applied with the Secret)."""
+        key = (namespace, index)
+        if key not in self._tokens:
+            sec = await self.kube.get("Secret", namespace, res.common.admin_secret_name(index))
+            data = (sec or {}).get("data") or {}
+            if "token" in data:
+                self._tokens[key] = base64.b64decode(data["token"]).decode()
+            elif "token" in ((sec or {}).get("stringData") or {}):  # servers that keep it as sent
+                self._tokens[key] = str(sec["stringData"]["token"])  # type: ignore[index]
+            else:
+                self._tokens[key] = secrets.token_urlsafe(32)
+        return self._tokens[key]
+
+    async def job_states(self, namespace: str, names: Mapping[str, str]) -> dict[str, JobState]:
+        return {k: job_state(await self.kube.get("Job", namespace, n)) for k, n in names.items()}
+
+    # VectorIndex ---------------------------------------------------------------------------
+
+    async def reconcile_index(
+        self,
+        body: Mapping[str, Any],
+        models: Mapping[str, Model],
+        migrating: str,
+    ) -> tuple[dict[str, Any], list[Event]]:
+        prior = dict(body.get("status") or {})
+        try:
+            ix = Index.parse(body)
+        except (KeyError, SpecError) as exc:
+            return _invalid(body, prior, f"invalid spec: {exc}"), []
+        model = models.get(ix.model)
+        served = str(prior.get("model") or ix.model)
+        if model is None:
+            return _invalid(body, prior, f"no EmbeddingModel {ix.model!r}", "ModelNotFound"), []
+        dim_model = models.get(served, model)
+        try:
+            desired = IndexSettings.from_json(ix.settings, dim_model.dimension).to_json()
+        except InvalidInputError as exc:
+            return _invalid(body, prior, str(exc)), []
+        ns, name = ix.ref.namespace, ix.ref.name
+        token = await self.token(ns, name)
+        encoders = {m.name: m.encoder for m in models.values()}
+        cl = self.config.cluster
+        for obj in [
+            *res.desired_objects(ix, cl, encoders, token),
+            res.desired_compaction_cronjob(ix, cl),
+        ]:
+            await self.kube.apply(obj)
+        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name)
+        shadow = await self.runtime.status(self.url(name, ns, Role.SHADOW), name)
+        job_names = {k: str(v.get("name")) for k, v in (prior.get("jobs") or {}).items()}
+        obs = IndexObservation(
+            now=time.time(),
+            writer=writer if writer is not MISSING else {},
+            exists=writer is not MISSING,
+            shadow=shadow or None,
+            jobs=await self.job_states(ns, job_names),
+            prior=prior,
+            migrating=migrating,
+        )
+        if writer is None:
+            obs = IndexObservation(obs.now, None, True, None, obs.jobs, prior, migrating)
+        plan = plan_index(ix, obs, desired)
+        status = plan.status
+        base = self.url(name, ns, Role.WRITER)
+        for a in plan.actions:
+            try:
+                if a.act is Act.CREATE_INDEX:
+                    await self.runtime.create_index(
+                        base,
+                        token,
+                        name,
+                        model.name,
+                        model.dimension,
+                        model.metric,
+                        ix.key_type,
+                        desired,
+                    )
+                elif a.act is Act.UPDATE_SETTINGS:
+                    await self.runtime.admin(base, token, name, "settings", desired, method="PUT")
+                elif a.act is Act.PROMOTE:
+                    await self.runtime.admin(base, token, name, "promote", {})
+                elif a.act is Act.DISCARD:
+                    await self.runtime.admin(base, token, name, "discard")
+                elif a.act is Act.START_JOB and a.job is not None:
+                    jname = res.job_name(name, a.job, a.seq)
+                    await self.kube.create(res.desired_job(ix, cl, a.job, jname, ix.ref, {}))
+                    status.setdefault("jobs", {})[a.job.value] = {
+                        "seq": a.seq,
+                        "name": jname,
+                        "state": JobState.ACTIVE.value,
+                    }
+            except RuntimeError_ as exc:
+                if exc.status in (400, 422):  # the runtime refused the spec: say so, keep data
+                    return _invalid(
+                        body, status, f"the runtime refused {a.act.value}: {exc}"
+                    ), list(plan.events)
+                raise
+        return status, list(plan.events)
+
+    async def finalize_index(self, body: Mapping[str, Any]) -> str:
+        """Deleting a VectorIndex: stop its pods; with reclaim policy Delete, purge the stored
+        data with a Job first. Returns '' when done, else what is awaited."""
+        ix = Index.parse(body)
+        ns, name = ix.ref.namespace, ix.ref.name
+        for kind, role in (
+            ("StatefulSet", Role.WRITER),
+            ("Deployment", Role.READER),
+            ("Deployment", Role.SHADOW),
+        ):
+            await self.kube.delete(kind, ns, res.service_name(name, role))
+        if ix.storage.reclaim != "Delete":
+            return ""
+        jname = res.job_name(name, JobKind.PURGE)
+        job = await self.kube.get("Job", ns, jname)
+        if job is None:
+            await self.kube.create(
+                res.desired_job(ix, self.config.cluster, JobKind.PURGE, jname, ix.ref)
+            )
+            return f"purge Job {jname} created"
+        state = job_state(job)
+        if state is JobState.SUCCEEDED:
+            return ""
+        return f"purge Job {jname} is {state.value}"
+
+    # ModelMigration ------------------------------------------------------------------------
+
+    async def reconcile_migration(
+        self, body: Mapping[str, Any], models: Mapping[str, Model], busy: str
+    ) -> tuple[dict[str, Any], list[Event]]:
+        prior = dict(body.get("status") or {})
+        mig = Migration.parse(body)
+        ns = mig.ref.namespace
+        if prior.get("phase") in TERMINAL:
+            return prior, []
+        ix_body = await self.kube.get("VectorIndex", ns, mig.index)
+        writer = None
+        ix = None
+        if ix_body is not None:
+            ix = Index.parse(ix_body)
+            writer = await self.runtime.status(self.url(mig.index, ns, Role.WRITER), mig.index)
+        rec = ((writer or {}).get("migration") or {}).get("record")
+        names = {
+            "gate": res.job_name(mig.ref.name, JobKind.MIGRATE),
+            "backfill": res.job_name(mig.ref.name, JobKind.BACKFILL),
+        }
+        jobs = await self.job_states(ns, names)
+        obs = MigrationObservation(
+            now=time.time(),
+            record=rec,
+            reachable=bool(writer),
+            index_exists=ix_body is not None,
+            target_exists=mig.target in models,
+            from_model=str((writer or {}).get("model", "")),
+            busy=busy,
+            gate_job=jobs["gate"],
+            backfill_job=jobs["backfill"],
+            prior=prior,
+        )
+        plan = plan_migration(mig, obs)
+        status = plan.status
+        if ix is None:
+            return status, list(plan.events)
+        token = await self.token(ns, mig.index)
+        base = self.url(mig.index, ns, Role.WRITER)
+        cl = self.config.cluster
+        for a in plan.actions:
+            if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
+                await self.kube.create(res.desired_gate_job(ix, mig, cl))
+            elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
+                await self.kube.create(res.desired_backfill_job(ix, mig, cl))
+            elif a.act is MAct.ROLLBACK:
+                await self.runtime.admin(base, token, mig.index, "migrations/rollback")
+            elif a.act is MAct.CUTOVER:
+                try:
+                    await self.runtime.admin(
+                        base, token, mig.index, "migrations/cutover", {"force": a.force}
+                    )
+                except RuntimeError_ as exc:
+                    if exc.status != 409:
+                        raise
+                    held, _, msg = exc.message.partition(": ")
+                    status.update({"phase": "Backfilled", "reason": held, "message": msg})
+                    status["conditions"] = merge_conditions(
+                        status.get("conditions"),
+                        [
+                            Condition("CutoverHeld", True, held, msg),
+                            Condition("Progressing", False, held, msg),
+                        ],
+                        mig.ref.generation,
+                        obs.now,
+                    )
+        return status, list(plan.events)
+
+
+def _invalid(
+    body: Mapping[str, Any], prior: Mapping[str, Any], message: str, reason: str = "InvalidSpec"
+) -> dict[str, Any]:
+    gen = int((body.get("metadata") or {}).get("generation") or 1)
+    return {
+        **{k: v for k, v in prior.items() if k != "conditions"},
+        "observedGeneration": gen,
+        "phase": prior.get("phase") or "Pending",
+        "reason": reason,
+        "message": message,
+        "conditions": merge_conditions(
+            prior.get("conditions"), [Condition("Ready", False, reason, message)], gen, time.time()
+        ),
+    }

@@ -1,0 +1,195 @@
+"""kopf registrations: a switchboard, every body one call into ``controller``.
+
+Level-based: a timer per object observes and reconciles; kopf indexes keep the
+EmbeddingModels and ModelMigrations of each namespace in memory (no listing in handlers).
+The operator only ever writes ``status`` (and its own bookkeeping annotations, under the
+driftless.dev prefix); never ``spec``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from index_operator.controller import Controller, OperatorConfig
+from index_operator.reconcile.conditions import Condition, merge_conditions
+from index_operator.reconcile.index import Event
+from index_operator.reconcile.migration import TERMINAL
+from index_operator.spec import FINALIZER, GROUP, VERSION, Model, SpecError
+
+CONFIG = OperatorConfig.from_env()
+registry = kopf.OperatorRegistry()
+G, V = GROUP, VERSION
+
+
+def controller(memo: Any) -> Controller:
+    ctl: Controller = memo["controller"]
+    return ctl
+
+
+@kopf.on.startup(registry=registry)
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=G)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=G, key="last-handled-configuration"
+    )
+    settings.peering.name = "driftless"
+    settings.posting.level = logging.WARNING  # our own Events say what happened
+    settings.watching.server_timeout = 300
+    memo.setdefault("controller", Controller(memo.get("config") or CONFIG))
+
+
+@kopf.on.cleanup(registry=registry)
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    ctl = controller(memo)
+    await ctl.kube.close()
+    await ctl.runtime.close()
+
+
+@kopf.on.login(registry=registry)
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount; elsewhere: the kubeconfig. Our client uses the same."""
+    if memo.get("server"):  # tests: KMock's emulator
+        info: kopf.ConnectionInfo | None = kopf.ConnectionInfo(server=memo["server"], insecure=True)
+    else:
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        controller(memo).kube.configure(info)
+    return info
+
+
+# indexes: what the handlers would otherwise list ------------------------------------------
+
+
+@kopf.index(G, V, "embeddingmodels", registry=registry)
+def models_by_namespace(body: kopf.Body, namespace: str | None, **_: Any) -> Any:
+    try:
+        return {namespace: Model.parse(body)}
+    except (KeyError, SpecError, ValueError):
+        return None
+
+
+@kopf.index(G, V, "modelmigrations", registry=registry)
+def migrations_by_index(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str | None,
+    **_: Any,
+) -> Any:
+    if status.get("phase") in TERMINAL:
+        return None
+    created = str(body.metadata.get("creationTimestamp") or "")
+    return {(namespace, spec.get("indexRef", {}).get("name", "")): (created, name)}
+
+
+def _models(index: kopf.Index[str | None, Model], namespace: str) -> dict[str, Model]:
+    return {m.name: m for m in index.get(namespace, [])}
+
+
+def _post(body: kopf.Body, events: list[Event]) -> None:
+    for e in events:
+        kopf.event(body, type=e.type, reason=e.reason, message=e.message)
+
+
+def _write(patch: kopf.Patch, status: Mapping[str, Any], prior: Mapping[str, Any]) -> None:
+    for k, v in status.items():
+        if prior.get(k) != v:
+            patch.status[k] = v
+
+
+# EmbeddingModel ---------------------------------------------------------------------------
+
+
+@kopf.on.resume(G, V, "embeddingmodels", registry=registry)
+@kopf.on.create(G, V, "embeddingmodels", registry=registry)
+@kopf.on.update(G, V, "embeddingmodels", registry=registry)
+def model_accepted(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
+    gen = int(body.metadata.get("generation") or 1)
+
+    try:
+        m = Model.parse(body)
+        cond = Condition(
+            "Ready", True, "Accepted", f"{m.dimension}-d {m.metric}, encoder {m.encoder}"
+        )
+        patch.status["encoder"] = m.encoder
+    except (KeyError, SpecError, ValueError) as exc:
+        cond = Condition("Ready", False, "InvalidSpec", str(exc))
+    patch.status["observedGeneration"] = gen
+    patch.status["conditions"] = merge_conditions(
+        status.get("conditions"), [cond], gen, time.time()
+    )
+
+
+# VectorIndex ------------------------------------------------------------------------------
+
+
+@kopf.timer(G, V, "vectorindexes", interval=CONFIG.interval_s, initial_delay=0, registry=registry)
+async def index_timer(
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    **kwargs: Any,  # kopf passes the indexes by name
+) -> None:
+    models_by_namespace: kopf.Index[str | None, Model] = kwargs["models_by_namespace"]
+    migrations_by_index: kopf.Index[tuple[str | None, str], tuple[str, str]] = kwargs[
+        "migrations_by_index"
+    ]
+    if body.metadata.get("deletionTimestamp"):
+        return
+    active = sorted(migrations_by_index.get((namespace, name), []))
+    migrating = active[0][1] if active else ""
+    new, events = await controller(memo).reconcile_index(
+        body, _models(models_by_namespace, namespace or ""), migrating
+    )
+    _write(patch, new, status)
+    _post(body, events)
+
+
+@kopf.on.delete(G, V, "vectorindexes", registry=registry)
+async def index_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    waiting = await controller(memo).finalize_index(body)
+    if waiting:
+        raise kopf.TemporaryError(waiting, delay=max(1.0, CONFIG.interval_s / 2))
+
+
+# ModelMigration ---------------------------------------------------------------------------
+
+
+@kopf.timer(G, V, "modelmigrations", interval=CONFIG.interval_s, initial_delay=0, registry=registry)
+async def migration_timer(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    **kwargs: Any,  # kopf passes the indexes by name
+) -> None:
+    models_by_namespace: kopf.Index[str | None, Model] = kwargs["models_by_namespace"]
+    migrations_by_index: kopf.Index[tuple[str | None, str], tuple[str, str]] = kwargs[
+        "migrations_by_index"
+    ]
+    if status.get("phase") in TERMINAL:
+        return
+    index = spec.get("indexRef", {}).get("name", "")
+    # the oldest active migration of an index goes first; later ones wait
+    mine = (str(body.metadata.get("creationTimestamp") or ""), name)
+    others = [
+        m for c, m in sorted(migrations_by_index.get((namespace, index), [])) if (c, m) < mine
+    ]
+    new, events = await controller(memo).reconcile_migration(
+        body, _models(models_by_namespace, namespace or ""), others[0] if others else ""
+    )
+    _write(patch, new, status)
+    _post(body, events)

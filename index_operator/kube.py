@@ -1,0 +1,168 @@
+"""The one module that talks to the Kubernetes API for our own objects (aiohttp, async).
+
+kopf keeps its own client for watching and for status patches; this one creates and patches
+the children. Credentials are the ones kopf logged in with (``Kube.configure`` from the login
+handler), so both clients act as the same ServiceAccount.
+
+Apply semantics: create if missing (a 409 from a replay is normal); an existing object is
+patched (JSON merge patch) only when the hash of its desired form, kept in an annotation,
+changed; Jobs are never patched (their pod template is immutable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+HASH_ANNOTATION = "driftless.dev/desired-hash"
+
+# kind -> (api group/version path, plural); only what the operator builds or reads
+KINDS: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("api/v1", "configmaps"),
+    "Secret": ("api/v1", "secrets"),
+    "Service": ("api/v1", "services"),
+    "Deployment": ("apis/apps/v1", "deployments"),
+    "StatefulSet": ("apis/apps/v1", "statefulsets"),
+    "Job": ("apis/batch/v1", "jobs"),
+    "CronJob": ("apis/batch/v1", "cronjobs"),
+    "PodDisruptionBudget": ("apis/policy/v1", "poddisruptionbudgets"),
+    "ServiceMonitor": ("apis/monitoring.coreos.com/v1", "servicemonitors"),
+    "VectorIndex": ("apis/driftless.dev/v1alpha1", "vectorindexes"),
+    "EmbeddingModel": ("apis/driftless.dev/v1alpha1", "embeddingmodels"),
+    "ModelMigration": ("apis/driftless.dev/v1alpha1", "modelmigrations"),
+}
+NEVER_PATCHED = frozenset({"Job"})
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def desired_hash(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Kube:
+    server: str = ""
+    token: str | None = None
+    ssl_context: ssl.SSLContext | bool = True
+    _session: aiohttp.ClientSession | None = None
+
+    def configure(self, info: Any) -> None:
+        """From a ``kopf.ConnectionInfo``."""
+        self.server = str(info.server).rstrip("/")
+        self.token = info.token
+        if info.insecure:
+            self.ssl_context = False
+        elif info.ca_path or info.ca_data or info.certificate_path or info.certificate_data:
+            ctx = ssl.create_default_context(cafile=info.ca_path, cadata=_text(info.ca_data))
+            if info.certificate_path and info.private_key_path:
+                ctx.load_cert_chain(info.certificate_path, info.private_key_path)
+            self.ssl_context = ctx
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _url(self, kind: str, namespace: str, name: str = "", sub: str = "") -> str:
+        base, plural = KINDS[kind]
+        url = f"{self.server}/{base}/namespaces/{namespace}/{plural}"
+        return url + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    async def _call(
+        self, method: str, url: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        async with self._session.request(
+            method,
+            url,
+            data=None if body is None else json.dumps(body),
+            headers=headers,
+            ssl=self.ssl_context,
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                raise KubeError(resp.status, text[:500])
+            return json.loads(text) if text else None
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._call("GET", self._url(kind, namespace, name)))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        """True if created, False if it already existed (a replay)."""
+        meta = obj["metadata"]
+        try:
+            await self._call("POST", self._url(obj["kind"], meta["namespace"]), obj)
+            return True
+        except KubeError as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        await self._call(
+            "PATCH", self._url(kind, namespace, name), patch, "application/merge-patch+json"
+        )
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        try:
+            await self._call(
+                "DELETE",
+                self._url(kind, namespace, name),
+                {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            )
+            return True
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    async def apply(self, obj: Mapping[str, Any]) -> str:
+        """Create or update one desired object; returns 'created', 'patched' or 'unchanged'."""
+        h = desired_hash(obj)
+        meta = obj["metadata"]
+        annotated = {
+            **obj,
+            "metadata": {
+                **meta,
+                "annotations": {**meta.get("annotations", {}), HASH_ANNOTATION: h},
+            },
+        }
+        if await self.create(annotated):
+            return "created"
+        if obj["kind"] in NEVER_PATCHED:
+            return "unchanged"
+        live = await self.get(obj["kind"], meta["namespace"], meta["name"])
+        if live is None:  # deleted between our create and get: the next reconcile creates it
+            return "unchanged"
+        if (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION) == h:
+            return "unchanged"
+        body = {k: v for k, v in annotated.items() if k not in ("apiVersion", "kind")}
+        await self.patch(obj["kind"], meta["namespace"], meta["name"], body)
+        return "patched"
+
+
+def _text(data: Any) -> str | None:
+    if data is None:
+        return None
+    return data.decode() if isinstance(data, bytes) else str(data)

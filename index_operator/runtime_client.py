@@ -1,0 +1,97 @@
+"""The runtime's HTTP API as the operator uses it (status and admin calls; aiohttp, async)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+
+class RuntimeError_(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}" if reason else message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+MISSING: dict[str, Any] = {}  # the runtime answers but has no such index
+
+
+class RuntimeClient:
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, method: str, url: str, token: str | None = None, body: Any = None) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self._session.request(
+            method,
+            url,
+            data=None if body is None else json.dumps(body),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+        ) as resp:
+            text = await resp.text()
+            data = json.loads(text) if text else None
+            if resp.status >= 400:
+                d = data if isinstance(data, dict) else {}
+                raise RuntimeError_(
+                    resp.status, str(d.get("error", "")), str(d.get("message", text))
+                )
+            return data
+
+    async def status(self, base: str, index: str) -> dict[str, Any] | None:
+        """The index's status document; ``MISSING`` when the runtime has no such index; None
+        when the runtime does not answer."""
+        try:
+            return dict(await self._call("GET", f"{base}/v1/indexes/{index}/status"))
+        except RuntimeError_ as exc:
+            if exc.status == 404:
+                return MISSING
+            return None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def create_index(
+        self,
+        base: str,
+        token: str,
+        name: str,
+        model: str,
+        dim: int,
+        metric: str,
+        key_type: str,
+        settings: Mapping[str, Any],
+    ) -> None:
+        body = {
+            "name": name,
+            "model": model,
+            "dim": dim,
+            "metric": metric,
+            "key_type": key_type,
+            "settings": dict(settings),
+        }
+        try:
+            await self._call("POST", f"{base}/v1/indexes", token, body)
+        except RuntimeError_ as exc:
+            if exc.status != 409:  # a replay: it exists
+                raise
+
+    async def admin(
+        self, base: str, token: str, index: str, action: str, body: Any = None, method: str = "POST"
+    ) -> Any:
+        return await self._call(
+            method, f"{base}/v1/indexes/{index}/admin/{action}", token, body or {}
+        )
