@@ -57,6 +57,7 @@ class Env(StrEnum):
     SHADOW_URL = "DRIFTLESS_SHADOW_URL"  # readers mirror sampled queries here
     INDEX = "DRIFTLESS_INDEX"
     JOB_SPEC = "DRIFTLESS_JOB_SPEC"  # JSON options of a Job (e.g. the migration's)
+    LABELLED_FILE = "DRIFTLESS_LABELLED_FILE"  # the gate's labelled queries (a mounted file)
     ENCODERS = "DRIFTLESS_ENCODERS"  # JSON {model name: encoder spec}
     S3_BUCKET = "DRIFTLESS_S3_BUCKET"
     S3_PREFIX = "DRIFTLESS_S3_PREFIX"

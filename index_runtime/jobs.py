@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from index_runtime.contract import LABELLED_DIR, LABELLED_FILE, Env, ExitCode, JobKind
+from index_runtime.contract import Env, ExitCode, JobKind
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,13 @@ def run_compact(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s:
 
 def run_migrate(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
     body = {**spec, "backfill": False, "cutover": "manual"}  # the operator drives the rest
-    labelled = Path(LABELLED_DIR) / LABELLED_FILE
-    if labelled.exists():
+    path = os.environ.get(Env.LABELLED_FILE)
+    labelled = Path(path) if path else None
+    if labelled is not None:
         try:
             body["labelled"] = json.loads(labelled.read_text())
-        except ValueError as exc:
-            raise JobError(ExitCode.INVALID, f"{labelled}: not JSON ({exc})") from exc
+        except (OSError, ValueError) as exc:
+            raise JobError(ExitCode.INVALID, f"{labelled}: unreadable labelled queries ({exc})") from exc
     rec = _record(admin.status())
     if rec.get("to") == spec.get("to_model") and rec.get("phase") in (*GATE_DONE, "Pending"):
         log.info("the migration to %s was already started (a retried pod)", rec["to"])

@@ -178,6 +178,7 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
         )
     w = obs.writer
     decision = lifecycle.decide(observed(w, obs.shadow), thresholds(w))
+
     actions: list[Action] = []
     events: list[Event] = []
     jobs = {k: dict(v) for k, v in (obs.prior.get("jobs") or {}).items()}

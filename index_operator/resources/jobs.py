@@ -139,6 +139,9 @@ def desired_gate_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, Any]:
         )
         mounts.append({"name": "labelled", "mountPath": contract.LABELLED_DIR, "readOnly": True})
     pod = _job_pod(ix, cl, JobKind.MIGRATE, mig.gate_request(), volumes, mounts)
+    if mig.labelled_configmap:
+        path = f"{contract.LABELLED_DIR}/{contract.LABELLED_FILE}"
+        pod["spec"]["containers"][0]["env"].append({"name": Env.LABELLED_FILE.value, "value": path})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -1,0 +1,321 @@
+"""The operator end to end, without a cluster and without fakes: kopf in-process against
+KMock's emulator (made stricter, ``tests/kube_harness.py``), Jobs run as local processes with
+their own command, and every runtime Service answered by a real runtime on loopback over S3
+(moto's server). The encoders are the deterministic word-embedding models of the migration
+tests, so the gate's decision is known in advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+import uvicorn
+import yaml
+
+pytest.importorskip("kopf")
+pytest.importorskip("kmock")
+
+import kopf  # noqa: E402
+
+from index_operator.controller import Controller, OperatorConfig  # noqa: E402
+from index_operator.handlers import registry  # noqa: E402
+from index_runtime.service.app import create_app  # noqa: E402
+from index_runtime.service.engine import Engine, ServeConfig  # noqa: E402
+from index_runtime.service.metrics import Metrics  # noqa: E402
+from index_runtime.service.runtime import Roles, RuntimeOptions  # noqa: E402
+from index_runtime.store.objects import S3Config  # noqa: E402
+from index_runtime.store.writer import WriterConfig  # noqa: E402
+from tests.conftest import make_bucket  # noqa: E402
+from tests.integration.test_migration_service import D_NEW, D_OLD, W_NEW, W_OLD, corpus, encoder  # noqa: E402
+from tests.kube_harness import JobRunner, StricterEmulator, api_requests, register_resources  # noqa: E402
+from tests.service_helpers import TOKEN, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
+REQUESTS_FILE = ROOT / "tests" / "data" / "operator-api-requests.json"
+NS = "search"
+pytestmark = [pytest.mark.kmock(cls=StricterEmulator), pytest.mark.asyncio]
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, moto_endpoint: str) -> Iterator[tuple[str, Engine, str]]:
+    """One runtime process with every role (writer, reader, shadow) and maintenance off."""
+    bucket = make_bucket(moto_endpoint)
+    config = ServeConfig(
+        s3=S3Config(bucket, "indexes", moto_endpoint, "us-east-1"),
+        wal_dir=tmp_path / "wal",
+        roles=Roles(),
+        options=RuntimeOptions(maintenance=False, tick_s=0.1, refresh_s=0.05),
+        writer=WriterConfig(flush_rows=200, flush_interval_s=0.2),
+        admin_token=TOKEN,
+    )
+    metrics = Metrics()
+    engine = Engine(config, metrics)
+    engine.encoders["old"] = encoder(W_OLD, 1.5)  # noisy queries: the adapter should win
+    engine.encoders["new"] = encoder(W_NEW, 0.0)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, metrics), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", engine, bucket
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def model(name: str, dim: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "driftless.dev/v1alpha1",
+        "kind": "EmbeddingModel",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "family": name,
+            "dimension": dim,
+            "metric": "cosine",
+            "normalization": "L2",
+            "encoder": {"http": {"url": f"http://{name}.ml.svc:8000/v1", "model": name}},
+        },
+    }
+
+
+def vector_index(name: str, bucket: str, endpoint: str, reclaim: str = "Retain") -> dict[str, Any]:
+    return {
+        "apiVersion": "driftless.dev/v1alpha1",
+        "kind": "VectorIndex",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "modelRef": {"name": "old"},
+            "storage": {
+                "bucket": bucket,
+                "prefix": "indexes",
+                "endpoint": endpoint,
+                "region": "us-east-1",
+                "credentialsSecret": {"name": "s3"},
+                "reclaimPolicy": reclaim,
+            },
+            "readers": {"replicas": 2},
+            "primary": {"nlist": 4, "m": 8, "nbits": 4, "nprobe": 4},
+            "coldStart": {"minTrainingVectors": 624},
+            "oracle": {"sampleRate": 1.0, "theta": 0.5, "delta": 0.1, "minSamples": 20, "window": 100},
+        },
+    }
+
+
+class Cluster:
+    def __init__(self, kmock: Any, url: str, runner: JobRunner | None = None) -> None:
+        self.kmock = kmock
+        self.url = url
+        self.runner = runner
+
+    async def put(self, obj: dict[str, Any]) -> None:
+        """kubectl apply: through the API (the emulator assigns uid, generation, version)."""
+        plural = {"EmbeddingModel": "embeddingmodels", "VectorIndex": "vectorindexes", "ModelMigration": "modelmigrations"}
+        async with httpx.AsyncClient(base_url=str(self.kmock.url)) as k:
+            r = await k.post(f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/{plural[obj['kind']]}", json=obj)
+            assert r.status_code < 400, r.text
+
+    def get(self, plural: str, name: str) -> dict[str, Any] | None:
+        for key in list(self.kmock.objects):
+            if getattr(key[0], "plural", "") == plural and key[1:] == (NS, name):
+                obj = self.kmock.objects[key]
+                return None if obj.deleted else dict(obj.raw)
+        return None
+
+    async def wait(self, plural: str, name: str, cond: Any, timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        obj = None
+        while time.monotonic() < deadline:
+            obj = self.get(plural, name)
+            if obj is not None and cond(obj.get("status") or {}):
+                return obj
+            await asyncio.sleep(0.2)
+        jobs = {n: (c, self.runner.log(n)[-600:]) for n, c in self.runner.started.items()} if self.runner else {}
+        raise AssertionError(f"{what}: timed out; jobs {jobs}; last status {json.dumps((obj or {}).get('status'), indent=1)[:3000]}")
+
+
+@pytest.fixture
+async def cluster(kmock: Any, runtime: tuple[str, Engine, str]) -> AsyncIterator[tuple[Cluster, JobRunner]]:
+    url, _, _ = runtime
+    register_resources(kmock, CRDS)
+    secrets = {"s3": {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}}
+    # the runtime "pods" here are one process started with TOKEN: its admin Secrets hold it
+    # (the operator keeps an existing token; in a cluster the pods read the Secret it made)
+    secrets.update({f"{ix}-admin": {"token": TOKEN} for ix in ("docs", "vecs")})
+    for name, data in secrets.items():
+        kmock.objects["v1/secrets", NS, name] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS, "resourceVersion": "1"},
+            "stringData": data,
+        }
+    async with JobRunner(kmock, url) as runner:
+        yield Cluster(kmock, url, runner), runner
+
+
+async def start_operator(kmock: Any, url: str, priority: int = 0, standalone: bool = True, ident: str = "op") -> tuple[asyncio.Task[Any], asyncio.Event]:
+    config = OperatorConfig(interval_s=0.5, runtime_url=url)
+    memo = kopf.Memo(server=str(kmock.url).rstrip("/"), config=config, controller=Controller(config))
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            clusterwide=True,
+            standalone=standalone,
+            priority=priority,
+            **({} if standalone else {"peering_name": "driftless", "identity": ident}),
+            memo=memo,
+            stop_flag=stop,
+        )
+    )
+    return task, stop
+
+
+async def stop_operator(task: asyncio.Task[Any], stop: asyncio.Event) -> None:
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+def query_load(url: str, index: str, texts: list[str], stop: threading.Event) -> None:
+    """Clients querying (the oracle measures sampled queries)."""
+    with httpx.Client(base_url=url, timeout=10) as c:
+        i = 0
+        while not stop.is_set():
+            c.post(f"/v1/indexes/{index}/search", json={"text": texts[i % len(texts)], "k": 10})
+            i += 1
+            time.sleep(0.01)
+
+
+async def test_index_lifecycle_migration_gate_failure_and_deletion(
+    cluster: tuple[Cluster, JobRunner], runtime: tuple[str, Engine, str], moto_endpoint: str
+) -> None:
+    cl, runner = cluster
+    url, engine, bucket = runtime
+    await cl.put(model("old", D_OLD))
+    await cl.put(model("new", D_NEW))
+    await cl.put(vector_index("docs", bucket, moto_endpoint))
+    task, stop = await start_operator(cl.kmock, url)
+    try:
+        # the operator builds the objects, creates the index in the runtime: cold start
+        st = await cl.wait("vectorindexes", "docs", lambda s: s.get("phase") == "ColdStart", 30, "cold start")
+        for plural, name in [
+            ("statefulsets", "docs-writer"),
+            ("deployments", "docs-reader"),
+            ("deployments", "docs-shadow"),
+            ("services", "docs-writer"),
+            ("cronjobs", "docs-compact"),
+            ("poddisruptionbudgets", "docs-reader"),
+            ("configmaps", "docs-config"),
+            ("secrets", "docs-admin"),
+        ]:
+            obj = cl.get(plural, name)
+            assert obj is not None, (plural, name)
+            owner = obj["metadata"]["ownerReferences"][0]
+            assert owner["kind"] == "VectorIndex" and owner["uid"] == st["metadata"]["uid"]
+        texts = corpus(800)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/v1/indexes/docs/upsert", json={"keys": [f"k{i}" for i in range(800)], "texts": texts})
+            assert r.status_code == 200, r.text
+        load_stop = threading.Event()
+        load = threading.Thread(target=query_load, args=(url, "docs", texts, load_stop), daemon=True)
+        load.start()
+        try:
+            # rows >= tau: a train Job, then validation on the oracle's window, then Serving
+            st = await cl.wait("vectorindexes", "docs", lambda s: s.get("phase") == "Serving", 120, "serving")
+        finally:
+            load_stop.set()
+            load.join()
+        assert st["status"]["servingIndex"] == "primary" and st["status"]["codebookVersion"] >= 1
+        assert st["status"]["overlap"]["samples"] >= 20
+        assert runner.started.get("docs-train-1") == 0, runner.log("docs-train-1")
+        ready = next(c for c in st["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "True" and ready["observedGeneration"] == 1
+
+        # a ModelMigration walks to Succeeded
+        await cl.put(
+            {
+                "apiVersion": "driftless.dev/v1alpha1",
+                "kind": "ModelMigration",
+                "metadata": {"name": "to-new", "namespace": NS},
+                "spec": {
+                    "indexRef": {"name": "docs"},
+                    "targetModelRef": {"name": "new"},
+                    "adapter": {"types": ["procrustes"], "pairs": 600},
+                    "backfill": {"batch": 100},
+                },
+            }
+        )
+        mm = await cl.wait("modelmigrations", "to-new", lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"), 180, "migration")
+        assert mm["status"]["phase"] == "Succeeded", (mm["status"], runner.log("to-new-migrate"), runner.log("to-new-backfill"))
+        assert mm["status"]["strategy"] == "adapter:procrustes" and mm["status"]["progress"]["share"] == 1.0
+        # the index now serves the new model; the operator says the spec's model is outdated
+        def outdated(s: dict[str, Any]) -> bool:
+            c = [c for c in s.get("conditions", []) if c["type"] == "ModelReferenceOutdated"]
+            return s.get("model") == "new" and bool(c) and c[0]["status"] == "True"
+
+        vi = await cl.wait("vectorindexes", "docs", outdated, 30, "model switch")
+        assert vi["spec"]["modelRef"]["name"] == "old"  # never rewritten by the operator
+
+        # a migration whose gate fails (no text to re-encode) ends RolledBack with the reason
+        await cl.put(vector_index("vecs", bucket, moto_endpoint, reclaim="Delete"))
+        await cl.wait("vectorindexes", "vecs", lambda s: s.get("phase") == "ColdStart", 30, "vecs cold start")
+        with httpx.Client(base_url=url, timeout=30) as c:
+            import numpy as np
+
+            vecs = np.random.default_rng(3).normal(size=(100, D_OLD)).tolist()
+            assert c.post("/v1/indexes/vecs/upsert", json={"keys": [f"v{i}" for i in range(100)], "vectors": vecs}).status_code == 200
+        await cl.put(
+            {
+                "apiVersion": "driftless.dev/v1alpha1",
+                "kind": "ModelMigration",
+                "metadata": {"name": "vecs-to-new", "namespace": NS},
+                "spec": {"indexRef": {"name": "vecs"}, "targetModelRef": {"name": "new"}, "adapter": {"types": ["procrustes"]}},
+            }
+        )
+        mm = await cl.wait("modelmigrations", "vecs-to-new", lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"), 60, "failing gate")
+        assert mm["status"]["phase"] == "RolledBack" and mm["status"]["reason"] == "GateFailed"
+        assert "text" in mm["status"]["message"]
+
+        # deleting: Delete purges the stored data through a Job, then the finalizer goes
+        s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+        assert s3.list_objects_v2(Bucket=bucket, Prefix="indexes/vecs/").get("KeyCount", 0) > 0
+        engine.runtimes.pop("vecs").stop()  # its pods are deleted first (here: the process's copy)
+        vi = cl.get("vectorindexes", "vecs")
+        assert vi is not None and "driftless.dev/finalizer" in vi["metadata"].get("finalizers", [])
+        async with httpx.AsyncClient(base_url=str(cl.kmock.url)) as k:
+            r = await k.delete(f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/vectorindexes/vecs")
+            assert r.status_code < 400
+        deadline = time.monotonic() + 60
+        while cl.get("vectorindexes", "vecs") is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert cl.get("vectorindexes", "vecs") is None
+        assert runner.started.get("vecs-purge") == 0, runner.log("vecs-purge")
+        assert s3.list_objects_v2(Bucket=bucket, Prefix="indexes/vecs/").get("KeyCount", 0) == 0
+        # Retain (the default) keeps the data
+        async with httpx.AsyncClient(base_url=str(cl.kmock.url)) as k:
+            await k.delete(f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/vectorindexes/docs")
+        deadline = time.monotonic() + 30
+        while cl.get("vectorindexes", "docs") is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert cl.get("vectorindexes", "docs") is None
+        assert s3.list_objects_v2(Bucket=bucket, Prefix="indexes/docs/").get("KeyCount", 0) > 0
+    finally:
+        await stop_operator(task, stop)
+    recorded = sorted(list(r) for r in api_requests(cl.kmock))
+    if os.environ.get("DRIFTLESS_UPDATE_REQUESTS"):
+        REQUESTS_FILE.parent.mkdir(exist_ok=True)
+        REQUESTS_FILE.write_text(json.dumps(recorded, indent=1) + "\n")
+    assert recorded == json.loads(REQUESTS_FILE.read_text()), "the operator's API use changed: DRIFTLESS_UPDATE_REQUESTS=1"
