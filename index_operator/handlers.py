@@ -74,7 +74,12 @@ def models_by_namespace(body: kopf.Body, namespace: str | None, **_: Any) -> Any
         return None
 
 
-@kopf.index(G, V, "modelmigrations", registry=registry)
+def _active(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in TERMINAL
+
+
+# a finished migration stops matching the filter, which removes it from the index
+@kopf.index(G, V, "modelmigrations", when=_active, registry=registry)
 def migrations_by_index(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -83,8 +88,6 @@ def migrations_by_index(
     namespace: str | None,
     **_: Any,
 ) -> Any:
-    if status.get("phase") in TERMINAL:
-        return None
     created = str(body.metadata.get("creationTimestamp") or "")
     return {(namespace, spec.get("indexRef", {}).get("name", "")): (created, name)}
 
@@ -98,10 +101,19 @@ def _post(body: kopf.Body, events: list[Event]) -> None:
         kopf.event(body, type=e.type, reason=e.reason, message=e.message)
 
 
+def _merge_value(new: Any, old: Any) -> Any:
+    """A merge patch keeps keys it does not mention: clear the ones the new value dropped."""
+    if isinstance(new, Mapping) and isinstance(old, Mapping):
+        out = {k: _merge_value(v, old.get(k)) for k, v in new.items()}
+        out.update({k: None for k in old if k not in new})
+        return out
+    return new
+
+
 def _write(patch: kopf.Patch, status: Mapping[str, Any], prior: Mapping[str, Any]) -> None:
     for k, v in status.items():
         if prior.get(k) != v:
-            patch.status[k] = v
+            patch.status[k] = _merge_value(v, prior.get(k))
 
 
 # EmbeddingModel ---------------------------------------------------------------------------

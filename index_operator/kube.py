@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from index_runtime import __version__
+
 HASH_ANNOTATION = "driftless.dev/desired-hash"
 
 # kind -> (api group/version path, plural); only what the operator builds or reads
@@ -84,7 +86,7 @@ class Kube:
     ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        headers = {"Content-Type": content_type}
+        headers = {"Content-Type": content_type, "User-Agent": f"driftless-operator/{__version__}"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         async with self._session.request(

@@ -66,7 +66,9 @@ def runtime(tmp_path: Path, moto_endpoint: str) -> Iterator[tuple[str, Engine, s
     engine.encoders["new"] = encoder(W_NEW, 0.0)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, metrics), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(engine, metrics), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,7 +112,13 @@ def vector_index(name: str, bucket: str, endpoint: str, reclaim: str = "Retain")
             "readers": {"replicas": 2},
             "primary": {"nlist": 4, "m": 8, "nbits": 4, "nprobe": 4},
             "coldStart": {"minTrainingVectors": 624},
-            "oracle": {"sampleRate": 1.0, "theta": 0.5, "delta": 0.1, "minSamples": 20, "window": 100},
+            "oracle": {
+                "sampleRate": 1.0,
+                "theta": 0.5,
+                "delta": 0.1,
+                "minSamples": 20,
+                "window": 100,
+            },
         },
     }
 
@@ -123,9 +131,15 @@ class Cluster:
 
     async def put(self, obj: dict[str, Any]) -> None:
         """kubectl apply: through the API (the emulator assigns uid, generation, version)."""
-        plural = {"EmbeddingModel": "embeddingmodels", "VectorIndex": "vectorindexes", "ModelMigration": "modelmigrations"}
+        plural = {
+            "EmbeddingModel": "embeddingmodels",
+            "VectorIndex": "vectorindexes",
+            "ModelMigration": "modelmigrations",
+        }
         async with httpx.AsyncClient(base_url=str(self.kmock.url)) as k:
-            r = await k.post(f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/{plural[obj['kind']]}", json=obj)
+            r = await k.post(
+                f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/{plural[obj['kind']]}", json=obj
+            )
             assert r.status_code < 400, r.text
 
     def get(self, plural: str, name: str) -> dict[str, Any] | None:
@@ -135,7 +149,9 @@ class Cluster:
                 return None if obj.deleted else dict(obj.raw)
         return None
 
-    async def wait(self, plural: str, name: str, cond: Any, timeout: float, what: str) -> dict[str, Any]:
+    async def wait(
+        self, plural: str, name: str, cond: Any, timeout: float, what: str
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         obj = None
         while time.monotonic() < deadline:
@@ -143,12 +159,20 @@ class Cluster:
             if obj is not None and cond(obj.get("status") or {}):
                 return obj
             await asyncio.sleep(0.2)
-        jobs = {n: (c, self.runner.log(n)[-600:]) for n, c in self.runner.started.items()} if self.runner else {}
-        raise AssertionError(f"{what}: timed out; jobs {jobs}; last status {json.dumps((obj or {}).get('status'), indent=1)[:3000]}")
+        jobs = (
+            {n: (c, self.runner.log(n)[-600:]) for n, c in self.runner.started.items()}
+            if self.runner
+            else {}
+        )
+        raise AssertionError(
+            f"{what}: timed out; jobs {jobs}; last status {json.dumps((obj or {}).get('status'), indent=1)[:3000]}"
+        )
 
 
 @pytest.fixture
-async def cluster(kmock: Any, runtime: tuple[str, Engine, str]) -> AsyncIterator[tuple[Cluster, JobRunner]]:
+async def cluster(
+    kmock: Any, runtime: tuple[str, Engine, str]
+) -> AsyncIterator[tuple[Cluster, JobRunner]]:
     url, _, _ = runtime
     register_resources(kmock, CRDS)
     secrets = {"s3": {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}}
@@ -166,9 +190,13 @@ async def cluster(kmock: Any, runtime: tuple[str, Engine, str]) -> AsyncIterator
         yield Cluster(kmock, url, runner), runner
 
 
-async def start_operator(kmock: Any, url: str, priority: int = 0, standalone: bool = True, ident: str = "op") -> tuple[asyncio.Task[Any], asyncio.Event]:
+async def start_operator(
+    kmock: Any, url: str, priority: int = 0, standalone: bool = True, ident: str = "op"
+) -> tuple[asyncio.Task[Any], asyncio.Event]:
     config = OperatorConfig(interval_s=0.5, runtime_url=url)
-    memo = kopf.Memo(server=str(kmock.url).rstrip("/"), config=config, controller=Controller(config))
+    memo = kopf.Memo(
+        server=str(kmock.url).rstrip("/"), config=config, controller=Controller(config)
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(
         kopf.operator(
@@ -210,7 +238,9 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
     task, stop = await start_operator(cl.kmock, url)
     try:
         # the operator builds the objects, creates the index in the runtime: cold start
-        st = await cl.wait("vectorindexes", "docs", lambda s: s.get("phase") == "ColdStart", 30, "cold start")
+        st = await cl.wait(
+            "vectorindexes", "docs", lambda s: s.get("phase") == "ColdStart", 30, "cold start"
+        )
         for plural, name in [
             ("statefulsets", "docs-writer"),
             ("deployments", "docs-reader"),
@@ -227,14 +257,21 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
             assert owner["kind"] == "VectorIndex" and owner["uid"] == st["metadata"]["uid"]
         texts = corpus(800)
         with httpx.Client(base_url=url, timeout=30) as c:
-            r = c.post("/v1/indexes/docs/upsert", json={"keys": [f"k{i}" for i in range(800)], "texts": texts})
+            r = c.post(
+                "/v1/indexes/docs/upsert",
+                json={"keys": [f"k{i}" for i in range(800)], "texts": texts},
+            )
             assert r.status_code == 200, r.text
         load_stop = threading.Event()
-        load = threading.Thread(target=query_load, args=(url, "docs", texts, load_stop), daemon=True)
+        load = threading.Thread(
+            target=query_load, args=(url, "docs", texts, load_stop), daemon=True
+        )
         load.start()
         try:
             # rows >= tau: a train Job, then validation on the oracle's window, then Serving
-            st = await cl.wait("vectorindexes", "docs", lambda s: s.get("phase") == "Serving", 120, "serving")
+            st = await cl.wait(
+                "vectorindexes", "docs", lambda s: s.get("phase") == "Serving", 120, "serving"
+            )
         finally:
             load_stop.set()
             load.join()
@@ -258,9 +295,23 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
                 },
             }
         )
-        mm = await cl.wait("modelmigrations", "to-new", lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"), 180, "migration")
-        assert mm["status"]["phase"] == "Succeeded", (mm["status"], runner.log("to-new-migrate"), runner.log("to-new-backfill"))
-        assert mm["status"]["strategy"] == "adapter:procrustes" and mm["status"]["progress"]["share"] == 1.0
+        mm = await cl.wait(
+            "modelmigrations",
+            "to-new",
+            lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"),
+            180,
+            "migration",
+        )
+        assert mm["status"]["phase"] == "Succeeded", (
+            mm["status"],
+            runner.log("to-new-migrate"),
+            runner.log("to-new-backfill"),
+        )
+        assert (
+            mm["status"]["strategy"] == "adapter:procrustes"
+            and mm["status"]["progress"]["share"] == 1.0
+        )
+
         # the index now serves the new model; the operator says the spec's model is outdated
         def outdated(s: dict[str, Any]) -> bool:
             c = [c for c in s.get("conditions", []) if c["type"] == "ModelReferenceOutdated"]
@@ -271,21 +322,39 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
 
         # a migration whose gate fails (no text to re-encode) ends RolledBack with the reason
         await cl.put(vector_index("vecs", bucket, moto_endpoint, reclaim="Delete"))
-        await cl.wait("vectorindexes", "vecs", lambda s: s.get("phase") == "ColdStart", 30, "vecs cold start")
+        await cl.wait(
+            "vectorindexes", "vecs", lambda s: s.get("phase") == "ColdStart", 30, "vecs cold start"
+        )
         with httpx.Client(base_url=url, timeout=30) as c:
             import numpy as np
 
             vecs = np.random.default_rng(3).normal(size=(100, D_OLD)).tolist()
-            assert c.post("/v1/indexes/vecs/upsert", json={"keys": [f"v{i}" for i in range(100)], "vectors": vecs}).status_code == 200
+            assert (
+                c.post(
+                    "/v1/indexes/vecs/upsert",
+                    json={"keys": [f"v{i}" for i in range(100)], "vectors": vecs},
+                ).status_code
+                == 200
+            )
         await cl.put(
             {
                 "apiVersion": "driftless.dev/v1alpha1",
                 "kind": "ModelMigration",
                 "metadata": {"name": "vecs-to-new", "namespace": NS},
-                "spec": {"indexRef": {"name": "vecs"}, "targetModelRef": {"name": "new"}, "adapter": {"types": ["procrustes"]}},
+                "spec": {
+                    "indexRef": {"name": "vecs"},
+                    "targetModelRef": {"name": "new"},
+                    "adapter": {"types": ["procrustes"]},
+                },
             }
         )
-        mm = await cl.wait("modelmigrations", "vecs-to-new", lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"), 60, "failing gate")
+        mm = await cl.wait(
+            "modelmigrations",
+            "vecs-to-new",
+            lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"),
+            60,
+            "failing gate",
+        )
         assert mm["status"]["phase"] == "RolledBack" and mm["status"]["reason"] == "GateFailed"
         assert "text" in mm["status"]["message"]
 
@@ -318,4 +387,6 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
     if os.environ.get("DRIFTLESS_UPDATE_REQUESTS"):
         REQUESTS_FILE.parent.mkdir(exist_ok=True)
         REQUESTS_FILE.write_text(json.dumps(recorded, indent=1) + "\n")
-    assert recorded == json.loads(REQUESTS_FILE.read_text()), "the operator's API use changed: DRIFTLESS_UPDATE_REQUESTS=1"
+    assert recorded == json.loads(REQUESTS_FILE.read_text()), (
+        "the operator's API use changed: DRIFTLESS_UPDATE_REQUESTS=1"
+    )
