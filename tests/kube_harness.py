@@ -215,13 +215,15 @@ class JobRunner:
 
     async def _patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
         url = f"{self.api}/apis/batch/v1/namespaces/{ns}/jobs/{name}/status"
-        async with aiohttp.ClientSession(headers={"User-Agent": RUNNER_AGENT}) as s:
-            async with s.patch(
+        async with (
+            aiohttp.ClientSession(headers={"User-Agent": RUNNER_AGENT}) as s,
+            s.patch(
                 url,
                 json={"status": status},
                 headers={"Content-Type": "application/merge-patch+json"},
-            ) as r:
-                assert r.status < 400, await r.text()
+            ) as r,
+        ):
+            assert r.status < 400, await r.text()
 
     async def _run(self, ns: str, name: str, job: dict[str, Any]) -> None:
         spec = job["spec"]
@@ -292,5 +294,12 @@ def api_requests(kmock: Any) -> set[tuple[str, str, str, str]]:
         verb = verbs.get(action, action.lower())
         if verb == "patch" and req.method and str(req.method).upper().endswith("PUT"):
             verb = "update"
-        out.add((verb, str(req.resource.group or ""), str(req.resource.plural or ""), str(req.subresource or "")))
+        out.add(
+            (
+                verb,
+                str(req.resource.group or ""),
+                str(req.resource.plural or ""),
+                str(req.subresource or ""),
+            )
+        )
     return out

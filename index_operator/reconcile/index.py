@@ -183,8 +183,17 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
     events: list[Event] = []
     jobs = {k: dict(v) for k, v in (obs.prior.get("jobs") or {}).items()}
 
+    th = thresholds(w)
+
     def job_busy(kind: JobKind) -> bool:
-        return obs.jobs.get(kind.value) == JobState.ACTIVE
+        """A Job of this kind runs, or the last one failed less than the backoff ago."""
+        if obs.jobs.get(kind.value) == JobState.ACTIVE:
+            return True
+        last = jobs.get(kind.value) or {}
+        failed_at = float(last.get("failedAt", 0))
+        return last.get("state") == JobState.FAILED.value and obs.now < failed_at + max(
+            th.backoff_s, 1.0
+        )
 
     for kind in (JobKind.TRAIN, JobKind.COMPACT):  # record how the last Job ended
         state = obs.jobs.get(kind.value)
@@ -195,6 +204,7 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
         ):
             jobs[kind.value]["state"] = state.value
             if state is JobState.FAILED:
+                jobs[kind.value]["failedAt"] = obs.now
                 events.append(
                     Event("Warning", "JobFailed", f"{jobs[kind.value].get('name')} failed")
                 )
@@ -216,7 +226,12 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
         events.append(Event("Normal", "CompactionStarted", why))
 
     phase, reason, message = decision.phase.value, decision.reason, decision.message
-    if job_busy(JobKind.TRAIN) and phase in ("ColdStart", "Training", "Serving", "Degraded"):
+    if obs.jobs.get(JobKind.TRAIN.value) == JobState.ACTIVE and phase in (
+        "ColdStart",
+        "Training",
+        "Serving",
+        "Degraded",
+    ):
         phase = "Retraining" if w["serving"]["codebook"] else "Training"
         reason, message = "TrainingJobRunning", "a training Job runs"
     served = str(w.get("model", ""))

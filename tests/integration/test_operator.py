@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import threading
 import time
@@ -26,20 +25,20 @@ import yaml
 pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 
-import kopf  # noqa: E402
+import kopf
 
-from index_operator.controller import Controller, OperatorConfig  # noqa: E402
-from index_operator.handlers import registry  # noqa: E402
-from index_runtime.service.app import create_app  # noqa: E402
-from index_runtime.service.engine import Engine, ServeConfig  # noqa: E402
-from index_runtime.service.metrics import Metrics  # noqa: E402
-from index_runtime.service.runtime import Roles, RuntimeOptions  # noqa: E402
-from index_runtime.store.objects import S3Config  # noqa: E402
-from index_runtime.store.writer import WriterConfig  # noqa: E402
-from tests.conftest import make_bucket  # noqa: E402
-from tests.integration.test_migration_service import D_NEW, D_OLD, W_NEW, W_OLD, corpus, encoder  # noqa: E402
-from tests.kube_harness import JobRunner, StricterEmulator, api_requests, register_resources  # noqa: E402
-from tests.service_helpers import TOKEN, free_port  # noqa: E402
+from index_operator.controller import Controller, OperatorConfig
+from index_operator.handlers import registry
+from index_runtime.service.app import create_app
+from index_runtime.service.engine import Engine, ServeConfig
+from index_runtime.service.metrics import Metrics
+from index_runtime.service.runtime import Roles, RuntimeOptions
+from index_runtime.store.objects import S3Config
+from index_runtime.store.writer import WriterConfig
+from tests.conftest import make_bucket
+from tests.integration.test_migration_service import D_NEW, D_OLD, W_NEW, W_OLD, corpus, encoder
+from tests.kube_harness import JobRunner, StricterEmulator, api_requests, register_resources
+from tests.service_helpers import TOKEN, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]

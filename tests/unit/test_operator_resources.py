@@ -1,0 +1,202 @@
+"""Pure builders: every object validated by kubernetes-validate (strict), the ServiceMonitor
+against the vendored prometheus-operator CRD, and the conventions checked object by object."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+kv = pytest.importorskip("kubernetes_validate")
+
+from index_operator import resources as res  # noqa: E402
+from index_operator.spec import Index, Migration, Model, Ref, SpecError, quantity  # noqa: E402
+from index_runtime import contract  # noqa: E402
+from index_runtime.contract import JobKind  # noqa: E402
+from tests.crd_tools import ROOT  # noqa: E402
+
+K8S = kv.latest_version()
+SM_SCHEMA = yaml.safe_load(
+    (ROOT / "tests/data/vendor/monitoring.coreos.com_servicemonitors.yaml").read_text()
+)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _cr(path: str, uid: str = "u-1") -> dict[str, Any]:
+    doc = dict(yaml.safe_load((ROOT / "examples" / path).read_text()))
+    doc["metadata"] = {**doc["metadata"], "uid": uid, "generation": 3}
+    return doc
+
+
+IX = Index.parse(_cr("vectorindex.yaml"))
+MIG = Migration.parse(_cr("modelmigration.yaml", "u-2"))
+CL = res.Cluster(monitoring=True)
+
+
+def all_objects() -> list[dict[str, Any]]:
+    objs = res.desired_objects(IX, CL, {"minilm": "all-MiniLM-L6-v2"}, "t0ken")
+    objs.append(res.desired_compaction_cronjob(IX, CL))
+    for kind in (JobKind.TRAIN, JobKind.COMPACT, JobKind.PURGE):
+        objs.append(res.desired_job(IX, CL, kind, res.job_name("docs", kind, 4), IX.ref))
+    objs.append(res.desired_gate_job(IX, MIG, CL))
+    objs.append(res.desired_backfill_job(IX, MIG, CL))
+    return objs
+
+
+OBJECTS = all_objects()
+
+
+def _pods(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = obj.get("spec", {})
+    if "template" in spec:
+        return [spec["template"]["spec"]]
+    if "jobTemplate" in spec:
+        return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+    return []
+
+
+@pytest.mark.parametrize("obj", OBJECTS, ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
+def test_every_object_is_valid_and_follows_the_conventions(obj: dict[str, Any]) -> None:
+    if obj["kind"] == "ServiceMonitor":
+        jsonschema.Draft4Validator(SM_SCHEMA).validate(obj)
+    else:
+        kv.validate(obj, K8S, strict=True)
+    meta = obj["metadata"]
+    assert meta["namespace"] == "search"
+    owner = meta["ownerReferences"]
+    assert len(owner) == 1 and owner[0]["controller"] is True and owner[0]["uid"] in ("u-1", "u-2")
+    labels = meta["labels"]
+    assert (
+        labels["app.kubernetes.io/part-of"] == "driftless"
+        and labels["app.kubernetes.io/instance"] == "docs"
+    )
+    assert len(meta["name"]) <= 63
+    for pod in _pods(obj):
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in pod["containers"]:
+            csc = c["securityContext"]
+            assert (
+                csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+            )
+            assert csc["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["limits"]["cpu"] and c["resources"]["requests"]["memory"]
+            env = {e["name"]: e for e in c["env"]}
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", contract.Env.ADMIN_TOKEN):
+                if name in env:  # credentials only by reference
+                    assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]
+            assert c["command"][0] == contract.EXECUTABLE
+
+
+def test_runtime_pods_have_probes_and_one_thread_jobs_use_their_cpu_limit() -> None:
+    by_name = {
+        o["metadata"]["name"]: o
+        for o in OBJECTS
+        if o["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+    reader = by_name["docs-reader"]["spec"]["template"]["spec"]["containers"][0]
+    assert reader["readinessProbe"]["httpGet"]["path"] == contract.READINESS_PATH
+    assert reader["livenessProbe"]["httpGet"]["path"] == contract.LIVENESS_PATH
+    assert (
+        reader["startupProbe"]["failureThreshold"] * reader["startupProbe"]["periodSeconds"] >= 300
+    )
+    assert {"name": "OMP_NUM_THREADS", "value": "1"} in reader["env"]
+    assert reader["resources"]["limits"]["cpu"] == "1"  # from the example's spec
+    train = by_name["docs-train-4"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "OMP_NUM_THREADS", "value": "2"} in train["env"]  # JOB_POD's 2-CPU limit
+    assert by_name["docs-writer"]["spec"]["replicas"] == 1
+    assert (
+        by_name["docs-writer"]["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"][
+            "storage"
+        ]
+        == "10Gi"
+    )
+    assert by_name["docs-reader"]["spec"]["replicas"] == 2
+
+
+def test_jobs_are_deterministic_retry_policies_and_the_backfill_is_indexed() -> None:
+    a = res.desired_job(IX, CL, JobKind.TRAIN, res.job_name("docs", JobKind.TRAIN, 7), IX.ref)
+    b = res.desired_job(IX, CL, JobKind.TRAIN, res.job_name("docs", JobKind.TRAIN, 7), IX.ref)
+    assert a == b and a["metadata"]["name"] == "docs-train-7"
+    rule = a["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [
+        contract.ExitCode.INVALID
+    ]
+    bf = res.desired_backfill_job(IX, MIG, CL)
+    assert (
+        bf["spec"]["completionMode"] == "Indexed"
+        and bf["metadata"]["name"] == "docs-to-e5-backfill"
+    )
+    gate = res.desired_gate_job(IX, MIG, CL)
+    pod = gate["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == CL.jobs_image  # encoders live in the jobs image
+    assert pod["volumes"][1]["configMap"]["name"] == "docs-labelled-queries"
+    spec = json.loads(
+        next(e["value"] for e in pod["containers"][0]["env"] if e["name"] == contract.Env.JOB_SPEC)
+    )
+    assert spec["to_model"] == "e5-small" and spec["kinds"] == ["procrustes", "mlp"]
+
+
+def test_service_monitor_only_when_the_api_exists_and_pdb_only_with_two_readers() -> None:
+    kinds = {o["kind"] for o in res.desired_objects(IX, res.Cluster(monitoring=False), {}, "t")}
+    assert "ServiceMonitor" not in kinds and "PodDisruptionBudget" in kinds
+    one = Index.parse(
+        {
+            **_cr("vectorindex.yaml"),
+            "spec": {**_cr("vectorindex.yaml")["spec"], "readers": {"replicas": 1}},
+        }
+    )
+    assert "PodDisruptionBudget" not in {o["kind"] for o in res.desired_objects(one, CL, {}, "t")}
+
+
+def test_workload_identity_replaces_keys() -> None:
+    doc = _cr("vectorindex.yaml")
+    st = {k: v for k, v in doc["spec"]["storage"].items() if k != "credentialsSecret"}
+    doc["spec"] = {**doc["spec"], "storage": {**st, "serviceAccountName": "irsa-docs"}}
+    ix = Index.parse(doc)
+    writer = next(o for o in res.desired_objects(ix, CL, {}, "t") if o["kind"] == "StatefulSet")
+    pod = writer["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "irsa-docs"
+    assert not any(e["name"].startswith("AWS_ACCESS") for e in pod["containers"][0]["env"])
+
+
+@pytest.mark.parametrize(
+    ("parts", "expect"),
+    [(("docs", "writer"), "docs-writer"), (("a" * 70, "train", "3"), None)],
+)
+def test_names_are_dns_labels(parts: tuple[str, ...], expect: str | None) -> None:
+    name = res.dns_name(*parts)
+    assert len(name) <= 63 and name == res.dns_name(*parts)
+    if expect:
+        assert name == expect
+
+
+@pytest.mark.parametrize(("q", "v"), [("500m", 0.5), ("2", 2.0), ("1Gi", 2.0**30), ("1.5", 1.5)])
+def test_quantities(q: str, v: float) -> None:
+    assert quantity(q) == v
+
+
+def test_bad_quantity_and_model_spec() -> None:
+    with pytest.raises(SpecError):
+        quantity("lots")
+    with pytest.raises(SpecError):
+        Model.parse({"metadata": {"name": "m"}, "spec": {"dimension": 3, "encoder": {}}})
+    assert (
+        Ref.of({"kind": "K", "metadata": {"name": "n", "namespace": "s", "uid": "u"}}).generation
+        == 1
+    )
+
+
+def test_settings_follow_the_spec_and_the_runtime_accepts_them() -> None:
+    from index_runtime.index.settings import IndexSettings
+
+    s = IndexSettings.from_json(IX.settings, 384)
+    assert s.primary.nlist == 1024 and s.oracle.theta == 0.9 and s.lifecycle.tau == 40000
+    assert (
+        Index.parse(
+            {**_cr("vectorindex.yaml"), "spec": {**_cr("vectorindex.yaml")["spec"], "primary": {}}}
+        ).settings["primary"]["nlist"]
+        == "auto"
+    )
