@@ -303,3 +303,35 @@ def api_requests(kmock: Any) -> set[tuple[str, str, str, str]]:
             )
         )
     return out
+
+
+def _jsonpath(obj: Any, path: str) -> Any:
+    """The subset of JSONPath printer columns use: .a.b and .list[?(@.k=="v")].field."""
+    cur = obj
+    for part in re.findall(r"\.([A-Za-z0-9_]+)(\[\?\(@\.(\w+)==\"([^\"]*)\"\)\])?", path):
+        name, _, key, value = part
+        cur = cur.get(name) if isinstance(cur, dict) else None
+        if key:
+            cur = next((x for x in cur or () if x.get(key) == value), None)
+    return cur
+
+
+def kubectl_get(crd: dict[str, Any], objects: list[dict[str, Any]], wide: bool = False) -> str:
+    """What `kubectl get` (-o wide) prints for these objects, from the CRD's printer columns
+    (Age is left as the creation timestamp: the output is generated, not a live terminal)."""
+    cols = [
+        c
+        for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        if wide or not c.get("priority")
+    ]
+    rows = [["NAME", *[c["name"].upper() for c in cols]]]
+    for o in objects:
+        row = [o["metadata"]["name"]]
+        for c in cols:
+            v = _jsonpath(o, c["jsonPath"])
+            row.append("<none>" if v in (None, "") else str(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "   ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
