@@ -106,7 +106,8 @@ def run_migrate(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s:
         except (OSError, ValueError) as exc:
             raise JobError(ExitCode.INVALID, f"{labelled}: unreadable labelled queries ({exc})") from exc
     rec = _record(admin.status())
-    if rec.get("to") == spec.get("to_model") and rec.get("phase") in (*GATE_DONE, "Pending"):
+    finished = ("Succeeded", "Failed", "RolledBack")  # an earlier migration's record
+    if rec.get("to") == spec.get("to_model") and rec.get("phase") not in (None, *finished):
         log.info("the migration to %s was already started (a retried pod)", rec["to"])
     else:
         admin.call("POST", "/admin/migrations", body)
