@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import ssl
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +69,11 @@ class Kube:
             self.ssl_context = False
         elif info.ca_path or info.ca_data or info.certificate_path or info.certificate_data:
             ctx = ssl.create_default_context(cafile=info.ca_path, cadata=_text(info.ca_data))
-            if info.certificate_path and info.private_key_path:
-                ctx.load_cert_chain(info.certificate_path, info.private_key_path)
+            cert, key = info.certificate_path, info.private_key_path
+            if info.certificate_data and info.private_key_data:  # embedded in a kubeconfig
+                cert, key = _file(info.certificate_data), _file(info.private_key_data)
+            if cert and key:
+                ctx.load_cert_chain(cert, key)
             self.ssl_context = ctx
 
     async def close(self) -> None:
@@ -162,6 +167,14 @@ class Kube:
         body = {k: v for k, v in annotated.items() if k not in ("apiVersion", "kind")}
         await self.patch(obj["kind"], meta["namespace"], meta["name"], body)
         return "patched"
+
+
+def _file(data: str | bytes) -> str:
+    """ssl loads client certificates from files only: a private 0600 temporary file."""
+    fd, path = tempfile.mkstemp(prefix="driftless-kube-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+    return path
 
 
 def _text(data: Any) -> str | None:

@@ -453,3 +453,49 @@ def test_jobs_report_bad_configuration_with_the_contract_exit_code() -> None:
         run_job(JobKind.TRAIN, {**env, contract.Env.JOB_SPEC: "[1]"}) == contract.ExitCode.INVALID
     )
     assert run_job(JobKind.TRAIN, env) == contract.ExitCode.FAILED  # nobody listens: may heal
+
+
+def test_the_kube_client_takes_kopfs_credentials(tmp_path: Any) -> None:
+    """Token, insecure, and client certificates embedded in a kubeconfig (kind, minikube)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    kopf = pytest.importorskip("kopf")
+    from index_operator.kube import Kube
+
+    k = Kube()
+    k.configure(kopf.ConnectionInfo(server="http://127.0.0.1:1/", insecure=True, token="t"))
+    assert (k.server, k.token, k.ssl_context) == ("http://127.0.0.1:1", "t", False)
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-subj",
+            "/CN=t",
+            "-days",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    k.configure(
+        kopf.ConnectionInfo(
+            server="https://api:6443",
+            ca_data=cert.read_text(),
+            certificate_data=cert.read_text(),
+            private_key_data=key.read_text(),
+        )
+    )
+    assert isinstance(k.ssl_context, ssl.SSLContext)
