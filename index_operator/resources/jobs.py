@@ -28,9 +28,6 @@ from index_operator.spec import JOB_POD, Index, Migration, Ref
 from index_runtime import contract
 from index_runtime.contract import Env, ExitCode, JobKind, Role
 
-# Jobs whose work runs in the writer need no encoders; these run them in the jobs image
-ENCODING_JOBS = frozenset({JobKind.MIGRATE, JobKind.BACKFILL})
-
 
 def job_name(owner: str, kind: JobKind, seq: int | None = None) -> str:
     return dns_name(owner, kind.value, "" if seq is None else str(seq))
@@ -67,7 +64,8 @@ def _job_pod(
         "containers": [
             {
                 "name": kind.value,
-                "image": cl.jobs_image if kind in ENCODING_JOBS else cl.runtime_image,
+                # the work runs in the writer (it encodes): a Job only drives its admin API
+                "image": cl.runtime_image,
                 "imagePullPolicy": cl.pull_policy,
                 "command": contract.job_command(kind),
                 "env": env,

@@ -83,6 +83,14 @@ def _probes() -> dict[str, Any]:
     }
 
 
+def image_for(cl: Cluster, config: Mapping[str, str]) -> str:
+    """Runtime pods encode text (upserts, queries, the backfill): a model that runs from a
+    bundled package needs the jobs image (torch and the encoders); HTTP encoders do not."""
+    specs = json.loads(config.get(ENCODERS_KEY, "{}")).values()
+    local = any(not str(s).startswith(("http://", "https://")) for s in specs)
+    return cl.jobs_image if local else cl.runtime_image
+
+
 def _pod(
     ix: Index,
     cl: Cluster,
@@ -113,7 +121,7 @@ def _pod(
         "containers": [
             {
                 "name": role.value,
-                "image": cl.runtime_image,
+                "image": image_for(cl, config),
                 "imagePullPolicy": cl.pull_policy,
                 "command": contract.serve_command(role),
                 "ports": [

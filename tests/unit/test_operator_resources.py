@@ -131,7 +131,7 @@ def test_jobs_are_deterministic_retry_policies_and_the_backfill_is_indexed() -> 
     )
     gate = res.desired_gate_job(IX, MIG, CL)
     pod = gate["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"] == CL.jobs_image  # encoders live in the jobs image
+    assert pod["containers"][0]["image"] == CL.runtime_image  # it drives the writer's API
     assert pod["volumes"][1]["configMap"]["name"] == "docs-labelled-queries"
     spec = json.loads(
         next(e["value"] for e in pod["containers"][0]["env"] if e["name"] == contract.Env.JOB_SPEC)
@@ -200,3 +200,17 @@ def test_settings_follow_the_spec_and_the_runtime_accepts_them() -> None:
         ).settings["primary"]["nlist"]
         == "auto"
     )
+
+
+def test_pods_with_bundled_encoders_use_the_jobs_image() -> None:
+    def images(encoders: dict[str, str]) -> set[str]:
+        objs = res.desired_objects(IX, CL, encoders, "t")
+        return {
+            c["image"]
+            for o in objs
+            if o["kind"] in ("StatefulSet", "Deployment")
+            for c in o["spec"]["template"]["spec"]["containers"]
+        }
+
+    assert images({"minilm": "all-MiniLM-L6-v2"}) == {CL.jobs_image}
+    assert images({"remote": "http://emb.ml.svc:8000/v1#m"}) == {CL.runtime_image}
