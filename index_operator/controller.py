@@ -46,7 +46,7 @@ class OperatorConfig:
             runtime_image=env.get("DRIFTLESS_RUNTIME_IMAGE", res.Cluster.runtime_image),
             jobs_image=env.get("DRIFTLESS_JOBS_IMAGE", res.Cluster.jobs_image),
             pull_policy=env.get("DRIFTLESS_IMAGE_PULL_POLICY", res.Cluster.pull_policy),
-            monitoring=env.get("DRIFTLESS_SERVICE_MONITORS", "auto") == "true",
+            monitoring=env.get("DRIFTLESS_SERVICE_MONITORS", "false") == "true",
         )
         return OperatorConfig(
             cl,
@@ -127,8 +127,6 @@ class Controller:
             prior=prior,
             migrating=migrating,
         )
-        if writer is None:
-            obs = IndexObservation(obs.now, None, True, None, obs.jobs, prior, migrating)
         plan = plan_index(ix, obs, desired)
         status = plan.status
         base = self.url(name, ns, Role.WRITER)

@@ -92,8 +92,19 @@ def migrations_by_index(
     return {(namespace, spec.get("indexRef", {}).get("name", "")): (created, name)}
 
 
-def _models(index: kopf.Index[str | None, Model], namespace: str) -> dict[str, Model]:
+def _models(indexes: Mapping[str, Any], namespace: str | None) -> dict[str, Model]:
+    """The namespace's EmbeddingModels (kopf passes its indexes as keyword arguments)."""
+    index: kopf.Index[str | None, Model] = indexes["models_by_namespace"]
     return {m.name: m for m in index.get(namespace, [])}
+
+
+def _active_migrations(
+    indexes: Mapping[str, Any], namespace: str | None, index: str
+) -> list[tuple[str, str]]:
+    """The index's unfinished ModelMigrations as (creationTimestamp, name), oldest first: the
+    first one runs, later ones wait."""
+    by_index: kopf.Index[tuple[str | None, str], tuple[str, str]] = indexes["migrations_by_index"]
+    return sorted(by_index.get((namespace, index), []))
 
 
 def _post(body: kopf.Body, events: list[Event]) -> None:
@@ -152,16 +163,11 @@ async def index_timer(
     memo: kopf.Memo,
     **kwargs: Any,  # kopf passes the indexes by name
 ) -> None:
-    models_by_namespace: kopf.Index[str | None, Model] = kwargs["models_by_namespace"]
-    migrations_by_index: kopf.Index[tuple[str | None, str], tuple[str, str]] = kwargs[
-        "migrations_by_index"
-    ]
     if body.metadata.get("deletionTimestamp"):
         return
-    active = sorted(migrations_by_index.get((namespace, name), []))
-    migrating = active[0][1] if active else ""
+    active = _active_migrations(kwargs, namespace, name)
     new, events = await controller(memo).reconcile_index(
-        body, _models(models_by_namespace, namespace or ""), migrating
+        body, _models(kwargs, namespace), active[0][1] if active else ""
     )
     _write(patch, new, status)
     _post(body, events)
@@ -188,20 +194,13 @@ async def migration_timer(
     memo: kopf.Memo,
     **kwargs: Any,  # kopf passes the indexes by name
 ) -> None:
-    models_by_namespace: kopf.Index[str | None, Model] = kwargs["models_by_namespace"]
-    migrations_by_index: kopf.Index[tuple[str | None, str], tuple[str, str]] = kwargs[
-        "migrations_by_index"
-    ]
     if status.get("phase") in TERMINAL:
         return
-    index = spec.get("indexRef", {}).get("name", "")
-    # the oldest active migration of an index goes first; later ones wait
+    active = _active_migrations(kwargs, namespace, spec.get("indexRef", {}).get("name", ""))
     mine = (str(body.metadata.get("creationTimestamp") or ""), name)
-    others = [
-        m for c, m in sorted(migrations_by_index.get((namespace, index), [])) if (c, m) < mine
-    ]
+    earlier = [m for c, m in active if (c, m) < mine]
     new, events = await controller(memo).reconcile_migration(
-        body, _models(models_by_namespace, namespace or ""), others[0] if others else ""
+        body, _models(kwargs, namespace), earlier[0] if earlier else ""
     )
     _write(patch, new, status)
     _post(body, events)

@@ -4,7 +4,7 @@ kopf keeps its own client for watching and for status patches; this one creates 
 the children. Credentials are the ones kopf logged in with (``Kube.configure`` from the login
 handler), so both clients act as the same ServiceAccount.
 
-Apply semantics: create if missing (a 409 from a replay is normal); an existing object is
+Apply semantics: read; create if missing (a 409 from a replay is normal); an existing object is
 patched (JSON merge patch) only when the hash of its desired form, kept in an annotation,
 changed; Jobs are never patched (their pod template is immutable).
 """
@@ -17,12 +17,10 @@ import os
 import ssl
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
-from index_runtime import __version__
+from index_operator.http import JsonHttp
 
 HASH_ANNOTATION = "driftless.dev/desired-hash"
 
@@ -59,7 +57,7 @@ class Kube:
     server: str = ""
     token: str | None = None
     ssl_context: ssl.SSLContext | bool = True
-    _session: aiohttp.ClientSession | None = None
+    _http: JsonHttp = field(default_factory=JsonHttp)
 
     def configure(self, info: Any) -> None:
         """From a ``kopf.ConnectionInfo``."""
@@ -77,9 +75,7 @@ class Kube:
             self.ssl_context = ctx
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     def _url(self, kind: str, namespace: str, name: str = "", sub: str = "") -> str:
         base, plural = KINDS[kind]
@@ -89,23 +85,17 @@ class Kube:
     async def _call(
         self, method: str, url: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        headers = {"Content-Type": content_type, "User-Agent": f"driftless-operator/{__version__}"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        async with self._session.request(
+        status, text = await self._http.request(
             method,
             url,
-            data=None if body is None else json.dumps(body),
-            headers=headers,
-            ssl=self.ssl_context,
-            timeout=aiohttp.ClientTimeout(total=30),
-        ) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                raise KubeError(resp.status, text[:500])
-            return json.loads(text) if text else None
+            body,
+            token=self.token,
+            content_type=content_type,
+            ssl_context=self.ssl_context,
+        )
+        if status >= 400:
+            raise KubeError(status, text[:500])
+        return json.loads(text) if text else None
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -155,12 +145,12 @@ class Kube:
                 "annotations": {**meta.get("annotations", {}), HASH_ANNOTATION: h},
             },
         }
-        if await self.create(annotated):
-            return "created"
-        if obj["kind"] in NEVER_PATCHED:
-            return "unchanged"
+        # every reconcile applies every object: read first, so an unchanged one costs one GET
         live = await self.get(obj["kind"], meta["namespace"], meta["name"])
-        if live is None:  # deleted between our create and get: the next reconcile creates it
+        if live is None:
+            # False: created meanwhile by a replay; the next reconcile compares it
+            return "created" if await self.create(annotated) else "unchanged"
+        if obj["kind"] in NEVER_PATCHED:
             return "unchanged"
         if (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION) == h:
             return "unchanged"

@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from index_operator.http import JsonHttp
+
 
 class RuntimeError_(Exception):
     def __init__(self, status: int, reason: str, message: str) -> None:
@@ -23,34 +25,20 @@ MISSING: dict[str, Any] = {}  # the runtime answers but has no such index
 class RuntimeClient:
     def __init__(self, timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._http = JsonHttp()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def _call(self, method: str, url: str, token: str | None = None, body: Any = None) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        async with self._session.request(
-            method,
-            url,
-            data=None if body is None else json.dumps(body),
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-        ) as resp:
-            text = await resp.text()
-            data = json.loads(text) if text else None
-            if resp.status >= 400:
-                d = data if isinstance(data, dict) else {}
-                raise RuntimeError_(
-                    resp.status, str(d.get("error", "")), str(d.get("message", text))
-                )
-            return data
+        status, text = await self._http.request(
+            method, url, body, token=token, timeout_s=self.timeout_s
+        )
+        data = json.loads(text) if text else None
+        if status >= 400:
+            d = data if isinstance(data, dict) else {}
+            raise RuntimeError_(status, str(d.get("error", "")), str(d.get("message", text)))
+        return data
 
     async def status(self, base: str, index: str) -> dict[str, Any] | None:
         """The index's status document; ``MISSING`` when the runtime has no such index; None

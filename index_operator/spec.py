@@ -228,12 +228,11 @@ def runtime_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
     tau = (spec.get("coldStart") or {}).get("minTrainingVectors")
     if tau:
         life["tau"] = int(tau)
+    floats = ("sample_rate", "theta", "delta", "cpu_budget", "growth_factor", "backoff_s")
     for sec in (oracle, life, shadow):  # JSON numbers from YAML may be ints where floats belong
-        for k in ("sample_rate", "theta", "delta", "cpu_budget", "growth_factor", "backoff_s"):
+        for k in (*floats, "regenerate_overhead"):
             if k in sec:
                 sec[k] = float(sec[k])
-    if "regenerate_overhead" in shadow:
-        shadow["regenerate_overhead"] = float(shadow["regenerate_overhead"])
     return {"primary": primary, "shadow": shadow, "oracle": oracle, "lifecycle": life}
 
 

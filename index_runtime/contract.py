@@ -8,7 +8,6 @@ builders emit parses with the runtime's own argument parser, every path answers)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 HTTP_PORT = 8080  # the API, the admin API and /metrics of every runtime pod
@@ -65,14 +64,6 @@ class Env(StrEnum):
     S3_REGION = "DRIFTLESS_S3_REGION"
     OMP_THREADS = "OMP_NUM_THREADS"
     JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by Kubernetes in Indexed Jobs
-
-
-@dataclass(frozen=True)
-class Storage:
-    bucket: str
-    prefix: str = ""
-    endpoint: str | None = None
-    region: str | None = None
 
 
 def serve_command(role: Role) -> list[str]:

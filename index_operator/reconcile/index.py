@@ -177,13 +177,12 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
             ix, obs, "CreatingIndex", "the writer has no such index yet; creating it"
         )
     w = obs.writer
-    decision = lifecycle.decide(observed(w, obs.shadow), thresholds(w))
+    th = thresholds(w)
+    decision = lifecycle.decide(observed(w, obs.shadow), th)
 
     actions: list[Action] = []
     events: list[Event] = []
     jobs = {k: dict(v) for k, v in (obs.prior.get("jobs") or {}).items()}
-
-    th = thresholds(w)
 
     def job_busy(kind: JobKind) -> bool:
         """A Job of this kind runs, or the last one failed less than the backoff ago."""

@@ -101,6 +101,17 @@ def pod_security() -> dict[str, Any]:
     }
 
 
+def pod_identity(ix: Index) -> dict[str, Any]:
+    """Index pods never talk to the Kubernetes API: no token, unless the storage uses
+    workload identity (a ServiceAccount whose token the cloud SDK exchanges)."""
+    if ix.storage.service_account:
+        return {
+            "serviceAccountName": ix.storage.service_account,
+            "automountServiceAccountToken": True,
+        }
+    return {"automountServiceAccountToken": False}
+
+
 def container_security() -> dict[str, Any]:
     return {
         "allowPrivilegeEscalation": False,

@@ -18,6 +18,7 @@ from index_operator.resources.common import (
     dns_name,
     labels,
     metadata,
+    pod_identity,
     pod_security,
     service_url,
     storage_env,
@@ -60,7 +61,7 @@ def _job_pod(
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit, podFailurePolicy)
         "securityContext": pod_security(),
-        "automountServiceAccountToken": False,
+        **pod_identity(ix),
         "containers": [
             {
                 "name": kind.value,
@@ -76,9 +77,6 @@ def _job_pod(
         ],
         "volumes": [vol, *volumes],
     }
-    if ix.storage.service_account:
-        pod["serviceAccountName"] = ix.storage.service_account
-        pod["automountServiceAccountToken"] = True
     return {"metadata": {"labels": labels(ix.ref.name, f"job-{kind.value}")}, "spec": pod}
 
 

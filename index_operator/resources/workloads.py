@@ -21,6 +21,7 @@ from index_operator.resources.common import (
     dns_name,
     labels,
     metadata,
+    pod_identity,
     pod_security,
     selector,
     service_name,
@@ -117,7 +118,7 @@ def _pod(
     spec: dict[str, Any] = {
         "securityContext": pod_security(),
         "terminationGracePeriodSeconds": 30,  # the runtime flushes within its 25 s grace
-        "automountServiceAccountToken": False,  # runtime pods never talk to the Kubernetes API
+        **pod_identity(ix),
         "containers": [
             {
                 "name": role.value,
@@ -140,9 +141,6 @@ def _pod(
         ],
         "volumes": [vol],
     }
-    if ix.storage.service_account:
-        spec["serviceAccountName"] = ix.storage.service_account
-        spec["automountServiceAccountToken"] = True  # workload identity reads its token
     return {
         "metadata": {
             "labels": labels(ix.ref.name, role.value),

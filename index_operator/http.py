@@ -1,0 +1,50 @@
+"""One lazily opened aiohttp session that sends and receives JSON: what the Kubernetes client
+and the runtime client share. Errors stay theirs: this returns the status and the body."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any
+
+import aiohttp
+
+from index_runtime import __version__
+
+USER_AGENT = f"driftless-operator/{__version__}"
+
+
+class JsonHttp:
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        content_type: str = "application/json",
+        timeout_s: float = 30.0,
+        ssl_context: ssl.SSLContext | bool = True,
+    ) -> tuple[int, str]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Content-Type": content_type, "User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self._session.request(
+            method,
+            url,
+            data=None if body is None else json.dumps(body),
+            headers=headers,
+            ssl=ssl_context,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
+            return resp.status, await resp.text()
