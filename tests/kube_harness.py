@@ -38,6 +38,16 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def find(kmock: Any, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    """The stored object (None if absent or deleted). KMock keys objects by resource objects,
+    so look them up by plural rather than by a string key."""
+    for key in list(kmock.objects):
+        if getattr(key[0], "plural", "") == plural and key[1:] == (namespace, name):
+            obj = kmock.objects[key]
+            return None if obj.deleted else dict(obj.raw)
+    return None
+
+
 class StricterEmulator(KubernetesEmulator):
     _rv = itertools.count(1)
 
@@ -170,10 +180,10 @@ class JobRunner:
             await asyncio.sleep(0.1)
 
     def _lookup(self, plural: str, ns: str, name: str) -> dict[str, Any]:
-        for key in list(self.kmock.objects):
-            if getattr(key[0], "plural", "") == plural and key[1] == ns and key[2] == name:
-                return dict(self.kmock.objects[key].raw)
-        raise KeyError(f"{plural} {ns}/{name} not found")
+        obj = find(self.kmock, plural, ns, name)
+        if obj is None:
+            raise KeyError(f"{plural} {ns}/{name} not found")
+        return obj
 
     def _secret(self, ns: str, name: str, key: str) -> str:
         sec = self._lookup("secrets", ns, name)

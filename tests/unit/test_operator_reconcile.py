@@ -215,31 +215,19 @@ def test_index_events_on_transitions_and_model_reference_condition() -> None:
     assert cond["status"] == "True" and "spec.modelRef.name" in cond["message"]
 
 
-MIG = Migration.parse(
-    {
-        "kind": "ModelMigration",
-        "metadata": {"name": "mm", "namespace": "s", "uid": "m", "generation": 1},
-        "spec": {"indexRef": {"name": "docs"}, "targetModelRef": {"name": "new"}},
-    }
-)
-MANUAL = Migration.parse(
-    {
-        "kind": "ModelMigration",
-        "metadata": {"name": "mm", "namespace": "s", "uid": "m", "generation": 2},
-        "spec": {
-            "indexRef": {"name": "docs"},
-            "targetModelRef": {"name": "new"},
-            "cutover": {"policy": "Manual"},
-        },
-    }
-)
-ROLLBACK = Migration.parse(
-    {
-        "kind": "ModelMigration",
-        "metadata": {"name": "mm", "namespace": "s", "uid": "m", "generation": 2},
-        "spec": {"indexRef": {"name": "docs"}, "targetModelRef": {"name": "new"}, "rollback": True},
-    }
-)
+def migration(generation: int = 1, **spec: Any) -> Migration:
+    return Migration.parse(
+        {
+            "kind": "ModelMigration",
+            "metadata": {"name": "mm", "namespace": "s", "uid": "m", "generation": generation},
+            "spec": {"indexRef": {"name": "docs"}, "targetModelRef": {"name": "new"}, **spec},
+        }
+    )
+
+
+MIG = migration()
+MANUAL = migration(2, cutover={"policy": "Manual"})
+ROLLBACK = migration(2, rollback=True)
 
 
 def rec(phase: str, **kw: Any) -> dict[str, Any]:
