@@ -31,6 +31,7 @@ import aiohttp.web
 from kmock import KubernetesEmulator
 
 RUNNER_AGENT = "driftless-test-job-runner"
+OPERATOR_AGENTS = ("kopf/", "driftless-operator/")
 SVC_URL = re.compile(r"^http://[a-z0-9-]+\.[a-z0-9-]+\.svc:\d+$")
 
 
@@ -50,6 +51,36 @@ def find(kmock: Any, plural: str, namespace: str | None, name: str) -> dict[str,
 
 class StricterEmulator(KubernetesEmulator):
     _rv = itertools.count(1)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.namespace_requests: list[tuple[str, str]] = []  # (verb, User-Agent)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # KMock 0.8 cannot parse the namespace collection itself (``/api/v1/namespaces``
+        # takes "namespaces" for a namespace path and fails with a 500), which a namespaced
+        # kopf lists and watches: answer it here, from the namespaces of the stored objects.
+        if raw_request.path.rstrip("/") != "/api/v1/namespaces":
+            return await super().__call__(raw_request)
+        watch = raw_request.query.get("watch") in ("true", "1")
+        self.namespace_requests.append(
+            ("watch" if watch else "list", raw_request.headers.get("User-Agent", ""))
+        )
+        if watch:  # nothing ever changes: hold the stream open a while, then end it
+            resp = aiohttp.web.StreamResponse()
+            await resp.prepare(raw_request)
+            await asyncio.sleep(5)
+            return resp
+        names = sorted({k[1] for k in list(self.objects) if k[1]} | {"default"})
+        items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
+        return aiohttp.web.json_response(
+            {
+                "apiVersion": "v1",
+                "kind": "NamespaceList",
+                "metadata": {"resourceVersion": str(next(self._rv))},
+                "items": items,
+            }
+        )
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         data = request.data
@@ -135,11 +166,16 @@ def register_resources(kmock: Any, crds: list[dict[str, Any]]) -> None:
     ]:
         r[path] = {"kind": kind, "namespaced": True}
     r["batch/v1/jobs"] = {"kind": "Job", "namespaced": True, "subresources": {"status"}}
-    r["kopf.dev/v1/clusterkopfpeerings"] = {
-        "kind": "ClusterKopfPeering",
-        "namespaced": False,
-        "verbs": {"list", "watch", "get", "patch"},
-    }
+    r["monitoring.coreos.com/v1/servicemonitors"] = {"kind": "ServiceMonitor", "namespaced": True}
+    for plural, kind, namespaced in [
+        ("clusterkopfpeerings", "ClusterKopfPeering", False),
+        ("kopfpeerings", "KopfPeering", True),
+    ]:
+        r[f"kopf.dev/v1/{plural}"] = {
+            "kind": kind,
+            "namespaced": namespaced,
+            "verbs": {"list", "watch", "get", "patch"},
+        }
 
 
 class JobRunner:
@@ -293,12 +329,16 @@ def api_requests(kmock: Any) -> set[tuple[str, str, str, str]]:
         "UPDATE": "patch",
         "DELETE": "delete",
     }
-    out = set()
+    out = {
+        (verb, "", "namespaces", "")
+        for verb, agent in getattr(kmock, "namespace_requests", [])
+        if agent.startswith(OPERATOR_AGENTS)
+    }
     for req in kmock:
         agent = req.headers.get("User-Agent", "")
         if req.resource is None or not req.resource.plural:
             continue  # discovery (/api, /apis/...) needs no RBAC rule
-        if not agent.startswith(("kopf/", "driftless-operator/")):
+        if not agent.startswith(OPERATOR_AGENTS):
             continue  # the job runner and the test itself (kubectl's role) are left out
         action = getattr(req.action, "name", str(req.action)).upper().split(".")[-1]
         verb = verbs.get(action, action.lower())

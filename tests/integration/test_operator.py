@@ -31,6 +31,8 @@ import kopf
 
 from index_operator.controller import Controller, OperatorConfig
 from index_operator.handlers import registry
+from index_operator.kube import HASH_ANNOTATION
+from index_operator.resources import Cluster as OperatorCluster
 from index_runtime.service.app import create_app
 from index_runtime.service.engine import Engine, ServeConfig
 from index_runtime.service.metrics import Metrics
@@ -214,9 +216,15 @@ def adopt_admin_token(cl: Cluster, engine: Engine, index: str) -> str:
 
 
 async def start_operator(
-    kmock: Any, url: str, priority: int = 0, standalone: bool = True, ident: str = "op"
+    kmock: Any,
+    url: str,
+    priority: int = 0,
+    standalone: bool = True,
+    ident: str = "op",
+    clusterwide: bool = True,
+    monitoring: bool = False,
 ) -> tuple[asyncio.Task[Any], asyncio.Event]:
-    config = OperatorConfig(interval_s=0.5, runtime_url=url)
+    config = OperatorConfig(OperatorCluster(monitoring=monitoring), interval_s=0.5, runtime_url=url)
     memo = kopf.Memo(
         server=str(kmock.url).rstrip("/"), config=config, controller=Controller(config)
     )
@@ -224,7 +232,8 @@ async def start_operator(
     task = asyncio.create_task(
         kopf.operator(
             registry=registry,
-            clusterwide=True,
+            clusterwide=clusterwide,
+            namespaces=() if clusterwide else (NS,),
             standalone=standalone,
             priority=priority,
             **({} if standalone else {"peering_name": "driftless", "identity": ident}),
@@ -248,6 +257,67 @@ def query_load(url: str, index: str, texts: list[str], stop: threading.Event) ->
             c.post(f"/v1/indexes/{index}/search", json={"text": texts[i % len(texts)], "k": 10})
             i += 1
             time.sleep(0.01)
+
+
+CHILDREN = [
+    ("v1", "secrets", "docs-admin"),
+    ("v1", "configmaps", "docs-config"),
+    ("v1", "services", "docs-reader"),
+    ("apps/v1", "statefulsets", "docs-writer"),
+    ("apps/v1", "deployments", "docs-reader"),
+    ("batch/v1", "cronjobs", "docs-compact"),
+    ("policy/v1", "poddisruptionbudgets", "docs-reader"),
+    ("monitoring.coreos.com/v1", "servicemonitors", "docs-metrics"),
+]
+
+
+async def _objects_left_by_an_older_operator_are_brought_back(cl: Cluster) -> None:
+    """What an operator upgrade meets: children whose desired form changed since they were
+    made (here: their hash annotation no longer matches). Each is patched back, and the patches
+    are the operator's — which is why the chart grants ``patch`` on every child kind."""
+    async with httpx.AsyncClient(base_url=str(cl.kmock.url)) as k:
+        for gv, plural, name in CHILDREN:
+            base = "api" if gv == "v1" else "apis"
+            r = await k.patch(
+                f"/{base}/{gv}/namespaces/{NS}/{plural}/{name}",
+                json={"metadata": {"annotations": {HASH_ANNOTATION: "from-an-older-operator"}}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            assert r.status_code < 400, r.text
+    deadline = time.monotonic() + 30
+    stale: list[str] = []
+    while time.monotonic() < deadline:
+        stale = [
+            name
+            for _, plural, name in CHILDREN
+            if ((cl.get(plural, name) or {}).get("metadata", {}).get("annotations") or {}).get(
+                HASH_ANNOTATION
+            )
+            == "from-an-older-operator"
+        ]
+        if not stale:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not re-applied: {stale}")
+
+
+def _check_recorded_requests(scenario: str, kmock: Any, peering_only: bool = False) -> None:
+    """The requests the operator made in a scenario, kept in a file the chart's RBAC test
+    reads (tests/unit/test_chart.py): a change here must be a change there. The peering
+    scenarios keep only what peering adds (the peering objects, and the namespace watch of a
+    namespaced kopf); how far the paused operators got before pausing is timing."""
+    recorded = sorted(
+        list(r)
+        for r in api_requests(kmock)
+        if not peering_only or r[1] == "kopf.dev" or r[2] == "namespaces"
+    )
+    stored = json.loads(REQUESTS_FILE.read_text()) if REQUESTS_FILE.exists() else {}
+    if os.environ.get("DRIFTLESS_UPDATE_REQUESTS"):
+        stored[scenario] = recorded
+        REQUESTS_FILE.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    assert recorded == stored.get(scenario), (
+        f"the operator's API use in {scenario!r} changed: DRIFTLESS_UPDATE_REQUESTS=1"
+    )
 
 
 SAMPLE_FILE = ROOT / "docs" / "kubectl-get.txt"
@@ -283,7 +353,7 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
     await cl.put(model("old", D_OLD))
     await cl.put(model("new", D_NEW))
     await cl.put(vector_index("docs", bucket, moto_endpoint))
-    task, stop = await start_operator(cl.kmock, url)
+    task, stop = await start_operator(cl.kmock, url, monitoring=True)
     try:
         # the operator builds the objects, creates the index in the runtime: cold start
         st = await cl.wait(
@@ -299,11 +369,13 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
             ("poddisruptionbudgets", "docs-reader"),
             ("configmaps", "docs-config"),
             ("secrets", "docs-admin"),
+            ("servicemonitors", "docs-metrics"),
         ]:
             obj = cl.get(plural, name)
             assert obj is not None, (plural, name)
             owner = obj["metadata"]["ownerReferences"][0]
             assert owner["kind"] == "VectorIndex" and owner["uid"] == st["metadata"]["uid"]
+        await _objects_left_by_an_older_operator_are_brought_back(cl)
         texts = corpus(800)
         with httpx.Client(base_url=url, timeout=30) as c:
             r = c.post(
@@ -427,16 +499,12 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
         assert s3.list_objects_v2(Bucket=bucket, Prefix="indexes/docs/").get("KeyCount", 0) > 0
     finally:
         await stop_operator(task, stop)
-    recorded = sorted(list(r) for r in api_requests(cl.kmock))
-    if os.environ.get("DRIFTLESS_UPDATE_REQUESTS"):
-        REQUESTS_FILE.parent.mkdir(exist_ok=True)
-        REQUESTS_FILE.write_text(json.dumps(recorded, indent=1) + "\n")
-    assert recorded == json.loads(REQUESTS_FILE.read_text()), (
-        "the operator's API use changed: DRIFTLESS_UPDATE_REQUESTS=1"
-    )
+    _check_recorded_requests("lifecycle", cl.kmock)
 
 
+@pytest.mark.parametrize("clusterwide", [True, False], ids=["cluster-wide", "namespaced"])
 async def test_two_operators_of_equal_priority_both_pause_and_say_why(
+    clusterwide: bool,
     cluster: tuple[Cluster, JobRunner],
     runtime: tuple[str, Engine, str],
     moto_endpoint: str,
@@ -446,15 +514,28 @@ async def test_two_operators_of_equal_priority_both_pause_and_say_why(
     same priority both freeze, and nothing gets reconciled meanwhile."""
     cl, _ = cluster
     url, _, bucket = runtime
-    cl.kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, "driftless"] = {
+    kind, plural, ns = (
+        ("ClusterKopfPeering", "clusterkopfpeerings", None)
+        if clusterwide
+        else ("KopfPeering", "kopfpeerings", NS)
+    )
+    cl.kmock.objects[f"kopf.dev/v1/{plural}", ns, "driftless"] = {
         "apiVersion": "kopf.dev/v1",
-        "kind": "ClusterKopfPeering",
-        "metadata": {"name": "driftless", "resourceVersion": "1"},
+        "kind": kind,
+        "metadata": {
+            "name": "driftless",
+            "resourceVersion": "1",
+            **({"namespace": ns} if ns else {}),
+        },
         "status": {},
     }
     caplog.set_level(logging.INFO)
-    a = await start_operator(cl.kmock, url, standalone=False, ident="operator-a")
-    b = await start_operator(cl.kmock, url, standalone=False, ident="operator-b")
+    a = await start_operator(
+        cl.kmock, url, standalone=False, ident="operator-a", clusterwide=clusterwide
+    )
+    b = await start_operator(
+        cl.kmock, url, standalone=False, ident="operator-b", clusterwide=clusterwide
+    )
     try:
         await cl.put(model("old", D_OLD))
         await cl.put(vector_index("paused", bucket, moto_endpoint))
@@ -477,6 +558,9 @@ async def test_two_operators_of_equal_priority_both_pause_and_say_why(
         obj = cl.get("vectorindexes", "paused")
         assert obj is not None and not (obj.get("status") or {}).get("phase")
         assert cl.get("statefulsets", "paused-writer") is None
+        # recorded while both are paused (once one stops, the other resumes and reconciles)
+        scope = "cluster-wide" if clusterwide else "namespaced"
+        _check_recorded_requests(f"peering ({scope})", cl.kmock, peering_only=True)
     finally:
         await stop_operator(*a)
         await stop_operator(*b)
