@@ -17,11 +17,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_crds() -> dict[str, dict[str, Any]]:
+def load_crds(group: str | None = "driftless.dev") -> dict[str, dict[str, Any]]:
+    """The CRDs under crds/ by kind: ours by default (group None: kopf's peering ones too)."""
     out = {}
     for p in sorted((ROOT / "crds").glob("*.yaml")):
         crd = yaml.safe_load(p.read_text())
-        out[crd["spec"]["names"]["kind"]] = crd
+        if group is None or crd["spec"]["group"] == group:
+            out[crd["spec"]["names"]["kind"]] = crd
     return out
 
 

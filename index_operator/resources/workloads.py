@@ -277,6 +277,12 @@ def desired_service_monitor(ix: Index) -> dict[str, Any]:
                 }
             },
             "namespaceSelector": {"matchNames": [ix.ref.namespace]},
+            # the Services' labels on every series and on `up` (the alerts select on them)
+            "targetLabels": [
+                "app.kubernetes.io/part-of",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/component",
+            ],
             "endpoints": [
                 {"port": contract.PORT_NAME, "path": contract.METRICS_PATH, "interval": "30s"}
             ],

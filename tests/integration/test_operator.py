@@ -52,7 +52,11 @@ from tests.kube_harness import (
 from tests.service_helpers import TOKEN, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
+CRDS = [
+    crd
+    for p in sorted((ROOT / "crds").glob("*.yaml"))
+    if (crd := yaml.safe_load(p.read_text()))["spec"]["group"] == "driftless.dev"
+]
 REQUESTS_FILE = ROOT / "tests" / "data" / "operator-api-requests.json"
 NS = "search"
 pytestmark = [pytest.mark.kmock(cls=StricterEmulator), pytest.mark.asyncio]

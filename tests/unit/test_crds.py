@@ -58,6 +58,14 @@ def test_crd_is_a_valid_structural_apiextensions_v1_object(kind: str) -> None:
     assert "conditions[?(@.type==" in columns["Reason"]["jsonPath"]
 
 
+@pytest.mark.parametrize("kind", ["ClusterKopfPeering", "KopfPeering"])
+def test_kopf_peering_crds_are_valid_structural_objects(kind: str) -> None:
+    crd = load_crds(group=None)[kind]
+    kv.validate(crd, kv.latest_version(), strict=True)
+    assert crd["spec"]["group"] == "kopf.dev" and crd["spec"]["versions"][0]["name"] == "v1"
+    assert structural_problems(schema_of(crd)) == []
+
+
 @pytest.mark.parametrize("kind", sorted(CRDS))
 def test_every_cel_rule_compiles(kind: str) -> None:
     rules = []

@@ -1,0 +1,59 @@
+{{- define "driftless.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "driftless.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "driftless.labels" -}}
+{{ include "driftless.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: driftless
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "driftless.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "driftless.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The watched namespaces, one per line (namespaced mode). */}}
+{{- define "driftless.namespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- range .Values.watchNamespaces }}
+{{ . }}
+{{- end -}}
+{{- else -}}
+{{ .Release.Namespace }}
+{{- end -}}
+{{- end -}}
+
+{{/* "auto" follows the cluster's API (prometheus-operator's monitoring.coreos.com/v1). */}}
+{{- define "driftless.monitoringApi" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
+{{- end -}}
+
+{{- define "driftless.serviceMonitors" -}}
+{{- $v := .Values.monitoring.serviceMonitors -}}
+{{- if or (eq (toString $v) "true") (and (eq (toString $v) "auto") (include "driftless.monitoringApi" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "driftless.prometheusRule" -}}
+{{- $v := .Values.monitoring.prometheusRule.enabled -}}
+{{- if or (eq (toString $v) "true") (and (eq (toString $v) "auto") (include "driftless.monitoringApi" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "driftless.image" -}}
+{{- printf "%s:%s" .repository (default .appVersion .tag) -}}
+{{- end -}}
