@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     from index_operator.handlers import registry
 
-    namespaces = args.namespace or [os.environ.get("DRIFTLESS_WATCH_NAMESPACE", "default")]
+    env = os.environ.get("DRIFTLESS_WATCH_NAMESPACE", "default")  # comma-separated (the chart)
+    namespaces = args.namespace or [n.strip() for n in env.split(",") if n.strip()]
     asyncio.run(
         kopf.operator(
             registry=registry,
