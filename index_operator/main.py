@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -21,13 +22,19 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def watch_namespaces(flags: list[str], env: Mapping[str, str]) -> list[str]:
+    """--namespace flags, else DRIFTLESS_WATCH_NAMESPACE (comma-separated, as the chart sets
+    it), else "default"."""
+    listed = env.get("DRIFTLESS_WATCH_NAMESPACE", "default").split(",")
+    return flags or [n.strip() for n in listed if n.strip()] or ["default"]
+
+
 def run(args: argparse.Namespace) -> int:
     import kopf
 
     from index_operator.handlers import registry
 
-    env = os.environ.get("DRIFTLESS_WATCH_NAMESPACE", "default")  # comma-separated (the chart)
-    namespaces = args.namespace or [n.strip() for n in env.split(",") if n.strip()]
+    namespaces = watch_namespaces(args.namespace, os.environ)
     asyncio.run(
         kopf.operator(
             registry=registry,

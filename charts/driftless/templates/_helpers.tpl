@@ -31,11 +31,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* The watched namespaces, one per line (namespaced mode). */}}
 {{- define "driftless.namespaces" -}}
 {{- if .Values.watchNamespaces -}}
-{{- range .Values.watchNamespaces }}
-{{ . }}
-{{- end -}}
+{{- join "\n" .Values.watchNamespaces -}}
 {{- else -}}
-{{ .Release.Namespace }}
+{{- .Release.Namespace -}}
 {{- end -}}
 {{- end -}}
 
