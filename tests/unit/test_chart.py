@@ -164,7 +164,6 @@ def test_operator_deployment_is_a_single_recreated_pod_with_its_settings() -> No
     assert c["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     # the operator's own parser reads these the way the chart writes them
     from index_operator.controller import OperatorConfig
-
     from index_operator.main import watch_namespaces
 
     assert watch_namespaces([], env) == ["search", "ml"]
