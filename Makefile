@@ -20,9 +20,10 @@ $(DEPS): pyproject.toml
 demo: $(DEPS)
 	$(BIN)/driftless demo
 
-# promtool (Debian's prometheus package) checks the live /metrics in the tests
+# Debian's prometheus package: promtool checks /metrics and the alert rules, and a real
+# Prometheus runs the dashboard test
 tools:
-	@command -v promtool >/dev/null || { \
+	@{ command -v promtool && command -v prometheus; } >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
 
