@@ -51,7 +51,9 @@ def running_service(
     engine.open_existing()
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, metrics), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(engine, metrics), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -70,3 +72,13 @@ def running_service(
 def clustered(rng: np.random.Generator, centers: np.ndarray, n: int, noise: float) -> np.ndarray:
     pick = rng.integers(0, len(centers), n)
     return (centers[pick] + noise * rng.normal(size=(n, centers.shape[1]))).astype(np.float32)
+
+
+def query_load(url: str, index: str, texts: list[str], stop: threading.Event) -> None:
+    """Clients querying (the oracle measures sampled queries)."""
+    with httpx.Client(base_url=url, timeout=10) as c:
+        i = 0
+        while not stop.is_set():
+            c.post(f"/v1/indexes/{index}/search", json={"text": texts[i % len(texts)], "k": 10})
+            i += 1
+            time.sleep(0.01)

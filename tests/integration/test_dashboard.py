@@ -26,8 +26,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.test_migration_service import AUTH, D_OLD, W_NEW, W_OLD, corpus, encoder
-from tests.service_helpers import free_port, running_service
+from tests.integration.test_migration_service import (
+    AUTH,
+    D_OLD,
+    W_NEW,
+    W_OLD,
+    _migrate,
+    corpus,
+    encoder,
+)
+from tests.service_helpers import free_port, query_load, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "driftless" / "dashboards" / "driftless.json"
@@ -156,14 +164,6 @@ def _until(c: httpx.Client, cond: Any, timeout: float, what: str) -> dict[str, A
     raise AssertionError(f"{what}: timed out; {json.dumps(st)[:2000]}")
 
 
-def _queries(c: httpx.Client, texts: list[str], stop: threading.Event) -> None:
-    i = 0
-    while not stop.is_set():
-        c.post("/v1/indexes/docs/search", json={"text": texts[i % len(texts)], "k": 10})
-        i += 1
-        time.sleep(0.01)
-
-
 def test_every_panel_query_returns_data_from_a_real_prometheus(
     tmp_path: Path, prometheus: tuple[str, Path]
 ) -> None:
@@ -188,44 +188,33 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
         )
         assert r.status_code == 200, r.text
         stop = threading.Event()
-        with httpx.Client(base_url=c.base_url, timeout=30) as q:
-            load = threading.Thread(target=_queries, args=(q, texts, stop), daemon=True)
-            load.start()
-            try:
-                _until(c, lambda s: s["serving"]["path"] == "primary", 90, "serving")
-                # deletes leave tombstones and dead rows; a compaction clears them
-                r = c.post("/v1/indexes/docs/delete", json={"keys": [f"k{i}" for i in range(80)]})
-                assert r.status_code == 200, r.text
-                time.sleep(3 * SCRAPE_S)
-                r = c.post("/v1/indexes/docs/admin/compact", headers=AUTH)
-                assert r.status_code == 200, r.text
-                # a small migration: gate (adapter wins), backfill, cutover
-                r = c.post(
-                    "/v1/indexes/docs/admin/migrations",
-                    json={
-                        "to_model": "new",
-                        "kinds": ["procrustes"],
-                        "pairs": 600,
-                        "backfill_batch": 40,
-                        "backfill_rate": 200,
-                    },
-                    headers=AUTH,
-                )
-                assert r.status_code == 202, r.text
-                st = _until(
-                    c,
-                    lambda s: (
-                        (s["migration"]["record"] or {}).get("phase")
-                        in ("Succeeded", "Failed", "RolledBack")
-                    ),
-                    120,
-                    "migration",
-                )
-                assert st["migration"]["record"]["phase"] == "Succeeded", st["migration"]
-                time.sleep(5 * SCRAPE_S)  # a few scrapes of the final state
-            finally:
-                stop.set()
-                load.join()
+        load = threading.Thread(
+            target=query_load, args=(str(c.base_url), "docs", texts, stop), daemon=True
+        )
+        load.start()
+        try:
+            _until(c, lambda s: s["serving"]["path"] == "primary", 90, "serving")
+            # deletes leave tombstones and dead rows; a compaction clears them
+            r = c.post("/v1/indexes/docs/delete", json={"keys": [f"k{i}" for i in range(80)]})
+            assert r.status_code == 200, r.text
+            time.sleep(3 * SCRAPE_S)
+            r = c.post("/v1/indexes/docs/admin/compact", headers=AUTH)
+            assert r.status_code == 200, r.text
+            # a small migration: gate (adapter wins), backfill, cutover
+            record = _migrate(
+                c,
+                until=("Succeeded", "Failed", "RolledBack"),
+                kinds=["procrustes"],
+                pairs=600,
+                backfill=True,
+                backfill_batch=40,
+                backfill_rate=200,
+            )
+            assert record["phase"] == "Succeeded", record
+            time.sleep(5 * SCRAPE_S)  # a few scrapes of the final state
+        finally:
+            stop.set()
+            load.join()
         end = time.time()
 
         failures = []

@@ -49,7 +49,7 @@ from tests.kube_harness import (
     kubectl_get,
     register_resources,
 )
-from tests.service_helpers import TOKEN, free_port
+from tests.service_helpers import TOKEN, free_port, query_load
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = [
@@ -168,6 +168,15 @@ class Cluster:
     def get(self, plural: str, name: str) -> dict[str, Any] | None:
         return find(self.kmock, plural, NS, name)
 
+    async def migration_ended(self, name: str, timeout: float, what: str) -> dict[str, Any]:
+        return await self.wait(
+            "modelmigrations",
+            name,
+            lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"),
+            timeout,
+            what,
+        )
+
     async def wait(
         self, plural: str, name: str, cond: Any, timeout: float, what: str
     ) -> dict[str, Any]:
@@ -251,16 +260,6 @@ async def start_operator(
 async def stop_operator(task: asyncio.Task[Any], stop: asyncio.Event) -> None:
     stop.set()
     await asyncio.wait_for(task, 30)
-
-
-def query_load(url: str, index: str, texts: list[str], stop: threading.Event) -> None:
-    """Clients querying (the oracle measures sampled queries)."""
-    with httpx.Client(base_url=url, timeout=10) as c:
-        i = 0
-        while not stop.is_set():
-            c.post(f"/v1/indexes/{index}/search", json={"text": texts[i % len(texts)], "k": 10})
-            i += 1
-            time.sleep(0.01)
 
 
 CHILDREN = [
@@ -416,13 +415,7 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
                 backfill={"batch": 100},
             )
         )
-        mm = await cl.wait(
-            "modelmigrations",
-            "to-new",
-            lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"),
-            180,
-            "migration",
-        )
+        mm = await cl.migration_ended("to-new", 180, "migration")
         assert mm["status"]["phase"] == "Succeeded", (
             mm["status"],
             runner.log("to-new-migrate"),
@@ -461,13 +454,7 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
                 == 200
             )
         await cl.put(migration("vecs-to-new", "vecs", adapter={"types": ["procrustes"]}))
-        mm = await cl.wait(
-            "modelmigrations",
-            "vecs-to-new",
-            lambda s: s.get("phase") in ("Succeeded", "Failed", "RolledBack"),
-            60,
-            "failing gate",
-        )
+        mm = await cl.migration_ended("vecs-to-new", 60, "failing gate")
         assert mm["status"]["phase"] == "RolledBack" and mm["status"]["reason"] == "GateFailed"
         assert "text" in mm["status"]["message"]
 

@@ -42,14 +42,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}true{{- end -}}
 {{- end -}}
 
+{{/* "true" when a true | false | "auto" value is on; called with (list $ value). */}}
+{{- define "driftless.on" -}}
+{{- $v := toString (index . 1) -}}
+{{- if or (eq $v "true") (and (eq $v "auto") (include "driftless.monitoringApi" (index . 0))) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "driftless.serviceMonitors" -}}
-{{- $v := .Values.monitoring.serviceMonitors -}}
-{{- if or (eq (toString $v) "true") (and (eq (toString $v) "auto") (include "driftless.monitoringApi" .)) -}}true{{- end -}}
+{{- include "driftless.on" (list . .Values.monitoring.serviceMonitors) -}}
 {{- end -}}
 
 {{- define "driftless.prometheusRule" -}}
-{{- $v := .Values.monitoring.prometheusRule.enabled -}}
-{{- if or (eq (toString $v) "true") (and (eq (toString $v) "auto") (include "driftless.monitoringApi" .)) -}}true{{- end -}}
+{{- include "driftless.on" (list . .Values.monitoring.prometheusRule.enabled) -}}
 {{- end -}}
 
 {{- define "driftless.image" -}}
