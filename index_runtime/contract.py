@@ -40,6 +40,20 @@ class JobKind(StrEnum):
     PURGE = "purge"  # delete an index's stored objects (reclaim policy Delete)
 
 
+class Scope(StrEnum):
+    """What a bearer token may do. ``admin`` covers every scope and ``write`` covers ``read``;
+    ``mirror`` (readers sending sampled queries to the shadow) covers nothing else."""
+
+    READ = "read"  # search, fetch, scan, count, status, list/describe indexes
+    WRITE = "write"  # upsert, delete, create and delete an index
+    ADMIN = "admin"  # train, promote, discard, compact, settings, migrations, restore, reload
+    MIRROR = "mirror"  # POST .../internal/samples (reader -> shadow)
+
+
+TOKENS_DIR = "/etc/driftless/tokens"  # a mounted Secret: the token hashes a pod accepts
+TOKENS_FILE = "tokens"  # lines '<scope> sha256:<hex>' (or '<scope> <token>' on a laptop)
+
+
 class ExitCode(IntEnum):
     OK = 0
     FAILED = 1  # may heal: the Job's pod is retried (backoffLimit)
@@ -51,7 +65,15 @@ class Env(StrEnum):
     """Environment variables the runtime reads. Credentials never appear here by value: the
     S3 keys are the standard AWS variables, filled from a Secret by reference."""
 
+    # Tokens (values from Secrets, never argv). The server accepts what TOKENS_FILE lists and
+    # any *_TOKEN value below for its scope; clients present ADMIN_TOKEN (Jobs -> writer)
+    # or SHADOW_TOKEN (readers -> shadow, a mirror-scope token).
+    TOKENS_FILE = "DRIFTLESS_TOKENS_FILE"
+    READ_TOKEN = "DRIFTLESS_READ_TOKEN"
+    WRITE_TOKEN = "DRIFTLESS_WRITE_TOKEN"
     ADMIN_TOKEN = "DRIFTLESS_ADMIN_TOKEN"
+    MIRROR_TOKEN = "DRIFTLESS_MIRROR_TOKEN"
+    SHADOW_TOKEN = "DRIFTLESS_SHADOW_TOKEN"
     WRITER_URL = "DRIFTLESS_WRITER_URL"  # Jobs talk to the writer's admin API
     SHADOW_URL = "DRIFTLESS_SHADOW_URL"  # readers mirror sampled queries here
     INDEX = "DRIFTLESS_INDEX"

@@ -13,6 +13,7 @@ class DriftlessError(Exception):
 
     status = 500
     reason = "InternalError"
+    retry_after_s: float | None = None  # set: the answer carries Retry-After (429, 503)
 
     def code(self) -> int:
         return self.status
@@ -41,10 +42,19 @@ class ObjectNotFoundError(NotFoundError):
     reason = "ObjectNotFound"
 
 
-class FormatVersionError(DriftlessError):
-    """A manifest or segment was written by a format this build does not understand."""
+class PayloadTooLargeError(DriftlessError):
+    """A request body, or the answer it asks for, is over a configured limit (named in the
+    message)."""
 
-    status = 409
+    status = 413
+    reason = "PayloadTooLarge"
+
+
+class FormatVersionError(DriftlessError):
+    """A manifest or segment was written by a format this build does not understand: a
+    condition of the server's data, not of the request."""
+
+    status = 500
     reason = "UnknownFormatVersion"
 
 
@@ -88,18 +98,50 @@ class BackpressureError(DriftlessError):
         self.retry_after_s = retry_after_s
 
 
-class FencedError(DriftlessError):
-    """A newer writer epoch owns the index; this writer must stop."""
+class InsufficientStorageError(DriftlessError):
+    """The local disk (WAL, data directory) is full: the write was not applied. Reads go on;
+    writes are accepted again once space returns."""
 
-    status = 409
+    status = 507
+    reason = "InsufficientStorage"
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StorageFaultError(DriftlessError):
+    """A local I/O error other than a full disk (EIO, ...): the write was not applied."""
+
+    status = 503
+    reason = "StorageFault"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class FencedError(DriftlessError):
+    """A newer writer epoch owns the index; this writer must stop. A server condition: the
+    client retries (against the new writer, once it serves)."""
+
+    status = 503
     reason = "WriterFenced"
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class CommitConflictError(DriftlessError):
     """The manifest kept moving under us beyond the bounded number of rebase attempts."""
 
-    status = 409
+    status = 503
     reason = "CommitConflict"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class RestoreError(DriftlessError):
@@ -123,10 +165,17 @@ class ConflictError(DriftlessError):
 
 
 class UnauthorizedError(DriftlessError):
-    """An admin call without the right bearer token."""
+    """A call without a valid bearer token."""
 
     status = 401
     reason = "Unauthorized"
+
+
+class ForbiddenError(DriftlessError):
+    """A valid token whose scope does not cover the call (e.g. a read token on upsert)."""
+
+    status = 403
+    reason = "Forbidden"
 
 
 class EncoderError(DriftlessError):

@@ -24,11 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index_runtime import __version__
 from index_runtime.errors import (
-    BackpressureError,
     ConflictError,
     DriftlessError,
     InvalidInputError,
-    StoreUnavailableError,
     UnauthorizedError,
 )
 from index_runtime.index.filters import parse_filter
@@ -267,10 +265,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     @app.exception_handler(DriftlessError)
     async def driftless_error(_: Request, exc: DriftlessError) -> Response:
-        retry = None
-        if isinstance(exc, BackpressureError | StoreUnavailableError):
-            retry = getattr(exc, "retry_after_s", 1.0) or 1.0
-        return _error(exc.status, exc.reason, str(exc), retry)
+        return _error(exc.status, exc.reason, str(exc), exc.retry_after_s)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
