@@ -200,18 +200,39 @@ def estimate_arr(
     return result
 
 
-def _resamples(n: int, repeats: int, seed: int) -> I64:
-    return np.random.default_rng(seed).integers(0, n, size=(repeats, n))
+BOOTSTRAP_CHUNK_CELLS = 1 << 20  # resample indices drawn at a time: 8 MiB of int64
+
+
+def _resample_means(v: F64, repeats: int, seed: int, chunk_cells: int) -> F64:
+    """The mean of each of ``repeats`` resamples (with replacement) of ``v``.
+
+    Resamples are drawn a chunk of rows at a time, so at most ``chunk_cells`` indices (and as
+    many gathered values) exist at once: peak memory O(chunk), not O(repeats × n). The
+    generator's stream is consumed in the same order as one ``(repeats, n)`` draw, so the
+    means are bit-identical to drawing the whole matrix."""
+    n = len(v)
+    rng = np.random.default_rng(seed)
+    rows = max(1, chunk_cells // max(n, 1))
+    means = np.empty(repeats, np.float64)
+    for start in range(0, repeats, rows):
+        stop = min(repeats, start + rows)
+        means[start:stop] = v[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return means
 
 
 def bootstrap(
-    values: npt.ArrayLike, repeats: int = 2000, seed: int = 0, level: float = 0.95
+    values: npt.ArrayLike,
+    repeats: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk_cells: int = BOOTSTRAP_CHUNK_CELLS,
 ) -> Interval:
-    """Percentile-bootstrap interval of the mean of per-query ``values``."""
+    """Percentile-bootstrap interval of the mean of per-query ``values`` (peak memory about
+    16 bytes × ``chunk_cells``, whatever ``repeats`` × n)."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return Interval(float("nan"), float("nan"), float("nan"), 0)
-    means = v[_resamples(len(v), repeats, seed)].mean(axis=1)
+    means = _resample_means(v, repeats, seed, chunk_cells)
     a = (1 - level) / 2
     return Interval(
         float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a)), len(v)
