@@ -11,6 +11,7 @@ Grammar (a JSON object; all clauses must hold)::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,3 +116,29 @@ def parse_metadata(text: str | None) -> dict[str, Any] | None:
         return None
     value = json.loads(text)
     return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class FilterPlan:
+    """How a filtered query is answered: exactly over the matching rows, or by the IVF index
+    with ``nprobe`` lists probed (the matching rows as an ID selector)."""
+
+    exact: bool
+    nprobe: int
+
+
+def plan_filtered(selectivity: float, n: int, k: int, nlist: int, nprobe: int) -> FilterPlan:
+    """The plan for a filter matching ``selectivity`` of ``n`` live rows (pure).
+
+    An unfiltered search scans ``n · nprobe / nlist`` rows and finds its candidates among
+    them. With a filter only a share ``selectivity`` of the scanned rows can be returned, so
+    the IVF path probes ``nprobe / selectivity`` lists to see as many *matching* rows as the
+    unfiltered search sees rows (its recall then stays close to the unfiltered one). When that
+    reaches every list — the filter matches no more rows than one unfiltered probe scans — a
+    brute force over the matching rows costs no more and is exact; so it is (as Qdrant's
+    full-scan threshold, Weaviate's flat-search cutoff and Milvus's brute-force fallback do).
+    So do filters matching at most ``k`` rows."""
+    matching = selectivity * n
+    if matching <= k or selectivity * nlist <= nprobe:
+        return FilterPlan(True, nprobe)
+    return FilterPlan(False, min(nlist, math.ceil(nprobe / selectivity)))

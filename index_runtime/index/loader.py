@@ -12,22 +12,25 @@ import numpy as np
 import pyarrow as pa
 
 from index_runtime.errors import CorruptObjectError
-from index_runtime.index.rows import Block, make_block
+from index_runtime.index.primary import (
+    Primary,
+    alive_slots,
+    lookup,
+    merge_files,
+    sort_seqs,
+    to_slots,
+    without_dead,
+)
+from index_runtime.index.rows import Block, Mask, make_block
 from index_runtime.index.settings import IndexSettings
 from index_runtime.index.training import load_index
 from index_runtime.index.view import (
     Base,
-    Primary,
     View,
     alive_mask,
     base_winners,
     covered_mask,
     empty_block,
-    ids_in,
-    ivf_ids,
-    merge_files,
-    seq_mask,
-    without_dead,
 )
 from index_runtime.store.manifest import Manifest
 from index_runtime.store.objects import ObjectStore, segment_source
@@ -53,6 +56,7 @@ class ViewBuilder:
         self._lock = threading.Lock()
         self._base: tuple[tuple[str, ...], Base, np.ndarray] | None = None
         self._primaries: dict[int, Primary] = {}
+        self._seq_index: dict[str, tuple[Base, np.ndarray, np.ndarray | None]] = {}
 
     def _segment(self, m: Manifest, key: str, model: str) -> Block:
         """A segment's rows: sliced from the previous base if it had them, else loaded."""
@@ -113,7 +117,10 @@ class ViewBuilder:
         # reads the files again
         return load_index(self.store.get(key))
 
-    def _primary(self, m: Manifest, version: int, base: Base, alive_bits: np.ndarray) -> Primary:
+    def _primary(self, m: Manifest, version: int, base: Base, alive: Mask) -> Primary:
+        """The merged primary of codebook ``version`` over the base's index files. Ids are
+        rewritten to slots as files are merged (index/primary.py); a primary whose files are a
+        prefix of the new list is extended, not rebuilt."""
         files = sorted(
             (f for f in m.files_of(version).values() if f.segment_id in base.seg_ranges),
             key=lambda f: f.segment_id,
@@ -124,32 +131,34 @@ class ViewBuilder:
         if prev is not None and prev.file_keys == keys:
             p = prev
         elif prev is not None and keys[: len(prev.file_keys)] == prev.file_keys and prev.file_keys:
-            new = [self._file(k) for k in keys[len(prev.file_keys) :]]
+            new, seqs, start = [], [prev.ids], prev.ntotal
+            for k in keys[len(prev.file_keys) :]:
+                f = self._file(k)
+                seqs.append(to_slots(f, start))
+                start += int(f.ntotal)
+                new.append(f)
             merged = merge_files(new, into=prev.index)
-            p = Primary(version, merged, prev.covered, keys, ivf_ids(merged), seg_ids)
+            p = Primary(version, merged, prev.covered, keys, np.concatenate(seqs), seg_ids)
         else:
             cb = m.codebook(version)
             assert cb is not None
-            parts = [self._file(cb.key)] + [self._file(k) for k in keys]
-            merged = merge_files(parts)
+            merged = merge_files([self._file(cb.key)] + [self._file(k) for k in keys])
+            p = Primary(version, merged, np.zeros(0, bool), keys, to_slots(merged), seg_ids)
+        if p.base_segments != base.segment_ids:  # the base changed: find the slots' rows again
+            if "sorted" not in self._seq_index or self._seq_index["sorted"][0] is not base:
+                self._seq_index["sorted"] = (base, *sort_seqs(base.block.seqs))
+            _, sorted_seqs, order = self._seq_index["sorted"]
             p = Primary(
-                version,
-                merged,
-                prev.covered if prev else np.zeros(0, bool),
-                keys,
-                ivf_ids(merged),
-                seg_ids,
+                p.codebook, p.index, p.covered, keys, p.ids, seg_ids,
+                lookup(sorted_seqs, order, p.ids), base.segment_ids,
             )
-        if (
-            p.ntotal
-            and len(p.ids)
-            and (
-                (p.ntotal - int(np.count_nonzero(ids_in(alive_bits, p.ids))))
-                > REMOVE_DEAD_RATIO * p.ntotal
-            )
-        ):
-            p = without_dead(p, alive_bits)
-        p = Primary(p.codebook, p.index, covered_mask(base, seg_ids), keys, p.ids, seg_ids)
+        ok = alive_slots(p, alive)
+        if p.ntotal and p.ntotal - int(np.count_nonzero(ok)) > REMOVE_DEAD_RATIO * p.ntotal:
+            p = without_dead(p, ok)
+        p = Primary(
+            p.codebook, p.index, covered_mask(base, seg_ids), keys, p.ids, seg_ids, p.pos,
+            p.base_segments,
+        )
         self._primaries[version] = p
         return p
 
@@ -169,13 +178,12 @@ class ViewBuilder:
             else:
                 delta = empty_block(spec.dim, m.index.key_type)
             alive = alive_mask(base, win, delta)
-            seqs = np.concatenate([base.block.seqs, delta.seqs])
-            bits = seq_mask(seqs, alive, int(seqs.max()) + 1 if len(seqs) else 1)
             prims = {
-                c.version: self._primary(m, c.version, base, bits)
+                c.version: self._primary(m, c.version, base, alive)
                 for c in m.codebooks
                 if c.model == model
             }
+            self._seq_index.clear()  # only needed while building; O(rows), not kept
             self._primaries = {v: p for v, p in self._primaries.items() if v in prims}
             return View(
                 version=m.version,

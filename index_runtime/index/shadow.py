@@ -19,7 +19,7 @@ import numpy as np
 from index_runtime.index.rows import F32, I64, Mask
 from index_runtime.index.settings import ShadowSettings
 from index_runtime.index.training import faiss_metric
-from index_runtime.index.view import Hits, View, ids_in
+from index_runtime.index.view import Hits, View
 
 
 def _new_graph(dim: int, metric: str, s: ShadowSettings) -> faiss.IndexIDMap:
@@ -50,7 +50,7 @@ class ShadowGraph:
         """Share of graph nodes that are no longer alive in ``view``."""
         if not self.nodes:
             return 0.0
-        live = int(np.count_nonzero(ids_in(view.alive_by_seq, self._ids)))
+        live = int(np.count_nonzero(view.seqs_alive(self._ids)))
         return 1.0 - live / self.nodes
 
     def sync(self, view: View) -> int:
@@ -89,8 +89,7 @@ class ShadowGraph:
         with self._lock:
             _, ids = self._graph.search(q[None, :], k, params=params)
         found = ids[0][ids[0] >= 0]
-        found = found[found < len(view.pos_of_seq)]
-        pos = view.pos_of_seq[found]
+        pos = view.positions_of_seqs(found)
         pos = pos[pos >= 0]
         if not len(pos):
             return Hits(np.zeros(0, np.int64), np.zeros(0, np.float32))

@@ -6,7 +6,9 @@ primaries (merged per-segment IVF-PQ index files, one per codebook) with their *
 rows that no index file of that codebook covers yet, searched exactly.
 
 Views are built off the query path and swapped in by reference; a query uses one view from
-start to end, so it never sees a half-applied change. FAISS ids are seqs.
+start to end, so it never sees a half-applied change. Index files store FAISS id = seq; the
+merged primaries hold slots instead (index/primary.py), so every per-view structure is sized
+by the rows in the view, never by the largest seq (which grows with every rewrite).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from index_runtime.index.filters import Filter
+from index_runtime.index.filters import Filter, FilterPlan, plan_filtered
+from index_runtime.index.primary import Primary, alive_slots, lookup, sort_seqs
 from index_runtime.index.rows import F32, I64, Block, Mask, key_codes, score, winners
 from index_runtime.index.settings import IndexSettings
 from index_runtime.store.rows import Key
@@ -32,22 +35,6 @@ class Base:
     block: Block
     seg_ranges: dict[int, tuple[int, int]]
     segment_ids: tuple[int, ...]
-
-
-@dataclass
-class Primary:
-    """A merged IVF-PQ index of one codebook over the base segments it covers."""
-
-    codebook: int
-    index: faiss.Index
-    covered: Mask  # over base positions
-    file_keys: tuple[str, ...]
-    ids: I64  # seqs held by ``index``
-    segment_ids: tuple[int, ...] = ()
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
 
 
 @dataclass(frozen=True)
@@ -76,23 +63,20 @@ class View:
     # derived structures (built once per view) ---------------------------------------------
 
     def __post_init__(self) -> None:
+        # Every structure here is O(rows in the view): nothing is indexed by seq.
         nb = len(self.base.block)
-        seqs = np.concatenate([self.base.block.seqs, self.delta.seqs])
-        self.seqs: I64 = seqs
-        top = int(seqs.max()) + 1 if len(seqs) else 1
-        self.pos_of_seq = np.full(top, -1, np.int64)
-        self.pos_of_seq[seqs] = np.arange(len(seqs))
+        self.seqs: I64 = np.concatenate([self.base.block.seqs, self.delta.seqs])
         self.live_pos: I64 = np.flatnonzero(self.alive)
-        self.alive_by_seq: Mask = seq_mask(seqs, self.alive, top)
-        self.bitmap = np.packbits(self.alive_by_seq, bitorder="little")
         self._fast = self.metric != "l2" and len(self.delta) == 0
         self.tails: dict[int, I64] = {}
         self.dead_in_primary: dict[int, int] = {}
+        self._slots_alive: dict[int, Mask] = {}  # per primary: is each slot's row alive
         for v, p in self.primaries.items():
-            covered = np.zeros(len(seqs), bool)
+            covered = np.zeros(len(self.seqs), bool)
             covered[:nb] = p.covered
             self.tails[v] = np.flatnonzero(self.alive & ~covered)
-            self.dead_in_primary[v] = p.ntotal - int(np.count_nonzero(self.alive[:nb] & p.covered))
+            self._slots_alive[v] = alive_slots(p, self.alive)
+            self.dead_in_primary[v] = p.ntotal - int(np.count_nonzero(self._slots_alive[v]))
 
     @property
     def live_rows(self) -> int:
@@ -147,6 +131,21 @@ class View:
             self._cache["f:" + flt.canonical] = cached
         return cached
 
+    def positions_of_seqs(self, seqs: I64) -> I64:
+        """The view position of each seq, -1 where the view does not hold it (binary search
+        over the sorted seqs, built on first use: 16 bytes per row at most)."""
+        index = self._cache.get("seqs")
+        if index is None:
+            index = self._cache["seqs"] = sort_seqs(self.seqs)
+        return lookup(index[0], index[1], np.asarray(seqs, np.int64))
+
+    def seqs_alive(self, seqs: I64) -> Mask:
+        """For each seq, whether the view holds it and its row is alive."""
+        pos = self.positions_of_seqs(seqs)
+        ok = pos >= 0
+        ok[ok] = self.alive[pos[ok]]
+        return ok
+
     def live_by_seq(self) -> I64:
         """Live positions in seq order (for paginated scans; computed once per view)."""
         cached = self._cache.get("scan")
@@ -176,29 +175,65 @@ class View:
         return _topk_masked(self, qs, k, allowed)
 
     def allowed_bitmap(self, match: Mask | None) -> npt.NDArray[np.uint8]:
-        """Packed bitmap over seqs of the rows a search may return (FAISS IDSelectorBitmap):
-        the alive rows, and with a filter only those matching it."""
+        """Packed bitmap over *seqs* of the rows a search may return, for an index whose ids
+        are seqs (the HNSW shadow graph): the alive rows, and with a filter only those matching
+        it. One bit per seq ever written: built only when asked, the unfiltered one once."""
+        if match is None and "bits" in self._cache:
+            return self._cache["bits"]  # type: ignore[no-any-return]
+        allowed = self.alive if match is None else self.alive & match
+        top = int(self.seqs.max()) + 1 if len(self.seqs) else 1
+        bits = np.packbits(seq_mask(self.seqs, allowed, top), bitorder="little")
         if match is None:
-            return self.bitmap
-        allowed = seq_mask(self.seqs, self.alive & match, len(self.pos_of_seq))
-        return np.packbits(allowed, bitorder="little")
+            self._cache["bits"] = bits
+        return bits
+
+    def _allowed(self, match: Mask) -> tuple[int, I64]:
+        """(matching live rows, their positions) of a filter mask, cached per view and mask
+        (the mask object itself is cached per filter by :meth:`match_mask`)."""
+        key = f"a:{id(match)}"
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not match:
+            pos = np.flatnonzero(self.alive & match)
+            hit = self._cache[key] = (match, len(pos), pos)
+        return hit[1], hit[2]
+
+    def filter_plan(
+        self, codebook: int, match: Mask | None, k: int, nprobe: int | None = None
+    ) -> FilterPlan:
+        """How :meth:`search_primary` answers a top-``k`` query with filter ``match`` (see
+        :func:`~index_runtime.index.filters.plan_filtered`)."""
+        s = self.settings.primary
+        nprobe = nprobe or s.nprobe
+        if match is None:
+            return FilterPlan(False, nprobe)
+        matching, _ = self._allowed(match)
+        nlist = int(faiss.extract_index_ivf(self.primaries[codebook].index).nlist)
+        n = max(1, self.live_rows)
+        return plan_filtered(matching / n, n, k, nlist, nprobe)
 
     def _search_params(self, codebook: int, nprobe: int, match: Mask | None) -> Any:
-        """IVF search parameters with the alive (and filter) bitmap selector; unfiltered ones
-        are built once per view. The bitmap array is returned too: it must outlive the call."""
-        key = f"p:{codebook}:{nprobe}"
-        if match is None and key in self._cache:
-            return self._cache[key]
+        """IVF search parameters with a bitmap selector over the primary's slots (alive, and
+        matching the filter); cached per view, codebook, nprobe and filter mask. The bitmap is
+        returned too: it must outlive the call."""
+        key = f"p:{codebook}:{nprobe}:{id(match) if match is not None else ''}"
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is match:
+            return hit[1]
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
-        bits = self.allowed_bitmap(match)
-        sel = None
+        ok = self._slots_alive[codebook]
+        sel = bits = None
         if match is not None or self.dead_in_primary[codebook] > 0:
+            if match is not None:
+                pos = self.primaries[codebook].pos
+                ok = ok & match[np.where(pos >= 0, pos, 0)]
+            bits = np.packbits(ok, bitorder="little")
             sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
             params.sel = sel
         out = (params, sel, bits)
-        if match is None:
-            self._cache[key] = out
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = (match, out)
         return out
 
     def search_primary(
@@ -215,15 +250,21 @@ class View:
         tail rows): the oracle uses them to measure distortion; the query path does not."""
         p = self.primaries[codebook]
         s = self.settings.primary
+        plan = self.filter_plan(codebook, match, k, nprobe)
+        if plan.exact and match is not None:
+            return self._exact_over(self._allowed(match)[1], q, k, approx)
         # the selector and its bitmap must outlive the search: FAISS keeps raw pointers to them
         # (SearchParameters do not hold a Python reference to an assigned selector)
-        params, _sel, _bits = self._search_params(codebook, nprobe or s.nprobe, match)
+        params, _sel, _bits = self._search_params(codebook, plan.nprobe, match)
         d, ids = p.index.search(q[None, :], max(k, k * s.rerank), params=params)
         ids0, dist = ids[0], d[0]
         if ids0[-1] < 0:  # fewer candidates than asked: FAISS pads with -1 at the end
             keep = ids0 >= 0
             ids0, dist = ids0[keep], dist[keep]
-        cand = self.pos_of_seq[ids0]
+            if match is not None and len(ids0) < k and self._allowed(match)[0] > len(ids0):
+                # the probed lists hold fewer than k matching rows but more exist: exact
+                return self._exact_over(self._allowed(match)[1], q, k, approx)
+        cand = p.pos[ids0]
         tail = self.tails[codebook]
         if self._fast and not len(tail):  # the common case, kept short: no tail, no delta
             exact = self.base.block.vecs[cand] @ q
@@ -243,6 +284,13 @@ class View:
             return Hits(cand[order], exact[order])
         pq = -dist if self.metric == "l2" else dist
         return Hits(cand[order], exact[order], pq[order])
+
+    def _exact_over(self, pos: I64, q: F32, k: int, approx: bool) -> Hits:
+        """Brute force over the rows at ``pos`` (a filter's matching live rows)."""
+        sc = self._exact_scores(pos, q)
+        order = _best(sc, min(k, len(pos)))
+        nan = np.full(len(order), np.nan, np.float32) if approx else None
+        return Hits(pos[order], sc[order], nan)
 
     def _exact_scores(self, pos: I64, q: F32) -> F32:
         if self.metric != "l2" and not len(self.delta):
@@ -344,42 +392,10 @@ def ids_in(by_seq: Mask, ids: I64) -> Mask:
     return ok
 
 
-def ivf_ids(index: faiss.Index) -> I64:
-    """Every id held by an IVF index."""
-    ivf = faiss.extract_index_ivf(index)
-    assert ivf.invlists is not None
-    parts = [
-        faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
-        for i in range(ivf.nlist)
-        if ivf.invlists.list_size(i)
-    ]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-
-
 def covered_mask(base: Base, segment_ids: tuple[int, ...]) -> Mask:
+    """Base positions of the rows of ``segment_ids``."""
     covered = np.zeros(len(base.block), bool)
     for seg_id in segment_ids:
         lo, hi = base.seg_ranges[seg_id]
         covered[lo:hi] = True
     return covered
-
-
-def merge_files(files: list[faiss.Index], into: faiss.Index | None = None) -> faiss.Index:
-    """Merge per-segment IVF indexes (same codebook) into a copy of ``into`` or the first."""
-    merged = faiss.clone_index(into if into is not None else files[0])
-    for idx in files if into is not None else files[1:]:
-        merged.merge_from(idx, 0)
-    return merged
-
-
-def without_dead(p: Primary, alive_bits: Mask) -> Primary:
-    """A copy of ``p`` with the ids that are no longer alive removed (batched ``remove_ids``);
-    the caller swaps it in, so searches never run on an index being modified.
-    ``alive_bits`` is indexed by seq."""
-    ok = ids_in(alive_bits, p.ids)
-    dead = np.ascontiguousarray(p.ids[~ok])
-    if not len(dead):
-        return p
-    copy = faiss.clone_index(p.index)
-    copy.remove_ids(faiss.IDSelectorBatch(len(dead), faiss.swig_ptr(dead)))
-    return Primary(p.codebook, copy, p.covered, p.file_keys, p.ids[ok], p.segment_ids)

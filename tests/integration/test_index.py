@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from index_runtime.index.loader import ViewBuilder
-from index_runtime.index.view import without_dead
+from index_runtime.index.primary import alive_slots, without_dead
 from index_runtime.service.runtime import IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.manifest import IndexSpec, referenced_objects
 from index_runtime.store.objects import LocalDirStore
@@ -70,10 +70,8 @@ def test_primary_matches_exact_with_full_probe_and_honours_deletes(tmp_path: Pat
     rt.encode_segments()
     view = rt.refresh()
     assert view.dead_in_primary[1] == 4
-    bits = np.zeros(len(view.pos_of_seq), bool)
-    bits[view.seqs[view.alive]] = True
     p = view.primaries[1]
-    copy = without_dead(p, bits)
+    copy = without_dead(p, alive_slots(p, view.alive))
     assert copy.ntotal == p.ntotal - 4 and p.ntotal == len(p.ids)  # the original is untouched
     # compaction rewrites segments: their index files are retired, the new ones are in the tail
     report = rt.compact()
