@@ -12,6 +12,12 @@ bench/results/store.md) and its memtable bound; the shadow role adds the oracle'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from index_runtime.index.view import View
 
 KEY_INDEX_BYTES_PER_ROW = 190  # measured: bench/results/store.md
 
@@ -36,3 +42,29 @@ def plan_memory(
     reader = vectors * per_row + codebook
     writer = reader + vectors * KEY_INDEX_BYTES_PER_ROW + memtable_rows * (4 * dim + 64)
     return MemoryPlan(vectors, dim, nlist, m, nbits, reader, reader, writer)
+
+
+def _array_bytes(obj: object, seen: set[int]) -> int:
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, tuple | list):
+        return sum(_array_bytes(v, seen) for v in obj if not isinstance(v, str | int | float))
+    return 0
+
+
+def view_structure_bytes(view: View) -> int:
+    """Bytes of the numpy arrays a view holds *besides its rows* (the base and delta blocks):
+    positions, masks, tails, caches (filter masks, selector bitmaps, the seq index) and each
+    primary's slot -> seq / slot -> position maps. The FAISS indexes' own codes and ids (m + 8
+    bytes per indexed row) are not numpy arrays and not counted here."""
+    seen = {id(view.base.block.seqs), id(view.delta.seqs)}
+    skip = {"base", "delta", "primaries", "settings"}
+    total = sum(_array_bytes(v, seen) for k, v in vars(view).items() if k not in skip)
+    for p in view.primaries.values():
+        total += sum(_array_bytes(a, seen) for a in (p.ids, p.pos, p.covered))
+    return total

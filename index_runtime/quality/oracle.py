@@ -1,5 +1,8 @@
 """The exact oracle: sampled queries are answered by brute force over the same view and
 compared with every primary the view holds (the serving one and a candidate being validated).
+Like with like: a filtered sample is compared with the filtered exact answer, and only when
+the primary answers it through the index (a selective filter is answered exactly, see
+``View.filter_plan``; such samples say nothing about the index and are not measured).
 
 Runs in its own thread, in batches, under a CPU budget (a share of one core): after a batch
 that took ``t`` seconds it sleeps ``t · (1/budget − 1)``. A full queue drops samples (counted);
@@ -59,6 +62,10 @@ def measure(view: View, samples: list[Sample], k: int) -> list[Measurement]:
             for version in view.primaries:
                 if len(view.tails[version]) > MAX_TAIL_SHARE * view.live_rows:
                     continue  # mostly answered exactly: measuring it would flatter the index
+                if match is not None and view.filter_plan(version, match, k).exact:
+                    # served by a brute force over the matching rows, not by the index: the
+                    # served answer is the exact one, and says nothing about the index
+                    continue
                 hits = view.search_primary(version, samples[i].query, k, match, approx=True)
                 out.append(
                     Measurement(
