@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from index_runtime.store.writer import IndexWriter, WriterConfig
 D = 16
 
 
-def _runtime(path: Path, settings: dict[str, object], flush_rows: int) -> IndexRuntime:
+def _runtime(path: Path, settings: Mapping[str, object], flush_rows: int) -> IndexRuntime:
     store = LocalDirStore(path / "idx")
     w = IndexWriter.open(
         store, path / "wal", WriterConfig(flush_rows=flush_rows),
