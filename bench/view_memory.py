@@ -23,6 +23,7 @@ the same merged primary: a bitmap over slots (used) and ``IDSelectorBatch`` (blo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -56,7 +57,7 @@ def write_store(path: Path, seqs: np.ndarray, x: np.ndarray, codebook: bytes, nl
     store.put("codebooks/1", codebook)
     segs, files = [], []
     bounds = [int(b) for b in np.linspace(0, len(seqs), SEGMENTS + 1)]
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         s = seqs[lo:hi]
         batch = RowBatch(s, np.arange(lo, hi, dtype=np.int64), np.zeros(hi - lo, bool), {"m": x[lo:hi]})
         data = encode_segment(batch, "int", spec.dims)
