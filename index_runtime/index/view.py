@@ -126,9 +126,7 @@ class View:
             cached = np.concatenate(
                 [flt.mask(self.base.block.metas()), flt.mask(self.delta.metas())]
             )
-            if len(self._cache) > 64:
-                self._cache.clear()
-            self._cache["f:" + flt.canonical] = cached
+            self._per_filter("f:" + flt.canonical, cached)
         return cached
 
     def positions_of_seqs(self, seqs: I64) -> I64:
@@ -194,7 +192,8 @@ class View:
         hit = self._cache.get(key)
         if hit is None or hit[0] is not match:
             pos = np.flatnonzero(self.alive & match)
-            hit = self._cache[key] = (match, len(pos), pos)
+            hit = (match, len(pos), pos)
+            self._per_filter(key, hit)
         return hit[1], hit[2]
 
     def filter_plan(
@@ -231,10 +230,17 @@ class View:
             sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
             params.sel = sel
         out = (params, sel, bits)
-        if len(self._cache) > 64:
-            self._cache.clear()
-        self._cache[key] = (match, out)
+        self._per_filter(key, (match, out))
         return out
+
+    def _per_filter(self, key: str, value: Any) -> None:
+        """Cache a filter-dependent entry (keys "f:", "a:", "p:"); past 64 entries the
+        filter-dependent ones are dropped (not the per-view ones: keys, scan order, seqs)."""
+        if len(self._cache) > 64:
+            for k in list(self._cache):
+                if k[:2] in ("f:", "a:", "p:"):
+                    self._cache.pop(k, None)
+        self._cache[key] = value
 
     def search_primary(
         self,
@@ -383,13 +389,6 @@ def seq_mask(seqs: I64, mask: Mask, size: int) -> Mask:
     out = np.zeros(size, bool)
     out[seqs[mask]] = True
     return out
-
-
-def ids_in(by_seq: Mask, ids: I64) -> Mask:
-    """For each id (a seq), whether ``by_seq`` marks it; ids beyond its end are not marked."""
-    ok = ids < len(by_seq)
-    ok[ok] = by_seq[ids[ok]]
-    return ok
 
 
 def covered_mask(base: Base, segment_ids: tuple[int, ...]) -> Mask:
