@@ -38,7 +38,7 @@ def test_slots_map_back_to_the_seqs_and_survive_merges_and_removal() -> None:
     merged = merge_files([second], into=first)
     assert sorted(ids.tolist()) == seqs.tolist() and merged.ntotal == 600
     # an exhaustive search returns slots whose seq is the row's own
-    merged.nprobe = 4
+    faiss.extract_index_ivf(merged).nprobe = 4
     _, got = merged.search(x, 1)
     assert (ids[got[:, 0]] == seqs).all()
     # the base holds the rows in another order; positions by binary search over the seqs
@@ -51,7 +51,7 @@ def test_slots_map_back_to_the_seqs_and_survive_merges_and_removal() -> None:
     ok = alive_slots(p, alive)
     slim = without_dead(p, ok)
     assert slim.ntotal == len(slim.ids) == len(slim.pos) == 400 and merged.ntotal == 600
-    slim.index.nprobe = 4
+    faiss.extract_index_ivf(slim.index).nprobe = 4
     _, got = slim.index.search(x, 1)
     # dense again: slots 0..399, each pointing at its row; removed rows are not found
     assert got.max() == 399
