@@ -1,10 +1,11 @@
 """Memory per role (pure): what `driftless plan` prints and the benchmark checks.
 
 Per stored row a reader holds its exact vector (4·d bytes, for re-ranking and the exact tail);
-int64 seq and key in the base block and the seq again in the view (24); the seq -> position
-map, the live-position list (16); five byte-flags (tombstone, has-vector, winner, alive,
-covered); the primary's code (m bytes) with its id (8) in the merged IVF lists plus a copy of
-the id list (8). Fixed costs: the codebook (coarse centroids and PQ centroids). The writer adds its key index (~190 B per key, measured in
+int64 seq and key in the base block and the seq again in the view (24); the primary's
+slot -> position map and the live-position list (16); five byte-flags (tombstone, has-vector,
+winner, alive, covered); the primary's code (m bytes) with its slot id (8) in the merged IVF
+lists plus the slot -> seq list (8). Nothing is sized by the largest seq (rewrites do not add
+memory once compacted; the HNSW shadow's seq bitmap, 1 bit per seq, is the exception). Fixed costs: the codebook (coarse centroids and PQ centroids). The writer adds its key index (~190 B per key, measured in
 bench/results/store.md) and its memtable bound; the shadow role adds the oracle's windows
 (negligible). Texts and metadata are extra and depend on the data.
 """
