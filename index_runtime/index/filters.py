@@ -118,6 +118,9 @@ def parse_metadata(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+CANDIDATE_MARGIN = 4  # matching rows the probed lists should hold, per candidate asked for
+
+
 @dataclass(frozen=True)
 class FilterPlan:
     """How a filtered query is answered: exactly over the matching rows, or by the IVF index
@@ -127,18 +130,36 @@ class FilterPlan:
     nprobe: int
 
 
-def plan_filtered(selectivity: float, n: int, k: int, nlist: int, nprobe: int) -> FilterPlan:
+def plan_filtered(
+    selectivity: float,
+    n: int,
+    k: int,
+    nlist: int,
+    nprobe: int,
+    candidates: int,
+    dim: int,
+    code_bytes: int,
+) -> FilterPlan:
     """The plan for a filter matching ``selectivity`` of ``n`` live rows (pure).
 
-    An unfiltered search scans ``n · nprobe / nlist`` rows and finds its candidates among
-    them. With a filter only a share ``selectivity`` of the scanned rows can be returned, so
-    the IVF path probes ``nprobe / selectivity`` lists to see as many *matching* rows as the
-    unfiltered search sees rows (its recall then stays close to the unfiltered one). When that
-    reaches every list — the filter matches no more rows than one unfiltered probe scans — a
-    brute force over the matching rows costs no more and is exact; so it is (as Qdrant's
-    full-scan threshold, Weaviate's flat-search cutoff and Milvus's brute-force fallback do).
-    So do filters matching at most ``k`` rows."""
+    The IVF path asks for ``candidates`` rows (k × re-rank) among the matching rows of the
+    probed lists. A selective filter leaves too few of them in ``nprobe`` lists (fewer than k
+    come back, and the re-rank has little to choose from), so the plan probes enough lists
+    that they hold about ``CANDIDATE_MARGIN`` × candidates matching rows (filter independent
+    of the clusters assumed), never fewer than ``nprobe``.
+
+    Then the cheaper of the two is taken, in bytes read per query: the IVF path scans
+    ``n · nprobe / nlist`` codes of ``code_bytes`` and re-ranks the candidates (``dim`` floats
+    each); the exact path reads the ``selectivity · n`` matching vectors (``dim`` floats
+    each) — and is exact. A byte of PQ code and a float of a vector cost about the same (one
+    table look-up vs one multiply-add over gathered rows; bench/results/filters.md). This is
+    the brute-force cutoff Qdrant, Weaviate and Milvus apply to selective filters, with the
+    cutoff derived from the index's shape instead of a fixed row count."""
     matching = selectivity * n
-    if matching <= k or selectivity * nlist <= nprobe:
+    if matching <= k:
         return FilterPlan(True, nprobe)
-    return FilterPlan(False, min(nlist, math.ceil(nprobe / selectivity)))
+    need = math.ceil(CANDIDATE_MARGIN * candidates * nlist / matching)
+    probe = min(nlist, max(nprobe, need))
+    ivf_cost = n * probe / nlist * code_bytes + candidates * dim
+    exact_cost = matching * dim
+    return FilterPlan(exact_cost <= ivf_cost, probe)

@@ -206,9 +206,12 @@ class View:
         if match is None:
             return FilterPlan(False, nprobe)
         matching, _ = self._allowed(match)
-        nlist = int(faiss.extract_index_ivf(self.primaries[codebook].index).nlist)
+        ivf = faiss.extract_index_ivf(self.primaries[codebook].index)
         n = max(1, self.live_rows)
-        return plan_filtered(matching / n, n, k, nlist, nprobe)
+        cands = max(k, k * s.rerank)
+        return plan_filtered(
+            matching / n, n, k, int(ivf.nlist), nprobe, cands, self.dim, int(ivf.code_size)
+        )
 
     def _search_params(self, codebook: int, nprobe: int, match: Mask | None) -> Any:
         """IVF search parameters with a bitmap selector over the primary's slots (alive, and

@@ -119,7 +119,7 @@ def _recalls(rt: IndexRuntime, x: np.ndarray, spec: object, queries: int = 40) -
 def test_selective_filters_return_k_rows_and_keep_recall(tmp_path: Path) -> None:
     """A 1% filter (200 matching rows) with nprobe 4 of 64 used to return fewer than k rows
     (9.4 on average): the probed lists hold ~12 matching rows. Now it is answered exactly
-    over the matching rows; a 10% filter probes 10x more lists."""
+    over the matching rows; a 10% filter probes 6 lists instead of 4 (enough matching rows)."""
     rt, x = _filtered_index(tmp_path)
     unfiltered = float(np.mean(_recalls(rt, x, None)))
     one = _recalls(rt, x, {"pct": 7})

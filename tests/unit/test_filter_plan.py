@@ -4,40 +4,45 @@ from __future__ import annotations
 
 import pytest
 
-from index_runtime.index.filters import FilterPlan, plan_filtered
+from index_runtime.index.filters import CANDIDATE_MARGIN, FilterPlan, plan_filtered
+
+# (n, k, nlist, nprobe, candidates, dim, code bytes) of three indexes
+ISSUE = (20_000, 10, 64, 4, 40, 16, 4)  # the issue's reproduction: IVF64, nprobe 4, PQ 8x4
+BENCH = (100_000, 10, 256, 32, 80, 128, 32)  # bench/filters.py: IVF256, nprobe 32, PQ 32x8
+LARGE = (1_000_000, 10, 1024, 32, 80, 128, 32)
 
 
 @pytest.mark.parametrize(
-    ("selectivity", "n", "k", "nlist", "nprobe", "want"),
+    ("selectivity", "index", "want"),
     [
-        # the issue's case: 1% of 20k rows, nprobe 4 of 64 lists (6.25% of the rows scanned)
-        (0.01, 20_000, 10, 64, 4, FilterPlan(True, 4)),
-        # a filter matching exactly what one probe scans: exact costs no more
-        (4 / 64, 20_000, 10, 64, 4, FilterPlan(True, 4)),
-        # 10%: the index, with 10x the lists (as many matching rows seen as rows unfiltered)
-        (0.10, 20_000, 10, 64, 4, FilterPlan(False, 40)),
-        (0.50, 20_000, 10, 64, 4, FilterPlan(False, 8)),
-        (0.30, 20_000, 10, 64, 4, FilterPlan(False, 14)),  # ceil(4 / 0.3) = 14
-        # widening never asks for more lists than exist
-        (0.07, 20_000, 10, 64, 4, FilterPlan(False, 58)),
-        # everything matches: the unfiltered plan
-        (1.0, 1_000_000, 10, 1024, 32, FilterPlan(False, 32)),
-        # the search bench's scale setting (nprobe 32 of 1024 scans 3%): 1% is 10k rows, exact
-        (0.01, 1_000_000, 10, 1024, 32, FilterPlan(True, 32)),
-        (0.05, 1_000_000, 10, 1024, 32, FilterPlan(False, 640)),
+        # 1%, 200 rows: reading their 200 vectors beats scanning 52 lists -> exact
+        (0.01, ISSUE, FilterPlan(True, 52)),
+        # 10%: 4 lists hold ~125 matching rows (< 4 x 40 candidates): 6 lists, on the index
+        (0.10, ISSUE, FilterPlan(False, 6)),
+        (0.05, ISSUE, FilterPlan(False, 11)),
+        (0.50, ISSUE, FilterPlan(False, 4)),  # enough matching rows: the unfiltered plan
+        (1.00, ISSUE, FilterPlan(False, 4)),
+        (0.01, BENCH, FilterPlan(True, 82)),  # 1k vectors of 128-d < 82 lists of codes
+        (0.05, BENCH, FilterPlan(False, 32)),  # 32 lists already hold ~625 matching rows
+        (0.001, LARGE, FilterPlan(True, 328)),
+        (0.01, LARGE, FilterPlan(False, 33)),  # 10k vectors cost more than 33 lists of codes
         # at most k matching rows (or none): exact, whatever the index
-        (5 / 1_000_000, 1_000_000, 10, 1024, 1, FilterPlan(True, 1)),
-        (0.0, 1_000, 10, 8, 1, FilterPlan(True, 1)),
+        (5 / 1_000_000, LARGE, FilterPlan(True, 32)),
+        (0.0, ISSUE, FilterPlan(True, 4)),
     ],
 )
-def test_plan(
-    selectivity: float, n: int, k: int, nlist: int, nprobe: int, want: FilterPlan
-) -> None:
-    assert plan_filtered(selectivity, n, k, nlist, nprobe) == want
+def test_plan(selectivity: float, index: tuple[int, ...], want: FilterPlan) -> None:
+    assert plan_filtered(selectivity, *index) == want
 
 
-def test_the_plan_never_probes_fewer_lists_than_unfiltered() -> None:
-    for s in (0.001, 0.01, 0.02, 0.1, 0.33, 0.5, 0.9, 1.0):
-        for nprobe in (1, 4, 16, 64):
-            p = plan_filtered(s, 100_000, 10, 256, nprobe)
-            assert p.exact or nprobe <= p.nprobe <= 256
+@pytest.mark.parametrize("index", [ISSUE, BENCH, LARGE])
+def test_an_index_plan_probes_lists_holding_enough_matching_rows(index: tuple[int, ...]) -> None:
+    """Whenever the index answers, its probed lists hold (in expectation) CANDIDATE_MARGIN x
+    the candidates asked for, or every list is probed; never fewer lists than configured."""
+    n, _, nlist, nprobe, cands, _, _ = index
+    for s in (0.001, 0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.33, 0.5, 0.9, 1.0):
+        p = plan_filtered(s, *index)
+        assert nprobe <= p.nprobe <= nlist
+        if not p.exact:
+            held = s * n * p.nprobe / nlist
+            assert held >= CANDIDATE_MARGIN * cands or p.nprobe == nlist, (s, p)
