@@ -239,11 +239,12 @@ def plot(r: dict[str, Any], path: Path) -> None:
         if name not in r["codes"]:
             continue
         c = r["codes"][name]
-        for nprobe, marker in zip(NPROBES, "os", strict=False):
+        for i, nprobe in enumerate(NPROBES):
             label = f"{'this change' if name == 'new' else 'before'}, nprobe {nprobe}"
             keys = [f"{nprobe}/{p}" for p in SELECTIVITIES]
-            a.plot(xs, [c[k]["recall"] for k in keys], marker + style, label=label)
-            b.plot(xs, [c[k]["qps"] for k in keys], marker + style, label=label)
+            fmt = ("o" if name == "new" else "s") + style
+            a.plot(xs, [c[k]["recall"] for k in keys], fmt, color=f"C{i}", label=label)
+            b.plot(xs, [c[k]["qps"] for k in keys], fmt, color=f"C{i}", label=label)
     a.set(xlabel="selectivity (100% = no filter)", ylabel="recall@10 vs filtered exact", ylim=(0, 1.05))
     b.set(xlabel="selectivity (100% = no filter)", ylabel="QPS (1 thread)")
     b.set_yscale("log")
