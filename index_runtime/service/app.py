@@ -2,53 +2,75 @@
 
 Errors: every :class:`DriftlessError` becomes its HTTP status with ``{"error": reason,
 "message": ...}`` (429 and 503 with ``Retry-After``); request-schema violations are 422 with
-``error: InvalidInput``. Admin routes need ``Authorization: Bearer <token>``.
+``error: InvalidInput``; an unexpected exception is a 500 that keeps the connection open.
+
+Access: with tokens configured, every ``/v1`` route needs ``Authorization: Bearer <token>`` of
+a scope that covers it (``auth.route_scope``), checked by :class:`AuthMiddleware` before a
+byte of the body is read. Limits (``limits.ApiLimits``): the body size is enforced by
+:class:`~index_runtime.service.limits.BodyLimitMiddleware` before parsing; counts and answer
+sizes by the routes before they allocate or search. Bodies are decoded by
+:func:`~index_runtime.service.inputs.decode_json` (strict UTF-8, no NaN/Infinity, no lone
+surrogates); request models are strict (no bool or string as a number).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from index_runtime import __version__
+from index_runtime.contract import Scope
 from index_runtime.errors import (
     ConflictError,
     DriftlessError,
     InvalidInputError,
-    UnauthorizedError,
 )
 from index_runtime.index.filters import parse_filter
 from index_runtime.migration import BRIDGED, STATUS_QUO
+from index_runtime.service.auth import authorize, route_scope
 from index_runtime.service.engine import Engine
+from index_runtime.service.inputs import decode_json
+from index_runtime.service.limits import (
+    BodyLimitMiddleware,
+    check_queries,
+    check_response,
+    check_rows,
+    hit_bytes,
+)
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.migrate import MigrationRequest, strategy_for
 from index_runtime.service.runtime import IndexRuntime
 
 log = logging.getLogger(__name__)
 
-Key = int | str
-MAX_BATCH_QUERIES = 256
+Key = StrictInt | StrictStr
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields refused, no coercion (``true`` is not 1, ``"5"`` is not
+    5; an integer is still a valid float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CreateIndex(Strict):
     name: str = Field(description="1..63 lowercase letters, digits and '-'")
-    model: str = Field(description="embedding model name the vectors come from")
+    model: str = Field(
+        min_length=1, max_length=256, description="embedding model name the vectors come from"
+    )
     dim: int = Field(ge=1, le=65536)
     metric: Literal["cosine", "ip", "l2"] = "cosine"
     key_type: Literal["int", "str"] = "str"
@@ -94,7 +116,9 @@ class SearchQuery(Strict):
 
 
 class BatchSearch(Strict):
-    queries: list[SearchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+    queries: list[SearchQuery] = Field(
+        min_length=1, description="at most max_batch_queries (413 BatchTooLarge above)"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -106,10 +130,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
         (400, "invalid input"),
-        (401, "admin call without the right bearer token"),
+        (401, "no bearer token, or an unknown one"),
+        (403, "the token's scope does not cover the call"),
         (404, "no such index"),
         (409, "conflicts with the index's state"),
-        (413, "batch too large"),
+        (413, "body, batch or answer over a configured limit (named in the message)"),
         (422, "request does not match the schema"),
         (429, "backpressure; see Retry-After"),
         (503, "store unavailable or shutting down; see Retry-After"),
@@ -202,7 +227,12 @@ def _error(status: int, reason: str, message: str, retry_after: float | None = N
 class TimingMiddleware:
     """Pure ASGI middleware (Starlette's decorator style adds a task hop per request): request
     latency by route template, search errors by index, and a 500 with a reason for anything
-    unhandled."""
+    unhandled.
+
+    The 500 is answered HERE, below Starlette's ServerErrorMiddleware: that one sends its
+    response and then re-raises, and uvicorn closes a connection whose app raised, so the
+    client's next request on the keep-alive connection failed (and was not applied).
+    """
 
     def __init__(self, app: Any, metrics: Metrics, engine: Engine) -> None:
         self.app = app
@@ -215,15 +245,25 @@ class TimingMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_wrapper(message: Any) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if response_started:
+                raise  # half an answer is out: only closing the connection can tell
+            log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=exc)
+            status = 500
+            await _error(500, "InternalError", "internal error; see the server log")(
+                scope, receive, send
+            )
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.http_seconds.labels(route, scope["method"]).observe(
@@ -240,13 +280,69 @@ def _runtime(request: Request, name: str) -> IndexRuntime:
     return engine.get(name)
 
 
-def admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    token = request.app.state.engine.config.admin_token
-    if not token:
-        raise UnauthorizedError("the admin API is disabled: start the server with an admin token")
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise UnauthorizedError("admin calls need 'Authorization: Bearer <token>'")
+class AuthMiddleware:
+    """Pure ASGI: the bearer token must cover the matched route's scope (``route_scope`` of its
+    template), decided before the body is read, so a stranger's request costs no parsing. The
+    token set is read from the engine's config on each request (it can be replaced live)."""
+
+    def __init__(self, app: Any, engine: Engine, routes: Callable[[], list[Any]]) -> None:
+        self.app = app
+        self.engine = engine
+        self.routes = routes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            template = next(
+                (r.path for r in self.routes() if r.matches(scope)[0] == Match.FULL), None
+            )
+            if template is not None:
+                header = dict(scope.get("headers", ())).get(b"authorization")
+                try:
+                    authorize(
+                        self.engine.config.tokens,
+                        header.decode("latin-1") if header else None,
+                        route_scope(scope["method"], template),
+                    )
+                except DriftlessError as exc:
+                    resp = _error(exc.status, exc.reason, str(exc))
+                    resp.headers["WWW-Authenticate"] = "Bearer"
+                    await resp(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def admin(request: Request) -> None:
+    """Dependency of admin routes (the middleware already checked; this keeps the rule on the
+    route itself, e.g. when a route is mounted elsewhere)."""
+    authorize(
+        request.app.state.engine.config.tokens,
+        request.headers.get("authorization"),
+        Scope.ADMIN,
+    )
+
+
+class CheckedRequest(Request):
+    """A request whose JSON body is decoded by :func:`decode_json` (strict UTF-8, finite
+    numbers, no lone surrogates). Its errors are raised as HTTP 400: FastAPI turns any other
+    exception in body parsing into a generic 400 without our message."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = decode_json(await self.body())
+            except InvalidInputError as exc:
+                raise StarletteHTTPException(400, str(exc)) from None
+        return self._json
+
+
+class CheckedRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(CheckedRequest(request.scope, request.receive))
+
+        return checked
 
 
 Rt = Annotated[IndexRuntime, Depends(_runtime)]
@@ -262,6 +358,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         title="Driftless runtime", version=__version__, lifespan=lifespan, responses=_ERRORS
     )
     app.state.engine = engine
+    app.router.route_class = CheckedRoute  # every route below decodes bodies strictly
+    limits = engine.config.limits
 
     @app.exception_handler(DriftlessError)
     async def driftless_error(_: Request, exc: DriftlessError) -> Response:
@@ -289,7 +387,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         ]
         return _error(422, "InvalidInput", "; ".join(errs))
 
+    # outermost last: auth (no body read), then the body limit, then timing + the catch-all
     app.add_middleware(TimingMiddleware, metrics=metrics, engine=engine)
+    app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
+    app.add_middleware(AuthMiddleware, engine=engine, routes=lambda: app.routes)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -338,9 +439,16 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     def get_index(rt: Rt) -> dict[str, Any]:
         return describe(rt)
 
+    @app.delete("/v1/indexes/{name}")
+    def delete_index(name: str) -> dict[str, Any]:
+        """Stop the index and delete its stored objects and WAL (404 afterwards; a new index
+        of the same name starts empty). Other processes serving it see it gone."""
+        return {"deleted": name, "objects": engine.delete(name)}
+
     @app.post("/v1/indexes/{name}/upsert")
     def upsert(rt: Rt, body: Upsert) -> dict[str, Any]:
         n = len(body.keys)
+        check_rows(n, limits)
         for field, col in (
             ("vectors", body.vectors),
             ("texts", body.texts),
@@ -379,11 +487,15 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     @app.post("/v1/indexes/{name}/delete")
     def delete(rt: Rt, body: Keys) -> dict[str, Any]:
+        check_rows(len(body.keys), limits)
         ack = rt.delete(body.keys)
         return {"first_seq": ack.first_seq, "last_seq": ack.last_seq, "rows": ack.rows}
 
     @app.post("/v1/indexes/{name}/fetch")
     def fetch(rt: Rt, body: Fetch) -> dict[str, Any]:
+        check_rows(len(body.keys), limits)
+        per_row = hit_bytes(rt.spec.dims[rt.model], body.include_vector, True, limits)
+        check_response(len(body.keys) * per_row, limits, "this fetch")
         view = rt.view
         rows, missing = [], []
         for key in body.keys:
@@ -406,6 +518,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         include_vector: bool = False,
     ) -> dict[str, Any]:
         """Live rows in seq order; pass ``next_cursor`` back to continue."""
+        per_row = hit_bytes(rt.spec.dims[rt.model], include_vector, True, limits)
+        check_response(limit * per_row, limits, "this scan page")
         view = rt.view
         by_seq = view.live_by_seq()
         start = int(np.searchsorted(view.seqs[by_seq], cursor, side="right"))
@@ -464,14 +578,22 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             "strategy": strategy,
         }
 
+    def check_answer(rt: IndexRuntime, queries: list[SearchQuery]) -> None:
+        dim = rt.spec.dims[rt.model]
+        est = sum(q.k * hit_bytes(dim, q.include_vector, q.include_payload, limits) for q in queries)
+        check_response(est, limits, "this batch" if len(queries) > 1 else "this search")
+
     # the query path answers with JSONResponse directly: FastAPI's generic encoder walks every
     # value and costs more than the search itself on small indexes
     @app.post("/v1/indexes/{name}/search", response_model=SearchAnswer)
     def search(rt: Rt, body: SearchQuery) -> Response:
+        check_answer(rt, [body])
         return JSONResponse(run_query(rt, body))
 
     @app.post("/v1/indexes/{name}/search/batch", response_model=BatchAnswer)
     def search_batch(rt: Rt, body: BatchSearch) -> Response:
+        check_queries(len(body.queries), limits)
+        check_answer(rt, body.queries)
         return JSONResponse({"answers": [run_query(rt, q) for q in body.queries]})
 
     @app.post("/v1/indexes/{name}/internal/samples", status_code=202)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ import numpy as np
 from index_runtime.encoders import Kind
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
+from index_runtime.service.auth import TokenSet
+from index_runtime.service.limits import ApiLimits
 from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import LATEST_HINT, IndexSpec, ModelSpec
@@ -23,7 +26,7 @@ from index_runtime.store.writer import IndexWriter, WriterConfig
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # always fullmatch: '$' also matches before '\n'
 Encoder = Callable[[list[str], Kind], np.ndarray]  # (texts, 'query' | 'passage') -> rows
 
 
@@ -35,7 +38,8 @@ class ServeConfig:
     roles: Roles = field(default_factory=Roles)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     writer: WriterConfig = field(default_factory=WriterConfig)
-    admin_token: str | None = None
+    tokens: TokenSet = field(default_factory=TokenSet)  # empty: open access (loopback only)
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.s3 is None):
@@ -45,7 +49,7 @@ class ServeConfig:
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InvalidInputError(
             f"index names are 1..63 lowercase letters, digits and '-', starting with a letter "
             f"or digit; got {name!r}"
@@ -146,11 +150,33 @@ class Engine:
             # readers and shadows may start before the writer creates the index
             with self._lock:
                 rt = self.runtimes.get(name)
-                if rt is None and NAME.match(name) and ManifestLog(self._store(name)).latest():
+                if rt is None and NAME.fullmatch(name) and ManifestLog(self._store(name)).latest():
                     rt = self._open(name, None, None)
         if rt is None:
             raise NotFoundError(f"no index named {name!r}")
         return rt
+
+    def delete(self, name: str) -> int:
+        """Stop the index's runtime (its threads joined, the writer closed), then delete every
+        stored object and the WAL; returns the number of objects deleted. Writers only."""
+        from index_runtime.jobs import purge_store
+
+        check_name(name)
+        if not self.config.roles.writer:
+            raise ConflictError("this replica is not a writer; delete indexes on the writer")
+        with self._lock:
+            rt = self.runtimes.pop(name, None)
+            store = self._store(name)
+            if rt is None and ManifestLog(store).latest() is None:
+                raise NotFoundError(f"no index named {name!r}")
+            if rt is not None:
+                rt.stop()
+            n = purge_store(store)
+            shutil.rmtree(self._wal(name), ignore_errors=True)
+            if self.config.data is not None:
+                shutil.rmtree(self.config.data / name, ignore_errors=True)  # empty directories
+        log.info("deleted index %s (%d objects)", name, n)
+        return n
 
     def encode(self, model: str, texts: list[str], kind: Kind = "passage") -> np.ndarray:
         enc = self.encoders.get(model)
