@@ -19,6 +19,7 @@ from index_runtime.contract import Env, Scope
 from index_runtime.service.app import create_app
 from index_runtime.service.auth import TokenSet
 from index_runtime.service.engine import Engine, ServeConfig
+from index_runtime.service.limits import ApiLimits
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.runtime import Roles, RuntimeOptions
 from index_runtime.store.writer import WriterConfig
@@ -26,7 +27,10 @@ from index_runtime.store.writer import WriterConfig
 TOKEN = "test-admin-token"
 WRITE_TOKEN = "test-write-token"  # what test clients send by default (admin calls pass TOKEN)
 MIRROR_TOKEN = "test-mirror-token"  # readers -> shadow (Env.SHADOW_TOKEN)
-TOKENS = TokenSet.of({TOKEN: Scope.ADMIN, WRITE_TOKEN: Scope.WRITE, MIRROR_TOKEN: Scope.MIRROR})
+READ_TOKEN = "test-read-token-1"
+TOKENS = TokenSet.of(
+    {TOKEN: Scope.ADMIN, WRITE_TOKEN: Scope.WRITE, MIRROR_TOKEN: Scope.MIRROR, READ_TOKEN: Scope.READ}
+)
 WRITE_AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
 
 
@@ -44,6 +48,7 @@ def running_service(
     writer: WriterConfig | None = None,
     roles: Roles | None = None,
     shadow_url: str | None = None,
+    limits: ApiLimits | None = None,
 ) -> Iterator[httpx.Client]:
     config = ServeConfig(
         data=data,
@@ -53,6 +58,7 @@ def running_service(
         ),
         writer=writer or WriterConfig(flush_rows=400, flush_interval_s=0.3),
         tokens=TOKENS,
+        limits=limits or ApiLimits(),
     )
     metrics = Metrics()
     engine = Engine(config, metrics)
@@ -76,6 +82,7 @@ def running_service(
             base_url=f"http://127.0.0.1:{port}", timeout=30, headers=WRITE_AUTH
         ) as client:
             client.engine = engine  # type: ignore[attr-defined]  # for fault injection
+            client.port = port  # type: ignore[attr-defined]
             yield client
     finally:
         server.should_exit = True

@@ -84,6 +84,13 @@ class Engine:
         assert root is not None
         return root / name
 
+    def _exists(self, name: str) -> bool:
+        """Whether the index has a manifest, without creating anything (a local store makes
+        its directory when opened: probing unknown names must not)."""
+        if self.config.data is not None and not (self.config.data / name / "manifests").is_dir():
+            return False
+        return ManifestLog(self._store(name)).latest() is not None
+
     def discover(self) -> list[str]:
         """Names of the indexes that exist under the data location."""
         if self.config.data is not None:
@@ -140,7 +147,7 @@ class Engine:
         spec = IndexSpec(name, key_type, {model: ModelSpec(dim, metric)}, (model,))  # type: ignore[arg-type]
         parsed = IndexSettings.from_json(settings or {}, dim)
         with self._lock:
-            if name in self.runtimes or ManifestLog(self._store(name)).latest() is not None:
+            if name in self.runtimes or self._exists(name):
                 raise ConflictError(f"index {name!r} already exists")
             return self._open(name, spec, parsed)
 
@@ -150,7 +157,7 @@ class Engine:
             # readers and shadows may start before the writer creates the index
             with self._lock:
                 rt = self.runtimes.get(name)
-                if rt is None and NAME.fullmatch(name) and ManifestLog(self._store(name)).latest():
+                if rt is None and NAME.fullmatch(name) and self._exists(name):
                     rt = self._open(name, None, None)
         if rt is None:
             raise NotFoundError(f"no index named {name!r}")
@@ -166,12 +173,11 @@ class Engine:
             raise ConflictError("this replica is not a writer; delete indexes on the writer")
         with self._lock:
             rt = self.runtimes.pop(name, None)
-            store = self._store(name)
-            if rt is None and ManifestLog(store).latest() is None:
+            if rt is None and not self._exists(name):
                 raise NotFoundError(f"no index named {name!r}")
             if rt is not None:
                 rt.stop()
-            n = purge_store(store)
+            n = purge_store(self._store(name))
             shutil.rmtree(self._wal(name), ignore_errors=True)
             if self.config.data is not None:
                 shutil.rmtree(self.config.data / name, ignore_errors=True)  # empty directories
