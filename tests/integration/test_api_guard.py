@@ -188,7 +188,7 @@ def test_raw_invalid_utf8_and_valid_pairs(svc: httpx.Client) -> None:
         body = b'{"keys": ["a' + raw + b'"], "vectors": [' + vec + b"]}"
         r = svc.post("/v1/indexes/docs/upsert", content=body, headers=JSON)
         assert r.status_code == 400 and "UTF-8" in r.json()["message"], r.text
-    pair = '{"keys": ["smile"], "vectors": [%s], "texts": ["\\ud83d\\ude00"]}' % json.dumps([0.5] * D)
+    pair = '{"keys": ["smile"], "vectors": [VEC], "texts": ["\\ud83d\\ude00"]}'.replace("VEC", json.dumps([0.5] * D))
     assert svc.post("/v1/indexes/docs/upsert", content=pair.encode(), headers=JSON).status_code == 200
     f = svc.post("/v1/indexes/docs/fetch", json={"keys": ["smile"]}).json()
     assert f["rows"][0]["text"] == "\U0001f600"
