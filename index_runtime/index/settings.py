@@ -1,7 +1,16 @@
 """Index settings: primary, shadow, oracle and lifecycle parameters (pure, validated).
 
 Stored as JSON in the manifest (``Manifest.settings``); parsed here at the boundary so the rest
-of the code sees typed, range-checked values.
+of the code sees typed, range-checked values. Every number is finite (NaN/Infinity refused) and
+bounded; ranges (also in each ``validate``'s message):
+
+- primary: nlist 'auto' or 1..2^20, m 0 (auto) or a divisor of dim, nbits 1..16,
+  nprobe 1..65536, rerank 1..100
+- shadow: hnsw_m 4..128, ef_search 1..4096, regenerate_overhead (0, 1]
+- oracle: sample_rate [0, 1], k 1..1000, theta (0, 1], delta [0, theta), min_samples
+  2..window, window ..100000, cpu_budget (0, 1], queue 1..100000
+- lifecycle: tau 0..2^40 rows, growth_factor (1, 1000], 0 <= backoff_s <= backoff_max_s <=
+  7 days, compaction_interval_s (0 s, 7 days]
 """
 
 from __future__ import annotations
