@@ -37,7 +37,7 @@ D = 8
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 BODY_LIMIT = 256 << 10
 EXAMPLES = 6
-SLOW_EXAMPLES = 60
+SLOW_EXAMPLES = 25  # 60 took 535 s on 2 busy cores (load 10); 25 fits the 4 min budget
 INTENDED_5XX = {503, 507}  # store unavailable / shutting down; disk full
 
 
