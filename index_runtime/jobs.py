@@ -54,7 +54,8 @@ class Admin:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
-            code = {400: ExitCode.INVALID, 401: ExitCode.INVALID, 404: ExitCode.INVALID}.get(
+            invalid = (400, 401, 403, 404)  # a retried pod would get the same answer
+            code = {c: ExitCode.INVALID for c in invalid}.get(
                 exc.code, ExitCode.CONFLICT if exc.code == 409 else ExitCode.FAILED
             )
             raise JobError(code, f"{method} {path}: HTTP {exc.code} {detail}") from exc
