@@ -110,23 +110,26 @@ def lazy_encoders() -> dict[str, Encoder]:
     return {m: loader(m) for m in names}
 
 
-def load_tokens(path: str | None, from_env: bool, env: dict[str, str]) -> TokenSet:
-    """Tokens from ``--tokens-file`` (or ``Env.TOKENS_FILE``; with --from-env also the mounted
-    Secret at TOKENS_DIR/TOKENS_FILE when present) plus the ``Env.*_TOKEN`` values."""
+def load_tokens(
+    path: str | None, from_env: bool, env: dict[str, str]
+) -> tuple[TokenSet, Path | None, TokenSet]:
+    """(the ``Env.*_TOKEN`` values, the tokens file, everything accepted now). The file is
+    ``--tokens-file``, else ``Env.TOKENS_FILE``, else (with --from-env) the mounted Secret at
+    TOKENS_DIR/TOKENS_FILE when present; the server re-reads it when it changes."""
     from index_runtime.service.auth import parse_tokens_file, tokens_from_env
 
     path = path or env.get(Env.TOKENS_FILE) or None
     mounted = Path(TOKENS_DIR) / TOKENS_FILE
     if path is None and from_env and mounted.is_file():
         path = str(mounted)
-    tokens = tokens_from_env(env)
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read the tokens file {path}: {exc}") from None
-        tokens = parse_tokens_file(text, path) + tokens
-    return tokens
+    plain = tokens_from_env(env)
+    if path is None:
+        return plain, None, plain
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the tokens file {path}: {exc}") from None
+    return plain, Path(path), parse_tokens_file(text, path) + plain
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -153,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.s3_region = args.s3_region or os.environ.get(Env.S3_REGION) or None
         args.shadow_url = args.shadow_url or os.environ.get(Env.SHADOW_URL) or None
     try:
-        tokens = load_tokens(args.tokens_file, args.from_env, dict(os.environ))
+        plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, dict(os.environ))
         limits = ApiLimits.from_env(
             os.environ,
             max_body_bytes=args.max_body_bytes,
@@ -185,7 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=RuntimeOptions(
             maintenance=args.maintenance == "on", tick_s=args.tick, shadow_url=args.shadow_url
         ),
-        tokens=tokens,
+        tokens=plain,
+        tokens_file=tokens_file,
         limits=limits,
     )
     metrics = Metrics()

@@ -283,7 +283,7 @@ def _runtime(request: Request, name: str) -> IndexRuntime:
 class AuthMiddleware:
     """Pure ASGI: the bearer token must cover the matched route's scope (``route_scope`` of its
     template), decided before the body is read, so a stranger's request costs no parsing. The
-    token set is read from the engine's config on each request (it can be replaced live)."""
+    token set is the engine's at each request (the tokens file is re-read when it changes)."""
 
     def __init__(self, app: Any, engine: Engine, routes: Callable[[], list[Any]]) -> None:
         self.app = app
@@ -299,7 +299,7 @@ class AuthMiddleware:
                 header = dict(scope.get("headers", ())).get(b"authorization")
                 try:
                     authorize(
-                        self.engine.config.tokens,
+                        self.engine.tokens(),
                         header.decode("latin-1") if header else None,
                         route_scope(scope["method"], template),
                     )
@@ -315,7 +315,7 @@ def admin(request: Request) -> None:
     """Dependency of admin routes (the middleware already checked; this keeps the rule on the
     route itself, e.g. when a route is mounted elsewhere)."""
     authorize(
-        request.app.state.engine.config.tokens,
+        request.app.state.engine.tokens(),
         request.headers.get("authorization"),
         Scope.ADMIN,
     )

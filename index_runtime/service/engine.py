@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -13,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from index_runtime.contract import Scope
 from index_runtime.encoders import Kind
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
-from index_runtime.service.auth import TokenSet
+from index_runtime.service.auth import TokenSet, parse_tokens_file
 from index_runtime.service.limits import ApiLimits
 from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.log import ManifestLog
@@ -38,7 +40,9 @@ class ServeConfig:
     roles: Roles = field(default_factory=Roles)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     writer: WriterConfig = field(default_factory=WriterConfig)
-    tokens: TokenSet = field(default_factory=TokenSet)  # empty: open access (loopback only)
+    tokens: TokenSet = field(default_factory=TokenSet)  # plain tokens (env, tests)
+    # '<scope> sha256:<hex>' lines (a mounted Secret), re-read when the file changes
+    tokens_file: Path | None = None
     limits: ApiLimits = field(default_factory=ApiLimits)
 
     def __post_init__(self) -> None:
@@ -70,6 +74,36 @@ class Engine:
         self.runtimes: dict[str, IndexRuntime] = {}
         self._lock = threading.Lock()
         self.closing = False
+        self._tokens_key: tuple[int, int, int] | None = None
+        self.tokens_loaded = False
+        # until the file was read once: deny everything (a digest nobody has a token for)
+        self._file_tokens = TokenSet(((os.urandom(32), Scope.READ),))
+        if config.tokens_file is not None:
+            self.tokens()
+            if not self.tokens_loaded:
+                raise InvalidInputError(f"cannot read the tokens file {config.tokens_file}")
+
+    def tokens(self) -> TokenSet:
+        """The accepted tokens: the config's plus the tokens file's, re-read when its stat
+        changes (a Secret update swaps the file); a file that becomes unreadable or invalid
+        keeps the last good set (logged). Empty: no tokens at all (open access)."""
+        path = self.config.tokens_file
+        if path is None:
+            return self.config.tokens
+        try:
+            st = path.stat()
+        except OSError as exc:
+            log.warning("keeping the previous tokens: %s", exc)
+            return self.config.tokens + self._file_tokens
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key != self._tokens_key:
+            self._tokens_key = key  # a bad file is reported once per change, not per request
+            try:
+                self._file_tokens = parse_tokens_file(path.read_text(), str(path))
+                self.tokens_loaded = True
+            except (OSError, InvalidInputError) as exc:
+                log.warning("keeping the previous tokens: %s", exc)
+        return self.config.tokens + self._file_tokens
 
     def _store(self, name: str) -> ObjectStore:
         if self.config.data is not None:

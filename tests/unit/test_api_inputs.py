@@ -104,9 +104,10 @@ def test_tokens_from_file_and_env(tmp_path: Path) -> None:
     f = tmp_path / "tokens"
     f.write_text(f"read {READ_T}\n")
     env = {Env.TOKENS_FILE: str(f), Env.ADMIN_TOKEN: ADMIN_T}
-    tokens = load_tokens(None, False, env)
+    plain, path, tokens = load_tokens(None, False, env)
     assert tokens.scopes_of(READ_T) == {Scope.READ} and tokens.scopes_of(ADMIN_T) == {Scope.ADMIN}
-    assert load_tokens(None, False, {}).open
+    assert path == f and plain.scopes_of(READ_T) == set()
+    assert load_tokens(None, False, {})[2].open
     with pytest.raises(InvalidInputError):
         load_tokens(str(tmp_path / "missing"), False, {})
 
@@ -131,6 +132,22 @@ EXPECTED = {
     ("GET", "/readyz"): None,
     ("GET", "/metrics"): None,
 }
+
+
+def test_the_tokens_file_is_reread_when_it_changes_and_fails_closed(tmp_path: Path) -> None:
+    f = tmp_path / "tokens"
+    f.write_text(f"read {_hash(READ_T)}\n")
+    engine = Engine(ServeConfig(data=tmp_path / "d", tokens_file=f))
+    assert engine.tokens().scopes_of(READ_T) == {Scope.READ}
+    f.write_text(f"admin {_hash(ADMIN_T)}\n# rotated\n")  # a Secret update
+    assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN}
+    assert engine.tokens().scopes_of(READ_T) == set()
+    f.write_text("garbage line")
+    assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN}  # the last good set
+    f.unlink()
+    assert not engine.tokens().open
+    with pytest.raises(InvalidInputError):
+        Engine(ServeConfig(data=tmp_path / "d", tokens_file=tmp_path / "missing"))
 
 
 def test_every_route_of_the_app_has_its_scope(tmp_path: Path) -> None:
