@@ -359,6 +359,23 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     )
     app.state.engine = engine
     app.router.route_class = CheckedRoute  # every route below decodes bodies strictly
+
+    def openapi() -> dict[str, Any]:
+        """The generated schema plus the bearer scheme and each operation's scope."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
+            for path, ops in schema.get("paths", {}).items():
+                for method, op in ops.items():
+                    needed = route_scope(method.upper(), path)
+                    if needed is not None:
+                        op["security"] = [{"bearer": []}]
+                        op["x-driftless-scope"] = needed.value
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     limits = engine.config.limits
 
     @app.exception_handler(DriftlessError)

@@ -167,6 +167,12 @@ def test_every_route_of_the_app_has_its_scope(tmp_path: Path) -> None:
             else:
                 assert got is None
     assert seen == sum(1 for k in EXPECTED if k[1].startswith("/v1"))
+    spec = app.openapi()  # what clients (and the fuzzer) read: the scheme and each scope
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for (method, path), scope in EXPECTED.items():
+        op = spec["paths"][path][method.lower()]
+        assert op.get("x-driftless-scope") == (scope.value if scope else None), (method, path)
+        assert ("security" in op) == (scope is not None)
 
 
 def test_limits_from_flags_then_env_then_defaults() -> None:
