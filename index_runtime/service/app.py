@@ -16,8 +16,7 @@ surrogates); request models are strict (no bool or string as a number).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -25,11 +24,9 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from index_runtime import __version__
 from index_runtime.contract import Scope
@@ -40,9 +37,15 @@ from index_runtime.errors import (
 )
 from index_runtime.index.filters import parse_filter
 from index_runtime.migration import BRIDGED, STATUS_QUO
-from index_runtime.service.auth import authorize, route_scope
+from index_runtime.service.auth import authorize
+from index_runtime.service.edge import (
+    AuthMiddleware,
+    CheckedRoute,
+    TimingMiddleware,
+    add_scopes_to_openapi,
+)
+from index_runtime.service.edge import error_response as _error
 from index_runtime.service.engine import Engine
-from index_runtime.service.inputs import decode_json
 from index_runtime.service.limits import (
     BodyLimitMiddleware,
     check_queries,
@@ -219,96 +222,9 @@ class Cutover(Strict):
     force: bool = Field(default=False, description="cut over even if the new model measured worse")
 
 
-def _error(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
-    headers = {"Retry-After": str(max(1, int(np.ceil(retry_after))))} if retry_after else None
-    return JSONResponse({"error": reason, "message": message}, status_code=status, headers=headers)
-
-
-class TimingMiddleware:
-    """Pure ASGI middleware (Starlette's decorator style adds a task hop per request): request
-    latency by route template, search errors by index, and a 500 with a reason for anything
-    unhandled.
-
-    The 500 is answered HERE, below Starlette's ServerErrorMiddleware: that one sends its
-    response and then re-raises, and uvicorn closes a connection whose app raised, so the
-    client's next request on the keep-alive connection failed (and was not applied).
-    """
-
-    def __init__(self, app: Any, metrics: Metrics, engine: Engine) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.engine = engine
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        response_started = False
-
-        async def send_wrapper(message: Any) -> None:
-            nonlocal status, response_started
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                response_started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception as exc:
-            if response_started:
-                raise  # half an answer is out: only closing the connection can tell
-            log.error("unhandled error in %s %s", scope["method"], scope["path"], exc_info=exc)
-            status = 500
-            await _error(500, "InternalError", "internal error; see the server log")(
-                scope, receive, send
-            )
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_seconds.labels(route, scope["method"]).observe(
-                time.perf_counter() - started
-            )
-            if "/search" in route and status >= 400:
-                idx = scope.get("path_params", {}).get("name", "")
-                if idx in self.engine.runtimes:
-                    self.metrics.query_errors.labels(idx, f"{status // 100}xx").inc()
-
-
 def _runtime(request: Request, name: str) -> IndexRuntime:
     engine: Engine = request.app.state.engine
     return engine.get(name)
-
-
-class AuthMiddleware:
-    """Pure ASGI: the bearer token must cover the matched route's scope (``route_scope`` of its
-    template), decided before the body is read, so a stranger's request costs no parsing. The
-    token set is the engine's at each request (the tokens file is re-read when it changes)."""
-
-    def __init__(self, app: Any, engine: Engine, routes: Callable[[], list[Any]]) -> None:
-        self.app = app
-        self.engine = engine
-        self.routes = routes
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            template = next(
-                (r.path for r in self.routes() if r.matches(scope)[0] == Match.FULL), None
-            )
-            if template is not None:
-                header = dict(scope.get("headers", ())).get(b"authorization")
-                try:
-                    authorize(
-                        self.engine.tokens(),
-                        header.decode("latin-1") if header else None,
-                        route_scope(scope["method"], template),
-                    )
-                except DriftlessError as exc:
-                    resp = _error(exc.status, exc.reason, str(exc))
-                    resp.headers["WWW-Authenticate"] = "Bearer"
-                    await resp(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
 
 
 def admin(request: Request) -> None:
@@ -319,30 +235,6 @@ def admin(request: Request) -> None:
         request.headers.get("authorization"),
         Scope.ADMIN,
     )
-
-
-class CheckedRequest(Request):
-    """A request whose JSON body is decoded by :func:`decode_json` (strict UTF-8, finite
-    numbers, no lone surrogates). Its errors are raised as HTTP 400: FastAPI turns any other
-    exception in body parsing into a generic 400 without our message."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            try:
-                self._json = decode_json(await self.body())
-            except InvalidInputError as exc:
-                raise StarletteHTTPException(400, str(exc)) from None
-        return self._json
-
-
-class CheckedRoute(APIRoute):
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def checked(request: Request) -> Response:
-            return await handler(CheckedRequest(request.scope, request.receive))
-
-        return checked
 
 
 Rt = Annotated[IndexRuntime, Depends(_runtime)]
@@ -359,23 +251,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     )
     app.state.engine = engine
     app.router.route_class = CheckedRoute  # every route below decodes bodies strictly
-
-    def openapi() -> dict[str, Any]:
-        """The generated schema plus the bearer scheme and each operation's scope."""
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer"}
-            }
-            for path, ops in schema.get("paths", {}).items():
-                for method, op in ops.items():
-                    needed = route_scope(method.upper(), path)
-                    if needed is not None:
-                        op["security"] = [{"bearer": []}]
-                        op["x-driftless-scope"] = needed.value
-        return app.openapi_schema  # type: ignore[return-value]
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    add_scopes_to_openapi(app)
     limits = engine.config.limits
 
     @app.exception_handler(DriftlessError)
