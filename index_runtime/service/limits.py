@@ -109,8 +109,7 @@ class BodyLimitMiddleware:
     A Content-Length over the limit is refused without reading a byte. Otherwise the body is
     read here, chunk by chunk, and refused as soon as it passes the limit (a chunked body
     without a length included), so at most ``limit`` bytes are ever buffered; a body within
-    the limit is handed to the app as one message (Starlette's ``Request.body`` then keeps that
-    same bytes object: no second copy).
+    the limit is handed to the app as one message and not kept here.
     """
 
     def __init__(self, app: Any, limit: int) -> None:
@@ -140,15 +139,14 @@ class BodyLimitMiddleware:
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # handed over, not kept: once the app has its copy (Starlette joins what it reads) this
+        # one is freed; holding it cost one more body-sized buffer for the whole request
+        pending = [chunks[0] if len(chunks) == 1 else b"".join(chunks)]
         chunks.clear()
-        sent = False
 
         async def replay() -> Any:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
             return await receive()  # after the body: wait for the disconnect
 
         await self.app(scope, replay, send)
