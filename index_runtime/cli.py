@@ -12,11 +12,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from index_runtime.contract import Env, JobKind
+from index_runtime.contract import TOKENS_DIR, TOKENS_FILE, Env, ExitCode, JobKind
 from index_runtime.errors import DriftlessError, InvalidInputError
 
 if TYPE_CHECKING:
+    from index_runtime.service.auth import TokenSet
     from index_runtime.service.engine import Encoder
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def set_omp_threads(n: int) -> None:
@@ -107,12 +110,35 @@ def lazy_encoders() -> dict[str, Encoder]:
     return {m: loader(m) for m in names}
 
 
+def load_tokens(
+    path: str | None, from_env: bool, env: dict[str, str]
+) -> tuple[TokenSet, Path | None, TokenSet]:
+    """(the ``Env.*_TOKEN`` values, the tokens file, everything accepted now). The file is
+    ``--tokens-file``, else ``Env.TOKENS_FILE``, else (with --from-env) the mounted Secret at
+    TOKENS_DIR/TOKENS_FILE when present; the server re-reads it when it changes."""
+    from index_runtime.service.auth import parse_tokens_file, tokens_from_env
+
+    path = path or env.get(Env.TOKENS_FILE) or None
+    mounted = Path(TOKENS_DIR) / TOKENS_FILE
+    if path is None and from_env and mounted.is_file():
+        path = str(mounted)
+    plain = tokens_from_env(env)
+    if path is None:
+        return plain, None, plain
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the tokens file {path}: {exc}") from None
+    return plain, Path(path), parse_tokens_file(text, path) + plain
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     set_omp_threads(args.omp_threads)  # 1 per query worker: concurrency comes from workers
     import uvicorn
 
     from index_runtime.service.app import create_app
     from index_runtime.service.engine import Engine, ServeConfig
+    from index_runtime.service.limits import ApiLimits
     from index_runtime.service.metrics import Metrics
     from index_runtime.service.runtime import Roles, RuntimeOptions
     from index_runtime.store.objects import S3Config
@@ -129,6 +155,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.s3_endpoint = args.s3_endpoint or os.environ.get(Env.S3_ENDPOINT) or None
         args.s3_region = args.s3_region or os.environ.get(Env.S3_REGION) or None
         args.shadow_url = args.shadow_url or os.environ.get(Env.SHADOW_URL) or None
+    try:
+        plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, dict(os.environ))
+        limits = ApiLimits.from_env(
+            os.environ,
+            max_body_bytes=args.max_body_bytes,
+            max_batch_rows=args.max_batch_rows,
+            max_batch_queries=args.max_batch_queries,
+            max_response_bytes=args.max_response_bytes,
+        )
+    except DriftlessError as exc:
+        print(f"error ({exc.reason}): {exc}", file=sys.stderr)
+        return ExitCode.INVALID
+    if tokens.open and args.host not in LOOPBACK and not args.insecure:
+        print(
+            f"error: refusing to serve on {args.host} without tokens: anyone who can reach it "
+            f"could write and delete. Give --tokens-file (or {Env.TOKENS_FILE}, "
+            f"{Env.ADMIN_TOKEN}, ...), bind 127.0.0.1, or pass --insecure.",
+            file=sys.stderr,
+        )
+        return ExitCode.INVALID
     if not (args.data or args.s3_bucket):
         raise InvalidInputError(f"give --data or --s3-bucket (or {Env.S3_BUCKET} with --from-env)")
     s3 = None
@@ -142,7 +188,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=RuntimeOptions(
             maintenance=args.maintenance == "on", tick_s=args.tick, shadow_url=args.shadow_url
         ),
-        admin_token=args.admin_token or os.environ.get("DRIFTLESS_ADMIN_TOKEN") or None,
+        tokens=plain,
+        tokens_file=tokens_file,
+        limits=limits,
     )
     metrics = Metrics()
     engine = Engine(config, metrics, lazy_encoders())
@@ -152,7 +200,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"driftless serving {len(engine.runtimes)} index(es) from "
         f"{args.data or 's3://' + args.s3_bucket} on http://{args.host}:{args.port} "
-        f"(maintenance {args.maintenance}, role {args.role})",
+        f"(maintenance {args.maintenance}, role {args.role}, "
+        f"{'OPEN: no tokens' if tokens.open else f'{len(tokens.entries)} token(s)'})",
         flush=True,
     )
     uvicorn.run(
@@ -243,10 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--omp-threads", type=int, default=1, help="OpenMP threads per query worker")
     s.add_argument("--grace", type=float, default=25.0, help="graceful shutdown budget (s)")
     s.add_argument(
-        "--admin-token",
+        "--tokens-file",
         default=None,
-        help="bearer token of the admin API (or DRIFTLESS_ADMIN_TOKEN)",
+        help="file of accepted tokens, lines '<scope> sha256:<hex>' or '<scope> <token>' "
+        f"(or {Env.TOKENS_FILE}); {Env.ADMIN_TOKEN} etc. add plain tokens. Never on argv",
     )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without any token (open to anyone who can connect)",
+    )
+    for flag, env_help in (
+        ("--max-body-bytes", "request body (default 64 MiB)"),
+        ("--max-batch-rows", "keys per upsert/delete/fetch (default 10000)"),
+        ("--max-batch-queries", "queries per search/batch (default 256)"),
+        ("--max-response-bytes", "estimated answer size (default 32 MiB)"),
+    ):
+        env = "DRIFTLESS_" + flag.removeprefix("--").replace("-", "_").upper()
+        s.add_argument(flag, type=int, default=None, help=f"limit: {env_help}; or {env}")
     s.set_defaults(func=cmd_serve)
     j = sub.add_parser("job", help="run one operator Job (options in DRIFTLESS_JOB_SPEC)")
     j.add_argument("kind", choices=[k.value for k in JobKind])

@@ -17,9 +17,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from index_runtime.contract import Env, ExitCode, JobKind
+
+if TYPE_CHECKING:
+    from index_runtime.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class Admin:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
-            code = {400: ExitCode.INVALID, 401: ExitCode.INVALID, 404: ExitCode.INVALID}.get(
+            invalid = (400, 401, 403, 404)  # a retried pod would get the same answer
+            code = {c: ExitCode.INVALID for c in invalid}.get(
                 exc.code, ExitCode.CONFLICT if exc.code == 409 else ExitCode.FAILED
             )
             raise JobError(code, f"{method} {path}: HTTP {exc.code} {detail}") from exc
@@ -144,10 +148,24 @@ def run_purge(index: str) -> str:
             os.environ.get(Env.S3_REGION) or None,
         )
     )
+    return f"deleted {purge_store(store)} objects under s3://{bucket}/{prefix}/"
+
+
+def purge_store(store: ObjectStore) -> int:
+    """Delete every object of one index (the purge Job and ``DELETE /v1/indexes/{name}``).
+    Manifests go first, newest first, so an interrupted purge leaves no index that opens on
+    missing segments: it is simply gone, and a purge retried finishes the rest."""
+    from index_runtime.store.manifest import MANIFEST_DIR
+
     objects = store.list("")
-    for o in objects:
+    order = sorted(objects, key=lambda o: (not o.key.startswith(MANIFEST_DIR), _neg(o.key)))
+    for o in order:
         store.delete(o.key)
-    return f"deleted {len(objects)} objects under s3://{bucket}/{prefix}/"
+    return len(objects)
+
+
+def _neg(key: str) -> tuple[int, ...]:
+    return tuple(-b for b in key.encode())
 
 
 RUNNERS = {

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import numpy as np
 import uvicorn
 
+from index_runtime.contract import Env, Scope
 from index_runtime.service.app import create_app
+from index_runtime.service.auth import TokenSet
 from index_runtime.service.engine import Engine, ServeConfig
+from index_runtime.service.limits import ApiLimits
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.runtime import Roles, RuntimeOptions
 from index_runtime.store.writer import WriterConfig
 
 TOKEN = "test-admin-token"
+WRITE_TOKEN = "test-write-token"  # what test clients send by default (admin calls pass TOKEN)
+MIRROR_TOKEN = "test-mirror-token"  # readers -> shadow (Env.SHADOW_TOKEN)
+READ_TOKEN = "test-read-token-1"
+TOKENS = TokenSet.of(
+    {TOKEN: Scope.ADMIN, WRITE_TOKEN: Scope.WRITE, MIRROR_TOKEN: Scope.MIRROR, READ_TOKEN: Scope.READ}
+)
+WRITE_AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
 
 
 def free_port() -> int:
@@ -36,6 +48,7 @@ def running_service(
     writer: WriterConfig | None = None,
     roles: Roles | None = None,
     shadow_url: str | None = None,
+    limits: ApiLimits | None = None,
 ) -> Iterator[httpx.Client]:
     config = ServeConfig(
         data=data,
@@ -44,10 +57,14 @@ def running_service(
             maintenance=maintenance, tick_s=tick_s, refresh_s=0.05, shadow_url=shadow_url
         ),
         writer=writer or WriterConfig(flush_rows=400, flush_interval_s=0.3),
-        admin_token=TOKEN,
+        tokens=TOKENS,
+        limits=limits or ApiLimits(),
     )
     metrics = Metrics()
     engine = Engine(config, metrics)
+    # readers present the mirror token to the shadow (read when a runtime opens, maybe later)
+    env = mock.patch.dict(os.environ, {Env.SHADOW_TOKEN: MIRROR_TOKEN} if shadow_url else {})
+    env.start()
     engine.open_existing()
     port = free_port()
     server = uvicorn.Server(
@@ -61,12 +78,16 @@ def running_service(
     while not server.started and time.time() < deadline:
         time.sleep(0.02)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=30, headers=WRITE_AUTH
+        ) as client:
             client.engine = engine  # type: ignore[attr-defined]  # for fault injection
+            client.port = port  # type: ignore[attr-defined]
             yield client
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        env.stop()
 
 
 def clustered(rng: np.random.Generator, centers: np.ndarray, n: int, noise: float) -> np.ndarray:
@@ -76,7 +97,7 @@ def clustered(rng: np.random.Generator, centers: np.ndarray, n: int, noise: floa
 
 def query_load(url: str, index: str, texts: list[str], stop: threading.Event) -> None:
     """Clients querying (the oracle measures sampled queries)."""
-    with httpx.Client(base_url=url, timeout=10) as c:
+    with httpx.Client(base_url=url, timeout=10, headers=WRITE_AUTH) as c:
         i = 0
         while not stop.is_set():
             c.post(f"/v1/indexes/{index}/search", json={"text": texts[i % len(texts)], "k": 10})

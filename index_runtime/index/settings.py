@@ -1,15 +1,31 @@
 """Index settings: primary, shadow, oracle and lifecycle parameters (pure, validated).
 
 Stored as JSON in the manifest (``Manifest.settings``); parsed here at the boundary so the rest
-of the code sees typed, range-checked values.
+of the code sees typed, range-checked values. Every number is finite (NaN/Infinity refused) and
+bounded; ranges (also in each ``validate``'s message):
+
+- primary: nlist 'auto' or 1..2^20, m 0 (auto) or a divisor of dim, nbits 1..16,
+  nprobe 1..65536, rerank 1..100
+- shadow: hnsw_m 4..128, ef_search 1..4096, regenerate_overhead (0, 1]
+- oracle: sample_rate [0, 1], k 1..1000, theta (0, 1], delta [0, theta), min_samples
+  2..window, window ..100000, cpu_budget (0, 1], queue 1..100000
+- lifecycle: tau 0..2^40 rows, growth_factor (1, 1000], 0 <= backoff_s <= backoff_max_s <=
+  7 days, compaction_interval_s (0 s, 7 days]
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from index_runtime.errors import InvalidInputError
+
+# upper bounds: far above any useful value, low enough that nothing sized by them explodes
+MAX_WINDOW = 100_000  # oracle samples kept per codebook (each holds a k-row answer)
+MAX_QUEUE = 100_000  # oracle queue entries (each holds a query vector)
+MAX_ROWS = 1 << 40  # row counts (lifecycle.tau)
+MAX_SECONDS = 7 * 86_400.0  # periods and backoffs: a week
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -36,7 +52,7 @@ class PrimarySettings:
             self.m == 0 or (self.m >= 1 and dim % self.m == 0),
             f"primary.m={self.m} must divide dim={dim} (or be 0 for auto)",
         )
-        _check(1 <= self.nprobe <= 1 << 16, f"primary.nprobe must be >= 1, got {self.nprobe}")
+        _check(1 <= self.nprobe <= 1 << 16, f"primary.nprobe must be 1..65536, got {self.nprobe}")
         _check(self.coarse in ("flat", "hnsw"), "primary.coarse must be 'flat' or 'hnsw'")
         _check(1 <= self.rerank <= 100, f"primary.rerank must be 1..100, got {self.rerank}")
 
@@ -78,10 +94,13 @@ class OracleSettings:
         _check(1 <= self.k <= 1000, "oracle.k must be 1..1000")
         _check(0 < self.theta <= 1, f"oracle.theta must be in (0, 1], got {self.theta}")
         _check(0 <= self.delta < self.theta, "oracle.delta must be >= 0 and < theta")
-        _check(self.min_samples >= 2, "oracle.min_samples must be >= 2")
-        _check(self.window >= self.min_samples, "oracle.window must be >= min_samples")
+        _check(2 <= self.min_samples <= MAX_WINDOW, f"oracle.min_samples must be 2..{MAX_WINDOW}")
+        _check(
+            self.min_samples <= self.window <= MAX_WINDOW,
+            f"oracle.window must be min_samples..{MAX_WINDOW}",
+        )
         _check(0 < self.cpu_budget <= 1, "oracle.cpu_budget must be in (0, 1]")
-        _check(self.queue >= 1, "oracle.queue must be >= 1")
+        _check(1 <= self.queue <= MAX_QUEUE, f"oracle.queue must be 1..{MAX_QUEUE}")
 
 
 @dataclass(frozen=True)
@@ -93,10 +112,16 @@ class LifecycleSettings:
     compaction_interval_s: float = 60.0  # how often the maintenance loop plans a compaction
 
     def validate(self) -> None:
-        _check(self.tau >= 0, "lifecycle.tau must be >= 0")
-        _check(self.growth_factor > 1, "lifecycle.growth_factor must be > 1")
-        _check(0 <= self.backoff_s <= self.backoff_max_s, "need 0 <= backoff_s <= backoff_max_s")
-        _check(self.compaction_interval_s > 0, "lifecycle.compaction_interval_s must be > 0")
+        _check(0 <= self.tau <= MAX_ROWS, f"lifecycle.tau must be 0..{MAX_ROWS}")
+        _check(1 < self.growth_factor <= 1000, "lifecycle.growth_factor must be in (1, 1000]")
+        _check(
+            0 <= self.backoff_s <= self.backoff_max_s <= MAX_SECONDS,
+            f"need 0 <= backoff_s <= backoff_max_s <= {MAX_SECONDS:.0f} s",
+        )
+        _check(
+            0 < self.compaction_interval_s <= MAX_SECONDS,
+            f"lifecycle.compaction_interval_s must be in (0, {MAX_SECONDS:.0f}] s",
+        )
 
 
 @dataclass(frozen=True)
@@ -142,5 +167,9 @@ class IndexSettings:
                     or (k == "nlist" and (v == "auto" or isinstance(v, int)))
                 ) and not (isinstance(v, bool) and not isinstance(default, bool))
                 _check(ok, f"setting {f.name}.{k} has the wrong type: {v!r}")
+                _check(
+                    not isinstance(v, float) or math.isfinite(v),
+                    f"setting {f.name}.{k} must be a finite number, got {v!r}",
+                )
             parts[f.name] = cls(**sub)
         return IndexSettings(**parts).validate(dim)

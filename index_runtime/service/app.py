@@ -2,53 +2,78 @@
 
 Errors: every :class:`DriftlessError` becomes its HTTP status with ``{"error": reason,
 "message": ...}`` (429 and 503 with ``Retry-After``); request-schema violations are 422 with
-``error: InvalidInput``. Admin routes need ``Authorization: Bearer <token>``.
+``error: InvalidInput``; an unexpected exception is a 500 that keeps the connection open.
+
+Access: with tokens configured, every ``/v1`` route needs ``Authorization: Bearer <token>`` of
+a scope that covers it (``auth.route_scope``), checked by :class:`AuthMiddleware` before a
+byte of the body is read. Limits (``limits.ApiLimits``): the body size is enforced by
+:class:`~index_runtime.service.limits.BodyLimitMiddleware` before parsing; counts and answer
+sizes by the routes before they allocate or search. Bodies are decoded by
+:func:`~index_runtime.service.inputs.decode_json` (strict UTF-8, no NaN/Infinity, no lone
+surrogates); request models are strict (no bool or string as a number).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index_runtime import __version__
+from index_runtime.contract import Scope
 from index_runtime.errors import (
     ConflictError,
     DriftlessError,
     InvalidInputError,
-    UnauthorizedError,
 )
 from index_runtime.index.filters import parse_filter
 from index_runtime.migration import BRIDGED, STATUS_QUO
+from index_runtime.service.auth import authorize
+from index_runtime.service.edge import (
+    AuthMiddleware,
+    CheckedRoute,
+    TimingMiddleware,
+    add_scopes_to_openapi,
+)
+from index_runtime.service.edge import error_response as _error
 from index_runtime.service.engine import Engine
+from index_runtime.service.limits import (
+    BodyLimitMiddleware,
+    check_queries,
+    check_response,
+    check_rows,
+    hit_bytes,
+)
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.migrate import MigrationRequest, strategy_for
 from index_runtime.service.runtime import IndexRuntime
 
 log = logging.getLogger(__name__)
 
-Key = int | str
-MAX_BATCH_QUERIES = 256
+Key = StrictInt | StrictStr
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields refused, no coercion (``true`` is not 1, ``"5"`` is not
+    5; an integer is still a valid float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class CreateIndex(Strict):
     name: str = Field(description="1..63 lowercase letters, digits and '-'")
-    model: str = Field(description="embedding model name the vectors come from")
+    model: str = Field(
+        min_length=1, max_length=256, description="embedding model name the vectors come from"
+    )
     dim: int = Field(ge=1, le=65536)
     metric: Literal["cosine", "ip", "l2"] = "cosine"
     key_type: Literal["int", "str"] = "str"
@@ -94,7 +119,9 @@ class SearchQuery(Strict):
 
 
 class BatchSearch(Strict):
-    queries: list[SearchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+    queries: list[SearchQuery] = Field(
+        min_length=1, description="at most max_batch_queries (413 BatchTooLarge above)"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -106,10 +133,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
         (400, "invalid input"),
-        (401, "admin call without the right bearer token"),
+        (401, "no bearer token, or an unknown one"),
+        (403, "the token's scope does not cover the call"),
         (404, "no such index"),
         (409, "conflicts with the index's state"),
-        (413, "batch too large"),
+        (413, "body, batch or answer over a configured limit (named in the message)"),
         (422, "request does not match the schema"),
         (429, "backpressure; see Retry-After"),
         (503, "store unavailable or shutting down; see Retry-After"),
@@ -194,59 +222,19 @@ class Cutover(Strict):
     force: bool = Field(default=False, description="cut over even if the new model measured worse")
 
 
-def _error(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
-    headers = {"Retry-After": str(max(1, int(np.ceil(retry_after))))} if retry_after else None
-    return JSONResponse({"error": reason, "message": message}, status_code=status, headers=headers)
-
-
-class TimingMiddleware:
-    """Pure ASGI middleware (Starlette's decorator style adds a task hop per request): request
-    latency by route template, search errors by index, and a 500 with a reason for anything
-    unhandled."""
-
-    def __init__(self, app: Any, metrics: Metrics, engine: Engine) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.engine = engine
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_seconds.labels(route, scope["method"]).observe(
-                time.perf_counter() - started
-            )
-            if "/search" in route and status >= 400:
-                idx = scope.get("path_params", {}).get("name", "")
-                if idx in self.engine.runtimes:
-                    self.metrics.query_errors.labels(idx, f"{status // 100}xx").inc()
-
-
 def _runtime(request: Request, name: str) -> IndexRuntime:
     engine: Engine = request.app.state.engine
     return engine.get(name)
 
 
-def admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    token = request.app.state.engine.config.admin_token
-    if not token:
-        raise UnauthorizedError("the admin API is disabled: start the server with an admin token")
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise UnauthorizedError("admin calls need 'Authorization: Bearer <token>'")
+def admin(request: Request) -> None:
+    """Dependency of admin routes (the middleware already checked; this keeps the rule on the
+    route itself, e.g. when a route is mounted elsewhere)."""
+    authorize(
+        request.app.state.engine.tokens(),
+        request.headers.get("authorization"),
+        Scope.ADMIN,
+    )
 
 
 Rt = Annotated[IndexRuntime, Depends(_runtime)]
@@ -262,6 +250,9 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         title="Driftless runtime", version=__version__, lifespan=lifespan, responses=_ERRORS
     )
     app.state.engine = engine
+    app.router.route_class = CheckedRoute  # every route below decodes bodies strictly
+    add_scopes_to_openapi(app)
+    limits = engine.config.limits
 
     @app.exception_handler(DriftlessError)
     async def driftless_error(_: Request, exc: DriftlessError) -> Response:
@@ -289,7 +280,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         ]
         return _error(422, "InvalidInput", "; ".join(errs))
 
+    # outermost last: auth (no body read), then the body limit, then timing + the catch-all
     app.add_middleware(TimingMiddleware, metrics=metrics, engine=engine)
+    app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
+    app.add_middleware(AuthMiddleware, engine=engine, routes=lambda: app.routes)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -338,9 +332,16 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     def get_index(rt: Rt) -> dict[str, Any]:
         return describe(rt)
 
+    @app.delete("/v1/indexes/{name}")
+    def delete_index(name: str) -> dict[str, Any]:
+        """Stop the index and delete its stored objects and WAL (404 afterwards; a new index
+        of the same name starts empty). Other processes serving it see it gone."""
+        return {"deleted": name, "objects": engine.delete(name)}
+
     @app.post("/v1/indexes/{name}/upsert")
     def upsert(rt: Rt, body: Upsert) -> dict[str, Any]:
         n = len(body.keys)
+        check_rows(n, limits)
         for field, col in (
             ("vectors", body.vectors),
             ("texts", body.texts),
@@ -379,11 +380,15 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     @app.post("/v1/indexes/{name}/delete")
     def delete(rt: Rt, body: Keys) -> dict[str, Any]:
+        check_rows(len(body.keys), limits)
         ack = rt.delete(body.keys)
         return {"first_seq": ack.first_seq, "last_seq": ack.last_seq, "rows": ack.rows}
 
     @app.post("/v1/indexes/{name}/fetch")
     def fetch(rt: Rt, body: Fetch) -> dict[str, Any]:
+        check_rows(len(body.keys), limits)
+        per_row = hit_bytes(rt.spec.dims[rt.model], body.include_vector, True, limits)
+        check_response(len(body.keys) * per_row, limits, "this fetch")
         view = rt.view
         rows, missing = [], []
         for key in body.keys:
@@ -406,6 +411,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         include_vector: bool = False,
     ) -> dict[str, Any]:
         """Live rows in seq order; pass ``next_cursor`` back to continue."""
+        per_row = hit_bytes(rt.spec.dims[rt.model], include_vector, True, limits)
+        check_response(limit * per_row, limits, "this scan page")
         view = rt.view
         by_seq = view.live_by_seq()
         start = int(np.searchsorted(view.seqs[by_seq], cursor, side="right"))
@@ -464,14 +471,22 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             "strategy": strategy,
         }
 
+    def check_answer(rt: IndexRuntime, queries: list[SearchQuery]) -> None:
+        dim = rt.spec.dims[rt.model]
+        est = sum(q.k * hit_bytes(dim, q.include_vector, q.include_payload, limits) for q in queries)
+        check_response(est, limits, "this batch" if len(queries) > 1 else "this search")
+
     # the query path answers with JSONResponse directly: FastAPI's generic encoder walks every
     # value and costs more than the search itself on small indexes
     @app.post("/v1/indexes/{name}/search", response_model=SearchAnswer)
     def search(rt: Rt, body: SearchQuery) -> Response:
+        check_answer(rt, [body])
         return JSONResponse(run_query(rt, body))
 
     @app.post("/v1/indexes/{name}/search/batch", response_model=BatchAnswer)
     def search_batch(rt: Rt, body: BatchSearch) -> Response:
+        check_queries(len(body.queries), limits)
+        check_answer(rt, body.queries)
         return JSONResponse({"answers": [run_query(rt, q) for q in body.queries]})
 
     @app.post("/v1/indexes/{name}/internal/samples", status_code=202)

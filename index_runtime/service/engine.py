@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,9 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from index_runtime.contract import Scope
 from index_runtime.encoders import Kind
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
+from index_runtime.service.auth import TokenSet, parse_tokens_file
+from index_runtime.service.limits import ApiLimits
 from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import LATEST_HINT, IndexSpec, ModelSpec
@@ -23,7 +28,7 @@ from index_runtime.store.writer import IndexWriter, WriterConfig
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # always fullmatch: '$' also matches before '\n'
 Encoder = Callable[[list[str], Kind], np.ndarray]  # (texts, 'query' | 'passage') -> rows
 
 
@@ -35,7 +40,10 @@ class ServeConfig:
     roles: Roles = field(default_factory=Roles)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     writer: WriterConfig = field(default_factory=WriterConfig)
-    admin_token: str | None = None
+    tokens: TokenSet = field(default_factory=TokenSet)  # plain tokens (env, tests)
+    # '<scope> sha256:<hex>' lines (a mounted Secret), re-read when the file changes
+    tokens_file: Path | None = None
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.s3 is None):
@@ -45,7 +53,7 @@ class ServeConfig:
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InvalidInputError(
             f"index names are 1..63 lowercase letters, digits and '-', starting with a letter "
             f"or digit; got {name!r}"
@@ -66,6 +74,36 @@ class Engine:
         self.runtimes: dict[str, IndexRuntime] = {}
         self._lock = threading.Lock()
         self.closing = False
+        self._tokens_key: tuple[int, int, int] | None = None
+        self.tokens_loaded = False
+        # until the file was read once: deny everything (a digest nobody has a token for)
+        self._file_tokens = TokenSet(((os.urandom(32), Scope.READ),))
+        if config.tokens_file is not None:
+            self.tokens()
+            if not self.tokens_loaded:
+                raise InvalidInputError(f"cannot read the tokens file {config.tokens_file}")
+
+    def tokens(self) -> TokenSet:
+        """The accepted tokens: the config's plus the tokens file's, re-read when its stat
+        changes (a Secret update swaps the file); a file that becomes unreadable or invalid
+        keeps the last good set (logged). Empty: no tokens at all (open access)."""
+        path = self.config.tokens_file
+        if path is None:
+            return self.config.tokens
+        try:
+            st = path.stat()
+        except OSError as exc:
+            log.warning("keeping the previous tokens: %s", exc)
+            return self.config.tokens + self._file_tokens
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key != self._tokens_key:
+            self._tokens_key = key  # a bad file is reported once per change, not per request
+            try:
+                self._file_tokens = parse_tokens_file(path.read_text(), str(path))
+                self.tokens_loaded = True
+            except (OSError, InvalidInputError) as exc:
+                log.warning("keeping the previous tokens: %s", exc)
+        return self.config.tokens + self._file_tokens
 
     def _store(self, name: str) -> ObjectStore:
         if self.config.data is not None:
@@ -79,6 +117,13 @@ class Engine:
         root = self.config.wal_dir or (self.config.data / ".wal" if self.config.data else None)
         assert root is not None
         return root / name
+
+    def _exists(self, name: str) -> bool:
+        """Whether the index has a manifest, without creating anything (a local store makes
+        its directory when opened: probing unknown names must not)."""
+        if self.config.data is not None and not (self.config.data / name / "manifests").is_dir():
+            return False
+        return ManifestLog(self._store(name)).latest() is not None
 
     def discover(self) -> list[str]:
         """Names of the indexes that exist under the data location."""
@@ -136,7 +181,7 @@ class Engine:
         spec = IndexSpec(name, key_type, {model: ModelSpec(dim, metric)}, (model,))  # type: ignore[arg-type]
         parsed = IndexSettings.from_json(settings or {}, dim)
         with self._lock:
-            if name in self.runtimes or ManifestLog(self._store(name)).latest() is not None:
+            if name in self.runtimes or self._exists(name):
                 raise ConflictError(f"index {name!r} already exists")
             return self._open(name, spec, parsed)
 
@@ -146,11 +191,32 @@ class Engine:
             # readers and shadows may start before the writer creates the index
             with self._lock:
                 rt = self.runtimes.get(name)
-                if rt is None and NAME.match(name) and ManifestLog(self._store(name)).latest():
+                if rt is None and NAME.fullmatch(name) and self._exists(name):
                     rt = self._open(name, None, None)
         if rt is None:
             raise NotFoundError(f"no index named {name!r}")
         return rt
+
+    def delete(self, name: str) -> int:
+        """Stop the index's runtime (its threads joined, the writer closed), then delete every
+        stored object and the WAL; returns the number of objects deleted. Writers only."""
+        from index_runtime.jobs import purge_store
+
+        check_name(name)
+        if not self.config.roles.writer:
+            raise ConflictError("this replica is not a writer; delete indexes on the writer")
+        with self._lock:
+            rt = self.runtimes.pop(name, None)
+            if rt is None and not self._exists(name):
+                raise NotFoundError(f"no index named {name!r}")
+            if rt is not None:
+                rt.stop()
+            n = purge_store(self._store(name))
+            shutil.rmtree(self._wal(name), ignore_errors=True)
+            if self.config.data is not None:
+                shutil.rmtree(self.config.data / name, ignore_errors=True)  # empty directories
+        log.info("deleted index %s (%d objects)", name, n)
+        return n
 
     def encode(self, model: str, texts: list[str], kind: Kind = "passage") -> np.ndarray:
         enc = self.encoders.get(model)

@@ -7,20 +7,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import urllib.error
 import urllib.request
 from typing import Any
 
+from index_runtime.contract import Env
 from index_runtime.queues import take_batch
 
 log = logging.getLogger(__name__)
 
 
 class Mirror:
-    def __init__(self, url: str, index: str, queue_size: int = 256, batch: int = 32) -> None:
+    def __init__(
+        self,
+        url: str,
+        index: str,
+        queue_size: int = 256,
+        batch: int = 32,
+        token: str | None = None,
+    ) -> None:
         self.endpoint = f"{url.rstrip('/')}/v1/indexes/{index}/internal/samples"
+        # a mirror-scope token the shadow accepts (Env.SHADOW_TOKEN, from a Secret)
+        self.token = token if token is not None else os.environ.get(Env.SHADOW_TOKEN) or None
         self.batch = batch
         self._q: queue.Queue[tuple[int, list[float], Any]] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
@@ -46,9 +57,10 @@ class Mirror:
         body = json.dumps(
             {"manifest_version": version, "queries": [{"vector": v, "filter": f} for v, f in items]}
         ).encode()
-        req = urllib.request.Request(
-            self.endpoint, body, {"Content-Type": "application/json"}, method="POST"
-        )
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.endpoint, body, headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 resp.read()

@@ -22,6 +22,18 @@ Key = int | str
 
 MAX_KEY_CHARS = 512
 MAX_TEXT_CHARS = 1 << 20
+MAX_METADATA_BYTES = 64 << 10  # one row's metadata as JSON (UTF-8)
+
+
+def _utf8_ok(s: str) -> bool:
+    """False for a string with a lone surrogate (it could be stored but never answered)."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -109,6 +121,8 @@ def _check_key(key: object, key_type: KeyType, i: int) -> Key:
         raise InvalidInputError(f"keys[{i}]: expected a string key, got {type(key).__name__}")
     if not key or len(key) > MAX_KEY_CHARS:
         raise InvalidInputError(f"keys[{i}]: string keys must have 1 to {MAX_KEY_CHARS} characters")
+    if not _utf8_ok(key):
+        raise InvalidInputError(f"keys[{i}]: invalid Unicode (a lone surrogate)")
     return key
 
 
@@ -186,6 +200,8 @@ def validate_upsert(
                 raise InvalidInputError(
                     f"texts[{i}] must be a string of at most {MAX_TEXT_CHARS} characters"
                 )
+            if t is not None and not _utf8_ok(t):
+                raise InvalidInputError(f"texts[{i}]: invalid Unicode (a lone surrogate)")
         text_list = list(texts)
     meta_list: list[str | None] | None = None
     if metadata is not None:
@@ -199,9 +215,19 @@ def validate_upsert(
             if not isinstance(md, Mapping):
                 raise InvalidInputError(f"metadata[{i}] must be an object")
             try:
-                meta_list.append(json.dumps(md, sort_keys=True, allow_nan=False))
+                # ensure_ascii=False: a lone surrogate anywhere (keys or values, any depth)
+                # then fails the UTF-8 encode below instead of being stored as an escape
+                text = json.dumps(md, sort_keys=True, allow_nan=False, ensure_ascii=False)
+                size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise InvalidInputError(f"metadata[{i}]: invalid Unicode (a lone surrogate)") from None
             except (TypeError, ValueError) as exc:
                 raise InvalidInputError(f"metadata[{i}] is not JSON-serializable: {exc}") from None
+            if size > MAX_METADATA_BYTES:
+                raise InvalidInputError(
+                    f"metadata[{i}] has {size} bytes as JSON; at most {MAX_METADATA_BYTES}"
+                )
+            meta_list.append(text)
     ks, mats, text_list, meta_list = _collapse_duplicates(ks, mats, text_list, meta_list)
     return ks, mats, text_list, meta_list
 

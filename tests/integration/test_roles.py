@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from index_runtime.service.runtime import Roles
-from tests.service_helpers import running_service
+from tests.service_helpers import MIRROR_TOKEN, running_service
+
+MIRROR = {"Authorization": f"Bearer {MIRROR_TOKEN}"}
 
 D = 16
 SETTINGS = {
@@ -51,6 +53,6 @@ def test_reader_mirrors_samples_to_the_shadow(tmp_path: Path) -> None:
                 rst = reader.get("/v1/indexes/idx/status").json()
                 assert rst["oracle"]["mirrored"] >= 50 and rst["windows"]["candidate"] is None
                 # a sample answered from another manifest version is not measured
-                r = shadow.post("/v1/indexes/idx/internal/samples", json={"manifest_version": 1, "queries": [{"vector": [1.0] * D}]})
+                r = shadow.post("/v1/indexes/idx/internal/samples", json={"manifest_version": 1, "queries": [{"vector": [1.0] * D}]}, headers=MIRROR)
                 assert r.status_code == 202 and r.json() == {"accepted": 0}
                 assert shadow.get("/v1/indexes/idx/status").json()["oracle"]["stale_samples"] == 1

@@ -96,7 +96,8 @@ def test_crud_search_filters_and_pagination(tmp_path: Path) -> None:
         ("post", "/v1/indexes", {"name": "Bad_Name", "model": "m", "dim": D}, 400, "InvalidInput"),
         ("post", "/v1/indexes", {"name": "x", "model": "m", "dim": D, "settings": {"primary": {"m": 5}}}, 400, "InvalidInput"),
         ("post", "/v1/indexes", {"name": "x", "model": "m", "dim": D, "settings": {"oracle": {"theta": 0.5, "delta": 0.6}}}, 400, "InvalidInput"),
-        ("post", "/v1/indexes/docs/admin/compact", {}, 401, "Unauthorized"),
+        ("post", "/v1/indexes/docs/admin/compact", {}, 403, "Forbidden"),  # a write token
+        ("post", "/v1/indexes/docs/upsert", "noauth", 401, "Unauthorized"),
         ("post", "/v1/indexes/docs/admin/promote", "auth", 409, "Conflict"),
     ],
 )
@@ -108,8 +109,8 @@ def test_errors_carry_status_and_reason(
         _make(c)
         c.post("/v1/indexes/docs/upsert", json=_rows(rng, 20))
         assert _count_reaches(c, 20)
-        headers = AUTH if body == "auth" else None
-        r = getattr(c, method)(path, json={} if body == "auth" else body, headers=headers)
+        headers = {"auth": AUTH, "noauth": {"Authorization": ""}}.get(body) if isinstance(body, str) else None
+        r = getattr(c, method)(path, json={} if isinstance(body, str) else body, headers=headers)
         assert r.status_code == status, r.text
         assert r.json()["error"] == reason and r.json()["message"]
         assert c.get("/v1/indexes/docs/count").json()["count"] == 20  # nothing stored was lost
@@ -206,8 +207,8 @@ def test_sigterm_flushes_acknowledged_rows(tmp_path: Path) -> None:
             assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.2)
         rng = np.random.default_rng(6)
-        httpx.post(base + "/v1/indexes", json={"name": "docs", "model": "m", "dim": D}).raise_for_status()
-        httpx.post(base + "/v1/indexes/docs/upsert", json=_rows(rng, 50)).raise_for_status()
+        httpx.post(base + "/v1/indexes", json={"name": "docs", "model": "m", "dim": D}, headers=AUTH).raise_for_status()
+        httpx.post(base + "/v1/indexes/docs/upsert", json=_rows(rng, 50), headers=AUTH).raise_for_status()
         proc.send_signal(signal.SIGTERM)
         # uvicorn drains, runs the shutdown (flush + commit), then re-raises SIGTERM
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
