@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,13 @@ from index_operator.kube import Kube
 from index_operator.reconcile.conditions import Condition, merge_conditions
 from index_operator.reconcile.index import Act, Event, IndexObservation, plan_index
 from index_operator.reconcile.jobs import JobState, job_state
-from index_operator.reconcile.migration import TERMINAL, MAct, MigrationObservation, plan_migration
+from index_operator.reconcile.migration import (
+    TERMINAL,
+    MAct,
+    MAction,
+    MigrationObservation,
+    plan_migration,
+)
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
 from index_operator.spec import Index, Migration, Model, SpecError
 from index_runtime.contract import JobKind, Role, Scope
@@ -206,6 +212,9 @@ class Controller:
                     return _invalid(
                         body, status, f"the runtime refused {a.act.value}: {exc}"
                     ), list(plan.events)
+                if exc.status in REFUSED_TOKEN:
+                    _token_refused(ns, name, a.act.value, exc)
+                    return prior, []  # nothing happened: the next pass retries
                 raise
         return status, list(plan.events)
 
@@ -276,9 +285,28 @@ class Controller:
         status = plan.status
         if ix is None:
             return status, list(plan.events)
+        try:
+            await self._migration_actions(mig, ix, plan.actions, status, obs.now, token)
+        except RuntimeError_ as exc:
+            if exc.status not in REFUSED_TOKEN:
+                raise
+            _token_refused(ns, mig.index, "a migration step", exc)
+            return prior, []  # nothing happened: the next pass retries
+        return status, list(plan.events)
+
+    async def _migration_actions(
+        self,
+        mig: Migration,
+        ix: Index,
+        actions: Sequence[MAction],
+        status: dict[str, Any],
+        now: float,
+        token: str,
+    ) -> None:
+        ns = mig.ref.namespace
         base = self.url(mig.index, ns, Role.WRITER)
         cl = self.config.cluster
-        for a in plan.actions:
+        for a in actions:
             if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
                 await self.kube.create(res.desired_gate_job(ix, mig, cl))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
@@ -302,9 +330,24 @@ class Controller:
                             Condition("Progressing", False, held, msg),
                         ],
                         mig.ref.generation,
-                        obs.now,
+                        now,
                     )
-        return status, list(plan.events)
+
+
+REFUSED_TOKEN = (401, 403)
+
+
+def _token_refused(namespace: str, index: str, what: str, exc: RuntimeError_) -> None:
+    """New tokens (rotation) reach the operator at once and the pods when they have rolled:
+    until then the old pods refuse the operator's calls. Not an error worth kopf's backoff."""
+    log.warning(
+        "the runtime of %s/%s refused the operator's token for %s (%s); pods not yet rolled "
+        "onto the current tokens? retrying on the next pass",
+        namespace,
+        index,
+        what,
+        exc,
+    )
 
 
 def _invalid(
