@@ -231,7 +231,9 @@ def adopt_tokens(cl: Cluster, engine: Engine, index: str, tmp: Path) -> dict[str
     assert len(set(tokens.values())) == len(Scope)
     hashes = secret_value(cl.kmock, NS, f"{index}-token-hashes", "tokens")
     lines = {ln for ln in hashes.splitlines() if ln and not ln.startswith("#")}
-    assert lines == {f"{s} sha256:{hashlib.sha256(t.encode()).hexdigest()}" for s, t in tokens.items()}
+    assert lines == {
+        f"{s} sha256:{hashlib.sha256(t.encode()).hexdigest()}" for s, t in tokens.items()
+    }
     path = tmp / f"{index}-tokens"
     path.write_text(hashes)
     # the runtime on this branch still takes one admin token; the one that enforces scopes
@@ -548,7 +550,8 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
         deadline = time.monotonic() + 30
         while cl.get("vectorindexes", "docs") is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        assert cl.get("vectorindexes", "docs") is None, (cl.get("vectorindexes", "docs") or {}).get("metadata")
+        left = cl.get("vectorindexes", "docs")
+        assert left is None, left["metadata"]
         assert s3.list_objects_v2(Bucket=bucket, Prefix="indexes/docs/").get("KeyCount", 0) > 0
     finally:
         await stop_operator(task, stop)

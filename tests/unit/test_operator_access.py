@@ -276,3 +276,15 @@ def test_jobs_built_for_a_migration_use_the_index_tokens() -> None:
     assert env[Env.ADMIN_TOKEN] == f"{res.tokens_secret_name(IX.ref.name)}/admin"
     job = res.desired_job(IX, CL, JobKind.TRAIN, "x", IX.ref)
     assert _access(job)[0][Env.ADMIN_TOKEN] == "docs-tokens/admin"
+
+
+def test_pods_that_bind_every_address_always_verify_tokens() -> None:
+    """Runtime pods listen on 0.0.0.0 (the pod's network namespace: its IP and loopback);
+    that is safe only because every one of them is given the hashes file."""
+    runtime = [o for o in OBJECTS if o["kind"] in ("StatefulSet", "Deployment")]
+    assert len(runtime) == 3
+    for obj in runtime:
+        c = _pod(obj)["spec"]["containers"][0]
+        assert c["command"][c["command"].index("--host") + 1] == "0.0.0.0"
+        env, mounted = _access(obj)
+        assert Env.TOKENS_FILE in env and res.hashes_secret_name("docs") in mounted

@@ -160,7 +160,8 @@ def test_service_monitor_only_when_the_api_exists_and_pdb_only_with_two_readers(
             "spec": {**_cr("vectorindex.yaml")["spec"], "readers": {"replicas": 1}},
         }
     )
-    assert "PodDisruptionBudget" not in {o["kind"] for o in res.desired_objects(one, CL, {}, TOKENS)}
+    kinds = {o["kind"] for o in res.desired_objects(one, CL, {}, TOKENS)}
+    assert "PodDisruptionBudget" not in kinds
 
 
 def test_workload_identity_replaces_keys() -> None:
