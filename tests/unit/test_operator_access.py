@@ -288,3 +288,37 @@ def test_pods_that_bind_every_address_always_verify_tokens() -> None:
         assert c["command"][c["command"].index("--host") + 1] == "0.0.0.0"
         env, mounted = _access(obj)
         assert Env.TOKENS_FILE in env and res.hashes_secret_name("docs") in mounted
+
+
+class _Secrets:
+    """The Secrets of one namespace, as the controller's Kube client reads them."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, dict[str, Any]] = {}
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        assert kind == "Secret"
+        return self.store.get(name)
+
+
+async def test_the_controller_keeps_drawn_tokens_until_stored_and_rotates_when_deleted() -> None:
+    from index_operator.controller import Controller, OperatorConfig
+
+    ctl = Controller(OperatorConfig())
+    kube = _Secrets()
+    ctl.kube = kube  # type: ignore[assignment]
+    first = await ctl.tokens("search", "docs")
+    # not stored yet (a migration's reconcile may come first): the same tokens again
+    assert await ctl.tokens("search", "docs") == first
+    kube.store["docs-tokens"] = {"stringData": {s.value: first[s] for s in Scope}}
+    kube.store["docs-token-hashes"] = {"stringData": {"tokens": first.hashes_file()}}
+    assert await ctl.tokens("search", "docs") == first
+    del kube.store["docs-tokens"]  # rotation: new tokens for every scope
+    rotated = await ctl.tokens("search", "docs")
+    assert all(rotated[s] != first[s] for s in Scope)
+    # an upgrade from the single admin Secret keeps its token (no hashes Secret yet) ...
+    kube.store["old-admin"] = {"stringData": {"token": "legacy-admin-token"}}
+    assert (await ctl.tokens("search", "old"))[Scope.ADMIN] == "legacy-admin-token"
+    # ... but a rotation after it does not bring the legacy token back
+    kube.store["old-token-hashes"] = {"stringData": {"tokens": "x"}}
+    assert (await ctl.tokens("search", "old"))[Scope.ADMIN] != "legacy-admin-token"
