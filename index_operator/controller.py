@@ -10,11 +10,12 @@ not advanced past what really happened.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +24,16 @@ from index_operator.kube import Kube
 from index_operator.reconcile.conditions import Condition, merge_conditions
 from index_operator.reconcile.index import Act, Event, IndexObservation, plan_index
 from index_operator.reconcile.jobs import JobState, job_state
-from index_operator.reconcile.migration import TERMINAL, MAct, MigrationObservation, plan_migration
+from index_operator.reconcile.migration import (
+    TERMINAL,
+    MAct,
+    MAction,
+    MigrationObservation,
+    plan_migration,
+)
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
 from index_operator.spec import Index, Migration, Model, SpecError
-from index_runtime.contract import JobKind, Role
+from index_runtime.contract import JobKind, Role, Scope
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.settings import IndexSettings
 
@@ -47,6 +54,7 @@ class OperatorConfig:
             jobs_image=env.get("DRIFTLESS_JOBS_IMAGE", res.Cluster.jobs_image),
             pull_policy=env.get("DRIFTLESS_IMAGE_PULL_POLICY", res.Cluster.pull_policy),
             monitoring=env.get("DRIFTLESS_SERVICE_MONITORS", "false") == "true",
+            network_policy=network_policy_from_env(env),
         )
         return OperatorConfig(
             cl,
@@ -55,31 +63,72 @@ class OperatorConfig:
         )
 
 
+def network_policy_from_env(env: Mapping[str, str]) -> res.NetworkPolicyConfig | None:
+    """The chart's ``runtimeNetworkPolicy`` values, as its Deployment passes them: on/off, the
+    operator's own namespace and pod labels, and the client and Prometheus peers (JSON lists
+    of NetworkPolicyPeers; unset: the defaults of ``NetworkPolicyConfig``)."""
+    if env.get("DRIFTLESS_NETWORK_POLICIES", "false") != "true":
+        return None
+    default = res.NetworkPolicyConfig()
+
+    def peers(name: str, fallback: Any) -> tuple[dict[str, Any], ...]:
+        raw = env.get(name)
+        value = json.loads(raw) if raw else list(fallback)
+        if not isinstance(value, list) or not all(isinstance(p, dict) for p in value):
+            raise ValueError(f"{name} must be a JSON list of NetworkPolicyPeers, got {raw!r}")
+        return tuple(value)
+
+    labels = json.loads(env.get("DRIFTLESS_OPERATOR_POD_LABELS") or "{}")
+    return res.NetworkPolicyConfig(
+        operator_namespace=env.get("DRIFTLESS_OPERATOR_NAMESPACE", ""),
+        operator_labels={str(k): str(v) for k, v in labels.items()},
+        clients=peers("DRIFTLESS_NETWORK_POLICY_CLIENTS", default.clients),
+        metrics=peers("DRIFTLESS_NETWORK_POLICY_METRICS", default.metrics),
+    )
+
+
+def secret_data(secret: Mapping[str, Any] | None) -> dict[str, str]:
+    """A Secret's values as text (``data`` is base64; servers that keep ``stringData`` as
+    sent, like the test emulator, are read too)."""
+    sec = secret or {}
+    out = {str(k): str(v) for k, v in (sec.get("stringData") or {}).items()}
+    for k, v in (sec.get("data") or {}).items():
+        out[str(k)] = base64.b64decode(v).decode()
+    return out
+
+
 class Controller:
-    """What the handlers share: the API clients, the config, the admin tokens."""
+    """What the handlers share: the API clients, the config, tokens not yet stored."""
 
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
         self.kube = Kube()
         self.runtime = RuntimeClient()
-        self._tokens: dict[tuple[str, str], str] = {}
+        # tokens drawn for an index whose Secret is not stored yet: a migration's reconcile
+        # and the index's own must not draw different ones before the Secret is applied
+        self._fresh: dict[tuple[str, str], dict[Scope, str]] = {}
 
     def url(self, index: str, namespace: str, role: Role) -> str:
         return self.config.runtime_url or res.service_url(index, namespace, role)
 
-    async def token(self, namespace: str, index: str) -> str:
-        """The index's admin token: from its Secret, or a new one (applied with the Secret)."""
+    async def tokens(self, namespace: str, index: str) -> res.Tokens:
+        """The index's tokens: from ``<index>-tokens`` (read on every reconcile, so deleting
+        it rotates them), else new ones (applied with the Secrets by the index's reconcile)."""
         key = (namespace, index)
-        if key not in self._tokens:
-            sec = await self.kube.get("Secret", namespace, res.common.admin_secret_name(index))
-            data = (sec or {}).get("data") or {}
-            if "token" in data:
-                self._tokens[key] = base64.b64decode(data["token"]).decode()
-            elif "token" in ((sec or {}).get("stringData") or {}):  # servers that keep it as sent
-                self._tokens[key] = str(sec["stringData"]["token"])  # type: ignore[index]
-            else:
-                self._tokens[key] = secrets.token_urlsafe(32)
-        return self._tokens[key]
+        name = res.tokens_secret_name(index)
+        stored = secret_data(await self.kube.get("Secret", namespace, name))
+        legacy = None
+        if not stored and not await self.kube.get(
+            "Secret", namespace, res.hashes_secret_name(index)
+        ):  # never had per-scope tokens: an upgrade keeps the old admin token
+            old = await self.kube.get("Secret", namespace, res.legacy_admin_secret_name(index))
+            legacy = secret_data(old).get("token")
+        if key not in self._fresh:
+            self._fresh[key] = {s: secrets.token_urlsafe(32) for s in Scope}
+        tokens = res.plan_tokens(stored, legacy, self._fresh[key])
+        if all(stored.get(s.value) for s in Scope):
+            self._fresh.pop(key, None)
+        return tokens
 
     async def job_states(self, namespace: str, names: Mapping[str, str]) -> dict[str, JobState]:
         return {k: job_state(await self.kube.get("Job", namespace, n)) for k, n in names.items()}
@@ -107,16 +156,17 @@ class Controller:
         except InvalidInputError as exc:
             return _invalid(body, prior, str(exc)), []
         ns, name = ix.ref.namespace, ix.ref.name
-        token = await self.token(ns, name)
+        tokens = await self.tokens(ns, name)
+        token = tokens[Scope.ADMIN]
         encoders = {m.name: m.encoder for m in models.values()}
         cl = self.config.cluster
         for obj in [
-            *res.desired_objects(ix, cl, encoders, token),
+            *res.desired_objects(ix, cl, encoders, tokens),
             res.desired_compaction_cronjob(ix, cl),
         ]:
             await self.kube.apply(obj)
-        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name)
-        shadow = await self.runtime.status(self.url(name, ns, Role.SHADOW), name)
+        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
+        shadow = await self.runtime.status(self.url(name, ns, Role.SHADOW), name, token)
         job_names = {k: str(v.get("name")) for k, v in (prior.get("jobs") or {}).items()}
         obs = IndexObservation(
             now=time.time(),
@@ -162,6 +212,9 @@ class Controller:
                     return _invalid(
                         body, status, f"the runtime refused {a.act.value}: {exc}"
                     ), list(plan.events)
+                if exc.status in REFUSED_TOKEN:
+                    _token_refused(ns, name, a.act.value, exc)
+                    return prior, []  # nothing happened: the next pass retries
                 raise
         return status, list(plan.events)
 
@@ -203,9 +256,13 @@ class Controller:
         ix_body = await self.kube.get("VectorIndex", ns, mig.index)
         writer = None
         ix = None
+        token = ""
         if ix_body is not None:
             ix = Index.parse(ix_body)
-            writer = await self.runtime.status(self.url(mig.index, ns, Role.WRITER), mig.index)
+            token = (await self.tokens(ns, mig.index))[Scope.ADMIN]
+            writer = await self.runtime.status(
+                self.url(mig.index, ns, Role.WRITER), mig.index, token
+            )
         rec = ((writer or {}).get("migration") or {}).get("record")
         names = {
             "gate": res.job_name(mig.ref.name, JobKind.MIGRATE),
@@ -228,10 +285,28 @@ class Controller:
         status = plan.status
         if ix is None:
             return status, list(plan.events)
-        token = await self.token(ns, mig.index)
+        try:
+            await self._migration_actions(mig, ix, plan.actions, status, obs.now, token)
+        except RuntimeError_ as exc:
+            if exc.status not in REFUSED_TOKEN:
+                raise
+            _token_refused(ns, mig.index, "a migration step", exc)
+            return prior, []  # nothing happened: the next pass retries
+        return status, list(plan.events)
+
+    async def _migration_actions(
+        self,
+        mig: Migration,
+        ix: Index,
+        actions: Sequence[MAction],
+        status: dict[str, Any],
+        now: float,
+        token: str,
+    ) -> None:
+        ns = mig.ref.namespace
         base = self.url(mig.index, ns, Role.WRITER)
         cl = self.config.cluster
-        for a in plan.actions:
+        for a in actions:
             if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
                 await self.kube.create(res.desired_gate_job(ix, mig, cl))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
@@ -255,9 +330,24 @@ class Controller:
                             Condition("Progressing", False, held, msg),
                         ],
                         mig.ref.generation,
-                        obs.now,
+                        now,
                     )
-        return status, list(plan.events)
+
+
+REFUSED_TOKEN = (401, 403)
+
+
+def _token_refused(namespace: str, index: str, what: str, exc: RuntimeError_) -> None:
+    """New tokens (rotation) reach the operator at once and the pods when they have rolled:
+    until then the old pods refuse the operator's calls. Not an error worth kopf's backoff."""
+    log.warning(
+        "the runtime of %s/%s refused the operator's token for %s (%s); pods not yet rolled "
+        "onto the current tokens? retrying on the next pass",
+        namespace,
+        index,
+        what,
+        exc,
+    )
 
 
 def _invalid(

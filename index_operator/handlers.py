@@ -41,7 +41,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.peering.name = "driftless"
     settings.posting.level = logging.WARNING  # our own Events say what happened
     settings.watching.server_timeout = 300
-    memo.setdefault("controller", Controller(memo.get("config") or CONFIG))
+    # a VectorIndex deleted while its timer runs waits for the timer to end; kopf rechecks
+    # every cancellation_polling seconds (60 by default): one reconcile interval is enough
+    config: OperatorConfig = memo.get("config") or CONFIG
+    settings.background.cancellation_polling = max(1.0, config.interval_s)
+    memo.setdefault("controller", Controller(config))
 
 
 @kopf.on.cleanup(registry=registry)

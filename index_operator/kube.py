@@ -34,6 +34,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Job": ("apis/batch/v1", "jobs"),
     "CronJob": ("apis/batch/v1", "cronjobs"),
     "PodDisruptionBudget": ("apis/policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies"),
     "ServiceMonitor": ("apis/monitoring.coreos.com/v1", "servicemonitors"),
     "VectorIndex": ("apis/driftless.dev/v1alpha1", "vectorindexes"),
     "EmbeddingModel": ("apis/driftless.dev/v1alpha1", "embeddingmodels"),

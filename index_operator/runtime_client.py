@@ -40,11 +40,14 @@ class RuntimeClient:
             raise RuntimeError_(status, str(d.get("error", "")), str(d.get("message", text)))
         return data
 
-    async def status(self, base: str, index: str) -> dict[str, Any] | None:
+    async def status(
+        self, base: str, index: str, token: str | None = None
+    ) -> dict[str, Any] | None:
         """The index's status document; ``MISSING`` when the runtime has no such index; None
-        when the runtime does not answer."""
+        when the runtime does not answer (or refuses the token: logged by the caller's next
+        admin call, which fails the same way)."""
         try:
-            return dict(await self._call("GET", f"{base}/v1/indexes/{index}/status"))
+            return dict(await self._call("GET", f"{base}/v1/indexes/{index}/status", token))
         except RuntimeError_ as exc:
             if exc.status == 404:
                 return MISSING

@@ -5,8 +5,9 @@
   refuses changes to a Job's pod template (422), as the API server does.
 * ``JobRunner``: the Job controller and kubelet of this "cluster" — every Job the operator
   creates runs as a local process with the Job's own command (the same package), its
-  environment (Secret and ConfigMap references resolved from the emulator, ConfigMap volumes
-  written to a temporary directory, Service DNS names resolved to the loopback runtime), and
+  environment (Secret and ConfigMap references resolved from the emulator, ConfigMap and
+  Secret volumes written to a temporary directory, Service DNS names resolved to the loopback
+  runtime), and
   its status (active, succeeded / failed, conditions; backoffLimit and the podFailurePolicy's
   FailJob on exit codes) is written back through the API.
 """
@@ -47,6 +48,16 @@ def find(kmock: Any, plural: str, namespace: str | None, name: str) -> dict[str,
             obj = kmock.objects[key]
             return None if obj.deleted else dict(obj.raw)
     return None
+
+
+def secret_value(kmock: Any, namespace: str, name: str, key: str) -> str:
+    """One value of a stored Secret (``data`` base64, or ``stringData`` kept as sent)."""
+    sec = find(kmock, "secrets", namespace, name)
+    if sec is None:
+        raise KeyError(f"secrets {namespace}/{name} not found")
+    if key in (sec.get("data") or {}):
+        return base64.b64decode(sec["data"][key]).decode()
+    return str(sec["stringData"][key])
 
 
 class StricterEmulator(KubernetesEmulator):
@@ -163,6 +174,7 @@ def register_resources(kmock: Any, crds: list[dict[str, Any]]) -> None:
         ("apps/v1/statefulsets", "StatefulSet"),
         ("batch/v1/cronjobs", "CronJob"),
         ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget"),
+        ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy"),
     ]:
         r[path] = {"kind": kind, "namespaced": True}
     r["batch/v1/jobs"] = {"kind": "Job", "namespaced": True, "subresources": {"status"}}
@@ -222,10 +234,7 @@ class JobRunner:
         return obj
 
     def _secret(self, ns: str, name: str, key: str) -> str:
-        sec = self._lookup("secrets", ns, name)
-        if key in (sec.get("data") or {}):
-            return base64.b64decode(sec["data"][key]).decode()
-        return str(sec["stringData"][key])
+        return secret_value(self.kmock, ns, name, key)
 
     def _pod_env(self, ns: str, pod: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
         c = pod["spec"]["containers"][0]
@@ -240,7 +249,7 @@ class JobRunner:
             elif "configMapKeyRef" in e.get("valueFrom", {}):
                 ref = e["valueFrom"]["configMapKeyRef"]
                 env[e["name"]] = self._lookup("configmaps", ns, ref["name"])["data"][ref["key"]]
-        # volumes: ConfigMaps materialized under a temporary root, paths rewritten
+        # volumes: ConfigMaps and Secrets materialized under a temporary root, paths rewritten
         vols = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, str] = {}
         for m in c.get("volumeMounts", []):
@@ -251,6 +260,10 @@ class JobRunner:
                 data = self._lookup("configmaps", ns, v["configMap"]["name"])["data"]
                 for item in v["configMap"].get("items") or [{"key": k, "path": k} for k in data]:
                     (root / item["path"]).write_text(data[item["key"]])
+            elif "secret" in v:
+                name = v["secret"]["secretName"]
+                for item in v["secret"]["items"]:  # the operator always names the items
+                    (root / item["path"]).write_text(self._secret(ns, name, item["key"]))
             mounts[m["mountPath"]] = str(root)
         for k, v in list(env.items()):  # paths under a mount point follow the mount
             for path, root in mounts.items():

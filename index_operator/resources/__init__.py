@@ -1,6 +1,21 @@
 """PURE builders: custom resources (+ observed state) in, Kubernetes manifests out."""
 
-from index_operator.resources.common import Cluster, dns_name, service_name, service_url
+from index_operator.resources.access import (
+    Tokens,
+    desired_network_policy,
+    hashes_secret_name,
+    legacy_admin_secret_name,
+    network_policy_name,
+    plan_tokens,
+    tokens_secret_name,
+)
+from index_operator.resources.common import (
+    Cluster,
+    NetworkPolicyConfig,
+    dns_name,
+    service_name,
+    service_url,
+)
 from index_operator.resources.jobs import (
     desired_backfill_job,
     desired_compaction_cronjob,
@@ -12,13 +27,21 @@ from index_operator.resources.workloads import desired_objects
 
 __all__ = [
     "Cluster",
+    "NetworkPolicyConfig",
+    "Tokens",
     "desired_backfill_job",
     "desired_compaction_cronjob",
     "desired_gate_job",
     "desired_job",
+    "desired_network_policy",
     "desired_objects",
     "dns_name",
+    "hashes_secret_name",
     "job_name",
+    "legacy_admin_secret_name",
+    "network_policy_name",
+    "plan_tokens",
     "service_name",
     "service_url",
+    "tokens_secret_name",
 ]

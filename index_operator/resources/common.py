@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from index_operator.spec import API_VERSION, Index, Ref, Resources
@@ -14,6 +14,23 @@ from index_runtime.contract import Env
 
 MANAGED_BY = "driftless-operator"
 UID = 10001  # the images' non-root user
+
+
+@dataclass(frozen=True)
+class NetworkPolicyConfig:
+    """Installation-wide: who besides the index's own pods reaches its runtime pods. Each
+    peer is a NetworkPolicyPeer (podSelector / namespaceSelector / ipBlock) as in the chart's
+    values; an empty list admits nobody of that kind."""
+
+    operator_namespace: str = ""  # empty: the operator runs outside the cluster (no rule)
+    operator_labels: Mapping[str, str] = field(default_factory=dict)
+    clients: Sequence[Mapping[str, Any]] = ({"podSelector": {}},)  # the index's namespace
+    metrics: Sequence[Mapping[str, Any]] = (
+        {
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,7 @@ class Cluster:
     monitoring: bool = False  # the monitoring.coreos.com API exists: build ServiceMonitors
     job_deadline_s: int = 6 * 3600
     job_ttl_s: int = 24 * 3600
+    network_policy: NetworkPolicyConfig | None = None  # None: build no NetworkPolicies
 
 
 def dns_name(*parts: str, limit: int = 63) -> str:
@@ -43,10 +61,6 @@ def service_name(index: str, role: contract.Role) -> str:
 
 def service_url(index: str, namespace: str, role: contract.Role) -> str:
     return f"http://{service_name(index, role)}.{namespace}.svc:{contract.HTTP_PORT}"
-
-
-def admin_secret_name(index: str) -> str:
-    return dns_name(index, "admin")
 
 
 def config_name(index: str) -> str:
@@ -142,10 +156,6 @@ def storage_env(ix: Index) -> list[dict[str, Any]]:
         env.append(secret_env("AWS_ACCESS_KEY_ID", st.secret, st.access_key_id_key))
         env.append(secret_env("AWS_SECRET_ACCESS_KEY", st.secret, st.secret_access_key_key))
     return env
-
-
-def admin_env(index: str) -> dict[str, Any]:
-    return secret_env(Env.ADMIN_TOKEN.value, admin_secret_name(index), "token")
 
 
 def threads_env(res: Resources, query_path: bool) -> dict[str, Any]:

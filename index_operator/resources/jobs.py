@@ -11,9 +11,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from index_operator.resources.access import token_env
 from index_operator.resources.common import (
     Cluster,
-    admin_env,
     container_security,
     dns_name,
     labels,
@@ -27,7 +27,7 @@ from index_operator.resources.common import (
 )
 from index_operator.spec import JOB_POD, Index, Migration, Ref
 from index_runtime import contract
-from index_runtime.contract import Env, ExitCode, JobKind, Role
+from index_runtime.contract import Env, ExitCode, JobKind, Role, Scope
 
 
 def job_name(owner: str, kind: JobKind, seq: int | None = None) -> str:
@@ -56,7 +56,7 @@ def _job_pod(
                 "name": Env.WRITER_URL.value,
                 "value": service_url(ix.ref.name, ix.ref.namespace, Role.WRITER),
             },
-            admin_env(ix.ref.name),
+            token_env(ix.ref.name, Scope.ADMIN, Env.ADMIN_TOKEN),  # it drives the admin API
         ]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit, podFailurePolicy)

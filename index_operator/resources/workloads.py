@@ -1,8 +1,9 @@
 """The long-running objects of one VectorIndex (PURE builders: spec in, manifests out).
 
 writer StatefulSet (one pod, a PVC for the WAL) + its Service, reader Deployment + Service,
-shadow Deployment + Service (the shadow index and the exact oracle), the ConfigMap, the admin
-Secret, the readers' PodDisruptionBudget and the ServiceMonitor.
+shadow Deployment + Service (the shadow index and the exact oracle), the ConfigMap, the token
+Secrets (``access``), the readers' PodDisruptionBudget, the ServiceMonitor and the
+NetworkPolicy.
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from index_operator.resources.access import (
+    TOKENS_ANNOTATION,
+    Tokens,
+    desired_hashes_secret,
+    desired_network_policy,
+    desired_tokens_secret,
+    runtime_access,
+)
 from index_operator.resources.common import (
     Cluster,
-    admin_env,
-    admin_secret_name,
     config_hash,
     config_name,
     container_security,
@@ -44,17 +51,6 @@ def desired_config(ix: Index, encoders: Mapping[str, str]) -> dict[str, Any]:
         "kind": "ConfigMap",
         "metadata": metadata(config_name(ix.ref.name), ix.ref, "config", ix.ref.name),
         "data": {ENCODERS_KEY: json.dumps(dict(sorted(encoders.items())))},
-    }
-
-
-def desired_admin_secret(ix: Index, token: str) -> dict[str, Any]:
-    """The admin API's bearer token (generated once by the operator, never in a spec)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": metadata(admin_secret_name(ix.ref.name), ix.ref, "admin", ix.ref.name),
-        "stringData": {"token": token},
     }
 
 
@@ -98,14 +94,16 @@ def _pod(
     role: Role,
     res: Resources,
     config: Mapping[str, str],
+    tokens: Tokens,
     extra_env: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:
     vol, mount = tmp_volume()
+    token_env, token_vol, token_mount = runtime_access(ix.ref.name, role)
     env = [
         {"name": Env.INDEX.value, "value": ix.ref.name},
         *storage_env(ix),
-        admin_env(ix.ref.name),
+        *token_env,
         threads_env(res, query_path=True),
         {
             "name": Env.ENCODERS.value,
@@ -135,22 +133,28 @@ def _pod(
                 "env": env,
                 "resources": res.to_k8s(),
                 "securityContext": container_security(),
-                "volumeMounts": [mount, *mounts],
+                "volumeMounts": [mount, token_mount, *mounts],
                 **_probes(),
             }
         ],
-        "volumes": [vol],
+        "volumes": [vol, token_vol],
     }
     return {
         "metadata": {
             "labels": labels(ix.ref.name, role.value),
-            "annotations": {"driftless.dev/config-hash": config_hash(config)},
+            "annotations": {
+                "driftless.dev/config-hash": config_hash(config),
+                # new tokens roll the pods onto the new hashes file (and mirror token)
+                TOKENS_ANNOTATION: tokens.fingerprint(),
+            },
         },
         "spec": spec,
     }
 
 
-def desired_writer(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[str, Any]:
+def desired_writer(
+    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens
+) -> dict[str, Any]:
     name = service_name(ix.ref.name, Role.WRITER)
     pod = _pod(
         ix,
@@ -158,6 +162,7 @@ def desired_writer(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[st
         Role.WRITER,
         ix.writer_resources,
         config,
+        tokens,
         [],
         [{"name": "wal", "mountPath": contract.WAL_DIR}],
     )
@@ -192,7 +197,13 @@ def desired_writer(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[st
 
 
 def _deployment(
-    ix: Index, cl: Cluster, role: Role, replicas: int, res: Resources, config: Mapping[str, str]
+    ix: Index,
+    cl: Cluster,
+    role: Role,
+    replicas: int,
+    res: Resources,
+    config: Mapping[str, str],
+    tokens: Tokens,
 ) -> dict[str, Any]:
     extra = []
     if role is Role.READER:
@@ -213,18 +224,22 @@ def _deployment(
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
-            "template": _pod(ix, cl, role, res, config, extra, []),
+            "template": _pod(ix, cl, role, res, config, tokens, extra, []),
         },
     }
 
 
-def desired_readers(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[str, Any]:
-    return _deployment(ix, cl, Role.READER, ix.readers, ix.reader_resources, config)
+def desired_readers(
+    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens
+) -> dict[str, Any]:
+    return _deployment(ix, cl, Role.READER, ix.readers, ix.reader_resources, config, tokens)
 
 
-def desired_shadow(ix: Index, cl: Cluster, config: Mapping[str, str]) -> dict[str, Any]:
+def desired_shadow(
+    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens
+) -> dict[str, Any]:
     """One shadow pod: it keeps the index's single overlap window (windows are per process)."""
-    return _deployment(ix, cl, Role.SHADOW, 1, ix.shadow_resources, config)
+    return _deployment(ix, cl, Role.SHADOW, 1, ix.shadow_resources, config, tokens)
 
 
 def desired_service(ix: Index, role: Role) -> dict[str, Any]:
@@ -291,20 +306,25 @@ def desired_service_monitor(ix: Index) -> dict[str, Any]:
 
 
 def desired_objects(
-    ix: Index, cl: Cluster, encoders: Mapping[str, str], token: str
+    ix: Index, cl: Cluster, encoders: Mapping[str, str], tokens: Tokens
 ) -> list[dict[str, Any]]:
-    """Every long-running object of the index, in the order they should be applied."""
+    """Every long-running object of the index, in the order they should be applied (the
+    NetworkPolicy before the pods it guards, the Secrets before the pods that mount them)."""
     cm = desired_config(ix, encoders)
     data = cm["data"]
-    objs = [
-        desired_admin_secret(ix, token),
+    objs = []
+    if cl.network_policy is not None:
+        objs.append(desired_network_policy(ix, cl.network_policy))
+    objs += [
+        desired_tokens_secret(ix, tokens),
+        desired_hashes_secret(ix, tokens),
         cm,
         desired_service(ix, Role.WRITER),
-        desired_writer(ix, cl, data),
+        desired_writer(ix, cl, data, tokens),
         desired_service(ix, Role.SHADOW),
-        desired_shadow(ix, cl, data),
+        desired_shadow(ix, cl, data, tokens),
         desired_service(ix, Role.READER),
-        desired_readers(ix, cl, data),
+        desired_readers(ix, cl, data, tokens),
     ]
     if ix.readers >= 2:
         objs.append(desired_pdb(ix))

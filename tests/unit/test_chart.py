@@ -60,6 +60,7 @@ CASES = {
     "everything on, monitoring API": (EVERYTHING_ON, MONITORING),
     "cluster-wide, monitoring API": ({**EVERYTHING_ON, "clusterWide": True}, MONITORING),
     "cluster-wide": ({"clusterWide": True}, ()),
+    "no runtime network policies": ({"runtimeNetworkPolicy": {"enabled": False}}, ()),
 }
 VENDOR = ROOT / "tests" / "data" / "vendor"
 CR_SCHEMAS = {
@@ -177,6 +178,43 @@ def test_operator_deployment_is_a_single_recreated_pod_with_its_settings() -> No
     }
 
 
+def _operator(case: str) -> tuple[dict[str, Any], dict[str, str]]:
+    dep = next(o for o in objects(RENDERED[case]) if o["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    return dep, {e["name"]: e["value"] for e in c["env"]}
+
+
+def test_runtime_network_policies_admit_this_operator_and_the_configured_peers() -> None:
+    """The operator builds the policies from the environment the chart gives it: its own pod
+    (by the namespace and labels the chart really gives the pod) and the values' peers."""
+    from index_operator import resources as res
+    from index_operator.controller import OperatorConfig
+    from tests.unit.test_operator_access import IX, admits
+
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    values = {"runtimeNetworkPolicy": {"clientsFrom": clients, "metricsFrom": []}}
+    rendered = render(values)
+    dep = next(o for o in objects(rendered) if o["kind"] == "Deployment")
+    env = {
+        e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    np = OperatorConfig.from_env(env).cluster.network_policy
+    assert np is not None and list(np.clients) == clients and list(np.metrics) == []
+    policy = res.desired_network_policy(IX, np)
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    ns = {"kubernetes.io/metadata.name": NAMESPACE}
+    assert admits(policy, pod_labels, NAMESPACE, ns) == {8080}
+    assert admits(policy, pod_labels, "elsewhere", {"kubernetes.io/metadata.name": "x"}) == set()
+    assert admits(policy, {"a": "b"}, "web", {"team": "web"}) == {8080}
+    # the defaults: on, every pod of the index's namespace, Prometheus from anywhere
+    default = OperatorConfig.from_env(_operator("default")[1]).cluster.network_policy
+    assert default == res.NetworkPolicyConfig(
+        operator_namespace=NAMESPACE, operator_labels=default.operator_labels if default else {}
+    )
+    off = _operator("no runtime network policies")[1]
+    assert OperatorConfig.from_env(off).cluster.network_policy is None
+
+
 def test_values_and_schema() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -189,6 +227,9 @@ def test_values_and_schema() -> None:
         {"clusterWide": "true"},
         {"replicas": 2},  # not a value of this chart: one operator
         {"networkPolicy": {"apiServerPorts": [0]}},
+        {"runtimeNetworkPolicy": {"clientsFrom": [{}]}},  # an empty peer admits everyone
+        {"runtimeNetworkPolicy": {"clientsFrom": [{"podSelecter": {}}]}},
+        {"runtimeNetworkPolicy": {"enabled": "auto"}},
     ):
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(bad)
@@ -280,16 +321,24 @@ def test_dashboard_configmap_is_labelled_for_the_grafana_sidecar() -> None:
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
 
 
-def expected_requests(cluster_wide: bool, monitoring: bool) -> set[rbac.Request]:
+def expected_requests(
+    cluster_wide: bool, monitoring: bool, network_policies: bool = True
+) -> set[rbac.Request]:
     peering = REQUESTS["peering (cluster-wide)" if cluster_wide else "peering (namespaced)"]
     reqs = {tuple(r) for r in REQUESTS["lifecycle"] + peering}
     if not monitoring:
         reqs = {r for r in reqs if r[1] != "monitoring.coreos.com"}
+    if not network_policies:
+        reqs = {r for r in reqs if r[1] != "networking.k8s.io"}
     return reqs  # type: ignore[return-value]
 
 
 def rbac_audit(
-    objs: list[dict[str, Any]], cluster_wide: bool, monitoring: bool, namespaces: list[str]
+    objs: list[dict[str, Any]],
+    cluster_wide: bool,
+    monitoring: bool,
+    namespaces: list[str],
+    network_policies: bool = True,
 ) -> tuple[list[Any], list[Any]]:
     """Cluster-scoped requests against the ClusterRole; namespaced ones against what is bound
     in each watched namespace (the ClusterRole when cluster-wide, else that namespace's Role)."""
@@ -299,7 +348,7 @@ def rbac_audit(
     crb = [o for o in objs if o["kind"] == "ClusterRoleBinding" and subject in o["subjects"]]
     assert len(crb) == 1
     cluster_rules = by["ClusterRole", None, crb[0]["roleRef"]["name"]]["rules"]
-    reqs = expected_requests(cluster_wide, monitoring)
+    reqs = expected_requests(cluster_wide, monitoring, network_policies)
     cluster_reqs = {r for r in reqs if r[2] in CLUSTER_SCOPED}
     ns_reqs = reqs - cluster_reqs
     missing, unused = [], []
@@ -337,12 +386,16 @@ def rbac_audit(
         ("everything on", False, True, ["search", "ml"]),
         ("cluster-wide", True, False, []),
         ("cluster-wide, monitoring API", True, True, []),
+        ("no runtime network policies", False, False, [NAMESPACE]),
     ],
 )
 def test_rbac_grants_exactly_what_the_operator_used(
     case: str, cluster_wide: bool, monitoring: bool, namespaces: list[str]
 ) -> None:
-    missing, unused = rbac_audit(objects(RENDERED[case]), cluster_wide, monitoring, namespaces)
+    policies = case != "no runtime network policies"
+    missing, unused = rbac_audit(
+        objects(RENDERED[case]), cluster_wide, monitoring, namespaces, policies
+    )
     assert missing == [], f"the operator made requests the chart does not grant: {missing}"
     assert unused == [], f"the chart grants what the operator never used: {unused}"
 

@@ -32,11 +32,16 @@ def _cr(path: str, uid: str = "u-1") -> dict[str, Any]:
 
 IX = Index.parse(_cr("vectorindex.yaml"))
 MIG = Migration.parse(_cr("modelmigration.yaml", "u-2"))
-CL = res.Cluster(monitoring=True)
+NP = res.NetworkPolicyConfig(
+    operator_namespace="driftless-system",
+    operator_labels={"app.kubernetes.io/name": "driftless", "app.kubernetes.io/instance": "dl"},
+)
+CL = res.Cluster(monitoring=True, network_policy=NP)
+TOKENS = res.Tokens({s: f"plain-{s.value}-token" for s in contract.Scope})
 
 
 def all_objects() -> list[dict[str, Any]]:
-    objs = res.desired_objects(IX, CL, {"minilm": "all-MiniLM-L6-v2"}, "t0ken")
+    objs = res.desired_objects(IX, CL, {"minilm": "all-MiniLM-L6-v2"}, TOKENS)
     objs.append(res.desired_compaction_cronjob(IX, CL))
     for kind in (JobKind.TRAIN, JobKind.COMPACT, JobKind.PURGE):
         objs.append(res.desired_job(IX, CL, kind, res.job_name("docs", kind, 4), IX.ref))
@@ -84,10 +89,17 @@ def test_every_object_is_valid_and_follows_the_conventions(obj: dict[str, Any]) 
             assert csc["capabilities"]["drop"] == ["ALL"]
             assert c["resources"]["limits"]["cpu"] and c["resources"]["requests"]["memory"]
             env = {e["name"]: e for e in c["env"]}
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", contract.Env.ADMIN_TOKEN):
+            for name in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                contract.Env.ADMIN_TOKEN,
+                contract.Env.SHADOW_TOKEN,
+            ):
                 if name in env:  # credentials only by reference
                     assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]
             assert c["command"][0] == contract.EXECUTABLE
+    if meta["name"] != "docs-tokens":  # plaintext tokens live in that Secret only
+        assert not any(t in json.dumps(obj) for t in TOKENS.by_scope.values())
 
 
 def test_runtime_pods_have_probes_and_one_thread_jobs_use_their_cpu_limit() -> None:
@@ -140,7 +152,7 @@ def test_jobs_are_deterministic_retry_policies_and_the_backfill_is_indexed() -> 
 
 
 def test_service_monitor_only_when_the_api_exists_and_pdb_only_with_two_readers() -> None:
-    kinds = {o["kind"] for o in res.desired_objects(IX, res.Cluster(monitoring=False), {}, "t")}
+    kinds = {o["kind"] for o in res.desired_objects(IX, res.Cluster(monitoring=False), {}, TOKENS)}
     assert "ServiceMonitor" not in kinds and "PodDisruptionBudget" in kinds
     one = Index.parse(
         {
@@ -148,7 +160,8 @@ def test_service_monitor_only_when_the_api_exists_and_pdb_only_with_two_readers(
             "spec": {**_cr("vectorindex.yaml")["spec"], "readers": {"replicas": 1}},
         }
     )
-    assert "PodDisruptionBudget" not in {o["kind"] for o in res.desired_objects(one, CL, {}, "t")}
+    kinds = {o["kind"] for o in res.desired_objects(one, CL, {}, TOKENS)}
+    assert "PodDisruptionBudget" not in kinds
 
 
 def test_workload_identity_replaces_keys() -> None:
@@ -156,7 +169,7 @@ def test_workload_identity_replaces_keys() -> None:
     st = {k: v for k, v in doc["spec"]["storage"].items() if k != "credentialsSecret"}
     doc["spec"] = {**doc["spec"], "storage": {**st, "serviceAccountName": "irsa-docs"}}
     ix = Index.parse(doc)
-    writer = next(o for o in res.desired_objects(ix, CL, {}, "t") if o["kind"] == "StatefulSet")
+    writer = next(o for o in res.desired_objects(ix, CL, {}, TOKENS) if o["kind"] == "StatefulSet")
     pod = writer["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "irsa-docs"
     assert not any(e["name"].startswith("AWS_ACCESS") for e in pod["containers"][0]["env"])
@@ -204,7 +217,7 @@ def test_settings_follow_the_spec_and_the_runtime_accepts_them() -> None:
 
 def test_pods_with_bundled_encoders_use_the_jobs_image() -> None:
     def images(encoders: dict[str, str]) -> set[str]:
-        objs = res.desired_objects(IX, CL, encoders, "t")
+        objs = res.desired_objects(IX, CL, encoders, TOKENS)
         return {
             c["image"]
             for o in objs
