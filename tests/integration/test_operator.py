@@ -234,9 +234,13 @@ def adopt_tokens(cl: Cluster, engine: Engine, index: str, tmp: Path) -> dict[str
     assert lines == {
         f"{s} sha256:{hashlib.sha256(t.encode()).hexdigest()}" for s, t in tokens.items()
     }
-    path = tmp / f"{index}-tokens"
-    path.write_text(hashes)
-    engine.config = dataclasses.replace(engine.config, tokens_file=path)
+    # one process plays every index's pods: it accepts the hashes of every index adopted so
+    # far (a rotation replaces that index's lines); swapped atomically, as a Secret update is
+    (tmp / f"{index}.hashes").write_text(hashes)
+    staged = tmp / "tokens.new"
+    staged.write_text("".join(p.read_text() for p in sorted(tmp.glob("*.hashes"))))
+    staged.replace(tmp / "tokens")
+    engine.config = dataclasses.replace(engine.config, tokens_file=tmp / "tokens")
     return tokens
 
 
@@ -410,11 +414,13 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
     await cl.put(vector_index("docs", bucket, moto_endpoint))
     task, stop = await start_operator(cl.kmock, url, monitoring=True)
     try:
-        # the operator builds the objects, creates the index in the runtime: cold start
+        # the operator builds the objects (the pods start with the hashes Secret mounted),
+        # creates the index in the runtime: cold start
+        await cl.wait("secrets", "docs-token-hashes", lambda _: True, 30, "token hashes")
+        tokens = adopt_tokens(cl, engine, "docs", tmp_path)
         st = await cl.wait(
             "vectorindexes", "docs", lambda s: s.get("phase") == "ColdStart", 30, "cold start"
         )
-        tokens = adopt_tokens(cl, engine, "docs", tmp_path)
         for plural, name in [
             ("statefulsets", "docs-writer"),
             ("deployments", "docs-reader"),
@@ -493,6 +499,8 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
         # operator keeps existing tokens: it only stamps its labels and annotation on them)
         put_secret(cl.kmock, "vecs-tokens", tokens)
         await cl.put(vector_index("vecs", bucket, moto_endpoint, reclaim="Delete"))
+        await cl.wait("secrets", "vecs-token-hashes", lambda _: True, 30, "vecs token hashes")
+        adopt_tokens(cl, engine, "vecs", tmp_path)
         await cl.wait(
             "vectorindexes", "vecs", lambda s: s.get("phase") == "ColdStart", 30, "vecs cold start"
         )
