@@ -69,10 +69,8 @@ class WorkFailed(Exception):
 
 def error_of(exc: BaseException) -> dict[str, str]:
     """The reason and message an operation failed with (DriftlessError's own reason)."""
-    if isinstance(exc, (DriftlessError, WorkFailed)):
-        reason = exc.reason
-    else:
-        reason = type(exc).__name__
+    known = (DriftlessError, WorkFailed)
+    reason = exc.reason if isinstance(exc, known) else type(exc).__name__
     return {"reason": reason, "message": str(exc) or type(exc).__name__}
 
 
