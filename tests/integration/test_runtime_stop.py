@@ -61,7 +61,7 @@ def _request(**extra: Any) -> MigrationRequest:
 
 def test_stop_joins_a_running_backfill_and_nothing_commits_after(tmp_path: Path) -> None:
     rt = _runtime(tmp_path)
-    op, started = rt.start_migration(
+    _, started = rt.start_migration(
         _request(backfill_batch=20, backfill_rate=100),  # ~6 s of backfill: stopped midway
         encoder(W_OLD, 0.0),
         encoder(W_NEW, 0.0),
@@ -94,7 +94,7 @@ def test_a_stuck_thread_cannot_block_stop_nor_commit_after_it(
         if calls == 2:  # the first is the dimension probe; the second is the gate's pairs
             entered.set()
             release.wait(60)
-        return real(texts, kind)
+        return np.asarray(real(texts, kind))
 
     op, _ = rt.start_migration(_request(backfill=False), encoder(W_OLD, 0.0), stuck)
     assert entered.wait(30)
