@@ -285,7 +285,8 @@ def run_job(kind: JobKind, env: Mapping[str, str], poll_s: float = 1.0) -> int:
             need = f"{Env.WRITER_URL}, {Env.ADMIN_TOKEN} and {Env.INDEX}"
             raise JobError(ExitCode.INVALID, f"job {kind} needs {need}")
         timeout_s = float(spec.pop("timeout_s", 86_400))
-        print(RUNNERS[kind](Admin(url, index, token), spec, poll_s, timeout_s), flush=True)
+        admin = Admin(url, index, token, retries=int(spec.pop("retries", 5)))
+        print(RUNNERS[kind](admin, spec, poll_s, timeout_s), flush=True)
         return ExitCode.OK
     except ValueError as exc:
         print(f"job {kind}: invalid {Env.JOB_SPEC}: {exc}", flush=True)
