@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service_helpers import TOKEN, free_port, running_service
+from tests.service_helpers import TOKEN, finish_operation, free_port, running_service
 
 D = 16
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -146,11 +146,12 @@ def test_maintenance_off_applies_only_admin_decisions(tmp_path: Path) -> None:
         time.sleep(1.0)
         st = c.get("/v1/indexes/docs/status").json()
         assert st["phase"] == "Training" and st["codebooks"] == []  # decided, not acted on
-        assert c.post("/v1/indexes/docs/admin/train", headers=AUTH).status_code == 202
+        op = finish_operation(c, "docs", c.post("/v1/indexes/docs/admin/train", headers=AUTH))
+        assert op["state"] == "succeeded", op  # trained, committed, segments encoded
         deadline = time.time() + 10
-        while not c.get("/v1/indexes/docs/status").json()["codebooks"]:
-            assert time.time() < deadline
-            time.sleep(0.1)
+        while not c.get("/v1/indexes/docs/status").json()["observed"]["candidate_ready"]:
+            assert time.time() < deadline  # the next view carries the candidate's index
+            time.sleep(0.05)
         for _ in range(60):
             c.post("/v1/indexes/docs/search", json={"vector": rng.normal(size=D).tolist()})
         time.sleep(1.0)
@@ -159,9 +160,13 @@ def test_maintenance_off_applies_only_admin_decisions(tmp_path: Path) -> None:
         assert st["windows"]["candidate"]["count"] > 0
         r = c.post("/v1/indexes/docs/admin/promote", json={}, headers=AUTH)
         assert r.status_code == 200, r.text
-        time.sleep(0.3)
-        r = c.post("/v1/indexes/docs/search", json={"vector": rng.normal(size=D).tolist()})
-        assert r.json()["path"] == "primary"
+        deadline = time.time() + 10
+        while True:  # served by the primary from the next view on
+            r = c.post("/v1/indexes/docs/search", json={"vector": rng.normal(size=D).tolist()})
+            if r.json()["path"] == "primary":
+                break
+            assert time.time() < deadline, r.json()
+            time.sleep(0.05)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian 'prometheus') missing")
