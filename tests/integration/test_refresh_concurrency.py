@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,6 @@ def test_concurrent_refreshes_publish_monotonic_complete_views(tmp_path: Path) -
     # exists (no row missed in a flush's window, none counted twice)
     bad = [(b, n) for b, n in seen if not b <= n <= 1500]
     assert not bad, f"{len(bad)} of {len(seen)} refreshes: {bad[:5]}"
-    back = [(a, b) for a, b in zip(published, published[1:], strict=False) if b < a]
+    back = [(a, b) for a, b in pairwise(published) if b < a]
     assert not back, f"the published view went back {len(back)} times: {back[:5]}"
     rt.stop()
