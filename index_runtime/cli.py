@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -204,14 +205,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{'OPEN: no tokens' if tokens.open else f'{len(tokens.entries)} token(s)'})",
         flush=True,
     )
-    uvicorn.run(
+    server_config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level="warning",
         timeout_graceful_shutdown=int(args.grace),
     )
+    # SIGTERM: uvicorn stops accepting, drains requests for up to --grace seconds, then the
+    # app's lifespan stops every runtime (loops and operations joined, writers flushed and
+    # committed); the process then exits 0
+    graceful_server(server_config).run()
     return 0
+
+
+def graceful_server(config: Any) -> Any:
+    """A uvicorn server for which SIGTERM is an ordinary, graceful stop (Kubernetes stops
+    pods with it): the same drain and shutdown, but the signal is not re-raised afterwards
+    (uvicorn re-raises it, so the process died with -15 after a clean shutdown). SIGINT
+    keeps uvicorn's behaviour (a second one forces the exit)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if sig == signal.SIGTERM:
+                self.should_exit = True
+                return
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(config)
 
 
 def cmd_job(args: argparse.Namespace) -> int:

@@ -477,8 +477,8 @@ def run_demo(
     )
 
     t = time.perf_counter()
-    rt.stop()  # flushes and closes the writer; GC runs on the closed writer below
-    gc = writer.gc()
+    gc = writer.gc()  # before stop(): a closed writer commits nothing (GC records what it deleted)
+    rt.stop()  # flushes and closes the writer
     after = _dir_bytes(data / "index")
     stages.append(
         Stage(

@@ -1,9 +1,10 @@
 """``driftless job <kind>``: the one-off work the operator runs as Kubernetes Jobs.
 
 Training, compaction, the migration gate and the backfill need the writer (its key index, its
-commit lock, its epoch), so these Jobs drive the writer's admin API and wait for the result:
-Kubernetes then sees the work (Job status, retries with backoff, a deadline) and the operator
-stays non-blocking. Purge works on the object store directly (the index's pods are gone).
+commit lock, its epoch), so these Jobs drive the writer's admin API: each starts an operation
+(202 with an id at once) and polls it until it ends, with short, retried HTTP calls; the work
+itself has no HTTP timeout. Kubernetes then sees the work (Job status, retries with backoff, a
+deadline) and the operator stays non-blocking. Purge works on the object store directly (the index's pods are gone).
 Exit codes follow :class:`index_runtime.contract.ExitCode`.
 """
 
@@ -31,20 +32,54 @@ BACKFILL_DONE = ("Backfilled", "CuttingOver", "Succeeded", "Failed", "RolledBack
 
 
 class JobError(Exception):
-    def __init__(self, code: ExitCode, message: str) -> None:
+    def __init__(self, code: ExitCode, message: str, http_status: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.http_status = http_status  # the writer's answer, when it gave one
 
 
 class Admin:
-    """The writer's HTTP API, as a Job sees it (stdlib HTTP: the Job image needs nothing more)."""
+    """The writer's HTTP API, as a Job sees it (stdlib HTTP: the Job image needs nothing more).
 
-    def __init__(self, url: str, index: str, token: str, timeout_s: float = 30.0) -> None:
+    Each call has a short timeout (``timeout_s``): long work never runs inside one HTTP call,
+    it is started as an operation and polled. Calls are retried with exponential backoff
+    (``retries`` times, from ``backoff_s``, honouring ``Retry-After``) when the writer is
+    unreachable or answers 429/502/503/504; other answers are final."""
+
+    RETRY_STATUS = (429, 502, 503, 504)
+
+    def __init__(
+        self,
+        url: str,
+        index: str,
+        token: str,
+        timeout_s: float = 10.0,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.base = f"{url.rstrip('/')}/v1/indexes/{index}"
         self.token = token
         self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.sleep = sleep
 
     def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return self._once(method, path, body)
+            except _Retry as exc:
+                if attempt == self.retries:
+                    raise JobError(ExitCode.FAILED, str(exc)) from exc
+                wait = max(delay, exc.retry_after_s)
+                log.info("%s; retrying in %.1f s", exc, wait)
+                self.sleep(wait)
+                delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _once(self, method: str, path: str, body: Mapping[str, Any] | None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data, method=method)
         req.add_header("Authorization", f"Bearer {self.token}")
@@ -54,16 +89,28 @@ class Admin:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
-            invalid = (400, 401, 403, 404)  # a retried pod would get the same answer
+            what = f"{method} {path}: HTTP {exc.code} {detail}"
+            if exc.code in self.RETRY_STATUS:
+                raise _Retry(what, float(exc.headers.get("Retry-After") or 0)) from exc
+            invalid = (400, 401, 403)  # a retried pod would get the same answer
             code = {c: ExitCode.INVALID for c in invalid}.get(
                 exc.code, ExitCode.CONFLICT if exc.code == 409 else ExitCode.FAILED
             )
-            raise JobError(code, f"{method} {path}: HTTP {exc.code} {detail}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise JobError(ExitCode.FAILED, f"{method} {path}: {exc}") from exc
+            raise JobError(code, what, exc.code) from exc
+        except (urllib.error.URLError, OSError) as exc:  # unreachable, reset, timed out
+            raise _Retry(f"{method} {path}: {exc}", 0.0) from exc
 
     def status(self) -> dict[str, Any]:
         return dict(self.call("GET", "/status"))
+
+    def operation(self, op_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/admin/operations/{op_id}"))
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def wait_for(
@@ -80,24 +127,77 @@ def wait_for(
         time.sleep(poll_s)
 
 
+def wait_operation(
+    poll: Callable[[], dict[str, Any]],
+    poll_s: float,
+    timeout_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Poll an operation until it leaves ``running``; returns it when it succeeded.
+
+    Liveness is the writer answering that the operation still runs (each poll is a short
+    call with its own retries), not the length of the work: a compaction may take hours. A
+    failed operation raises with its reason; an unknown one (404: the writer restarted and
+    lost it) raises FAILED so the Job is retried and starts it again; ``timeout_s`` bounds
+    the whole wait (the Job's deadline in a cluster)."""
+    deadline = clock() + timeout_s
+    while True:
+        op = poll()
+        if op["state"] == "succeeded":
+            return op
+        if op["state"] == "failed":
+            err = op.get("error") or {}
+            raise JobError(
+                ExitCode.FAILED,
+                f"{op['kind']} failed: {err.get('reason', '?')}: {err.get('message', '')}",
+            )
+        if clock() > deadline:
+            raise JobError(
+                ExitCode.FAILED,
+                f"{op['kind']} still running after {timeout_s:.0f} s (progress {op['progress']})",
+            )
+        sleep(poll_s)
+
+
+def _start_and_wait(
+    admin: Admin, path: str, body: Mapping[str, Any] | None, poll_s: float, timeout_s: float
+) -> dict[str, Any]:
+    """Start a long operation (202 with its id; a running one of the same kind is joined)
+    and wait for it."""
+    started = admin.call("POST", path, body if body is not None else {})
+    op_id = str(started["operation"])
+    if not started.get("started", True):
+        log.info("joined the running %s operation %s", started.get("kind"), op_id)
+    try:
+        return wait_operation(lambda: admin.operation(op_id), poll_s, timeout_s)
+    except JobError as exc:
+        if exc.http_status == 404:  # the writer restarted: the Job's retry starts it again
+            raise JobError(ExitCode.FAILED, f"operation {op_id} was lost: {exc}") from exc
+        raise
+
+
 def _record(st: Mapping[str, Any]) -> dict[str, Any]:
     return dict((st.get("migration") or {}).get("record") or {})
 
 
 def run_train(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
-    before = admin.status()["training"]
-    admin.call("POST", "/admin/train")
-    st = wait_for(admin, lambda s: not s["training"]["running"], poll_s, timeout_s)
-    tr = st["training"]
-    if tr["consecutive_failures"] > before["consecutive_failures"]:
-        raise JobError(ExitCode.FAILED, f"training failed: {tr['last_failure']}")
-    cand = [c for c in st["codebooks"] if c["role"] == "candidate"]
-    return f"candidate codebook {cand[-1]['version'] if cand else '?'} trained"
+    op = _start_and_wait(admin, "/admin/train", None, poll_s, timeout_s)
+    return f"candidate codebook {op['result'].get('codebook', '?')} trained"
 
 
 def run_compact(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
-    r = admin.call("POST", "/admin/compact")
+    r = _start_and_wait(admin, "/admin/compact", None, poll_s, timeout_s)["result"]
     return f"compacted {r['input_segments']} segments into {r['output_segments']}"
+
+
+def _migration_ended(admin: Admin, op_error: JobError | None, done: tuple[str, ...]) -> dict[str, Any]:
+    """After the migration's operation ended: its record, if it reached one of ``done`` (a
+    gate that failed is a finished gate: the record says why); else the operation's error."""
+    rec = _record(admin.status())
+    if rec.get("phase") in done:
+        return rec
+    raise op_error or JobError(ExitCode.FAILED, f"the migration stopped in phase {rec.get('phase')}")
 
 
 def run_migrate(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
@@ -113,19 +213,31 @@ def run_migrate(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s:
     finished = ("Succeeded", "Failed", "RolledBack")  # an earlier migration's record
     if rec.get("to") == spec.get("to_model") and rec.get("phase") not in (None, *finished):
         log.info("the migration to %s was already started (a retried pod)", rec["to"])
+        st = wait_for(admin, lambda s: _record(s).get("phase") in GATE_DONE, poll_s, timeout_s)
+        rec = _record(st)
     else:
-        admin.call("POST", "/admin/migrations", body)
-    st = wait_for(admin, lambda s: _record(s).get("phase") in GATE_DONE, poll_s, timeout_s)
-    rec = _record(st)
+        error = None
+        try:
+            _start_and_wait(admin, "/admin/migrations", body, poll_s, timeout_s)
+        except JobError as exc:
+            if exc.code is not ExitCode.FAILED:
+                raise
+            error = exc
+        rec = _migration_ended(admin, error, GATE_DONE)
     return f"gate finished: phase {rec['phase']}, selected {rec.get('selected')}"
 
 
 def run_backfill(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
     rec = _record(admin.status())
     if rec.get("phase") not in BACKFILL_DONE:
-        admin.call("POST", "/admin/migrations/backfill")  # starts, or resumes after a restart
-    st = wait_for(admin, lambda s: _record(s).get("phase") in BACKFILL_DONE, poll_s, timeout_s)
-    rec = _record(st)
+        error = None
+        try:  # starts, or resumes after a restart
+            _start_and_wait(admin, "/admin/migrations/backfill", None, poll_s, timeout_s)
+        except JobError as exc:
+            if exc.code is not ExitCode.FAILED:
+                raise
+            error = exc
+        rec = _migration_ended(admin, error, BACKFILL_DONE)
     bf = rec.get("backfill") or {}
     return (
         f"backfill finished: phase {rec['phase']}, {bf.get('backfilled')} of {bf.get('live')} rows"
@@ -191,7 +303,8 @@ def run_job(kind: JobKind, env: Mapping[str, str], poll_s: float = 1.0) -> int:
             need = f"{Env.WRITER_URL}, {Env.ADMIN_TOKEN} and {Env.INDEX}"
             raise JobError(ExitCode.INVALID, f"job {kind} needs {need}")
         timeout_s = float(spec.pop("timeout_s", 86_400))
-        print(RUNNERS[kind](Admin(url, index, token), spec, poll_s, timeout_s), flush=True)
+        admin = Admin(url, index, token, retries=int(spec.pop("retries", 5)))
+        print(RUNNERS[kind](admin, spec, poll_s, timeout_s), flush=True)
         return ExitCode.OK
     except ValueError as exc:
         print(f"job {kind}: invalid {Env.JOB_SPEC}: {exc}", flush=True)

@@ -103,3 +103,19 @@ def query_load(url: str, index: str, texts: list[str], stop: threading.Event) ->
             c.post(f"/v1/indexes/{index}/search", json={"text": texts[i % len(texts)], "k": 10})
             i += 1
             time.sleep(0.01)
+
+
+def finish_operation(
+    c: httpx.Client, index: str, started: httpx.Response, timeout: float = 60.0
+) -> dict[str, object]:
+    """A long admin call answered 202 with an operation: poll it until it ends."""
+    assert started.status_code == 202, started.text
+    op_id = started.json()["operation"]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    deadline = time.monotonic() + timeout
+    while True:
+        op = c.get(f"/v1/indexes/{index}/admin/operations/{op_id}", headers=auth).json()
+        if op["state"] != "running":
+            return dict(op)
+        assert time.monotonic() < deadline, f"operation still running: {op}"
+        time.sleep(0.05)

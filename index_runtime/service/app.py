@@ -55,6 +55,7 @@ from index_runtime.service.limits import (
 )
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.migrate import MigrationRequest, strategy_for
+from index_runtime.service.operations import Operation
 from index_runtime.service.runtime import IndexRuntime
 
 log = logging.getLogger(__name__)
@@ -499,9 +500,15 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     def status(rt: Rt) -> dict[str, Any]:
         return rt.status()
 
+    def accepted(rt: IndexRuntime, op: Operation, started: bool) -> dict[str, Any]:
+        """202 body of a long operation: poll ``admin/operations/{operation}`` for its state.
+        ``started`` false: one of this kind was running; this is that one."""
+        return {**rt.operations.describe(op.id), "started": started}
+
     @app.post("/v1/indexes/{name}/admin/train", status_code=202, dependencies=[Depends(admin)])
     def admin_train(rt: Rt) -> dict[str, Any]:
-        return {"started": rt.start_training()}
+        """Train a candidate codebook (an operation: 202 with its id at once)."""
+        return accepted(rt, *rt.start_training_op())
 
     @app.post("/v1/indexes/{name}/admin/promote", dependencies=[Depends(admin)])
     def admin_promote(rt: Rt, body: Promote) -> dict[str, Any]:
@@ -519,10 +526,22 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         rt.discard_candidate("CandidateRejected")
         return {"serving": rt.current_manifest().serving}
 
-    @app.post("/v1/indexes/{name}/admin/compact", dependencies=[Depends(admin)])
+    @app.post("/v1/indexes/{name}/admin/compact", status_code=202, dependencies=[Depends(admin)])
     def admin_compact(rt: Rt) -> dict[str, Any]:
-        r = rt.compact()
-        return {"input_segments": r.input_segments, "output_segments": r.output_segments}
+        """Compact and collect garbage (an operation: 202 with its id at once; the result has
+        input_segments and output_segments)."""
+        return accepted(rt, *rt.start_compaction())
+
+    @app.get("/v1/indexes/{name}/admin/operations", dependencies=[Depends(admin)])
+    def admin_operations(rt: Rt) -> dict[str, Any]:
+        """The index's recent operations, newest first (bounded history, this process only)."""
+        return {"operations": [rt.operations.describe(op.id) for op in rt.operations.list()]}
+
+    @app.get("/v1/indexes/{name}/admin/operations/{op_id}", dependencies=[Depends(admin)])
+    def admin_operation(rt: Rt, op_id: str) -> dict[str, Any]:
+        """State of one operation: running, succeeded (result) or failed (error reason and
+        message), with started/finished/updated times (unix seconds) and progress."""
+        return rt.operations.describe(op_id)
 
     @app.post("/v1/indexes/{name}/admin/migrations", status_code=202, dependencies=[Depends(admin)])
     def admin_migrate(rt: Rt, body: StartMigration) -> dict[str, Any]:
@@ -530,7 +549,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         the status quo and publish the decision (status.migration; the manifest)."""
         enc_old, enc_new = encoders_for(rt, (rt.model, body.to_model))
         req = MigrationRequest.from_json(body.model_dump())
-        return {"started": rt.start_migration(req, enc_old, enc_new)}
+        return accepted(rt, *rt.start_migration(req, enc_old, enc_new))
 
     def encoders_for(rt: IndexRuntime, models: tuple[str, ...]) -> list[Any]:
         for model in models:
@@ -551,7 +570,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         if not rec:
             raise ConflictError("no migration in progress")
         enc_old, enc_new = encoders_for(rt, (str(rec["from"]), str(rec["to"])))
-        return {"started": rt.resume_migration(enc_old, enc_new)}
+        resumed = rt.resume_migration(enc_old, enc_new)
+        if resumed is None:
+            raise ConflictError(f"no migration to resume (phase {rec.get('phase')!r})")
+        return accepted(rt, *resumed)
 
     @app.post("/v1/indexes/{name}/admin/migrations/cutover", dependencies=[Depends(admin)])
     def admin_cutover(rt: Rt, body: Cutover) -> dict[str, Any]:

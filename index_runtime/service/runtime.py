@@ -7,7 +7,19 @@ windows. Standalone, one process has all three.
 Threads: the *refresher* builds a new :class:`View` when the manifest or the pending rows
 change and swaps it in by reference; the *maintenance* loop flushes, encodes new segments with
 every codebook, asks :func:`index_runtime.lifecycle.decide` what to do and does it (only with
-maintenance on); training runs in a thread of its own. Queries never wait for any of them.
+maintenance on); training, compaction requested through the API and a model migration run in
+threads of their own, each tracked as an operation (:mod:`index_runtime.service.operations`).
+Queries never wait for any of them.
+
+Concurrency: everything queries read (view, model, settings, oracle, shadow graph, migration
+record and adapter, native view pair) is one immutable :class:`Published` snapshot, replaced by
+a single reference assignment; only :meth:`IndexRuntime.refresh` replaces it, under
+``_refresh_lock`` (one builder at a time). Readers take ``rt.view`` (or ``rt.published``)
+without locking. Lock order, outermost first: engine lock -> ``_maint_lock`` ->
+``_encode_lock`` -> ``_migration_lock`` -> ``_refresh_lock`` -> writer ``_maint`` -> ``_flush``
+-> ``_commit`` -> ``_lock`` -> shadow graph ``_regen_lock`` -> ``_lock`` -> operations lock.
+:meth:`IndexRuntime.stop` joins every thread it started (bounded) and closes the writer last;
+after that nothing commits.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +37,7 @@ import numpy as np
 
 from index_runtime import lifecycle
 from index_runtime.adapters import Adapter, artifact
-from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
+from index_runtime.errors import ClosedError, ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.filters import Filter
 from index_runtime.index.loader import ViewBuilder, serving_model
 from index_runtime.index.rows import F32, normalize
@@ -61,6 +73,7 @@ from index_runtime.service.migrate import (
     run_gate,
 )
 from index_runtime.service.mirror import Mirror
+from index_runtime.service.operations import Operation, Operations, WorkFailed
 from index_runtime.service.status import build_status
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
@@ -68,12 +81,14 @@ from index_runtime.store.manifest import (
     ADAPTER_DIR,
     Codebook,
     IndexFile,
+    IndexSpec,
     Manifest,
     ModelSpec,
     Pin,
     retire_unreferenced,
 )
 from index_runtime.store.objects import ObjectStore, new_object_name
+from index_runtime.store.rows import RowBatch
 from index_runtime.store.writer import IndexWriter
 
 log = logging.getLogger(__name__)
@@ -94,6 +109,22 @@ class RuntimeOptions:
     tick_s: float = 0.5  # maintenance loop period
     seed: int = 0
     shadow_url: str | None = None  # a reader without the shadow role mirrors samples here
+
+
+@dataclass(frozen=True)
+class Published:
+    """What queries read, replaced as one reference by the refresher (never mutated): the
+    view and everything that must agree with it."""
+
+    view: View
+    model: str  # the model the index serves
+    spec: IndexSpec
+    settings: IndexSettings
+    settings_json: Mapping[str, Any]  # as in the manifest (to notice a change)
+    oracle: Oracle
+    shadow_graph: ShadowGraph | None
+    bridge_state: tuple[dict[str, Any], Adapter | None]  # migration record, its adapter
+    native_pair: tuple[View, View] | None  # (view, the new model's view of the same snapshot)
 
 
 @dataclass
@@ -134,37 +165,30 @@ class IndexRuntime:
         self.hooks = hooks or Hooks()
         self.clock = clock
         self.mlog = ManifestLog(store)
-        self.builder = ViewBuilder(store)
+        self.builder = ViewBuilder(store)  # owned by the refresher (under _refresh_lock)
         self._rng = random.Random(options.seed)
         manifest = writer.manifest if writer is not None else self.mlog.latest()
         if manifest is None:
             raise NotFoundError(f"index {name!r} does not exist in {store.describe()}")
-        self.spec = manifest.index
-        self.model = manifest.index.write_models[0]
-        self.settings = IndexSettings.from_json(manifest.settings, self.spec.dims[self.model])
-        self._settings_json = manifest.settings
-        o = self.settings.oracle
-        self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
+        spec = manifest.index
+        model = spec.write_models[0]
+        settings = IndexSettings.from_json(manifest.settings, spec.dims[model])
+        o = settings.oracle
+        oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
         self._polled: tuple[float, Manifest] | None = None
-        self.shadow_graph: ShadowGraph | None = None
-        if self.settings.shadow.kind == "hnsw" and roles.shadow:
-            dim = self.spec.dims[self.model]
-            metric = self.spec.models[self.model].metric
-            self.shadow_graph = ShadowGraph(dim, metric, self.settings.shadow)
+        graph = None
+        if settings.shadow.kind == "hnsw" and roles.shadow:
+            graph = ShadowGraph(spec.dims[model], spec.models[model].metric, settings.shadow)
         self.regeneration_failures = 0
         self.mirror: Mirror | None = None
         if options.shadow_url and not roles.shadow:
-            self.mirror = Mirror(options.shadow_url, name, self.settings.oracle.queue)
+            self.mirror = Mirror(options.shadow_url, name, settings.oracle.queue)
         self.stale_samples = 0
         # a reader pins the manifest it serves, so GC keeps its objects (lease, renewed)
         self.pin_holder = f"reader-{name}-{uuid.uuid4().hex[:8]}" if writer is None else None
         self.pin_lease_s = 600.0
         self._pinned_at = 0.0
         self._pinned_version = 0
-        self.view: View = self.builder.build(manifest, self._pending())
-        if self.shadow_graph is not None:
-            self.shadow_graph.sync(self.view)
-        self._renew_pin()
         self.reader_lag_s = 0.0
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
         self.training_thread: threading.Thread | None = None
@@ -175,22 +199,76 @@ class IndexRuntime:
         self.trainings = 0
         self._changed = threading.Event()
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # refresher, maintenance
+        self._op_threads: list[threading.Thread] = []  # training, compaction, migration
+        self._threads_lock = threading.Lock()  # _op_threads; taken last, held briefly
+        self.operations = Operations(name)
+        self.stop_timeout_s = 30.0  # stop(): the budget for joining every thread
         self._maint_lock = threading.Lock()
         self._encode_lock = threading.Lock()
-        # model migration: the published record and its adapter (loaded from the manifest,
-        # swapped by reference), and the writer's job while it runs
-        self.bridge_state: tuple[dict[str, Any], Adapter | None] = ({}, None)  # swapped as one
-        self._bridge_key: str | None = None
+        self._refresh_lock = threading.RLock()  # one builder at a time; swaps ``_pub``
+        # model migration: the writer's job while it runs (the published record and its
+        # adapter are in ``_pub``)
+        self._bridge_key: str | None = None  # owned by the refresher
         self.migration_job: dict[str, Any] = {}
         self.migration_thread: threading.Thread | None = None
         self._migration_lock = threading.Lock()  # record commits of the migration
         self._cancel_migration = threading.Event()
-        # during a migration: (view, the new model's view of the same snapshot), swapped as one
-        self._native_builder: ViewBuilder | None = None
-        self.native_pair: tuple[View, View] | None = None
-        self._load_bridge(manifest)
-        self._build_native(manifest, self._pending())
+        self._native_builder: ViewBuilder | None = None  # owned by the refresher
+        pending, manifest = self._snapshot(manifest)
+        view = self.builder.build(manifest, pending)
+        if graph is not None:
+            graph.sync(view)
+        self._pub = Published(
+            view,
+            model,
+            spec,
+            settings,
+            manifest.settings,
+            oracle,
+            graph,
+            self._load_bridge(manifest, ({}, None)),
+            self._build_native(manifest, pending, view, settings, model),
+        )
+        self._renew_pin()
+
+    # the published snapshot (read without locking) ------------------------------------------
+
+    @property
+    def published(self) -> Published:
+        return self._pub
+
+    @property
+    def view(self) -> View:
+        return self._pub.view
+
+    @property
+    def model(self) -> str:
+        return self._pub.model
+
+    @property
+    def spec(self) -> IndexSpec:
+        return self._pub.spec
+
+    @property
+    def settings(self) -> IndexSettings:
+        return self._pub.settings
+
+    @property
+    def oracle(self) -> Oracle:
+        return self._pub.oracle
+
+    @property
+    def shadow_graph(self) -> ShadowGraph | None:
+        return self._pub.shadow_graph
+
+    @property
+    def bridge_state(self) -> tuple[dict[str, Any], Adapter | None]:
+        return self._pub.bridge_state
+
+    @property
+    def native_pair(self) -> tuple[View, View] | None:
+        return self._pub.native_pair
 
     # lifecycle of the object ------------------------------------------------------------------
 
@@ -204,26 +282,63 @@ class IndexRuntime:
             t.start()
             self._threads.append(t)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
-        """Stop the loops, then flush and close the writer (graceful shutdown)."""
+        """Graceful shutdown: stop the loops and the long operations (they check the stop flag
+        between steps), join every thread this runtime started within ``stop_timeout_s`` (a
+        stuck one is logged and left behind), then flush and close the writer, last. After
+        the writer is closed nothing commits: a thread that outlived the joins gets
+        ClosedError at its next commit. Idempotent."""
         self._stop.set()
         self._changed.set()
-        for t in self._threads:
-            t.join(timeout=10)
-        if self.training_thread is not None:
-            self.training_thread.join(timeout=30)
+        deadline = time.monotonic() + self.stop_timeout_s
+        with self._threads_lock:
+            ops = list(self._op_threads)
+        # the ones that commit first (migration, training, compaction), then the loops
+        for t in [*ops, *self._threads]:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning(
+                    "stopping %s: thread %s did not finish within %.0f s; closing without it "
+                    "(it cannot commit after the writer closes)",
+                    self.name,
+                    t.name,
+                    self.stop_timeout_s,
+                )
         self.oracle.stop()
-        if self.pin_holder is not None:
-            self.mlog.drop_pin(self.pin_holder)
         if self.mirror is not None:
             self.mirror.stop()
+        if self.pin_holder is not None:
+            try:
+                self.mlog.drop_pin(self.pin_holder)
+            except Exception:
+                log.exception("dropping the pin of %s failed; it expires by itself", self.name)
         if self.writer is not None:
             self.writer.close()
 
     # views ------------------------------------------------------------------------------------
 
-    def _pending(self) -> list[Any]:
-        return self.writer.pending_batches() if self.writer is not None else []
+    def _snapshot(self, manifest: Manifest | None = None, force: bool = False) -> tuple[
+        list[RowBatch], Manifest
+    ]:
+        """One consistent state: the writer's pending rows, then its manifest, with the rows
+        the manifest already holds dropped. In that order no row is missed (a flush commits
+        before it drops its rows from the pending list) and none is counted twice (a flush's
+        rows stay pending until after its commit). A reader has no pending rows."""
+        if self.writer is None:
+            return [], manifest or self.current_manifest(force)
+        pending = self.writer.pending_batches()
+        m = manifest or self.writer.manifest
+        done = m.flushed_seq
+        kept = [
+            b if int(b.seqs[0]) > done else b.take(np.flatnonzero(b.seqs > done))
+            for b in pending
+            if len(b.seqs) and int(b.seqs[-1]) > done
+        ]
+        return kept, m
 
     def current_manifest(self, force: bool = False) -> Manifest:
         if self.writer is not None:
@@ -237,69 +352,87 @@ class IndexRuntime:
         return self._polled[1]
 
     def refresh(self, force: bool = False) -> View:
-        """Build a view of the newest state if anything changed, and swap it in. Readers read
-        the newest manifest at most every ``poll_s`` unless ``force``."""
-        m = self.current_manifest(force)
-        pending = self._pending()
-        top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
-        if serving_model(m) != self.model:
-            self._adopt_model(m)
-        elif m.settings and m.settings != self._settings_json:
-            # changed through the admin API: thresholds, nprobe, rerank apply from the next
-            # view; the oracle's k and window size keep their values until the process restarts
-            self.settings = IndexSettings.from_json(m.settings, self.spec.dims[self.model])
-            self._settings_json = m.settings
-        if (
-            m.version != self.view.version
-            or top != self.view.pending_seq
-            or (not pending and len(self.view.delta))
-        ):
-            view = self.builder.build(m, pending, self.settings)
-            if self.shadow_graph is not None:
-                self.shadow_graph.sync(view)  # before the swap: the view's rows are in the graph
-            self.view = view
-            if self.roles.shadow:
-                self.oracle.retain(set(self.view.primaries))
-            self._load_bridge(m)
-            self._build_native(m, pending)
-        self.reader_lag_s = 0.0 if m.version == self.view.version else self.clock() - m.committed_at
-        self._renew_pin()
-        return self.view
+        """Build a view of the newest state if anything changed, and publish it with everything
+        that must agree with it (one swap). One builder at a time (``_refresh_lock``); callers
+        that only need a recent view read ``rt.view`` instead. Readers read the newest
+        manifest at most every ``poll_s`` unless ``force``."""
+        with self._refresh_lock:
+            pending, m = self._snapshot(force=force)
+            p = self._pub
+            top = int(pending[-1].seqs.max()) if pending else m.flushed_seq
+            adopted = serving_model(m) != p.model
+            if adopted:
+                p = self._adopt_model(m, p)
+            elif m.settings and m.settings != p.settings_json:
+                # changed through the admin API: thresholds, nprobe, rerank apply from the next
+                # view; the oracle's k and window size keep their values until a restart
+                settings = IndexSettings.from_json(m.settings, p.spec.dims[p.model])
+                p = replace(p, settings=settings, settings_json=m.settings)
+            if (
+                adopted
+                or m.version != p.view.version
+                or top != p.view.pending_seq
+                or (not pending and len(p.view.delta))
+            ):
+                view = self.builder.build(m, pending, p.settings)
+                if p.shadow_graph is not None:
+                    p.shadow_graph.sync(view)  # before the swap: the view's rows are in the graph
+                p = replace(
+                    p,
+                    view=view,
+                    bridge_state=self._load_bridge(m, p.bridge_state),
+                    native_pair=self._build_native(m, pending, view, p.settings, p.model),
+                )
+                if self.roles.shadow:
+                    p.oracle.retain(set(view.primaries))
+            self._pub = p  # the one swap: queries see the old snapshot or the new one
+            self.reader_lag_s = (
+                0.0 if m.version == p.view.version else self.clock() - m.committed_at
+            )
+            self._renew_pin()
+            return p.view
 
-    def _adopt_model(self, m: Manifest) -> None:
+    def _adopt_model(self, m: Manifest, p: Published) -> Published:
         """The index's model changed (a migration cut over): new settings, oracle and shadow
-        graph for the new model; the next view is built from its vectors."""
-        log.info("index %s now serves model %s", self.name, serving_model(m))
-        self.spec = m.index
-        self.model = serving_model(m)
-        self.settings = IndexSettings.from_json(m.settings, self.spec.dims[self.model])
-        self._settings_json = m.settings
+        graph for the new model; the caller builds the next view from its vectors."""
+        model = serving_model(m)
+        log.info("index %s now serves model %s", self.name, model)
+        settings = IndexSettings.from_json(m.settings, m.index.dims[model])
         self.builder = ViewBuilder(self.store)
         self._native_builder = None
-        self.native_pair = None
-        old_oracle = self.oracle
-        o = self.settings.oracle
-        self.oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
+        o = settings.oracle
+        oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
         if self.roles.shadow:
-            old_oracle.stop()
-            self.oracle.start()
-        self.shadow_graph = None
-        if self.settings.shadow.kind == "hnsw" and self.roles.shadow:
-            spec = self.spec.models[self.model]
-            self.shadow_graph = ShadowGraph(spec.dim, spec.metric, self.settings.shadow)
+            p.oracle.stop()
+            oracle.start()
+        graph = None
+        if settings.shadow.kind == "hnsw" and self.roles.shadow:
+            spec = m.index.models[model]
+            graph = ShadowGraph(spec.dim, spec.metric, settings.shadow)
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "ModelChanged", "")
+        return replace(
+            p,
+            model=model,
+            spec=m.index,
+            settings=settings,
+            settings_json=m.settings,
+            oracle=oracle,
+            shadow_graph=graph,
+            native_pair=None,
+        )
 
-    def _build_native(self, m: Manifest, pending: list[Any]) -> None:
+    def _build_native(
+        self, m: Manifest, pending: list[RowBatch], view: View, settings: IndexSettings, model: str
+    ) -> tuple[View, View] | None:
         """During a migration with dual writes, the new model's view of the same snapshot as
-        ``self.view`` (same rows and positions; the backfilled rows have vectors)."""
+        ``view`` (same rows and positions; the backfilled rows have vectors)."""
         to = m.migration.get("to")
-        if m.migration.get("phase") not in BRIDGED or to not in m.index.models or to == self.model:
-            self._native_builder, self.native_pair = None, None
-            return
+        if m.migration.get("phase") not in BRIDGED or to not in m.index.models or to == model:
+            self._native_builder = None
+            return None
         if self._native_builder is None or self._native_builder.model != to:
             self._native_builder = ViewBuilder(self.store, model=to)
-        native = self._native_builder.build(m, pending, self.settings)
-        self.native_pair = (self.view, native)
+        return (view, self._native_builder.build(m, pending, settings))
 
     def _renew_pin(self) -> None:
         if self.pin_holder is None:
@@ -438,7 +571,7 @@ class IndexRuntime:
             candidate=cand.version if cand else 0,
             candidate_ready=ready and cand.version in view.primaries if cand else False,
             candidate_window=self.oracle.window(cand.version) if cand else WindowStats.empty(),
-            training=self.training_thread is not None and self.training_thread.is_alive(),
+            training=self.operations.running("train") is not None,
             failures=self.failures,
             last_failure_at=self.last_failure_at,
             compaction_due=due,
@@ -453,7 +586,7 @@ class IndexRuntime:
             self.refresh()
             decision = lifecycle.decide(self.observe(), self.thresholds())
             self.decision = decision
-            if self.options.maintenance and self.writer is not None:
+            if self.options.maintenance and self.writer is not None and not self.stopping:
                 for action in decision.actions:
                     self.apply(action)
             return decision
@@ -477,18 +610,46 @@ class IndexRuntime:
 
     # actions ----------------------------------------------------------------------------------
 
+    def _start_operation(
+        self, kind: str, work: Callable[[Operation], dict[str, Any] | None]
+    ) -> tuple[Operation, bool]:
+        """Run ``work`` in a thread of its own as an operation of ``kind`` (one running per
+        kind: otherwise the running one is returned). (operation, started)."""
+        if self._stop.is_set():
+            raise ClosedError(f"index {self.name!r} is shutting down")
+        op, new = self.operations.begin(kind)
+        if not new:
+            return op, False
+
+        def run() -> None:
+            try:
+                self.operations.finish(op, work(op))
+            except BaseException as exc:
+                log.warning("%s of %s failed: %s", kind, self.name, exc)
+                self.operations.fail(op, exc)
+
+        t = threading.Thread(target=run, name=f"{kind}-{self.name}", daemon=True)
+        with self._threads_lock:
+            self._op_threads = [x for x in self._op_threads if x.is_alive()] + [t]
+            if kind == "train":
+                self.training_thread = t
+            elif kind == "migration":
+                self.migration_thread = t
+            t.start()
+        return op, True
+
     def start_training(self) -> bool:
         """Train a candidate codebook in the background; False if one is already training."""
-        self._writer()
-        if self.training_thread is not None and self.training_thread.is_alive():
-            return False
-        self.training_thread = threading.Thread(
-            target=self._train, name=f"train-{self.name}", daemon=True
-        )
-        self.training_thread.start()
-        return True
+        return self.start_training_op()[1]
 
-    def _train(self) -> None:
+    def start_training_op(self) -> tuple[Operation, bool]:
+        """Training as an operation: (the operation, whether this call started it)."""
+        self._writer()
+        return self._start_operation("train", self._train)
+
+    def _train(self, op: Operation) -> dict[str, Any]:
+        """Sample, train and commit a candidate codebook, then encode the segments with it.
+        Failures are counted (the lifecycle backs off) and re-raised to the operation."""
         w = self._writer()
         started = time.perf_counter()
         try:
@@ -497,7 +658,10 @@ class IndexRuntime:
             plan = plan_training(view.live_rows, view.dim, p)
             pick = sample_rows(view.live_rows, plan.sample_rows, self.options.seed + self.trainings)
             sample = view.vectors_at(view.live_pos[pick])
+            self.operations.report(op, step="training", sample_rows=plan.sample_rows)
             data = train_codebook(sample, view.metric, plan, p.coarse, self.options.seed)
+            if self._stop.is_set():  # shut down while FAISS trained: commit nothing
+                raise ClosedError("training stopped: the runtime is shutting down")
             key = new_object_name("codebooks", ".faiss")
             self.store.put(key, data)
             now = self.clock()
@@ -519,17 +683,22 @@ class IndexRuntime:
                 out = replace(m, codebooks=(*keep, book), next_codebook=m.next_codebook + 1)
                 return retire_unreferenced(m, out, now)
 
-            w.commit_edit(edit, "train")
+            m = w.commit_edit(edit, "train")
             self.trainings += 1
+            self.operations.report(op, step="encoding segments")
             self.encode_segments()
             self.hooks.training(self.name, time.perf_counter() - started, True)
+            return {"codebook": m.next_codebook - 1, "trained_rows": view.live_rows}
         except Exception as exc:
-            log.warning("training %s failed: %s", self.name, exc)
-            self.failures += 1
-            self.last_failure_at = self.clock()
-            self.last_failure = str(exc)
-            self.hooks.training(self.name, time.perf_counter() - started, False)
-        self._changed.set()
+            if not self._stop.is_set():
+                log.warning("training %s failed: %s", self.name, exc)
+                self.failures += 1
+                self.last_failure_at = self.clock()
+                self.last_failure = str(exc)
+                self.hooks.training(self.name, time.perf_counter() - started, False)
+            raise
+        finally:
+            self._changed.set()
 
     def encode_segments(self) -> int:
         """Build the missing (segment, codebook) index files and commit them. Returns count."""
@@ -551,6 +720,8 @@ class IndexRuntime:
             codebook = self.store.get(book.key)
             blk = view.base.block
             for seg in missing:
+                if self._stop.is_set():  # shutting down: commit what is encoded so far
+                    break
                 lo, hi = view.base.seg_ranges[seg.id]
                 rows = np.flatnonzero(blk.has_vec[lo:hi]) + lo
                 data = encode_segment_index(codebook, blk.vecs[rows], blk.seqs[rows])
@@ -624,11 +795,22 @@ class IndexRuntime:
         self.last_failure = why
         self._changed.set()
 
+    def start_compaction(self) -> tuple[Operation, bool]:
+        """Compaction (and GC) as an operation: (the operation, whether this call started it)."""
+        self._writer()
+
+        def work(op: Operation) -> dict[str, Any]:
+            r = self.compact()
+            return {"input_segments": r.input_segments, "output_segments": r.output_segments}
+
+        return self._start_operation("compact", work)
+
     def compact(self, gc: bool = True) -> Any:
+        """Compact now, in the calling thread (stops between groups when the runtime stops)."""
         w = self._writer()
         started = time.perf_counter()
         try:
-            report = w.compact(gc=gc)
+            report = w.compact(gc=gc, should_stop=self._stop.is_set)
         except Exception:
             self.hooks.compaction(self.name, time.perf_counter() - started, False)
             raise
@@ -664,14 +846,16 @@ class IndexRuntime:
 
     # model migration ----------------------------------------------------------------------------
 
-    def _load_bridge(self, m: Manifest) -> None:
-        """Publish the manifest's migration record and load its adapter when it changed."""
+    def _load_bridge(
+        self, m: Manifest, old: tuple[dict[str, Any], Adapter | None]
+    ) -> tuple[dict[str, Any], Adapter | None]:
+        """The manifest's migration record and its adapter (loaded only when it changed)."""
         key = m.migration.get("adapter_key")
-        adapter = self.bridge_state[1]
+        adapter = old[1]
         if key != self._bridge_key:
             adapter = artifact.from_bytes(self.store.get(key)) if key else None
             self._bridge_key = key
-        self.bridge_state = (dict(m.migration), adapter)
+        return (dict(m.migration), adapter)
 
     @property
     def bridge(self) -> dict[str, Any]:
@@ -695,25 +879,34 @@ class IndexRuntime:
         self._changed.set()
         self.refresh(force=True)
 
-    def _run(self, target: Callable[[], None]) -> bool:
-        if self.migration_thread is not None and self.migration_thread.is_alive():
-            return False
+    def _run(self, target: Callable[[], None]) -> tuple[Operation, bool]:
+        """The migration thread, as an operation of kind ``migration``: it succeeds when the
+        thread ends in any phase but Failed (its result names the phase)."""
+        running = self.operations.running("migration")
+        if running is not None:
+            return running, False
         self._cancel_migration.clear()
-        self.migration_thread = threading.Thread(
-            target=target, name=f"migrate-{self.name}", daemon=True
-        )
-        self.migration_thread.start()
-        return True
+
+        def work(op: Operation) -> dict[str, Any]:
+            target()
+            phase, message = self.migration_job.get("phase"), self.migration_job.get("message")
+            if phase == "Failed":
+                raise WorkFailed("MigrationFailed", str(message or "the migration failed"))
+            return {"phase": phase, "message": message, "record_phase": self.bridge.get("phase")}
+
+        return self._start_operation("migration", work)
 
     def start_migration(
         self, req: MigrationRequest, encode_old: Encode, encode_new: Encode
-    ) -> bool:
+    ) -> tuple[Operation, bool]:
         """Start a model migration in the background: dual writes, the gate (sample pairs,
         fit, measure, select), then — unless the request says otherwise — the backfill and
-        the cutover. Every step is published through the manifest. False if one is running."""
+        the cutover. Every step is published through the manifest. Returns the operation and
+        whether this call started it (else one was running: that one)."""
         self._writer()
-        if self.migration_thread is not None and self.migration_thread.is_alive():
-            return False
+        running = self.operations.running("migration")
+        if running is not None:
+            return running, False
         if req.to_model == self.model:
             raise InvalidInputError(f"the index already serves {self.model!r}")
         if self.bridge.get("phase") in ACTIVE:
@@ -761,8 +954,8 @@ class IndexRuntime:
             record, adapter, ev = run_gate(
                 self.view, old_model, encode_old, encode_new, req, self._job
             )
-            if self._cancel_migration.is_set():  # rolled back while the gate ran
-                return
+            if self._cancel_migration.is_set() or self._stop.is_set():
+                return  # rolled back, or shut down, while the gate ran
             if adapter is not None:
                 key = new_object_name(ADAPTER_DIR, ".safetensors")
                 self.store.put(key, artifact.to_bytes(adapter))
@@ -808,13 +1001,19 @@ class IndexRuntime:
         self._changed.set()
         self.refresh(force=True)
 
-    def resume_migration(self, encode_old: Encode, encode_new: Encode) -> bool:
+    def resume_migration(
+        self, encode_old: Encode, encode_new: Encode
+    ) -> tuple[Operation, bool] | None:
         """After a restart (or for a migration started with ``backfill: false``): continue
-        the backfill and the cutover of the published migration. False if none to resume."""
+        the backfill and the cutover of the published migration as an operation (see
+        :meth:`start_migration`). None if there is none to resume."""
         self._writer()
         rec = self.bridge
         if rec.get("phase") not in BRIDGED:
-            return False
+            return None
+        running = self.operations.running("migration")
+        if running is not None:
+            return running, False
         self.migration_job = {"to": rec["to"], "started_at": self.clock()}
         self._job(str(rec["phase"]), "resumed")
 
@@ -837,8 +1036,8 @@ class IndexRuntime:
         try:
             if self.bridge.get("phase") in ("Bridged", "Backfilling"):
                 self._backfill(encode_new, ev)
-            if self._cancel_migration.is_set():
-                return
+            if self._cancel_migration.is_set() or self._stop.is_set():
+                return  # rolled back, or shutting down: a restart resumes from the record
             self.cutover(force=False, explicit=False)
         except Exception as exc:
             log.exception("the backfill of %s stopped", self.name)
@@ -875,7 +1074,7 @@ class IndexRuntime:
         last = 0.0
         next_share = 0.0
         self.checkpoint_backfill(ev, written, skipped, started)
-        while not self._cancel_migration.is_set():
+        while not (self._cancel_migration.is_set() or self._stop.is_set()):
             self.refresh(force=True)
             view, _, prog, todo = self.backfill_snapshot()
             if not len(todo):
@@ -907,7 +1106,8 @@ class IndexRuntime:
                     self.checkpoint_backfill(ev, written, skipped, started)
                     last = time.monotonic()
                     next_share = min(1.0, np.floor(done * 10 + 1e-9) / 10 + 0.1)
-        if not self._cancel_migration.is_set():  # the cutover decides: Succeeded or Backfilled
+        if not (self._cancel_migration.is_set() or self._stop.is_set()):
+            # the cutover decides: Succeeded or Backfilled
             self.refresh(force=True)
             self.checkpoint_backfill(ev, written, skipped, started)
 

@@ -168,6 +168,7 @@ class IndexWriter:
         self._index_stale = True
         self._inflight: set[str] = set()
         self._closed = False
+        self._sealed = False  # set at the end of close(): no commit of any kind after it
         self._fenced: FencedError | None = None
         self.last_flush_error: DriftlessError | None = None
 
@@ -545,7 +546,10 @@ class IndexWriter:
     def _commit_edit(
         self, base: Manifest, edit: Callable[[Manifest], Manifest], reason: str
     ) -> Manifest:
-        """Commit under ``_commit``; on any failure the in-memory key index is rebuilt lazily."""
+        """Commit under ``_commit``; on any failure the in-memory key index is rebuilt lazily.
+        After :meth:`close` nothing commits (a thread that outlived shutdown gets ClosedError)."""
+        if self._sealed:
+            raise ClosedError(f"the writer is closed; {reason} was not committed")
         try:
             manifest = self.log.commit(base, edit, self.epoch, reason)
         except FencedError as exc:
@@ -572,7 +576,9 @@ class IndexWriter:
 
     # compaction ------------------------------------------------------------------------------
 
-    def compact(self, gc: bool = True) -> CompactionReport:
+    def compact(
+        self, gc: bool = True, should_stop: Callable[[], bool] | None = None
+    ) -> CompactionReport:
         """Merge small segments and rewrite those with many deleted rows, keeping seqs.
 
         Streams: holds one input record batch and one output segment in memory at a time.
@@ -584,6 +590,8 @@ class IndexWriter:
                 groups = plan_compaction(self.manifest.segments, self.config.compaction)
             report = CompactionReport()
             for ids in groups:
+                if should_stop is not None and should_stop():  # shutdown: stop between groups
+                    return report
                 report = self._compact_group(ids, report)
             if groups:
                 crash_point("compaction.committed")
@@ -851,5 +859,7 @@ class IndexWriter:
         except DriftlessError as exc:
             log.warning("close: pending rows stay in the WAL: %s", exc)
         finally:
+            with self._commit:  # waits for a commit in progress; none starts after this
+                self._sealed = True
             with self._lock:
                 self.wal.close()

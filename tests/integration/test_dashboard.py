@@ -35,7 +35,7 @@ from tests.integration.test_migration_service import (
     corpus,
     encoder,
 )
-from tests.service_helpers import free_port, query_load, running_service
+from tests.service_helpers import finish_operation, free_port, query_load, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "driftless" / "dashboards" / "driftless.json"
@@ -198,8 +198,8 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
             r = c.post("/v1/indexes/docs/delete", json={"keys": [f"k{i}" for i in range(80)]})
             assert r.status_code == 200, r.text
             time.sleep(3 * SCRAPE_S)
-            r = c.post("/v1/indexes/docs/admin/compact", headers=AUTH)
-            assert r.status_code == 200, r.text
+            op = finish_operation(c, "docs", c.post("/v1/indexes/docs/admin/compact", headers=AUTH))
+            assert op["state"] == "succeeded", op
             # a small migration: gate (adapter wins), backfill, cutover
             record = _migrate(
                 c,
