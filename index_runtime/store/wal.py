@@ -156,11 +156,13 @@ class Wal:
             self._repair(int(batch.seqs[0]) if len(batch) else 0)
         record = _record(encode_segment(batch, self.key_type, self.dims))
         try:
-            fault_point("wal.write")
-            view = memoryview(record)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            half = len(record) // 2  # a fault between the halves leaves a torn record
+            for i, part in enumerate((record[:half], record[half:])):
+                if i:
+                    fault_point("wal.write")
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(self._fd, view) :]
             crash_point("wal.appended")
             fault_point("wal.fsync")
             os.fsync(self._fd)
