@@ -123,7 +123,7 @@ def test_replay_reads_every_file_past_a_torn_middle(tmp_path: Path) -> None:
     w.upsert([1], vecs([1], 1))
     w.wal.rotate(2)
     w.upsert([2], vecs([2], 1))
-    first, second = sorted((tmp_path / "wal").glob("wal-*.log"))
+    first, _second = sorted((tmp_path / "wal").glob("wal-*.log"))
     with open(first, "ab") as f:
         f.write(b"\x10\x00\x00\x00garbage-garbage-garbage")
     assert reopen_keys(store, tmp_path / "wal") == [1, 2]
