@@ -229,3 +229,57 @@ def rows_of(snap: Snapshot) -> dict[int, np.ndarray]:
 
 def same(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@dataclass
+class Row:
+    """One line of the fault table."""
+
+    fault: str
+    trials: int = 0
+    acked_ops: int = 0
+    failed_ops: int = 0
+    acked_rows: int = 0
+    lost: int = 0
+    resurrected: int = 0
+    reader_errors: int = 0
+    reader_wrong: int = 0
+    seconds: float = 0.0
+
+    def add(self, o: Outcome) -> None:
+        self.trials += 1
+        self.acked_ops += o.acked_ops
+        self.failed_ops += o.failed_ops
+        self.acked_rows += o.acked_rows
+        self.lost += len(o.lost)
+        self.resurrected += len(o.resurrected)
+        self.reader_errors += o.reader_errors
+        self.reader_wrong += o.reader_wrong
+
+
+def campaign(
+    disk_trials: int, s3_trials: int, moto: str | None, bucket: str | None, workers: int = 8
+) -> list[Row]:
+    """Every disk fault ``disk_trials`` times (seeds 0..n-1, one at a time: faults are armed
+    process-wide), every S3 fault ``s3_trials`` times (in ``workers`` threads: each trial has
+    its own proxy, prefix and WAL; most of its time is botocore's retry backoff)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows: list[Row] = []
+    for name in DISK_FAULTS:
+        row, t0 = Row(name), time.perf_counter()
+        for seed in range(disk_trials):
+            row.add(disk_trial(name, seed))
+        row.seconds = time.perf_counter() - t0
+        rows.append(row)
+    if moto is None or bucket is None or not s3_trials:
+        return rows
+    with ThreadPoolExecutor(workers) as pool:
+        for name in S3_FAULTS:
+            row, t0 = Row(name), time.perf_counter()
+            for out in pool.map(lambda s, n=name: s3_trial(n, s, moto, bucket), range(s3_trials)):
+                row.add(out)
+            row.seconds = time.perf_counter() - t0
+            rows.append(row)
+    return rows

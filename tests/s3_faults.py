@@ -90,7 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         up = self.server.upstream
-        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+        conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=30)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             headers["Content-Length"] = str(len(body))
