@@ -215,10 +215,13 @@ class Wal:
     def truncate_upto(self, flushed_seq: int) -> None:
         """Delete the files all of whose seqs are <= ``flushed_seq`` (never the open one)."""
         files = self.files()
-        for path, following in itertools.pairwise(files):
-            if file_order(following)[0] <= flushed_seq + 1 and path != self._path:
-                path.unlink(missing_ok=True)
-        self.bytes = self._disk_bytes()
+        try:
+            for path, following in itertools.pairwise(files):
+                if file_order(following)[0] <= flushed_seq + 1 and path != self._path:
+                    path.unlink(missing_ok=True)
+            self.bytes = self._disk_bytes()
+        except OSError as exc:  # the rows are committed: a leftover file only costs replay
+            log.warning("could not delete flushed WAL files (will retry): %s", exc)
 
     def replay(self, after_seq: int) -> Iterator[RowBatch]:
         """Yield logged batches in order, only rows with seq > ``after_seq``. Every file is

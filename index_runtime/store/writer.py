@@ -256,6 +256,7 @@ class IndexWriter:
         self._index_stale = True  # anything committed meanwhile is seen before a commit
         self._epoch_pending = None
         self.storage.recovered("epoch")
+        self.storage.recovered("wal")
         log.info("writer epoch %d taken; writes are accepted again", self.epoch)
 
     def retry_epoch(self) -> bool:
@@ -297,7 +298,13 @@ class IndexWriter:
             replayed += len(batch)
         self._next_seq = top + 1
         if self._epoch_pending is None:
-            self.wal.rotate(self._next_seq)
+            try:
+                self.wal.rotate(self._next_seq)
+            except (InsufficientStorageError, StorageFaultError) as exc:
+                # the WAL disk is full: serve reads; _take_epoch retries (bump + rotate)
+                log.error("cannot open a WAL file, writes are refused until it can: %s", exc)
+                self._epoch_pending = exc
+                self.storage.failed("wal", exc)
         if replayed:
             log.info("replayed %d rows from the WAL", replayed)
 
@@ -504,7 +511,7 @@ class IndexWriter:
             return
         try:
             self._flush_locked()
-        except DriftlessError as exc:
+        except (DriftlessError, OSError) as exc:
             # the rows are durable in the WAL: a failed flush never fails the write that
             # triggered it; it is retried, and the bounds above turn into 429 meanwhile
             log.warning("flush failed, will retry: %s", exc)

@@ -204,6 +204,21 @@ def test_open_on_a_full_disk_serves_reads_refuses_writes_and_recovers(tmp_path: 
     assert sorted(Snapshot.open(store).live.rows.keys.tolist()) == [1, 2]
 
 
+def test_open_with_a_full_wal_disk_serves_reads_and_recovers(tmp_path: Path) -> None:
+    store, w = open_writer(tmp_path)
+    w.upsert([1], vecs([1], 1))
+    faults.arm("wal.rotate", "ENOSPC", count=0)  # no new WAL file can be created
+    w2 = IndexWriter.open(store, tmp_path / "wal", cfg())
+    assert [int(k) for b in w2.pending_batches() for k in b.keys] == [1]
+    with pytest.raises(InsufficientStorageError):
+        w2.upsert([2], vecs([2], 1))
+    assert not w2.storage.condition()["writable"]
+    faults.clear()
+    w2.upsert([2], vecs([2], 1))  # the next write retries by itself
+    assert w2.storage.condition()["writable"]
+    assert reopen_keys(store, tmp_path / "wal") == [1, 2]
+
+
 # --- S3 bodies -------------------------------------------------------------------------------
 
 
