@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     args = ap.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the trials provoke warnings by design
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
     import boto3
     from moto.server import ThreadedMotoServer
 
