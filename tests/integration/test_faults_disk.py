@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,11 @@ def test_full_data_disk_durable_writes_answer_200_and_restart_serves_reads(
             metrics = s.get("/metrics").text
             assert 'driftless_writer_writable{index="docs"} 0.0' in metrics
             assert 'driftless_storage_errors_total{index="docs",kind="no_space",op="epoch"}' in metrics
+            if shutil.which("promtool"):
+                out = subprocess.run(
+                    ["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True
+                )
+                assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out
             ballast.unlink()  # space returns: no restart needed
             wait_for(
                 lambda: s.get("/v1/indexes/docs/status").json()["storage"]["writable"],
