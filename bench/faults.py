@@ -34,12 +34,12 @@ RESULTS = ROOT / "bench" / "results"
 
 def table(rows: list[dict[str, object]]) -> str:
     head = (
-        "| fault | trials | acknowledged ops | refused ops | acknowledged rows | lost | "
-        "resurrected | reader errors | reader wrong | seconds |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| fault | trials | faults injected | acknowledged ops | refused ops | acknowledged rows "
+        "| lost | resurrected | reader errors | reader wrong | seconds |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     return head + "".join(
-        f"| {r['fault']} | {r['trials']} | {r['acked_ops']} | {r['failed_ops']} | "
+        f"| {r['fault']} | {r['trials']} | {r['injected']} | {r['acked_ops']} | {r['failed_ops']} | "
         f"{r['acked_rows']} | {r['lost']} | {r['resurrected']} | {r['reader_errors']} | "
         f"{r['reader_wrong']} | {float(str(r['seconds'])):.1f} |\n"
         for r in rows

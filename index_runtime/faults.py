@@ -40,6 +40,7 @@ class _Fault:
     n: int  # the first hit that fails (1-based)
     count: int  # how many hits fail from there (0: all)
     hits: int = 0
+    raised: int = 0
 
 
 _lock = threading.Lock()
@@ -90,6 +91,12 @@ def clear(point: str | None = None) -> None:
             _armed.pop(point, None)
 
 
+def injected() -> int:
+    """How many faults the armed points raised so far (for campaign tables)."""
+    with _lock:
+        return sum(f.raised for f in _armed.values())
+
+
 def _load_env() -> None:
     global _env_loaded
     spec = os.environ.get(ENV, "")
@@ -114,6 +121,9 @@ def fault_point(name: str) -> None:
         _load_env()
         fault = _armed.get(name)
         fail = fault is not None and should_fail(fault)
+        if fail:
+            assert fault is not None
+            fault.raised += 1
     if fail:
         assert fault is not None
         raise OSError(fault.errno, f"{os.strerror(fault.errno)} (injected at {name})")

@@ -54,6 +54,7 @@ S3_FAULTS: dict[str, dict[str, float]] = {
     "s3: connection reset": {"reset": 0.15},
     "s3: latency 50 ms": {"latency": 0.3},
     "s3: truncated GET body": {"truncate": 0.3, "short": 0.2},
+    "s3: heavy mix (retries run out)": {"500": 0.15, "503": 0.1, "500_after": 0.1, "reset": 0.1},
     "s3: all of the above": {
         "500": 0.05,
         "503": 0.05,
@@ -75,6 +76,7 @@ class Outcome:
     resurrected: list[int] = field(default_factory=list)
     reader_errors: int = 0  # snapshots read through the faults that raised (allowed)
     reader_wrong: int = 0  # ... that returned other rows than the clean read (never allowed)
+    injected: int = 0  # faults injected (disk: OSErrors raised; S3: requests the proxy broke)
 
 
 Op = tuple[str, list[int]]
@@ -182,6 +184,7 @@ def disk_trial(name: str, seed: int) -> Outcome:
         try:
             acked = run_ops(w, ops, out)
         finally:
+            out.injected = faults.injected()
             faults.clear()
         # "SIGKILL": abandon w; a new writer replays the WAL over what was committed
         w2 = IndexWriter.open(store, tmp / "wal", CONFIG)
@@ -215,6 +218,7 @@ def s3_trial(name: str, seed: int, moto: str, bucket: str) -> Outcome:
         except DriftlessError:
             out.reader_errors += 1
         schedule.enabled = False
+        out.injected = sum(schedule.injected.values())
         w2 = IndexWriter.open(clean, tmp / "wal", CONFIG)
         check(ops, acked, state(clean, w2), out)
     return out
@@ -244,6 +248,7 @@ class Row:
     resurrected: int = 0
     reader_errors: int = 0
     reader_wrong: int = 0
+    injected: int = 0
     seconds: float = 0.0
 
     def add(self, o: Outcome) -> None:
@@ -255,6 +260,7 @@ class Row:
         self.resurrected += len(o.resurrected)
         self.reader_errors += o.reader_errors
         self.reader_wrong += o.reader_wrong
+        self.injected += o.injected
 
 
 def campaign(
