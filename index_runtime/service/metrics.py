@@ -221,7 +221,8 @@ class Metrics(Hooks):
         )
         self.storage_errors = Counter(
             "driftless_storage_errors",
-            "Local storage errors of the writer by op (epoch, wal, flush) and kind (no_space, io).",
+            "Storage errors of the writer by op (epoch, wal, flush) and kind (no_space, io, or "
+            "the object store's error reason).",
             ["index", "op", "kind"],
             registry=r,
         )

@@ -2,7 +2,9 @@
 
 A pure record the writer updates (``failed`` / ``recovered``) and the status document and
 metrics read (``condition``). Ops: ``epoch`` (taking the writer epoch at open), ``wal`` (an
-append), ``flush`` (segments + manifest commit, after the WAL made the rows durable).
+append), ``flush`` (segments + manifest commit, after the WAL made the rows durable; object-store
+errors count here too). Kinds: ``no_space``, ``io``, else the error's reason
+(``StoreUnavailable``, ...).
 """
 
 from __future__ import annotations

@@ -229,8 +229,10 @@ class IndexWriter:
             # a full disk must not take reads down: open without the epoch, refuse writes
             # until it can be taken (no commit or WAL append happens before that)
             log.error("cannot take the writer epoch, writes are refused until it can: %s", exc)
-            manifest = mlog.latest() or first  # (the index exists: latest() is not None)
-            pending = exc
+            latest = mlog.latest()
+            if latest is None:
+                raise
+            manifest, pending = latest, exc
         writer = cls(store, wal_dir, manifest, config, clock)
         writer._epoch_pending = pending
         if pending is not None:
@@ -568,8 +570,7 @@ class IndexWriter:
             manifest = self._commit_new_segments(written, upto)
         except DriftlessError as exc:
             self.last_flush_error = exc
-            if isinstance(exc, InsufficientStorageError | StorageFaultError):
-                self.storage.failed("flush", exc)
+            self.storage.failed("flush", exc)  # (local disk or object store)
             raise
         finally:
             self._inflight.difference_update(k for k, _, _ in written)
