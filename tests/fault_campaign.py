@@ -192,12 +192,12 @@ def disk_trial(name: str, seed: int) -> Outcome:
     return out
 
 
-def s3_trial(name: str, seed: int, moto: str, bucket: str) -> Outcome:
+def s3_trial(name: str, seed: int, moto: str, bucket: str, n_ops: int = 12) -> Outcome:
     """One trial of S3 fault ``name``: writer and a reader through the fault proxy."""
     from tests.s3_faults import FaultProxy, Schedule
 
     rng = random.Random(seed)
-    ops = workload(rng, 12)
+    ops = workload(rng, n_ops)
     out = Outcome()
     prefix = f"trial-{seed}-{rng.getrandbits(32):08x}"
     schedule = Schedule(seed, S3_FAULTS[name], latency_s=0.05)
@@ -264,7 +264,12 @@ class Row:
 
 
 def campaign(
-    disk_trials: int, s3_trials: int, moto: str | None, bucket: str | None, workers: int = 8
+    disk_trials: int,
+    s3_trials: int,
+    moto: str | None,
+    bucket: str | None,
+    workers: int = 8,
+    s3_ops: int = 12,
 ) -> list[Row]:
     """Every disk fault ``disk_trials`` times (seeds 0..n-1, one at a time: faults are armed
     process-wide), every S3 fault ``s3_trials`` times (in ``workers`` threads: each trial has
@@ -284,7 +289,9 @@ def campaign(
     with ThreadPoolExecutor(workers) as pool:
         for name in S3_FAULTS:
             row, t0 = Row(name), time.perf_counter()
-            for out in pool.map(lambda s, n=name: s3_trial(n, s, moto, bucket), range(s3_trials)):
+            for out in pool.map(
+                lambda s, n=name: s3_trial(n, s, moto, bucket, s3_ops), range(s3_trials)
+            ):
                 row.add(out)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
