@@ -212,6 +212,21 @@ class Metrics(Hooks):
             ["index"],
             registry=r,
         )
+        self.writable = Gauge(
+            "driftless_writer_writable",
+            "1 while the writer accepts writes, 0 while local storage refuses them (disk full, "
+            "I/O errors, writer epoch not taken); see the status' storage.reason.",
+            ["index"],
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "driftless_storage_errors",
+            "Storage errors of the writer by op (epoch, wal, flush) and kind (no_space, io, or "
+            "the object store's error reason).",
+            ["index", "op", "kind"],
+            registry=r,
+        )
+        self._storage_seen: dict[tuple[str, str, str], int] = {}
         self.merge_serving = Gauge(
             "driftless_migration_merge_serving",
             "1 while the guard lets the progressive merge serve, else 0.",
@@ -287,6 +302,18 @@ class Metrics(Hooks):
                 w = st["windows"].get(window)
                 _set_window(self.window, n, window, w)
             self._collect_migration(n, rt.bridge, rt.migration_job)
+            self._collect_storage(n, st.get("storage"))
+
+    def _collect_storage(self, n: str, storage: dict[str, Any] | None) -> None:
+        if storage is None:
+            return
+        self.writable.labels(n).set(1 if storage["writable"] else 0)
+        for e in storage["errors"]:  # the writer counts; the counter follows its increase
+            label = (n, e["op"], e["kind"])
+            new = e["count"] - self._storage_seen.get(label, 0)
+            if new > 0:
+                self.storage_errors.labels(*label).inc(new)
+                self._storage_seen[label] = e["count"]
 
     def _collect_migration(self, n: str, record: dict[str, Any], job: dict[str, Any]) -> None:
         current = record.get("phase") or "None"

@@ -32,6 +32,16 @@ def _finite(d: Any) -> Any:
     return None if isinstance(d, float) and math.isnan(d) else d
 
 
+def storage_status(rt: IndexRuntime) -> dict[str, Any] | None:
+    """``{"writable", "reason", "message", "flush_error", "errors": [{op, kind, count}]}``."""
+    if rt.writer is None:
+        return None
+    out = rt.writer.storage.condition()
+    out["pending_rows"] = rt.writer.pending_rows
+    out["wal_bytes"] = rt.writer.wal.bytes
+    return out
+
+
 def build_status(rt: IndexRuntime) -> dict[str, Any]:
     """Everything the operator and dashboards need (a projection, computed on demand)."""
     m = rt.current_manifest()
@@ -118,6 +128,9 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
             "last_failure": rt.last_failure,
         },
         "compaction": {"last_success_at": rt.last_compaction_at},
+        # the writer's local storage: writable or why not (disk full, I/O errors), flush
+        # errors and error counts by op and kind (None on replicas without the writer)
+        "storage": storage_status(rt),
         # the lifecycle policy's input and thresholds as this replica sees them: the operator
         # combines the writer's (training, compaction) with the shadow's (windows) and decides
         "observed": _finite(asdict(rt.observe())),

@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from index_runtime.errors import (
     StoreConfigError,
     StoreUnavailableError,
 )
+from index_runtime.faults import fault_point, object_point, storage_error
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,12 @@ def fsync_dir(path: Path) -> None:
 
 
 class LocalDirStore:
-    """Objects as files under ``root``. Durable: every write is fsynced with its directory."""
+    """Objects as files under ``root``. Durable: every write is fsynced with its directory.
+
+    A failing local write raises :class:`InsufficientStorageError` (disk full) or
+    :class:`StorageFaultError` (other I/O errors), and the object is then as before: the
+    bytes go to a temp file first, which is removed on failure.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -86,10 +93,11 @@ class LocalDirStore:
         _check_key(key)
         return self.root / key
 
-    def _write_temp(self, data: bytes) -> Path:
+    def _write_temp(self, key: str, data: bytes) -> Path:
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="obj-")
         try:
             with os.fdopen(fd, "wb") as f:
+                fault_point(object_point(key))
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -100,23 +108,36 @@ class LocalDirStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._write_temp(data)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._write_temp(key, data)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         # temp file -> fsync -> link (atomic, fails if the name exists) -> fsync the directory
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._write_temp(data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._write_temp(key, data)
+        except OSError as exc:
+            raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
         finally:
             tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except OSError as exc:
+            # not durable: take the name back so the caller's "failed" stays true
+            path.unlink(missing_ok=True)
+            raise storage_error(exc, f"committing {key!r} in {self.describe()}") from exc
         return True
 
     def get(self, key: str) -> bytes:
@@ -162,7 +183,9 @@ class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
-    max_attempts: int = 3
+    max_attempts: int = 5  # botocore attempts per call (standard mode: backoff with jitter)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
 
 
 _CREDENTIAL_CODES = {
@@ -176,10 +199,27 @@ _CREDENTIAL_CODES = {
 }
 
 
+CRC_META = "driftless-crc32"  # x-amz-meta-driftless-crc32: the body's CRC32, checked on get
+
+
+def check_body(data: bytes, content_length: int | None, crc: str | None) -> str | None:
+    """Why a GET body is not the object that was put (truncated, corrupted), or None."""
+    if content_length is not None and len(data) != content_length:
+        return f"got {len(data)} of {content_length} bytes"
+    if crc is not None and crc != f"{zlib.crc32(data):08x}":
+        return f"CRC32 {zlib.crc32(data):08x} != {crc} recorded at put"
+    return None
+
+
 class S3Store:
     """Objects in an S3 bucket under a prefix, through boto3.
 
-    Conditional creates use ``If-None-Match: *`` (HTTP 412 when the key exists).
+    Conditional creates use ``If-None-Match: *`` (HTTP 412 when the key exists). Every call
+    has connect/read timeouts and botocore's standard retries (exponential backoff with
+    jitter on 5xx, SlowDown, throttling, connection errors). Every put records the body's
+    CRC32 as object metadata; a GET whose body is short of its Content-Length or fails the
+    CRC is retried and, if it stays bad, raises :class:`StoreUnavailableError`: a truncated
+    body is never parsed as an object.
     """
 
     def __init__(self, config: S3Config, *, client: Any = None) -> None:
@@ -196,8 +236,8 @@ class S3Store:
                 region_name=config.region,
                 config=Config(
                     retries={"max_attempts": config.max_attempts, "mode": "standard"},
-                    connect_timeout=5,
-                    read_timeout=30,
+                    connect_timeout=config.connect_timeout_s,
+                    read_timeout=config.read_timeout_s,
                 ),
             )
         self.client = client
@@ -251,7 +291,9 @@ class S3Store:
 
     def put(self, key: str, data: bytes) -> None:
         try:
-            self.client.put_object(Bucket=self.config.bucket, Key=self._k(key), Body=data)
+            self.client.put_object(
+                Bucket=self.config.bucket, Key=self._k(key), Body=data, Metadata=_meta(data)
+            )
         except Exception as exc:
             raise self._translate(exc, "put", key) from None
 
@@ -260,7 +302,11 @@ class S3Store:
 
         try:
             self.client.put_object(
-                Bucket=self.config.bucket, Key=self._k(key), Body=data, IfNoneMatch="*"
+                Bucket=self.config.bucket,
+                Key=self._k(key),
+                Body=data,
+                IfNoneMatch="*",
+                Metadata=_meta(data),
             )
             return True
         except ClientError as exc:
@@ -274,12 +320,24 @@ class S3Store:
             raise self._translate(exc, "conditional put", key) from None
 
     def get(self, key: str) -> bytes:
-        try:
-            resp = self.client.get_object(Bucket=self.config.bucket, Key=self._k(key))
-            data: bytes = resp["Body"].read()
-            return data
-        except Exception as exc:
-            raise self._translate(exc, "get", key) from None
+        problem = ""
+        for attempt in range(max(1, self.config.max_attempts)):
+            if attempt:
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+            try:
+                resp = self.client.get_object(Bucket=self.config.bucket, Key=self._k(key))
+                data: bytes = resp["Body"].read()
+            except Exception as exc:
+                err = self._translate(exc, "get", key)
+                if not isinstance(err, StoreUnavailableError):
+                    raise err from None
+                problem = str(err)  # e.g. IncompleteReadError: a connection cut mid-body
+                continue
+            length = resp.get("ContentLength")
+            problem = check_body(data, length, resp.get("Metadata", {}).get(CRC_META)) or ""
+            if not problem:
+                return data
+        raise StoreUnavailableError(f"get {key!r} on {self.describe()}: bad body ({problem})")
 
     def exists(self, key: str) -> bool:
         try:
@@ -309,6 +367,10 @@ class S3Store:
             self.client.delete_object(Bucket=self.config.bucket, Key=self._k(key))
         except Exception as exc:
             raise self._translate(exc, "delete", key) from None
+
+
+def _meta(data: bytes) -> dict[str, str]:
+    return {CRC_META: f"{zlib.crc32(data):08x}"}
 
 
 def new_object_name(kind: str, suffix: str) -> str:

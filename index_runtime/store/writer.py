@@ -30,10 +30,11 @@ from index_runtime.errors import (
     ConflictError,
     DriftlessError,
     FencedError,
+    InsufficientStorageError,
     InvalidInputError,
     NotFoundError,
     RestoreError,
-    StoreUnavailableError,
+    StorageFaultError,
 )
 from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.keyindex import KeyIndex, SegmentDelta
@@ -62,6 +63,7 @@ from index_runtime.store.rows import (
 )
 from index_runtime.store.segment import SegmentWriter, encode_segment, iter_segment
 from index_runtime.store.wal import Wal
+from index_runtime.store.writable import StorageState
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,12 @@ class IndexWriter:
         self._sealed = False  # set at the end of close(): no commit of any kind after it
         self._fenced: FencedError | None = None
         self.last_flush_error: DriftlessError | None = None
+        # local-storage health: why writes are refused, and error counts for the metrics
+        self.storage = StorageState()
+        # set while the writer epoch could not be taken (full disk at open): no commits, no
+        # WAL appends; reads go on; retried on the next write and by maybe_flush
+        self._epoch_pending: DriftlessError | None = None
+        self._epoch_retry_at = 0.0
 
     # opening ---------------------------------------------------------------------------------
 
@@ -215,11 +223,60 @@ class IndexWriter:
                 f"index {existing.index.name!r} exists with key type {existing.index.key_type} and "
                 f"models {existing.index.dims}; asked for {create.key_type} and {create.dims}"
             )
-        manifest = mlog.bump_epoch()
+        try:
+            manifest = mlog.bump_epoch()
+            pending: DriftlessError | None = None
+        except (InsufficientStorageError, StorageFaultError) as exc:
+            # a full disk must not take reads down: open without the epoch, refuse writes
+            # until it can be taken (no commit or WAL append happens before that)
+            log.error("cannot take the writer epoch, writes are refused until it can: %s", exc)
+            latest = mlog.latest()
+            if latest is None:
+                raise
+            manifest, pending = latest, exc
         writer = cls(store, wal_dir, manifest, config, clock)
+        writer._epoch_pending = pending
+        if pending is not None:
+            writer.storage.failed("epoch", pending)
         writer._rebuild_index()
         writer._replay_wal()
         return writer
+
+    def _take_epoch(self) -> None:
+        """Under ``_lock``: if the epoch is still pending, take it now (then the WAL opens).
+        Raises the storage error that still prevents it."""
+        if self._epoch_pending is None:
+            return
+        try:
+            manifest = self.log.bump_epoch()
+            self.wal.rotate(self._next_seq)
+        except (InsufficientStorageError, StorageFaultError) as exc:
+            self._epoch_pending = exc
+            self.storage.failed("epoch", exc)
+            raise type(exc)(f"the writer cannot take its epoch: {exc}") from exc
+        # (no _commit here: it ranks above _lock; no commit runs while the epoch is pending)
+        self.manifest, self.epoch = manifest, manifest.writer_epoch
+        self._index_stale = True  # anything committed meanwhile is seen before a commit
+        self._epoch_pending = None
+        self.storage.recovered("epoch")
+        self.storage.recovered("wal")
+        log.info("writer epoch %d taken; writes are accepted again", self.epoch)
+
+    def retry_epoch(self) -> bool:
+        """Background retry (rate-limited to once a second) of a pending epoch. True if the
+        writer can take writes."""
+        if self._epoch_pending is None:
+            return True
+        now = time.monotonic()
+        if now < self._epoch_retry_at:
+            return False
+        self._epoch_retry_at = now + 1.0
+        with self._lock:
+            try:
+                self._take_epoch()
+            except DriftlessError:
+                return False
+        return True
 
     def _build_index(self, segments: Sequence[SegmentInfo]) -> KeyIndex:
         index = KeyIndex()
@@ -243,7 +300,14 @@ class IndexWriter:
             top = max(top, int(batch.seqs.max()))
             replayed += len(batch)
         self._next_seq = top + 1
-        self.wal.rotate(self._next_seq)
+        if self._epoch_pending is None:
+            try:
+                self.wal.rotate(self._next_seq)
+            except (InsufficientStorageError, StorageFaultError) as exc:
+                # the WAL disk is full: serve reads; _take_epoch retries (bump + rotate)
+                log.error("cannot open a WAL file, writes are refused until it can: %s", exc)
+                self._epoch_pending = exc
+                self.storage.failed("wal", exc)
         if replayed:
             log.info("replayed %d rows from the WAL", replayed)
 
@@ -263,6 +327,7 @@ class IndexWriter:
             raise FencedError(str(self._fenced))
         if self._closed:
             raise ClosedError("the writer is shutting down and accepts no more writes")
+        self._take_epoch()
         if (
             self.pending_rows >= self.config.max_pending_rows
             or self.wal.bytes >= self.config.max_wal_bytes
@@ -356,7 +421,12 @@ class IndexWriter:
         batch = make_batch(first)
         if not tombstone:
             self._check_models(batch.vectors)
-        self.wal.append(batch)
+        try:
+            self.wal.append(batch)  # raises 507/503: nothing applied, no seq consumed
+        except (InsufficientStorageError, StorageFaultError) as exc:
+            self.storage.failed("wal", exc)
+            raise
+        self.storage.recovered("wal")
         self._next_seq += n
         self._mem.add(batch, self.clock())
         return WriteAck(first, first + n - 1, n)
@@ -431,7 +501,10 @@ class IndexWriter:
 
     def maybe_flush(self) -> None:
         """Flush if enough rows wait or the oldest waits too long. Store outages are absorbed:
-        the rows stay in the WAL and writes get 429 once the bounds are reached."""
+        the rows stay in the WAL and writes get 429 once the bounds are reached. A pending
+        writer epoch (full disk at open) is retried here too."""
+        if not self.retry_epoch():
+            return
         with self._lock:
             due = self.pending_rows >= self.config.flush_rows or (
                 self._mem.rows > 0
@@ -441,7 +514,9 @@ class IndexWriter:
             return
         try:
             self._flush_locked()
-        except StoreUnavailableError as exc:
+        except (DriftlessError, OSError) as exc:
+            # the rows are durable in the WAL: a failed flush never fails the write that
+            # triggered it; it is retried, and the bounds above turn into 429 meanwhile
             log.warning("flush failed, will retry: %s", exc)
         finally:
             self._flush.release()
@@ -463,6 +538,7 @@ class IndexWriter:
     def _flush_locked(self, extra: RowBatch | None = None) -> Manifest | None:
         """Under ``_flush``: write frozen rows (and a bulk batch) as segments and commit."""
         with self._lock:
+            self._take_epoch()
             self._freeze_memtable()
             frozen = list(self._frozen)
         pending = [b for m in frozen for b in m.batches]
@@ -495,10 +571,12 @@ class IndexWriter:
             manifest = self._commit_new_segments(written, upto)
         except DriftlessError as exc:
             self.last_flush_error = exc
+            self.storage.failed("flush", exc)  # (local disk or object store)
             raise
         finally:
             self._inflight.difference_update(k for k, _, _ in written)
         self.last_flush_error = None
+        self.storage.recovered("flush")
         crash_point("flush.committed")
         with self._lock:
             del self._frozen[: len(frozen)]
@@ -550,6 +628,8 @@ class IndexWriter:
         After :meth:`close` nothing commits (a thread that outlived shutdown gets ClosedError)."""
         if self._sealed:
             raise ClosedError(f"the writer is closed; {reason} was not committed")
+        if self._epoch_pending is not None:  # never commit under the previous writer's epoch
+            raise type(self._epoch_pending)(f"no writer epoch yet: {self._epoch_pending}")
         try:
             manifest = self.log.commit(base, edit, self.epoch, reason)
         except FencedError as exc:
