@@ -92,12 +92,14 @@ class SegmentInfo:
 
     @property
     def dead(self) -> int:
+        """Rows any compaction of this segment drops: superseded versions and tombstones that
+        shadow nothing (see store/keyindex.py)."""
         return self.rows - self.live - self.tombstones
 
     @property
     def deleted_ratio(self) -> float:
-        """Share of rows that serve nothing any more (superseded or deleted)."""
-        return (self.rows - self.live) / self.rows if self.rows else 0.0
+        """Share of rows that are dead (needed tombstones are not: they must be kept)."""
+        return self.dead / self.rows if self.rows else 0.0
 
 
 @dataclass(frozen=True)

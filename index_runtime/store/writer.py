@@ -688,17 +688,19 @@ class IndexWriter:
             first_id = base.next_segment_id
             by_key = Counter(k for k, _ in dropped)
             dropped_winner = {k for k, s in dropped if self._index.is_winner(k, s)}
+            # dropping old rows can leave a tombstone outside the group shadowing nothing: it
+            # becomes dead in its segment's statistics (and the next round drops it)
+            deltas: dict[int, SegmentDelta] = {}
             for key, n in by_key.items():
-                self._index.drop_rows(key, n, key in dropped_winner)
+                self._index.drop_rows(key, n, key in dropped_winner, deltas)
             new: list[SegmentInfo] = []
             for i, (okey, rows, nbytes, lo, hi) in enumerate(outputs):
                 seg_id = first_id + i
                 live = tombs = 0
                 for key, seq in rows:
-                    w = self._index.winner.get(key)
-                    if w is not None and w[0] == seq:
-                        self._index.winner[key] = (seq, seg_id, w[2])
-                        if w[2]:
+                    moved = self._index.move_winner(key, seq, seg_id)
+                    if moved is not None and moved[1]:
+                        if moved[0]:
                             tombs += 1
                         else:
                             live += 1
@@ -708,9 +710,10 @@ class IndexWriter:
             def edit(m: Manifest) -> Manifest:
                 if m.next_segment_id != first_id or not input_ids <= {s.id for s in m.segments}:
                     raise FencedError("the manifest moved under this writer's epoch")
+                rest = _apply_deltas([s for s in m.segments if s.id not in input_ids], deltas)
                 out = replace(
                     m,
-                    segments=tuple(s for s in m.segments if s.id not in input_ids) + tuple(new),
+                    segments=tuple(rest) + tuple(new),
                     next_segment_id=first_id + len(new),
                 )
                 return retire_unreferenced(m, out, now)  # inputs and their index files

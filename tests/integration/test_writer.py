@@ -17,7 +17,7 @@ from index_runtime.errors import (
     NotFoundError,
     RestoreError,
 )
-from index_runtime.store.compaction import CompactionPolicy
+from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import IndexSpec, ModelSpec, referenced_objects
 from index_runtime.store.reader import Snapshot
@@ -182,28 +182,33 @@ def test_wal_files_are_truncated_after_flush(store: Any, tmp_path: Path) -> None
 
 
 def test_compaction_keeps_tombstones_that_still_shadow_rows(store: Any, tmp_path: Path) -> None:
-    # only segments with many deleted rows are candidates; the big first one is not
+    # only segments with many dead rows are candidates; the big first one is not
     policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=1, target_bytes=1 << 30)
     w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy), create=SPEC)
     keys = list(range(100))
     w.upsert(keys[:50], vecs(keys[:50], 1))
     w.upsert(keys[50:], vecs(keys[50:], 1))
     w.flush()
-    w.delete(list(range(10)))
+    w.delete(list(range(10)) + list(range(300, 310)))  # 300.. never existed: dead tombstones
     w.upsert([200], vecs([200], 2))
     w.flush()
-    # rows and tombstones are flushed into separate segments
-    assert [round(s.deleted_ratio, 2) for s in w.manifest.segments] == [0.1, 0.0, 1.0]
+    # rows and tombstones are flushed into separate segments; needed tombstones are not dead
+    assert [round(s.deleted_ratio, 2) for s in w.manifest.segments] == [0.1, 0.0, 0.5]
     report = w.compact()
-    assert report.input_segments == 1
+    assert report.input_segments == 1 and report.rows_out == 10  # the needed tombstones
+    assert [s.dead for s in w.manifest.segments] == [10, 0, 0]
+    # the fixpoint: the tombstones that still shadow rows are not rewritten again and again
+    assert plan_compaction(w.manifest.segments, policy) == []
     want = {k: 1 for k in range(10, 100)} | {200: 2}
     assert_state(state(store), want)
-    # once the big segment is compacted too, the tombstones can go
+    # once the big segment is compacted too, its old rows go and then the tombstones
     w.delete(list(range(10, 20)))
     w.flush()
     w.compact()
+    assert sum(s.dead for s in w.manifest.segments) == 20  # tombstones shadowing nothing now
     w.compact()
-    assert sum(s.tombstones for s in w.manifest.segments) in (0, 10)
+    assert sum(s.tombstones + s.dead for s in w.manifest.segments) == 0
+    assert plan_compaction(w.manifest.segments, policy) == []
     want = {k: 1 for k in range(20, 100)} | {200: 2}
     assert_state(state(store), want)
     w.close()
