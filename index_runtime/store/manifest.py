@@ -281,6 +281,30 @@ class Pin:
             raise CorruptObjectError(f"malformed pin: {exc}") from None
 
 
+@dataclass(frozen=True)
+class StoredPin:
+    """A pin object as read from the store: the lease (None if unreadable), its mtime and
+    its bytes (to delete it only if unchanged)."""
+
+    pin: Pin | None
+    mtime: float
+    data: bytes = b""
+
+
+def expired_pins(pins: Mapping[str, StoredPin], now: float, grace_s: float) -> tuple[str, ...]:
+    """Pin objects to delete (pure): leases expired for at least ``grace_s``, and unreadable
+    pin objects older than ``grace_s`` (they pin nothing: GC ignores them). A lease that has
+    not expired is never among them."""
+    out = []
+    for key, p in pins.items():
+        if p.pin is not None:
+            if now - p.pin.expires_at >= max(grace_s, 0.0):
+                out.append(key)
+        elif now - p.mtime >= grace_s:
+            out.append(key)
+    return tuple(sorted(out))
+
+
 def pin_key(holder: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in holder)
     return f"{PIN_DIR}{safe}.json"

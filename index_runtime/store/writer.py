@@ -43,6 +43,7 @@ from index_runtime.store.manifest import (
     IndexSpec,
     Manifest,
     SegmentInfo,
+    expired_pins,
     manifest_key,
     plan_gc,
     referenced_objects,
@@ -109,6 +110,7 @@ class CompactionReport:
 class GcReport:
     deleted_objects: int = 0
     deleted_manifests: int = 0
+    deleted_pins: int = 0  # expired leases
 
 
 @dataclass
@@ -750,7 +752,10 @@ class IndexWriter:
 
     def _gc_locked(self) -> GcReport:
         now = self.clock()
-        pins = self.log.live_pins(now)
+        stored_pins = self.log.read_pins()
+        pins = [
+            p.pin for p in stored_pins.values() if p.pin is not None and p.pin.expires_at > now
+        ]
         pinned: list[Manifest] = []
         for p in pins:
             try:
@@ -778,6 +783,11 @@ class IndexWriter:
                     ),
                     "gc",
                 )
+        # leases of holders that died (never renewed): expired for the grace period
+        deleted_pins = sum(
+            self.log.delete_pin_if_unchanged(key, stored_pins[key].data)
+            for key in expired_pins(stored_pins, now, self.config.gc_grace_s)
+        )
         deleted_manifests = 0
         versions = self.log.versions()
         keep = set(versions[-self.config.manifest_retention :]) | {p.manifest_version for p in pins}
@@ -785,7 +795,7 @@ class IndexWriter:
             if v not in keep and v < self.manifest.version:
                 self.store.delete(manifest_key(v))
                 deleted_manifests += 1
-        return GcReport(len(plan.delete), deleted_manifests)
+        return GcReport(len(plan.delete), deleted_manifests, deleted_pins)
 
     # restore ---------------------------------------------------------------------------------
 

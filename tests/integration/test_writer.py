@@ -19,7 +19,7 @@ from index_runtime.errors import (
 )
 from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.log import ManifestLog
-from index_runtime.store.manifest import IndexSpec, ModelSpec, referenced_objects
+from index_runtime.store.manifest import IndexSpec, ModelSpec, Pin, pin_key, referenced_objects
 from index_runtime.store.reader import Snapshot
 from index_runtime.store.rows import Limits
 from index_runtime.store.writer import IndexWriter, WriterConfig
@@ -317,6 +317,27 @@ def test_restore_refuses_collected_versions(store: Any, tmp_path: Path) -> None:
     with pytest.raises(RestoreError, match="garbage-collected"):
         w.restore(old)
     assert_state(state(store), {1: 1, 2: 1})
+    w.close()
+
+
+def test_gc_deletes_expired_pins_and_never_a_live_one(store: Any, tmp_path: Path) -> None:
+    clock = Clock()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(gc_grace_s=60), create=SPEC, clock=clock)
+    mlog = ManifestLog(store)
+    now = clock.t
+    mlog.put_pin(Pin("dead", w.manifest.version, now - 61))  # expired longer than the grace
+    mlog.put_pin(Pin("late", w.manifest.version, now - 30))  # expired, within the grace
+    mlog.put_pin(Pin("live", w.manifest.version, now + 1))
+    assert w.gc().deleted_pins == 1
+    assert sorted(p.holder for p in (s.pin for s in mlog.read_pins().values()) if p) == ["late", "live"]
+    clock.t += 31
+    assert w.gc().deleted_pins == 1
+    assert [s.pin.holder for s in mlog.read_pins().values() if s.pin] == ["live"]
+    # a holder that renews between GC's read and its delete keeps its pin
+    seen = mlog.read_pins()[pin_key("live")].data
+    mlog.put_pin(Pin("live", w.manifest.version, clock.t + 600))
+    assert not mlog.delete_pin_if_unchanged(pin_key("live"), seen)
+    assert [s.pin.holder for s in mlog.read_pins().values() if s.pin] == ["live"]
     w.close()
 
 

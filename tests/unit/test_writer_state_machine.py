@@ -6,8 +6,8 @@ fixpoint (an empty plan, no more commits) within a few rounds and changes nothin
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
