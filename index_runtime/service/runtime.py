@@ -164,6 +164,7 @@ class IndexRuntime:
         self.view: View = self.builder.build(manifest, self._pending())
         if self.shadow_graph is not None:
             self.shadow_graph.sync(self.view)
+        self._restores = manifest.restores
         self._renew_pin()
         self.reader_lag_s = 0.0
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
@@ -255,8 +256,12 @@ class IndexRuntime:
             or (not pending and len(self.view.delta))
         ):
             view = self.builder.build(m, pending, self.settings)
-            if self.shadow_graph is not None:
+            if self.shadow_graph is not None and m.restores != self._restores:
+                # a restore brought back rows with old seqs, which sync (by seq) would skip
+                self.shadow_graph.regenerate(view)
+            elif self.shadow_graph is not None:
                 self.shadow_graph.sync(view)  # before the swap: the view's rows are in the graph
+            self._restores = m.restores
             self.view = view
             if self.roles.shadow:
                 self.oracle.retain(set(self.view.primaries))
@@ -623,6 +628,14 @@ class IndexRuntime:
         self.last_failure_at = now
         self.last_failure = why
         self._changed.set()
+
+    def restore(self, version: int) -> Manifest:
+        """Commit manifest ``version``'s state as a new version (see IndexWriter.restore) and
+        serve it; other replicas pick it up on their next refresh."""
+        m = self._writer().restore(version)
+        self._changed.set()
+        self.refresh(force=True)
+        return m
 
     def compact(self, gc: bool = True) -> Any:
         w = self._writer()

@@ -155,6 +155,9 @@ class Manifest:
     # strategy and its adapter object ("adapter_key"); {} when none ran
     migration: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = MANIFEST_FORMAT_VERSION
+    # restores committed so far: a restore brings back rows with old seqs, so state a view
+    # derives incrementally by seq (the shadow graph) is rebuilt when this changes
+    restores: int = 0
 
     @property
     def live_rows(self) -> int:
@@ -257,6 +260,7 @@ def decode_manifest(data: bytes) -> Manifest:
             settings=d.get("settings", {}),
             migration=d.get("migration", {}),
             format_version=version,
+            restores=d.get("restores", 0),
         )
     except (KeyError, TypeError) as exc:
         raise CorruptObjectError(f"manifest is missing or has a malformed field: {exc}") from None

@@ -62,6 +62,7 @@ from index_runtime.store.rows import (
     validate_upsert,
 )
 from index_runtime.store.segment import SegmentWriter, encode_segment, iter_segment
+from index_runtime.store.versions import StoreObjects, restore_problem
 from index_runtime.store.wal import Wal
 
 log = logging.getLogger(__name__)
@@ -802,20 +803,17 @@ class IndexWriter:
     def restore(self, version: int) -> Manifest:
         """Make the index what manifest ``version`` describes, as a new version.
 
-        Pending writes are flushed first (and thereby undone by the restore, as asked).
-        Refused if the version's objects were already garbage-collected.
+        Pending writes are flushed first (and thereby undone by the restore, as asked). The
+        restored rows keep their seqs; later writes get higher ones and win over them.
+        Refused (:class:`RestoreError`, 409) if the version's objects were already
+        garbage-collected or it describes another index layout.
         """
         with self._maint:
             self.flush()
             old = self.log.load(version)
-            if old.index.dims != self.spec.dims or old.index.key_type != self.spec.key_type:
-                raise RestoreError(f"manifest {version} describes a different index layout")
-            missing = sorted(k for k in referenced_objects(old) if not self.store.exists(k))
-            if missing:
-                raise RestoreError(
-                    f"manifest {version} references {len(missing)} objects that were already "
-                    f"garbage-collected (first: {missing[0]}); pick a newer version"
-                )
+            problem = restore_problem(old, self.spec, StoreObjects(self.store))
+            if problem:
+                raise RestoreError(problem)
             with self._commit:
                 index = self._build_index(old.segments)
                 stats = index.stats_by_segment()
@@ -839,6 +837,7 @@ class IndexWriter:
                         serving=old.serving,
                         next_codebook=max(m.next_codebook, old.next_codebook),
                         retired=tuple(r for r in m.retired if r.key not in keep),
+                        restores=m.restores + 1,
                     )
                     return retire_unreferenced(m, out, now)
 
