@@ -169,6 +169,7 @@ class IndexWriter:
         self._next_seq = manifest.flushed_seq + 1
         self._index = KeyIndex()
         self._index_stale = True
+        self._stats_checked = False  # see _correct_stats
         self._inflight: set[str] = set()
         self._closed = False
         self._fenced: FencedError | None = None
@@ -584,6 +585,8 @@ class IndexWriter:
         with self._maint:
             with self._commit:
                 self._ensure_index()
+                if not self._stats_checked:
+                    self._correct_stats()
                 groups = plan_compaction(self.manifest.segments, self.config.compaction)
             report = CompactionReport()
             for ids in groups:
@@ -593,6 +596,29 @@ class IndexWriter:
             if gc:
                 self._gc_locked()
             return report
+
+    def _correct_stats(self) -> None:
+        """Under ``_commit``, once per writer: make the manifest's per-segment statistics agree
+        with the key index. Manifests written before needed and dead tombstones were told
+        apart count every winning tombstone as needed, so compaction would never drop them."""
+        stats = self._index.stats_by_segment()
+
+        def fixed(segments: Sequence[SegmentInfo]) -> tuple[SegmentInfo, ...]:
+            zero = SegmentDelta()
+            return tuple(
+                replace(
+                    s,
+                    live=stats.get(s.id, zero).live,
+                    tombstones=stats.get(s.id, zero).tombstones,
+                )
+                for s in segments
+            )
+
+        if fixed(self.manifest.segments) != self.manifest.segments:
+            self._commit_edit(
+                self.manifest, lambda m: replace(m, segments=fixed(m.segments)), "stats"
+            )
+        self._stats_checked = True
 
     def _compact_group(self, ids: tuple[int, ...], report: CompactionReport) -> CompactionReport:
         idset = set(ids)

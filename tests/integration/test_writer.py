@@ -223,6 +223,29 @@ def test_compaction_keeps_tombstones_that_still_shadow_rows(store: Any, tmp_path
     w2.close()
 
 
+def test_stats_of_older_manifests_are_corrected_once(store: Any, tmp_path: Path) -> None:
+    policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=1, target_bytes=1 << 30)
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy), create=SPEC)
+    w.upsert(list(range(20)), vecs(list(range(20)), 1))
+    w.flush()
+    w.delete([100, 101])  # absent keys: the tombstones shadow nothing
+    w.flush()
+    assert w.manifest.segments[1].dead == 2
+    # as an older build wrote it: every winning tombstone counted as needed
+    w.commit_edit(
+        lambda m: replace(m, segments=(m.segments[0], replace(m.segments[1], tombstones=2))), "old"
+    )
+    w.close()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy))
+    assert plan_compaction(w.manifest.segments, policy) == []
+    report = w.compact()
+    assert report.input_segments == 1 and len(w.manifest.segments) == 1
+    version = w.manifest.version
+    w.compact()
+    assert w.manifest.version == version  # corrected once; nothing more to do
+    w.close()
+
+
 def test_compaction_merges_and_preserves_seqs(store: Any, tmp_path: Path) -> None:
     w = IndexWriter.open(store, tmp_path / "wal", cfg(), create=SPEC)
     for i in range(5):
