@@ -263,6 +263,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_versions(versions: list[dict[str, Any]]) -> str:
+    """The ``driftless restore --list`` table (newest first)."""
+    lines = [f"{'version':>8}  {'committed (UTC)':19}  {'live':>10}  {'rows':>10}  {'segs':>5}  "
+             "restorable  reason"]
+    for v in versions:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["committed_at"]))
+        mark = "current" if v["current"] else ("yes" if v["restorable"] else "no")
+        lines.append(
+            f"{v['version']:>8}  {when:19}  {v['live']:>10,}  {v['rows']:>10,}  "
+            f"{v['segments']:>5}  {mark:10}  {v['reason']}"
+            + (f"  ({v['problem']})" if not v["restorable"] else "")
+        )
+    return "\n".join(lines)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """List the index's retained versions or restore one, through the server's admin API.
+
+    There is deliberately no mode that opens the store directly: restoring needs the writer
+    (its epoch, key index and commit lock), and opening a second writer would fence the
+    serving one. With the server stopped, start ``driftless serve`` and restore through it."""
+    from index_runtime.contract import ExitCode
+    from index_runtime.jobs import Admin, JobError
+
+    token = os.environ.get(Env.ADMIN_TOKEN, "")
+    if not token:
+        print(f"error: set {Env.ADMIN_TOKEN} to the server's admin token", file=sys.stderr)
+        return int(ExitCode.INVALID)
+    api = Admin(args.url, args.index, token, timeout_s=args.timeout)
+    try:
+        if args.list:
+            versions = api.call("GET", "/admin/versions")["versions"]
+            print(json.dumps(versions, indent=2) if args.json else format_versions(versions))
+        else:
+            out = api.call("POST", "/admin/restore", {"version": args.version})
+            print(json.dumps(out) if args.json else (
+                f"restored version {out['restored']} of {args.index} as version "
+                f"{out['manifest_version']} ({out['live']:,} live rows)"
+            ))
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.code)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="driftless", description="Vector search that keeps serving through change."
@@ -349,6 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--m", type=int, default=0, help="PQ sub-quantizers (default dim/8)")
     pl.add_argument("--nbits", type=int, default=8)
     pl.set_defaults(func=cmd_plan)
+    r = sub.add_parser(
+        "restore",
+        help="list an index's versions or restore one (admin API; token from "
+        f"{Env.ADMIN_TOKEN})",
+    )
+    r.add_argument("--url", required=True, help="the writer's URL, e.g. http://127.0.0.1:8080")
+    r.add_argument("--index", required=True)
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="list retained versions")
+    what.add_argument("--version", type=int, help="commit this version's state as a new one")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout (s)")
+    r.set_defaults(func=cmd_restore)
     i = sub.add_parser("info", help="print the manifest summary of a local index directory")
     i.add_argument("--data", required=True)
     i.add_argument("--version", type=int, default=None)

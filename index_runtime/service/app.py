@@ -57,6 +57,7 @@ from index_runtime.service.metrics import Metrics
 from index_runtime.service.migrate import MigrationRequest, strategy_for
 from index_runtime.service.operations import Operation
 from index_runtime.service.runtime import IndexRuntime
+from index_runtime.store.versions import read_versions
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,10 @@ class StartMigration(Strict):
     )
     backfill_batch: int = Field(default=256, ge=1, le=4000)
     backfill_rate: float = Field(default=0.0, ge=0, description="rows/s; 0 = unlimited")
+
+
+class Restore(Strict):
+    version: int = Field(ge=1, description="the manifest version to bring back")
 
 
 class Cutover(Strict):
@@ -585,6 +590,23 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         """Stop the migration and serve the old model only (before the cutover)."""
         rt.rollback_migration()
         return {"phase": rt.bridge.get("phase")}
+
+    # restore: list the retained manifest versions, bring one back ----------------------------
+
+    @app.get("/v1/indexes/{name}/admin/versions", dependencies=[Depends(admin)])
+    def admin_versions(rt: Rt) -> dict[str, Any]:
+        """Retained manifest versions, newest first: commit time, rows, live rows, segments and
+        whether every object they reference still exists (``restorable``; else ``problem``)."""
+        infos = read_versions(rt.store, rt.current_manifest(force=True))
+        return {"versions": [v.to_json() for v in infos]}
+
+    @app.post("/v1/indexes/{name}/admin/restore", dependencies=[Depends(admin)])
+    def admin_restore(rt: Rt, body: Restore) -> dict[str, Any]:
+        """Commit the state of ``version`` as a new version (409 RestoreImpossible, naming a
+        missing object, if GC already collected what it needs). Writes after the restore win
+        over the restored rows; pending writes are flushed first and thereby undone."""
+        m = rt.restore(body.version)
+        return {"manifest_version": m.version, "restored": body.version, "live": m.live_rows}
 
     @app.post("/v1/indexes/{name}/admin/reload", dependencies=[Depends(admin)])
     def admin_reload(rt: Rt) -> dict[str, Any]:

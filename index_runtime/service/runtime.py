@@ -189,6 +189,7 @@ class IndexRuntime:
         self.pin_lease_s = 600.0
         self._pinned_at = 0.0
         self._pinned_version = 0
+        self._restores = manifest.restores  # refresher-owned: a change means a restore
         self.reader_lag_s = 0.0
         self.decision = lifecycle.Decision(lifecycle.Phase.COLD_START, (), "Starting", "")
         self.training_thread: threading.Thread | None = None
@@ -375,8 +376,12 @@ class IndexRuntime:
                 or (not pending and len(p.view.delta))
             ):
                 view = self.builder.build(m, pending, p.settings)
-                if p.shadow_graph is not None:
+                if p.shadow_graph is not None and m.restores != self._restores:
+                    # a restore brought back rows with old seqs, which sync (by seq) would skip
+                    p.shadow_graph.regenerate(view)
+                elif p.shadow_graph is not None:
                     p.shadow_graph.sync(view)  # before the swap: the view's rows are in the graph
+                self._restores = m.restores
                 p = replace(
                     p,
                     view=view,
@@ -804,6 +809,14 @@ class IndexRuntime:
             return {"input_segments": r.input_segments, "output_segments": r.output_segments}
 
         return self._start_operation("compact", work)
+
+    def restore(self, version: int) -> Manifest:
+        """Commit manifest ``version``'s state as a new version (see IndexWriter.restore) and
+        serve it; other replicas pick it up on their next refresh."""
+        m = self._writer().restore(version)
+        self._changed.set()
+        self.refresh(force=True)
+        return m
 
     def compact(self, gc: bool = True) -> Any:
         """Compact now, in the calling thread (stops between groups when the runtime stops)."""

@@ -27,6 +27,7 @@ from index_runtime.store.manifest import (
     PIN_DIR,
     Manifest,
     Pin,
+    StoredPin,
     decode_manifest,
     encode_manifest,
     manifest_key,
@@ -159,13 +160,35 @@ class ManifestLog:
     def drop_pin(self, holder: str) -> None:
         self.store.delete(pin_key(holder))
 
-    def live_pins(self, now: float) -> list[Pin]:
-        pins = []
+    def read_pins(self) -> dict[str, StoredPin]:
+        """Every pin object (expired or not) by object key; unreadable ones with ``pin=None``."""
+        out: dict[str, StoredPin] = {}
         for obj in self.store.list(PIN_DIR):
             try:
-                pin = Pin.decode(self.store.get(obj.key))
-            except (ObjectNotFoundError, CorruptObjectError):
-                continue
-            if pin.expires_at > now:
-                pins.append(pin)
-        return pins
+                data = self.store.get(obj.key)
+            except ObjectNotFoundError:
+                continue  # dropped meanwhile
+            try:
+                pin: Pin | None = Pin.decode(data)
+            except CorruptObjectError:
+                pin = None
+            out[obj.key] = StoredPin(pin, obj.mtime, data)
+        return out
+
+    def live_pins(self, now: float) -> list[Pin]:
+        return [
+            p.pin for p in self.read_pins().values() if p.pin is not None and p.pin.expires_at > now
+        ]
+
+    def delete_pin_if_unchanged(self, key: str, seen: bytes) -> bool:
+        """Delete the pin object ``key`` if it still holds ``seen``: a holder that renewed its
+        lease since it was read keeps its pin. (The store has no conditional delete; the
+        window between this read and the delete is one round trip, and a holder renews a
+        third of a lease before expiry, never an expired-plus-grace one.)"""
+        try:
+            if self.store.get(key) != seen:
+                return False
+        except ObjectNotFoundError:
+            return False
+        self.store.delete(key)
+        return True

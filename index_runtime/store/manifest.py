@@ -92,12 +92,14 @@ class SegmentInfo:
 
     @property
     def dead(self) -> int:
+        """Rows any compaction of this segment drops: superseded versions and tombstones that
+        shadow nothing (see store/keyindex.py)."""
         return self.rows - self.live - self.tombstones
 
     @property
     def deleted_ratio(self) -> float:
-        """Share of rows that serve nothing any more (superseded or deleted)."""
-        return (self.rows - self.live) / self.rows if self.rows else 0.0
+        """Share of rows that are dead (needed tombstones are not: they must be kept)."""
+        return self.dead / self.rows if self.rows else 0.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class Manifest:
     # strategy and its adapter object ("adapter_key"); {} when none ran
     migration: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = MANIFEST_FORMAT_VERSION
+    # restores committed so far: a restore brings back rows with old seqs, so state a view
+    # derives incrementally by seq (the shadow graph) is rebuilt when this changes
+    restores: int = 0
 
     @property
     def live_rows(self) -> int:
@@ -255,6 +260,7 @@ def decode_manifest(data: bytes) -> Manifest:
             settings=d.get("settings", {}),
             migration=d.get("migration", {}),
             format_version=version,
+            restores=d.get("restores", 0),
         )
     except (KeyError, TypeError) as exc:
         raise CorruptObjectError(f"manifest is missing or has a malformed field: {exc}") from None
@@ -277,6 +283,30 @@ class Pin:
             return Pin(**json.loads(data))
         except (ValueError, TypeError) as exc:
             raise CorruptObjectError(f"malformed pin: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StoredPin:
+    """A pin object as read from the store: the lease (None if unreadable), its mtime and
+    its bytes (to delete it only if unchanged)."""
+
+    pin: Pin | None
+    mtime: float
+    data: bytes = b""
+
+
+def expired_pins(pins: Mapping[str, StoredPin], now: float, grace_s: float) -> tuple[str, ...]:
+    """Pin objects to delete (pure): leases expired for at least ``grace_s``, and unreadable
+    pin objects older than ``grace_s`` (they pin nothing: GC ignores them). A lease that has
+    not expired is never among them."""
+    out = []
+    for key, p in pins.items():
+        if p.pin is not None:
+            if now - p.pin.expires_at >= max(grace_s, 0.0):
+                out.append(key)
+        elif now - p.mtime >= grace_s:
+            out.append(key)
+    return tuple(sorted(out))
 
 
 def pin_key(holder: str) -> str:

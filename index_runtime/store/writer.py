@@ -44,6 +44,7 @@ from index_runtime.store.manifest import (
     IndexSpec,
     Manifest,
     SegmentInfo,
+    expired_pins,
     manifest_key,
     plan_gc,
     referenced_objects,
@@ -62,6 +63,7 @@ from index_runtime.store.rows import (
     validate_upsert,
 )
 from index_runtime.store.segment import SegmentWriter, encode_segment, iter_segment
+from index_runtime.store.versions import StoreObjects, restore_problem
 from index_runtime.store.wal import Wal
 from index_runtime.store.writable import StorageState
 
@@ -111,6 +113,7 @@ class CompactionReport:
 class GcReport:
     deleted_objects: int = 0
     deleted_manifests: int = 0
+    deleted_pins: int = 0  # expired leases
 
 
 @dataclass
@@ -168,6 +171,7 @@ class IndexWriter:
         self._next_seq = manifest.flushed_seq + 1
         self._index = KeyIndex()
         self._index_stale = True
+        self._stats_checked = False  # see _correct_stats
         self._inflight: set[str] = set()
         self._closed = False
         self._sealed = False  # set at the end of close(): no commit of any kind after it
@@ -667,6 +671,8 @@ class IndexWriter:
         with self._maint:
             with self._commit:
                 self._ensure_index()
+                if not self._stats_checked:
+                    self._correct_stats()
                 groups = plan_compaction(self.manifest.segments, self.config.compaction)
             report = CompactionReport()
             for ids in groups:
@@ -678,6 +684,29 @@ class IndexWriter:
             if gc:
                 self._gc_locked()
             return report
+
+    def _correct_stats(self) -> None:
+        """Under ``_commit``, once per writer: make the manifest's per-segment statistics agree
+        with the key index. Manifests written before needed and dead tombstones were told
+        apart count every winning tombstone as needed, so compaction would never drop them."""
+        stats = self._index.stats_by_segment()
+
+        def fixed(segments: Sequence[SegmentInfo]) -> tuple[SegmentInfo, ...]:
+            zero = SegmentDelta()
+            return tuple(
+                replace(
+                    s,
+                    live=stats.get(s.id, zero).live,
+                    tombstones=stats.get(s.id, zero).tombstones,
+                )
+                for s in segments
+            )
+
+        if fixed(self.manifest.segments) != self.manifest.segments:
+            self._commit_edit(
+                self.manifest, lambda m: replace(m, segments=fixed(m.segments)), "stats"
+            )
+        self._stats_checked = True
 
     def _compact_group(self, ids: tuple[int, ...], report: CompactionReport) -> CompactionReport:
         idset = set(ids)
@@ -776,17 +805,19 @@ class IndexWriter:
             first_id = base.next_segment_id
             by_key = Counter(k for k, _ in dropped)
             dropped_winner = {k for k, s in dropped if self._index.is_winner(k, s)}
+            # dropping old rows can leave a tombstone outside the group shadowing nothing: it
+            # becomes dead in its segment's statistics (and the next round drops it)
+            deltas: dict[int, SegmentDelta] = {}
             for key, n in by_key.items():
-                self._index.drop_rows(key, n, key in dropped_winner)
+                self._index.drop_rows(key, n, key in dropped_winner, deltas)
             new: list[SegmentInfo] = []
             for i, (okey, rows, nbytes, lo, hi) in enumerate(outputs):
                 seg_id = first_id + i
                 live = tombs = 0
                 for key, seq in rows:
-                    w = self._index.winner.get(key)
-                    if w is not None and w[0] == seq:
-                        self._index.winner[key] = (seq, seg_id, w[2])
-                        if w[2]:
+                    moved = self._index.move_winner(key, seq, seg_id)
+                    if moved is not None and moved[1]:
+                        if moved[0]:
                             tombs += 1
                         else:
                             live += 1
@@ -796,9 +827,10 @@ class IndexWriter:
             def edit(m: Manifest) -> Manifest:
                 if m.next_segment_id != first_id or not input_ids <= {s.id for s in m.segments}:
                     raise FencedError("the manifest moved under this writer's epoch")
+                rest = _apply_deltas([s for s in m.segments if s.id not in input_ids], deltas)
                 out = replace(
                     m,
-                    segments=tuple(s for s in m.segments if s.id not in input_ids) + tuple(new),
+                    segments=tuple(rest) + tuple(new),
                     next_segment_id=first_id + len(new),
                 )
                 return retire_unreferenced(m, out, now)  # inputs and their index files
@@ -835,7 +867,10 @@ class IndexWriter:
 
     def _gc_locked(self) -> GcReport:
         now = self.clock()
-        pins = self.log.live_pins(now)
+        stored_pins = self.log.read_pins()
+        pins = [
+            p.pin for p in stored_pins.values() if p.pin is not None and p.pin.expires_at > now
+        ]
         pinned: list[Manifest] = []
         for p in pins:
             try:
@@ -863,6 +898,11 @@ class IndexWriter:
                     ),
                     "gc",
                 )
+        # leases of holders that died (never renewed): expired for the grace period
+        deleted_pins = sum(
+            self.log.delete_pin_if_unchanged(key, stored_pins[key].data)
+            for key in expired_pins(stored_pins, now, self.config.gc_grace_s)
+        )
         deleted_manifests = 0
         versions = self.log.versions()
         keep = set(versions[-self.config.manifest_retention :]) | {p.manifest_version for p in pins}
@@ -870,27 +910,24 @@ class IndexWriter:
             if v not in keep and v < self.manifest.version:
                 self.store.delete(manifest_key(v))
                 deleted_manifests += 1
-        return GcReport(len(plan.delete), deleted_manifests)
+        return GcReport(len(plan.delete), deleted_manifests, deleted_pins)
 
     # restore ---------------------------------------------------------------------------------
 
     def restore(self, version: int) -> Manifest:
         """Make the index what manifest ``version`` describes, as a new version.
 
-        Pending writes are flushed first (and thereby undone by the restore, as asked).
-        Refused if the version's objects were already garbage-collected.
+        Pending writes are flushed first (and thereby undone by the restore, as asked). The
+        restored rows keep their seqs; later writes get higher ones and win over them.
+        Refused (:class:`RestoreError`, 409) if the version's objects were already
+        garbage-collected or it describes another index layout.
         """
         with self._maint:
             self.flush()
             old = self.log.load(version)
-            if old.index.dims != self.spec.dims or old.index.key_type != self.spec.key_type:
-                raise RestoreError(f"manifest {version} describes a different index layout")
-            missing = sorted(k for k in referenced_objects(old) if not self.store.exists(k))
-            if missing:
-                raise RestoreError(
-                    f"manifest {version} references {len(missing)} objects that were already "
-                    f"garbage-collected (first: {missing[0]}); pick a newer version"
-                )
+            problem = restore_problem(old, self.spec, StoreObjects(self.store))
+            if problem:
+                raise RestoreError(problem)
             with self._commit:
                 index = self._build_index(old.segments)
                 stats = index.stats_by_segment()
@@ -914,6 +951,7 @@ class IndexWriter:
                         serving=old.serving,
                         next_codebook=max(m.next_codebook, old.next_codebook),
                         retired=tuple(r for r in m.retired if r.key not in keep),
+                        restores=m.restores + 1,
                     )
                     return retire_unreferenced(m, out, now)
 

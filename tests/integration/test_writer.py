@@ -17,9 +17,9 @@ from index_runtime.errors import (
     NotFoundError,
     RestoreError,
 )
-from index_runtime.store.compaction import CompactionPolicy
+from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.log import ManifestLog
-from index_runtime.store.manifest import IndexSpec, ModelSpec, referenced_objects
+from index_runtime.store.manifest import IndexSpec, ModelSpec, Pin, pin_key, referenced_objects
 from index_runtime.store.reader import Snapshot
 from index_runtime.store.rows import Limits
 from index_runtime.store.writer import IndexWriter, WriterConfig
@@ -182,28 +182,33 @@ def test_wal_files_are_truncated_after_flush(store: Any, tmp_path: Path) -> None
 
 
 def test_compaction_keeps_tombstones_that_still_shadow_rows(store: Any, tmp_path: Path) -> None:
-    # only segments with many deleted rows are candidates; the big first one is not
+    # only segments with many dead rows are candidates; the big first one is not
     policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=1, target_bytes=1 << 30)
     w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy), create=SPEC)
     keys = list(range(100))
     w.upsert(keys[:50], vecs(keys[:50], 1))
     w.upsert(keys[50:], vecs(keys[50:], 1))
     w.flush()
-    w.delete(list(range(10)))
+    w.delete(list(range(10)) + list(range(300, 310)))  # 300.. never existed: dead tombstones
     w.upsert([200], vecs([200], 2))
     w.flush()
-    # rows and tombstones are flushed into separate segments
-    assert [round(s.deleted_ratio, 2) for s in w.manifest.segments] == [0.1, 0.0, 1.0]
+    # rows and tombstones are flushed into separate segments; needed tombstones are not dead
+    assert [round(s.deleted_ratio, 2) for s in w.manifest.segments] == [0.1, 0.0, 0.5]
     report = w.compact()
-    assert report.input_segments == 1
+    assert report.input_segments == 1 and report.rows_out == 10  # the needed tombstones
+    assert [s.dead for s in w.manifest.segments] == [10, 0, 0]
+    # the fixpoint: the tombstones that still shadow rows are not rewritten again and again
+    assert plan_compaction(w.manifest.segments, policy) == []
     want = {k: 1 for k in range(10, 100)} | {200: 2}
     assert_state(state(store), want)
-    # once the big segment is compacted too, the tombstones can go
+    # once the big segment is compacted too, its old rows go and then the tombstones
     w.delete(list(range(10, 20)))
     w.flush()
     w.compact()
+    assert sum(s.dead for s in w.manifest.segments) == 20  # tombstones shadowing nothing now
     w.compact()
-    assert sum(s.tombstones for s in w.manifest.segments) in (0, 10)
+    assert sum(s.tombstones + s.dead for s in w.manifest.segments) == 0
+    assert plan_compaction(w.manifest.segments, policy) == []
     want = {k: 1 for k in range(20, 100)} | {200: 2}
     assert_state(state(store), want)
     w.close()
@@ -216,6 +221,29 @@ def test_compaction_keeps_tombstones_that_still_shadow_rows(store: Any, tmp_path
             else (0, 0)
         )
     w2.close()
+
+
+def test_stats_of_older_manifests_are_corrected_once(store: Any, tmp_path: Path) -> None:
+    policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=1, target_bytes=1 << 30)
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy), create=SPEC)
+    w.upsert(list(range(20)), vecs(list(range(20)), 1))
+    w.flush()
+    w.delete([100, 101])  # absent keys: the tombstones shadow nothing
+    w.flush()
+    assert w.manifest.segments[1].dead == 2
+    # as an older build wrote it: every winning tombstone counted as needed
+    w.commit_edit(
+        lambda m: replace(m, segments=(m.segments[0], replace(m.segments[1], tombstones=2))), "old"
+    )
+    w.close()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(compaction=policy))
+    assert plan_compaction(w.manifest.segments, policy) == []
+    report = w.compact()
+    assert report.input_segments == 1 and len(w.manifest.segments) == 1
+    version = w.manifest.version
+    w.compact()
+    assert w.manifest.version == version  # corrected once; nothing more to do
+    w.close()
 
 
 def test_compaction_merges_and_preserves_seqs(store: Any, tmp_path: Path) -> None:
@@ -312,6 +340,27 @@ def test_restore_refuses_collected_versions(store: Any, tmp_path: Path) -> None:
     with pytest.raises(RestoreError, match="garbage-collected"):
         w.restore(old)
     assert_state(state(store), {1: 1, 2: 1})
+    w.close()
+
+
+def test_gc_deletes_expired_pins_and_never_a_live_one(store: Any, tmp_path: Path) -> None:
+    clock = Clock()
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(gc_grace_s=60), create=SPEC, clock=clock)
+    mlog = ManifestLog(store)
+    now = clock.t
+    mlog.put_pin(Pin("dead", w.manifest.version, now - 61))  # expired longer than the grace
+    mlog.put_pin(Pin("late", w.manifest.version, now - 30))  # expired, within the grace
+    mlog.put_pin(Pin("live", w.manifest.version, now + 1))
+    assert w.gc().deleted_pins == 1
+    assert sorted(p.holder for p in (s.pin for s in mlog.read_pins().values()) if p) == ["late", "live"]
+    clock.t += 31
+    assert w.gc().deleted_pins == 1
+    assert [s.pin.holder for s in mlog.read_pins().values() if s.pin] == ["live"]
+    # a holder that renews between GC's read and its delete keeps its pin
+    seen = mlog.read_pins()[pin_key("live")].data
+    mlog.put_pin(Pin("live", w.manifest.version, clock.t + 600))
+    assert not mlog.delete_pin_if_unchanged(pin_key("live"), seen)
+    assert [s.pin.holder for s in mlog.read_pins().values() if s.pin] == ["live"]
     w.close()
 
 

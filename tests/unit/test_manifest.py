@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
 from index_runtime.store.compaction import CompactionPolicy, plan_compaction
@@ -14,10 +16,13 @@ from index_runtime.store.manifest import (
     IndexSpec,
     Manifest,
     ModelSpec,
+    Pin,
     Retired,
     SegmentInfo,
+    StoredPin,
     decode_manifest,
     encode_manifest,
+    expired_pins,
     plan_gc,
     referenced_objects,
 )
@@ -117,6 +122,39 @@ def test_plan_gc(case: str, listed: dict[str, float], retired: tuple[Retired, ..
     assert (plan.delete, plan.forget) == (delete, forget), case
 
 
+@pytest.mark.parametrize(
+    ("case", "expires_at", "now", "grace_s", "deleted"),
+    [
+        ("a live lease stays", 200.0, 150.0, 0.0, False),
+        ("a live lease stays even with a long-past mtime", 1e9, 150.0, 60.0, False),
+        ("expired within the grace stays", 100.0, 159.0, 60.0, False),
+        ("expired for the grace goes", 100.0, 160.0, 60.0, True),
+        ("grace 0: expired goes at once", 100.0, 100.0, 0.0, True),
+    ],
+)
+def test_expired_pins(case: str, expires_at: float, now: float, grace_s: float, deleted: bool) -> None:
+    pins = {"pins/a.json": StoredPin(Pin("a", 3, expires_at), mtime=0.0)}
+    assert expired_pins(pins, now, grace_s) == (("pins/a.json",) if deleted else ()), case
+
+
+def test_unreadable_pins_go_after_the_grace() -> None:
+    pins = {"pins/x.json": StoredPin(None, mtime=100.0)}
+    assert expired_pins(pins, 150.0, 60.0) == ()
+    assert expired_pins(pins, 160.0, 60.0) == ("pins/x.json",)
+
+
+@given(
+    st.lists(st.floats(0, 1000), max_size=8),
+    st.floats(0, 1000),
+    st.floats(-10, 100),
+)
+def test_a_live_lease_is_never_deleted(expiries: list[float], now: float, grace_s: float) -> None:
+    pins = {f"pins/{i}.json": StoredPin(Pin(str(i), 1, e), mtime=0.0) for i, e in enumerate(expiries)}
+    for key in expired_pins(pins, now, grace_s):
+        pin = pins[key].pin
+        assert pin is not None and pin.expires_at <= now
+
+
 POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000)
 
 
@@ -128,7 +166,13 @@ POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000)
         ("small segments merge", [seg(1, nbytes=50), seg(2, nbytes=60), seg(3, nbytes=500)], [(1, 2)]),
         ("a deleted-heavy segment is rewritten alone", [seg(1, 100, 79, nbytes=900)], [(1,)]),
         ("just under the ratio is left", [seg(1, 100, 81, nbytes=900)], []),
-        ("tombstones count as not live", [seg(1, 100, 70, 30, nbytes=900)], [(1,)]),
+        ("needed tombstones are not dead", [seg(1, 100, 70, 30, nbytes=900)], []),
+        ("a tombstone segment whose tombstones are all needed is left", [seg(1, 30, 0, 30, nbytes=50)], []),
+        ("rows next to their needed tombstones are left (the rewrite would give the same two)",
+         [seg(1, 100, 100, nbytes=50), seg(2, 30, 0, 30, nbytes=20)], []),
+        ("three small ones merge into rows + tombstones", [seg(1, nbytes=50), seg(2, 30, 0, 30, nbytes=20),
+                                                           seg(3, nbytes=50)], [(1, 2, 3)]),
+        ("dead tombstones are dead", [seg(1, 30, 0, 0, nbytes=900)], [(1,)]),
         ("groups are cut at the target", [seg(i, nbytes=90) for i in range(1, 16)],
          [tuple(range(1, 12)), tuple(range(12, 16))]),
         ("expected output, not input, fills the target", [seg(1, 100, 10, nbytes=900), seg(2, 100, 10, nbytes=900)], [(1, 2)]),
