@@ -92,7 +92,7 @@ class Admin:
             what = f"{method} {path}: HTTP {exc.code} {detail}"
             if exc.code in self.RETRY_STATUS:
                 raise _Retry(what, float(exc.headers.get("Retry-After") or 0)) from exc
-            invalid = (400, 401, 403)  # a retried pod would get the same answer
+            invalid = (400, 401, 403, 404)  # a retried pod would get the same answer
             code = {c: ExitCode.INVALID for c in invalid}.get(
                 exc.code, ExitCode.CONFLICT if exc.code == 409 else ExitCode.FAILED
             )

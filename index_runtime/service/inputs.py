@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from index_runtime.errors import InvalidInputError
+from index_runtime.store.rows import valid_unicode
 
 # an escape of a UTF-16 surrogate code unit: only then can json.loads produce a lone one
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -38,17 +39,6 @@ def decode_json(body: bytes) -> Any:
         if where is not None:
             raise InvalidInputError(f"{where}: invalid Unicode (a lone surrogate escape)")
     return value
-
-
-def valid_unicode(s: str) -> bool:
-    """True when ``s`` encodes as UTF-8 (has no lone surrogate)."""
-    if s.isascii():
-        return True
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def first_invalid_string(value: Any, root: str = "body") -> str | None:

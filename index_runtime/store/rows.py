@@ -25,7 +25,7 @@ MAX_TEXT_CHARS = 1 << 20
 MAX_METADATA_BYTES = 64 << 10  # one row's metadata as JSON (UTF-8)
 
 
-def _utf8_ok(s: str) -> bool:
+def valid_unicode(s: str) -> bool:
     """False for a string with a lone surrogate (it could be stored but never answered)."""
     if s.isascii():
         return True
@@ -121,7 +121,7 @@ def _check_key(key: object, key_type: KeyType, i: int) -> Key:
         raise InvalidInputError(f"keys[{i}]: expected a string key, got {type(key).__name__}")
     if not key or len(key) > MAX_KEY_CHARS:
         raise InvalidInputError(f"keys[{i}]: string keys must have 1 to {MAX_KEY_CHARS} characters")
-    if not _utf8_ok(key):
+    if not valid_unicode(key):
         raise InvalidInputError(f"keys[{i}]: invalid Unicode (a lone surrogate)")
     return key
 
@@ -200,7 +200,7 @@ def validate_upsert(
                 raise InvalidInputError(
                     f"texts[{i}] must be a string of at most {MAX_TEXT_CHARS} characters"
                 )
-            if t is not None and not _utf8_ok(t):
+            if t is not None and not valid_unicode(t):
                 raise InvalidInputError(f"texts[{i}]: invalid Unicode (a lone surrogate)")
         text_list = list(texts)
     meta_list: list[str | None] | None = None
