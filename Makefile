@@ -44,6 +44,11 @@ bench: $(DEPS)
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/search.py
 	$(BIN)/python bench/adapters.py
+	$(BIN)/python bench/filters.py
+	$(BIN)/python bench/view_memory.py
+	$(BIN)/python bench/compaction_fixpoint.py --label after
+	$(BIN)/python bench/api_body_rss.py --out bench/results/api_body_rss_after
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) .driftless
