@@ -9,7 +9,9 @@ digests stay in memory, and a presented token is compared digest to digest with
 which entry matches, nor on how much of a digest does).
 
 Scopes: ``admin`` covers everything, ``write`` covers ``read``, ``mirror`` covers only itself.
-An empty set means open access (the CLI refuses that on a non-loopback address).
+An empty set means open access (the CLI refuses that on a non-loopback address); a server that
+was started with tokens never becomes open: a tokens file that turns empty, unreadable or
+all-invalid denies everything (``DENY_ALL``) until it is fixed.
 """
 
 from __future__ import annotations
@@ -76,29 +78,47 @@ class TokenSet:
         return found
 
 
-def parse_tokens_file(text: str, source: str = "tokens file") -> TokenSet:
-    """Parse ``<scope> sha256:<hex>`` / ``<scope> <token>`` lines; a bad line is a 400-class
-    error naming the line (never echoing a token)."""
+def parse_tokens_lines(text: str, source: str = "tokens file") -> tuple[TokenSet, list[str]]:
+    """Parse ``<scope> sha256:<hex>`` / ``<scope> <token>`` lines: (the valid entries, one error
+    per bad line naming it, never echoing a token). A reload applies the valid lines, so an
+    edit that revokes a token and adds a typo still revokes it."""
     out: list[tuple[bytes, Scope]] = []
+    errors: list[str] = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split()
+        where = f"{source} line {n}"
         if len(parts) != 2 or parts[0] not in {s.value for s in Scope}:
-            raise InvalidInputError(
-                f"{source} line {n}: expected '<scope> sha256:<hex>' or '<scope> <token>' "
+            errors.append(
+                f"{where}: expected '<scope> sha256:<hex>' or '<scope> <token>' "
                 f"with a scope of {[s.value for s in Scope]}"
             )
+            continue
         scope, value = Scope(parts[0]), parts[1]
         if value.startswith("sha256:"):
             hexd = value.removeprefix("sha256:").lower()
             if not _HEX.fullmatch(hexd):
-                raise InvalidInputError(f"{source} line {n}: sha256: needs 64 hex digits")
+                errors.append(f"{where}: sha256: needs 64 hex digits")
+                continue
             out.append((bytes.fromhex(hexd), scope))
+        elif len(value) < MIN_TOKEN_CHARS:
+            errors.append(f"{where}: tokens need at least {MIN_TOKEN_CHARS} characters")
         else:
-            out.append((digest(_checked(value, f"{source} line {n}")), scope))
-    return TokenSet(tuple(out))
+            out.append((digest(value), scope))
+    return TokenSet(tuple(out)), errors
+
+
+def parse_tokens_file(text: str, source: str = "tokens file") -> TokenSet:
+    """Strict form (start-up): any bad line is a 400-class error naming it."""
+    tokens, errors = parse_tokens_lines(text, source)
+    if errors:
+        raise InvalidInputError(errors[0])
+    return tokens
+
+
+DENY_ALL = TokenSet(((b"\0" * 32, Scope.READ),))  # no token hashes to this: nothing is allowed
 
 
 def _checked(token: str, where: str) -> str:

@@ -93,22 +93,24 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            # a path no route matches is judged by its raw path: a stranger's POST to an
+            # unknown /v1 path gets 401 like any other, before its body is read
             template = next(
-                (r.path for r in self.routes() if r.matches(scope)[0] == Match.FULL), None
+                (r.path for r in self.routes() if r.matches(scope)[0] == Match.FULL),
+                scope["path"],
             )
-            if template is not None:
-                header = dict(scope.get("headers", ())).get(b"authorization")
-                try:
-                    authorize(
-                        self.engine.tokens(),
-                        header.decode("latin-1") if header else None,
-                        route_scope(scope["method"], template),
-                    )
-                except DriftlessError as exc:
-                    resp = error_response(exc.status, exc.reason, str(exc))
-                    resp.headers["WWW-Authenticate"] = "Bearer"
-                    await resp(scope, receive, send)
-                    return
+            header = dict(scope.get("headers", ())).get(b"authorization")
+            try:
+                authorize(
+                    self.engine.tokens(),
+                    header.decode("latin-1") if header else None,
+                    route_scope(scope["method"], template),
+                )
+            except DriftlessError as exc:
+                resp = error_response(exc.status, exc.reason, str(exc))
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                await resp(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

@@ -18,7 +18,7 @@ from index_runtime.contract import Scope
 from index_runtime.encoders import Kind
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
-from index_runtime.service.auth import TokenSet, parse_tokens_file
+from index_runtime.service.auth import DENY_ALL, TokenSet, parse_tokens_file, parse_tokens_lines
 from index_runtime.service.limits import ApiLimits
 from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.log import ManifestLog
@@ -75,34 +75,42 @@ class Engine:
         self._lock = threading.Lock()
         self.closing = False
         self._tokens_key: tuple[int, int, int] | None = None
-        self.tokens_loaded = False
-        # until the file was read once: deny everything (a digest nobody has a token for)
-        self._file_tokens = TokenSet(((os.urandom(32), Scope.READ),))
+        self._file_tokens = DENY_ALL  # until the file was read once
+        self.tokens_problem: str | None = None  # why the tokens file is not (fully) applied
         if config.tokens_file is not None:
+            try:  # at start a bad file is refused outright (a clear error, exit 2)
+                parse_tokens_file(config.tokens_file.read_text(), str(config.tokens_file))
+            except OSError as exc:
+                raise InvalidInputError(f"cannot read the tokens file {config.tokens_file}: {exc}") from exc
             self.tokens()
-            if not self.tokens_loaded:
-                raise InvalidInputError(f"cannot read the tokens file {config.tokens_file}")
 
     def tokens(self) -> TokenSet:
         """The accepted tokens: the config's plus the tokens file's, re-read when its stat
-        changes (a Secret update swaps the file); a file that becomes unreadable or invalid
-        keeps the last good set (logged). Empty: no tokens at all (open access)."""
+        changes (a Secret update swaps the file). It fails closed: bad lines are skipped (and
+        logged), and a file that is missing, unreadable or has no valid line denies every
+        token it would have held, so a broken rotation can lock clients out but never open
+        the server or keep a revoked token. Empty config and no file: open access."""
         path = self.config.tokens_file
         if path is None:
             return self.config.tokens
         try:
             st = path.stat()
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if key != self._tokens_key:
+                self._tokens_key = key  # reported once per change, not per request
+                tokens, errors = parse_tokens_lines(path.read_text(), str(path))
+                self._file_tokens = tokens if tokens.entries else DENY_ALL
+                if not tokens.entries:
+                    errors.append(f"{path}: no valid token line: every token is refused")
+                self.tokens_problem = "; ".join(errors) or None
+                for e in errors:
+                    log.error("tokens file: %s", e)
         except OSError as exc:
-            log.warning("keeping the previous tokens: %s", exc)
-            return self.config.tokens + self._file_tokens
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if key != self._tokens_key:
-            self._tokens_key = key  # a bad file is reported once per change, not per request
-            try:
-                self._file_tokens = parse_tokens_file(path.read_text(), str(path))
-                self.tokens_loaded = True
-            except (OSError, InvalidInputError) as exc:
-                log.warning("keeping the previous tokens: %s", exc)
+            self._tokens_key = None
+            if self._file_tokens is not DENY_ALL:
+                log.error("tokens file unreadable, every token is refused: %s", exc)
+            self._file_tokens = DENY_ALL
+            self.tokens_problem = f"tokens file unreadable: {exc}"
         return self.config.tokens + self._file_tokens
 
     def _store(self, name: str) -> ObjectStore:

@@ -106,6 +106,10 @@ def test_scopes(shared: httpx.Client) -> None:
     assert c.post("/v1/indexes/docs/admin/reload", headers=ADMIN).status_code == 200
     for path in ("/healthz", "/readyz", "/metrics"):
         assert c.get(path, headers=none).status_code == 200
+    # paths no route matches are judged too: no token, no 404 (and no body read)
+    assert c.post("/v1/nothing/here", content=b"x" * 1000, headers=none).status_code == 401
+    assert c.post("/v1/nothing/here", content=b"{}", headers=READ).status_code == 403
+    assert c.post("/v1/nothing/here", content=b"{}").status_code == 404
     assert _count(c, 20)  # nothing refused was applied
 
 
