@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-body-bytes", "request body (default 64 MiB)"),
         ("--max-batch-rows", "keys per upsert/delete/fetch (default 10000)"),
         ("--max-batch-queries", "queries per search/batch (default 256)"),
-        ("--max-response-bytes", "estimated answer size (default 32 MiB)"),
+        ("--max-response-bytes", "answer size, estimated then measured (default 32 MiB)"),
     ):
         env = "DRIFTLESS_" + flag.removeprefix("--").replace("-", "_").upper()
         s.add_argument(flag, type=int, default=None, help=f"limit: {env_help}; or {env}")

@@ -6,6 +6,11 @@ Grammar (a JSON object; all clauses must hold)::
     {"lang": "en"}                       equality
     {"lang": {"$in": ["en", "de"]}}      membership
     {"year": {"$gte": 2000, "$lt": 2010}} range ($gt, $gte, $lt, $lte)
+
+A filter is bounded: at most ``MAX_FILTER_TERMS`` values in all (an equality, a range bound
+and each ``$in`` value count one), so its cost per row is too; the grammar bounds the nesting
+(field -> operator -> ``$in`` list of scalars: anything deeper is not a scalar and refused).
+Numbers are finite.
 """
 
 from __future__ import annotations
@@ -23,12 +28,27 @@ from index_runtime.errors import InvalidInputError
 
 _RANGE = {"$gt", "$gte", "$lt", "$lte"}
 Scalar = str | int | float | bool
+# values of one filter in all: conditions, range bounds and $in values (one $in list may use
+# them all). Matching a row costs up to one comparison per value.
+MAX_FILTER_TERMS = 1024
 
 
 def _scalar(v: Any, where: str) -> Scalar:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise InvalidInputError(f"filter {where}: numbers must be finite, got {v!r}")
     if isinstance(v, str | int | float | bool) and v is not None:
         return v
     raise InvalidInputError(f"filter {where}: expected a string, number or boolean, got {v!r}")
+
+
+def _count(terms: int, more: int) -> int:
+    terms += more
+    if terms > MAX_FILTER_TERMS:
+        raise InvalidInputError(
+            f"the filter has more than {MAX_FILTER_TERMS} values (at least {terms}); the limit "
+            f"of a filter is {MAX_FILTER_TERMS} conditions, range bounds and $in values together"
+        )
+    return terms
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -84,26 +104,32 @@ def parse_filter(spec: Any) -> Filter | None:
         return None
     if not isinstance(spec, dict):
         raise InvalidInputError("filter must be an object of field -> condition")
+    _count(len(spec), 0)  # too many fields: refused before any is looked at
     clauses: list[Clause] = []
+    terms = 0
     for name, cond in spec.items():
         if not isinstance(name, str) or not name or name.startswith("$"):
             raise InvalidInputError(f"filter field names must be non-empty strings: {name!r}")
         if not isinstance(cond, dict):
+            terms = _count(terms, 1)
             clauses.append(Clause(name, "$eq", _scalar(cond, name)))
             continue
         if not cond:
             raise InvalidInputError(f"filter {name}: empty condition")
         for op, val in cond.items():
+            terms = _count(terms, len(val) if op == "$in" and isinstance(val, list) else 1)
             if op == "$eq":
                 clauses.append(Clause(name, op, _scalar(val, name)))
             elif op == "$in":
-                if not isinstance(val, list) or not val or len(val) > 1024:
-                    raise InvalidInputError(f"filter {name}: $in needs a list of 1..1024 values")
+                if not isinstance(val, list) or not val:
+                    raise InvalidInputError(
+                        f"filter {name}: $in needs a list of 1..{MAX_FILTER_TERMS} values"
+                    )
                 clauses.append(Clause(name, op, tuple(_scalar(x, name) for x in val)))
             elif op in _RANGE:
                 if isinstance(val, bool) or not isinstance(val, int | float):
                     raise InvalidInputError(f"filter {name}: {op} needs a number, got {val!r}")
-                clauses.append(Clause(name, op, val))
+                clauses.append(Clause(name, op, _scalar(val, f"{name}.{op}")))
             else:
                 raise InvalidInputError(
                     f"filter {name}: unknown operator {op!r} (use $eq, $in, $gt, $gte, $lt, $lte)"

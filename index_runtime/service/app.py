@@ -7,10 +7,12 @@ Errors: every :class:`DriftlessError` becomes its HTTP status with ``{"error": r
 Access: with tokens configured, every ``/v1`` route needs ``Authorization: Bearer <token>`` of
 a scope that covers it (``auth.route_scope``), checked by :class:`AuthMiddleware` before a
 byte of the body is read. Limits (``limits.ApiLimits``): the body size is enforced by
-:class:`~index_runtime.service.limits.BodyLimitMiddleware` before parsing; counts and answer
-sizes by the routes before they allocate or search. Bodies are decoded by
-:func:`~index_runtime.service.inputs.decode_json` (strict UTF-8, no NaN/Infinity, no lone
-surrogates); request models are strict (no bool or string as a number).
+:class:`~index_runtime.service.limits.BodyLimitMiddleware` before parsing; counts and estimated
+answer sizes by the routes before they allocate or search, and the measured size of the rows
+an answer carries (``limits.AnswerSize``: texts, metadata) before it is encoded. Bodies are
+decoded by :func:`~index_runtime.service.inputs.decode_json` (strict UTF-8, finite numbers, no
+lone surrogates); request models are strict (no bool or string as a number); vectors are
+float32 within its range (``inputs.float32_array``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from index_runtime.service.edge import (
 )
 from index_runtime.service.edge import error_response as _error
 from index_runtime.service.engine import Engine
+from index_runtime.service.inputs import float32_array
 from index_runtime.service.limits import (
+    AnswerSize,
     BodyLimitMiddleware,
     check_queries,
     check_response,
@@ -362,8 +366,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         for model, rows in given.items():
             if len(rows) != n:
                 raise InvalidInputError(f"vectors of {model!r} have {len(rows)} rows for {n} keys")
+            own = model == rt.model and body.vectors is not None
+            field = "vectors" if own else f"vectors_by_model.{model}"
             try:
-                vectors[model] = np.asarray(rows, dtype=np.float32)
+                vectors[model] = float32_array(rows, field)
             except ValueError:
                 raise InvalidInputError(
                     f"vectors of {model!r} must all have the same length"
@@ -395,7 +401,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         check_rows(len(body.keys), limits)
         per_row = hit_bytes(rt.spec.dims[rt.model], body.include_vector, True, limits)
         check_response(len(body.keys) * per_row, limits, "this fetch")
-        view = rt.view
+        view = rt.fresh_view()
         rows, missing = [], []
         for key in body.keys:
             pos = view.position_of(key)
@@ -403,11 +409,12 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 missing.append(key)
             else:
                 rows.append(view.row(pos, payload=True, vector=body.include_vector))
+        AnswerSize(limits, "this fetch").add(rows)  # the texts and metadata as they are
         return {"rows": rows, "missing": missing}
 
     @app.get("/v1/indexes/{name}/count")
     def count(rt: Rt) -> dict[str, int]:
-        return {"count": rt.view.live_rows}
+        return {"count": rt.fresh_view().live_rows}
 
     @app.get("/v1/indexes/{name}/scan")
     def scan(
@@ -419,15 +426,20 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         """Live rows in seq order; pass ``next_cursor`` back to continue."""
         per_row = hit_bytes(rt.spec.dims[rt.model], include_vector, True, limits)
         check_response(limit * per_row, limits, "this scan page")
-        view = rt.view
+        view = rt.fresh_view()
         by_seq = view.live_by_seq()
         start = int(np.searchsorted(view.seqs[by_seq], cursor, side="right"))
         page = by_seq[start : start + limit]
         rows = [view.row(int(p), payload=True, vector=include_vector) for p in page]
+        AnswerSize(limits, "this scan page").add(rows)
         more = start + limit < len(by_seq)
         return {"rows": rows, "next_cursor": rows[-1]["seq"] if rows and more else None}
 
-    def run_query(rt: IndexRuntime, q: SearchQuery) -> dict[str, Any]:
+    def run_query(
+        rt: IndexRuntime, q: SearchQuery, size: AnswerSize, more: bool = False
+    ) -> dict[str, Any]:
+        """One query's answer; its hits are added to ``size`` (413 once the answer, with the
+        hits of the batch's earlier queries, passes max_response_bytes)."""
         flt = parse_filter(q.filter)
         if (q.vector is None) == (q.text is None):
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
@@ -445,9 +457,10 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             )
         new_vec = None  # the query in the new model's space, when there is one
         if q.vector is not None:
-            vec = rt.query_vector(strategy, np.asarray(q.vector, np.float32), adapter)
+            given = float32_array(q.vector, "vector")
+            vec = rt.query_vector(strategy, given, adapter)
             if bridged and q.model == record.get("to"):
-                new_vec = np.asarray(q.vector, np.float32)
+                new_vec = given
         else:
             assert q.text is not None
             model = rt.model if strategy == STATUS_QUO else str(record["to"])
@@ -470,6 +483,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             row = view.row(pos, payload=q.include_payload, vector=q.include_vector)
             row["score"] = sc
             results.append(row)
+        size.add(results, more)
         return {
             "results": results,
             "path": ans.path,
@@ -487,18 +501,24 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     @app.post("/v1/indexes/{name}/search", response_model=SearchAnswer)
     def search(rt: Rt, body: SearchQuery) -> Response:
         check_answer(rt, [body])
-        return JSONResponse(run_query(rt, body))
+        return JSONResponse(run_query(rt, body, AnswerSize(limits, "this search")))
 
     @app.post("/v1/indexes/{name}/search/batch", response_model=BatchAnswer)
     def search_batch(rt: Rt, body: BatchSearch) -> Response:
         check_queries(len(body.queries), limits)
         check_answer(rt, body.queries)
-        return JSONResponse({"answers": [run_query(rt, q) for q in body.queries]})
+        size = AnswerSize(limits, "this batch")  # all hits of all queries together
+        last = len(body.queries) - 1
+        answers = [run_query(rt, q, size, i < last) for i, q in enumerate(body.queries)]
+        return JSONResponse({"answers": answers})
 
     @app.post("/v1/indexes/{name}/internal/samples", status_code=202)
     def samples(rt: Rt, body: Samples) -> dict[str, int]:
         """Sampled queries mirrored by readers to the shadow (oracle) service."""
-        qs = [(rt.prepare_query(q.vector), parse_filter(q.filter)) for q in body.queries]
+        qs = []
+        for i, q in enumerate(body.queries):
+            vec = float32_array(q.vector, f"queries[{i}].vector")  # 1e39: a 400 naming it
+            qs.append((rt.prepare_query(vec), parse_filter(q.filter)))
         return {"accepted": rt.accept_samples(body.manifest_version, qs)}
 
     @app.get("/v1/indexes/{name}/status")

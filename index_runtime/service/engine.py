@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import threading
@@ -14,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from index_runtime.contract import Scope
 from index_runtime.encoders import Kind
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings

@@ -243,6 +243,16 @@ class IndexRuntime:
     def view(self) -> View:
         return self._pub.view
 
+    def fresh_view(self) -> View:
+        """Read-your-writes on the writer: the published view if it holds every acknowledged
+        write, else a refresh now (coalescing every write since the last one). Replicas without
+        the writer role serve the view they polled (reader lag is a metric)."""
+        view = self._pub.view
+        w = self.writer
+        if w is not None and w.acknowledged_seq() > view.pending_seq:
+            return self.refresh()
+        return view
+
     @property
     def model(self) -> str:
         return self._pub.model
@@ -499,7 +509,7 @@ class IndexRuntime:
         if not 1 <= k <= 1000:
             raise InvalidInputError(f"k must be 1..1000, got {k}")
         started = time.perf_counter()
-        view = view or self.view
+        view = view or self.fresh_view()
         match = view.match_mask(flt)
         if view.serving and view.serving in view.primaries:
             hits, path = view.search_primary(view.serving, q, k, match), "primary"

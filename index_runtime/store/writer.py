@@ -326,6 +326,13 @@ class IndexWriter:
         with self._lock:
             return [b for m in [*self._frozen, self._mem] for b in m.batches]
 
+    def acknowledged_seq(self) -> int:
+        """The highest seq acknowledged so far (pending or committed): a view that reaches it
+        holds every acknowledged write."""
+        with self._lock:
+            tops = [int(m.batches[-1].seqs.max()) for m in [*self._frozen, self._mem] if m.batches]
+            return max([self.manifest.flushed_seq, *tops])
+
     def _check_writable(self) -> None:
         if self._fenced is not None:
             raise FencedError(str(self._fenced))

@@ -142,10 +142,24 @@ def test_the_tokens_file_is_reread_when_it_changes_and_fails_closed(tmp_path: Pa
     f.write_text(f"admin {_hash(ADMIN_T)}\n# rotated\n")  # a Secret update
     assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN}
     assert engine.tokens().scopes_of(READ_T) == set()
-    f.write_text("garbage line")
-    assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN}  # the last good set
+    # an edit that revokes a token and adds a typo still revokes it; the typo is reported
+    f.write_text(f"admin {_hash(ADMIN_T)}\nread {_hash(READ_T)}\n")
+    assert engine.tokens().scopes_of(READ_T) == {Scope.READ}
+    f.write_text(f"admin {_hash(ADMIN_T)}\nwirte typo-token-0123456789\n")
+    assert engine.tokens().scopes_of(READ_T) == set()
+    assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN}
+    assert engine.tokens_problem is not None and "line 2" in engine.tokens_problem
+    # emptied, all-invalid or gone: every token is refused, and the server never turns open
+    for broken in ("", "# rotated\n", "garbage line"):
+        f.write_text(broken)
+        tokens = engine.tokens()
+        assert not tokens.open and tokens.scopes_of(ADMIN_T) == set(), broken
+        with pytest.raises(UnauthorizedError):
+            authorize(tokens, None, Scope.WRITE)
+    f.write_text(f"admin {_hash(ADMIN_T)}\n")
+    assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN} and engine.tokens_problem is None
     f.unlink()
-    assert not engine.tokens().open
+    assert not engine.tokens().open and engine.tokens().scopes_of(ADMIN_T) == set()
     with pytest.raises(InvalidInputError):
         Engine(ServeConfig(data=tmp_path / "d", tokens_file=tmp_path / "missing"))
 
