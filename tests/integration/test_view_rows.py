@@ -14,6 +14,7 @@ from index_runtime.service.runtime import IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.manifest import IndexSpec
 from index_runtime.store.objects import LocalDirStore
 from index_runtime.store.writer import IndexWriter, WriterConfig
+from tests.integration.test_index import _train
 
 D = 16
 
@@ -27,12 +28,6 @@ def _runtime(path: Path, settings: Mapping[str, object], flush_rows: int) -> Ind
     return IndexRuntime("idx", store, w, RuntimeOptions(maintenance=False), Roles())
 
 
-def _train(rt: IndexRuntime) -> None:
-    assert rt.start_training()
-    assert rt.training_thread is not None
-    rt.training_thread.join()
-    assert rt.failures == 0, rt.last_failure
-    rt.refresh()
 
 
 def _view_after(path: Path, rounds: int, keys: int = 800) -> tuple[IndexRuntime, int]:
