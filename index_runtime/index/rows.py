@@ -22,9 +22,13 @@ Mask = npt.NDArray[np.bool_]
 
 
 def normalize(x: F32) -> F32:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.where(norms == 0, 1, norms)).astype(np.float32, copy=False)
+    """Rows scaled to unit L2 norm (zero rows stay zero). Each row is first divided by its
+    largest magnitude: the squared norm of a valid float32 row can overflow (``[3e38] * 8``)
+    or underflow (``[1e-39] * 8``) in float32, which left such rows scoring 0."""
+    scale = np.abs(x).max(axis=-1, keepdims=True)
+    y = np.asarray(x / np.where(scale == 0, 1, scale), dtype=np.float32)
+    y /= np.where((norms := np.linalg.norm(y, axis=-1, keepdims=True)) == 0, 1, norms)
+    return y
 
 
 def score(vecs: F32, q: F32, metric: str) -> F32:

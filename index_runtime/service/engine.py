@@ -59,6 +59,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def _read_tokens(path: Path) -> str:
+    """The tokens file's text; OSError also when it is not UTF-8 (a token file is ASCII)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OSError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 class Engine:
     def __init__(
         self,
@@ -77,7 +85,7 @@ class Engine:
         self.tokens_problem: str | None = None  # why the tokens file is not (fully) applied
         if config.tokens_file is not None:
             try:  # at start a bad file is refused outright (a clear error, exit 2)
-                parse_tokens_file(config.tokens_file.read_text(), str(config.tokens_file))
+                parse_tokens_file(_read_tokens(config.tokens_file), str(config.tokens_file))
             except OSError as exc:
                 raise InvalidInputError(f"cannot read the tokens file {config.tokens_file}: {exc}") from exc
             self.tokens()
@@ -85,9 +93,9 @@ class Engine:
     def tokens(self) -> TokenSet:
         """The accepted tokens: the config's plus the tokens file's, re-read when its stat
         changes (a Secret update swaps the file). It fails closed: bad lines are skipped (and
-        logged), and a file that is missing, unreadable or has no valid line denies every
-        token it would have held, so a broken rotation can lock clients out but never open
-        the server or keep a revoked token. Empty config and no file: open access."""
+        logged), and a file that is missing, unreadable, not UTF-8 or has no valid line denies
+        every token it would have held, so a broken rotation can lock clients out but never
+        open the server or keep a revoked token. Empty config and no file: open access."""
         path = self.config.tokens_file
         if path is None:
             return self.config.tokens
@@ -95,20 +103,20 @@ class Engine:
             st = path.stat()
             key = (st.st_mtime_ns, st.st_size, st.st_ino)
             if key != self._tokens_key:
-                self._tokens_key = key  # reported once per change, not per request
-                tokens, errors = parse_tokens_lines(path.read_text(), str(path))
+                tokens, errors = parse_tokens_lines(_read_tokens(path), str(path))
                 self._file_tokens = tokens if tokens.entries else DENY_ALL
                 if not tokens.entries:
                     errors.append(f"{path}: no valid token line: every token is refused")
                 self.tokens_problem = "; ".join(errors) or None
                 for e in errors:
                     log.error("tokens file: %s", e)
+                self._tokens_key = key  # reported once per change, not per request
         except OSError as exc:
-            self._tokens_key = None
             if self._file_tokens is not DENY_ALL:
                 log.error("tokens file unreadable, every token is refused: %s", exc)
             self._file_tokens = DENY_ALL
             self.tokens_problem = f"tokens file unreadable: {exc}"
+            self._tokens_key = None
         return self.config.tokens + self._file_tokens
 
     def _store(self, name: str) -> ObjectStore:

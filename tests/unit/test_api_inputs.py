@@ -150,6 +150,14 @@ def test_the_tokens_file_is_reread_when_it_changes_and_fails_closed(tmp_path: Pa
     assert engine.tokens().scopes_of(ADMIN_T) == {Scope.ADMIN}
     assert engine.tokens_problem is not None and "line 2" in engine.tokens_problem
     # emptied, all-invalid or gone: every token is refused, and the server never turns open
+    f.write_text(f"read {_hash(READ_T)}\nadmin {_hash(ADMIN_T)}\n")
+    assert engine.tokens().scopes_of(READ_T) == {Scope.READ}
+    # a revocation saved in another encoding: unreadable, so nothing of the old file survives
+    f.write_bytes(f"admin {_hash(ADMIN_T)}\n# rotated by Jos\xe9\n".encode("latin-1"))
+    assert engine.tokens().scopes_of(READ_T) == set() and engine.tokens().scopes_of(ADMIN_T) == set()
+    assert engine.tokens_problem is not None and "UTF-8" in engine.tokens_problem
+    with pytest.raises(InvalidInputError, match="UTF-8"):
+        Engine(ServeConfig(data=tmp_path / "d", tokens_file=f))
     for broken in ("", "# rotated\n", "garbage line"):
         f.write_text(broken)
         tokens = engine.tokens()

@@ -57,3 +57,23 @@ def test_unknown_crash_point_is_an_error() -> None:
     out = subprocess.run([sys.executable, "-c", "from index_runtime.crash import crash_point; crash_point('wal.fsynced')"],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 1 and "unknown crash point" in out.stderr
+
+
+def test_normalize_keeps_rows_whose_squared_norm_leaves_float32() -> None:
+    """[3e38] * 8 is a valid float32 vector whose squared norm overflows float32, [1e-39] * 8
+    one whose squared norm underflows: both must come out as unit vectors (before, 0 and a
+    tiny vector, so the row scored 0 against its own direction)."""
+    import warnings
+
+    from index_runtime.index.rows import normalize
+
+    rows = np.array([[3e38] * 8, [1e-39] * 8, [1.0] * 8, [0.0] * 8, [-3e38, 0, 0, 0, 0, 0, 0, 1]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        out = normalize(rows)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out[:3].astype(np.float64), axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out[0], out[2], rtol=1e-6)  # same direction, same unit vector
+    np.testing.assert_allclose(out[1], out[2], rtol=1e-6)
+    assert not out[3].any()  # zero stays zero
+    np.testing.assert_allclose(out[4], [-1, 0, 0, 0, 0, 0, 0, 0], atol=1e-6)
