@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from json.encoder import encode_basestring
 from typing import Any
@@ -125,41 +125,38 @@ def _str_bound(s: str) -> int:
     return MAX_JSON_BYTES_PER_CHAR * len(s) + 2
 
 
-def row_bound(row: Mapping[str, Any]) -> int:
-    """A cheap upper bound (no pass over any text) of one answer row: a fetched or scanned row,
-    or a hit (``key``, ``seq``, ``score``, maybe ``text``, ``metadata`` and ``vector``).
-    Metadata is stored as JSON of at most MAX_METADATA_BYTES (with spaces after separators);
-    it is answered compact, never longer."""
+def _row_size(
+    row: Mapping[str, Any], str_size: Callable[[str], int], meta_size: Callable[[Any], int]
+) -> int:
+    """One answer row (a fetched or scanned row, or a hit: ``key``, ``seq``, ``score``, maybe
+    ``text``, ``metadata`` and ``vector``) with strings and metadata sized by the callers'
+    measures; a vector at JSON_FLOAT_BYTES per value (its printed width varies)."""
     size = HIT_OVERHEAD_BYTES
     key = row.get("key")
-    size += _str_bound(key) if isinstance(key, str) else INT_JSON_BYTES
+    size += str_size(key) if isinstance(key, str) else INT_JSON_BYTES
     text = row.get("text")
     if isinstance(text, str):
-        size += _str_bound(text)
-    if row.get("metadata") is not None:
-        size += MAX_METADATA_BYTES
+        size += str_size(text)
+    meta = row.get("metadata")
+    if meta is not None:
+        size += meta_size(meta)
     vector = row.get("vector")
     if vector is not None:
         size += len(vector) * JSON_FLOAT_BYTES
     return size
+
+
+def row_bound(row: Mapping[str, Any]) -> int:
+    """A cheap upper bound (no pass over any text) of one answer row. Metadata is stored as
+    JSON of at most MAX_METADATA_BYTES (with spaces after separators); it is answered
+    compact, never longer."""
+    return _row_size(row, _str_bound, lambda _: MAX_METADATA_BYTES)
 
 
 def row_bytes(row: Mapping[str, Any]) -> int:
     """The measured size of one answer row: key, text and metadata exactly; a vector at
-    JSON_FLOAT_BYTES per value (as the up-front estimate: their printed width varies)."""
-    size = HIT_OVERHEAD_BYTES
-    key = row.get("key")
-    size += json_str_bytes(key) if isinstance(key, str) else INT_JSON_BYTES
-    text = row.get("text")
-    if isinstance(text, str):
-        size += json_str_bytes(text)
-    meta = row.get("metadata")
-    if meta is not None:
-        size += json_value_bytes(meta)
-    vector = row.get("vector")
-    if vector is not None:
-        size += len(vector) * JSON_FLOAT_BYTES
-    return size
+    JSON_FLOAT_BYTES per value (as the up-front estimate)."""
+    return _row_size(row, json_str_bytes, json_value_bytes)
 
 
 class AnswerSize:
