@@ -216,28 +216,35 @@ def run_migrate(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s:
         st = wait_for(admin, lambda s: _record(s).get("phase") in GATE_DONE, poll_s, timeout_s)
         rec = _record(st)
     else:
-        error = None
-        try:
-            _start_and_wait(admin, "/admin/migrations", body, poll_s, timeout_s)
-        except JobError as exc:
-            if exc.code is not ExitCode.FAILED:
-                raise
-            error = exc
-        rec = _migration_ended(admin, error, GATE_DONE)
+        rec = _migration_step(admin, "/admin/migrations", body, GATE_DONE, poll_s, timeout_s)
     return f"gate finished: phase {rec['phase']}, selected {rec.get('selected')}"
+
+
+def _migration_step(
+    admin: Admin,
+    path: str,
+    body: Mapping[str, Any] | None,
+    done: tuple[str, ...],
+    poll_s: float,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Run one migration operation to its end; a failure that may heal still reads the
+    record (the migration's own phase says how it ended)."""
+    error = None
+    try:
+        _start_and_wait(admin, path, body, poll_s, timeout_s)
+    except JobError as exc:
+        if exc.code is not ExitCode.FAILED:
+            raise
+        error = exc
+    return _migration_ended(admin, error, done)
 
 
 def run_backfill(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
     rec = _record(admin.status())
-    if rec.get("phase") not in BACKFILL_DONE:
-        error = None
-        try:  # starts, or resumes after a restart
-            _start_and_wait(admin, "/admin/migrations/backfill", None, poll_s, timeout_s)
-        except JobError as exc:
-            if exc.code is not ExitCode.FAILED:
-                raise
-            error = exc
-        rec = _migration_ended(admin, error, BACKFILL_DONE)
+    if rec.get("phase") not in BACKFILL_DONE:  # starts, or resumes after a restart
+        path = "/admin/migrations/backfill"
+        rec = _migration_step(admin, path, None, BACKFILL_DONE, poll_s, timeout_s)
     bf = rec.get("backfill") or {}
     return (
         f"backfill finished: phase {rec['phase']}, {bf.get('backfilled')} of {bf.get('live')} rows"
