@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,9 @@ from index_runtime.errors import DriftlessError, InvalidInputError
 
 if TYPE_CHECKING:
     from index_runtime.service.auth import TokenSet
-    from index_runtime.service.engine import Encoder
+    from index_runtime.service.engine import Encoder, ServeConfig
+    from index_runtime.service.limits import ApiLimits
+    from index_runtime.service.runtime import Roles
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -133,16 +136,57 @@ def load_tokens(
     return plain, Path(path), parse_tokens_file(text, path) + plain
 
 
+def serve_config(
+    args: argparse.Namespace,
+    env: Mapping[str, str],
+    roles: Roles,
+    tokens: TokenSet,
+    tokens_file: Path | None,
+    limits: ApiLimits,
+) -> ServeConfig:
+    """The engine's configuration from ``serve``'s arguments; with ``--from-env`` (in a
+    cluster) storage, URLs and the one index to serve (``Env.INDEX``) come from ``env`` where
+    no flag gave them (filled into ``args``)."""
+    from index_runtime.service.engine import ServeConfig
+    from index_runtime.service.runtime import RuntimeOptions
+    from index_runtime.store.objects import S3Config
+
+    if args.from_env:  # in a cluster: storage and URLs from the contract's environment
+        args.s3_bucket = args.s3_bucket or env.get(Env.S3_BUCKET)
+        args.s3_prefix = args.s3_prefix or env.get(Env.S3_PREFIX, "")
+        args.s3_endpoint = args.s3_endpoint or env.get(Env.S3_ENDPOINT) or None
+        args.s3_region = args.s3_region or env.get(Env.S3_REGION) or None
+        args.shadow_url = args.shadow_url or env.get(Env.SHADOW_URL) or None
+        args.index = args.index or env.get(Env.INDEX) or None
+    if not (args.data or args.s3_bucket):
+        raise InvalidInputError(f"give --data or --s3-bucket (or {Env.S3_BUCKET} with --from-env)")
+    s3 = None
+    if args.s3_bucket:
+        s3 = S3Config(args.s3_bucket, args.s3_prefix, args.s3_endpoint, args.s3_region)
+    return ServeConfig(
+        data=Path(args.data) if args.data else None,
+        s3=s3,
+        wal_dir=Path(args.wal_dir) if args.wal_dir else None,
+        roles=roles,
+        options=RuntimeOptions(
+            maintenance=args.maintenance == "on", tick_s=args.tick, shadow_url=args.shadow_url
+        ),
+        tokens=tokens,
+        tokens_file=tokens_file,
+        limits=limits,
+        only=args.index,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     set_omp_threads(args.omp_threads)  # 1 per query worker: concurrency comes from workers
     import uvicorn
 
     from index_runtime.service.app import create_app
-    from index_runtime.service.engine import Engine, ServeConfig
+    from index_runtime.service.engine import Engine
     from index_runtime.service.limits import ApiLimits
     from index_runtime.service.metrics import Metrics
-    from index_runtime.service.runtime import Roles, RuntimeOptions
-    from index_runtime.store.objects import S3Config
+    from index_runtime.service.runtime import Roles
 
     roles = {
         "all": Roles(),
@@ -150,12 +194,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "reader": Roles(False, True, False),
         "shadow": Roles(False, True, True),
     }[args.role]
-    if args.from_env:  # in a cluster: storage and URLs from the contract's environment
-        args.s3_bucket = args.s3_bucket or os.environ.get(Env.S3_BUCKET)
-        args.s3_prefix = args.s3_prefix or os.environ.get(Env.S3_PREFIX, "")
-        args.s3_endpoint = args.s3_endpoint or os.environ.get(Env.S3_ENDPOINT) or None
-        args.s3_region = args.s3_region or os.environ.get(Env.S3_REGION) or None
-        args.shadow_url = args.shadow_url or os.environ.get(Env.SHADOW_URL) or None
     try:
         plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, dict(os.environ))
         limits = ApiLimits.from_env(
@@ -176,23 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.INVALID
-    if not (args.data or args.s3_bucket):
-        raise InvalidInputError(f"give --data or --s3-bucket (or {Env.S3_BUCKET} with --from-env)")
-    s3 = None
-    if args.s3_bucket:
-        s3 = S3Config(args.s3_bucket, args.s3_prefix, args.s3_endpoint, args.s3_region)
-    config = ServeConfig(
-        data=Path(args.data) if args.data else None,
-        s3=s3,
-        wal_dir=Path(args.wal_dir) if args.wal_dir else None,
-        roles=roles,
-        options=RuntimeOptions(
-            maintenance=args.maintenance == "on", tick_s=args.tick, shadow_url=args.shadow_url
-        ),
-        tokens=plain,
-        tokens_file=tokens_file,
-        limits=limits,
-    )
+    config = serve_config(args, os.environ, roles, plain, tokens_file, limits)
     metrics = Metrics()
     engine = Engine(config, metrics, lazy_encoders())
     engine.open_existing()
@@ -336,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--s3-bucket", help="S3 bucket holding the indexes")
     s.add_argument(
         "--from-env", action="store_true", help="read storage and URLs from DRIFTLESS_* variables"
+    )
+    s.add_argument(
+        "--index",
+        default=None,
+        help=f"serve only this index; others at the location are never opened ({Env.INDEX})",
     )
     s.add_argument("--s3-prefix", default="", help="prefix inside the bucket")
     s.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (non-AWS stores)")

@@ -42,10 +42,16 @@ class ServeConfig:
     # '<scope> sha256:<hex>' lines (a mounted Secret), re-read when the file changes
     tokens_file: Path | None = None
     limits: ApiLimits = field(default_factory=ApiLimits)
+    # serve this index only (a pod of one VectorIndex: Env.INDEX). Other indexes under the
+    # same location are never opened: opening one as a writer bumps its epoch and would
+    # fence that index's own writer, and readers would load every index into memory.
+    only: str | None = None
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.s3 is None):
             raise InvalidInputError("give exactly one of a data directory or an S3 location")
+        if self.only is not None:
+            check_name(self.only)
         if self.roles.writer and self.data is None and self.wal_dir is None:
             raise InvalidInputError("a writer on S3 needs --wal-dir (a local, durable directory)")
 
@@ -139,8 +145,17 @@ class Engine:
             return False
         return ManifestLog(self._store(name)).latest() is not None
 
+    def _mine(self, name: str) -> None:
+        """404 for an index this process does not serve (``ServeConfig.only``)."""
+        only = self.config.only
+        if only is not None and name != only:
+            raise NotFoundError(f"no index named {name!r}: this server serves only {only!r}")
+
     def discover(self) -> list[str]:
-        """Names of the indexes that exist under the data location."""
+        """Names of the indexes that exist under the data location (with ``only``: that one,
+        when it exists; nothing else is listed or opened)."""
+        if self.config.only is not None:
+            return [self.config.only] if self._exists(self.config.only) else []
         if self.config.data is not None:
             root = self.config.data
             if not root.exists():
@@ -190,6 +205,7 @@ class Engine:
         settings: dict[str, Any] | None = None,
     ) -> IndexRuntime:
         check_name(name)
+        self._mine(name)
         if not self.config.roles.writer:
             raise ConflictError("this replica is not a writer; create indexes on the writer")
         spec = IndexSpec(name, key_type, {model: ModelSpec(dim, metric)}, (model,))  # type: ignore[arg-type]
@@ -200,6 +216,7 @@ class Engine:
             return self._open(name, spec, parsed)
 
     def get(self, name: str) -> IndexRuntime:
+        self._mine(name)
         rt = self.runtimes.get(name)
         if rt is None and not self.config.roles.writer and not self.closing:
             # readers and shadows may start before the writer creates the index
@@ -217,6 +234,7 @@ class Engine:
         from index_runtime.jobs import purge_store
 
         check_name(name)
+        self._mine(name)
         if not self.config.roles.writer:
             raise ConflictError("this replica is not a writer; delete indexes on the writer")
         with self._lock:
