@@ -140,7 +140,10 @@ class Controller:
         body: Mapping[str, Any],
         models: Mapping[str, Model],
         migrating: str,
+        migration_target: str = "",
     ) -> tuple[dict[str, Any], list[Event]]:
+        """``migrating``: the running ModelMigration of the index, ``migration_target``: its
+        target model (its encoder joins the index's ConfigMap while it runs)."""
         prior = dict(body.get("status") or {})
         try:
             ix = Index.parse(body)
@@ -158,7 +161,7 @@ class Controller:
         ns, name = ix.ref.namespace, ix.ref.name
         tokens = await self.tokens(ns, name)
         token = tokens[Scope.ADMIN]
-        encoders = {m.name: m.encoder for m in models.values()}
+        encoders = res.index_encoders(models, (ix.model, served, migration_target))
         cl = self.config.cluster
         for obj in [
             *res.desired_objects(ix, cl, encoders, tokens),

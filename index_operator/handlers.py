@@ -96,6 +96,26 @@ def migrations_by_index(
     return {(namespace, spec.get("indexRef", {}).get("name", "")): (created, name)}
 
 
+@kopf.index(G, V, "modelmigrations", when=_active, registry=registry)
+def migration_targets(
+    body: kopf.Body, spec: kopf.Spec, namespace: str | None, **_: Any
+) -> Any:
+    """(namespace, index) -> (creationTimestamp, name, target model) of unfinished
+    migrations (ordered as ``migrations_by_index``: the first one runs)."""
+    created = str(body.metadata.get("creationTimestamp") or "")
+    key = (namespace, spec.get("indexRef", {}).get("name", ""))
+    target = str(spec.get("targetModelRef", {}).get("name", ""))
+    return {key: (created, str(body.metadata.get("name", "")), target)}
+
+
+def _running_target(indexes: Mapping[str, Any], namespace: str | None, index: str) -> str:
+    """The target model of the index's running (oldest unfinished) migration, or ''."""
+    targets: kopf.Index[tuple[str | None, str], tuple[str, str, str]]
+    targets = indexes["migration_targets"]
+    found = sorted(targets.get((namespace, index), []))
+    return found[0][2] if found else ""
+
+
 def _models(indexes: Mapping[str, Any], namespace: str | None) -> dict[str, Model]:
     """The namespace's EmbeddingModels (kopf passes its indexes as keyword arguments)."""
     index: kopf.Index[str | None, Model] = indexes["models_by_namespace"]
@@ -171,7 +191,10 @@ async def index_timer(
         return
     active = _active_migrations(kwargs, namespace, name)
     new, events = await controller(memo).reconcile_index(
-        body, _models(kwargs, namespace), active[0][1] if active else ""
+        body,
+        _models(kwargs, namespace),
+        active[0][1] if active else "",
+        _running_target(kwargs, namespace, name),
     )
     _write(patch, new, status)
     _post(body, events)

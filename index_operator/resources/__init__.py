@@ -23,7 +23,7 @@ from index_operator.resources.jobs import (
     desired_job,
     job_name,
 )
-from index_operator.resources.workloads import desired_objects
+from index_operator.resources.workloads import desired_objects, index_encoders
 
 __all__ = [
     "Cluster",
@@ -37,6 +37,7 @@ __all__ = [
     "desired_objects",
     "dns_name",
     "hashes_secret_name",
+    "index_encoders",
     "job_name",
     "legacy_admin_secret_name",
     "network_policy_name",

@@ -9,7 +9,7 @@ NetworkPolicy.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from index_operator.resources.access import (
@@ -37,11 +37,19 @@ from index_operator.resources.common import (
     threads_env,
     tmp_volume,
 )
-from index_operator.spec import Index, Resources
+from index_operator.spec import Index, Model, Resources
 from index_runtime import contract
 from index_runtime.contract import Env, Role
 
 ENCODERS_KEY = "encoders.json"
+
+
+def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str, str]:
+    """Encoder specs of the models one index uses (``used``: its modelRef, the model it
+    serves, the running migration's target), never the namespace's other models: the
+    ConfigMap's hash is in the index's pod templates, so a model another index uses must not
+    roll this index's pods (a writer restart is a write outage) nor pick its image."""
+    return {n: models[n].encoder for n in sorted(set(used)) if n in models}
 
 
 def desired_config(ix: Index, encoders: Mapping[str, str]) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""Each index's ConfigMap holds only the models it uses: an EmbeddingModel change rolls only
+the pods of the indexes that use that model, and a bundled model of another index does not
+switch this index to the jobs (torch) image. Driven through ``Controller.reconcile_index``
+with a recording API client, so what is checked is what the operator applies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from index_operator import resources as res
+from index_operator.controller import Controller, OperatorConfig
+from index_operator.resources.common import config_name
+from index_operator.resources.workloads import ENCODERS_KEY
+from index_operator.spec import Model
+from index_runtime.contract import Role
+
+
+class RecordingKube:
+    """Stores what is applied; the Secrets read back so tokens stay the same between passes."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+
+    async def apply(self, obj: Mapping[str, Any]) -> str:
+        self.objects[(obj["kind"], obj["metadata"]["name"])] = json.loads(json.dumps(obj))
+        return "applied"
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, name))
+
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        await self.apply(obj)
+        return True
+
+
+class NoRuntime:
+    """The writer answers but has the index already (no create action)."""
+
+    async def status(self, url: str, index: str, token: str) -> dict[str, Any] | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _index(name: str, model: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "driftless.dev/v1alpha1",
+        "kind": "VectorIndex",
+        "metadata": {"name": name, "namespace": "search", "uid": f"u-{name}", "generation": 1},
+        "spec": {"modelRef": {"name": model}, "storage": {"bucket": "bkt"}},
+    }
+
+
+def _models(**encoders: str) -> dict[str, Model]:
+    return {n: Model(n, 384, "cosine", e) for n, e in encoders.items()}
+
+
+def _pod_templates(
+    ctl: Controller, body: dict[str, Any], models: dict[str, Model], target: str = ""
+) -> dict[Any, Any]:
+    kube: Any = ctl.kube
+    asyncio.run(ctl.reconcile_index(body, models, "mig" if target else "", target))
+    specs = {k: v.get("spec") or {} for k, v in kube.objects.items()}
+    out: dict[Any, Any] = {k: s["template"] for k, s in specs.items() if "template" in s}
+    out["config"] = kube.objects[("ConfigMap", config_name(body["metadata"]["name"]))]
+    return out
+
+
+def _controller() -> Controller:
+    ctl = Controller(OperatorConfig())
+    ctl.kube = RecordingKube()  # type: ignore[assignment]
+    ctl.runtime = NoRuntime()  # type: ignore[assignment]
+    return ctl
+
+
+HTTP_A = "http://enc-a.search.svc:8080#a"
+HTTP_B = "http://enc-b.search.svc:8080#b"
+
+
+def test_changing_a_model_another_index_uses_leaves_this_index_untouched() -> None:
+    ctl = _controller()
+    b = _index("b", "model-b")
+    before = _pod_templates(ctl, b, _models(**{"model-a": HTTP_A, "model-b": HTTP_B}))
+    # index a's model is edited (a new endpoint) and a bundled model appears in the namespace
+    changed = _models(**{"model-a": HTTP_A + "2", "model-b": HTTP_B, "e5": "e5-small-v2"})
+    after = _pod_templates(ctl, b, changed)
+    assert after == before  # no rollout of b's writer, readers or shadow
+    assert json.loads(after["config"]["data"][ENCODERS_KEY]) == {"model-b": HTTP_B}
+    images = {c["image"] for t in after.values() if "spec" in t for c in t["spec"]["containers"]}
+    assert images == {ctl.config.cluster.runtime_image}  # not the torch image
+
+
+def test_a_running_migration_adds_its_target_and_the_bundled_image_follows() -> None:
+    ctl = _controller()
+    b = _index("b", "model-b")
+    models = _models(**{"model-b": HTTP_B, "e5": "e5-small-v2", "other": HTTP_A})
+    during = _pod_templates(ctl, b, models, target="e5")
+    assert json.loads(during["config"]["data"][ENCODERS_KEY]) == {
+        "e5": "e5-small-v2",
+        "model-b": HTTP_B,
+    }
+    writer = during[("StatefulSet", res.service_name("b", Role.WRITER))]
+    assert writer["spec"]["containers"][0]["image"] == ctl.config.cluster.jobs_image
