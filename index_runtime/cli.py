@@ -36,6 +36,17 @@ def set_omp_threads(n: int) -> None:
         sys.modules["faiss"].omp_set_num_threads(n)
 
 
+def omp_threads(flag: int | None, env: Mapping[str, str]) -> int:
+    """Threads per query worker: ``--omp-threads``, else ``OMP_NUM_THREADS`` (in a cluster the
+    operator sets it from the container's CPU limit), else 1; at least 1."""
+    if flag is not None:
+        return max(1, flag)
+    try:
+        return max(1, int(env.get(Env.OMP_THREADS, "") or 1))
+    except ValueError:
+        return 1
+
+
 def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "driftless"
 
@@ -179,7 +190,7 @@ def serve_config(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    set_omp_threads(args.omp_threads)  # 1 per query worker: concurrency comes from workers
+    set_omp_threads(omp_threads(args.omp_threads, os.environ))
     import uvicorn
 
     from index_runtime.service.app import create_app
@@ -383,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="readers: the shadow service to mirror sampled queries to",
     )
     s.add_argument("--tick", type=float, default=0.5, help="maintenance loop period (s)")
-    s.add_argument("--omp-threads", type=int, default=1, help="OpenMP threads per query worker")
+    s.add_argument(
+        "--omp-threads",
+        type=int,
+        default=None,
+        help="OpenMP threads per query worker (default: OMP_NUM_THREADS, else 1)",
+    )
     s.add_argument("--grace", type=float, default=25.0, help="graceful shutdown budget (s)")
     s.add_argument(
         "--tokens-file",

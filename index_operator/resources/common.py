@@ -158,11 +158,12 @@ def storage_env(ix: Index) -> list[dict[str, Any]]:
     return env
 
 
-def threads_env(res: Resources, query_path: bool) -> dict[str, Any]:
-    """Query pods run 1 OpenMP thread per worker (measured: more is slower at batch 1);
-    Jobs use their CPU limit."""
-    n = 1 if query_path else contract.thread_count(res.cpu_limit_millicores())
-    return {"name": Env.OMP_THREADS.value, "value": str(n)}
+def threads_env(res: Resources) -> list[dict[str, Any]]:
+    """OpenMP (FAISS) and MKL (numpy, torch) threads follow the container's CPU limit, as the
+    CRD says: its whole cores, at least 1 (more threads than the cores the limit grants are
+    throttled and made FAISS several times slower on 2 cores)."""
+    n = str(contract.thread_count(res.cpu_limit_millicores()))
+    return [{"name": Env.OMP_THREADS.value, "value": n}, {"name": Env.MKL_THREADS.value, "value": n}]
 
 
 def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:

@@ -25,13 +25,19 @@ from index_operator.resources.common import (
     threads_env,
     tmp_volume,
 )
-from index_operator.spec import JOB_POD, Index, Migration, Ref
+from index_operator.spec import JOB_POD, POLL_JOB_POD, Index, Migration, Ref, Resources
 from index_runtime import contract
 from index_runtime.contract import Env, ExitCode, JobKind, Role, Scope
 
 
 def job_name(owner: str, kind: JobKind, seq: int | None = None) -> str:
     return dns_name(owner, kind.value, "" if seq is None else str(seq))
+
+
+def job_resources(kind: JobKind) -> Resources:
+    """The purge deletes objects itself and the backfill may encode in its pod: they keep
+    JOB_POD; the others only drive the writer's admin API and poll it."""
+    return JOB_POD if kind in (JobKind.PURGE, JobKind.BACKFILL) else POLL_JOB_POD
 
 
 def _job_pod(
@@ -46,7 +52,7 @@ def _job_pod(
     env: list[dict[str, Any]] = [
         {"name": Env.INDEX.value, "value": ix.ref.name},
         {"name": Env.JOB_SPEC.value, "value": json.dumps(dict(spec), sort_keys=True)},
-        threads_env(JOB_POD, query_path=False),
+        *threads_env(job_resources(kind)),
     ]
     if kind is JobKind.PURGE:
         env += storage_env(ix)
@@ -70,7 +76,7 @@ def _job_pod(
                 "imagePullPolicy": cl.pull_policy,
                 "command": contract.job_command(kind),
                 "env": env,
-                "resources": JOB_POD.to_k8s(),
+                "resources": job_resources(kind).to_k8s(),
                 "securityContext": container_security(),
                 "volumeMounts": [mount, *mounts],
             }

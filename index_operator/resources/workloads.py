@@ -42,6 +42,7 @@ from index_runtime import contract
 from index_runtime.contract import Env, Role
 
 ENCODERS_KEY = "encoders.json"
+PROBE_TIMEOUT_S = 5
 
 
 def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str, str]:
@@ -66,7 +67,9 @@ def _probes() -> dict[str, Any]:
     port = contract.PORT_NAME
 
     def get(path: str) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": port}}
+        # the health endpoints answer on the event loop (not the search thread pool), but a
+        # loaded node still delays them: Kubernetes' 1 s default timeout restarted busy pods
+        return {"httpGet": {"path": path, "port": port}, "timeoutSeconds": PROBE_TIMEOUT_S}
 
     return {
         # loading index files can take minutes on a large index: startup gets 10 minutes
@@ -112,7 +115,7 @@ def _pod(
         {"name": Env.INDEX.value, "value": ix.ref.name},
         *storage_env(ix),
         *token_env,
-        threads_env(res, query_path=True),
+        *threads_env(res),
         {
             "name": Env.ENCODERS.value,
             "valueFrom": {

@@ -295,12 +295,15 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
     app.add_middleware(AuthMiddleware, engine=engine, routes=lambda: app.routes)
 
+    # async and non-blocking on purpose: FastAPI runs `def` endpoints in anyio's thread pool
+    # (40 threads), the pool search, upserts and fetches use. A saturated pool made the
+    # probes time out and the kubelet restart a pod that was only busy.
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> Response:
+    async def readyz() -> Response:
         if engine.closing:
             return _error(503, "ShuttingDown", "the server is shutting down")
         return JSONResponse({"status": "ready", "indexes": sorted(engine.runtimes)})

@@ -102,7 +102,7 @@ def test_every_object_is_valid_and_follows_the_conventions(obj: dict[str, Any]) 
         assert not any(t in json.dumps(obj) for t in TOKENS.by_scope.values())
 
 
-def test_runtime_pods_have_probes_and_one_thread_jobs_use_their_cpu_limit() -> None:
+def test_runtime_pods_have_probes_and_threads_follow_every_cpu_limit() -> None:
     by_name = {
         o["metadata"]["name"]: o
         for o in OBJECTS
@@ -114,10 +114,9 @@ def test_runtime_pods_have_probes_and_one_thread_jobs_use_their_cpu_limit() -> N
     assert (
         reader["startupProbe"]["failureThreshold"] * reader["startupProbe"]["periodSeconds"] >= 300
     )
-    assert {"name": "OMP_NUM_THREADS", "value": "1"} in reader["env"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert reader[probe]["timeoutSeconds"] >= 3  # the 1 s default failed on busy nodes
     assert reader["resources"]["limits"]["cpu"] == "1"  # from the example's spec
-    train = by_name["docs-train-4"]["spec"]["template"]["spec"]["containers"][0]
-    assert {"name": "OMP_NUM_THREADS", "value": "2"} in train["env"]  # JOB_POD's 2-CPU limit
     assert by_name["docs-writer"]["spec"]["replicas"] == 1
     assert (
         by_name["docs-writer"]["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"][
@@ -227,3 +226,57 @@ def test_pods_with_bundled_encoders_use_the_jobs_image() -> None:
 
     assert images({"minilm": "all-MiniLM-L6-v2"}) == {CL.jobs_image}
     assert images({"remote": "http://emb.ml.svc:8000/v1#m"}) == {CL.runtime_image}
+
+
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for pod in _pods(obj) for c in pod["containers"]]
+
+
+@pytest.mark.parametrize(
+    ("cpu", "threads"), [("2", "2"), ("2500m", "2"), ("1", "1"), ("500m", "1"), (None, "1")]
+)
+def test_omp_and_mkl_threads_follow_the_cpu_limit_of_every_pod(
+    cpu: str | None, threads: str
+) -> None:
+    limits = {"cpu": cpu} if cpu else {}
+    res_spec = {"resources": {"limits": limits}}
+    body = _cr("vectorindex.yaml")
+    body["spec"] = {**body["spec"], "writer": res_spec, "readers": res_spec, "shadow": res_spec}
+    ix = Index.parse(body)
+    pods = [o for o in res.desired_objects(ix, CL, {}, TOKENS) if _pods(o)]
+    assert {o["kind"] for o in pods} == {"StatefulSet", "Deployment"}
+    for c in (c for o in pods for c in _containers(o)):
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads, c["name"]
+
+
+def test_jobs_that_poll_the_writer_are_small_and_heavy_ones_keep_their_resources() -> None:
+    jobs = [o for o in OBJECTS if o["kind"] in ("Job", "CronJob")]
+    kinds = set()
+    for obj in jobs:
+        (c,) = _containers(obj)
+        kinds.add(c["name"])
+        req, lim = c["resources"]["requests"], c["resources"]["limits"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        cores = max(1, int(quantity(lim["cpu"])))
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(cores)
+        if c["name"] in (JobKind.PURGE.value, JobKind.BACKFILL.value):
+            assert quantity(req["cpu"]) >= 1 and quantity(req["memory"]) >= 2 * 2**30
+        else:  # train, compact, the migration gate: start an operation, then poll it
+            assert quantity(req["cpu"]) <= 0.1 and quantity(req["memory"]) <= 128 * 2**20
+            assert quantity(lim["memory"]) <= 256 * 2**20
+    assert kinds == {k.value for k in JobKind}
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "threads"),
+    [(None, {}, 1), (None, {"OMP_NUM_THREADS": "2"}, 2), (3, {"OMP_NUM_THREADS": "2"}, 3),
+     (None, {"OMP_NUM_THREADS": "x"}, 1), (0, {}, 1)],
+)
+def test_serve_takes_its_threads_from_the_pods_environment(
+    flag: int | None, env: dict[str, str], threads: int
+) -> None:
+    from index_runtime.cli import build_parser, omp_threads
+
+    args = build_parser().parse_args(["serve"] + ([] if flag is None else ["--omp-threads", str(flag)]))
+    assert omp_threads(args.omp_threads, env) == threads
