@@ -32,7 +32,7 @@ from index_operator.reconcile.migration import (
     plan_migration,
 )
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
-from index_operator.spec import Index, Migration, Model, SpecError
+from index_operator.spec import Index, Migration, Model, PodOptions, SpecError
 from index_runtime.contract import JobKind, Role, Scope
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.settings import IndexSettings
@@ -55,6 +55,7 @@ class OperatorConfig:
             pull_policy=env.get("DRIFTLESS_IMAGE_PULL_POLICY", res.Cluster.pull_policy),
             monitoring=env.get("DRIFTLESS_SERVICE_MONITORS", "false") == "true",
             network_policy=network_policy_from_env(env),
+            pod_defaults=PodOptions.parse(json.loads(env.get("DRIFTLESS_POD_DEFAULTS") or "{}")),
         )
         return OperatorConfig(
             cl,

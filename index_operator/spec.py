@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 GROUP = "driftless.dev"
@@ -72,6 +72,63 @@ JOB_POD = Resources({"cpu": "1", "memory": "2Gi"}, {"cpu": "2", "memory": "4Gi"}
 # Jobs that only start an operation in the writer and poll it over HTTP (train, compact, the
 # migration gate): an interpreter and urllib, 23 MiB RSS measured
 POLL_JOB_POD = Resources({"cpu": "50m", "memory": "128Mi"}, {"cpu": "500m", "memory": "256Mi"})
+
+
+@dataclass(frozen=True)
+class PodOptions:
+    """Scheduling and pull settings of the pods the operator makes (the chart's
+    ``workloads`` values, a VectorIndex's or ModelMigration's ``spec.pods``), kept as the
+    Kubernetes JSON they are copied into. Fields left unset (None) inherit; set ones replace
+    the inherited value whole (an empty list or map clears it)."""
+
+    image_pull_secrets: tuple[Mapping[str, Any], ...] | None = None
+    node_selector: Mapping[str, str] | None = None
+    tolerations: tuple[Mapping[str, Any], ...] | None = None
+    affinity: Mapping[str, Any] | None = None
+    priority_class_name: str | None = None
+
+    @staticmethod
+    def parse(d: Mapping[str, Any] | None) -> PodOptions:
+        d = d or {}
+        secrets, tolerations = d.get("imagePullSecrets"), d.get("tolerations")
+        selector, affinity = d.get("nodeSelector"), d.get("affinity")
+        prio = d.get("priorityClassName")
+        return PodOptions(
+            None if secrets is None else tuple(dict(s) for s in secrets),
+            None if selector is None else {str(k): str(v) for k, v in selector.items()},
+            None if tolerations is None else tuple(dict(t) for t in tolerations),
+            None if affinity is None else dict(affinity),
+            None if prio is None else str(prio),
+        )
+
+    def over(self, base: PodOptions) -> PodOptions:
+        """These options, each unset field taken from ``base``."""
+        return PodOptions(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(astuple_shallow(self), astuple_shallow(base), strict=True)
+            )
+        )
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The pod spec fields (only those that are set and not empty)."""
+        out: dict[str, Any] = {}
+        if self.image_pull_secrets:
+            out["imagePullSecrets"] = [dict(s) for s in self.image_pull_secrets]
+        if self.node_selector:
+            out["nodeSelector"] = dict(self.node_selector)
+        if self.tolerations:
+            out["tolerations"] = [dict(t) for t in self.tolerations]
+        if self.affinity:
+            out["affinity"] = dict(self.affinity)
+        if self.priority_class_name:
+            out["priorityClassName"] = self.priority_class_name
+        return out
+
+
+def astuple_shallow(obj: Any) -> tuple[Any, ...]:
+    """A dataclass's field values, not copied (``dataclasses.astuple`` deep-copies)."""
+    return tuple(getattr(obj, f.name) for f in fields(obj))
 
 
 @dataclass(frozen=True)
@@ -151,6 +208,7 @@ class Index:
     compaction_schedule: str
     compaction_deleted_ratio: float
     compaction_max_segments: int
+    pods: PodOptions = field(default_factory=PodOptions)  # spec.pods (over the operator's defaults)
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -187,6 +245,7 @@ class Index:
             compaction_schedule=str(comp.get("schedule", "17 * * * *")),
             compaction_deleted_ratio=float(comp.get("deletedRatio", 0.2)),
             compaction_max_segments=int(comp.get("maxSegments", 64)),
+            pods=PodOptions.parse(spec.get("pods")),
         )
 
 
@@ -258,6 +317,7 @@ class Migration:
     cutover_approved: bool
     cutover_force: bool
     rollback: bool
+    pods: PodOptions = field(default_factory=PodOptions)  # spec.pods (over the index's, over the defaults)
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Migration:
@@ -283,6 +343,7 @@ class Migration:
             cutover_approved=bool(co.get("approved", False)),
             cutover_force=bool(co.get("force", False)),
             rollback=bool(spec.get("rollback", False)),
+            pods=PodOptions.parse(spec.get("pods")),
         )
 
     def gate_request(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from index_operator.spec import API_VERSION, Index, Ref, Resources
+from index_operator.spec import API_VERSION, Index, PodOptions, Ref, Resources
 from index_runtime import contract
 from index_runtime.contract import Env
 
@@ -37,9 +37,14 @@ class NetworkPolicyConfig:
 class Cluster:
     """Installation-wide settings of the operator (from its Deployment's environment)."""
 
-    runtime_image: str = "driftless-runtime:0.1.0"
-    jobs_image: str = "driftless-jobs:0.1.0"
+    # fully qualified: a short name resolves against docker.io, or is refused where the
+    # container runtime enforces qualified names (CRI-O, Podman's short-name mode)
+    runtime_image: str = "ghcr.io/driftless/driftless-runtime:0.1.0"
+    jobs_image: str = "ghcr.io/driftless/driftless-jobs:0.1.0"
     pull_policy: str = "IfNotPresent"
+    # imagePullSecrets, nodeSelector, tolerations, affinity, priorityClassName of every pod
+    # (the chart's `workloads` values); a CR's spec.pods overrides them field by field
+    pod_defaults: PodOptions = field(default_factory=PodOptions)
     monitoring: bool = False  # the monitoring.coreos.com API exists: build ServiceMonitors
     job_deadline_s: int = 6 * 3600
     job_ttl_s: int = 24 * 3600
@@ -113,6 +118,15 @@ def pod_security() -> dict[str, Any]:
         "fsGroup": UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def pod_options(cl: Cluster, *layers: PodOptions) -> dict[str, Any]:
+    """Scheduling and pull fields of a pod spec: the first layer that sets a field wins
+    (a migration's, then the index's), else the installation's default."""
+    opts = cl.pod_defaults
+    for layer in reversed(layers):
+        opts = layer.over(opts)
+    return opts.to_k8s()
 
 
 def pod_identity(ix: Index) -> dict[str, Any]:

@@ -19,13 +19,22 @@ from index_operator.resources.common import (
     labels,
     metadata,
     pod_identity,
+    pod_options,
     pod_security,
     service_url,
     storage_env,
     threads_env,
     tmp_volume,
 )
-from index_operator.spec import JOB_POD, POLL_JOB_POD, Index, Migration, Ref, Resources
+from index_operator.spec import (
+    JOB_POD,
+    POLL_JOB_POD,
+    Index,
+    Migration,
+    PodOptions,
+    Ref,
+    Resources,
+)
 from index_runtime import contract
 from index_runtime.contract import Env, ExitCode, JobKind, Role, Scope
 
@@ -47,7 +56,9 @@ def _job_pod(
     spec: Mapping[str, Any],
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
+    pods: PodOptions | None = None,
 ) -> dict[str, Any]:
+    """``pods``: a migration's pod options (over the index's)."""
     vol, mount = tmp_volume()
     env: list[dict[str, Any]] = [
         {"name": Env.INDEX.value, "value": ix.ref.name},
@@ -68,6 +79,7 @@ def _job_pod(
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit, podFailurePolicy)
         "securityContext": pod_security(),
         **pod_identity(ix),
+        **pod_options(cl, *((pods,) if pods else ()), ix.pods),
         "containers": [
             {
                 "name": kind.value,
@@ -115,9 +127,11 @@ def desired_job(
     name: str,
     owner: Ref,
     spec: Mapping[str, Any] | None = None,
+    pods: PodOptions | None = None,
 ) -> dict[str, Any]:
-    """A Job of ``kind`` for index ``ix``, owned by ``owner`` (the index or a migration)."""
-    pod = _job_pod(ix, cl, kind, spec or {}, [], [])
+    """A Job of ``kind`` for index ``ix``, owned by ``owner`` (the index or a migration,
+    whose ``pods`` options then apply over the index's)."""
+    pod = _job_pod(ix, cl, kind, spec or {}, [], [], pods)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -140,7 +154,7 @@ def desired_gate_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, Any]:
             }
         )
         mounts.append({"name": "labelled", "mountPath": contract.LABELLED_DIR, "readOnly": True})
-    pod = _job_pod(ix, cl, JobKind.MIGRATE, mig.gate_request(), volumes, mounts)
+    pod = _job_pod(ix, cl, JobKind.MIGRATE, mig.gate_request(), volumes, mounts, mig.pods)
     if mig.labelled_configmap:
         path = f"{contract.LABELLED_DIR}/{contract.LABELLED_FILE}"
         pod["spec"]["containers"][0]["env"].append({"name": Env.LABELLED_FILE.value, "value": path})
@@ -160,7 +174,7 @@ def desired_backfill_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, An
     resumes where the last one stopped. One completion today: the rows are rewritten by the
     single writer (see docs/architecture.md for sharding the encoding across completions)."""
     job = desired_job(
-        ix, cl, JobKind.BACKFILL, job_name(mig.ref.name, JobKind.BACKFILL), mig.ref, {}
+        ix, cl, JobKind.BACKFILL, job_name(mig.ref.name, JobKind.BACKFILL), mig.ref, {}, mig.pods
     )
     job["metadata"]["labels"]["app.kubernetes.io/component"] = "job-backfill"
     job["spec"].update({"completionMode": "Indexed", "completions": 1, "parallelism": 1})

@@ -29,6 +29,7 @@ from index_operator.resources.common import (
     labels,
     metadata,
     pod_identity,
+    pod_options,
     pod_security,
     selector,
     service_name,
@@ -128,6 +129,7 @@ def _pod(
         "securityContext": pod_security(),
         "terminationGracePeriodSeconds": 30,  # the runtime flushes within its 25 s grace
         **pod_identity(ix),
+        **pod_options(cl, ix.pods),
         "containers": [
             {
                 "name": role.value,

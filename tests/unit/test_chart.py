@@ -52,6 +52,20 @@ EVERYTHING_ON = {
     "podDisruptionBudget": {"enabled": True},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}},
     "imagePullSecrets": [{"name": "regcred"}],
+    "workloads": {
+        "nodeSelector": {"pool": "search"},
+        "tolerations": [{"key": "search", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "arch", "operator": "In", "values": ["amd64"]}]}
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "search-critical",
+    },
 }
 CASES = {
     "default": ({}, ()),
@@ -156,9 +170,9 @@ def test_operator_deployment_is_a_single_recreated_pod_with_its_settings() -> No
     c = pod["containers"][0]
     env = {e["name"]: e["value"] for e in c["env"]}
     version = index_runtime.__version__
-    assert c["image"] == f"driftless-operator:{version}"
-    assert env["DRIFTLESS_RUNTIME_IMAGE"] == f"driftless-runtime:{version}"
-    assert env["DRIFTLESS_JOBS_IMAGE"] == f"driftless-jobs:{version}"
+    assert c["image"] == f"ghcr.io/driftless/driftless-operator:{version}"
+    assert env["DRIFTLESS_RUNTIME_IMAGE"] == f"ghcr.io/driftless/driftless-runtime:{version}"
+    assert env["DRIFTLESS_JOBS_IMAGE"] == f"ghcr.io/driftless/driftless-jobs:{version}"
     assert env["DRIFTLESS_WATCH_NAMESPACE"] == "search,ml"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
@@ -170,12 +184,74 @@ def test_operator_deployment_is_a_single_recreated_pod_with_its_settings() -> No
     assert watch_namespaces([], env) == ["search", "ml"]
     assert watch_namespaces(["x"], env) == ["x"] and watch_namespaces([], {}) == ["default"]
     cfg = OperatorConfig.from_env(env)
-    assert cfg.cluster.runtime_image == f"driftless-runtime:{version}" and cfg.cluster.monitoring
+    assert cfg.cluster.runtime_image == env["DRIFTLESS_RUNTIME_IMAGE"] and cfg.cluster.monitoring
     wide = next(o for o in objects(RENDERED["cluster-wide"]) if o["kind"] == "Deployment")
     wc = wide["spec"]["template"]["spec"]["containers"][0]
     assert "--all-namespaces" in wc["args"] and "DRIFTLESS_WATCH_NAMESPACE" not in {
         e["name"] for e in wc["env"]
     }
+
+
+def _qualified(image: str) -> bool:
+    """registry host (with a dot or a port) / repository : tag"""
+    host, _, rest = image.partition("/")
+    return ("." in host or ":" in host) and ":" in rest.rsplit("/", 1)[-1]
+
+
+@pytest.mark.parametrize("case", ["default", "everything on"])
+def test_every_child_pod_gets_the_charts_scheduling_and_pull_settings(case: str) -> None:
+    """values -> the operator's environment -> OperatorConfig -> every pod it builds."""
+    from index_operator import resources as res
+    from index_operator.controller import OperatorConfig
+    from index_operator.spec import Index, Migration
+    from index_runtime.contract import JobKind, Scope
+
+    values = CASES[case][0]
+    _, env = _operator(case)
+    cl = OperatorConfig.from_env(env).cluster
+    assert _qualified(cl.runtime_image) and _qualified(cl.jobs_image)
+    meta = {"namespace": "search", "uid": "u", "generation": 1}
+    ix = Index.parse(
+        {
+            "kind": "VectorIndex",
+            "metadata": {"name": "docs", **meta},
+            "spec": {"modelRef": {"name": "m"}, "storage": {"bucket": "bkt"}},
+        }
+    )
+    mig = Migration.parse(
+        {
+            "kind": "ModelMigration",
+            "metadata": {"name": "up", **meta},
+            "spec": {"indexRef": {"name": "docs"}, "targetModelRef": {"name": "n"}},
+        }
+    )
+    tokens = res.Tokens({s: "t" for s in Scope})
+    objs = [
+        *res.desired_objects(ix, cl, {}, tokens),
+        res.desired_compaction_cronjob(ix, cl),
+        *(res.desired_job(ix, cl, k, res.job_name("docs", k, 1), ix.ref) for k in JobKind),
+        res.desired_gate_job(ix, mig, cl),
+        res.desired_backfill_job(ix, mig, cl),
+    ]
+    pods = {}
+    for o in objs:
+        spec = o.get("spec") or {}
+        if "jobTemplate" in spec:
+            spec = spec["jobTemplate"]["spec"]
+        if "template" in spec:
+            pods[f"{o['kind']}/{o['metadata']['name']}"] = spec["template"]["spec"]
+    assert {k.split("/")[0] for k in pods} == {"StatefulSet", "Deployment", "Job", "CronJob"}
+    work = values.get("workloads", {})
+    expect = {
+        "imagePullSecrets": values.get("imagePullSecrets"),
+        "nodeSelector": work.get("nodeSelector"),
+        "tolerations": work.get("tolerations"),
+        "affinity": work.get("affinity"),
+        "priorityClassName": work.get("priorityClassName"),
+    }
+    for name, pod in pods.items():
+        assert {k: pod.get(k) for k in expect} == expect, name
+        assert all(_qualified(c["image"]) for c in pod["containers"]), name
 
 
 def _operator(case: str) -> tuple[dict[str, Any], dict[str, str]]:

@@ -280,3 +280,39 @@ def test_serve_takes_its_threads_from_the_pods_environment(
 
     args = build_parser().parse_args(["serve"] + ([] if flag is None else ["--omp-threads", str(flag)]))
     assert omp_threads(args.omp_threads, env) == threads
+
+
+def test_spec_pods_override_the_defaults_field_by_field() -> None:
+    from index_operator.spec import PodOptions
+
+    defaults = PodOptions.parse(
+        {
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "general"},
+            "priorityClassName": "low",
+        }
+    )
+    cl = res.Cluster(pod_defaults=defaults)
+    body = _cr("vectorindex.yaml")
+    toleration = {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}
+    body["spec"] = {**body["spec"], "pods": {"nodeSelector": {}, "tolerations": [toleration]}}
+    ix = Index.parse(body)
+    mbody = _cr("modelmigration.yaml", "u-2")
+    mbody["spec"] = {**mbody["spec"], "pods": {"priorityClassName": "batch"}}
+    mig = Migration.parse(mbody)
+    index_pods = [
+        *(o for o in res.desired_objects(ix, cl, {}, TOKENS) if _pods(o)),
+        res.desired_compaction_cronjob(ix, cl),
+        res.desired_job(ix, cl, JobKind.TRAIN, "t", ix.ref),
+    ]
+    for obj in index_pods:
+        (pod,) = _pods(obj)
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]  # inherited
+        assert "nodeSelector" not in pod  # cleared by the index
+        assert pod["tolerations"] == [toleration] and pod["priorityClassName"] == "low"
+        kv.validate(obj, K8S, strict=True)
+    for obj in (res.desired_gate_job(ix, mig, cl), res.desired_backfill_job(ix, mig, cl)):
+        (pod,) = _pods(obj)
+        assert pod["priorityClassName"] == "batch"  # the migration's own
+        assert pod["tolerations"] == [toleration]  # the index's
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
