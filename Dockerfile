@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Three images from one file (docs/architecture.md, "Images"):
 #   operator  kopf + the Kubernetes client + numpy; no torch, no FAISS
 #   runtime   the data plane: FAISS, numpy, pyarrow, boto3, the API server (adapters in numpy)

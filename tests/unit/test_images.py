@@ -58,3 +58,64 @@ def test_the_operator_imports_no_data_plane_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_parser_directive_needs_a_registry() -> None:
+    """`# syntax=` makes BuildKit pull a frontend image from a registry before building: the
+    builds here (buildah, no registry) must not depend on one."""
+    head = DOCKERFILE.read_text().splitlines()[:5]
+    assert not [line for line in head if re.match(r"#\s*(syntax|check)\s*=", line, re.I)]
+
+
+def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parent
+    directories decides; '!' re-includes; '*' stays within a path segment, '**' spans them."""
+
+    def regex(p: str) -> re.Pattern[str]:
+        out = ""
+        i = 0
+        while i < len(p):
+            if p.startswith("**/", i):
+                out, i = out + "(.*/)?", i + 3
+            elif p.startswith("**", i):
+                out, i = out + ".*", i + 2
+            else:
+                out += {"*": "[^/]*", "?": "[^/]"}.get(p[i], re.escape(p[i]))
+                i += 1
+        return re.compile(out)
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        rx = regex(raw.removeprefix("!").strip("/"))
+        if any(rx.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_the_build_context_holds_only_what_the_dockerfile_copies() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    sources = [
+        src
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for src in line.split()[1:-1]
+    ]
+    assert sources  # the Dockerfile's own inputs are sent...
+    for src in sources:
+        probe = f"{src}/__init__.py" if (ROOT / src).is_dir() else src
+        assert not _dockerignore_excludes(patterns, probe), src
+    for path in (  # ...and nothing else: history, environments, caches, data, tests
+        ".git/config",
+        ".venv/bin/python",
+        "tests/conftest.py",
+        "bench/work/corpus.npy",
+        ".driftless/demo/manifests/1.json",
+        "index_runtime/__pycache__/cli.cpython-311.pyc",
+        "docs/architecture.md",
+        "Dockerfile",
+    ):
+        assert _dockerignore_excludes(patterns, path), path
