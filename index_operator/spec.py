@@ -208,7 +208,7 @@ class Index:
     compaction_schedule: str
     compaction_deleted_ratio: float
     compaction_max_segments: int
-    pods: PodOptions = field(default_factory=PodOptions)  # spec.pods (over the operator's defaults)
+    pods: PodOptions  # spec.pods (over the operator's defaults)
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -317,7 +317,7 @@ class Migration:
     cutover_approved: bool
     cutover_force: bool
     rollback: bool
-    pods: PodOptions = field(default_factory=PodOptions)  # spec.pods (over the index's, over the defaults)
+    pods: PodOptions  # spec.pods (over the index's, over the operator's defaults)
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Migration:

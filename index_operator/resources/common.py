@@ -177,7 +177,7 @@ def threads_env(res: Resources) -> list[dict[str, Any]]:
     CRD says: its whole cores, at least 1 (more threads than the cores the limit grants are
     throttled and made FAISS several times slower on 2 cores)."""
     n = str(contract.thread_count(res.cpu_limit_millicores()))
-    return [{"name": Env.OMP_THREADS.value, "value": n}, {"name": Env.MKL_THREADS.value, "value": n}]
+    return [{"name": v.value, "value": n} for v in (Env.OMP_THREADS, Env.MKL_THREADS)]
 
 
 def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:

@@ -59,7 +59,11 @@ EVERYTHING_ON = {
             "nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {
                     "nodeSelectorTerms": [
-                        {"matchExpressions": [{"key": "arch", "operator": "In", "values": ["amd64"]}]}
+                        {
+                            "matchExpressions": [
+                                {"key": "arch", "operator": "In", "values": ["amd64"]}
+                            ]
+                        }
                     ]
                 }
             }

@@ -105,3 +105,21 @@ def test_a_running_migration_adds_its_target_and_the_bundled_image_follows() -> 
     }
     writer = during[("StatefulSet", res.service_name("b", Role.WRITER))]
     assert writer["spec"]["containers"][0]["image"] == ctl.config.cluster.jobs_image
+
+
+def test_the_running_migrations_target_is_the_oldest_unfinished_ones() -> None:
+    """What the index timer passes as ``migration_target`` (kopf's index of migrations)."""
+    from index_operator.handlers import _running_target, migration_targets
+
+    def entry(name: str, created: str, target: str) -> Any:
+        body: Any = type("B", (), {"metadata": {"name": name, "creationTimestamp": created}})
+        spec = {"indexRef": {"name": "b"}, "targetModelRef": {"name": target}}
+        return migration_targets(body, spec, "search")
+
+    index: dict[Any, list[Any]] = {}
+    for name, created, target in (("second", "2026-01-02", "e5"), ("first", "2026-01-01", "bge")):
+        for key, value in entry(name, created, target).items():
+            index.setdefault(key, []).append(value)
+    kwargs = {"migration_targets": index}
+    assert _running_target(kwargs, "search", "b") == "bge"
+    assert _running_target(kwargs, "search", "other") == ""

@@ -278,7 +278,8 @@ def test_serve_takes_its_threads_from_the_pods_environment(
 ) -> None:
     from index_runtime.cli import build_parser, omp_threads
 
-    args = build_parser().parse_args(["serve"] + ([] if flag is None else ["--omp-threads", str(flag)]))
+    argv = ["serve"] + ([] if flag is None else ["--omp-threads", str(flag)])
+    args = build_parser().parse_args(argv)
     assert omp_threads(args.omp_threads, env) == threads
 
 
