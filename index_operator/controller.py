@@ -289,8 +289,17 @@ class Controller:
         status = plan.status
         if ix is None:
             return status, list(plan.events)
+        actions = list(plan.actions)
+        gate = [a for a in actions if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE]
+        if gate and res.awaits_encoder(writer, mig.target):
+            actions = [a for a in actions if a not in gate]  # the next pass starts it
+            status["reason"] = "WaitingForEncoder"
+            status["message"] = (
+                f"waiting for the writer of {mig.index!r} to restart with the encoder of "
+                f"{mig.target!r} (the index's ConfigMap gained it)"
+            )
         try:
-            await self._migration_actions(mig, ix, plan.actions, status, obs.now, token)
+            await self._migration_actions(mig, ix, actions, status, obs.now, token)
         except RuntimeError_ as exc:
             if exc.status not in REFUSED_TOKEN:
                 raise

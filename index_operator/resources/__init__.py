@@ -23,12 +23,13 @@ from index_operator.resources.jobs import (
     desired_job,
     job_name,
 )
-from index_operator.resources.workloads import desired_objects, index_encoders
+from index_operator.resources.workloads import awaits_encoder, desired_objects, index_encoders
 
 __all__ = [
     "Cluster",
     "NetworkPolicyConfig",
     "Tokens",
+    "awaits_encoder",
     "desired_backfill_job",
     "desired_compaction_cronjob",
     "desired_gate_job",

@@ -54,6 +54,15 @@ def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str
     return {n: models[n].encoder for n in sorted(set(used)) if n in models}
 
 
+def awaits_encoder(writer_status: Mapping[str, Any] | None, model: str) -> bool:
+    """Whether a migration to ``model`` must wait: the index's ConfigMap gains the target's
+    encoder when the migration appears, and the writer rolls onto it; until the writer lists
+    the model among its encoders a gate would be refused (no encoder). A writer that does not
+    report its encoders (older runtime) or is unreachable is not waited for here."""
+    encoders = (writer_status or {}).get("encoders")
+    return isinstance(encoders, list) and model not in encoders
+
+
 def desired_config(ix: Index, encoders: Mapping[str, str]) -> dict[str, Any]:
     """Encoder specs of every model the index needs (its own and a migration's target)."""
     return {

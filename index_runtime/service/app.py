@@ -526,7 +526,9 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     @app.get("/v1/indexes/{name}/status")
     def status(rt: Rt) -> dict[str, Any]:
-        return rt.status()
+        # the models this process can encode: the operator starts a migration's gate only
+        # once the writer (restarted with the index's new ConfigMap) lists the target
+        return {**rt.status(), "encoders": sorted(engine.encoders)}
 
     def accepted(rt: IndexRuntime, op: Operation, started: bool) -> dict[str, Any]:
         """202 body of a long operation: poll ``admin/operations/{operation}`` for its state.

@@ -123,3 +123,40 @@ def test_the_running_migrations_target_is_the_oldest_unfinished_ones() -> None:
     kwargs = {"migration_targets": index}
     assert _running_target(kwargs, "search", "b") == "bge"
     assert _running_target(kwargs, "search", "other") == ""
+
+
+class WriterStatus:
+    """The writer's status as the runtime reports it, with the encoders it was started with."""
+
+    def __init__(self, encoders: list[str]) -> None:
+        self.encoders = encoders
+
+    async def status(self, url: str, index: str, token: str) -> dict[str, Any] | None:
+        return {"model": "model-b", "encoders": list(self.encoders)}
+
+    async def close(self) -> None:
+        return None
+
+
+def test_the_gate_waits_until_the_writer_has_the_targets_encoder() -> None:
+    """The target joins the index's ConfigMap when the migration appears and the writer rolls
+    onto it: a gate started on the old writer would be refused (no encoder) and fail."""
+    ctl = _controller()
+    kube: Any = ctl.kube
+    asyncio.run(kube.apply(_index("b", "model-b")))
+    mig = {
+        "apiVersion": "driftless.dev/v1alpha1",
+        "kind": "ModelMigration",
+        "metadata": {"name": "to-e5", "namespace": "search", "uid": "m", "generation": 1},
+        "spec": {"indexRef": {"name": "b"}, "targetModelRef": {"name": "e5"}},
+    }
+    models = _models(**{"model-b": HTTP_B, "e5": HTTP_A})
+    runtime = WriterStatus(["model-b"])
+    ctl.runtime = runtime  # type: ignore[assignment]
+    status, _ = asyncio.run(ctl.reconcile_migration(mig, models, ""))
+    assert status["reason"] == "WaitingForEncoder"
+    assert not [k for k in kube.objects if k[0] == "Job"]
+    runtime.encoders.append("e5")  # the writer restarted with the new ConfigMap
+    status, _ = asyncio.run(ctl.reconcile_migration(mig, models, ""))
+    assert status["reason"] != "WaitingForEncoder"
+    assert [k for k in kube.objects if k[0] == "Job"] == [("Job", "to-e5-migrate")]
