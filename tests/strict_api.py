@@ -224,6 +224,7 @@ class StrictAPI(StricterEmulator):
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         for ns in self.namespaces.values():
             q.put_nowait({"type": "ADDED", "object": ns})
+        ls, fs = raw.query.get("labelSelector", ""), raw.query.get("fieldSelector", "")
         self._ns_watchers.append(q)
         loop = asyncio.get_running_loop()
         end = loop.time() + min(5.0, float(raw.query.get("timeoutSeconds") or 5))
@@ -233,6 +234,8 @@ class StrictAPI(StricterEmulator):
                     ev = await asyncio.wait_for(q.get(), left)
                 except TimeoutError:
                     break
+                if not selected(ev["object"], ls, fs):
+                    continue
                 await resp.write(json.dumps(ev).encode() + b"\n")
         finally:
             self._ns_watchers.remove(q)
