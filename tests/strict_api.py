@@ -255,7 +255,10 @@ class StrictAPI(StricterEmulator):
         if TABLE_MEDIA in accept and request.action in (action.LIST, action.FETCH):
             return self._table(request)
         try:
-            return await super()._handle(request)
+            resp = await super()._handle(request)
+            if request.action == action.CREATE and resp.status == 200 and not resp.prepared:
+                resp.set_status(201)  # Created, as the apiserver answers
+            return resp
         finally:
             if request.action in WRITES:
                 async with self._lock:
@@ -355,7 +358,6 @@ class StrictAPI(StricterEmulator):
             if selected(o, params.get("labelSelector", ""), params.get("fieldSelector", ""))
         ]
         if request.name is not None and not objs:
-            kind, _ = self._kind(res)
             return _reply(Rejection(404, "NotFound", f'{res.plural} "{request.name}" not found'))
         crd = self.crds.get((res.group, res.plural))
         cols = crd["spec"]["versions"][0].get("additionalPrinterColumns") if crd else None

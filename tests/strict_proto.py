@@ -88,7 +88,8 @@ def decode(body: bytes) -> dict[str, Any]:
         string_data = _map([v for n, v in fs if n == 4])
         obj.update({"data": data} if data else {})
         obj.update({"stringData": string_data} if string_data else {})
-        obj.update({"type": v.decode() for n, v in fs if n == 3})
+        types = [v.decode() for n, v in fs if n == 3]
+        obj.update({"type": types[-1]} if types else {})
     elif kind == "ConfigMap":
         data = _map([v for n, v in fs if n == 2])
         obj.update({"data": data} if data else {})

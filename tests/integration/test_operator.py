@@ -51,8 +51,8 @@ from tests.kube_harness import (
     kubectl_get,
     secret_value,
 )
-from tests.strict_api import StrictAPI
 from tests.service_helpers import TOKEN, TOKENS, free_port, query_load
+from tests.strict_api import StrictAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = [
