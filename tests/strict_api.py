@@ -44,6 +44,8 @@ from tests.strict_rules import (
     terminating,
 )
 from tests.strict_views import (
+    ALL_VERBS,
+    SHORT_NAMES,
     TABLE_MEDIA,
     list_body,
     openapi_group_version,
@@ -53,18 +55,6 @@ from tests.strict_views import (
 )
 
 PROTOBUF = "application/vnd.kubernetes.protobuf"
-SHORT_NAMES = {
-    "namespaces": "ns",
-    "configmaps": "cm",
-    "services": "svc",
-    "deployments": "deploy",
-    "statefulsets": "sts",
-    "cronjobs": "cj",
-    "poddisruptionbudgets": "pdb",
-    "networkpolicies": "netpol",
-    "events": "ev",
-}
-ALL_VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
 WRITES = (action.CREATE, action.UPDATE, action.DELETE)
 
 

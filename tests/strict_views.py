@@ -9,6 +9,20 @@ import re
 from typing import Any
 
 TABLE_MEDIA = "as=Table"
+# discovery: the short names kubectl users type for built-in kinds, and the verbs of a kind
+# declared without any (a resource without get/list is invisible to kubectl)
+SHORT_NAMES = {
+    "namespaces": "ns",
+    "configmaps": "cm",
+    "services": "svc",
+    "deployments": "deploy",
+    "statefulsets": "sts",
+    "cronjobs": "cj",
+    "poddisruptionbudgets": "pdb",
+    "networkpolicies": "netpol",
+    "events": "ev",
+}
+ALL_VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
 
 
 def list_body(kind: str, api_version: str, items: list[dict[str, Any]], rv: str) -> dict[str, Any]:

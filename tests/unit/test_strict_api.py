@@ -272,3 +272,20 @@ async def test_owned_objects_are_collected_and_lists_are_typed(
     assert (await api.delete(f"{VI}/docs")).status_code == 200
     assert (await api.get(f"{CM}/docs-config")).status_code == 404
     assert (await api.get(f"{CM}/mine")).status_code == 200
+
+
+@pytest.mark.kmock(cls=StrictAPI)
+@pytest.mark.asyncio
+async def test_status_subresource_and_strict_fields(api: httpx.AsyncClient, kmock: Any) -> None:
+    r = await api.post(VI, json=vi(typo=1), params={"fieldValidation": "Strict"})
+    assert r.status_code == 400 and 'unknown field "spec.typo"' in r.json()["message"]
+    assert (await api.post(VI, json=vi())).status_code == 201
+    both = {"spec": {"readers": {"replicas": 3}}, "status": {"phase": "Serving"}}
+    body = (await api.patch(f"{VI}/docs", json=both, headers=MERGE)).json()
+    assert body["spec"]["readers"]["replicas"] == 3 and "status" not in body  # main: no status
+    body = (await api.patch(f"{VI}/docs/status", json=both, headers=MERGE)).json()
+    assert body["status"]["phase"] == "Serving" and body["spec"]["readers"]["replicas"] == 3
+    again = {"spec": {"readers": {"replicas": 5}}, "status": {"phase": "Degraded"}}
+    body = (await api.patch(f"{VI}/docs/status", json=again, headers=MERGE)).json()
+    assert body["spec"]["readers"]["replicas"] == 3  # /status: only status
+    assert body["metadata"]["generation"] == 2  # one spec change
