@@ -26,6 +26,10 @@ tools:
 	@{ command -v promtool && command -v prometheus; } >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	@# Debian's kubernetes-client: kubectl runs the install walkthrough against the emulator
+	@command -v kubectl >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq kubernetes-client >/dev/null; }
 
 lint: $(DEPS)
 	$(BIN)/ruff check index_runtime index_operator tests bench

@@ -46,14 +46,13 @@ from tests.conftest import make_bucket
 from tests.integration.test_migration_service import D_NEW, D_OLD, W_NEW, W_OLD, corpus, encoder
 from tests.kube_harness import (
     JobRunner,
-    StricterEmulator,
     api_requests,
     find,
     kubectl_get,
-    register_resources,
     secret_value,
 )
 from tests.service_helpers import TOKEN, TOKENS, free_port, query_load
+from tests.strict_api import StrictAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = [
@@ -63,7 +62,7 @@ CRDS = [
 ]
 REQUESTS_FILE = ROOT / "tests" / "data" / "operator-api-requests.json"
 NS = "search"
-pytestmark = [pytest.mark.kmock(cls=StricterEmulator), pytest.mark.asyncio]
+pytestmark = [pytest.mark.kmock(cls=StrictAPI), pytest.mark.asyncio]
 
 
 @pytest.fixture
@@ -206,7 +205,8 @@ async def cluster(
     kmock: Any, runtime: tuple[str, Engine, str]
 ) -> AsyncIterator[tuple[Cluster, JobRunner]]:
     url, _, _ = runtime
-    register_resources(kmock, CRDS)
+    kmock.register(CRDS)
+    kmock.add_namespace(NS)
     put_secret(kmock, "s3", {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
     async with JobRunner(kmock, url) as runner:
         yield Cluster(kmock, url, runner), runner

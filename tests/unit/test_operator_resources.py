@@ -31,7 +31,7 @@ def _cr(path: str, uid: str = "u-1") -> dict[str, Any]:
 
 
 IX = Index.parse(_cr("vectorindex.yaml"))
-MIG = Migration.parse(_cr("modelmigration.yaml", "u-2"))
+MIG = Migration.parse(_cr("migration/modelmigration.yaml", "u-2"))
 NP = res.NetworkPolicyConfig(
     operator_namespace="driftless-system",
     operator_labels={"app.kubernetes.io/name": "driftless", "app.kubernetes.io/instance": "dl"},
