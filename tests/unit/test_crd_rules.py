@@ -49,7 +49,7 @@ def _children_fit(name: str) -> bool:
     ix = Index.parse(body)
     cl = res.Cluster(monitoring=True, network_policy=res.NetworkPolicyConfig())
     mig = Migration.parse(
-        {**_example("modelmigration.yaml"), "metadata": {"name": name, "namespace": "s"}}
+        {**_example("migration/modelmigration.yaml"), "metadata": {"name": name, "namespace": "s"}}
     )
     objs = [
         *res.desired_objects(ix, cl, {}, res.Tokens({s: "t" for s in Scope})),
@@ -168,7 +168,7 @@ PODS = {
 
 @pytest.mark.parametrize("kind", ["VectorIndex", "ModelMigration"])
 def test_spec_pods_is_accepted_and_checked(kind: str) -> None:
-    path = {"VectorIndex": "vectorindex.yaml", "ModelMigration": "modelmigration.yaml"}[kind]
+    path = {"VectorIndex": "vectorindex.yaml", "ModelMigration": "migration/modelmigration.yaml"}[kind]
     body = _example(path)
     body["spec"]["pods"] = PODS
     assert validate_cr(CRDS[kind], body) == []
@@ -185,7 +185,7 @@ def _refusals() -> list[str]:
     for case in CORPUS:
         base = next(
             dict(yaml.safe_load(p.read_text()))
-            for p in sorted((ROOT / "examples").glob("*.yaml"))
+            for p in sorted((ROOT / "examples").rglob("*.yaml"))
             if yaml.safe_load(p.read_text())["kind"] == case["kind"]
         )
         new = _merge(copy.deepcopy(base), case.get("patch", {}))
@@ -202,7 +202,7 @@ def _refusals() -> list[str]:
         _vi(writer={"storageClassName": "a"}),
         old=_vi(writer={"storageClassName": "b"}),
     )
-    mm = _example("modelmigration.yaml")
+    mm = _example("migration/modelmigration.yaml")
     for field, changed in (
         ("indexRef", {"name": "other"}),
         ("adapter", {"pairs": 12345}),

@@ -298,7 +298,7 @@ def test_spec_pods_override_the_defaults_field_by_field() -> None:
     toleration = {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}
     body["spec"] = {**body["spec"], "pods": {"nodeSelector": {}, "tolerations": [toleration]}}
     ix = Index.parse(body)
-    mbody = _cr("modelmigration.yaml", "u-2")
+    mbody = _cr("migration/modelmigration.yaml", "u-2")
     mbody["spec"] = {**mbody["spec"], "pods": {"priorityClassName": "batch"}}
     mig = Migration.parse(mbody)
     index_pods = [
