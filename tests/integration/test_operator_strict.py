@@ -46,12 +46,6 @@ async def until(cond: Any, timeout: float) -> bool:
     return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 (scope, CRD validation of names): a VectorIndex named with a leading "
-    "digit makes an invalid Service name (DNS-1035), one over ~45 characters a StatefulSet "
-    "revision label over 63; the CRD accepts both",
-)
 @pytest.mark.parametrize("name", ["1docs", "d" * 50], ids=["leading-digit", "50-chars"])
 async def test_index_names_that_cannot_name_its_children_are_refused(
     name: str, kmock: Any, runtime: tuple[str, Engine, str], moto_endpoint: str  # noqa: F811
@@ -64,12 +58,6 @@ async def test_index_names_that_cannot_name_its_children_are_refused(
     assert r.status_code == 422, r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 (scope, immutable storage): writer.walSize is mutable in the CRD but "
-    "lives in the StatefulSet's volumeClaimTemplates; the operator's patch gets 422 on "
-    "every tick",
-)
 async def test_a_wal_size_change_is_refused_or_carried_out(
     cluster: tuple[Cluster, JobRunner],  # noqa: F811
     runtime: tuple[str, Engine, str],  # noqa: F811
