@@ -192,12 +192,13 @@ class EncoderError(DriftlessError):
 class EncoderUnavailableError(EncoderError):
     """Transient: the encoder timed out, could not be reached, reset the connection, answered
     429 or 5xx, or its circuit breaker is open. Retrying later can succeed (``retry_after_s``:
-    the encoder's Retry-After, or the breaker's remaining cool-down)."""
+    the encoder's Retry-After, or the breaker's remaining cool-down; None when the encoder
+    gave no hint — the service's guard then answers with a Retry-After of its own)."""
 
     status = 503
     reason = "EncoderUnavailable"
 
-    def __init__(self, message: str, retry_after_s: float | None = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 

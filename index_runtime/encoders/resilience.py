@@ -26,7 +26,8 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from index_runtime.encoders import Encoder, Kind
@@ -98,8 +99,8 @@ class Guard:
 
     def call(self, fn: Callable[[], T], policy: RetryPolicy = REQUEST) -> T:
         """``fn()`` with retries of transient failures; raises the last error, classified."""
-        backoff = wait_exponential_jitter(
-            initial=policy.initial_s, max=policy.max_s, jitter=policy.jitter_s
+        backoff = wait_exponential(multiplier=policy.initial_s, max=policy.max_s) + wait_random(
+            0, policy.jitter_s
         )
 
         def wait(rs: RetryCallState) -> float:
@@ -114,7 +115,12 @@ class Guard:
             sleep=self.sleep,
             reraise=True,
         )
-        out: T = retrying(self._attempt, fn)
+        try:
+            out: T = retrying(self._attempt, fn)
+        except EncoderUnavailableError as exc:
+            if exc.retry_after_s is None:  # the 503's Retry-After: at least a second
+                exc.retry_after_s = max(1.0, policy.initial_s)
+            raise
         return out
 
     def _attempt(self, fn: Callable[[], T]) -> T:
