@@ -24,7 +24,7 @@ _rng = np.random.default_rng(0)
 W_OLD = _rng.normal(size=(VOCAB, 32))
 _ROT, _ = np.linalg.qr(_rng.normal(size=(32, 32)))
 WORDS = {"old": W_OLD, "new": W_OLD @ _ROT[:, :24]}
-QUERY_NOISE = {"old": 1.5, "new": 0.0}
+QUERY_NOISE = {"old": 2.5, "new": 0.0}
 
 
 def encode(model: str, texts: list[str], kind: str) -> npt.NDArray[np.float32]:

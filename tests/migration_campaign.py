@@ -55,14 +55,17 @@ TERMINAL = ("Succeeded", "Failed", "RolledBack")
 
 @dataclass(frozen=True)
 class Config:
-    rows: int = 3000  # corpus rows with text; keys 0 .. rows-1
-    labelled: int = 200  # keys 0 .. labelled-1: labelled queries' targets, never mutated
-    fresh: int = 600  # keys the mutators may create: rows .. rows+fresh-1
-    backfill_rate: float = 250.0  # rows/s: a backfill of ~rows/rate s
-    backfill_batch: int = 50
-    kills: tuple[int, int] = (1, 3)  # SIGKILLs per trial, uniform in [lo, hi]
+    rows: int = 1200  # corpus rows with text; keys 0 .. rows-1
+    labelled: int = 150  # keys 0 .. labelled-1: labelled queries' targets, never mutated
+    fresh: int = 300  # keys the mutators may create: rows .. rows+fresh-1
+    backfill_rate: float = 100.0  # rows/s: a backfill of ~rows/rate s
+    backfill_batch: int = 40
+    pairs: int = 600  # rows the gate samples
+    kills: tuple[int, int] = (1, 2)  # SIGKILLs per trial, uniform in [lo, hi]
     mutators: int = 2
-    timeout_s: float = 180.0
+    pause_s: float = 0.1  # between a client thread's requests
+    parallel: int = 2  # trials at once (each its own writer process)
+    timeout_s: float = 240.0
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Outcome:
     queries_failed: int = 0
     backfill_s: float = 0.0
     seconds: float = 0.0
+    timeline: list[tuple[str, float]] = field(default_factory=list)  # (event, s since start)
 
     @property
     def ok(self) -> bool:
@@ -153,9 +157,11 @@ class Mutator(threading.Thread):
     """Upserts (new text versions) and deletes on its own keys, one op at a time; each op is
     acknowledged (200) or not (error, timeout, writer down)."""
 
-    def __init__(self, url: str, keys: list[int], texts: dict[int, str], seed: int) -> None:
+    def __init__(
+        self, url: str, keys: list[int], texts: dict[int, str], seed: int, pause_s: float
+    ) -> None:
         super().__init__(daemon=True)
-        self.url, self.keys, self.rng = url, keys, random.Random(seed)
+        self.url, self.keys, self.rng, self.pause_s = url, keys, random.Random(seed), pause_s
         # op 0: the initial load of the corpus keys it owns (acknowledged)
         self.ops: list[tuple[str, dict[int, str | None]]] = [
             ("upsert", {k: texts[k] for k in keys if k in texts})
@@ -181,8 +187,7 @@ class Mutator(threading.Thread):
                 except httpx.HTTPError:
                     ok = False
                 self.acked.append(ok)
-                if not ok:
-                    self.stop.wait(0.2)  # the writer is restarting
+                self.stop.wait(self.pause_s if ok else 0.2)  # not ok: the writer is restarting
 
     def allowed(self, key: int) -> tuple[set[str | None], str]:
         """Texts ``key`` may show (None: absent) and its last acknowledged op's kind."""
@@ -194,9 +199,9 @@ class Mutator(threading.Thread):
 
 
 class Querier(threading.Thread):
-    def __init__(self, url: str, queries: list[str]) -> None:
+    def __init__(self, url: str, queries: list[str], pause_s: float) -> None:
         super().__init__(daemon=True)
-        self.url, self.queries = url, queries
+        self.url, self.queries, self.pause_s = url, queries, pause_s
         self.ok = self.failed = 0
         self.stop = threading.Event()
 
@@ -212,7 +217,7 @@ class Querier(threading.Thread):
                 self.ok += good
                 self.failed += not good
                 i += 1
-                self.stop.wait(0.02 if good else 0.2)
+                self.stop.wait(self.pause_s if good else 0.2)
 
 
 class Trial:
@@ -245,19 +250,26 @@ class Trial:
             time.sleep(0.1)
         raise AssertionError(f"seed {self.seed}: no phase in {phases}: {self.record()}")
 
+    def mark(self, event: str) -> None:
+        self.out.timeline.append((event, round(time.perf_counter() - self.t0, 2)))
+
     def _kill_writer(self) -> None:
         self.writer.kill()
+        self.mark("killed")
         self.writer.start()
+        self.mark("restarted")
 
     def run(self) -> Outcome:
-        t0, cfg, rng = time.perf_counter(), self.cfg, self.rng
+        self.t0 = t0 = time.perf_counter()
+        cfg, rng = self.cfg, self.rng
         texts = self.texts = {k: words(rng) for k in range(cfg.rows)}
         labelled = [{"text": " ".join(texts[k].split()[:6]), "key": k} for k in range(cfg.labelled)]
         self.writer.start()
+        self.mark("ready")
         try:
             with httpx.Client(base_url=self.writer.url, timeout=60, headers=AUTH) as c:
                 settings = {"lifecycle": {"tau": 1 << 30}, "oracle": {"sample_rate": 0.0}}
-                r = c.post("/v1/indexes", json={"name": INDEX, "model": "old", "dim": 32, "settings": settings})
+                r = c.post("/v1/indexes", json={"name": INDEX, "model": "old", "dim": 32, "key_type": "int", "settings": settings})
                 assert r.status_code == 201, r.text
                 for lo in range(0, cfg.rows, 1000):
                     ks = list(range(lo, min(cfg.rows, lo + 1000)))
@@ -265,19 +277,22 @@ class Trial:
                     assert r.status_code == 200, r.text
             mutable = list(range(cfg.labelled, cfg.rows + cfg.fresh))
             muts = [
-                Mutator(self.writer.url, mutable[i :: cfg.mutators], texts, self.seed * 100 + i)
+                Mutator(
+                    self.writer.url, mutable[i :: cfg.mutators], texts, self.seed * 100 + i, cfg.pause_s
+                )
                 for i in range(cfg.mutators)
             ]
-            querier = Querier(self.writer.url, [q["text"] for q in labelled])
+            querier = Querier(self.writer.url, [q["text"] for q in labelled], cfg.pause_s)
             for t in (*muts, querier):
                 t.start()
             body = {
                 "to_model": "new", "kinds": ["procrustes"], "labelled": labelled,
-                "min_labelled": 100, "seed": self.seed, "backfill_batch": cfg.backfill_batch,
+                "min_labelled": 100, "seed": self.seed, "pairs": cfg.pairs, "backfill_batch": cfg.backfill_batch,
                 "backfill_rate": cfg.backfill_rate,
             }
             r = httpx.post(f"{self.writer.url}/v1/indexes/{INDEX}/admin/migrations", json=body, headers=AUTH, timeout=30)
             assert r.status_code == 202, r.text
+            self.mark("migration started")
             self._chaos()
             rec = self.wait_phase(TERMINAL, cfg.timeout_s)
             for t in (*muts, querier):
@@ -286,6 +301,7 @@ class Trial:
                 t.join(30)
             self.out.phase, self.out.selected = str(rec["phase"]), str(rec.get("selected"))
             assert self.writer.stop() == 0, self.writer.log.read_text()[-3000:]
+            self.mark("stopped")
             self._check(muts, querier, rec)
         finally:
             if self.writer.proc is not None and self.writer.proc.poll() is None:
@@ -301,6 +317,8 @@ class Trial:
         started = None
         for _ in range(n):
             rec = self.wait_phase((*KILL_PHASES, *TERMINAL), cfg.timeout_s)
+            if started is None:
+                self.mark(f"{rec.get('phase')} seen")
             started = started or time.monotonic()
             if rec.get("phase") in TERMINAL:
                 break
@@ -313,6 +331,7 @@ class Trial:
             self.killers[name]()
             self.out.kills.append({"who": name, "phase": rec["phase"], "share": round(float(bf.get("share", 0.0)), 3)})
         self.wait_phase(TERMINAL, cfg.timeout_s)
+        self.mark("terminal")
         self.out.backfill_s = time.monotonic() - (started or time.monotonic())
 
     def _check(self, muts: list[Mutator], querier: Querier, rec: dict[str, Any]) -> None:
@@ -350,15 +369,17 @@ class Trial:
 
 
 def campaign(trials: int, tmp: Path, cfg: Config = Config(), first_seed: int = 0) -> list[Outcome]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tests.fake_encoder import encoder_server
 
-    outs = []
-    with encoder_server() as enc:
-        for seed in range(first_seed, first_seed + trials):
-            d = tmp / f"trial-{seed}"
-            d.mkdir(parents=True)
-            outs.append(Trial(seed, enc, d, cfg).run())
-    return outs
+    def one(seed: int) -> Outcome:
+        d = tmp / f"trial-{seed}"
+        d.mkdir(parents=True)
+        return Trial(seed, enc, d, cfg).run()
+
+    with encoder_server() as enc, ThreadPoolExecutor(cfg.parallel) as pool:
+        return list(pool.map(one, range(first_seed, first_seed + trials)))
 
 
 def table(outs: list[Outcome], cfg: Config, command: str) -> str:
@@ -367,7 +388,8 @@ def table(outs: list[Outcome], cfg: Config, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"{cfg.rows} rows with text (+ up to {cfg.fresh} new keys), backfill throttled to "
+        f"{cfg.rows} rows with text (+ up to {cfg.fresh} new keys), {cfg.parallel} trials at "
+        f"once (one writer process each), backfill throttled to "
         f"{cfg.backfill_rate:.0f} rows/s, {cfg.mutators} mutator threads + 1 query thread, "
         f"{cfg.kills[0]}-{cfg.kills[1]} SIGKILLs of the writer per trial in phases "
         f"{', '.join(KILL_PHASES)}. Lost/back: acknowledged writes missing / deleted rows "
@@ -375,14 +397,14 @@ def table(outs: list[Outcome], cfg: Config, command: str) -> str:
         "not the encoding of their current text; ≤ SQ: checkpoints whose served gain over the "
         "status quo has a 95% upper bound < 0.",
         "",
-        "| seed | phase | kills (phase@share) | acked upserts | acked deletes | failed ops | lost | back | "
+        "| seed | phase | gate selected | kills (phase@share) | acked upserts | acked deletes | failed ops | lost | back | "
         "no new vec | wrong | live rows | checkpoints | ≤ SQ | min gain | queries ok/failed | s |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for o in outs:
         kills = ", ".join(f"{k['who']}@{k['phase']}:{k['share']:.2f}" for k in o.kills) or "—"
         lines.append(
-            f"| {o.seed} | {o.phase} | {kills} | {o.acked_upserts} | {o.acked_deletes} | "
+            f"| {o.seed} | {o.phase} | {o.selected} | {kills} | {o.acked_upserts} | {o.acked_deletes} | "
             f"{o.failed_ops} | {len(o.lost)} | {len(o.resurrected)} | {o.without_new_vector} | "
             f"{o.wrong_new_vector} | {o.live_rows} | {o.checkpoints} | {o.below_status_quo} | "
             f"{o.min_served_gain:+.3f} | {o.queries_ok}/{o.queries_failed} | {o.seconds:.0f} |"

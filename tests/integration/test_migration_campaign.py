@@ -2,9 +2,10 @@
 throttled migration with writes, deletes and queries running and SIGKILLs of the writer (see
 tests/migration_campaign.py for what each trial checks).
 
-Budget: DRIFTLESS_CAMPAIGN_TRIALS (default 20) trials of ~15 s each (3,000 rows backfilled at
-250 rows/s ≈ 12 s, plus the gate, 1-3 restarts and the checks), one at a time ≈ 5-6 min on 2
-shared cores. DRIFTLESS_CAMPAIGN_OUT=<dir> also writes migration_campaign.{json,md} there.
+Budget: DRIFTLESS_CAMPAIGN_TRIALS (default 20) trials, 2 at a time (1,200 rows backfilled at
+100 rows/s ≈ 12 s, plus the gate, 1-2 restarts and the checks), sized for ≈ 35 s per trial
+(≈ 6 min) on 2 idle cores — an estimate; on a loaded machine a restart alone takes 20-40 s
+(bench/results/migration_campaign.md has the measured times). DRIFTLESS_CAMPAIGN_OUT=<dir> also writes migration_campaign.{json,md}.
 """
 
 from __future__ import annotations
