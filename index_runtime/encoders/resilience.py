@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,7 @@ from tenacity import (
 
 from index_runtime.encoders import Encoder, Kind
 from index_runtime.encoders.breaker import Breaker, State
-from index_runtime.errors import DriftlessError, EncoderUnavailableError
+from index_runtime.errors import DriftlessError, EncoderRejectedError, EncoderUnavailableError
 
 T = TypeVar("T")
 OUTCOMES = ("ok", "unavailable", "rejected", "circuit_open")
@@ -196,3 +196,13 @@ class Resilient:
     def encode(self, texts: Sequence[str], kind: Kind = "passage") -> npt.NDArray[np.float32]:
         return self.guard.call(lambda: self.inner.encode(texts, kind), self.policy)
 
+
+
+def encoder_pause(exc: BaseException, now: float) -> dict[str, Any] | None:
+    """The migration record's ``paused`` for an encoder failure (CONTRACT15 §5): a permanent
+    one (EncoderRejectedError) pauses with reason ``EncoderFailed`` until someone fixes the
+    encoder and resumes; None for anything else (transient: the runner retries with
+    back-off, it never ends the migration)."""
+    if not isinstance(exc, EncoderRejectedError):
+        return None
+    return {"reason": "EncoderFailed", "message": str(exc), "at": now, "permanent": True}

@@ -11,7 +11,7 @@ import pytest
 
 from index_runtime.encoders.breaker import Breaker, State
 from index_runtime.encoders.http import classify_status, parse_retry_after
-from index_runtime.encoders.resilience import CircuitOpenError, Guard, RetryPolicy
+from index_runtime.encoders.resilience import CircuitOpenError, Guard, RetryPolicy, encoder_pause
 from index_runtime.errors import (
     EncoderRejectedError,
     EncoderUnavailableError,
@@ -192,3 +192,12 @@ def test_a_patient_policy_waits_out_the_cooldown() -> None:
     fn, calls = scripted(*[EncoderUnavailableError("down", None)] * 2)
     assert g.call(fn, RetryPolicy(attempts=5, initial_s=0.1, jitter_s=0, budget_s=100)) == "ok"
     assert calls[0] == 3 and t.slept[-1] == pytest.approx(19.8)  # opened after 0.1 s of waiting
+
+
+def test_only_a_permanent_failure_pauses_a_migration() -> None:
+    paused = encoder_pause(EncoderRejectedError("HTTP 404: model gone"), 12.0)
+    assert paused == {
+        "reason": "EncoderFailed", "message": "HTTP 404: model gone", "at": 12.0, "permanent": True
+    }
+    for exc in (EncoderUnavailableError("timeout"), CircuitOpenError("open"), RuntimeError("x")):
+        assert encoder_pause(exc, 12.0) is None
