@@ -210,7 +210,8 @@ class Querier(threading.Thread):
             i = 0
             while not self.stop.is_set():
                 try:
-                    r = c.post(f"/v1/indexes/{INDEX}/search", json={"text": self.queries[i % len(self.queries)], "k": 10})
+                    q = {"text": self.queries[i % len(self.queries)], "k": 10}
+                    r = c.post(f"/v1/indexes/{INDEX}/search", json=q)
                     good = r.status_code == 200
                 except httpx.HTTPError:
                     good = False
@@ -269,16 +270,22 @@ class Trial:
         try:
             with httpx.Client(base_url=self.writer.url, timeout=60, headers=AUTH) as c:
                 settings = {"lifecycle": {"tau": 1 << 30}, "oracle": {"sample_rate": 0.0}}
-                r = c.post("/v1/indexes", json={"name": INDEX, "model": "old", "dim": 32, "key_type": "int", "settings": settings})
+                spec = {"name": INDEX, "model": "old", "dim": 32, "key_type": "int"}
+                r = c.post("/v1/indexes", json={**spec, "settings": settings})
                 assert r.status_code == 201, r.text
                 for lo in range(0, cfg.rows, 1000):
                     ks = list(range(lo, min(cfg.rows, lo + 1000)))
-                    r = c.post(f"/v1/indexes/{INDEX}/upsert", json={"keys": ks, "texts": [texts[k] for k in ks]})
+                    rows = {"keys": ks, "texts": [texts[k] for k in ks]}
+                    r = c.post(f"/v1/indexes/{INDEX}/upsert", json=rows)
                     assert r.status_code == 200, r.text
             mutable = list(range(cfg.labelled, cfg.rows + cfg.fresh))
             muts = [
                 Mutator(
-                    self.writer.url, mutable[i :: cfg.mutators], texts, self.seed * 100 + i, cfg.pause_s
+                    self.writer.url,
+                    mutable[i :: cfg.mutators],
+                    texts,
+                    self.seed * 100 + i,
+                    cfg.pause_s,
                 )
                 for i in range(cfg.mutators)
             ]
@@ -290,7 +297,8 @@ class Trial:
                 "min_labelled": 100, "seed": self.seed, "pairs": cfg.pairs, "backfill_batch": cfg.backfill_batch,
                 "backfill_rate": cfg.backfill_rate,
             }
-            r = httpx.post(f"{self.writer.url}/v1/indexes/{INDEX}/admin/migrations", json=body, headers=AUTH, timeout=30)
+            url = f"{self.writer.url}/v1/indexes/{INDEX}/admin/migrations"
+            r = httpx.post(url, json=body, headers=AUTH, timeout=30)
             assert r.status_code == 202, r.text
             self.mark("migration started")
             self._chaos()
@@ -329,7 +337,8 @@ class Trial:
             name = rng.choice(sorted(self.killers))
             bf = rec.get("backfill") or {}
             self.killers[name]()
-            self.out.kills.append({"who": name, "phase": rec["phase"], "share": round(float(bf.get("share", 0.0)), 3)})
+            share = round(float(bf.get("share", 0.0)), 3)
+            self.out.kills.append({"who": name, "phase": rec["phase"], "share": share})
         self.wait_phase(TERMINAL, cfg.timeout_s)
         self.mark("terminal")
         self.out.backfill_s = time.monotonic() - (started or time.monotonic())

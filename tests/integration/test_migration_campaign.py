@@ -5,7 +5,8 @@ tests/migration_campaign.py for what each trial checks).
 Budget: DRIFTLESS_CAMPAIGN_TRIALS (default 20) trials, 2 at a time (1,200 rows backfilled at
 100 rows/s ≈ 12 s, plus the gate, 1-2 restarts and the checks), sized for ≈ 35 s per trial
 (≈ 6 min) on 2 idle cores — an estimate; on a loaded machine a restart alone takes 20-40 s
-(bench/results/migration_campaign.md has the measured times). DRIFTLESS_CAMPAIGN_OUT=<dir> also writes migration_campaign.{json,md}.
+(bench/results/migration_campaign.md has the measured times).
+DRIFTLESS_CAMPAIGN_OUT=<dir> also writes migration_campaign.{json,md} there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def test_every_trial_succeeds_without_losing_or_resurrecting_rows(tmp_path: Path
     cfg = Config()
     outs = campaign(TRIALS, tmp_path, cfg)
     command = " ".join(
-        [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("DRIFTLESS_CAMPAIGN_")]
+        [
+            f"{k}={shlex.quote(v)}"
+            for k, v in sorted(os.environ.items())
+            if k.startswith("DRIFTLESS_CAMPAIGN_")
+        ]
         + ["python -m pytest", *map(shlex.quote, sys.argv[1:])]
     )
     print(table(outs, cfg, command))
