@@ -102,6 +102,7 @@ def lazy_encoders() -> dict[str, Encoder]:
     import numpy as np
 
     from index_runtime.encoders import LOCAL_MODELS, Kind, open_encoder
+    from index_runtime.errors import EncoderRejectedError
 
     state: dict[str, Any] = {}
 
@@ -117,7 +118,10 @@ def lazy_encoders() -> dict[str, Encoder]:
     def loader(model: str) -> Encoder:
         def encode(texts: list[str], kind: Kind) -> np.ndarray:
             if model not in state:
-                state[model] = open_encoder(names[model])
+                try:
+                    state[model] = open_encoder(names[model])
+                except ValueError as exc:  # an unknown spec: permanent (errors.py)
+                    raise EncoderRejectedError(str(exc)) from exc
             return np.asarray(state[model].encode(texts, kind))
 
         return encode

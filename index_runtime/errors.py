@@ -184,3 +184,30 @@ class EncoderError(DriftlessError):
 
     status = 503
     reason = "EncoderUnavailable"
+
+
+# --- encoder faults (issue 15): transient vs permanent -----------------------------------------
+
+
+class EncoderUnavailableError(EncoderError):
+    """Transient: the encoder timed out, could not be reached, reset the connection, answered
+    429 or 5xx, or its circuit breaker is open. Retrying later can succeed (``retry_after_s``:
+    the encoder's Retry-After, or the breaker's remaining cool-down; None when the encoder
+    gave no hint — the service's guard then answers with a Retry-After of its own)."""
+
+    status = 503
+    reason = "EncoderUnavailable"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EncoderRejectedError(EncoderError):
+    """Permanent: the encoder refused the request (a 4xx other than 408/429: unknown model,
+    bad credentials, input it will never accept), returned vectors of the wrong shape, or a
+    bundled model failed to load. Retrying the same call cannot succeed: a migration pauses
+    with reason ``EncoderFailed`` until someone fixes the encoder."""
+
+    status = 424
+    reason = "EncoderRejected"

@@ -145,8 +145,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (409, "conflicts with the index's state"),
         (413, "body, batch or answer over a configured limit (named in the message)"),
         (422, "request does not match the schema"),
+        (424, "the encoder refused the text (unknown model, 4xx): retrying cannot help"),
         (429, "backpressure; see Retry-After"),
-        (503, "store unavailable or shutting down; see Retry-After"),
+        (503, "store or encoder unavailable, or shutting down; see Retry-After"),
     )
 }
 

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from index_runtime.encoders import Kind
+from index_runtime.encoders.breaker import Breaker
+from index_runtime.encoders.resilience import BACKGROUND, REQUEST, Guard, RetryPolicy
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
 from index_runtime.service.auth import DENY_ALL, TokenSet, parse_tokens_file, parse_tokens_lines
@@ -46,6 +48,9 @@ class ServeConfig:
     # same location are never opened: opening one as a writer bumps its epoch and would
     # fence that index's own writer, and readers would load every index into memory.
     only: str | None = None
+    # each model's encoder calls: consecutive transient failures that open its breaker, and
+    # the cool-down before a probe (see encoders/breaker.py)
+    encoder_breaker: Breaker = field(default_factory=Breaker)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.s3 is None):
@@ -83,6 +88,8 @@ class Engine:
         self.config = config
         self.hooks = hooks or Hooks()
         self.encoders = encoders or {}
+        self._guards: dict[str, Guard] = {}
+        self._guards_lock = threading.Lock()
         self.runtimes: dict[str, IndexRuntime] = {}
         self._lock = threading.Lock()
         self.closing = False
@@ -250,16 +257,31 @@ class Engine:
         log.info("deleted index %s (%d objects)", name, n)
         return n
 
-    def encode(self, model: str, texts: list[str], kind: Kind = "passage") -> np.ndarray:
+    def encode(
+        self, model: str, texts: list[str], kind: Kind = "passage", policy: RetryPolicy = REQUEST
+    ) -> np.ndarray:
+        """``texts`` encoded by ``model``'s encoder through its guard: transient failures are
+        retried within ``policy``, then raise EncoderUnavailableError (503, Retry-After);
+        permanent ones raise EncoderRejectedError (424) at once."""
         enc = self.encoders.get(model)
         if enc is None:
             raise InvalidInputError(
                 f"this server has no encoder for model {model!r}; send vectors instead of text"
             )
-        return enc(texts, kind)
+        return self.guard(model).call(lambda: enc(texts, kind), policy)
+
+    def guard(self, model: str) -> Guard:
+        """The retries and circuit breaker of ``model``'s encoder (one per model, shared by
+        every caller in this process)."""
+        with self._guards_lock:
+            g = self._guards.get(model)
+            if g is None:
+                g = self._guards[model] = Guard(model, self.config.encoder_breaker, self.hooks)
+            return g
 
     def encoder_fn(self, model: str) -> Encoder:
-        return lambda texts, kind: self.encode(model, texts, kind)
+        """``model``'s encoder for a migration: patient retries (an outage of minutes)."""
+        return lambda texts, kind: self.encode(model, texts, kind, BACKGROUND)
 
     def resume_migrations(self) -> None:
         """A writer that restarts mid-migration continues its backfill (when it has both

