@@ -193,10 +193,9 @@ def run_worker(
                     }
                 elif page["done"]:
                     return WorkerResult(ExitCode.OK, f"{where}: done", written, skipped)
-                else:  # not reachable with the writer's rule; do not spin
+                else:  # not reachable with the writer's rule; no progress: wait, count it
                     cursor = int(page["cursor"])
-                    sleep(delay)
-                    continue
+                    raise LookupError(f"no rows after {cursor} but the share is not done")
             body = {k: v for k, v in pending.items() if k != "done"}
             res = client.write(body)
             written += int(res["written"])

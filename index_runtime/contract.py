@@ -8,6 +8,7 @@ builders emit parses with the runtime's own argument parser, every path answers)
 
 from __future__ import annotations
 
+import operator
 import zlib
 from collections.abc import Mapping
 from enum import IntEnum, StrEnum
@@ -121,15 +122,17 @@ def thread_count(cpu_limit_millicores: int | None) -> int:
 # the distributed backfill ----------------------------------------------------------------------
 
 
-def canonical_key(key: int | str) -> bytes:
+def canonical_key(key: Any) -> bytes:
     """A row key's canonical UTF-8 form: an int as its decimal digits (``7`` and ``np.int64(7)``
     alike), a string as itself. Booleans are not keys."""
-    if isinstance(key, bool) or not isinstance(key, int | str):
-        raise TypeError(f"a key is an int or a str, not {type(key).__name__}")
-    return (str(int(key)) if isinstance(key, int) else key).encode("utf-8", "surrogatepass")
+    if isinstance(key, str):
+        return key.encode("utf-8", "surrogatepass")
+    if isinstance(key, bool):
+        raise TypeError("a key is an int or a str, not a bool")
+    return str(operator.index(key)).encode()  # any integer type (numpy's too) as decimal
 
 
-def share_of(key: int | str, shares: int) -> int:
+def share_of(key: Any, shares: int) -> int:
     """The backfill share (0..shares-1) a row belongs to: crc32 of its canonical key, modulo
     ``shares``. Stable across processes, versions and platforms (workers and the writer agree)."""
     if shares < 1:
