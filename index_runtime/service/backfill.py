@@ -250,7 +250,12 @@ def apply_rows(
         raise InvalidInputError("rows must have distinct keys")
     rec, view, native = _pair(rt, migration_id)
     old, to = str(rec["from"]), str(rec["to"])
-    dim = rt.spec.dims[to]
+    writer = rt.writer
+    if writer is None:
+        raise MigrationNotActiveError("this replica is not the writer")
+    dim = writer.spec.dims.get(to)
+    if dim is None:  # the record names a model the spec does not require (yet): not backfilling
+        raise MigrationNotActiveError(f"the index does not store {to!r} vectors")
     if len(keys) and vectors.shape != (len(keys), dim):
         raise InvalidInputError(
             f"vectors must be {len(keys)} x {dim} (the dimension of {to!r}), got {vectors.shape}"
@@ -269,9 +274,6 @@ def apply_rows(
     if keep:
         at = np.asarray(pos, np.int64)
         payload = [native.row(p, payload=True) for p in pos]
-        writer = rt.writer
-        if writer is None:
-            raise MigrationNotActiveError("this replica is not the writer")
         ack, n_skip = writer.upsert_unchanged(
             [keys[i] for i in keep],
             [int(seqs[i]) for i in keep],
