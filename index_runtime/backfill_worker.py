@@ -204,6 +204,7 @@ def run_worker(
             last_progress, delay = clock(), cfg.backoff_s
             if done:
                 return WorkerResult(ExitCode.OK, f"{where}: done", written, skipped)
+            continue  # progress: no pause
         except NotActive as exc:
             return WorkerResult(ExitCode.OK, f"{where}: the migration moved on ({exc})", written, skipped)
         except JobError as exc:

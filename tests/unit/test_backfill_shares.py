@@ -171,6 +171,7 @@ def test_worker_retries_a_failed_write_without_encoding_again() -> None:
     res = run_worker(w, lambda m: enc, WorkerConfig(0, 1, batch=10), clock, clock.sleep)
     assert res.code is ExitCode.OK and res.written == 25 and not w.todo
     assert len(encoded) == 25  # each text once, though three writes failed
+    assert clock.t == 0.5 + 1.0 + 2.0  # backoff after each failure, no pause after a success
     assert w.afters[0] is None  # the first page asks for the writer's stored cursor
 
 
