@@ -34,6 +34,7 @@ import numpy.typing as npt
 from index_runtime.contract import record_id, share_of
 from index_runtime.errors import InvalidInputError, MigrationNotActiveError
 from index_runtime.index.rows import Block
+from index_runtime.index.view import Base
 
 if TYPE_CHECKING:
     from index_runtime.index.view import View
@@ -88,25 +89,35 @@ def select_page(
 
 
 class _BaseCache:
-    """Per-row facts of a view's base block that do not change while the segments do not:
-    has-text and the share of each key (computed once per block and number of shares)."""
+    """Per-row facts of a view's base that do not change with the rows of a segment: has-text
+    and the share of each key, cached per segment (segments are immutable; a flush adds one,
+    so only its rows are hashed) and assembled once per base block."""
 
     def __init__(self) -> None:
         self.block: Block | None = None
         self.has_text: Mask = np.zeros(0, bool)
         self.shares: dict[int, npt.NDArray[np.int32]] = {}
+        self.per_segment: dict[tuple[int, int], npt.NDArray[np.int32]] = {}
 
-    def of(self, block: Block) -> _BaseCache:
-        if self.block is not block:
-            self.block, self.shares = block, {}
-            texts = block.texts or [None] * len(block)
-            self.has_text = np.fromiter((bool(t) for t in texts), bool, len(block))
+    def of(self, base: Base) -> _BaseCache:
+        if self.block is not base.block:
+            self.block, self.ranges, self.shares = base.block, base.seg_ranges, {}
+            self.has_text = _has_text(base.block)
+            live = set(base.seg_ranges)
+            self.per_segment = {k: v for k, v in self.per_segment.items() if k[0] in live}
         return self
 
     def share_of(self, shares: int) -> npt.NDArray[np.int32]:
         assert self.block is not None
         if shares not in self.shares:
-            self.shares[shares] = share_array(self.block.keys.tolist(), shares)
+            out = np.empty(len(self.block), np.int32)
+            for seg, (lo, hi) in self.ranges.items():
+                part = self.per_segment.get((seg, shares))
+                if part is None:
+                    part = share_array(self.block.keys[lo:hi].tolist(), shares)
+                    self.per_segment[(seg, shares)] = part
+                out[lo:hi] = part
+            self.shares[shares] = out
         return self.shares[shares]
 
 
@@ -170,15 +181,19 @@ def _todo_and_shares(
     """Todo mask (alive, text, no new-model vector) and share of every position of the pair
     (the same rows and positions); the base block's part is cached."""
     with desk.lock:
-        base = desk.base.of(native.base.block)
+        base = desk.base.of(native.base)
         base_shares = base.share_of(shares)
         base_text = base.has_text
     delta = native.delta
     has_text = np.concatenate([base_text, _has_text(delta)])
     has_new = np.concatenate([native.base.block.has_vec, delta.has_vec])
     todo = np.asarray(view.alive, bool) & ~has_new & has_text
-    shares_at = np.concatenate([base_shares, share_array(delta.keys.tolist(), shares)])
-    return todo, shares_at
+    # the delta is mostly rows rewritten already: hash only its todo rows (-1: no share)
+    nb = len(base_shares)
+    delta_shares = np.full(len(delta), -1, np.int32)
+    at = np.flatnonzero(todo[nb:])
+    delta_shares[at] = share_array(delta.keys[at].tolist(), shares)
+    return todo, np.concatenate([base_shares, delta_shares])
 
 
 def _pair(rt: IndexRuntime, migration_id: str) -> tuple[dict[str, Any], View, View]:

@@ -176,7 +176,7 @@ def test_a_user_write_during_the_rewrite_wins(
         "share": 0,
         "shares": 1,
         "cursor": page.json()["cursor"],
-        "rows": [{"key": r["key"], "seq": r["seq"], "vector": v.tolist()} for r, v in zip(rows, stale)],
+        "rows": [{"key": r["key"], "seq": r["seq"], "vector": v.tolist()} for r, v in zip(rows, stale, strict=True)],
     }
     r = c.post(ROWS, json=body, headers=AUTH)
     assert r.status_code == 200 and r.json() == {"written": 8, "skipped": 2}, r.text
