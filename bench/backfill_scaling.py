@@ -159,6 +159,11 @@ class Writer:
             out[method] = (vals[0], vals[1])
         return out
 
+    def cpu_s(self) -> float:
+        """CPU seconds the writer process used so far (user + system, /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
@@ -198,8 +203,10 @@ class Pool:
         for _ in self.procs:
             assert self.out.get(timeout=300)[0] == "ready"
 
-    def run(self, mid: str, shares: list[int], of: int, cost_ms: float, batch: int) -> dict[str, Any]:
-        """Workers on ``shares`` (of ``of``) at once: rows rewritten over the wall time."""
+    def run(self, w: Writer, mid: str, shares: list[int], of: int, cost_ms: float, batch: int) -> dict[str, Any]:
+        """Workers on ``shares`` (of ``of``) at once: rows rewritten over the wall time, and
+        the writer's CPU seconds per second meanwhile (1.0 = one core busy)."""
+        cpu0 = w.cpu_s()
         start_at = time.time() + 0.3
         for s in shares:
             self.tasks.put((mid, s, of, cost_ms / 1000, batch, start_at))
@@ -207,7 +214,8 @@ class Pool:
         assert all(d[2] == 0 for d in done), done
         rows = sum(d[3] for d in done)
         secs = max(d[4] for d in done) - start_at
-        return {"workers": len(shares), "rows": rows, "seconds": secs, "rows_per_s": rows / secs}
+        cpu = (w.cpu_s() - cpu0) / (time.time() - start_at + 0.3)
+        return {"workers": len(shares), "rows": rows, "seconds": secs, "rows_per_s": rows / secs, "writer_cpu": cpu}
 
     def close(self) -> None:
         for _ in self.procs:
@@ -269,11 +277,14 @@ def main() -> None:
         scaling = []
         for n in ns:
             runs = [
-                pool.run(mid, [next(free) for _ in range(n)], of, args.cost_ms, args.batch)
+                pool.run(w, mid, [next(free) for _ in range(n)], of, args.cost_ms, args.batch)
                 for _ in range(args.repeats)
             ]
             rate = statistics.median(r["rows_per_s"] for r in runs)
-            scaling.append({"workers": n, "rows_per_s": rate, "runs": [r["rows_per_s"] for r in runs]})
+            cpu = statistics.median(r["writer_cpu"] for r in runs)
+            scaling.append(
+                {"workers": n, "rows_per_s": rate, "runs": [r["rows_per_s"] for r in runs], "writer_cpu": cpu}
+            )
             print(f"N={n}: {rate:.0f} rows/s {[round(r['rows_per_s']) for r in runs]}", flush=True)
         base = scaling[0]["rows_per_s"]
         for s in scaling:
@@ -282,8 +293,8 @@ def main() -> None:
         before = w.route_seconds()
         ceiling = []
         for n in cns:
-            r = pool.run(mid, [next(free) for _ in range(n)], of, 0.0, args.batch)
-            ceiling.append({"workers": n, "rows_per_s": r["rows_per_s"]})
+            r = pool.run(w, mid, [next(free) for _ in range(n)], of, 0.0, args.batch)
+            ceiling.append({"workers": n, "rows_per_s": r["rows_per_s"], "writer_cpu": r["writer_cpu"]})
             print(f"ceiling N={n}: {r['rows_per_s']:.0f} rows/s", flush=True)
         after = w.route_seconds()
         per_route = {
@@ -331,16 +342,18 @@ def write(res: dict[str, Any], out: Path) -> None:
         f"{res['repeats']} runs; {res['cores']} cores, load average {res['load_average_at_start']:.1f} "
         f"at the start (shared machine). One worker's ideal: {1000 / res['cost_ms_per_row']:.0f} rows/s.",
         "",
-        "| workers | rows/s (median) | runs | ratio to N=1 | target ≥ 0.8·N |",
-        "|---:|---:|---|---:|---:|",
+        "| workers | rows/s (median) | runs | ratio to N=1 | target ≥ 0.8·N | writer CPU (cores) |",
+        "|---:|---:|---|---:|---:|---:|",
     ]
     for s in res["scaling"]:
         runs = ", ".join(f"{r:.0f}" for r in s["runs"])
         lines.append(
-            f"| {s['workers']} | {s['rows_per_s']:.0f} | {runs} | {s['ratio']:.2f} | {s['target_0_8n']:.1f} |"
+            f"| {s['workers']} | {s['rows_per_s']:.0f} | {runs} | {s['ratio']:.2f} | "
+            f"{s['target_0_8n']:.1f} | {s['writer_cpu']:.2f} |"
         )
-    lines += ["", "Writer CAS-rewrite ceiling (zero-cost encoder):", "", "| workers | rows/s |", "|---:|---:|"]
-    lines += [f"| {c['workers']} | {c['rows_per_s']:.0f} |" for c in res["ceiling"]]
+    lines += ["", "Writer CAS-rewrite ceiling (zero-cost encoder):", ""]
+    lines += ["| workers | rows/s | writer CPU (cores) |", "|---:|---:|---:|"]
+    lines += [f"| {c['workers']} | {c['rows_per_s']:.0f} | {c['writer_cpu']:.2f} |" for c in res["ceiling"]]
     r, p = res["writer_route_ms_during_ceiling"], res["post_components"]
     lines += [
         "",
