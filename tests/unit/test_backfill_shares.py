@@ -202,3 +202,20 @@ def test_a_slow_but_progressing_worker_is_never_stalled() -> None:
 
     res = run_worker(w, lambda m: slow, WorkerConfig(0, 1, batch=10, stall_s=100), clock, clock.sleep)
     assert res.code is ExitCode.OK and res.written == 100 and clock.t >= 700
+
+
+def test_the_backfill_job_with_shares_runs_the_worker_and_checks_its_environment(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from index_runtime.contract import Env, JobKind
+    from index_runtime.jobs import run_job
+
+    env = {
+        Env.WRITER_URL: "http://127.0.0.1:9",
+        Env.ADMIN_TOKEN: "t" * 16,
+        Env.INDEX: "docs",
+        Env.BACKFILL_SHARES: "2",
+        Env.JOB_COMPLETION_INDEX: "2",  # beyond the shares: a configuration error, no retry
+    }
+    assert run_job(JobKind.BACKFILL, env) == ExitCode.INVALID
+    assert "share (2) < shares (2)" in capsys.readouterr().out
