@@ -53,6 +53,7 @@ bench: $(DEPS)
 	$(BIN)/python bench/compaction_fixpoint.py --label after
 	$(BIN)/python bench/api_body_rss.py --out bench/results/api_body_rss_after
 	$(BIN)/python bench/faults.py
+	$(BIN)/python bench/backfill_scaling.py
 
 clean:
 	rm -rf $(VENV) .driftless

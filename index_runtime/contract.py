@@ -8,7 +8,11 @@ builders emit parses with the runtime's own argument parser, every path answers)
 
 from __future__ import annotations
 
+import operator
+import zlib
+from collections.abc import Mapping
 from enum import IntEnum, StrEnum
+from typing import Any
 
 HTTP_PORT = 8080  # the API, the admin API and /metrics of every runtime pod
 PORT_NAME = "http"
@@ -87,6 +91,10 @@ class Env(StrEnum):
     OMP_THREADS = "OMP_NUM_THREADS"
     MKL_THREADS = "MKL_NUM_THREADS"
     JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by Kubernetes in Indexed Jobs
+    # the distributed backfill (an Indexed Job; the share is JOB_COMPLETION_INDEX)
+    BACKFILL_SHARES = "DRIFTLESS_BACKFILL_SHARES"  # how many shares the rows are split into
+    MIGRATION_ID = "DRIFTLESS_MIGRATION_ID"  # the migration a backfill pod works for
+    BACKFILL_STALL_S = "DRIFTLESS_BACKFILL_STALL_S"  # exit non-zero after this long without progress
 
 
 def serve_command(role: Role) -> list[str]:
@@ -110,3 +118,31 @@ def thread_count(cpu_limit_millicores: int | None) -> int:
     if not cpu_limit_millicores:
         return 1
     return max(1, cpu_limit_millicores // 1000)
+
+
+# the distributed backfill ----------------------------------------------------------------------
+
+
+def canonical_key(key: Any) -> bytes:
+    """A row key's canonical UTF-8 form: an int as its decimal digits (``7`` and ``np.int64(7)``
+    alike), a string as itself. Booleans are not keys."""
+    if isinstance(key, str):
+        return key.encode("utf-8", "surrogatepass")
+    if isinstance(key, bool):
+        raise TypeError("a key is an int or a str, not a bool")
+    return str(operator.index(key)).encode()  # any integer type (numpy's too) as decimal
+
+
+def share_of(key: Any, shares: int) -> int:
+    """The backfill share (0..shares-1) a row belongs to: crc32 of its canonical key, modulo
+    ``shares``. Stable across processes, versions and platforms (workers and the writer agree)."""
+    if shares < 1:
+        raise ValueError(f"shares must be >= 1, got {shares}")
+    return zlib.crc32(canonical_key(key)) % shares
+
+
+def record_id(rec: Mapping[str, Any]) -> str:
+    """A migration record's identity: its ``id``; a record written before ids existed is named
+    by its target and start time (stable for that record, distinct from the next one's)."""
+    rid = rec.get("id")
+    return str(rid) if rid else f"{rec.get('to', '')}@{rec.get('started_at', '')}"

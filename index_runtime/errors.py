@@ -164,6 +164,13 @@ class ConflictError(DriftlessError):
     reason = "Conflict"
 
 
+class MigrationNotActiveError(ConflictError):
+    """A backfill call for a migration that is not the active one, or not in a phase that
+    backfills (Bridged, Backfilling): the worker is done (nothing to retry)."""
+
+    reason = "MigrationNotActive"
+
+
 class UnauthorizedError(DriftlessError):
     """A call without a valid bearer token."""
 

@@ -311,6 +311,12 @@ def run_job(kind: JobKind, env: Mapping[str, str], poll_s: float = 1.0) -> int:
             raise JobError(ExitCode.INVALID, f"job {kind} needs {need}")
         timeout_s = float(spec.pop("timeout_s", 86_400))
         admin = Admin(url, index, token, retries=int(spec.pop("retries", 5)))
+        if kind is JobKind.BACKFILL and env.get(Env.BACKFILL_SHARES):
+            # a pod of the Indexed backfill Job: re-encode one share (backfill_worker)
+            from index_runtime.backfill_worker import run_from_env
+
+            print(run_from_env(admin, env, spec), flush=True)
+            return ExitCode.OK
         print(RUNNERS[kind](admin, spec, poll_s, timeout_s), flush=True)
         return ExitCode.OK
     except ValueError as exc:

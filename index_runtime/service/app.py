@@ -39,6 +39,7 @@ from index_runtime.errors import (
 )
 from index_runtime.index.filters import parse_filter
 from index_runtime.migration import BRIDGED, STATUS_QUO
+from index_runtime.service import backfill
 from index_runtime.service.auth import authorize
 from index_runtime.service.edge import (
     AuthMiddleware,
@@ -231,6 +232,20 @@ class Restore(Strict):
 
 class Cutover(Strict):
     force: bool = Field(default=False, description="cut over even if the new model measured worse")
+
+
+class BackfillRow(Strict):
+    key: Key
+    seq: int = Field(ge=0, description="the seq the row had when it was read")
+    vector: list[float] = Field(description="the target model's vector of the row's text")
+
+
+class BackfillRows(Strict):
+    id: str = Field(min_length=1, max_length=256, description="the migration's id")
+    share: int = Field(ge=0)
+    shares: int = Field(ge=1, le=100_000)
+    cursor: int = Field(ge=0, description="the cursor of the page these rows came from")
+    rows: list[BackfillRow] = Field(max_length=backfill.MAX_ROWS)
 
 
 def _runtime(request: Request, name: str) -> IndexRuntime:
@@ -605,6 +620,36 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         if resumed is None:
             raise ConflictError(f"no migration to resume (phase {rec.get('phase')!r})")
         return accepted(rt, *resumed)
+
+    @app.get("/v1/indexes/{name}/admin/migrations/backfill/rows", dependencies=[Depends(admin)])
+    def admin_backfill_rows(
+        rt: Rt,
+        id: Annotated[str, Query(min_length=1, max_length=256)],
+        share: Annotated[int, Query(ge=0)],
+        shares: Annotated[int, Query(ge=1, le=100_000)],
+        after: Annotated[int | None, Query(ge=0)] = None,
+        limit: Annotated[int, Query(ge=1, le=backfill.MAX_ROWS)] = 256,
+    ) -> dict[str, Any]:
+        """The next rows of a backfill share (live, with text, no target-model vector, seq
+        above ``after``; without ``after``: the writer's cursor of the share), ascending seq.
+        409 MigrationNotActive when ``id`` is not the active migration or it is not
+        backfilling."""
+        return backfill.rows_page(rt, id, share, shares, after, limit)
+
+    @app.post("/v1/indexes/{name}/admin/migrations/backfill/rows", dependencies=[Depends(admin)])
+    def admin_backfill_write(rt: Rt, body: BackfillRows) -> dict[str, Any]:
+        """Compare-and-set rewrite of re-encoded rows (one WAL append): a row written or
+        deleted since it was read keeps the user's write (counted in ``skipped``)."""
+        vecs = [r.vector for r in body.rows]
+        try:
+            mat = float32_array(vecs, "rows.vector") if vecs else np.zeros((0, 0), np.float32)
+        except ValueError as exc:  # ragged
+            raise InvalidInputError(f"rows: every vector needs the same dimension ({exc})") from None
+        if mat.ndim != 2 and vecs:
+            raise InvalidInputError("rows: every vector needs the same dimension")
+        keys = [r.key for r in body.rows]
+        seqs = [r.seq for r in body.rows]
+        return backfill.apply_rows(rt, body.id, body.share, body.shares, body.cursor, keys, seqs, mat)
 
     @app.post("/v1/indexes/{name}/admin/migrations/cutover", dependencies=[Depends(admin)])
     def admin_cutover(rt: Rt, body: Cutover) -> dict[str, Any]:
