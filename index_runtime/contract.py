@@ -173,7 +173,7 @@ class MigrationPause:
 # keys with a typed field; every other key of a stored record is kept in ``extra`` untouched
 _RECORD_KEYS = (
     "id", "from", "to", "target", "phase", "paused", "started_at", "updated_at", "finished_at",
-    "options", "pairs_key", "adapter_key", "eval_key", "calibration", "strategies", "selected",
+    "options", "pairs_key", "fitted", "adapter_key", "eval_key", "calibration", "strategies", "selected",
     "metric", "reason", "backfill", "merge", "curve", "cutover", "error",
 )  # fmt: skip
 
@@ -197,6 +197,7 @@ class MigrationRecord:
     finished_at: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     pairs_key: str | None = None
+    fitted: Mapping[str, str] = field(default_factory=dict)  # adapter name -> object (gate)
     adapter_key: str | None = None
     eval_key: str | None = None
     calibration: Mapping[str, Any] | None = None
@@ -222,7 +223,8 @@ class MigrationRecord:
     @property
     def object_keys(self) -> tuple[str, ...]:
         """The stored objects the record names (GC keeps them while the record is active)."""
-        return tuple(k for k in (self.pairs_key, self.adapter_key, self.eval_key) if k)
+        named = (self.pairs_key, *self.fitted.values(), self.adapter_key, self.eval_key)
+        return tuple(k for k in named if k)
 
     @property
     def backfill_mode(self) -> str:
@@ -261,6 +263,7 @@ class MigrationRecord:
             finished_at=None if fin is None else float(fin),
             options=dict(d.get("options") or {}),
             pairs_key=d.get("pairs_key") or None,
+            fitted={str(k): str(v) for k, v in (d.get("fitted") or {}).items()},
             adapter_key=d.get("adapter_key") or None,
             eval_key=d.get("eval_key") or None,
             calibration=d.get("calibration") or None,
@@ -294,6 +297,7 @@ class MigrationRecord:
             "paused": self.paused.to_json() if self.paused else None,
             "finished_at": self.finished_at,
             "pairs_key": self.pairs_key,
+            "fitted": dict(self.fitted) or None,
             "adapter_key": self.adapter_key,
             "eval_key": self.eval_key,
             "calibration": dict(self.calibration) if self.calibration else None,
