@@ -184,3 +184,28 @@ class EncoderError(DriftlessError):
 
     status = 503
     reason = "EncoderUnavailable"
+
+
+# --- encoder faults, as the migration's runner tells them apart (issue 15) ---------------------
+
+
+class EncoderUnavailableError(EncoderError):
+    """Transient: timeouts, 5xx answers, connection errors. A migration retries with backoff
+    and never ends on one."""
+
+    status = 503
+    reason = "EncoderUnavailable"
+
+
+class EncoderRejectedError(DriftlessError):
+    """Permanent: the encoder refuses the request (4xx, the model is gone). A migration pauses
+    (``paused.permanent``) until an operator resumes it."""
+
+    status = 424
+    reason = "EncoderRejected"
+
+
+class MigrationMismatchError(ConflictError):
+    """A migration request names another migration than the index's current one (by id)."""
+
+    reason = "MigrationMismatch"

@@ -48,16 +48,26 @@ def test_a_record_of_the_previous_release_reads_and_round_trips() -> None:
 
 def test_every_field_survives_a_round_trip() -> None:
     r = MigrationRecord(
-        "id7", "a", "b", MigrationTarget(24, "l2"), "Evaluating",
-        MigrationPause("EncoderFailed", "422 from the encoder", 5.0, True),
-        1.0, 2.0, None, {"backfill_mode": "external", "backfill_shares": 4},
-        "adapters/p.npz", {"adapter:procrustes": "adapters/f.safetensors"},
-        None, None, None, (), None, None, "", {"todo": 1}, None, (), {"reason": "X"}, "boom",
-        {"queries": 30},
-    )  # fmt: skip
+        id="id7",
+        from_model="a",
+        to_model="b",
+        target=MigrationTarget(24, "l2"),
+        phase="Evaluating",
+        paused=MigrationPause("EncoderFailed", "422 from the encoder", 5.0, True),
+        started_at=1.0,
+        updated_at=2.0,
+        options={"backfill_mode": "external", "backfill_shares": 4},
+        labelled_key="adapters/l.json",
+        pairs_key="adapters/p.npz",
+        fitted={"adapter:procrustes": "adapters/f.safetensors"},
+        backfill={"todo": 1},
+        cutover={"reason": "X"},
+        error="boom",
+        extra={"queries": 30},
+    )
     assert MigrationRecord.from_json(r.to_json()) == r
     assert r.backfill_mode == "external"
-    assert r.object_keys == ("adapters/p.npz", "adapters/f.safetensors")
+    assert r.object_keys == ("adapters/l.json", "adapters/p.npz", "adapters/f.safetensors")
     assert r.to_json()["target"] == {"dim": 24, "metric": "l2"}
 
 
