@@ -11,6 +11,7 @@ the encoder fail for a while). Each trial prints one row of the crash-point tabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,7 +40,8 @@ ENCODE = {"old": encoder(W_OLD, 0.0), "new": encoder(W_NEW, 0.0)}
 
 class Embeddings:
     """An OpenAI-compatible /v1/embeddings for the models "old" and "new"; ``fail`` answers
-    503 to that many requests first (a transient outage)."""
+    503 to that many requests of more than one text first (a transient outage that spares
+    the migration's one-text dimension probe)."""
 
     def __init__(self) -> None:
         self.fail = 0
@@ -51,7 +53,7 @@ class Embeddings:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.fail > 0:
+                if outer.fail > 0 and len(body["input"]) > 1:
                     outer.fail -= 1
                     self.send_response(503)
                     self.end_headers()
@@ -183,10 +185,8 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
         if ask in ("rollback-first", "backfill-first"):
             wait_phase(c, ("Bridged",))
             path = "rollback" if ask == "rollback-first" else "backfill"
-            try:
+            with contextlib.suppress(httpx.TransportError):  # killed while answering
                 c.post(f"/v1/indexes/docs/admin/migrations/{path}", json={"id": "mig-1"})
-            except httpx.TransportError:
-                pass  # killed while answering
         # writes during the migration: acknowledged ones must survive the kill
         for i in range(20):
             try:
@@ -222,7 +222,13 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
     return rec["phase"], took
 
 
-@pytest.mark.parametrize("point", sorted(TRIALS))
+# the default suite kills at two points (~10-25 s each); the slow suite at every one
+FAST = ("migration.gate.committed", "migration.backfill.checkpointed")
+
+
+@pytest.mark.parametrize(
+    "point", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow) for p in sorted(TRIALS)]
+)
 def test_killed_at_a_migration_commit_the_migration_finishes(
     point: str, tmp_path: Path, embeddings: Embeddings
 ) -> None:
@@ -230,6 +236,7 @@ def test_killed_at_a_migration_commit_the_migration_finishes(
     print(f"| {point} | {phase} | {took:.1f} s |")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ROLLBACK)
 def test_killed_then_rolled_back(point: str, tmp_path: Path, embeddings: Embeddings) -> None:
     phase, took = _trial(point, "rollback", tmp_path, embeddings)
