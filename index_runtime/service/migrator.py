@@ -141,6 +141,11 @@ class Migrator:
 
     # requests --------------------------------------------------------------------------------
 
+    def note_worker(self, share: int, cursor: int, rows: int, skipped: int = 0) -> None:
+        """An external backfill worker's progress (the backfill endpoint calls this after each
+        batch it rewrote); the runner commits it at its next checkpoint (<= ``period_s``)."""
+        self.backfill.note_worker(share, cursor, rows, skipped)
+
     def running(self) -> Operation | None:
         return self.rt.operations.running("migration")
 

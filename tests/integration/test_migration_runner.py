@@ -202,3 +202,39 @@ def test_compaction_during_the_backfill_keeps_both_models(tmp_path: Path) -> Non
         assert mid["phase"] == "Backfilling", mid["phase"]  # the compaction ran mid-backfill
         rec = _wait(c, ("Succeeded", "Backfilled", "Failed"))
         assert rec["phase"] == "Succeeded" and _count(c) == 600
+
+
+def test_an_external_backfill_is_checkpointed_and_cut_over_by_the_runner(tmp_path: Path) -> None:
+    """backfill_mode external: the runner never encodes; someone else rewrites the rows (here
+    the test, as the Indexed Job's workers would through the writer's endpoint) and reports
+    per-share progress; the runner checkpoints it and cuts over once nothing is left."""
+    with running_service(tmp_path) as c:
+        _setup(c, 0.0, 0.0)
+        rt = c.engine.get("docs")  # type: ignore[attr-defined]
+        rt.migrator.backfill.period_s = 0.05
+        assert _start(c, backfill_mode="external", backfill_shares=2).status_code == 202
+        _wait(c, ("Backfilling",))
+        new = encoder(W_NEW, 0.0)
+        rewritten = 0
+        for _ in range(3):  # a few rounds: rows the runner never touched
+            time.sleep(0.2)
+            rt.refresh(force=True)
+            view, _, prog, todo = rt.backfill_snapshot()
+            assert rt.migrator.backfill.written == rewritten  # the runner encodes nothing itself
+            for lo in range(0, min(len(todo), 200), 50):
+                pos = todo[lo : lo + 50]
+                rows = [view.row(int(p), payload=True) for p in pos]
+                texts = [str(r["text"]) for r in rows]
+                ack, _ = rt.writer.upsert_unchanged(
+                    [r["key"] for r in rows],
+                    [r["seq"] for r in rows],
+                    {"old": view.vectors_at(pos), "new": new(texts, "passage")},
+                    texts,
+                    [r["metadata"] for r in rows],
+                )
+                rt.migrator.note_worker(lo // 50 % 2, max(r["seq"] for r in rows), ack.rows)
+                rewritten += ack.rows
+        rec = _wait(c, ("Succeeded", "Backfilled", "Failed"))
+        assert rec["phase"] == "Succeeded" and rewritten == 600, rec.get("cutover")
+        workers = rec["backfill"]["workers"]
+        assert sum(w["rows"] for w in workers.values()) == 600 and set(workers) == {"0", "1"}
