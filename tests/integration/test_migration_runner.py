@@ -219,7 +219,7 @@ def test_an_external_backfill_is_checkpointed_and_cut_over_by_the_runner(tmp_pat
         for _ in range(3):  # a few rounds: rows the runner never touched
             time.sleep(0.2)
             rt.refresh(force=True)
-            view, _, prog, todo = rt.backfill_snapshot()
+            view, _, _, todo = rt.backfill_snapshot()
             assert rt.migrator.backfill.written == rewritten  # the runner encodes nothing itself
             for lo in range(0, min(len(todo), 200), 50):
                 pos = todo[lo : lo + 50]
