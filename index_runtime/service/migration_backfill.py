@@ -24,6 +24,7 @@ from index_runtime.contract import MigrationRecord
 from index_runtime.index.rows import F32, normalize
 from index_runtime.migration import STATUS_QUO, BackfillProgress
 from index_runtime.service.migrate import EvalSet, measure_progress
+from index_runtime.service.migration_gate import evalset
 
 if TYPE_CHECKING:
     from index_runtime.service.migrator import Migrator
@@ -63,7 +64,7 @@ class Backfill:
         if not rec.eval_key:
             return None
         if self._ev is None or self._ev[0] != rec.eval_key:
-            ev = self.mig.evalset(rec)
+            ev = evalset(self.mig, rec)
             if ev is None:
                 return None
             self._ev = (rec.eval_key, ev)

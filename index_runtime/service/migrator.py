@@ -25,10 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from index_runtime.adapters import artifact
-from index_runtime.contract import MigrationPause, MigrationRecord, MigrationTarget
+from index_runtime.contract import MigrationPause, MigrationRecord
 from index_runtime.crash import crash_point
 from index_runtime.errors import (
     ClosedError,
@@ -42,32 +39,23 @@ from index_runtime.index.loader import serving_model
 from index_runtime.index.settings import IndexSettings
 from index_runtime.machine import Observed, Step, next_step, same_migration
 from index_runtime.migration import BRIDGED, cutover_decision
+from index_runtime.service import migration_gate as gate
 from index_runtime.service.migrate import (
     Encode,
-    EvalSet,
     MigrationRequest,
-    Pairs,
     closed_record,
-    evaluate_gate,
-    fit_adapters,
     interval_of,
-    sample_pairs,
 )
 from index_runtime.service.migration_backfill import Backfill
+from index_runtime.service.migration_gate import Superseded
 from index_runtime.service.operations import Operation, WorkFailed
-from index_runtime.store.manifest import ADAPTER_DIR, Manifest, ModelSpec, retire_unreferenced
-from index_runtime.store.objects import new_object_name
+from index_runtime.store.manifest import Manifest, retire_unreferenced
 
 if TYPE_CHECKING:
     from index_runtime.service.runtime import IndexRuntime
 
 log = logging.getLogger(__name__)
 GATE_STEPS = (Step.DUAL_WRITES, Step.SAMPLE, Step.FIT, Step.EVALUATE)
-
-
-class Superseded(Exception):
-    """The record this step worked for is no longer the active one (rolled back, cut over,
-    replaced): the step's result is dropped."""
 
 
 class Migrator:
@@ -327,7 +315,7 @@ class Migrator:
             try:
                 rec = self.record()
                 if first is not None:
-                    self.dual_writes(first, mid)
+                    gate.dual_writes(self, first, mid)
                     first = None
                     continue
                 if rec is None or not same_migration(rec, mid):
@@ -425,13 +413,13 @@ class Migrator:
     def do(self, step: Step, rec: MigrationRecord) -> None:
         self.set_job(rec.phase, step.value)
         if step is Step.DUAL_WRITES:
-            self.restore_dual_writes(rec)
+            gate.restore_dual_writes(self, rec)
         elif step is Step.SAMPLE:
-            self.sample(rec)
+            gate.sample(self, rec)
         elif step is Step.FIT:
-            self.fit(rec)
+            gate.fit(self, rec)
         elif step is Step.EVALUATE:
-            self.evaluate(rec)
+            gate.evaluate(self, rec)
         elif step is Step.BACKFILL:
             self.backfill.run_pass(rec)
         elif step is Step.CHECKPOINT:
@@ -443,112 +431,6 @@ class Migrator:
         if self.encoders is None:
             raise ConflictError("no encoders for this migration")
         return self.encoders
-
-    def dual_writes(self, req: MigrationRequest, mid: str) -> None:
-        """DUAL_WRITES: probe the new model's dimension, store the labelled queries, then one
-        commit: the record (Pending) and the index spec requiring both models' vectors."""
-        view = self.rt.view
-        probe = next((t for p in view.live_pos[:1000] if (t := view.row(int(p), True)["text"])),
-                     None)  # fmt: skip
-        if probe is None:
-            raise InvalidInputError("no live rows have text; a migration re-encodes text")
-        dim = int(np.asarray(self._encoders()[1]([probe], "passage")).shape[1])
-        if req.dim is not None and req.dim != dim:
-            raise InvalidInputError(f"{req.to_model!r} encodes {dim} dimensions, not {req.dim}")
-        labelled_key = None
-        if req.labelled:
-            labelled_key = new_object_name(ADAPTER_DIR, ".json")
-            self.rt.store.put(labelled_key, Pairs.labelled_bytes(req.labelled))
-        now = self.rt.clock()
-        old = self.rt.model
-        rec = MigrationRecord(
-            id=mid,
-            from_model=old,
-            to_model=req.to_model,
-            target=MigrationTarget(dim, req.metric),
-            phase="Pending",
-            started_at=float(self.job.get("started_at", now)),
-            updated_at=now,
-            options=req.options(),
-            labelled_key=labelled_key,
-        )
-        w = self.rt._writer()
-
-        def edit(m: Manifest) -> Manifest:
-            cur = MigrationRecord.from_json(m.migration)
-            if cur is not None and cur.active:
-                raise Superseded("another migration became active")
-            return replace(_with_target(m, rec), migration=rec.to_json())
-
-        with self.lock:
-            w.change_spec(edit, f"migration to {req.to_model}: dual writes")
-        crash_point("migration.dual_writes.committed")
-        self.rt.changed()
-        self.rt.refresh(force=True)
-
-    def restore_dual_writes(self, rec: MigrationRecord) -> None:
-        self._commit(lambda r: r, "migration: dual writes", "migration.dual_writes.committed",
-                     lambda m, r: _with_target(m, r))  # fmt: skip
-
-    def sample(self, rec: MigrationRecord) -> None:
-        labelled = (
-            Pairs.labelled_from(self.rt.store.get(rec.labelled_key)) if rec.labelled_key else []
-        )
-        req = MigrationRequest.of_record(rec, labelled)
-        self.set_job("SamplingPairs", f"sampling up to {req.pairs} rows with text")
-        pairs = sample_pairs(self.rt.view, self._encoders()[1], req)
-        key = new_object_name(ADAPTER_DIR, ".npz")
-        self.rt.store.put(key, pairs.to_bytes())
-        self.commit(lambda r: r.replace(phase="TrainingAdapter", pairs_key=key),
-                    "migration pairs sampled", "migration.pairs.committed")  # fmt: skip
-
-    def fit(self, rec: MigrationRecord) -> None:
-        req = MigrationRequest.of_record(rec)
-        assert rec.pairs_key is not None
-        pairs = Pairs.from_bytes(self.rt.store.get(rec.pairs_key))
-        self.set_job("TrainingAdapter", f"fitting {len(req.kinds)} adapter kind(s)")
-        fitted = {}
-        for name, adapter in fit_adapters(pairs, req).items():
-            key = new_object_name(ADAPTER_DIR, ".safetensors")
-            self.rt.store.put(key, artifact.to_bytes(adapter))
-            fitted[name] = key
-        self.commit(lambda r: r.replace(phase="Evaluating", fitted=fitted),
-                    "migration adapters fitted", "migration.adapter.committed")  # fmt: skip
-
-    def evaluate(self, rec: MigrationRecord) -> None:
-        enc_old, enc_new = self._encoders()
-        assert rec.pairs_key is not None
-        pairs = Pairs.from_bytes(self.rt.store.get(rec.pairs_key))
-        req = MigrationRequest.of_record(rec, pairs.labelled)
-        adapters = {n: artifact.from_bytes(self.rt.store.get(k)) for n, k in rec.fitted.items()}
-        self.set_job("Evaluating", "measuring strategies on held-out queries")
-        fields, chosen, ev = evaluate_gate(
-            self.rt.view, rec.from_model, pairs, adapters, enc_old, enc_new, req
-        )
-        adapter_key = eval_key = None
-        if chosen is not None:
-            adapter_key = new_object_name(ADAPTER_DIR, ".safetensors")
-            self.rt.store.put(adapter_key, artifact.to_bytes(chosen))
-        if ev is not None:
-            eval_key = new_object_name(ADAPTER_DIR, ".json")
-            self.rt.store.put(eval_key, ev.to_bytes())
-        typed = {k: fields.pop(k) for k in ("phase", "metric", "selected", "reason")}
-        strategies = tuple(fields.pop("strategies"))
-        calibration, merge = fields.pop("calibration", None), fields.pop("merge", None)
-
-        def change(r: MigrationRecord) -> MigrationRecord:
-            return r.replace(**typed, strategies=strategies, calibration=calibration,
-                             merge=merge, adapter_key=adapter_key, eval_key=eval_key,
-                             fitted={}, extra={**r.extra, **fields})  # fmt: skip
-
-        out = self.commit(change, "migration Bridged", "migration.gate.committed")
-        self.set_job("Bridged", out.reason)
-
-    def evalset(self, rec: MigrationRecord) -> EvalSet | None:
-        if not rec.eval_key:
-            return None
-        enc_old, enc_new = self._encoders()
-        return EvalSet.from_bytes(self.rt.store.get(rec.eval_key), enc_old, enc_new)
 
     # the cutover -------------------------------------------------------------------------------
 
@@ -607,15 +489,6 @@ class Migrator:
                      rec.id)  # fmt: skip
         self.set_job("Succeeded", d.message)
         return {"cut_over": True, "reason": d.reason, "message": d.message}
-
-
-def _with_target(m: Manifest, rec: MigrationRecord) -> Manifest:
-    """``m`` with the target model stored and required (dual writes), in its own space."""
-    t = rec.target or MigrationTarget(int(m.index.dims.get(rec.to_model, 0)) or 0)
-    models = {**m.index.models, rec.to_model: ModelSpec(t.dim, t.metric)}
-    old = serving_model(m)
-    spec = replace(m.index, models=models, write_models=(old, rec.to_model))
-    return replace(m, index=spec)
 
 
 def _closed(r: MigrationRecord, phase: str, now: float, **fields: Any) -> MigrationRecord:
