@@ -150,8 +150,10 @@ class Migrator:
         if req.id and rec is not None and rec.id == req.id:
             if op is not None:
                 return op, False, rec
-            if rec.active and not self._resting(rec):
+            if rec.active and not self._resting(rec):  # e.g. a writer that lost its runner
                 self.encoders = (encode_old, encode_new)
+                self.job = {"id": rec.id, "to": rec.to_model, "started_at": self.rt.clock()}
+                self.set_job(rec.phase, "resumed by a repeated start")
                 return (*self._run(rec.id), rec)
             return None, False, rec
         if rec is not None and rec.active:

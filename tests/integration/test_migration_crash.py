@@ -96,7 +96,7 @@ def serve(data: Path, emb: Embeddings, crash_at: str | None = None) -> Iterator[
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # generous: the suite may share 2 cores
         while True:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             try:
@@ -124,7 +124,7 @@ def record(c: httpx.Client) -> dict[str, Any]:
     return dict(c.get("/v1/indexes/docs/status").json()["migration"]["record"] or {})
 
 
-def wait_phase(c: httpx.Client, phases: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+def wait_phase(c: httpx.Client, phases: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     rec: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -195,7 +195,7 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
                 break
             if r.status_code == 200:
                 acked.add(f"n{i}")
-        proc.wait(60)
+        proc.wait(120)
         assert proc.returncode == -signal.SIGKILL, f"never reached {point}:{hit}"
     started = time.monotonic()
     with serve(data, emb) as (_, c):
@@ -222,8 +222,8 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
     return rec["phase"], took
 
 
-# the default suite kills at two points (~10-25 s each); the slow suite at every one
-FAST = ("migration.gate.committed", "migration.backfill.checkpointed")
+# the default suite kills at one point (~10 s on idle cores); the slow suite at every one
+FAST = ("migration.gate.committed",)
 
 
 @pytest.mark.parametrize(

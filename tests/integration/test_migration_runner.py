@@ -115,7 +115,14 @@ def test_gc_mid_migration_keeps_the_records_objects_and_the_migration_resumes(
         assert done["phase"] in ("Succeeded", "Backfilled") and done["backfill"]["todo"] == 0
 
 
-@pytest.mark.parametrize(("metric", "top"), [("cosine", 1.0), ("ip", 2.0), ("l2", -1.0)])
+@pytest.mark.parametrize(
+    ("metric", "top"),
+    [
+        pytest.param("cosine", 1.0, marks=pytest.mark.slow),  # the other tests' default
+        ("ip", 2.0),
+        pytest.param("l2", -1.0, marks=pytest.mark.slow),
+    ],
+)
 def test_the_target_metric_is_served_after_the_cutover(
     tmp_path: Path, metric: str, top: float
 ) -> None:
