@@ -40,7 +40,7 @@ class Superseded(Exception):
 def dual_writes(mig: Migrator, req: MigrationRequest, mid: str) -> None:
     """DUAL_WRITES: probe the new model's dimension, store the labelled queries, then one
     commit: the record (Pending) and the index spec requiring both models' vectors."""
-    view = mig.rt.view
+    view = mig.rt.fresh_view()  # every acknowledged write (the published view may lag)
     probe = next((t for p in view.live_pos[:1000] if (t := view.row(int(p), True)["text"])),
                  None)  # fmt: skip
     if probe is None:
@@ -89,7 +89,7 @@ def sample(mig: Migrator, rec: MigrationRecord) -> None:
     )
     req = MigrationRequest.of_record(rec, labelled)
     mig.set_job("SamplingPairs", f"sampling up to {req.pairs} rows with text")
-    pairs = sample_pairs(mig.rt.view, mig._encoders()[1], req)
+    pairs = sample_pairs(mig.rt.fresh_view(), mig._encoders()[1], req)
     key = new_object_name(ADAPTER_DIR, ".npz")
     mig.rt.store.put(key, pairs.to_bytes())
     mig.commit(lambda r: r.replace(phase="TrainingAdapter", pairs_key=key),
@@ -116,7 +116,7 @@ def evaluate(mig: Migrator, rec: MigrationRecord) -> None:
     adapters = {n: artifact.from_bytes(mig.rt.store.get(k)) for n, k in rec.fitted.items()}
     mig.set_job("Evaluating", "measuring strategies on held-out queries")
     fields, chosen, ev = evaluate_gate(
-        mig.rt.view, rec.from_model, pairs, adapters, enc_old, enc_new, req
+        mig.rt.fresh_view(), rec.from_model, pairs, adapters, enc_old, enc_new, req
     )
     adapter_key = eval_key = None
     if chosen is not None:

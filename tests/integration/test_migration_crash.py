@@ -176,6 +176,7 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
     body = {"to_model": "new", "kinds": ["procrustes"], "pairs": 200, "id": "mig-1",
             "backfill_batch": 40, **options}  # fmt: skip
     acked: set[str] = set()
+    maybe: set[str] = set()  # sent, answer lost in the kill: may or may not be stored
     with serve(data, emb, f"{point}:{hit}") as (proc, c):
         acked |= set(setup_index(c, texts=point != "migration.failed.committed"))
         if point == "migration.pause.committed":
@@ -192,6 +193,7 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
             try:
                 r = c.post("/v1/indexes/docs/upsert", json={"keys": [f"n{i}"], "texts": corpus(N + 20)[N + i : N + i + 1]})
             except httpx.TransportError:
+                maybe.add(f"n{i}")
                 break
             if r.status_code == 200:
                 acked.add(f"n{i}")
@@ -210,12 +212,14 @@ def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str,
         assert rec["phase"] == end and rec["id"] == "mig-1", rec
         info = c.get("/v1/indexes/docs").json()
         assert info["model"] == ("new" if end == "Succeeded" else "old")
-        # every acknowledged row once; the count is over the served model's view, whose rows
-        # all have a vector of that model (after a cutover: every live row has a new vector)
-        assert c.get("/v1/indexes/docs/count").json()["count"] == len(acked)
-        keys = sorted(acked)
+        # every acknowledged row once (keys are unique; a write whose answer the kill lost
+        # may be there too); the count is over the served model's view, whose rows all have a
+        # vector of that model (after a cutover: every live row has a new-model vector)
+        keys = sorted(acked | maybe)
         got = c.post("/v1/indexes/docs/fetch", json={"keys": keys}).json()
-        assert not got["missing"] and sorted(r["key"] for r in got["rows"]) == keys
+        assert set(got["missing"]) <= maybe, got["missing"]
+        present = {r["key"] for r in got["rows"]}
+        assert c.get("/v1/indexes/docs/count").json()["count"] == len(present) >= len(acked)
         # the index still takes writes in its (new) single model
         r = c.post("/v1/indexes/docs/upsert", json={"keys": ["after"], "texts": ["w1 w2 w3"]})
         assert r.status_code == 200, r.text
