@@ -20,6 +20,18 @@ POINTS = (
     "compaction.output_put",  # compaction output written, not yet committed
     "compaction.committed",  # compaction committed, GC not yet run
     "gc.between_deletes",  # GC deleted one object, more to go
+    # the model migration's commits (service.migrator), in the order a migration meets them
+    "migration.dual_writes.committed",  # record Pending + the spec requiring both models
+    "migration.pairs.committed",  # sampled pairs stored and named (TrainingAdapter)
+    "migration.adapter.committed",  # fitted adapters stored and named (Evaluating)
+    "migration.gate.committed",  # the gate's decision (Bridged)
+    "migration.backfill.checkpointed",  # backfill progress (Backfilling)
+    "migration.cutover.held",  # the cutover waits, with its reason (Backfilled)
+    "migration.cutover.committed",  # Succeeded: the index serves the new model
+    "migration.rollback.committed",  # RolledBack: the old model only again
+    "migration.failed.committed",  # Failed (a gate that cannot measure)
+    "migration.pause.committed",  # paused (an encoder fault)
+    "migration.resume.committed",  # the pause cleared / the backfill requested
 )
 
 _counts: dict[str, int] = {}

@@ -218,3 +218,9 @@ class EncoderRejectedError(EncoderError):
 
     status = 424
     reason = "EncoderRejected"
+
+
+class MigrationMismatchError(ConflictError):
+    """A migration request names another migration than the index's current one (by id)."""
+
+    reason = "MigrationMismatch"

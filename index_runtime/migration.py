@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from index_runtime.contract import MIGRATION_ACTIVE, MIGRATION_PHASES
 from index_runtime.quality.arr import Interval, bootstrap, paired_gain
 
 STATUS_QUO = "status-quo"
@@ -284,22 +285,10 @@ def strategy_names(kinds: Sequence[str], diagonal: Sequence[bool] = (False, True
 
 # --- the migration's phases, the backfill and the cutover -----------------------------------
 
-PHASES = (
-    "Pending",
-    "SamplingPairs",
-    "TrainingAdapter",
-    "Evaluating",
-    "Bridged",
-    "Backfilling",
-    "Backfilled",
-    "CuttingOver",
-    "Succeeded",
-    "Failed",
-    "RolledBack",
-)
+PHASES = MIGRATION_PHASES  # names in index_runtime.contract (the operator reads them too)
 # phases in which the index dual-writes (stores and requires both models' vectors): every
 # phase before the migration ends
-ACTIVE = PHASES[: PHASES.index("Succeeded")]
+ACTIVE = MIGRATION_ACTIVE
 # phases in which the gate's selected strategy serves text and new-model vectors
 BRIDGED = ("Bridged", "Backfilling", "Backfilled")
 

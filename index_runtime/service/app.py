@@ -224,6 +224,27 @@ class StartMigration(Strict):
     )
     backfill_batch: int = Field(default=256, ge=1, le=4000)
     backfill_rate: float = Field(default=0.0, ge=0, description="rows/s; 0 = unlimited")
+    id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="the migration's identity (the ModelMigration's uid); the same id again "
+        "is idempotent, another id while one is active is refused (409)",
+    )
+    metric: Literal["cosine", "ip", "l2"] = Field(
+        default="cosine", description="the new model's metric (served after the cutover)"
+    )
+    dim: int | None = Field(
+        default=None, ge=1, le=65536, description="the new model's dimension (checked)"
+    )
+    backfill_mode: Literal["internal", "external"] = Field(
+        default="internal",
+        description="internal: the writer re-encodes; external: an Indexed Job's workers do",
+    )
+    backfill_shares: int = Field(default=1, ge=1, le=10_000)
+
+
+class MigrationId(Strict):
+    id: str | None = Field(default=None, max_length=128, description="the migration addressed")
 
 
 class Restore(Strict):
@@ -232,6 +253,7 @@ class Restore(Strict):
 
 class Cutover(Strict):
     force: bool = Field(default=False, description="cut over even if the new model measured worse")
+    id: str | None = Field(default=None, max_length=128, description="the migration addressed")
 
 
 class BackfillRow(Strict):
@@ -590,12 +612,18 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         return rt.operations.describe(op_id)
 
     @app.post("/v1/indexes/{name}/admin/migrations", status_code=202, dependencies=[Depends(admin)])
-    def admin_migrate(rt: Rt, body: StartMigration) -> dict[str, Any]:
+    def admin_migrate(rt: Rt, body: StartMigration) -> Any:
         """Start a model migration: sample pairs, fit adapters, measure every strategy against
-        the status quo and publish the decision (status.migration; the manifest)."""
+        the status quo and publish the decision (status.migration; the manifest). The same
+        ``id`` again: 202 with the running operation, or 200 with the record if nothing runs;
+        another id while a migration is active: 409 MigrationMismatch."""
         enc_old, enc_new = encoders_for(rt, (rt.model, body.to_model))
-        req = MigrationRequest.from_json(body.model_dump())
-        return accepted(rt, *rt.start_migration(req, enc_old, enc_new))
+        req = MigrationRequest.from_json(body.model_dump(exclude_none=True))
+        op, started, rec = rt.migrator.start(req, enc_old, enc_new)
+        if op is None:
+            record = rec.to_json() if rec is not None else None
+            return JSONResponse({"started": False, "record": record}, status_code=200)
+        return accepted(rt, op, started)
 
     def encoders_for(rt: IndexRuntime, models: tuple[str, ...]) -> list[Any]:
         for model in models:
@@ -610,15 +638,16 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         status_code=202,
         dependencies=[Depends(admin)],
     )
-    def admin_backfill(rt: Rt) -> dict[str, Any]:
-        """Start (a migration begun with ``backfill: false``) or resume the backfill."""
-        rec = rt.bridge
-        if not rec:
+    def admin_backfill(rt: Rt, body: MigrationId | None = None) -> dict[str, Any]:
+        """Start (a migration begun with ``backfill: false``) or resume the migration from
+        its last commit; clears a pause."""
+        rec = rt.record
+        if rec is None:
             raise ConflictError("no migration in progress")
-        enc_old, enc_new = encoders_for(rt, (str(rec["from"]), str(rec["to"])))
-        resumed = rt.resume_migration(enc_old, enc_new)
+        enc_old, enc_new = encoders_for(rt, (rec.from_model, rec.to_model))
+        resumed = rt.resume_migration(enc_old, enc_new, body.id if body else None)
         if resumed is None:
-            raise ConflictError(f"no migration to resume (phase {rec.get('phase')!r})")
+            raise ConflictError(f"no migration to resume (phase {rec.phase!r})")
         return accepted(rt, *resumed)
 
     @app.get("/v1/indexes/{name}/admin/migrations/backfill/rows", dependencies=[Depends(admin)])
@@ -654,12 +683,12 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     @app.post("/v1/indexes/{name}/admin/migrations/cutover", dependencies=[Depends(admin)])
     def admin_cutover(rt: Rt, body: Cutover) -> dict[str, Any]:
         """Switch to the new model now (409 with the reason when it may not)."""
-        return rt.cutover(force=body.force)
+        return rt.cutover(force=body.force, mid=body.id)
 
     @app.post("/v1/indexes/{name}/admin/migrations/rollback", dependencies=[Depends(admin)])
-    def admin_rollback(rt: Rt) -> dict[str, Any]:
+    def admin_rollback(rt: Rt, body: MigrationId | None = None) -> dict[str, Any]:
         """Stop the migration and serve the old model only (before the cutover)."""
-        rt.rollback_migration()
+        rt.rollback_migration(mid=body.id if body else None)
         return {"phase": rt.bridge.get("phase")}
 
     # restore: list the retained manifest versions, bring one back ----------------------------

@@ -284,24 +284,17 @@ class Engine:
         return lambda texts, kind: self.encode(model, texts, kind, BACKGROUND)
 
     def resume_migrations(self) -> None:
-        """A writer that restarts mid-migration continues its backfill (when it has both
-        models' encoders; otherwise the status says what is missing)."""
+        """A writer that restarts mid-migration continues it from its last commit, from any
+        phase (when it has both models' encoders; otherwise the job says what is missing)."""
         for rt in self.runtimes.values():
-            rec = rt.bridge
-            if (
-                rt.writer is None
-                or not rec
-                or rec.get("phase") not in ("Backfilling", "Backfilled")
-            ):
+            rec = rt.record if rt.writer is not None else None
+            if rec is None or not rec.active:
                 continue
-            missing = [m for m in (rec["from"], rec["to"]) if m not in self.encoders]
-            if missing:
-                rt.migration_job = {
-                    "phase": rec["phase"],
-                    "message": f"cannot resume: no encoder for {missing}",
-                }
-                continue
-            rt.resume_migration(self.encoder_fn(str(rec["from"])), self.encoder_fn(str(rec["to"])))
+            old, new = (
+                self.encoder_fn(m) if m in self.encoders else None
+                for m in (rec.from_model, rec.to_model)
+            )
+            rt.migrator.resume_on_start(old, new)
 
     def close(self) -> None:
         """Graceful stop: every writer flushes and commits what it acknowledged."""

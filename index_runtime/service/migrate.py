@@ -10,8 +10,8 @@ least ``min_labelled`` of them (metric Success@k), else the texts of sampled tes
 
 from __future__ import annotations
 
+import io
 import json
-import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from index_runtime.adapters import KINDS, Adapter, FitOptions, fit_adapter
+from index_runtime.contract import METRICS, MigrationRecord
 from index_runtime.corpus import split_of
 from index_runtime.encoders import Kind
 from index_runtime.errors import InvalidInputError
@@ -39,7 +40,6 @@ from index_runtime.migration import (
 from index_runtime.quality.arr import Interval, bootstrap, estimate_arr, paired_gain, success, topk
 
 Encode = Callable[[list[str], Kind], npt.NDArray[np.float32]]
-Progress = Callable[[str, str], None]  # (phase, message)
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 DEPTH = 20  # list depth the merge draws from (each model's top-20)
@@ -59,6 +59,11 @@ class MigrationRequest:
     auto_cutover: bool = True  # False: stay Backfilled until a cutover is requested
     backfill_batch: int = 256
     backfill_rate: float = 0.0  # rows per second, 0 = as fast as the encoder goes
+    id: str = ""  # the migration's identity ("" : the runtime generates one)
+    metric: str = "cosine"  # the new model's metric (served after the cutover)
+    dim: int | None = None  # the new model's dimension, checked against its encoder
+    backfill_mode: str = "internal"  # "external": an Indexed Job's workers re-encode
+    backfill_shares: int = 1
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> MigrationRequest:
@@ -75,6 +80,11 @@ class MigrationRequest:
             "cutover",
             "backfill_batch",
             "backfill_rate",
+            "id",
+            "metric",
+            "dim",
+            "backfill_mode",
+            "backfill_shares",
         }
         extra = set(d) - known
         if extra:
@@ -111,6 +121,18 @@ class MigrationRequest:
         batch, rate = int(d.get("backfill_batch", 256)), float(d.get("backfill_rate", 0.0))
         if not 1 <= batch <= 4000 or rate < 0:
             raise InvalidInputError("backfill_batch must be 1..4000 and backfill_rate >= 0")
+        metric = d.get("metric") or "cosine"
+        if metric not in METRICS:
+            raise InvalidInputError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        dim = d.get("dim")
+        if dim is not None and (not isinstance(dim, int) or not 1 <= dim <= 65536):
+            raise InvalidInputError(f"dim must be 1..65536, got {dim!r}")
+        mode = d.get("backfill_mode") or "internal"
+        if mode not in ("internal", "external"):
+            raise InvalidInputError(f"backfill_mode must be internal or external, got {mode!r}")
+        shares = int(d.get("backfill_shares") or 1)
+        if not 1 <= shares <= 10_000:
+            raise InvalidInputError(f"backfill_shares must be 1..10000, got {shares}")
         return MigrationRequest(
             d["to_model"],
             kinds,
@@ -124,17 +146,54 @@ class MigrationRequest:
             cutover == "auto",
             batch,
             rate,
+            str(d.get("id") or ""),
+            metric,
+            dim,
+            mode,
+            shares,
         )
 
     def options(self) -> dict[str, Any]:
-        """What the backfill and cutover need after a restart (kept in the record)."""
+        """What every step needs after a restart (kept in the record; the labelled queries
+        are in the pairs object)."""
         return {
             "backfill": self.backfill,
             "auto_cutover": self.auto_cutover,
             "backfill_batch": self.backfill_batch,
             "backfill_rate": self.backfill_rate,
             "k": self.k,
+            "kinds": list(self.kinds),
+            "diagonal": self.diagonal,
+            "pairs": self.pairs,
+            "min_labelled": self.min_labelled,
+            "seed": self.seed,
+            "backfill_mode": self.backfill_mode,
+            "backfill_shares": self.backfill_shares,
         }
+
+    @staticmethod
+    def of_record(rec: MigrationRecord, labelled: Sequence[tuple[str, Any]] = ()) -> MigrationRequest:
+        """The request a committed record was started with (for a resumed gate step)."""
+        o = rec.options
+        return MigrationRequest(
+            rec.to_model,
+            tuple(o.get("kinds", KINDS)),
+            bool(o.get("diagonal", False)),
+            int(o.get("pairs", 20_000)),
+            int(o.get("min_labelled", 200)),
+            int(o.get("k", 10)),
+            int(o.get("seed", 0)),
+            tuple(labelled),
+            bool(o.get("backfill", True)),
+            bool(o.get("auto_cutover", True)),
+            int(o.get("backfill_batch", 256)),
+            float(o.get("backfill_rate", 0.0)),
+            rec.id,
+            rec.target.metric if rec.target else "cosine",
+            rec.target.dim if rec.target else None,
+            rec.backfill_mode,
+            int(o.get("backfill_shares", 1)),
+        )
 
 
 def adapter_name(kind: str, diagonal: bool) -> str:
@@ -166,43 +225,109 @@ def sample_rows(
     return pos, texts, (len(pos) / seen if seen else 0.0)
 
 
-def run_gate(
-    view: View,
-    from_model: str,
-    encode_old: Encode,
-    encode_new: Encode,
-    req: MigrationRequest,
-    progress: Progress = lambda phase, msg: None,
-) -> tuple[dict[str, Any], Adapter | None, EvalSet | None]:
-    """Sample, fit, measure and select. Returns the record the manifest publishes, the
-    selected adapter (None for the status quo) and, with labelled queries, the evaluation
-    set the progressive merge and the cutover are measured on."""
+@dataclass
+class Pairs:
+    """The gate's sampled rows: keys, texts, their stored old-model vectors and their new-model
+    vectors, plus the request's labelled queries. Stored as one object (``pairs_key``) so a
+    restarted gate fits and measures the same sample."""
+
+    keys: list[Any]
+    texts: list[str]
+    old: F32
+    new: F32
+    coverage: float  # share of inspected live rows that had text
+    version: int  # the manifest version sampled
+    labelled: list[tuple[str, Any]]
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "keys": self.keys,
+            "texts": self.texts,
+            "coverage": self.coverage,
+            "version": self.version,
+            "labelled": [[t, k] for t, k in self.labelled],
+        }
+        buf = io.BytesIO()
+        np.savez(buf, old=self.old, new=self.new, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        return buf.getvalue()
+
+    @staticmethod
+    def labelled_bytes(labelled: Sequence[tuple[str, Any]]) -> bytes:
+        """The request's labelled queries as an object (``labelled_key``)."""
+        return json.dumps([[t, k] for t, k in labelled]).encode()
+
+    @staticmethod
+    def labelled_from(data: bytes) -> list[tuple[str, Any]]:
+        return [(str(t), k) for t, k in json.loads(data)]
+
+    @staticmethod
+    def from_bytes(data: bytes) -> Pairs:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            old, new = np.asarray(z["old"], np.float32), np.asarray(z["new"], np.float32)
+        return Pairs(
+            list(meta["keys"]),
+            list(meta["texts"]),
+            old,
+            new,
+            float(meta["coverage"]),
+            int(meta["version"]),
+            [(str(t), k) for t, k in meta["labelled"]],
+        )
+
+
+def sample_pairs(view: View, encode_new: Encode, req: MigrationRequest) -> Pairs:
+    """SAMPLE: rows with text from ``view``, encoded with the new model."""
     rng = np.random.default_rng(req.seed)
-    t0 = time.time()
-    progress("SamplingPairs", f"sampling up to {req.pairs} rows with text")
     pos, texts, coverage = sample_rows(view, req.pairs, rng)
     if len(pos) < 50:
         raise InvalidInputError(
             f"only {len(pos)} live rows have text; a migration needs at least 50 to measure"
         )
     keys = [view.row(p)["key"] for p in pos]
-    split = np.array([split_of(str(k)) for k in keys])
     new = _normalized(encode_new(texts, "passage"))
     old = view.vectors_at(np.array(pos))
-    fit = np.flatnonzero(split == "fit")
-    progress("TrainingAdapter", f"fitting {len(req.kinds)} adapter kind(s) on {len(fit)} pairs")
+    return Pairs(keys, texts, old, new, coverage, view.version, list(req.labelled))
+
+
+def fit_adapters(pairs: Pairs, req: MigrationRequest) -> dict[str, Adapter]:
+    """FIT: every requested adapter kind on the pairs' fit split."""
+    fit = np.flatnonzero(np.array([split_of(str(k)) for k in pairs.keys]) == "fit")
     adapters = {}
     for kind in req.kinds:
         for diag in (False, True) if req.diagonal else (False,):
             adapters[adapter_name(kind, diag)] = fit_adapter(
-                new[fit], old[fit], FitOptions(kind=kind, diagonal=diag, seed=req.seed)
+                pairs.new[fit], pairs.old[fit], FitOptions(kind=kind, diagonal=diag, seed=req.seed)
             )
+    return adapters
 
-    progress("Evaluating", "measuring strategies on held-out queries")
+
+def evaluate_gate(
+    view: View,
+    from_model: str,
+    pairs: Pairs,
+    adapters: Mapping[str, Adapter],
+    encode_old: Encode,
+    encode_new: Encode,
+    req: MigrationRequest,
+) -> tuple[dict[str, Any], Adapter | None, EvalSet | None]:
+    """EVALUATE: measure every strategy on held-out queries over ``view`` and select. The
+    sampled rows deleted since the sample are left out. Returns the record's gate fields, the
+    selected adapter (None for the status quo) and, with labelled queries, the evaluation set
+    the progressive merge and the cutover are measured on."""
     alive = np.flatnonzero(view.alive)
     index_of = {int(p): i for i, p in enumerate(alive.tolist())}
+    here = [view.position_of(k) for k in pairs.keys]
+    keep = [i for i, p in enumerate(here) if p is not None and int(p) in index_of]
+    if len(keep) < 50:
+        raise InvalidInputError(f"only {len(keep)} sampled rows are still live; sample again")
+    pos = [int(here[i]) for i in keep]  # type: ignore[arg-type]
+    texts = [pairs.texts[i] for i in keep]
+    new = pairs.new[keep]
+    split = np.array([split_of(str(pairs.keys[i])) for i in keep])
+    fit = np.flatnonzero(split == "fit")
     labelled: list[tuple[str, int]] = []
-    for text, key in req.labelled:
+    for text, key in pairs.labelled:
         p = view.position_of(key) if isinstance(key, int | str) else None
         if p is not None and int(p) in index_of:  # labels of deleted rows are dropped
             labelled.append((text, index_of[int(p)]))
@@ -256,9 +381,7 @@ def run_gate(
             estimated_arr=arr[sel.selected][0].as_dict(),
             manifest_version=view.version,
         )
-    record = {
-        "from": from_model,
-        "to": req.to_model,
+    fields: dict[str, Any] = {
         "phase": "Bridged",
         "metric": metric,
         "selected": sel.selected,
@@ -268,21 +391,18 @@ def run_gate(
         "sampled_rows": len(pos),
         "queries": len(qtexts),
         "labelled": metric.startswith("success"),
-        "text_coverage": coverage,
+        "text_coverage": pairs.coverage,
         "measured_on_version": view.version,
-        "started_at": t0,
-        "finished_at": time.time(),
-        "options": req.options(),
     }
     if calibration is not None:
-        record["calibration"] = calibration
+        fields["calibration"] = calibration
     else:
-        record["merge"] = {
+        fields["merge"] = {
             "serves": False,
             "reason": "no labelled queries: the merge cannot be measured, so the selected "
             "strategy serves until cutover",
         }
-    return record, chosen, evalset
+    return fields, chosen, evalset
 
 
 def calibration_split(texts: Sequence[str]) -> npt.NDArray[np.bool_]:
@@ -442,8 +562,8 @@ def closed_record(
     """The record of a migration that ended (Succeeded, Failed, RolledBack): its objects
     (adapter, evaluation queries) are no longer named, so GC retires them."""
     out = {**record, "phase": phase, "finished_at": now, **fields}
-    out.pop("adapter_key", None)
-    out.pop("eval_key", None)
+    for key in ("adapter_key", "eval_key", "pairs_key", "fitted", "labelled_key"):
+        out.pop(key, None)
     return out
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from index_runtime import lifecycle
 from index_runtime.adapters import Adapter, artifact
+from index_runtime.contract import MigrationRecord
 from index_runtime.errors import ClosedError, ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.filters import Filter
 from index_runtime.index.loader import ViewBuilder, serving_model
@@ -51,39 +52,27 @@ from index_runtime.index.training import (
     train_codebook,
 )
 from index_runtime.index.view import Hits, View
-from index_runtime.migration import (
-    ACTIVE,
-    BRIDGED,
-    STATUS_QUO,
-    backfill_progress,
-    cutover_decision,
-)
+from index_runtime.migration import BRIDGED, STATUS_QUO, BackfillProgress, backfill_progress
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
 from index_runtime.quality.window import WindowStats
 from index_runtime.service.migrate import (
     DEPTH,
     Encode,
-    EvalSet,
     MigrationRequest,
-    closed_record,
-    interval_of,
-    measure_progress,
     merged_positions,
     native_mask,
-    run_gate,
 )
+from index_runtime.service.migrator import Migrator
 from index_runtime.service.mirror import Mirror
-from index_runtime.service.operations import Operation, Operations, WorkFailed
+from index_runtime.service.operations import Operation, Operations
 from index_runtime.service.status import build_status
 from index_runtime.store.compaction import plan_compaction
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import (
-    ADAPTER_DIR,
     Codebook,
     IndexFile,
     IndexSpec,
     Manifest,
-    ModelSpec,
     Pin,
     retire_unreferenced,
 )
@@ -214,10 +203,8 @@ class IndexRuntime:
         # model migration: the writer's job while it runs (the published record and its
         # adapter are in ``_pub``)
         self._bridge_key: str | None = None  # owned by the refresher
-        self.migration_job: dict[str, Any] = {}
-        self.migration_thread: threading.Thread | None = None
-        self._migration_lock = threading.Lock()  # record commits of the migration
-        self._cancel_migration = threading.Event()
+        self.migration_thread: threading.Thread | None = None  # set by _start_operation
+        self.migrator = Migrator(self)
         self._native_builder: ViewBuilder | None = None  # owned by the refresher
         pending, manifest = self._snapshot(manifest)
         view = self.builder.build(manifest, pending)
@@ -870,7 +857,7 @@ class IndexRuntime:
 
     # status -----------------------------------------------------------------------------------
 
-    # model migration ----------------------------------------------------------------------------
+    # model migration (the runner is service.migrator.Migrator; these delegate) -------------------
 
     def _load_bridge(
         self, m: Manifest, old: tuple[dict[str, Any], Adapter | None]
@@ -888,188 +875,39 @@ class IndexRuntime:
         """The published migration record ({} when none)."""
         return self.bridge_state[0]
 
-    def _job(self, phase: str, message: str = "", **extra: Any) -> None:
-        self.migration_job.update(phase=phase, message=message, **extra)
+    @property
+    def record(self) -> MigrationRecord | None:
+        """The published migration record, typed."""
+        return MigrationRecord.from_json(self.bridge_state[0])
 
-    def _commit_record(self, change: Callable[[dict[str, Any]], dict[str, Any]], why: str) -> None:
-        """Commit a change of the migration record (applied to the newest record)."""
-        w = self._writer()
-        now = self.clock()
-        with self._migration_lock:
-            w.commit_edit(
-                lambda m: retire_unreferenced(
-                    m, replace(m, migration=change(dict(m.migration))), now
-                ),
-                why,
-            )
+    @property
+    def migration_job(self) -> dict[str, Any]:
+        return self.migrator.job
+
+    def changed(self) -> None:
+        """Something the views show changed: the refresher builds a new one soon."""
         self._changed.set()
-        self.refresh(force=True)
-
-    def _run(self, target: Callable[[], None]) -> tuple[Operation, bool]:
-        """The migration thread, as an operation of kind ``migration``: it succeeds when the
-        thread ends in any phase but Failed (its result names the phase)."""
-        running = self.operations.running("migration")
-        if running is not None:
-            return running, False
-        self._cancel_migration.clear()
-
-        def work(op: Operation) -> dict[str, Any]:
-            target()
-            phase, message = self.migration_job.get("phase"), self.migration_job.get("message")
-            if phase == "Failed":
-                raise WorkFailed("MigrationFailed", str(message or "the migration failed"))
-            return {"phase": phase, "message": message, "record_phase": self.bridge.get("phase")}
-
-        return self._start_operation("migration", work)
 
     def start_migration(
         self, req: MigrationRequest, encode_old: Encode, encode_new: Encode
     ) -> tuple[Operation, bool]:
-        """Start a model migration in the background: dual writes, the gate (sample pairs,
-        fit, measure, select), then — unless the request says otherwise — the backfill and
-        the cutover. Every step is published through the manifest. Returns the operation and
-        whether this call started it (else one was running: that one)."""
-        self._writer()
-        running = self.operations.running("migration")
-        if running is not None:
-            return running, False
-        if req.to_model == self.model:
-            raise InvalidInputError(f"the index already serves {self.model!r}")
-        if self.bridge.get("phase") in ACTIVE:
-            raise ConflictError(
-                f"a migration to {self.bridge.get('to')!r} is in phase "
-                f"{self.bridge.get('phase')}; roll it back first"
-            )
-        self.migration_job = {"to": req.to_model, "started_at": self.clock()}
-        self._job("Pending")
-        return self._run(lambda: self._migrate(req, encode_old, encode_new))
-
-    def _migrate(self, req: MigrationRequest, encode_old: Encode, encode_new: Encode) -> None:
-        w = self._writer()
-        old_model = self.model
-        dual = False
-        try:
-            probe = next(
-                (
-                    t
-                    for p in self.view.live_pos[:1000]
-                    if (t := self.view.row(int(p), True)["text"])
-                ),
-                None,
-            )
-            if probe is None:
-                raise InvalidInputError("no live rows have text; a migration re-encodes text")
-            dim = int(np.asarray(encode_new([probe], "passage")).shape[1])
-            now = self.clock()
-            record: dict[str, Any] = {
-                "from": old_model,
-                "to": req.to_model,
-                "phase": "Pending",
-                "started_at": now,
-                "options": req.options(),
-            }
-
-            def dual_writes(m: Manifest) -> Manifest:
-                models = {**m.index.models, req.to_model: ModelSpec(dim, "cosine")}
-                spec = replace(m.index, models=models, write_models=(old_model, req.to_model))
-                return replace(m, index=spec, migration=record)
-
-            w.change_spec(dual_writes, f"migration to {req.to_model}: dual writes")
-            dual = True
-            self._changed.set()
-            record, adapter, ev = run_gate(
-                self.view, old_model, encode_old, encode_new, req, self._job
-            )
-            if self._cancel_migration.is_set() or self._stop.is_set():
-                return  # rolled back, or shut down, while the gate ran
-            if adapter is not None:
-                key = new_object_name(ADAPTER_DIR, ".safetensors")
-                self.store.put(key, artifact.to_bytes(adapter))
-                record["adapter_key"] = key
-            if ev is not None:
-                key = new_object_name(ADAPTER_DIR, ".json")
-                self.store.put(key, ev.to_bytes())
-                record["eval_key"] = key
-            self._commit_record(lambda r: {**r, **record}, f"migration {record['phase']}")
-            self._job("Bridged", record["reason"])
-        except Exception as exc:
-            log.warning("migration of %s to %s failed: %s", self.name, req.to_model, exc)
-            if not dual:  # nothing of this migration is in the manifest yet
-                failed = {"from": old_model, "to": req.to_model, "started_at": self.clock()}
-                self._commit_record(lambda r: failed, "migration Failed")
-            self._end_migration("Failed", str(exc))
-            return
-        if req.backfill:
-            self._backfill_and_cut_over(encode_new, ev)
-
-    def _end_migration(self, phase: str, reason: str) -> None:
-        """Failed or RolledBack: the index stores and requires only the old model again; the
-        adapter and the evaluation set are retired. Nothing stored is lost (new-model vectors
-        already written stay in their segments until compaction drops the column)."""
-        w = self._writer()
-        now = self.clock()
-
-        def edit(m: Manifest) -> Manifest:
-            rec = closed_record(m.migration, phase, now, reason=reason)
-            to = rec.get("to")
-            spec = m.index
-            if to in spec.models and to != serving_model(m):
-                spec = replace(
-                    spec,
-                    models={n: v for n, v in spec.models.items() if n != to},
-                    write_models=tuple(x for x in spec.write_models if x != to),
-                )
-            return retire_unreferenced(m, replace(m, index=spec, migration=rec), now)
-
-        with self._migration_lock:
-            w.change_spec(edit, f"migration {phase}")
-        self._job(phase, reason)
-        self._changed.set()
-        self.refresh(force=True)
+        """Start a model migration in the background (``Migrator.start``); (operation,
+        whether this call started it). A request for the record's id when nothing runs
+        raises ConflictError; the API uses ``migrator.start`` to answer 200 instead."""
+        op, started, rec = self.migrator.start(req, encode_old, encode_new)
+        if op is None:
+            raise ConflictError(f"migration {req.id} is {rec.phase if rec else 'gone'}")
+        return op, started
 
     def resume_migration(
-        self, encode_old: Encode, encode_new: Encode
+        self, encode_old: Encode, encode_new: Encode, mid: str | None = None
     ) -> tuple[Operation, bool] | None:
-        """After a restart (or for a migration started with ``backfill: false``): continue
-        the backfill and the cutover of the published migration as an operation (see
-        :meth:`start_migration`). None if there is none to resume."""
-        self._writer()
-        rec = self.bridge
-        if rec.get("phase") not in BRIDGED:
-            return None
-        running = self.operations.running("migration")
-        if running is not None:
-            return running, False
-        self.migration_job = {"to": rec["to"], "started_at": self.clock()}
-        self._job(str(rec["phase"]), "resumed")
+        """Continue the active migration (``Migrator.resume``); None if there is none."""
+        running = self.migrator.running()
+        op = self.migrator.resume(encode_old, encode_new, mid)
+        return None if op is None else (op, running is None)
 
-        def run() -> None:
-            try:
-                ev = None
-                if rec.get("eval_key"):
-                    ev = EvalSet.from_bytes(
-                        self.store.get(str(rec["eval_key"])), encode_old, encode_new
-                    )
-            except Exception as exc:
-                log.warning("resuming the migration of %s failed: %s", self.name, exc)
-                self._job("Failed", f"could not load the evaluation queries: {exc}")
-                return
-            self._backfill_and_cut_over(encode_new, ev)
-
-        return self._run(run)
-
-    def _backfill_and_cut_over(self, encode_new: Encode, ev: EvalSet | None) -> None:
-        try:
-            if self.bridge.get("phase") in ("Bridged", "Backfilling"):
-                self._backfill(encode_new, ev)
-            if self._cancel_migration.is_set() or self._stop.is_set():
-                return  # rolled back, or shutting down: a restart resumes from the record
-            self.cutover(force=False, explicit=False)
-        except Exception as exc:
-            log.exception("the backfill of %s stopped", self.name)
-            self._job(str(self.bridge.get("phase", "")), f"stopped: {exc}; resume to continue")
-
-    def backfill_snapshot(self) -> tuple[View, View, Any, np.ndarray]:
+    def backfill_snapshot(self) -> tuple[View, View, BackfillProgress, np.ndarray]:
         """(view, native view, progress, positions still to re-encode), one snapshot."""
         pair = self.native_pair
         if pair is None:
@@ -1082,175 +920,15 @@ class IndexRuntime:
         prog, todo = backfill_progress(view.alive, has_new, has_text)
         return view, native, prog, np.flatnonzero(todo)
 
-    def _backfill(self, encode_new: Encode, ev: EvalSet | None) -> None:
-        """Re-encode every live row with text that has no new-model vector, in passes: a pass
-        works through one snapshot's list (compare-and-set rewrites: a row written meanwhile
-        already carries both vectors and is left alone); the next pass catches up with rows
-        that arrived during it. Progress is checkpointed into the manifest: a restart
-        continues from what is stored."""
-        w = self._writer()
-        rec = self.bridge
-        to, old = str(rec["to"]), str(rec["from"])
-        opts = rec.get("options", {})
-        batch = int(opts.get("backfill_batch", 256))
-        rate = float(opts.get("backfill_rate", 0.0))
-        self._commit_record(lambda r: {**r, "phase": "Backfilling"}, "migration Backfilling")
-        started = time.monotonic()
-        written = skipped = 0
-        last = 0.0
-        next_share = 0.0
-        self.checkpoint_backfill(ev, written, skipped, started)
-        while not (self._cancel_migration.is_set() or self._stop.is_set()):
-            self.refresh(force=True)
-            view, _, prog, todo = self.backfill_snapshot()
-            if not len(todo):
-                break
-            self._job("Backfilling", f"{prog.todo} rows to re-encode", progress=prog.as_dict())
-            for lo in range(0, len(todo), batch):
-                if self._cancel_migration.is_set() or self._stop.is_set():
-                    return
-                pos = todo[lo : lo + batch]
-                rows = [view.row(int(p), payload=True) for p in pos]
-                texts = [str(r["text"]) for r in rows]
-                new = np.asarray(encode_new(texts, "passage"), np.float32)
-                ack, n_skip = w.upsert_unchanged(
-                    [r["key"] for r in rows],
-                    [r["seq"] for r in rows],
-                    {old: view.vectors_at(pos), to: new},
-                    texts,
-                    [r["metadata"] for r in rows],
-                )
-                written += ack.rows if ack else 0
-                skipped += n_skip
-                self._changed.set()
-                self.hooks.backfill(self.name, ack.rows if ack else 0)
-                if rate > 0:
-                    time.sleep(len(pos) / rate)
-                done = (prog.backfilled + written) / max(1, prog.live)
-                if time.monotonic() - last >= 10.0 or done >= next_share:
-                    self.refresh(force=True)
-                    self.checkpoint_backfill(ev, written, skipped, started)
-                    last = time.monotonic()
-                    next_share = min(1.0, np.floor(done * 10 + 1e-9) / 10 + 0.1)
-        if not (self._cancel_migration.is_set() or self._stop.is_set()):
-            # the cutover decides: Succeeded or Backfilled
-            self.refresh(force=True)
-            self.checkpoint_backfill(ev, written, skipped, started)
-
-    def checkpoint_backfill(
-        self,
-        ev: EvalSet | None,
-        written: int,
-        skipped: int,
-        started: float,
+    def cutover(
+        self, force: bool = False, explicit: bool = True, mid: str | None = None
     ) -> dict[str, Any]:
-        """Measure the snapshot and publish the backfill's progress (and, with labelled
-        queries, the merge's guard and a point of the quality curve) in the record."""
-        view, native, prog, _ = self.backfill_snapshot()
-        rec = self.bridge
-        elapsed = max(1e-9, time.monotonic() - started)
-        state = {
-            **prog.as_dict(),
-            "rewritten": written,
-            "skipped": skipped,
-            "rows_per_second": written / elapsed,
-            "manifest_version": view.version,
-            "updated_at": self.clock(),
-        }
-        point = None
-        if ev is not None and rec.get("calibration"):
-            served_q = self._served_vectors(ev)
-            point = measure_progress(view, native, ev, served_q, rec["calibration"], self._k())
+        """Switch the index to the new model (``Migrator.cutover``)."""
+        return self.migrator.cutover(force, explicit, mid)
 
-        def change(r: dict[str, Any]) -> dict[str, Any]:
-            out = {**r, "backfill": state, "text_coverage": prog.text_coverage}
-            if point is not None:
-                out["merge"] = {
-                    "serves": point["merge_serves"],
-                    "share": point["share"],
-                    "gain_calibration": point["merge_gain_calibration"],
-                    "native_gain": point["native_gain"],
-                }
-                out["curve"] = [*r.get("curve", [])[-49:], point]
-            return out
-
-        self._commit_record(change, f"migration backfill {prog.share:.0%}")
-        self._job("Backfilling", f"{prog.backfilled}/{prog.live} rows", progress=state)
-        return state
-
-    def _k(self) -> int:
-        return int(self.bridge.get("options", {}).get("k", 10))
-
-    def _served_vectors(self, ev: EvalSet) -> F32:
-        adapter = self.bridge_state[1]
-        if self.bridge.get("selected", STATUS_QUO) == STATUS_QUO or adapter is None:
-            return ev.q_old
-        return normalize(np.asarray(adapter.apply(ev.q_new), np.float32))
-
-    def cutover(self, force: bool = False, explicit: bool = True) -> dict[str, Any]:
-        """Switch the index to the new model when :func:`migration.cutover_decision` says so
-        (``explicit``: an admin request, which may ``force`` past a measured regression).
-        The old model's codebooks and the adapter are retired; the new model is served by the
-        shadow at once and its IVF-PQ primary is trained and validated by the lifecycle, as at
-        a cold start. Returns the decision."""
-        w = self._writer()
-        rec = self.bridge
-        if rec.get("phase") not in BRIDGED:
-            raise ConflictError(f"no migration waits for a cutover (phase {rec.get('phase')!r})")
-        to = str(rec["to"])
-        _, _, prog, _ = self.backfill_snapshot()
-        auto = bool(rec.get("options", {}).get("auto_cutover", True)) or explicit
-        native_gain = interval_of(rec.get("merge", {}).get("native_gain"))
-        d = cutover_decision(prog, native_gain, auto, force, to)
-        try:
-            IndexSettings.from_json(self.current_manifest().settings, w.manifest.index.dims[to])
-        except InvalidInputError as exc:
-            d = replace(d, go=False, reason="SettingsInvalid", message=str(exc))
-        if not d.go:
-            phase = "Backfilled" if not prog.todo else str(rec["phase"])
-            self._commit_record(
-                lambda r: {
-                    **r,
-                    "phase": phase,
-                    "cutover": {"reason": d.reason, "message": d.message},
-                },
-                f"migration cutover held: {d.reason}",
-            )
-            self._job(phase, d.message)
-            if explicit:
-                raise ConflictError(f"{d.reason}: {d.message}")
-            return {"cut_over": False, "reason": d.reason, "message": d.message}
-        self._job("CuttingOver", d.message)
-        now = self.clock()
-
-        def edit(m: Manifest) -> Manifest:
-            spec = replace(m.index, models={to: m.index.models[to]}, write_models=(to,))
-            r = closed_record(
-                m.migration,
-                "Succeeded",
-                now,
-                cutover={"reason": d.reason, "message": d.message, "at": now},
-            )
-            out = replace(m, index=spec, codebooks=(), index_files=(), serving=0, migration=r)
-            return retire_unreferenced(m, out, now)
-
-        with self._migration_lock:
-            w.change_spec(edit, f"migration cutover to {to}")
-        self._changed.set()
-        self.refresh(force=True)
-        self._job("Succeeded", d.message)
-        return {"cut_over": True, "reason": d.reason, "message": d.message}
-
-    def rollback_migration(self, reason: str = "rolled back on request") -> None:
+    def rollback_migration(self, reason: str = "rolled back on request", mid: str | None = None) -> None:
         """Stop the migration (any phase before Succeeded) and serve the old model only."""
-        self._writer()
-        if self.bridge.get("phase") not in ACTIVE:
-            raise ConflictError(f"no migration to roll back (phase {self.bridge.get('phase')!r})")
-        self._cancel_migration.set()
-        t = self.migration_thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=60)
-        self._end_migration("RolledBack", reason)
+        self.migrator.rollback(reason, mid)
 
     def search_merged(
         self, served_q: F32, new_q: F32, k: int, flt: Filter | None = None

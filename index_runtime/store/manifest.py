@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from index_runtime.contract import MigrationRecord
 from index_runtime.errors import CorruptObjectError, FormatVersionError, InvalidInputError
 from index_runtime.store.rows import KeyType
 
@@ -189,14 +190,15 @@ class Manifest:
 
 
 def referenced_objects(m: Manifest) -> set[str]:
-    """Object keys the manifest needs to exist: segments, codebooks, index files, the
-    migration's adapter."""
-    adapter = m.migration.get("adapter_key")
+    """Object keys the manifest needs to exist: segments, codebooks, index files, and every
+    object the migration's record names (pairs, fitted adapters, the selected adapter, the
+    evaluation queries; a record that ended names none)."""
+    rec = MigrationRecord.from_json(m.migration)
     return (
         {s.key for s in m.segments}
         | {c.key for c in m.codebooks}
         | {f.key for f in m.index_files}
-        | ({adapter} if adapter else set())
+        | set(rec.object_keys if rec is not None else ())
     )
 
 
