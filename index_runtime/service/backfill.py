@@ -14,8 +14,9 @@ Hence "todo rows with seq > cursor" shrinks monotonically and a share is done wh
 holds all of them. The cursor exists because the view lags the writer: without it a worker
 would be handed the rows it just sent again.
 
-Progress (per-share cursor, rows, time) is kept in memory by a :class:`Desk` per runtime and
-checkpointed into the record's ``backfill.workers`` every ``CHECKPOINT_S``; a worker pod that
+Cursors are kept in memory by a :class:`Desk` per runtime; per-share progress goes to the
+migration's runner (``Migrator.note_worker``), which checkpoints it into the record's
+``backfill.workers`` (at most every 10 s) and cuts over when nothing is left; a worker pod that
 restarts asks without a cursor and resumes from the writer's (a restarted writer falls back to
 the record's checkpoint, or to 0: re-scanning is safe, the todo set only holds unfinished rows).
 """
@@ -45,7 +46,6 @@ Mask = npt.NDArray[np.bool_]
 
 MAX_ROWS = 1000  # per page and per write (bounded JSON, one WAL append, < the bulk limit)
 OPEN_PHASES = ("Bridged", "Backfilling")  # the phases in which workers may rewrite rows
-CHECKPOINT_S = 10.0  # how often per-share progress is committed into the record
 
 
 def check_active(rec: dict[str, Any], migration_id: str) -> None:
@@ -219,8 +219,9 @@ def stored_cursor(desk: Desk, rec: dict[str, Any], migration_id: str, share: int
     with desk.lock:
         if (desk.migration_id, desk.shares) == (migration_id, shares) and str(share) in desk.workers:
             return int(desk.workers[str(share)]["cursor"])
+    # the record is this migration's (checked by the caller); its cursors are for its shares
     w = (rec.get("backfill") or {}).get("workers", {}).get(str(share))
-    if w and w.get("shares") == shares and w.get("migration") == migration_id:
+    if w and (rec.get("options") or {}).get("backfill_shares", shares) == shares:
         return int(w.get("cursor", 0))
     return 0
 
@@ -298,7 +299,6 @@ def apply_rows(
         )
         written, skipped = (ack.rows if ack else 0), skipped + n_skip
         rt._changed.set()  # the refresher builds the next view (as rt.upsert does)
-        rt.hooks.backfill(rt.name, written)
     desk = desk_of(rt)
     with desk.lock:
         desk.reset_if_other(migration_id, shares)
@@ -310,26 +310,7 @@ def apply_rows(
             shares=shares,
             migration=migration_id,
         )
-        desk.rewritten += written
-        desk.skipped += skipped
-        due = time.monotonic() - desk.checkpointed >= CHECKPOINT_S
-        if due:
-            desk.checkpointed = time.monotonic()
-    if due:
-        checkpoint(rt, migration_id)
+    # the runner commits it at its next checkpoint (and counts it for the metrics)
+    rt.migrator.note_worker(share, cursor, written, skipped)
     return {"written": written, "skipped": skipped}
 
-
-def checkpoint(rt: IndexRuntime, migration_id: str) -> None:
-    """Commit the workers' progress into the record's ``backfill`` (the runner owns the
-    phase; this only merges progress)."""
-    state = desk_of(rt).snapshot()
-    _, _, prog, _ = rt.backfill_snapshot()
-
-    def change(r: dict[str, Any]) -> dict[str, Any]:
-        if record_id(r) != migration_id:
-            return r
-        bf = {**(r.get("backfill") or {}), **prog.as_dict(), **state, "updated_at": rt.clock()}
-        return {**r, "backfill": bf}
-
-    rt._commit_record(change, f"migration backfill {prog.share:.0%} (workers)")
