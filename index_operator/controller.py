@@ -33,7 +33,7 @@ from index_operator.reconcile.migration import (
 )
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
 from index_operator.spec import Index, Migration, Model, SpecError
-from index_runtime.contract import JobKind, Role, Scope
+from index_runtime.contract import JobKind, MigrationRecord, Role, Scope
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.settings import IndexSettings
 
@@ -263,10 +263,11 @@ class Controller:
             writer = await self.runtime.status(
                 self.url(mig.index, ns, Role.WRITER), mig.index, token
             )
-        rec = ((writer or {}).get("migration") or {}).get("record")
+        rec = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
+        seq = int((prior.get("backfillJob") or {}).get("seq", 0))
         names = {
             "gate": res.job_name(mig.ref.name, JobKind.MIGRATE),
-            "backfill": res.job_name(mig.ref.name, JobKind.BACKFILL),
+            "backfill": res.backfill_job_name(mig, seq),
         }
         jobs = await self.job_states(ns, names)
         obs = MigrationObservation(
@@ -285,53 +286,72 @@ class Controller:
         status = plan.status
         if ix is None:
             return status, list(plan.events)
+        events = list(plan.events)
         try:
-            await self._migration_actions(mig, ix, plan.actions, status, obs.now, token)
+            held = await self._migration_actions(
+                mig, ix, models.get(mig.target), plan.actions, status, obs.now, token
+            )
         except RuntimeError_ as exc:
             if exc.status not in REFUSED_TOKEN:
                 raise
             _token_refused(ns, mig.index, "a migration step", exc)
             return prior, []  # nothing happened: the next pass retries
-        return status, list(plan.events)
+        if held is not None:  # the runtime held the cutover: say that, not "CuttingOver"
+            events = [e for e in events if "-> CuttingOver" not in e.message]
+            if prior.get("phase") != "Backfilled":
+                events.append(held)
+        return status, events
 
     async def _migration_actions(
         self,
         mig: Migration,
         ix: Index,
+        target: Model | None,
         actions: Sequence[MAction],
         status: dict[str, Any],
         now: float,
         token: str,
-    ) -> None:
+    ) -> Event | None:
+        """Carry out the plan's actions; a cutover the runtime holds (409) rewrites the status
+        to Backfilled with its reason and returns the event to post instead."""
         ns = mig.ref.namespace
         base = self.url(mig.index, ns, Role.WRITER)
         cl = self.config.cluster
+        held = None
         for a in actions:
             if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
-                await self.kube.create(res.desired_gate_job(ix, mig, cl))
+                await self.kube.create(res.desired_gate_job(ix, mig, cl, target))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
-                await self.kube.create(res.desired_backfill_job(ix, mig, cl))
+                await self.kube.create(res.desired_backfill_job(ix, mig, cl, a.seq, target))
             elif a.act is MAct.ROLLBACK:
-                await self.runtime.admin(base, token, mig.index, "migrations/rollback")
+                await self.runtime.admin(
+                    base, token, mig.index, "migrations/rollback", {"id": mig.uid}
+                )
             elif a.act is MAct.CUTOVER:
                 try:
                     await self.runtime.admin(
-                        base, token, mig.index, "migrations/cutover", {"force": a.force}
+                        base,
+                        token,
+                        mig.index,
+                        "migrations/cutover",
+                        {"id": mig.uid, "force": a.force},
                     )
                 except RuntimeError_ as exc:
                     if exc.status != 409:
                         raise
-                    held, _, msg = exc.message.partition(": ")
-                    status.update({"phase": "Backfilled", "reason": held, "message": msg})
+                    why, _, msg = exc.message.partition(": ")
+                    status.update({"phase": "Backfilled", "reason": why, "message": msg})
                     status["conditions"] = merge_conditions(
                         status.get("conditions"),
                         [
-                            Condition("CutoverHeld", True, held, msg),
-                            Condition("Progressing", False, held, msg),
+                            Condition("CutoverHeld", True, why, msg),
+                            Condition("Progressing", False, why, msg),
                         ],
                         mig.ref.generation,
                         now,
                     )
+                    held = Event("Normal", why, f"the cutover is held: {msg}")
+        return held
 
 
 REFUSED_TOKEN = (401, 403)

@@ -69,6 +69,9 @@ class Resources:
 QUERY_POD = Resources({"cpu": "500m", "memory": "1Gi"}, {"cpu": "1", "memory": "2Gi"})
 WRITER_POD = Resources({"cpu": "500m", "memory": "1Gi"}, {"cpu": "2", "memory": "4Gi"})
 JOB_POD = Resources({"cpu": "1", "memory": "2Gi"}, {"cpu": "2", "memory": "4Gi"})
+# a backfill pod encodes with the target model (its own CPU/GPU work): the Job pod's default
+BACKFILL_POD = JOB_POD
+BACKFILL_STALL_S = 1800  # default spec.backfill.stallSeconds (the CRD's default)
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,12 @@ def runtime_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"primary": primary, "shadow": shadow, "oracle": oracle, "lifecycle": life}
 
 
+def _over(default: Resources, given: Resources) -> Resources:
+    """``given`` on top of ``default`` per resource name (a GPU limit alone keeps the default
+    CPU and memory)."""
+    return Resources({**default.requests, **given.requests}, {**default.limits, **given.limits})
+
+
 @dataclass(frozen=True)
 class Migration:
     ref: Ref
@@ -255,6 +264,14 @@ class Migration:
     cutover_approved: bool
     cutover_force: bool
     rollback: bool
+    backfill_parallelism: int = 1  # pods of the backfill's Indexed Job = shares of the rows
+    backfill_stall_s: int = BACKFILL_STALL_S  # no progress this long: Stalled, pods restart
+    backfill_resources: Resources = BACKFILL_POD
+
+    @property
+    def uid(self) -> str:
+        """The migration's identity in the runtime's record (``MigrationRecord.id``)."""
+        return self.ref.uid
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Migration:
@@ -280,12 +297,23 @@ class Migration:
             cutover_approved=bool(co.get("approved", False)),
             cutover_force=bool(co.get("force", False)),
             rollback=bool(spec.get("rollback", False)),
+            backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
+            backfill_stall_s=max(1, int(bf.get("stallSeconds", BACKFILL_STALL_S))),
+            backfill_resources=_over(BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())),
         )
 
-    def gate_request(self) -> dict[str, Any]:
-        """The runtime's StartMigration body (the Job adds the labelled queries)."""
+    def gate_request(self, target: Model | None = None) -> dict[str, Any]:
+        """The runtime's StartMigration body (the Job adds the labelled queries): the
+        migration's id, the target model's metric and dimension (the runtime checks the
+        encoder against them), and an external backfill in ``backfill_parallelism`` shares
+        (the operator's Indexed Job re-encodes; the writer only rewrites)."""
+        typed = {} if target is None else {"metric": target.metric, "dim": target.dimension}
         return {
+            "id": self.uid,
             "to_model": self.target,
+            **typed,
+            "backfill_mode": "external",
+            "backfill_shares": self.backfill_parallelism,
             "kinds": list(self.kinds),
             "diagonal": self.diagonal,
             "pairs": self.pairs,

@@ -8,7 +8,11 @@ builders emit parses with the runtime's own argument parser, every path answers)
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import Any
 
 HTTP_PORT = 8080  # the API, the admin API and /metrics of every runtime pod
 PORT_NAME = "http"
@@ -86,6 +90,10 @@ class Env(StrEnum):
     S3_REGION = "DRIFTLESS_S3_REGION"
     OMP_THREADS = "OMP_NUM_THREADS"
     JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by Kubernetes in Indexed Jobs
+    # the distributed backfill (an Indexed Job; the share is JOB_COMPLETION_INDEX)
+    BACKFILL_SHARES = "DRIFTLESS_BACKFILL_SHARES"  # how many shares the rows are split into
+    MIGRATION_ID = "DRIFTLESS_MIGRATION_ID"  # the migration a backfill pod works for
+    BACKFILL_STALL_S = "DRIFTLESS_BACKFILL_STALL_S"  # exit non-zero after this long without progress
 
 
 def serve_command(role: Role) -> list[str]:
@@ -109,3 +117,208 @@ def thread_count(cpu_limit_millicores: int | None) -> int:
     if not cpu_limit_millicores:
         return 1
     return max(1, cpu_limit_millicores // 1000)
+
+
+# --- the model migration's record (the manifest's ``migration`` dict) ---------------------------
+# Both the runtime (its runner, status, endpoints) and the operator read the record through
+# :class:`MigrationRecord`; nobody reads its keys as strings. Pure stdlib: the operator image has
+# no pydantic. The phase names are :data:`index_runtime.migration.PHASES` (the same tuple).
+
+MIGRATION_PHASES = (
+    "Pending",  # dual writes committed; the gate has not sampled yet
+    "SamplingPairs",
+    "TrainingAdapter",
+    "Evaluating",
+    "Bridged",  # the gate's selected strategy serves
+    "Backfilling",
+    "Backfilled",  # every row re-encoded; the cutover waits (manual, NativeWorse, no text)
+    "CuttingOver",
+    "Succeeded",
+    "Failed",
+    "RolledBack",
+)
+MIGRATION_TERMINAL = ("Succeeded", "Failed", "RolledBack")
+# phases in which the index dual-writes (every phase before the migration ends)
+MIGRATION_ACTIVE = MIGRATION_PHASES[: MIGRATION_PHASES.index("Succeeded")]
+METRICS = ("cosine", "ip", "l2")
+
+
+@dataclass(frozen=True)
+class MigrationTarget:
+    """The new model's vector space: its dimension and metric (carried to the cutover)."""
+
+    dim: int
+    metric: str = "cosine"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dim": self.dim, "metric": self.metric}
+
+
+@dataclass(frozen=True)
+class MigrationPause:
+    """Why the migration's runner waits (not a phase: the phase says where it resumes).
+    ``permanent``: only an operator's resume request clears it (e.g. the encoder rejects the
+    model); otherwise the runner retries by itself."""
+
+    reason: str  # CamelCase, e.g. EncoderFailed
+    message: str
+    at: float
+    permanent: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "message": self.message,
+            "at": self.at,
+            "permanent": self.permanent,
+        }
+
+
+# keys with a typed field; every other key of a stored record is kept in ``extra`` untouched
+_RECORD_KEYS = (
+    "id", "from", "to", "target", "phase", "paused", "started_at", "updated_at", "finished_at",
+    "options", "pairs_key", "fitted", "adapter_key", "eval_key", "calibration", "strategies", "selected",
+    "metric", "reason", "backfill", "merge", "curve", "cutover", "error",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """One model migration as the manifest stores it. ``from_json`` accepts records of the
+    previous release (no ``id``, no ``target``, no ``paused``); ``to_json`` writes only the
+    keys that are set, plus every unknown key it read (``extra``), so a round trip loses
+    nothing. Objects it names (``pairs_key``, ``adapter_key``, ``eval_key``) are kept by GC
+    while ``active``."""
+
+    id: str = ""
+    from_model: str = ""
+    to_model: str = ""
+    target: MigrationTarget | None = None
+    phase: str = "Pending"
+    paused: MigrationPause | None = None
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    pairs_key: str | None = None
+    fitted: Mapping[str, str] = field(default_factory=dict)  # adapter name -> object (gate)
+    adapter_key: str | None = None
+    eval_key: str | None = None
+    calibration: Mapping[str, Any] | None = None
+    strategies: tuple[Mapping[str, Any], ...] = ()
+    selected: str | None = None
+    metric: str | None = None
+    reason: str = ""
+    backfill: Mapping[str, Any] | None = None
+    merge: Mapping[str, Any] | None = None
+    curve: tuple[Mapping[str, Any], ...] = ()
+    cutover: Mapping[str, Any] | None = None
+    error: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.phase in MIGRATION_ACTIVE
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in MIGRATION_TERMINAL
+
+    @property
+    def object_keys(self) -> tuple[str, ...]:
+        """The stored objects the record names (GC keeps them while the record is active)."""
+        named = (self.pairs_key, *self.fitted.values(), self.adapter_key, self.eval_key)
+        return tuple(k for k in named if k)
+
+    @property
+    def backfill_mode(self) -> str:
+        return str(self.options.get("backfill_mode", "internal"))
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any] | None) -> MigrationRecord | None:
+        """The record, or None for an empty dict (no migration ever ran)."""
+        if not d:
+            return None
+        t = d.get("target")
+        p = d.get("paused")
+        fin = d.get("finished_at")
+        return MigrationRecord(
+            id=str(d.get("id") or ""),
+            from_model=str(d.get("from") or ""),
+            to_model=str(d.get("to") or ""),
+            target=(
+                MigrationTarget(int(t["dim"]), str(t.get("metric", "cosine")))
+                if isinstance(t, Mapping) and "dim" in t
+                else None
+            ),
+            phase=str(d.get("phase") or "Pending"),
+            paused=(
+                MigrationPause(
+                    str(p.get("reason", "Paused")),
+                    str(p.get("message", "")),
+                    float(p.get("at", 0.0)),
+                    bool(p.get("permanent", True)),
+                )
+                if isinstance(p, Mapping)
+                else None
+            ),
+            started_at=float(d.get("started_at") or 0.0),
+            updated_at=float(d.get("updated_at") or d.get("started_at") or 0.0),
+            finished_at=None if fin is None else float(fin),
+            options=dict(d.get("options") or {}),
+            pairs_key=d.get("pairs_key") or None,
+            fitted={str(k): str(v) for k, v in (d.get("fitted") or {}).items()},
+            adapter_key=d.get("adapter_key") or None,
+            eval_key=d.get("eval_key") or None,
+            calibration=d.get("calibration") or None,
+            strategies=tuple(d.get("strategies") or ()),
+            selected=d.get("selected"),
+            metric=d.get("metric"),
+            reason=str(d.get("reason") or ""),
+            backfill=d.get("backfill") or None,
+            merge=d.get("merge") or None,
+            curve=tuple(d.get("curve") or ()),
+            cutover=d.get("cutover") or None,
+            error=d.get("error"),
+            extra={k: v for k, v in d.items() if k not in _RECORD_KEYS},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            {
+                "id": self.id,
+                "from": self.from_model,
+                "to": self.to_model,
+                "phase": self.phase,
+                "started_at": self.started_at,
+                "updated_at": self.updated_at,
+                "options": dict(self.options),
+            }
+        )
+        optional: dict[str, Any] = {
+            "target": self.target.to_json() if self.target else None,
+            "paused": self.paused.to_json() if self.paused else None,
+            "finished_at": self.finished_at,
+            "pairs_key": self.pairs_key,
+            "fitted": dict(self.fitted) or None,
+            "adapter_key": self.adapter_key,
+            "eval_key": self.eval_key,
+            "calibration": dict(self.calibration) if self.calibration else None,
+            "strategies": [dict(s) for s in self.strategies] or None,
+            "selected": self.selected,
+            "metric": self.metric,
+            "reason": self.reason or None,
+            "backfill": dict(self.backfill) if self.backfill else None,
+            "merge": dict(self.merge) if self.merge else None,
+            "curve": [dict(c) for c in self.curve] or None,
+            "cutover": dict(self.cutover) if self.cutover else None,
+            "error": self.error,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.paused is None:
+            out["paused"] = None  # explicit: a resume cleared it
+        return out
+
+    def replace(self, **changes: Any) -> MigrationRecord:
+        return dataclasses.replace(self, **changes)

@@ -17,6 +17,7 @@ from index_operator.resources.common import (
     service_url,
 )
 from index_operator.resources.jobs import (
+    backfill_job_name,
     desired_backfill_job,
     desired_compaction_cronjob,
     desired_gate_job,
@@ -29,6 +30,7 @@ __all__ = [
     "Cluster",
     "NetworkPolicyConfig",
     "Tokens",
+    "backfill_job_name",
     "desired_backfill_job",
     "desired_compaction_cronjob",
     "desired_gate_job",
