@@ -22,7 +22,13 @@ from typing import Any
 from index_operator import resources as res
 from index_operator.kube import Kube
 from index_operator.reconcile.conditions import Condition, merge_conditions
-from index_operator.reconcile.index import Act, Event, IndexObservation, plan_index
+from index_operator.reconcile.index import (
+    Act,
+    Event,
+    IndexObservation,
+    maintenance_held,
+    plan_index,
+)
 from index_operator.reconcile.jobs import JobState, job_state
 from index_operator.reconcile.migration import (
     TERMINAL,
@@ -160,12 +166,14 @@ class Controller:
         token = tokens[Scope.ADMIN]
         encoders = {m.name: m.encoder for m in models.values()}
         cl = self.config.cluster
+        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
+        record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
+        mphase = record.phase if record is not None and record.active else ""
         for obj in [
             *res.desired_objects(ix, cl, encoders, tokens),
-            res.desired_compaction_cronjob(ix, cl),
+            res.desired_compaction_cronjob(ix, cl, suspend=bool(maintenance_held(mphase))),
         ]:
             await self.kube.apply(obj)
-        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         shadow = await self.runtime.status(self.url(name, ns, Role.SHADOW), name, token)
         job_names = {k: str(v.get("name")) for k, v in (prior.get("jobs") or {}).items()}
         obs = IndexObservation(
@@ -176,6 +184,7 @@ class Controller:
             jobs=await self.job_states(ns, job_names),
             prior=prior,
             migrating=migrating,
+            migration_phase=mphase,
         )
         plan = plan_index(ix, obs, desired)
         status = plan.status

@@ -207,7 +207,9 @@ def desired_backfill_job(
     return job
 
 
-def desired_compaction_cronjob(ix: Index, cl: Cluster) -> dict[str, Any]:
+def desired_compaction_cronjob(ix: Index, cl: Cluster, suspend: bool = False) -> dict[str, Any]:
+    """The scheduled compaction; ``suspend`` while a migration's cutover is near (see
+    ``reconcile.index.maintenance_held``)."""
     job = desired_job(ix, cl, JobKind.COMPACT, "unused", ix.ref)
     spec = job["spec"]
     spec.pop("ttlSecondsAfterFinished")
@@ -218,6 +220,7 @@ def desired_compaction_cronjob(ix: Index, cl: Cluster) -> dict[str, Any]:
         "metadata": metadata(name, ix.ref, "job-compact", ix.ref.name),
         "spec": {
             "schedule": ix.compaction_schedule,
+            "suspend": suspend,
             "concurrencyPolicy": "Forbid",  # one compaction at a time (the writer serializes anyway)
             "startingDeadlineSeconds": 600,
             "successfulJobsHistoryLimit": 1,

@@ -159,8 +159,15 @@ INDEX_TABLE = [
         [Act.START_JOB],
     ),
     (
-        "no retraining or compaction while migrating",
-        obs(writer(live=2500, serving=1, deleted=0.5), migrating="mm"),
+        "retraining and compaction go on during the backfill",
+        obs(writer(live=2500, serving=1, deleted=0.5), migrating="mm", migration_phase="Backfilling"),
+        "Degraded",
+        "DataGrew",
+        [Act.START_JOB, Act.START_JOB],
+    ),
+    (
+        "no retraining or compaction around the cutover",
+        obs(writer(live=2500, serving=1, deleted=0.5), migrating="mm", migration_phase="Backfilled"),
         "Degraded",
         "DataGrew",
         [],
