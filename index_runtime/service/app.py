@@ -222,6 +222,12 @@ class StartMigration(Strict):
     )
     backfill_batch: int = Field(default=256, ge=1, le=4000)
     backfill_rate: float = Field(default=0.0, ge=0, description="rows/s; 0 = unlimited")
+    # contract 15 section 3 (the machine branch implements them; accepted here so far)
+    id: str = Field(default="", max_length=256, description="the migration's identity")
+    metric: Literal["cosine", "ip", "l2"] = "cosine"
+    dim: int | None = Field(default=None, ge=1, le=65536)
+    backfill_mode: Literal["internal", "external"] = "internal"
+    backfill_shares: int = Field(default=1, ge=1, le=10_000)
 
 
 class Restore(Strict):
@@ -230,6 +236,7 @@ class Restore(Strict):
 
 class Cutover(Strict):
     force: bool = Field(default=False, description="cut over even if the new model measured worse")
+    id: str = Field(default="", description="the migration's id (optional; checked if given)")
 
 
 def _runtime(request: Request, name: str) -> IndexRuntime:

@@ -75,6 +75,11 @@ class MigrationRequest:
             "cutover",
             "backfill_batch",
             "backfill_rate",
+            "id",
+            "metric",
+            "dim",
+            "backfill_mode",
+            "backfill_shares",
         }
         extra = set(d) - known
         if extra:
