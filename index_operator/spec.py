@@ -7,6 +7,7 @@ to what the builders and the runtime need. Nothing below reads the API or the cl
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -239,6 +240,15 @@ def runtime_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"primary": primary, "shadow": shadow, "oracle": oracle, "lifecycle": life}
 
 
+def _timestamp(value: object) -> float:
+    """An RFC 3339 timestamp of the API (``2026-01-02T03:04:05Z``) in unix seconds; 0 if
+    absent or unreadable."""
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def _over(default: Resources, given: Resources) -> Resources:
     """``given`` on top of ``default`` per resource name (a GPU limit alone keeps the default
     CPU and memory)."""
@@ -267,6 +277,7 @@ class Migration:
     backfill_parallelism: int = 1  # pods of the backfill's Indexed Job = shares of the rows
     backfill_stall_s: int = BACKFILL_STALL_S  # no progress this long: Stalled, pods restart
     backfill_resources: Resources = BACKFILL_POD
+    created_at: float = 0.0  # metadata.creationTimestamp (unix s; 0 = unknown)
 
     @property
     def uid(self) -> str:
@@ -299,6 +310,7 @@ class Migration:
             rollback=bool(spec.get("rollback", False)),
             backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
             backfill_stall_s=max(1, int(bf.get("stallSeconds", BACKFILL_STALL_S))),
+            created_at=_timestamp((body.get("metadata") or {}).get("creationTimestamp")),
             backfill_resources=_over(BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())),
         )
 

@@ -36,6 +36,7 @@ from index_runtime.contract import JobKind, MigrationRecord
 from index_runtime.machine import summary
 
 TERMINAL = ("Succeeded", "Failed", "RolledBack")
+CLOCK_SKEW_S = 5.0  # the API server's clock against the writer's (record without id only)
 GATE = ("Pending", "SamplingPairs", "TrainingAdapter", "Evaluating")
 BACKFILL = ("Bridged", "Backfilling")
 # conditions whose rise posts a Warning event (the phase's own transitions post the others)
@@ -78,14 +79,15 @@ class MigrationPlan:
 
 
 def ours(mig: Migration, rec: MigrationRecord | None) -> MigrationRecord | None:
-    """The record if it is this migration's: same id; a record without id (written by the
-    previous release) by target model, and only while it is active — a finished one may be
-    an earlier migration's to the same model."""
+    """The record if it is this migration's: same id. A record without id (written by the
+    previous release) by target model, if it started after this ModelMigration was created
+    (an earlier migration's record to the same model is not this one's)."""
     if rec is None:
         return None
     if rec.id:
         return rec if rec.id == mig.uid else None
-    return rec if rec.to_model == mig.target and rec.active else None
+    after = rec.started_at >= mig.created_at - CLOCK_SKEW_S
+    return rec if rec.to_model == mig.target and after else None
 
 
 def _strategies(rec: MigrationRecord) -> list[dict[str, Any]]:

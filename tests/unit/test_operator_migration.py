@@ -36,7 +36,12 @@ def migration(uid: str = "m-2", **spec: Any) -> Migration:
     return Migration.parse(
         {
             "kind": "ModelMigration",
-            "metadata": {"name": "mm", "namespace": "s", "uid": uid},
+            "metadata": {
+                "name": "mm",
+                "namespace": "s",
+                "uid": uid,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
             "spec": {
                 "indexRef": {"name": "docs"},
                 "targetModelRef": {"name": "new"},
@@ -83,7 +88,8 @@ def cond(plan: MigrationPlan, type_: str) -> dict[str, Any]:
     [
         record("RolledBack", id="m-1", reason="rollback requested"),
         record("Failed", id="m-1", reason="no live rows have text"),
-        record("RolledBack", id=""),  # written by the previous release: no id
+        # written by the previous release (no id), before this ModelMigration existed
+        record("RolledBack", id="", started_at=1767225000.0),
     ],
     ids=["rolled-back", "failed", "rolled-back-without-id"],
 )
@@ -98,6 +104,12 @@ def test_a_migration_after_a_rolled_back_or_failed_one_to_the_same_model_starts(
     # the runtime starts it afresh under this id: from then on the record is ours
     ours = tick(MIG, 2.0, record("SamplingPairs"), plan.status, gate_job=JobState.ACTIVE)
     assert ours.status["phase"] == "SamplingPairs"
+
+
+def test_a_record_without_id_started_after_the_migration_was_created_is_its_own() -> None:
+    """An operator upgraded in the middle of a migration the previous release started."""
+    rec = record("Backfilled", id="", started_at=1767225700.0)
+    assert tick(MIG, 1.0, rec, {"phase": "Backfilling"}).status["phase"] == "CuttingOver"
 
 
 def test_an_active_record_of_another_migration_is_waited_for() -> None:
