@@ -177,7 +177,7 @@ class MigrationPause:
 # keys with a typed field; every other key of a stored record is kept in ``extra`` untouched
 _RECORD_KEYS = (
     "id", "from", "to", "target", "phase", "paused", "started_at", "updated_at", "finished_at",
-    "options", "pairs_key", "fitted", "adapter_key", "eval_key", "calibration", "strategies", "selected",
+    "options", "labelled_key", "pairs_key", "fitted", "adapter_key", "eval_key", "calibration", "strategies", "selected",
     "metric", "reason", "backfill", "merge", "curve", "cutover", "error",
 )  # fmt: skip
 
@@ -200,6 +200,7 @@ class MigrationRecord:
     updated_at: float = 0.0
     finished_at: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    labelled_key: str | None = None  # the request's labelled queries (an object)
     pairs_key: str | None = None
     fitted: Mapping[str, str] = field(default_factory=dict)  # adapter name -> object (gate)
     adapter_key: str | None = None
@@ -227,7 +228,7 @@ class MigrationRecord:
     @property
     def object_keys(self) -> tuple[str, ...]:
         """The stored objects the record names (GC keeps them while the record is active)."""
-        named = (self.pairs_key, *self.fitted.values(), self.adapter_key, self.eval_key)
+        named = (self.labelled_key, self.pairs_key, *self.fitted.values(), self.adapter_key, self.eval_key)
         return tuple(k for k in named if k)
 
     @property
@@ -266,6 +267,7 @@ class MigrationRecord:
             updated_at=float(d.get("updated_at") or d.get("started_at") or 0.0),
             finished_at=None if fin is None else float(fin),
             options=dict(d.get("options") or {}),
+            labelled_key=d.get("labelled_key") or None,
             pairs_key=d.get("pairs_key") or None,
             fitted={str(k): str(v) for k, v in (d.get("fitted") or {}).items()},
             adapter_key=d.get("adapter_key") or None,
@@ -300,6 +302,7 @@ class MigrationRecord:
             "target": self.target.to_json() if self.target else None,
             "paused": self.paused.to_json() if self.paused else None,
             "finished_at": self.finished_at,
+            "labelled_key": self.labelled_key,
             "pairs_key": self.pairs_key,
             "fitted": dict(self.fitted) or None,
             "adapter_key": self.adapter_key,

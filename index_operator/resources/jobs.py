@@ -174,12 +174,14 @@ def desired_backfill_job(
     come from ``spec.backfill.resources``."""
     name = backfill_job_name(mig, seq)
     n = mig.backfill_parallelism
-    job = desired_job(ix, cl, JobKind.BACKFILL, name, mig.ref, {"batch": mig.backfill_batch})
+    # a worker reads and rewrites at most 1,000 rows per call (the rows endpoint's limit)
+    spec = {"batch": min(mig.backfill_batch, 1000)}
+    job = desired_job(ix, cl, JobKind.BACKFILL, name, mig.ref, spec)
     job["metadata"]["labels"]["app.kubernetes.io/component"] = "job-backfill"
-    spec = job["spec"]
-    spec.pop("activeDeadlineSeconds", None)
-    spec.pop("backoffLimit", None)  # per index instead (a Job-wide count would end all shares)
-    spec.update(
+    jspec = job["spec"]
+    jspec.pop("activeDeadlineSeconds", None)
+    jspec.pop("backoffLimit", None)  # per index instead (a Job-wide count would end all shares)
+    jspec.update(
         {
             "completionMode": "Indexed",
             "completions": n,
@@ -189,8 +191,10 @@ def desired_backfill_job(
             "backoffLimitPerIndex": 6,
         }
     )
-    c = spec["template"]["spec"]["containers"][0]
+    c = jspec["template"]["spec"]["containers"][0]
     c["resources"] = mig.backfill_resources.to_k8s()
+    threads = threads_env(mig.backfill_resources, query_path=False)  # the encoder's threads
+    c["env"] = [threads if e["name"] == threads["name"] else e for e in c["env"]]
     c["env"] += [
         {"name": Env.BACKFILL_SHARES.value, "value": str(n)},
         {"name": Env.MIGRATION_ID.value, "value": mig.uid},

@@ -257,6 +257,7 @@ def test_the_backfill_is_an_indexed_job_of_parallelism_pods_without_a_deadline()
     )
     assert Env.ENCODERS in env  # from the index's ConfigMap: the worker encodes itself
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert env[Env.OMP_THREADS] == "2"  # from the default CPU limit the GPU spec kept
     assert c["resources"]["requests"]["cpu"]  # a GPU alone keeps the default CPU request
     http = Model("new", 384, "cosine", "http://enc.ml.svc:8000/v1#m")
     assert res.desired_backfill_job(IX, mig, res.Cluster(), 0, http)["spec"]["template"][
