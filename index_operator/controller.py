@@ -332,6 +332,14 @@ class Controller:
                 await self.kube.create(res.desired_gate_job(ix, mig, cl, target))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
                 await self.kube.create(res.desired_backfill_job(ix, mig, cl, a.seq, target))
+            elif a.act is MAct.RESUME:
+                try:
+                    await self.runtime.admin(
+                        base, token, mig.index, "migrations/backfill", {"id": mig.uid}
+                    )
+                except RuntimeError_ as exc:
+                    if exc.status != 409:  # nothing to resume (it moved on): the next pass sees
+                        raise
             elif a.act is MAct.ROLLBACK:
                 await self.runtime.admin(
                     base, token, mig.index, "migrations/rollback", {"id": mig.uid}

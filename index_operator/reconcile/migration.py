@@ -47,6 +47,7 @@ class MAct(StrEnum):
     START_JOB = "StartJob"
     CUTOVER = "Cutover"
     ROLLBACK = "Rollback"
+    RESUME = "Resume"  # the runtime waits for a backfill request (the gate ran without one)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,8 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         job_failed = "the gate Job failed (see its logs); the writer resumes the gate from its record"
         reason = "GateJobFailed"
     elif rec.phase in BACKFILL:
+        if view.reason == "AwaitingBackfill":  # bridged: the backfill starts when asked
+            acts.append(MAction(MAct.RESUME))
         act, note = _backfill(mig, obs, t, stalled)
         if act is not None:
             acts.append(act)

@@ -199,6 +199,16 @@ def test_a_backfill_job_that_fails_is_replaced_never_failed_and_stalls_are_shown
     assert "Failed" not in phases and cond(plan, "Failed")["status"] == "False"
 
 
+def test_a_bridged_migration_waiting_for_a_backfill_request_gets_one_and_its_job() -> None:
+    """The gate Job starts the migration without a backfill (the operator drives it): while
+    the record is Bridged and waits, the operator asks the writer to go on."""
+    rec = record("Bridged", options={"backfill": False})
+    plan = tick(MIG, 1.0, rec, {"phase": "Evaluating"})
+    assert [a.act for a in plan.actions] == [MAct.RESUME, MAct.START_JOB]
+    going = tick(MIG, 2.0, record("Bridged"), plan.status, backfill_job=JobState.ACTIVE)
+    assert going.actions == ()
+
+
 def test_events_only_on_transitions() -> None:
     """Ten passes in one phase post one event; a paused record one Paused warning; a cutover
     the runtime holds under policy Auto is requested once, not on every pass."""
