@@ -11,8 +11,6 @@ at its next encoding), so each restart happens in the phase the CR showed.
 from __future__ import annotations
 
 import asyncio
-import http.server
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +40,7 @@ from tests.integration.test_operator import (  # noqa: F401  (fixtures)
     cluster,
     migration,
     model,
+    new_model_url,
     runtime,
     vector_index,
 )
@@ -60,27 +59,6 @@ def held(encode: Callable[[list[str], str], Any], released: threading.Event) -> 
         return encode(texts, kind)
 
     return run
-
-
-class Embeddings(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible ``POST /v1/embeddings`` of the new model, on loopback: what the
-    backfill's worker pods (local processes here) encode with, as the EmbeddingModel says."""
-
-    encode = staticmethod(encoder(W_NEW, 0.0))
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        vecs = self.encode(list(body["input"]), "passage")
-        data = [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vecs)]
-        out = json.dumps({"data": data}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 class Operator:
@@ -183,6 +161,7 @@ def jobs_of(cl: Cluster, prefix: str) -> list[str]:
 async def test_operator_restarted_at_every_phase_rollback_then_success(
     cluster: tuple[Cluster, JobRunner],  # noqa: F811  (the fixture imported above)
     runtime: tuple[str, Engine, str],  # noqa: F811
+    new_model_url: str,  # noqa: F811
     moto_endpoint: str,
     tmp_path: Path,
 ) -> None:
@@ -192,10 +171,8 @@ async def test_operator_restarted_at_every_phase_rollback_then_success(
     released.set()
     engine.encoders["new"] = held(encoder(W_NEW, 0.0), released)
     await cl.put(model("old", D_OLD))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Embeddings)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    new = model("new", D_NEW)
-    new["spec"]["encoder"]["http"]["url"] = f"http://127.0.0.1:{server.server_port}/v1"
+    new = model("new", D_NEW)  # the backfill's worker pods encode with it themselves
+    new["spec"]["encoder"]["http"]["url"] = new_model_url
     await cl.put(new)
     ix = vector_index("docs", bucket, moto_endpoint)
     ix["spec"]["coldStart"] = {"minTrainingVectors": 100_000}  # no training: not under test
@@ -264,4 +241,3 @@ async def test_operator_restarted_at_every_phase_rollback_then_success(
     finally:
         released.set()
         await op.stop()
-        server.shutdown()
