@@ -22,7 +22,13 @@ from typing import Any
 from index_operator import resources as res
 from index_operator.kube import Kube
 from index_operator.reconcile.conditions import Condition, merge_conditions
-from index_operator.reconcile.index import Act, Event, IndexObservation, plan_index
+from index_operator.reconcile.index import (
+    Act,
+    Event,
+    IndexObservation,
+    maintenance_held,
+    plan_index,
+)
 from index_operator.reconcile.jobs import JobState, job_state
 from index_operator.reconcile.migration import (
     TERMINAL,
@@ -33,7 +39,7 @@ from index_operator.reconcile.migration import (
 )
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
 from index_operator.spec import Index, Migration, Model, PodOptions, SpecError
-from index_runtime.contract import JobKind, Role, Scope
+from index_runtime.contract import JobKind, MigrationRecord, Role, Scope
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.settings import IndexSettings
 
@@ -164,12 +170,14 @@ class Controller:
         token = tokens[Scope.ADMIN]
         encoders = res.index_encoders(models, (ix.model, served, migration_target))
         cl = self.config.cluster
+        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
+        record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
+        mphase = record.phase if record is not None and record.active else ""
         for obj in [
             *res.desired_objects(ix, cl, encoders, tokens),
-            res.desired_compaction_cronjob(ix, cl),
+            res.desired_compaction_cronjob(ix, cl, suspend=bool(maintenance_held(mphase))),
         ]:
             await self.kube.apply(obj)
-        writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         shadow = await self.runtime.status(self.url(name, ns, Role.SHADOW), name, token)
         job_names = {k: str(v.get("name")) for k, v in (prior.get("jobs") or {}).items()}
         obs = IndexObservation(
@@ -180,6 +188,7 @@ class Controller:
             jobs=await self.job_states(ns, job_names),
             prior=prior,
             migrating=migrating,
+            migration_phase=mphase,
         )
         plan = plan_index(ix, obs, desired)
         status = plan.status
@@ -267,10 +276,11 @@ class Controller:
             writer = await self.runtime.status(
                 self.url(mig.index, ns, Role.WRITER), mig.index, token
             )
-        rec = ((writer or {}).get("migration") or {}).get("record")
+        rec = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
+        seq = int((prior.get("backfillJob") or {}).get("seq", 0))
         names = {
             "gate": res.job_name(mig.ref.name, JobKind.MIGRATE),
-            "backfill": res.job_name(mig.ref.name, JobKind.BACKFILL),
+            "backfill": res.backfill_job_name(mig, seq),
         }
         jobs = await self.job_states(ns, names)
         obs = MigrationObservation(
@@ -289,6 +299,7 @@ class Controller:
         status = plan.status
         if ix is None:
             return status, list(plan.events)
+        events = list(plan.events)
         actions = list(plan.actions)
         gate = [a for a in actions if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE]
         if gate and res.awaits_encoder(writer, mig.target):
@@ -299,52 +310,78 @@ class Controller:
                 f"{mig.target!r} (the index's ConfigMap gained it)"
             )
         try:
-            await self._migration_actions(mig, ix, actions, status, obs.now, token)
+            held = await self._migration_actions(
+                mig, ix, models.get(mig.target), actions, status, obs.now, token
+            )
         except RuntimeError_ as exc:
             if exc.status not in REFUSED_TOKEN:
                 raise
             _token_refused(ns, mig.index, "a migration step", exc)
             return prior, []  # nothing happened: the next pass retries
-        return status, list(plan.events)
+        if held is not None:  # the runtime held the cutover: say that, not "CuttingOver"
+            events = [e for e in events if "-> CuttingOver" not in e.message]
+            if prior.get("phase") != "Backfilled":
+                events.append(held)
+        return status, events
 
     async def _migration_actions(
         self,
         mig: Migration,
         ix: Index,
+        target: Model | None,
         actions: Sequence[MAction],
         status: dict[str, Any],
         now: float,
         token: str,
-    ) -> None:
+    ) -> Event | None:
+        """Carry out the plan's actions; a cutover the runtime holds (409) rewrites the status
+        to Backfilled with its reason and returns the event to post instead."""
         ns = mig.ref.namespace
         base = self.url(mig.index, ns, Role.WRITER)
         cl = self.config.cluster
+        held = None
         for a in actions:
             if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
-                await self.kube.create(res.desired_gate_job(ix, mig, cl))
+                await self.kube.create(res.desired_gate_job(ix, mig, cl, target))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
-                await self.kube.create(res.desired_backfill_job(ix, mig, cl))
+                await self.kube.create(res.desired_backfill_job(ix, mig, cl, a.seq, target))
+            elif a.act is MAct.RESUME:
+                try:
+                    await self.runtime.admin(
+                        base, token, mig.index, "migrations/backfill", {"id": mig.uid}
+                    )
+                except RuntimeError_ as exc:
+                    if exc.status != 409:  # nothing to resume (it moved on): the next pass sees
+                        raise
             elif a.act is MAct.ROLLBACK:
-                await self.runtime.admin(base, token, mig.index, "migrations/rollback")
+                await self.runtime.admin(
+                    base, token, mig.index, "migrations/rollback", {"id": mig.uid}
+                )
             elif a.act is MAct.CUTOVER:
                 try:
                     await self.runtime.admin(
-                        base, token, mig.index, "migrations/cutover", {"force": a.force}
+                        base,
+                        token,
+                        mig.index,
+                        "migrations/cutover",
+                        {"id": mig.uid, "force": a.force},
                     )
                 except RuntimeError_ as exc:
                     if exc.status != 409:
                         raise
-                    held, _, msg = exc.message.partition(": ")
-                    status.update({"phase": "Backfilled", "reason": held, "message": msg})
+                    why, _, msg = exc.message.partition(": ")
+                    status.update({"phase": "Backfilled", "reason": why, "message": msg})
                     status["conditions"] = merge_conditions(
                         status.get("conditions"),
                         [
-                            Condition("CutoverHeld", True, held, msg),
-                            Condition("Progressing", False, held, msg),
+                            Condition("CutoverHeld", True, why, msg),
+                            Condition("Progressing", False, why, msg),
                         ],
                         mig.ref.generation,
                         now,
                     )
+                    held = Event("Normal", why, f"the cutover is held: {msg}")
+        return held
 
 
 REFUSED_TOKEN = (401, 403)

@@ -7,6 +7,7 @@ to what the builders and the runtime need. Nothing below reads the API or the cl
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -129,6 +130,9 @@ class PodOptions:
 def astuple_shallow(obj: Any) -> tuple[Any, ...]:
     """A dataclass's field values, not copied (``dataclasses.astuple`` deep-copies)."""
     return tuple(getattr(obj, f.name) for f in fields(obj))
+# a backfill pod encodes with the target model (its own CPU/GPU work): the Job pod's default
+BACKFILL_POD = JOB_POD
+BACKFILL_STALL_S = 1800  # default spec.backfill.stallSeconds (the CRD's default)
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,21 @@ def runtime_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"primary": primary, "shadow": shadow, "oracle": oracle, "lifecycle": life}
 
 
+def _timestamp(value: object) -> float:
+    """An RFC 3339 timestamp of the API (``2026-01-02T03:04:05Z``) in unix seconds; 0 if
+    absent or unreadable."""
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _over(default: Resources, given: Resources) -> Resources:
+    """``given`` on top of ``default`` per resource name (a GPU limit alone keeps the default
+    CPU and memory)."""
+    return Resources({**default.requests, **given.requests}, {**default.limits, **given.limits})
+
+
 @dataclass(frozen=True)
 class Migration:
     ref: Ref
@@ -318,6 +337,15 @@ class Migration:
     cutover_force: bool
     rollback: bool
     pods: PodOptions  # spec.pods (over the index's, over the operator's defaults)
+    backfill_parallelism: int = 1  # pods of the backfill's Indexed Job = shares of the rows
+    backfill_stall_s: int = BACKFILL_STALL_S  # no progress this long: Stalled, pods restart
+    backfill_resources: Resources = BACKFILL_POD
+    created_at: float = 0.0  # metadata.creationTimestamp (unix s; 0 = unknown)
+
+    @property
+    def uid(self) -> str:
+        """The migration's identity in the runtime's record (``MigrationRecord.id``)."""
+        return self.ref.uid
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Migration:
@@ -344,12 +372,24 @@ class Migration:
             cutover_force=bool(co.get("force", False)),
             rollback=bool(spec.get("rollback", False)),
             pods=PodOptions.parse(spec.get("pods")),
+            backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
+            backfill_stall_s=max(1, int(bf.get("stallSeconds", BACKFILL_STALL_S))),
+            created_at=_timestamp((body.get("metadata") or {}).get("creationTimestamp")),
+            backfill_resources=_over(BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())),
         )
 
-    def gate_request(self) -> dict[str, Any]:
-        """The runtime's StartMigration body (the Job adds the labelled queries)."""
+    def gate_request(self, target: Model | None = None) -> dict[str, Any]:
+        """The runtime's StartMigration body (the Job adds the labelled queries): the
+        migration's id, the target model's metric and dimension (the runtime checks the
+        encoder against them), and an external backfill in ``backfill_parallelism`` shares
+        (the operator's Indexed Job re-encodes; the writer only rewrites)."""
+        typed = {} if target is None else {"metric": target.metric, "dim": target.dimension}
         return {
+            "id": self.uid,
             "to_model": self.target,
+            **typed,
+            "backfill_mode": "external",
+            "backfill_shares": self.backfill_parallelism,
             "kinds": list(self.kinds),
             "diagonal": self.diagonal,
             "pairs": self.pairs,

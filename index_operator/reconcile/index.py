@@ -53,6 +53,7 @@ class IndexObservation:
     jobs: Mapping[str, JobState] = field(default_factory=dict)  # job kind -> state of the last
     prior: Mapping[str, Any] = field(default_factory=dict)  # the CR's current status
     migrating: str = ""  # the ModelMigration that owns the index's model right now
+    migration_phase: str = ""  # the phase of the writer's migration record ('' = none)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,23 @@ def compaction_needed(ix: Index, writer: Mapping[str, Any]) -> str:
         return f"deleted ratio {c['deleted_ratio']:.2f} >= {ix.compaction_deleted_ratio}"
     if c["segments"] > ix.compaction_max_segments:
         return f"{c['segments']} segments > {ix.compaction_max_segments}"
+    return ""
+
+
+# Training and compaction of the served model go on during a migration (gate, bridged serving
+# and a backfill that can take days) except in this window, where the cutover switches the
+# served model: a codebook trained on the old model across it is never served, and a
+# compaction racing the cutover's commit only conflicts with it.
+CUTOVER_WINDOW = ("Backfilled", "CuttingOver")
+
+
+def maintenance_held(migration_phase: str) -> str:
+    """Why the operator starts no training or compaction now ('' = it may): only while the
+    migration's cutover is near. Elsewhere both are safe with the backfill running: the
+    backfill's compare-and-set matches a row by its seq, which compaction keeps, and the
+    objects an active record names are referenced (GC keeps them)."""
+    if migration_phase in CUTOVER_WINDOW:
+        return f"the migration is {migration_phase}: maintenance waits for the cutover"
     return ""
 
 
@@ -183,6 +201,7 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
     actions: list[Action] = []
     events: list[Event] = []
     jobs = {k: dict(v) for k, v in (obs.prior.get("jobs") or {}).items()}
+    held = maintenance_held(obs.migration_phase)
 
     def job_busy(kind: JobKind) -> bool:
         """A Job of this kind runs, or the last one failed less than the backoff ago."""
@@ -217,10 +236,10 @@ def plan_index(ix: Index, obs: IndexObservation, desired_settings: Mapping[str, 
         elif a is lifecycle.Action.DISCARD:
             actions.append(Action(Act.DISCARD))
             events.append(Event("Warning", "CandidateRejected", decision.message))
-        elif a is lifecycle.Action.TRAIN and not job_busy(JobKind.TRAIN) and not obs.migrating:
+        elif a is lifecycle.Action.TRAIN and not job_busy(JobKind.TRAIN) and not held:
             actions.append(Action(Act.START_JOB, JobKind.TRAIN, _seq(obs.prior, JobKind.TRAIN) + 1))
     why = compaction_needed(ix, w)
-    if why and not job_busy(JobKind.COMPACT) and not obs.migrating:
+    if why and not job_busy(JobKind.COMPACT) and not held:
         actions.append(Action(Act.START_JOB, JobKind.COMPACT, _seq(obs.prior, JobKind.COMPACT) + 1))
         events.append(Event("Normal", "CompactionStarted", why))
 

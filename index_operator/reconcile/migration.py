@@ -1,15 +1,24 @@
-"""The ModelMigration state machine (PURE).
+"""The ModelMigration state machine as the operator drives it (PURE).
 
-The runtime's migration record (in the index manifest, read from the writer's status) is the
-truth about the data; the Jobs are how work is started; the CR's status is a projection of
-both. One call of :func:`plan_migration` says what to do next:
+The runtime's migration record (``contract.MigrationRecord``, in the index manifest, read
+from the writer's status) is the truth about the data; the Jobs are how work is started; the
+CR's status is a projection of both. One call of :func:`plan_migration` says what to do next:
 
     Pending -> gate Job -> (SamplingPairs, TrainingAdapter, Evaluating: the record's phases)
-      -> Bridged -> backfill Job -> Backfilling -> Backfilled
-      -> cutover (Auto, or Manual once approved) -> CuttingOver -> Succeeded
+      -> Bridged -> backfill Indexed Job (seq 0, 1, ...) -> Backfilling -> Backfilled
+      -> cutover (Auto, or Manual once approved; requested once, not while held)
+      -> CuttingOver -> Succeeded
     a failed gate (the runtime rolled the writes back)      -> RolledBack (reason GateFailed)
     spec.rollback before Succeeded                           -> RolledBack (RollbackRequested)
-    a Job that fails for good, or a missing index or model   -> Failed
+    the gate Job fails before any record exists              -> Failed (GateJobFailed)
+
+The record is this migration's when its ``id`` is the CR's uid (a record without id, from
+the previous release, by target model while it is active). A migration that has a record is
+never marked Failed by the operator: a failed gate Job is reported (JobFailed; the writer
+resumes the gate from its record), a failed backfill Job is replaced by the next one (seq + 1)
+at once if the record progressed since it was created, else at most once per
+``stallSeconds``; no progress for ``stallSeconds`` shows the condition Stalled; a paused
+record shows Paused with the runtime's reason. Events are posted on transitions only.
 """
 
 from __future__ import annotations
@@ -19,20 +28,26 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from index_operator.reconcile.conditions import Condition, merge_conditions
+from index_operator.reconcile.conditions import Condition, condition, merge_conditions
 from index_operator.reconcile.index import Event
 from index_operator.reconcile.jobs import JobState
 from index_operator.spec import Migration
-from index_runtime.contract import JobKind
-from index_runtime.migration import ACTIVE, PHASES
+from index_runtime.contract import JobKind, MigrationRecord
+from index_runtime.machine import summary
 
 TERMINAL = ("Succeeded", "Failed", "RolledBack")
+CLOCK_SKEW_S = 5.0  # the API server's clock against the writer's (record without id only)
+GATE = ("Pending", "SamplingPairs", "TrainingAdapter", "Evaluating")
+BACKFILL = ("Bridged", "Backfilling")
+# conditions whose rise posts a Warning event (the phase's own transitions post the others)
+ALERTS = ("Stalled", "Paused", "JobFailed")
 
 
 class MAct(StrEnum):
     START_JOB = "StartJob"
     CUTOVER = "Cutover"
     ROLLBACK = "Rollback"
+    RESUME = "Resume"  # the runtime waits for a backfill request (the gate ran without one)
 
 
 @dataclass(frozen=True)
@@ -40,19 +55,20 @@ class MAction:
     act: MAct
     job: JobKind | None = None
     force: bool = False
+    seq: int = 0  # the backfill Job's sequence number (its name is derived from it)
 
 
 @dataclass(frozen=True)
 class MigrationObservation:
     now: float
-    record: Mapping[str, Any] | None  # the writer's migration record (None: unreachable)
+    record: MigrationRecord | None  # the writer's migration record (None: none or unreachable)
     reachable: bool = True
     index_exists: bool = True
     target_exists: bool = True
     from_model: str = ""  # the model the index serves
     busy: str = ""  # another ModelMigration of the same index is active
     gate_job: JobState = JobState.MISSING
-    backfill_job: JobState = JobState.MISSING
+    backfill_job: JobState = JobState.MISSING  # the Job of status.backfillJob.seq
     prior: Mapping[str, Any] | None = None
 
 
@@ -63,14 +79,21 @@ class MigrationPlan:
     events: tuple[Event, ...]
 
 
-def _ours(mig: Migration, rec: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """The record if it is this migration's (same target model)."""
-    return rec if rec and rec.get("to") == mig.target else None
+def ours(mig: Migration, rec: MigrationRecord | None) -> MigrationRecord | None:
+    """The record if it is this migration's: same id. A record without id (written by the
+    previous release) by target model, if it started after this ModelMigration was created
+    (an earlier migration's record to the same model is not this one's)."""
+    if rec is None:
+        return None
+    if rec.id:
+        return rec if rec.id == mig.uid else None
+    after = rec.started_at >= mig.created_at - CLOCK_SKEW_S
+    return rec if rec.to_model == mig.target and after else None
 
 
-def _strategies(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _strategies(rec: MigrationRecord) -> list[dict[str, Any]]:
     out = []
-    for r in rec.get("strategies") or ():
+    for r in rec.strategies:
         out.append(
             {
                 "name": str(r["name"]),
@@ -84,8 +107,8 @@ def _strategies(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _progress(rec: Mapping[str, Any]) -> dict[str, Any]:
-    bf = rec.get("backfill") or {}
+def _progress(rec: MigrationRecord) -> dict[str, Any]:
+    bf = rec.backfill or {}
     if not bf:
         return {"summary": "-"}
     share = float(bf.get("share", 0.0))
@@ -98,206 +121,264 @@ def _progress(rec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def progress_mark(rec: MigrationRecord) -> str:
+    """What moves when the migration makes progress: in the backfill the rows re-encoded
+    (overall and per worker share: a checkpoint that only refreshes ``updated_at`` is not
+    progress), in the gate every commit of the record (each commits a partial result)."""
+    if rec.phase in BACKFILL:
+        bf = rec.backfill or {}
+        workers = bf.get("workers") or {}
+        rows = sum(int((w or {}).get("rows", 0)) for w in workers.values())
+        return f"{rec.phase}:{bf.get('backfilled', 0)}:{bf.get('rewritten', 0)}:{rows}"
+    return f"{rec.phase}:{rec.updated_at}"
+
+
+@dataclass(frozen=True)
+class _Tracked:
+    """The operator's bookkeeping kept in the CR's status between passes."""
+
+    mark: str
+    progress_at: float  # when the operator first saw ``mark`` (its own clock)
+    seq: int  # the current backfill Job's sequence number
+    created_at: float  # when that Job was created (0: not yet)
+
+
+def _tracked(prior: Mapping[str, Any], rec: MigrationRecord, now: float) -> _Tracked:
+    p = prior.get("progress") or {}
+    job = prior.get("backfillJob") or {}
+    mark = progress_mark(rec)
+    at = float(p.get("lastProgressAt") or 0.0)
+    if p.get("mark") != mark or not at:
+        at = now
+    return _Tracked(mark, at, int(job.get("seq", 0)), float(job.get("createdAt") or 0.0))
+
+
+def _backfill(
+    mig: Migration, obs: MigrationObservation, t: _Tracked, stalled: bool
+) -> tuple[MAction | None, str]:
+    """Whether to (re)create the backfill Job, and a note for the message. The record's phase
+    is Bridged or Backfilling (the runtime finishes the phase; the Job only re-encodes)."""
+    job = JobState(obs.backfill_job)
+    if job is JobState.MISSING and not t.created_at:
+        return MAction(MAct.START_JOB, JobKind.BACKFILL, seq=t.seq), "starting the backfill Job"
+    if job is JobState.ACTIVE:
+        return None, ""
+    progressed = t.progress_at > t.created_at
+    retry = obs.now >= t.created_at + mig.backfill_stall_s
+    nxt = MAction(MAct.START_JOB, JobKind.BACKFILL, seq=t.seq + 1)
+    if job is JobState.FAILED:
+        if progressed or retry:
+            return nxt, f"backfill Job {t.seq} failed; started {t.seq + 1}"
+        return None, f"backfill Job {t.seq} failed; retried after {mig.backfill_stall_s} s"
+    # Succeeded, or gone after its TTL: the workers found nothing to do; only a stall restarts
+    if stalled and retry:
+        return nxt, f"no progress since backfill Job {t.seq} ended; started {t.seq + 1}"
+    return None, ""
+
+
 def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
     prior = dict(obs.prior or {})
     phase0 = str(prior.get("phase") or "")
-    rec = _ours(mig, obs.record)
-    acts: list[MAction] = []
-    phase, reason, message = phase0 or "Pending", str(prior.get("reason") or ""), ""
-
+    done = _Done(mig, obs, prior)
     if phase0 in TERMINAL:
-        return _finish(
-            mig,
-            obs,
-            prior,
-            phase0,
-            str(prior.get("reason", "")),
-            str(prior.get("message", "")),
-            acts,
-            rec,
-        )
+        return done(phase0, str(prior.get("reason", "")), str(prior.get("message", "")))
     if not obs.index_exists:
-        return _finish(
-            mig, obs, prior, "Pending", "IndexNotFound", f"no VectorIndex {mig.index!r}", acts, rec
-        )
+        return done("Pending", "IndexNotFound", f"no VectorIndex {mig.index!r}")
     if not obs.target_exists:
-        return _finish(
-            mig,
-            obs,
-            prior,
-            "Pending",
-            "ModelNotFound",
-            f"no EmbeddingModel {mig.target!r}",
-            acts,
-            rec,
-        )
+        return done("Pending", "ModelNotFound", f"no EmbeddingModel {mig.target!r}")
     if not obs.reachable:
-        return _finish(
-            mig, obs, prior, phase, "RuntimeUnavailable", "the writer does not answer", acts, rec
-        )
+        return done(phase0 or "Pending", "RuntimeUnavailable", "the writer does not answer")
+    rec = ours(mig, obs.record)
+    other = obs.record if rec is None and obs.record is not None else None
     if rec is None and obs.from_model == mig.target and phase0 in ("", "Pending"):
-        msg = f"the index already serves {mig.target!r}"
-        return _finish(mig, obs, prior, "Failed", "AlreadyOnTargetModel", msg, acts, rec)
+        return done("Failed", "AlreadyOnTargetModel", f"the index already serves {mig.target!r}")
     if rec is None and obs.busy:
-        return _finish(
-            mig,
-            obs,
-            prior,
-            "Pending",
-            "AnotherMigrationActive",
-            f"{obs.busy} migrates this index",
-            acts,
-            rec,
-        )
+        return done("Pending", "AnotherMigrationActive", f"{obs.busy} migrates this index")
+    if rec is None and other is not None and other.active:
+        msg = f"the writer runs migration {other.id or '?'} to {other.to_model!r}"
+        return done("Pending", "AnotherMigrationActive", msg)
 
-    rphase = str(rec.get("phase")) if rec else ""
-    if mig.rollback and rphase in ACTIVE:
-        acts.append(MAction(MAct.ROLLBACK))
-        return _finish(
-            mig, obs, prior, "RolledBack", "RollbackRequested", "spec.rollback is set", acts, rec
+    if mig.rollback and rec is not None and rec.active:
+        return done(
+            "RolledBack", "RollbackRequested", "spec.rollback is set", rec, [MAction(MAct.ROLLBACK)]
         )
-    if mig.rollback and not rec:
-        return _finish(
-            mig,
-            obs,
-            prior,
-            "RolledBack",
-            "RollbackRequested",
-            "rolled back before the gate ran",
-            acts,
-            rec,
-        )
+    if mig.rollback and rec is None:
+        return done("RolledBack", "RollbackRequested", "rolled back before the gate ran")
 
     if rec is None:
         if obs.gate_job is JobState.MISSING:
-            acts.append(MAction(MAct.START_JOB, JobKind.MIGRATE))
-            phase, reason, message = "Pending", "GateJobCreated", "the gate Job was created"
-        elif obs.gate_job is JobState.FAILED:
-            return _finish(
-                mig,
-                obs,
-                prior,
-                "Failed",
-                "GateJobFailed",
-                "the gate Job failed; see its logs",
-                acts,
-                rec,
-            )
-        else:
-            phase, reason, message = "Pending", "GateJobStarting", "waiting for the gate Job"
-    elif rphase == "Failed":
-        phase, reason, message = "RolledBack", "GateFailed", str(rec.get("reason", ""))
-    elif rphase == "RolledBack":
-        phase, reason, message = "RolledBack", "RolledBack", str(rec.get("reason", "rolled back"))
-    elif rphase == "Succeeded":
-        phase, reason, message = "Succeeded", "CutOver", f"the index serves {mig.target!r}"
-    elif rphase == "Bridged":
-        phase, reason = "Bridged", "GatePassed"
-        message = f"serving new-model queries with {rec.get('selected')}; starting the backfill"
-        if obs.backfill_job is JobState.MISSING:
-            acts.append(MAction(MAct.START_JOB, JobKind.BACKFILL))
-    elif rphase in ("Backfilling", "Backfilled"):
-        phase, reason, message = rphase, rphase, f"{_progress(rec)['summary']} of rows re-encoded"
-        if obs.backfill_job is JobState.FAILED:
-            return _finish(
-                mig,
-                obs,
-                prior,
-                "Failed",
-                "BackfillJobFailed",
-                "the backfill Job failed; see its logs",
-                acts,
-                rec,
-            )
-        held = (rec.get("cutover") or {}).get("reason", "")
-        if rphase == "Backfilled":
-            go = mig.cutover_policy == "Auto" or mig.cutover_approved
-            if go:
-                acts.append(MAction(MAct.CUTOVER, force=mig.cutover_force))
-                phase, reason, message = (
-                    "CuttingOver",
-                    "CutoverRequested",
-                    "every row has a new vector",
-                )
-            else:
-                reason, message = "AwaitingApproval", "set spec.cutover.approved to cut over"
-            if held and held != "AwaitingCutover":
-                reason, message = str(held), str((rec.get("cutover") or {}).get("message", ""))
-        elif obs.backfill_job is JobState.MISSING and phase0 not in ("Backfilling",):
-            acts.append(MAction(MAct.START_JOB, JobKind.BACKFILL))
-    elif rphase in PHASES:
-        phase, reason, message = (
-            rphase,
-            "GateRunning",
-            str((rec.get("job") or {}).get("message", "")),
-        )
-    return _finish(mig, obs, prior, phase, reason, message, acts, rec)
+            acts = [MAction(MAct.START_JOB, JobKind.MIGRATE)]
+            return done("Pending", "GateJobCreated", "the gate Job was created", None, acts)
+        if obs.gate_job is JobState.FAILED:  # the runtime never accepted it
+            return done("Failed", "GateJobFailed", "the gate Job failed; see its logs")
+        return done("Pending", "GateJobStarting", "waiting for the gate Job")
 
+    view = summary(rec)
+    if rec.phase == "Failed":
+        return done("RolledBack", "GateFailed", view.message, rec)
+    if rec.phase == "RolledBack":
+        return done("RolledBack", "RolledBack", view.message or "rolled back", rec)
+    if rec.phase == "Succeeded":
+        return done("Succeeded", "CutOver", f"the index serves {mig.target!r}", rec)
 
-def _finish(
-    mig: Migration,
-    obs: MigrationObservation,
-    prior: Mapping[str, Any],
-    phase: str,
-    reason: str,
-    message: str,
-    acts: list[MAction],
-    rec: Mapping[str, Any] | None,
-) -> MigrationPlan:
-    g = mig.ref.generation
-    held = str(((rec or {}).get("cutover") or {}).get("reason", ""))
-    conds = [
-        Condition("Ready", phase == "Succeeded", reason or phase, message),
+    t = _tracked(prior, rec, obs.now)
+    idle = obs.now - t.progress_at
+    stalled = rec.paused is None and view.progressing and idle >= mig.backfill_stall_s
+    extra: list[Condition] = [
         Condition(
-            "Progressing",
-            phase not in (*TERMINAL, "Pending") or reason == "GateJobCreated",
-            reason or phase,
-            message,
+            "Stalled",
+            stalled,
+            "NoProgress" if stalled else "AsExpected",
+            f"no progress for {idle:.0f} s (limit {mig.backfill_stall_s} s)" if stalled else "",
         ),
         Condition(
-            "Bridged",
-            phase in ("Bridged", "Backfilling", "Backfilled", "CuttingOver"),
-            reason or phase,
-            message,
-        ),
-        Condition(
-            "Failed",
-            phase == "Failed",
-            reason if phase == "Failed" else "AsExpected",
-            message if phase == "Failed" else "",
+            "Paused",
+            rec.paused is not None,
+            rec.paused.reason if rec.paused else "NotPaused",
+            rec.paused.message if rec.paused else "",
         ),
     ]
-    if phase == "Backfilled" or held:
-        holding = phase == "Backfilled" and reason not in ("Backfilled",)
-        conds.append(
-            Condition(
-                "CutoverHeld", holding, reason if holding else "NotHeld", message if holding else ""
-            )
-        )
-    status: dict[str, Any] = {
-        **{k: v for k, v in prior.items() if k != "conditions"},
-        "observedGeneration": g,
-        "phase": phase,
-        "reason": reason,
-        "message": message,
-        "conditions": merge_conditions(prior.get("conditions"), conds, g, obs.now),
+    acts = []
+    phase, reason, message = rec.phase, view.reason, view.message
+    job_failed = ""
+    if rec.phase in GATE and obs.gate_job is JobState.FAILED:
+        job_failed = "the gate Job failed (see its logs); the writer resumes the gate from its record"
+        reason = "GateJobFailed"
+    elif rec.phase in BACKFILL:
+        if view.reason == "AwaitingBackfill":  # bridged: the backfill starts when asked
+            acts.append(MAction(MAct.RESUME))
+        act, note = _backfill(mig, obs, t, stalled)
+        if act is not None:
+            acts.append(act)
+            t = _Tracked(t.mark, t.progress_at, act.seq, obs.now)
+        if obs.backfill_job is JobState.FAILED:
+            job_failed = note
+        if rec.phase == "Bridged":  # the CR's reasons as before the typed record
+            reason = "GatePassed"
+            message = f"serving new-model queries with {rec.selected}; starting the backfill"
+        else:
+            reason, message = "Backfilling", f"{_progress(rec)['summary']} of rows re-encoded"
+        message += f"; {note}" if note else ""
+    elif rec.phase == "Backfilled":
+        held = str((rec.cutover or {}).get("reason") or "")
+        held = "" if held == "AwaitingCutover" else held
+        go = mig.cutover_policy == "Auto" or mig.cutover_approved
+        if go and (not held or mig.cutover_force):
+            # once per state of the record: a held cutover is not asked again every pass
+            # (unless forced); the runtime commits a held decision once per reason
+            acts.append(MAction(MAct.CUTOVER, force=mig.cutover_force))
+        if go and not held:
+            phase, reason, message = "CuttingOver", "CutoverRequested", "every row has a new vector"
+        elif held:
+            reason, message = held, str((rec.cutover or {}).get("message", ""))
+        else:
+            reason, message = "AwaitingApproval", "set spec.cutover.approved to cut over"
+    elif rec.phase == "CuttingOver":
+        reason, message = "CuttingOver", f"switching the index to {mig.target!r}"
+    if rec.paused is not None:
+        reason, message = rec.paused.reason, rec.paused.message
+    extra.append(
+        Condition("JobFailed", bool(job_failed), reason if job_failed else "AsExpected", job_failed)
+    )
+    if job_failed and rec.phase in GATE:
+        message = job_failed
+    bookkeeping = {
+        "backfillJob": {"seq": t.seq, "createdAt": t.created_at} if t.created_at else None,
+        "mark": t.mark,
+        "lastProgressAt": t.progress_at,
     }
-    if obs.from_model and "fromModel" not in status:
-        status["fromModel"] = obs.from_model
-    if rec:
-        status.update(
-            {
-                "strategy": str(rec.get("selected") or ""),
-                "metric": str(rec.get("metric") or ""),
-                "textCoverage": round(float(rec.get("text_coverage") or 0.0), 4),
-                "strategies": _strategies(rec),
-                "progress": _progress(rec),
-            }
-        )
-    events: tuple[Event, ...] = ()
-    if prior.get("phase") != phase:
-        kind = "Warning" if phase in ("Failed", "RolledBack") else "Normal"
-        events = (
-            Event(kind, reason or phase, f"{prior.get('phase') or 'New'} -> {phase}: {message}"),
-        )
-    return MigrationPlan(tuple(acts), status, events)
+    return done(phase, reason, message, rec, acts, extra, bookkeeping)
+
+
+@dataclass(frozen=True)
+class _Done:
+    """Builds the plan: the status (conditions merged, the record's projection), the events
+    (phase transitions, rising alert conditions) and the actions."""
+
+    mig: Migration
+    obs: MigrationObservation
+    prior: Mapping[str, Any]
+
+    def __call__(
+        self,
+        phase: str,
+        reason: str,
+        message: str,
+        rec: MigrationRecord | None = None,
+        acts: list[MAction] | None = None,
+        extra: list[Condition] | None = None,
+        bookkeeping: Mapping[str, Any] | None = None,
+    ) -> MigrationPlan:
+        mig, obs, prior = self.mig, self.obs, self.prior
+        g = mig.ref.generation
+        alerts = {c.type for c in extra or () if c.status}
+        quiet = not alerts & {"Stalled", "Paused"}
+        conds = [
+            Condition("Ready", phase == "Succeeded", reason or phase, message),
+            Condition(
+                "Progressing",
+                quiet and (phase not in (*TERMINAL, "Pending") or reason == "GateJobCreated"),
+                reason or phase,
+                message,
+            ),
+            Condition(
+                "Bridged",
+                phase in ("Bridged", "Backfilling", "Backfilled", "CuttingOver"),
+                reason or phase,
+                message,
+            ),
+            Condition(
+                "Failed",
+                phase == "Failed",
+                reason if phase == "Failed" else "AsExpected",
+                message if phase == "Failed" else "",
+            ),
+            *(extra or ()),
+        ]
+        held = str(((rec.cutover if rec else None) or {}).get("reason") or "")
+        if phase == "Backfilled" or held:
+            holding = phase == "Backfilled" and reason not in ("Backfilled",)
+            conds.append(
+                Condition(
+                    "CutoverHeld",
+                    holding,
+                    reason if holding else "NotHeld",
+                    message if holding else "",
+                )
+            )
+        status: dict[str, Any] = {
+            **{k: v for k, v in prior.items() if k != "conditions"},
+            "observedGeneration": g,
+            "phase": phase,
+            "reason": reason,
+            "message": message,
+            "conditions": merge_conditions(prior.get("conditions"), conds, g, obs.now),
+        }
+        if obs.from_model and "fromModel" not in status:
+            status["fromModel"] = obs.from_model
+        if rec is not None:
+            progress = _progress(rec)
+            if bookkeeping:
+                progress.update(mark=bookkeeping["mark"], lastProgressAt=bookkeeping["lastProgressAt"])
+                if bookkeeping["backfillJob"]:
+                    status["backfillJob"] = bookkeeping["backfillJob"]
+            status.update(
+                {
+                    "strategy": str(rec.selected or ""),
+                    "metric": str(rec.metric or ""),
+                    "textCoverage": round(float(rec.extra.get("text_coverage") or 0.0), 4),
+                    "strategies": _strategies(rec),
+                    "progress": progress,
+                }
+            )
+        events: list[Event] = []
+        if prior.get("phase") != phase:
+            kind = "Warning" if phase in ("Failed", "RolledBack") else "Normal"
+            events.append(
+                Event(kind, reason or phase, f"{prior.get('phase') or 'New'} -> {phase}: {message}")
+            )
+        for c in extra or ():
+            before = condition(prior.get("conditions"), c.type) or {}
+            if c.status and c.type in ALERTS and before.get("status") != "True":
+                events.append(Event("Warning", c.reason, c.message))
+        return MigrationPlan(tuple(acts or ()), status, tuple(events))

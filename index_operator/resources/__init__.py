@@ -17,6 +17,7 @@ from index_operator.resources.common import (
     service_url,
 )
 from index_operator.resources.jobs import (
+    backfill_job_name,
     desired_backfill_job,
     desired_compaction_cronjob,
     desired_gate_job,
@@ -30,6 +31,7 @@ __all__ = [
     "NetworkPolicyConfig",
     "Tokens",
     "awaits_encoder",
+    "backfill_job_name",
     "desired_backfill_job",
     "desired_compaction_cronjob",
     "desired_gate_job",

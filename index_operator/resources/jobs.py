@@ -14,6 +14,7 @@ from typing import Any
 from index_operator.resources.access import token_env
 from index_operator.resources.common import (
     Cluster,
+    config_name,
     container_security,
     dns_name,
     labels,
@@ -26,11 +27,13 @@ from index_operator.resources.common import (
     threads_env,
     tmp_volume,
 )
+from index_operator.resources.workloads import ENCODERS_KEY
 from index_operator.spec import (
     JOB_POD,
     POLL_JOB_POD,
     Index,
     Migration,
+    Model,
     PodOptions,
     Ref,
     Resources,
@@ -140,8 +143,11 @@ def desired_job(
     }
 
 
-def desired_gate_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, Any]:
-    """The migration gate (sample pairs, fit adapters, measure, decide) in the writer."""
+def desired_gate_job(
+    ix: Index, mig: Migration, cl: Cluster, target: Model | None = None
+) -> dict[str, Any]:
+    """The migration gate (sample pairs, fit adapters, measure, decide) in the writer; the
+    request carries the migration's id and the target model's metric and dimension."""
     volumes, mounts = [], []
     if mig.labelled_configmap:
         volumes.append(
@@ -154,7 +160,7 @@ def desired_gate_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, Any]:
             }
         )
         mounts.append({"name": "labelled", "mountPath": contract.LABELLED_DIR, "readOnly": True})
-    pod = _job_pod(ix, cl, JobKind.MIGRATE, mig.gate_request(), volumes, mounts, mig.pods)
+    pod = _job_pod(ix, cl, JobKind.MIGRATE, mig.gate_request(target), volumes, mounts, mig.pods)
     if mig.labelled_configmap:
         path = f"{contract.LABELLED_DIR}/{contract.LABELLED_FILE}"
         pod["spec"]["containers"][0]["env"].append({"name": Env.LABELLED_FILE.value, "value": path})
@@ -168,20 +174,67 @@ def desired_gate_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, Any]:
     }
 
 
-def desired_backfill_job(ix: Index, mig: Migration, cl: Cluster) -> dict[str, Any]:
-    """The backfill as an Indexed Job. The writer re-encodes and rewrites rows with a
-    compare-and-set and keeps its progress in the manifest, so a retried or re-created pod
-    resumes where the last one stopped. One completion today: the rows are rewritten by the
-    single writer (see docs/architecture.md for sharding the encoding across completions)."""
-    job = desired_job(
-        ix, cl, JobKind.BACKFILL, job_name(mig.ref.name, JobKind.BACKFILL), mig.ref, {}, mig.pods
-    )
+def backfill_job_name(mig: Migration, seq: int = 0) -> str:
+    """The ``seq``-th backfill Job of a migration (0: the first, named as before sequence
+    numbers existed, so a migration started by an older operator keeps its Job)."""
+    return job_name(mig.ref.name, JobKind.BACKFILL, seq or None)
+
+
+def desired_backfill_job(
+    ix: Index, mig: Migration, cl: Cluster, seq: int = 0, target: Model | None = None
+) -> dict[str, Any]:
+    """The distributed backfill: an Indexed Job of ``spec.backfill.parallelism`` pods. Pod
+    ``JOB_COMPLETION_INDEX`` re-encodes share i of ``DRIFTLESS_BACKFILL_SHARES`` (rows by key
+    hash) with the target model and hands the vectors to the writer, which rewrites them with
+    a compare-and-set and records each share's cursor, so a restarted pod resumes.
+
+    Liveness is by progress, not by the clock: no ``activeDeadlineSeconds`` (a 10^8-row
+    backfill takes days); a pod that makes no progress for ``DRIFTLESS_BACKFILL_STALL_S``
+    exits non-zero and its index is retried (``backoffLimitPerIndex``); the operator replaces
+    a failed Job (``seq`` + 1) while the record still progresses. Resources, GPUs included,
+    come from ``spec.backfill.resources``."""
+    name = backfill_job_name(mig, seq)
+    n = mig.backfill_parallelism
+    # a worker reads and rewrites at most 1,000 rows per call (the rows endpoint's limit)
+    spec = {"batch": min(mig.backfill_batch, 1000)}
+    job = desired_job(ix, cl, JobKind.BACKFILL, name, mig.ref, spec, mig.pods)
     job["metadata"]["labels"]["app.kubernetes.io/component"] = "job-backfill"
-    job["spec"].update({"completionMode": "Indexed", "completions": 1, "parallelism": 1})
+    jspec = job["spec"]
+    jspec.pop("activeDeadlineSeconds", None)
+    jspec.pop("backoffLimit", None)  # per index instead (a Job-wide count would end all shares)
+    jspec.update(
+        {
+            "completionMode": "Indexed",
+            "completions": n,
+            "parallelism": n,
+            # a share that failed for good ends nothing else (no maxFailedIndexes: the other
+            # shares run to their end, then the Job is Failed and the operator replaces it)
+            "backoffLimitPerIndex": 6,
+        }
+    )
+    c = jspec["template"]["spec"]["containers"][0]
+    c["resources"] = mig.backfill_resources.to_k8s()
+    threads = {e["name"]: e for e in threads_env(mig.backfill_resources)}  # the encoder's
+    c["env"] = [threads.get(e["name"], e) for e in c["env"]]
+    c["env"] += [
+        {"name": Env.BACKFILL_SHARES.value, "value": str(n)},
+        {"name": Env.MIGRATION_ID.value, "value": mig.uid},
+        {"name": Env.BACKFILL_STALL_S.value, "value": str(mig.backfill_stall_s)},
+        {
+            "name": Env.ENCODERS.value,  # the worker encodes with the target model itself
+            "valueFrom": {
+                "configMapKeyRef": {"name": config_name(ix.ref.name), "key": ENCODERS_KEY}
+            },
+        },
+    ]
+    if target is not None and not target.encoder.startswith(("http://", "https://")):
+        c["image"] = cl.jobs_image  # a bundled model: torch and the packages
     return job
 
 
-def desired_compaction_cronjob(ix: Index, cl: Cluster) -> dict[str, Any]:
+def desired_compaction_cronjob(ix: Index, cl: Cluster, suspend: bool = False) -> dict[str, Any]:
+    """The scheduled compaction; ``suspend`` while a migration's cutover is near (see
+    ``reconcile.index.maintenance_held``)."""
     job = desired_job(ix, cl, JobKind.COMPACT, "unused", ix.ref)
     spec = job["spec"]
     spec.pop("ttlSecondsAfterFinished")
@@ -192,6 +245,7 @@ def desired_compaction_cronjob(ix: Index, cl: Cluster) -> dict[str, Any]:
         "metadata": metadata(name, ix.ref, "job-compact", ix.ref.name),
         "spec": {
             "schedule": ix.compaction_schedule,
+            "suspend": suspend,
             "concurrencyPolicy": "Forbid",  # one compaction at a time (the writer serializes anyway)
             "startingDeadlineSeconds": 600,
             "successfulJobsHistoryLimit": 1,

@@ -43,6 +43,7 @@ from index_runtime.service.runtime import Roles, RuntimeOptions
 from index_runtime.store.objects import S3Config
 from index_runtime.store.writer import WriterConfig
 from tests.conftest import make_bucket
+from tests.encoder_server import embeddings_server
 from tests.integration.test_migration_service import D_NEW, D_OLD, W_NEW, W_OLD, corpus, encoder
 from tests.kube_harness import (
     JobRunner,
@@ -401,7 +402,14 @@ async def _deleted_tokens_are_drawn_anew_and_roll_the_pods(
     return new
 
 
+@pytest.fixture
+def new_model_url() -> Iterator[str]:
+    with embeddings_server(encoder(W_NEW, 0.0)) as url:
+        yield url
+
+
 async def test_index_lifecycle_migration_gate_failure_and_deletion(
+    new_model_url: str,
     cluster: tuple[Cluster, JobRunner],
     runtime: tuple[str, Engine, str],
     moto_endpoint: str,
@@ -410,7 +418,9 @@ async def test_index_lifecycle_migration_gate_failure_and_deletion(
     cl, runner = cluster
     url, engine, bucket = runtime
     await cl.put(model("old", D_OLD))
-    await cl.put(model("new", D_NEW))
+    new = model("new", D_NEW)  # the backfill's worker pods encode with it themselves
+    new["spec"]["encoder"]["http"]["url"] = new_model_url
+    await cl.put(new)
     await cl.put(vector_index("docs", bucket, moto_endpoint))
     task, stop = await start_operator(cl.kmock, url, monitoring=True)
     try:

@@ -13,7 +13,7 @@ from index_operator.reconcile.jobs import JobState, job_state
 from index_operator.reconcile.migration import MAct, MigrationObservation, plan_migration
 from index_operator.spec import Index, Migration
 from index_runtime import contract
-from index_runtime.contract import JobKind
+from index_runtime.contract import JobKind, MigrationRecord
 
 IX = Index.parse(
     {
@@ -159,8 +159,15 @@ INDEX_TABLE = [
         [Act.START_JOB],
     ),
     (
-        "no retraining or compaction while migrating",
-        obs(writer(live=2500, serving=1, deleted=0.5), migrating="mm"),
+        "retraining and compaction go on during the backfill",
+        obs(writer(live=2500, serving=1, deleted=0.5), migrating="mm", migration_phase="Backfilling"),
+        "Degraded",
+        "DataGrew",
+        [Act.START_JOB, Act.START_JOB],
+    ),
+    (
+        "no retraining or compaction around the cutover",
+        obs(writer(live=2500, serving=1, deleted=0.5), migrating="mm", migration_phase="Backfilled"),
         "Degraded",
         "DataGrew",
         [],
@@ -231,11 +238,13 @@ ROLLBACK = migration(2, rollback=True)
 
 
 def rec(phase: str, **kw: Any) -> dict[str, Any]:
-    return {"to": "new", "from": "old", "phase": phase, "selected": "status-quo", **kw}
+    """A record of migration ``m`` (MIG's uid) as the writer's status carries it."""
+    return {"id": "m", "to": "new", "from": "old", "phase": phase, "selected": "status-quo", **kw}
 
 
 def mobs(record: Any = None, **kw: Any) -> MigrationObservation:
-    return MigrationObservation(now=1.0, record=record, from_model="old", **kw)
+    parsed = MigrationRecord.from_json(record)
+    return MigrationObservation(now=1.0, record=parsed, from_model="old", **kw)
 
 
 MIG_TABLE = [
@@ -318,12 +327,16 @@ MIG_TABLE = [
         [],
     ),
     (
-        "backfill Job failed for good",
+        "a failed backfill Job is replaced, the migration goes on",
         MIG,
-        mobs(rec("Backfilling"), backfill_job=JobState.FAILED),
-        "Failed",
-        "BackfillJobFailed",
-        [],
+        mobs(
+            rec("Backfilling"),
+            backfill_job=JobState.FAILED,
+            prior={"phase": "Backfilling", "backfillJob": {"seq": 0, "createdAt": 0.5}},
+        ),
+        "Backfilling",
+        "Backfilling",
+        [MAct.START_JOB],
     ),
     ("index missing", MIG, mobs(index_exists=False), "Pending", "IndexNotFound", []),
     ("model missing", MIG, mobs(target_exists=False), "Pending", "ModelNotFound", []),
@@ -340,7 +353,7 @@ MIG_TABLE = [
     (
         "another migration's record is not ours",
         MIG,
-        mobs({**rec("Succeeded"), "to": "third"}),
+        mobs({**rec("Succeeded"), "id": "other", "to": "third"}),
         "Pending",
         "GateJobCreated",
         [MAct.START_JOB],

@@ -1,0 +1,40 @@
+"""An OpenAI-compatible ``POST /v1/embeddings`` on loopback (stdlib HTTP server in a thread):
+what pods that encode with a model themselves (the backfill's worker pods, local processes in
+the operator tests) reach when the EmbeddingModel points at it."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+@contextmanager
+def embeddings_server(encode: Callable[[list[str], str], Any]) -> Iterator[str]:
+    """Serve ``encode`` (texts, kind -> vectors); yields the base URL ending in /v1."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            vecs = encode(list(body["input"]), str(body.get("input_type") or "passage"))
+            data = [{"index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]
+            out = json.dumps({"data": data}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
