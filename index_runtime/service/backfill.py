@@ -219,9 +219,10 @@ def stored_cursor(desk: Desk, rec: dict[str, Any], migration_id: str, share: int
     with desk.lock:
         if (desk.migration_id, desk.shares) == (migration_id, shares) and str(share) in desk.workers:
             return int(desk.workers[str(share)]["cursor"])
-    # the record is this migration's (checked by the caller); its cursors are for its shares
+    # the runner checkpoints the cursors of this migration's split (options.backfill_shares)
     w = (rec.get("backfill") or {}).get("workers", {}).get(str(share))
-    if w and (rec.get("options") or {}).get("backfill_shares", shares) == shares:
+    split = (rec.get("options") or {}).get("backfill_shares")
+    if w and record_id(rec) == migration_id and split == shares:
         return int(w.get("cursor", 0))
     return 0
 

@@ -97,7 +97,11 @@ def test_an_empty_share_is_done_at_once() -> None:
 
 def test_stored_cursor_prefers_memory_then_the_record_of_the_same_split() -> None:
     desk = Desk()
-    rec = {"id": "m1", "backfill": {"workers": {"1": {"cursor": 40, "shares": 2, "migration": "m1"}}}}
+    rec = {
+        "id": "m1",
+        "options": {"backfill_shares": 2},
+        "backfill": {"workers": {"1": {"cursor": 40, "rows": 7, "at": 1.0}}},
+    }
     assert stored_cursor(desk, rec, "m1", 1, 2) == 40  # a restarted writer: the checkpoint
     assert stored_cursor(desk, rec, "m1", 1, 3) == 0  # another split: from the start
     assert stored_cursor(desk, rec, "m2", 1, 2) == 0  # another migration
