@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Three images from one file (docs/architecture.md, "Images"):
 #   operator  kopf + the Kubernetes client + numpy; no torch, no FAISS
 #   runtime   the data plane: FAISS, numpy, pyarrow, boto3, the API server (adapters in numpy)
@@ -6,6 +5,8 @@
 #             run from a bundled package: they encode upserts, queries and the backfill)
 # torch must be the CPU build: give the CPU wheel index of your mirror at build time, e.g.
 #   docker build --target jobs --build-arg TORCH_INDEX_URL=<CPU wheel index URL> -t driftless-jobs .
+# or leave it empty when the build's pip configuration already resolves torch==2.13.0 to the
+# CPU wheel (`make images` mounts the host's pip configuration at build time).
 # Final stages run as uid 10001, hold no compilers and no pip caches.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -34,8 +35,8 @@ RUN python -m venv /opt/venv && pip install /src
 
 FROM build-runtime AS build-jobs
 ARG TORCH_INDEX_URL
-RUN test -n "${TORCH_INDEX_URL}" || { echo "set --build-arg TORCH_INDEX_URL (a CPU wheel index)"; exit 1; } \
- && pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"; \
+    else pip install "torch==2.13.0"; fi \
  && pip install "/src[embed]"
 
 FROM base AS operator
