@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -363,7 +363,7 @@ def run_demo(
     encoder = MiniLM()
     emb_cache = open_cache(cache, encoder)
     encoder.encode([d.passage for d in corpus.docs[:16]])  # warm-up, not timed
-    rates = {encoder.model_id: _rate(encoder, corpus, 64)}
+    rates = {encoder.model_id: _rate(encoder, corpus, 32)}
     texts = [d.passage for d in corpus.docs]
     cached = {encoder.model_id: _in_cache(emb_cache, texts)}
     new = None
@@ -417,7 +417,10 @@ def run_demo(
     config = WriterConfig(
         flush_rows=256,
         flush_interval_s=0.5,
-        gc_grace_s=0.0,
+        # while the lifecycle compacts behind a migration, a refresh may still read the
+        # segments a compaction replaced: a short grace keeps them (0 s deleted one under a
+        # loaded 2-core run and the backfill's cutover failed); the GC stage drops it below
+        gc_grace_s=30.0,
         compaction=CompactionPolicy(small_bytes=1 << 20, target_bytes=8 << 20),
     )
     spec = IndexSpec.single("stdlib-docs", encoder.model_id, encoder.dim, key_type="str")
@@ -519,6 +522,7 @@ def run_demo(
     )
 
     t = time.perf_counter()
+    writer.config = replace(writer.config, gc_grace_s=0.0)  # the demo's GC shows everything
     gc = writer.gc()  # before stop(): a closed writer commits nothing (GC records what it deleted)
     rt.stop()  # flushes and closes the writer
     after = _dir_bytes(data / "index")

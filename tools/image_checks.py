@@ -181,13 +181,13 @@ def check_jobs(bh: Buildah, ref: str) -> str:
 
 
 def _kubeconfig(server: str) -> str:
-    return yaml.safe_dump({
+    return str(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": server}}],
         "users": [{"name": "operator", "user": {"token": "unused"}}],
         "contexts": [{"name": "emulator",
                       "context": {"cluster": "emulator", "user": "operator", "namespace": NS}}],
-    })
+    }))
 
 
 def _crs() -> list[dict[str, Any]]:

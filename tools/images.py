@@ -177,9 +177,22 @@ def render_markdown(r: Report) -> str:
 # edges ------------------------------------------------------------------------------------
 
 
-def run(cmd: list[str], step: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """Run a command; a non-zero exit is the step's failure, with the output's tail."""
-    out = subprocess.run(cmd, text=True, capture_output=True, **kw)
+def run(
+    cmd: list[str], step: str, stream: bool = False, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; a non-zero exit is the step's failure, with the output's tail.
+    ``stream`` echoes the output as it comes (long builds show their progress)."""
+    if not stream:
+        out = subprocess.run(cmd, text=True, capture_output=True, **kw)
+    else:
+        lines: list[str] = []
+        with subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, **kw) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                print(f"   | {line}", end="", flush=True)
+                lines = [*lines[-200:], line]
+        out = subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
     if out.returncode != 0:
         tail = (out.stdout + out.stderr)[-4000:]
         raise StepFailed(step, f"{' '.join(cmd[:6])}… exited {out.returncode}\n{tail}")
@@ -313,7 +326,7 @@ def build(report: Report, bh: Buildah, base_ref: str, reuse: bool) -> dict[str, 
                *volumes, "--build-arg", f"PYTHON_IMAGE={base_ref}",
                "--build-arg", f"TORCH_INDEX_URL={torch_index}",
                "--target", target, "-t", ref, "-f", str(ROOT / "Dockerfile"), str(ROOT),
-               env={**os.environ, "BUILDAH_ISOLATION": "chroot"})
+               stream=True, env={**os.environ, "BUILDAH_ISOLATION": "chroot"})
     return refs
 
 
