@@ -16,6 +16,7 @@ The uid is read from the host's process table (the container's process is a desc
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import secrets
 import socket
@@ -137,7 +138,7 @@ def check_runtime(bh: Buildah, ref: str) -> str:
                 if r.status_code >= 300:
                     raise StepFailed(step, f"POST {path}: {r.status_code} {r.text[:500]}")
             r = h.post("/v1/indexes/docs/search", json={"vector": [0, 0.9, 0.1, 0], "k": 1})
-            hits = r.json().get("hits") if r.status_code == 200 else None
+            hits = r.json().get("results") if r.status_code == 200 else None
             if not hits or hits[0].get("key") != "b":
                 raise StepFailed(step, f"search: {r.status_code} {r.text[:500]}")
         return (f"/healthz after {ready_s:.1f} s; 401 without token; create, upsert, search "
@@ -208,12 +209,14 @@ def _crs() -> list[dict[str, Any]]:
 async def _operator(bh: Buildah, ref: str) -> str:
     from kmock import Server
 
-    from tests.kube_harness import StricterEmulator, find, register_resources
+    # the tests' emulator (not type-checked with the packages: imported by name)
+    harness: Any = importlib.import_module("tests.kube_harness")
+    find, register_resources = harness.find, harness.register_resources
 
     step = "start operator"
     crds = [d for p in sorted((ROOT / "crds").glob("*.yaml"))
             if (d := yaml.safe_load(p.read_text()))["spec"]["group"] == "driftless.dev"]
-    async with StricterEmulator() as kmock, Server(kmock) as server:
+    async with harness.StricterEmulator() as kmock, Server(kmock) as server:
         register_resources(kmock, crds)
         kmock.objects["v1/secrets", NS, "s3"] = {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": NS},
