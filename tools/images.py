@@ -155,7 +155,9 @@ def render_markdown(r: Report) -> str:
         "# Images (`make images`: buildah, vfs, chroot isolation, debootstrap base)",
         "",
         f"{r.meta.get('when', '')} on {r.meta.get('cores', '?')} cores; "
-        f"base cache {'hit' if r.meta.get('base_cached') else 'miss (debootstrap ran)'}.",
+        f"base cache {'hit' if r.meta.get('base_cached') else 'miss (debootstrap ran)'}"
+        + (f"; reused (not rebuilt): {', '.join(r.meta['reused'])}" if r.meta.get("reused") else "")
+        + ".",
         "",
         "| image | size MiB | build s | start check |",
         "|---|---:|---:|---|",
@@ -236,10 +238,9 @@ class Buildah:
                               capture_output=True).returncode == 0
 
     def size(self, ref: str) -> int:
-        """Bytes of the image's layers (uncompressed, as stored)."""
-        data = json.loads(self("size", "inspect", "--type", "image", ref))
-        return int(sum(int(s) for s in re.findall(r'"Size":\s*(\d+)', json.dumps(data)))
-                   or data.get("Size", 0))
+        """Bytes of the image's layers (uncompressed tars, as stored)."""
+        manifest = json.loads(json.loads(self("sizes", "inspect", "--type", "image", ref))["Manifest"])
+        return sum(int(layer["size"]) for layer in manifest["layers"])
 
 
 def ensure_tools(report: Report) -> None:
@@ -320,6 +321,7 @@ def build(report: Report, bh: Buildah, base_ref: str, reuse: bool) -> dict[str, 
         ref = f"localhost/driftless-{target}:dev"
         refs[target] = ref
         if reuse and bh.exists(ref):
+            report.meta.setdefault("reused", []).append(target)
             continue
         with timed(report, f"build {target}"):
             bh(f"build {target}", "bud", "--isolation", "chroot", "--layers", "--ulimit", ULIMIT,
