@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        (WORK / "pip.conf").unlink(missing_ok=True)  # the host's configuration: build time only
         subprocess.run([*bh.base, "rm", "--all"], capture_output=True)
         if not args.keep:
             subprocess.run([*bh.base, "rmi", "--all", "--force"], capture_output=True)
