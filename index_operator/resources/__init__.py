@@ -23,9 +23,11 @@ from index_operator.resources.jobs import (
     desired_job,
     job_name,
 )
+from index_operator.resources.prune import PRUNABLE, stale_children
 from index_operator.resources.workloads import desired_objects
 
 __all__ = [
+    "PRUNABLE",
     "Cluster",
     "NetworkPolicyConfig",
     "Tokens",
@@ -43,5 +45,6 @@ __all__ = [
     "plan_tokens",
     "service_name",
     "service_url",
+    "stale_children",
     "tokens_secret_name",
 ]

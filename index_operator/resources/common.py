@@ -41,6 +41,9 @@ class Cluster:
     jobs_image: str = "driftless-jobs:0.1.0"
     pull_policy: str = "IfNotPresent"
     monitoring: bool = False  # the monitoring.coreos.com API exists: build ServiceMonitors
+    # extra labels on the ServiceMonitors, for the Prometheus's serviceMonitorSelector (the
+    # chart's monitoring.serviceMonitorLabels; kube-prometheus-stack: release: <its release>)
+    monitor_labels: Mapping[str, str] = field(default_factory=dict)
     job_deadline_s: int = 6 * 3600
     job_ttl_s: int = 24 * 3600
     network_policy: NetworkPolicyConfig | None = None  # None: build no NetworkPolicies
