@@ -152,20 +152,32 @@ class Controller:
         await self.kube.close()
         await self.runtime.close()
 
+    async def wait_cache(self, timeout_s: float = 30.0) -> None:
+        """Before a reconcile reads children: the watch cache has listed them (at start)."""
+        if self.cache is not None:
+            await self.cache.wait_synced(timeout_s)
+
     def cached(self, kind: str, namespace: str, name: str) -> Any:
-        """The object as the watch cache knows it (None: absent), else ``UNKNOWN``."""
+        """The child as the watch cache knows it (None: absent); ``UNKNOWN`` without a cache
+        (then it is read with a GET). Children are never read with a GET next to a cache
+        (the chart grants no ``get`` on them): a kind whose watch is relisting raises
+        ``CacheNotSynced`` and kopf retries the pass."""
         if self.cache is None:
             return UNKNOWN
         known, obj = self.cache.store.lookup(kind, namespace, name)
-        return obj if known else UNKNOWN
+        if not known:
+            raise CacheNotSynced(f"the watch cache of {kind} in {namespace!r} is (re)listing")
+        return obj
 
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """From the cache when it holds the object, else a GET (an object without the
-        operator's labels, e.g. a tokens Secret its owner brought, is not in the cache)."""
-        obj = self.cached(kind, namespace, name)
-        return dict(obj) if obj is not UNKNOWN and obj is not None else await self.kube.get(
+        """A Secret or Job: from the cache when it holds it, else a GET (a tokens Secret its
+        owner brought has none of our labels; a Job just created may not be seen yet)."""
+        known, obj = (False, None) if self.cache is None else self.cache.store.lookup(
             kind, namespace, name
         )
+        if known and obj is not None:
+            return dict(obj)
+        return await self.kube.get(kind, namespace, name)
 
     def url(self, index: str, namespace: str, role: Role) -> str:
         return self.config.runtime_url or res.service_url(index, namespace, role)
@@ -215,6 +227,7 @@ class Controller:
         except InvalidInputError as exc:
             return _invalid(body, prior, str(exc)), []
         ns, name = ix.ref.namespace, ix.ref.name
+        await self.wait_cache()
         tokens = await self.tokens(ns, name)
         token = tokens[Scope.ADMIN]
         encoders = {m.name: m.encoder for m in models.values()}
@@ -434,6 +447,11 @@ class Controller:
 
 
 REFUSED_TOKEN = (401, 403)
+
+
+class CacheNotSynced(Exception):
+    """A child's kind is not in the watch cache right now (its watch is relisting)."""
+
 FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value)
 
 

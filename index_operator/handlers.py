@@ -54,6 +54,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # every cancellation_polling seconds (60 by default): one reconcile interval is enough
     config: OperatorConfig = memo.get("config") or CONFIG
     settings.background.cancellation_polling = max(1.0, config.interval_s)
+    timers_without_finalizers(registry, config.interval_s)
     memo.setdefault("controller", Controller(config))
 
 
@@ -231,13 +232,17 @@ async def migration_timer(
     _post(body, events)
 
 
-def timers_without_finalizers(reg: kopf.OperatorRegistry) -> None:
+def timers_without_finalizers(reg: kopf.OperatorRegistry, interval_s: float = 0) -> None:
     """kopf (1.37 to 1.45 at least) registers every timer with ``requires_finalizer=True``
-    and offers no option: replace each timer's registration with one that needs none.
-    ``tests/unit/test_operator_finalizers.py`` fails if a kopf upgrade changes this."""
+    and offers no option: replace each timer's registration with one that needs none (and,
+    given ``interval_s``, runs at the configured interval rather than the one read from the
+    environment at import). ``tests/unit/test_operator_finalizers.py`` fails if a kopf
+    upgrade changes this."""
     spawning = reg._spawning
     spawning._handlers[:] = [
-        dataclasses.replace(h, requires_finalizer=False)
+        dataclasses.replace(
+            h, requires_finalizer=False, interval=interval_s or h.interval
+        )
         if isinstance(h, TimerHandler)
         else h
         for h in spawning._handlers

@@ -4,9 +4,11 @@ kopf keeps its own client for watching and for status patches; this one creates 
 the children. Credentials are the ones kopf logged in with (``Kube.configure`` from the login
 handler), so both clients act as the same ServiceAccount.
 
-Apply semantics: read; create if missing (a 409 from a replay is normal); an existing object is
-patched (JSON merge patch) only when the hash of its desired form, kept in an annotation,
-changed; Jobs are never patched (their pod template is immutable).
+Apply semantics: the live object comes from the watch cache (``index_operator.cache``; a GET
+only without one); create if missing (a 409 from a replay, or from an object that exists
+without our labels, is answered with a patch); an existing object is patched (JSON merge
+patch) only when the hash of its desired form, kept in an annotation, changed; Jobs are never
+patched (their pod template is immutable).
 """
 
 from __future__ import annotations
@@ -229,11 +231,10 @@ class Kube:
         if live is None:
             if await self.create(annotated):
                 return "created"
-            # 409: created meanwhile (a replay), or there without our labels (so not in the
-            # cache): compare it as read
-            live = await self.get(obj["kind"], meta["namespace"], meta["name"])
-            if live is None:
-                return "unchanged"
+            # 409: created meanwhile (a replay, not in the cache yet), or there without our
+            # labels: adopt it by patching it to the desired form (no GET: the cache is the
+            # only reader of children)
+            live = {}
         if obj["kind"] in NEVER_PATCHED:
             return "unchanged"
         if (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION) == h:

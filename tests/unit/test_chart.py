@@ -61,6 +61,8 @@ CASES = {
     "cluster-wide, monitoring API": ({**EVERYTHING_ON, "clusterWide": True}, MONITORING),
     "cluster-wide": ({"clusterWide": True}, ()),
     "no runtime network policies": ({"runtimeNetworkPolicy": {"enabled": False}}, ()),
+    # ServiceMonitors turned off where the API is served: the built ones are pruned
+    "monitoring API, no ServiceMonitors": ({"monitoring": {"serviceMonitors": False}}, MONITORING),
 }
 VENDOR = ROOT / "tests" / "data" / "vendor"
 CR_SCHEMAS = {
@@ -176,6 +178,36 @@ def test_operator_deployment_is_a_single_recreated_pod_with_its_settings() -> No
     assert "--all-namespaces" in wc["args"] and "DRIFTLESS_WATCH_NAMESPACE" not in {
         e["name"] for e in wc["env"]
     }
+
+
+def test_service_monitors_carry_the_release_label_and_scrape_the_operator() -> None:
+    """kube-prometheus-stack's Prometheus selects ServiceMonitors by `release: <its release>`:
+    the operator's own ServiceMonitor and (through the environment the chart sets) the
+    per-index ones carry monitoring.serviceMonitorLabels; the operator's metrics port is
+    the one its Service and ServiceMonitor name."""
+    from index_operator.controller import OperatorConfig
+
+    objs = objects(RENDERED["default, monitoring API"])
+    sm = next(o for o in objs if o["kind"] == "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    svc = next(o for o in objs if o["kind"] == "Service")
+    dep, env = _operator("default, monitoring API")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    port = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
+    assert f"--metrics-port={port}" in c["args"]
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
+    cfg = OperatorConfig.from_env(env)
+    assert cfg.cluster.monitor_labels == {"release": "kube-prometheus-stack"}
+    assert cfg.monitoring_api and "ServiceMonitor" in cfg.watched_kinds()
+    # turned off where the API is served: none built, the old ones still watched (pruned)
+    _, off = _operator("monitoring API, no ServiceMonitors")
+    cfg = OperatorConfig.from_env(off)
+    assert not cfg.cluster.monitoring and "ServiceMonitor" in cfg.watched_kinds()
+    assert not [o for o in objects(RENDERED["monitoring API, no ServiceMonitors"]) if o["kind"] == "ServiceMonitor"]
+    assert "ServiceMonitor" not in OperatorConfig.from_env(_operator("default")[1]).watched_kinds()
 
 
 def _operator(case: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -321,13 +353,22 @@ def test_dashboard_configmap_is_labelled_for_the_grafana_sidecar() -> None:
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
 
 
+PRUNE_ONLY = ("list", "watch", "delete")  # what pruning ServiceMonitors takes
+
+
 def expected_requests(
-    cluster_wide: bool, monitoring: bool, network_policies: bool = True
+    cluster_wide: bool, monitoring: bool, network_policies: bool = True, prune_monitors: bool = False
 ) -> set[rbac.Request]:
+    """The requests of the recorded scenarios (the lifecycle; the children: cache, pruning,
+    deletion) a release with these values makes."""
     peering = REQUESTS["peering (cluster-wide)" if cluster_wide else "peering (namespaced)"]
-    reqs = {tuple(r) for r in REQUESTS["lifecycle"] + peering}
+    reqs = {tuple(r) for r in REQUESTS["lifecycle"] + REQUESTS["children"] + peering}
     if not monitoring:
-        reqs = {r for r in reqs if r[1] != "monitoring.coreos.com"}
+        reqs = {
+            r
+            for r in reqs
+            if r[1] != "monitoring.coreos.com" or (prune_monitors and r[0] in PRUNE_ONLY)
+        }
     if not network_policies:
         reqs = {r for r in reqs if r[1] != "networking.k8s.io"}
     return reqs  # type: ignore[return-value]
@@ -339,6 +380,7 @@ def rbac_audit(
     monitoring: bool,
     namespaces: list[str],
     network_policies: bool = True,
+    prune_monitors: bool = False,
 ) -> tuple[list[Any], list[Any]]:
     """Cluster-scoped requests against the ClusterRole; namespaced ones against what is bound
     in each watched namespace (the ClusterRole when cluster-wide, else that namespace's Role)."""
@@ -348,7 +390,7 @@ def rbac_audit(
     crb = [o for o in objs if o["kind"] == "ClusterRoleBinding" and subject in o["subjects"]]
     assert len(crb) == 1
     cluster_rules = by["ClusterRole", None, crb[0]["roleRef"]["name"]]["rules"]
-    reqs = expected_requests(cluster_wide, monitoring, network_policies)
+    reqs = expected_requests(cluster_wide, monitoring, network_policies, prune_monitors)
     cluster_reqs = {r for r in reqs if r[2] in CLUSTER_SCOPED}
     ns_reqs = reqs - cluster_reqs
     missing, unused = [], []
@@ -387,14 +429,16 @@ def rbac_audit(
         ("cluster-wide", True, False, []),
         ("cluster-wide, monitoring API", True, True, []),
         ("no runtime network policies", False, False, [NAMESPACE]),
+        ("monitoring API, no ServiceMonitors", False, False, [NAMESPACE]),
     ],
 )
 def test_rbac_grants_exactly_what_the_operator_used(
     case: str, cluster_wide: bool, monitoring: bool, namespaces: list[str]
 ) -> None:
     policies = case != "no runtime network policies"
+    prune = case == "monitoring API, no ServiceMonitors"
     missing, unused = rbac_audit(
-        objects(RENDERED[case]), cluster_wide, monitoring, namespaces, policies
+        objects(RENDERED[case]), cluster_wide, monitoring, namespaces, policies, prune
     )
     assert missing == [], f"the operator made requests the chart does not grant: {missing}"
     assert unused == [], f"the chart grants what the operator never used: {unused}"
@@ -411,12 +455,12 @@ def test_rbac_audit_catches_a_missing_and_an_unused_grant() -> None:
             rule["verbs"].remove("delete")
     missing, unused = rbac_audit(fewer, False, False, [NAMESPACE])
     assert (NAMESPACE, "delete", "apps", "deployments", "") in missing and unused == []
-    # grant "list secrets", which the operator never does
+    # grant "list events", which the operator never does
     more = copy.deepcopy(objs)
     r = next(o for o in more if o["kind"] == "Role")
-    r["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]})
+    r["rules"].append({"apiGroups": [""], "resources": ["events"], "verbs": ["list"]})
     missing, unused = rbac_audit(more, False, False, [NAMESPACE])
-    assert missing == [] and unused == [(NAMESPACE, "list", "", "secrets")]
+    assert missing == [] and unused == [(NAMESPACE, "list", "", "events")]
     assert role["rules"]  # the original is untouched
 
 
