@@ -131,6 +131,9 @@ class Controller:
         self.kube = Kube(on_request=self.metrics.request)
         self.runtime = RuntimeClient()
         self.cache: ChildCache | None = None  # started by start_cache once logged in
+        # Jobs this process created that the cache has not shown yet: their absence there
+        # is not news (a GET decides), anyone else's absence is
+        self._unseen_jobs: set[tuple[str, str]] = set()
         # tokens drawn for an index whose Secret is not stored yet: a migration's reconcile
         # and the index's own must not draw different ones before the Secret is applied
         self._fresh: dict[tuple[str, str], dict[Scope, str]] = {}
@@ -171,13 +174,22 @@ class Controller:
 
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """A Secret or Job: from the cache when it holds it, else a GET (a tokens Secret its
-        owner brought has none of our labels; a Job just created may not be seen yet)."""
+        owner brought has none of our labels; a Job this process just created may not be
+        seen yet). A Job absent from a synced cache and not just created is absent."""
         known, obj = (False, None) if self.cache is None else self.cache.store.lookup(
             kind, namespace, name
         )
         if known and obj is not None:
+            self._unseen_jobs.discard((namespace, name))
             return dict(obj)
+        if known and kind == "Job" and (namespace, name) not in self._unseen_jobs:
+            return None
         return await self.kube.get(kind, namespace, name)
+
+    async def create_job(self, job: Mapping[str, Any]) -> bool:
+        meta = job["metadata"]
+        self._unseen_jobs.add((meta["namespace"], meta["name"]))
+        return await self.kube.create(job)
 
     def url(self, index: str, namespace: str, role: Role) -> str:
         return self.config.runtime_url or res.service_url(index, namespace, role)
@@ -285,7 +297,7 @@ class Controller:
                     await self.runtime.admin(base, token, name, "discard")
                 elif a.act is Act.START_JOB and a.job is not None:
                     jname = res.job_name(name, a.job, a.seq)
-                    await self.kube.create(res.desired_job(ix, cl, a.job, jname, ix.ref, {}))
+                    await self.create_job(res.desired_job(ix, cl, a.job, jname, ix.ref, {}))
                     status.setdefault("jobs", {})[a.job.value] = {
                         "seq": a.seq,
                         "name": jname,
@@ -420,9 +432,9 @@ class Controller:
         cl = self.config.cluster
         for a in actions:
             if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
-                await self.kube.create(res.desired_gate_job(ix, mig, cl))
+                await self.create_job(res.desired_gate_job(ix, mig, cl))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
-                await self.kube.create(res.desired_backfill_job(ix, mig, cl))
+                await self.create_job(res.desired_backfill_job(ix, mig, cl))
             elif a.act is MAct.ROLLBACK:
                 await self.runtime.admin(base, token, mig.index, "migrations/rollback")
             elif a.act is MAct.CUTOVER:

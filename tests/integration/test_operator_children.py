@@ -31,6 +31,7 @@ from tests.integration.test_operator import (
     D_OLD,
     NS,
     _check_recorded_requests,
+    migration,
     model,
     stop_operator,
     vector_index,
@@ -145,8 +146,13 @@ async def test_children_cache_prune_and_deletion_without_the_operator(
         model("old", D_OLD),
         vector_index("keep", "bucket", "http://s3.local"),
         vector_index("purged", "bucket", "http://s3.local", reclaim="Delete"),
+        migration("waiting", "keep"),  # its Jobs are looked up in the cache too
     ]:
-        plural = "embeddingmodels" if obj["kind"] == "EmbeddingModel" else "vectorindexes"
+        plural = {
+            "EmbeddingModel": "embeddingmodels",
+            "VectorIndex": "vectorindexes",
+            "ModelMigration": "modelmigrations",
+        }[obj["kind"]]
         r = await api.post(f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/{plural}", json=obj)
         assert r.status_code < 400, r.text
 
@@ -164,8 +170,9 @@ async def test_children_cache_prune_and_deletion_without_the_operator(
         sm = get("servicemonitors", "keep-metrics") or {}
         assert sm["metadata"]["labels"]["release"] == "kps"  # kube-prometheus-stack's selector
         # a finalizer only where deletion has work to do (the purge)
-        keep = get("vectorindexes", "keep") or {}
-        assert FINALIZER not in keep["metadata"].get("finalizers", [])
+        for plural, name in [("vectorindexes", "keep"), ("modelmigrations", "waiting")]:
+            obj = get(plural, name) or {}
+            assert FINALIZER not in obj["metadata"].get("finalizers", []), name
         await until(
             lambda: FINALIZER in ((get("vectorindexes", "purged") or {}).get("metadata") or {}).get(
                 "finalizers", []
@@ -205,7 +212,8 @@ async def test_children_cache_prune_and_deletion_without_the_operator(
             30,
             "ServiceMonitors pruned",
         )
-        assert ctl.metrics.pruned.labels("ServiceMonitor")._value.get() == 2
+        pruned = ctl.metrics.pruned.labels("ServiceMonitor")._value
+        await until(lambda: pruned.get() == 2, 10, "prunes counted")
 
         # the namespace is being deleted: the purge Job is refused, the finalizer released
         # with a Warning and a log line that say where the data was left
