@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from index_operator import resources as res
-from index_operator.kube import Kube
+from index_operator.cache import ChildCache
+from index_operator.kube import UNKNOWN, Kube, KubeError, namespace_terminating
+from index_operator.metrics import OperatorMetrics
 from index_operator.reconcile.conditions import Condition, merge_conditions
 from index_operator.reconcile.index import (
     Act,
@@ -52,6 +54,9 @@ class OperatorConfig:
     interval_s: float = 10.0
     # every runtime Service resolves to this URL (tests: one runtime on loopback); empty = DNS
     runtime_url: str = ""
+    # the monitoring.coreos.com API exists: watch ServiceMonitors (and prune them once
+    # cluster.monitoring is turned off) even when none are built
+    monitoring_api: bool = False
 
     @staticmethod
     def from_env(env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -60,6 +65,7 @@ class OperatorConfig:
             jobs_image=env.get("DRIFTLESS_JOBS_IMAGE", res.Cluster.jobs_image),
             pull_policy=env.get("DRIFTLESS_IMAGE_PULL_POLICY", res.Cluster.pull_policy),
             monitoring=env.get("DRIFTLESS_SERVICE_MONITORS", "false") == "true",
+            monitor_labels=_labels(env.get("DRIFTLESS_SERVICE_MONITOR_LABELS")),
             network_policy=network_policy_from_env(env),
             pod_defaults=PodOptions.parse(json.loads(env.get("DRIFTLESS_POD_DEFAULTS") or "{}")),
         )
@@ -67,7 +73,26 @@ class OperatorConfig:
             cl,
             float(env.get("DRIFTLESS_OPERATOR_INTERVAL", "10")),
             env.get("DRIFTLESS_RUNTIME_URL", ""),
+            env.get("DRIFTLESS_MONITORING_API", "false") == "true",
         )
+
+    def watched_kinds(self) -> tuple[str, ...]:
+        """The children the watch cache holds: every kind the operator builds or prunes."""
+        kinds = ["ConfigMap", "Secret", "Service", "StatefulSet", "Deployment", "Job", "CronJob"]
+        kinds.append("PodDisruptionBudget")
+        if self.cluster.network_policy is not None:
+            kinds.append("NetworkPolicy")
+        if self.cluster.monitoring or self.monitoring_api:
+            kinds.append("ServiceMonitor")
+        return tuple(kinds)
+
+
+def _labels(raw: str | None) -> dict[str, str]:
+    """A JSON object of label names to values (the chart's monitoring.serviceMonitorLabels)."""
+    value = json.loads(raw) if raw else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"DRIFTLESS_SERVICE_MONITOR_LABELS must be a JSON object, got {raw!r}")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def network_policy_from_env(env: Mapping[str, str]) -> res.NetworkPolicyConfig | None:
@@ -109,11 +134,69 @@ class Controller:
 
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
-        self.kube = Kube()
+        self.metrics = OperatorMetrics()
+        self.kube = Kube(on_request=self.metrics.request)
         self.runtime = RuntimeClient()
+        self.cache: ChildCache | None = None  # started by start_cache once logged in
+        # Jobs this process created that the cache has not shown yet: their absence there
+        # is not news (a GET decides), anyone else's absence is
+        self._unseen_jobs: set[tuple[str, str]] = set()
         # tokens drawn for an index whose Secret is not stored yet: a migration's reconcile
         # and the index's own must not draw different ones before the Secret is applied
         self._fresh: dict[tuple[str, str], dict[Scope, str]] = {}
+
+    def start_cache(self, namespaces: Sequence[str]) -> None:
+        """Watch the children (``namespaces`` empty: cluster-wide); idempotent."""
+        if self.cache is None:
+            self.cache = ChildCache(
+                self.kube,
+                self.config.watched_kinds(),
+                tuple(namespaces),
+                on_restart=lambda kind: self.metrics.watch_restarts.labels(kind).inc(),
+            )
+        self.cache.start()
+
+    async def close(self) -> None:
+        if self.cache is not None:
+            await self.cache.stop()
+        await self.kube.close()
+        await self.runtime.close()
+
+    async def wait_cache(self, timeout_s: float = 30.0) -> None:
+        """Before a reconcile reads children: the watch cache has listed them (at start)."""
+        if self.cache is not None:
+            await self.cache.wait_synced(timeout_s)
+
+    def cached(self, kind: str, namespace: str, name: str) -> Any:
+        """The child as the watch cache knows it (None: absent); ``UNKNOWN`` without a cache
+        (then it is read with a GET). Children are never read with a GET next to a cache
+        (the chart grants no ``get`` on them): a kind whose watch is relisting raises
+        ``CacheNotSynced`` and kopf retries the pass."""
+        if self.cache is None:
+            return UNKNOWN
+        known, obj = self.cache.store.lookup(kind, namespace, name)
+        if not known:
+            raise CacheNotSynced(f"the watch cache of {kind} in {namespace!r} is (re)listing")
+        return obj
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret or Job: from the cache when it holds it, else a GET (a tokens Secret its
+        owner brought has none of our labels; a Job this process just created may not be
+        seen yet). A Job absent from a synced cache and not just created is absent."""
+        known, obj = (False, None) if self.cache is None else self.cache.store.lookup(
+            kind, namespace, name
+        )
+        if known and obj is not None:
+            self._unseen_jobs.discard((namespace, name))
+            return dict(obj)
+        if known and kind == "Job" and (namespace, name) not in self._unseen_jobs:
+            return None
+        return await self.kube.get(kind, namespace, name)
+
+    async def create_job(self, job: Mapping[str, Any]) -> bool:
+        meta = job["metadata"]
+        self._unseen_jobs.add((meta["namespace"], meta["name"]))
+        return await self.kube.create(job)
 
     def url(self, index: str, namespace: str, role: Role) -> str:
         return self.config.runtime_url or res.service_url(index, namespace, role)
@@ -123,12 +206,12 @@ class Controller:
         it rotates them), else new ones (applied with the Secrets by the index's reconcile)."""
         key = (namespace, index)
         name = res.tokens_secret_name(index)
-        stored = secret_data(await self.kube.get("Secret", namespace, name))
+        stored = secret_data(await self.read("Secret", namespace, name))
         legacy = None
-        if not stored and not await self.kube.get(
+        if not stored and not await self.read(
             "Secret", namespace, res.hashes_secret_name(index)
         ):  # never had per-scope tokens: an upgrade keeps the old admin token
-            old = await self.kube.get("Secret", namespace, res.legacy_admin_secret_name(index))
+            old = await self.read("Secret", namespace, res.legacy_admin_secret_name(index))
             legacy = secret_data(old).get("token")
         if key not in self._fresh:
             self._fresh[key] = {s: secrets.token_urlsafe(32) for s in Scope}
@@ -138,7 +221,7 @@ class Controller:
         return tokens
 
     async def job_states(self, namespace: str, names: Mapping[str, str]) -> dict[str, JobState]:
-        return {k: job_state(await self.kube.get("Job", namespace, n)) for k, n in names.items()}
+        return {k: job_state(await self.read("Job", namespace, n)) for k, n in names.items()}
 
     # VectorIndex ---------------------------------------------------------------------------
 
@@ -166,6 +249,7 @@ class Controller:
         except InvalidInputError as exc:
             return _invalid(body, prior, str(exc)), []
         ns, name = ix.ref.namespace, ix.ref.name
+        await self.wait_cache()
         tokens = await self.tokens(ns, name)
         token = tokens[Scope.ADMIN]
         encoders = res.index_encoders(models, (ix.model, served, migration_target))
@@ -173,19 +257,31 @@ class Controller:
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
         mphase = record.phase if record is not None and record.active else ""
-        for obj in [
+        objs = [
             *res.desired_objects(ix, cl, encoders, tokens),
             res.desired_compaction_cronjob(ix, cl, suspend=bool(maintenance_held(mphase))),
-        ]:
-            await self.kube.apply(obj)
+        ]
+        for obj in objs:
+            meta = obj["metadata"]
+            await self.kube.apply(obj, self.cached(obj["kind"], ns, meta["name"]))
+        await self.prune(ix, objs)
         shadow = await self.runtime.status(self.url(name, ns, Role.SHADOW), name, token)
-        job_names = {k: str(v.get("name")) for k, v in (prior.get("jobs") or {}).items()}
+        job_names = {
+            k: str(v.get("name"))
+            for k, v in (prior.get("jobs") or {}).items()
+            if v.get("state") not in FINISHED  # a finished Job's state cannot change
+        }
+        jobs = {
+            k: JobState(str(v["state"]))
+            for k, v in (prior.get("jobs") or {}).items()
+            if v.get("state") in FINISHED
+        }
         obs = IndexObservation(
             now=time.time(),
             writer=writer if writer is not MISSING else {},
             exists=writer is not MISSING,
             shadow=shadow or None,
-            jobs=await self.job_states(ns, job_names),
+            jobs={**jobs, **await self.job_states(ns, job_names)},
             prior=prior,
             migrating=migrating,
             migration_phase=mphase,
@@ -214,7 +310,7 @@ class Controller:
                     await self.runtime.admin(base, token, name, "discard")
                 elif a.act is Act.START_JOB and a.job is not None:
                     jname = res.job_name(name, a.job, a.seq)
-                    await self.kube.create(res.desired_job(ix, cl, a.job, jname, ix.ref, {}))
+                    await self.create_job(res.desired_job(ix, cl, a.job, jname, ix.ref, {}))
                     status.setdefault("jobs", {})[a.job.value] = {
                         "seq": a.seq,
                         "name": jname,
@@ -231,9 +327,29 @@ class Controller:
                 raise
         return status, list(plan.events)
 
-    async def finalize_index(self, body: Mapping[str, Any]) -> str:
-        """Deleting a VectorIndex: stop its pods; with reclaim policy Delete, purge the stored
-        data with a Job first. Returns '' when done, else what is awaited."""
+    async def prune(self, ix: Index, desired: Sequence[Mapping[str, Any]]) -> None:
+        """Delete the index's children that left the desired set (a PDB once readers < 2, a
+        ServiceMonitor once monitoring is off); only kinds the cache has synced."""
+        if self.cache is None:
+            return
+        ns = ix.ref.namespace
+        store = self.cache.store
+        for kind, name in res.stale_children(
+            store.children(ns, ix.ref.uid),
+            {(o["kind"], o["metadata"]["name"]) for o in desired},
+            store.kinds_known(ns),
+        ):
+            await self.kube.delete(kind, ns, name)
+            self.metrics.pruned.labels(kind).inc()
+            log.info("pruned %s %s/%s: no longer desired", kind, ns, name)
+
+    async def finalize_index(self, body: Mapping[str, Any]) -> tuple[str, list[Event]]:
+        """Deleting a VectorIndex with reclaim policy Delete (only those carry the finalizer):
+        stop its pods, purge the stored data with a Job. Returns '' when done, else what is
+        awaited. In a namespace being deleted the Job is refused (and the Secret with the
+        storage credentials goes with the namespace): the finalizer is released with a
+        Warning naming the data left behind (``purge_refused``): the operator holds no
+        storage credentials of its own, and the index's may already be gone."""
         ix = Index.parse(body)
         ns, name = ix.ref.namespace, ix.ref.name
         for kind, role in (
@@ -243,18 +359,26 @@ class Controller:
         ):
             await self.kube.delete(kind, ns, res.service_name(name, role))
         if ix.storage.reclaim != "Delete":
-            return ""
+            return "", []
         jname = res.job_name(name, JobKind.PURGE)
         job = await self.kube.get("Job", ns, jname)
         if job is None:
-            await self.kube.create(
-                res.desired_job(ix, self.config.cluster, JobKind.PURGE, jname, ix.ref)
-            )
-            return f"purge Job {jname} created"
+            try:
+                await self.kube.create(
+                    res.desired_job(ix, self.config.cluster, JobKind.PURGE, jname, ix.ref)
+                )
+            except KubeError as exc:
+                if not namespace_terminating(exc):
+                    raise
+                self.metrics.purges_skipped.inc()
+                why = purge_refused(ix)
+                log.warning("VectorIndex %s/%s: %s", ns, name, why)
+                return "", [Event("Warning", "PurgeSkipped", why)]
+            return f"purge Job {jname} created", []
         state = job_state(job)
         if state is JobState.SUCCEEDED:
-            return ""
-        return f"purge Job {jname} is {state.value}"
+            return "", []
+        return f"purge Job {jname} is {state.value}", []
 
     # ModelMigration ------------------------------------------------------------------------
 
@@ -342,9 +466,9 @@ class Controller:
         held = None
         for a in actions:
             if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE:
-                await self.kube.create(res.desired_gate_job(ix, mig, cl, target))
+                await self.create_job(res.desired_gate_job(ix, mig, cl, target))
             elif a.act is MAct.START_JOB and a.job is JobKind.BACKFILL:
-                await self.kube.create(res.desired_backfill_job(ix, mig, cl, a.seq, target))
+                await self.create_job(res.desired_backfill_job(ix, mig, cl, a.seq, target))
             elif a.act is MAct.RESUME:
                 try:
                     await self.runtime.admin(
@@ -385,6 +509,24 @@ class Controller:
 
 
 REFUSED_TOKEN = (401, 403)
+
+
+class CacheNotSynced(Exception):
+    """A child's kind is not in the watch cache right now (its watch is relisting)."""
+
+FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value)
+
+
+def purge_refused(ix: Index) -> str:
+    """What a VectorIndex released without its purge left behind, for the Warning and log."""
+    st = ix.storage
+    path = "/".join(p for p in (st.prefix.strip("/"), ix.ref.name) if p)
+    where = f"s3://{st.bucket}/{path}/"
+    return (
+        f"namespace {ix.ref.namespace} is being deleted: the purge Job was refused, the "
+        f"finalizer is released without purging; the index's data is left at {where}"
+        f"{' (endpoint ' + st.endpoint + ')' if st.endpoint else ''}: delete it by hand"
+    )
 
 
 def _token_refused(namespace: str, index: str, what: str, exc: RuntimeError_) -> None:

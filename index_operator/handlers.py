@@ -1,19 +1,28 @@
 """kopf registrations: a switchboard, every body one call into ``controller``.
 
 Level-based: a timer per object observes and reconciles; kopf indexes keep the
-EmbeddingModels and ModelMigrations of each namespace in memory (no listing in handlers).
+EmbeddingModels and ModelMigrations of each namespace in memory (no listing in handlers),
+and the controller's watch cache keeps the children (``index_operator.cache``).
 The operator only ever writes ``status`` (and its own bookkeeping annotations, under the
 driftless.dev prefix); never ``spec``.
+
+Finalizers only where deletion has work to do: a VectorIndex with ``reclaimPolicy: Delete``
+(its data is purged first). kopf marks every timer as needing a finalizer (to stop the timer
+before the object goes); ours need none (a pass over a deleted object changes nothing that
+the garbage collector does not remove), so :func:`timers_without_finalizers` clears that
+mark, and deleting anything else, or its namespace, does not wait for the operator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
+from kopf._core.intents.handlers import TimerHandler  # no public name in kopf 1.x
 
 from index_operator.controller import Controller, OperatorConfig
 from index_operator.reconcile.conditions import Condition, merge_conditions
@@ -45,25 +54,28 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # every cancellation_polling seconds (60 by default): one reconcile interval is enough
     config: OperatorConfig = memo.get("config") or CONFIG
     settings.background.cancellation_polling = max(1.0, config.interval_s)
+    timers_without_finalizers(registry, config.interval_s)
     memo.setdefault("controller", Controller(config))
 
 
 @kopf.on.cleanup(registry=registry)
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    ctl = controller(memo)
-    await ctl.kube.close()
-    await ctl.runtime.close()
+    await controller(memo).close()
 
 
 @kopf.on.login(registry=registry)
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod: the ServiceAccount; elsewhere: the kubeconfig. Our client uses the same."""
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount; elsewhere: the kubeconfig. Our client uses the same,
+    and starts watching the children in the namespaces kopf serves (memo "namespaces";
+    empty: cluster-wide)."""
     if memo.get("server"):  # tests: KMock's emulator
         info: kopf.ConnectionInfo | None = kopf.ConnectionInfo(server=memo["server"], insecure=True)
     else:
         info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
     if info is not None:
-        controller(memo).kube.configure(info)
+        ctl = controller(memo)
+        ctl.kube.configure(info)
+        ctl.start_cache(memo.get("namespaces") or ())
     return info
 
 
@@ -177,6 +189,11 @@ def model_accepted(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **_:
 # VectorIndex ------------------------------------------------------------------------------
 
 
+def _purges(spec: kopf.Spec, **_: Any) -> bool:
+    """Deleting this VectorIndex has work to do (its data is purged): it gets a finalizer."""
+    return bool((spec.get("storage") or {}).get("reclaimPolicy") == "Delete")
+
+
 @kopf.timer(G, V, "vectorindexes", interval=CONFIG.interval_s, initial_delay=0, registry=registry)
 async def index_timer(
     body: kopf.Body,
@@ -190,19 +207,22 @@ async def index_timer(
     if body.metadata.get("deletionTimestamp"):
         return
     active = _active_migrations(kwargs, namespace, name)
-    new, events = await controller(memo).reconcile_index(
-        body,
-        _models(kwargs, namespace),
-        active[0][1] if active else "",
-        _running_target(kwargs, namespace, name),
-    )
+    ctl = controller(memo)
+    with ctl.metrics.reconcile("VectorIndex"):
+        new, events = await ctl.reconcile_index(
+            body,
+            _models(kwargs, namespace),
+            active[0][1] if active else "",
+            _running_target(kwargs, namespace, name),
+        )
     _write(patch, new, status)
     _post(body, events)
 
 
-@kopf.on.delete(G, V, "vectorindexes", registry=registry)
+@kopf.on.delete(G, V, "vectorindexes", when=_purges, registry=registry)
 async def index_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    waiting = await controller(memo).finalize_index(body)
+    waiting, events = await controller(memo).finalize_index(body)
+    _post(body, events)
     if waiting:
         raise kopf.TemporaryError(waiting, delay=max(1.0, CONFIG.interval_s / 2))
 
@@ -226,8 +246,30 @@ async def migration_timer(
     active = _active_migrations(kwargs, namespace, spec.get("indexRef", {}).get("name", ""))
     mine = (str(body.metadata.get("creationTimestamp") or ""), name)
     earlier = [m for c, m in active if (c, m) < mine]
-    new, events = await controller(memo).reconcile_migration(
-        body, _models(kwargs, namespace), earlier[0] if earlier else ""
-    )
+    ctl = controller(memo)
+    with ctl.metrics.reconcile("ModelMigration"):
+        new, events = await ctl.reconcile_migration(
+            body, _models(kwargs, namespace), earlier[0] if earlier else ""
+        )
     _write(patch, new, status)
     _post(body, events)
+
+
+def timers_without_finalizers(reg: kopf.OperatorRegistry, interval_s: float = 0) -> None:
+    """kopf (1.37 to 1.45 at least) registers every timer with ``requires_finalizer=True``
+    and offers no option: replace each timer's registration with one that needs none (and,
+    given ``interval_s``, runs at the configured interval rather than the one read from the
+    environment at import). ``tests/unit/test_operator_finalizers.py`` fails if a kopf
+    upgrade changes this."""
+    spawning = reg._spawning
+    spawning._handlers[:] = [
+        dataclasses.replace(
+            h, requires_finalizer=False, interval=interval_s or h.interval
+        )
+        if isinstance(h, TimerHandler)
+        else h
+        for h in spawning._handlers
+    ]
+
+
+timers_without_finalizers(registry)

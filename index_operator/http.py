@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -48,3 +49,31 @@ class JsonHttp:
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             return resp.status, await resp.text()
+
+    async def stream(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 330.0,
+        ssl_context: ssl.SSLContext | bool = True,
+    ) -> AsyncIterator[str]:
+        """The lines of a streamed GET (a Kubernetes watch); an HTTP error is raised as
+        ``aiohttp.ClientResponseError`` (status and body text in its message)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self._session.get(
+            url,
+            headers=headers,
+            ssl=ssl_context,
+            timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=30),
+        ) as resp:
+            if resp.status >= 400:
+                raise aiohttp.ClientResponseError(
+                    resp.request_info, (), status=resp.status, message=await resp.text()
+                )
+            async for raw in resp.content:
+                yield raw.decode()

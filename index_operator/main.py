@@ -19,6 +19,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--liveness", default="http://0.0.0.0:8081/healthz", help="kopf's probe endpoint"
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8082,
+        help="serve the operator's Prometheus metrics on this port (/metrics); 0: off",
+    )
     p.set_defaults(func=run)
 
 
@@ -31,10 +37,16 @@ def watch_namespaces(flags: list[str], env: Mapping[str, str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import kopf
+    from prometheus_client import start_http_server
 
-    from index_operator.handlers import registry
+    from index_operator.controller import Controller
+    from index_operator.handlers import CONFIG, registry
 
     namespaces = watch_namespaces(args.namespace, os.environ)
+    ctl = Controller(CONFIG)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=ctl.metrics.registry)
+    scope = () if args.all_namespaces else tuple(namespaces)
     asyncio.run(
         kopf.operator(
             registry=registry,
@@ -42,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             namespaces=() if args.all_namespaces else namespaces,
             priority=args.priority,
             liveness_endpoint=args.liveness,
-            memo=kopf.Memo(),
+            memo=kopf.Memo(controller=ctl, namespaces=scope),
         )
     )
     return 0

@@ -24,9 +24,11 @@ from index_operator.resources.jobs import (
     desired_job,
     job_name,
 )
+from index_operator.resources.prune import PRUNABLE, stale_children
 from index_operator.resources.workloads import awaits_encoder, desired_objects, index_encoders
 
 __all__ = [
+    "PRUNABLE",
     "Cluster",
     "NetworkPolicyConfig",
     "Tokens",
@@ -47,5 +49,6 @@ __all__ = [
     "plan_tokens",
     "service_name",
     "service_url",
+    "stale_children",
     "tokens_secret_name",
 ]

@@ -46,6 +46,9 @@ class Cluster:
     # (the chart's `workloads` values); a CR's spec.pods overrides them field by field
     pod_defaults: PodOptions = field(default_factory=PodOptions)
     monitoring: bool = False  # the monitoring.coreos.com API exists: build ServiceMonitors
+    # extra labels on the ServiceMonitors, for the Prometheus's serviceMonitorSelector (the
+    # chart's monitoring.serviceMonitorLabels; kube-prometheus-stack: release: <its release>)
+    monitor_labels: Mapping[str, str] = field(default_factory=dict)
     job_deadline_s: int = 6 * 3600
     job_ttl_s: int = 24 * 3600
     network_policy: NetworkPolicyConfig | None = None  # None: build no NetworkPolicies

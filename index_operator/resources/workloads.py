@@ -299,12 +299,18 @@ def desired_pdb(ix: Index) -> dict[str, Any]:
     }
 
 
-def desired_service_monitor(ix: Index) -> dict[str, Any]:
-    """Scrapes writer, readers and shadow (their Services carry driftless.dev/metrics)."""
+def desired_service_monitor(
+    ix: Index, extra_labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Scrapes writer, readers and shadow (their Services carry driftless.dev/metrics);
+    ``extra_labels`` are what the Prometheus's serviceMonitorSelector matches."""
+    meta = metadata(dns_name(ix.ref.name, "metrics"), ix.ref, "metrics", ix.ref.name)
+    # the operator's own labels win over the extra ones
+    meta["labels"] = {**(extra_labels or {}), **meta["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": metadata(dns_name(ix.ref.name, "metrics"), ix.ref, "metrics", ix.ref.name),
+        "metadata": meta,
         "spec": {
             "selector": {
                 "matchLabels": {
@@ -351,5 +357,5 @@ def desired_objects(
     if ix.readers >= 2:
         objs.append(desired_pdb(ix))
     if cl.monitoring:
-        objs.append(desired_service_monitor(ix))
+        objs.append(desired_service_monitor(ix, cl.monitor_labels))
     return objs

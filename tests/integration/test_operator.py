@@ -265,7 +265,10 @@ async def start_operator(
         runtime_url=url,
     )
     memo = kopf.Memo(
-        server=str(kmock.url).rstrip("/"), config=config, controller=Controller(config)
+        server=str(kmock.url).rstrip("/"),
+        config=config,
+        controller=Controller(config),
+        namespaces=() if clusterwide else (NS,),  # what the watch cache lists and watches
     )
     stop = asyncio.Event()
     task = asyncio.create_task(

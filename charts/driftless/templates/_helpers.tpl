@@ -52,6 +52,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- include "driftless.on" (list . .Values.monitoring.serviceMonitors) -}}
 {{- end -}}
 
+{{/* ServiceMonitors can exist to be pruned: the API is served, or they are built. */}}
+{{- define "driftless.serviceMonitorRights" -}}
+{{- if or (include "driftless.serviceMonitors" .) (include "driftless.monitoringApi" .) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "driftless.prometheusRule" -}}
 {{- include "driftless.on" (list . .Values.monitoring.prometheusRule.enabled) -}}
 {{- end -}}
