@@ -24,7 +24,7 @@ class RecordingKube:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
 
-    async def apply(self, obj: Mapping[str, Any]) -> str:
+    async def apply(self, obj: Mapping[str, Any], live: Any = None) -> str:
         self.objects[(obj["kind"], obj["metadata"]["name"])] = json.loads(json.dumps(obj))
         return "applied"
 
