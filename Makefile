@@ -34,8 +34,11 @@ tools:
 # The three images built and started without a daemon or a container registry (buildah, chroot
 # isolation, a debootstrap base cached in .driftless/images; installs buildah and debootstrap
 # from Debian if absent): sizes and start checks in bench/results/images.md
+# IMAGES_ARGS: e.g. --targets runtime operator (CI: the jobs image's torch layers take ~30 min
+# on 2 cores with buildah's vfs driver; `make images` alone builds all three)
+IMAGES_ARGS ?=
 images: $(DEPS)
-	$(BIN)/python tools/images.py
+	$(BIN)/python tools/images.py $(IMAGES_ARGS)
 
 lint: $(DEPS)
 	$(BIN)/ruff check index_runtime index_operator tests bench tools

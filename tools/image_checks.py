@@ -285,6 +285,8 @@ def check_operator(bh: Buildah, ref: str) -> str:
 def run_checks(report: Report, bh: Buildah, refs: dict[str, str], timed: Timed) -> None:
     for name, check in (("runtime", check_runtime), ("operator", check_operator),
                         ("jobs", check_jobs)):
+        if name not in refs:
+            continue
         with timed(report, f"start {name}"):
             report.checks[name] = check(bh, refs[name])
             print(f"   {name}: {report.checks[name]}", flush=True)

@@ -313,11 +313,13 @@ def pip_build_mounts() -> tuple[list[str], dict[str, str]]:
     return [a for m in mounts for a in ("-v", m)], config
 
 
-def build(report: Report, bh: Buildah, base_ref: str, reuse: bool) -> dict[str, str]:
+def build(
+    report: Report, bh: Buildah, base_ref: str, reuse: bool, targets: tuple[str, ...] = TARGETS
+) -> dict[str, str]:
     volumes, _ = pip_build_mounts()
     refs = {}
     torch_index = os.environ.get("TORCH_INDEX_URL", "")
-    for target in TARGETS:
+    for target in targets:
         ref = f"localhost/driftless-{target}:dev"
         refs[target] = ref
         if reuse and bh.exists(ref):
@@ -338,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="skip builds of images already there")
     p.add_argument("--suite", default=None, help="Debian suite (default: the host's)")
     p.add_argument("--skip-checks", action="store_true", help="build only")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        help="Dockerfile targets to build and start (default: all three)",
+    )
     args = p.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     report = Report(meta={"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -350,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if not bh.exists(base_ref):
             with timed(report, "import base"):
                 import_base(bh, tar, base_ref)
-        refs = build(report, bh, base_ref, args.reuse)
+        refs = build(report, bh, base_ref, args.reuse, tuple(args.targets))
+        report.meta["targets"] = list(args.targets)
         with timed(report, "sizes"):
             report.sizes = {"base": bh.size(base_ref), **{t: bh.size(r) for t, r in refs.items()}}
         if args.skip_checks:  # a build without its start checks is no report
