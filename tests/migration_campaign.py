@@ -5,8 +5,8 @@ writer is SIGKILLed at random moments and restarted.
 
 Per trial: the backfill is throttled by the request's ``backfill_rate`` (rows/s), so it takes
 ``rows / rate`` seconds; kills fall at uniform random delays inside the kill window (record
-phases ``KILL_PHASES``; today's runner resumes only Backfilling/Backfilled, so the default
-window is the backfill; widen it with ``DRIFTLESS_CAMPAIGN_KILL_PHASES=Pending,Bridged,...``).
+phases ``KILL_PHASES``: by default every active phase, the gate's included, since the runner
+resumes from any committed step; narrow it with ``DRIFTLESS_CAMPAIGN_KILL_PHASES=Backfilling``).
 ``Trial.killers`` maps a name to a kill action: ``writer`` here; backfill workers and the
 operator can be added (each kill picks one at random). At the end:
 
@@ -48,7 +48,10 @@ TOKEN = "campaign-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 INDEX = "docs"
 KILL_PHASES = tuple(
-    p for p in os.environ.get("DRIFTLESS_CAMPAIGN_KILL_PHASES", "Backfilling").split(",") if p
+    p for p in os.environ.get(
+        "DRIFTLESS_CAMPAIGN_KILL_PHASES",
+        "Pending,SamplingPairs,TrainingAdapter,Evaluating,Bridged,Backfilling,Backfilled",
+    ).split(",") if p
 )
 TERMINAL = ("Succeeded", "Failed", "RolledBack")
 

@@ -1,7 +1,7 @@
 """What the strict emulator (``tests/strict_api.py``) reveals about the operator: each case is
-an apiserver refusal that a cluster gives and the old emulator did not. Cases whose fix belongs
-to another item of issue 16 are ``xfail(strict=True)`` with that item as the reason: they turn
-green (and then must lose the mark) when the fix lands."""
+an apiserver refusal that a cluster gives and the old emulator did not, each failing on the
+operator before issue 16's fixes (names, the WAL volume, finalizers, deletion in a terminating
+namespace)."""
 
 from __future__ import annotations
 
@@ -88,12 +88,6 @@ async def test_a_wal_size_change_is_refused_or_carried_out(
         await stop_operator(task, stop)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 (opdeploy, deletion): kopf puts its finalizer on every object a timer "
-    "watches, so with the operator down a ModelMigration (which needs no cleanup) holds its "
-    "namespace's deletion forever",
-)
 async def test_namespace_deletion_finishes_while_the_operator_is_down(
     cluster: tuple[Cluster, JobRunner],  # noqa: F811
     runtime: tuple[str, Engine, str],  # noqa: F811
@@ -116,12 +110,6 @@ async def test_namespace_deletion_finishes_while_the_operator_is_down(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 (opdeploy, deletion): with reclaimPolicy Delete the index's finalizer "
-    "waits for a purge Job, which a terminating namespace refuses (403): the namespace never "
-    "finishes",
-)
 async def test_namespace_deletion_finishes_with_reclaim_delete(
     cluster: tuple[Cluster, JobRunner],  # noqa: F811
     runtime: tuple[str, Engine, str],  # noqa: F811
