@@ -12,14 +12,25 @@ from contextlib import contextmanager
 from typing import Any
 
 
-@contextmanager
-def embeddings_server(encode: Callable[[list[str], str], Any]) -> Iterator[str]:
-    """Serve ``encode`` (texts, kind -> vectors); yields the base URL ending in /v1."""
+def start_server(
+    encode: Callable[[list[str], str, str], Any],
+    refuse: Callable[[dict[str, Any]], int | None] = lambda body: None,
+) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve ``encode`` (texts, kind, model -> vectors); a status ``refuse`` returns for a
+    request body is answered instead (e.g. 503 for an outage). Returns the server
+    (``shutdown()`` it) and the base URL ending in /v1."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            vecs = encode(list(body["input"]), str(body.get("input_type") or "passage"))
+            status = refuse(body)
+            if status is not None:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            kind = str(body.get("input_type") or "passage")
+            vecs = encode(list(body["input"]), kind, str(body.get("model") or ""))
             data = [{"index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]
             out = json.dumps({"data": data}).encode()
             self.send_response(200)
@@ -33,8 +44,15 @@ def embeddings_server(encode: Callable[[list[str], str], Any]) -> Iterator[str]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/v1"
+
+
+@contextmanager
+def embeddings_server(encode: Callable[[list[str], str], Any]) -> Iterator[str]:
+    """Serve ``encode`` (texts, kind -> vectors); yields the base URL ending in /v1."""
+    server, url = start_server(lambda texts, kind, model: encode(texts, kind))
     try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
+        yield url
     finally:
         server.shutdown()
         server.server_close()

@@ -17,11 +17,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import numpy as np
 import pytest
 
 from index_runtime.crash import POINTS
+from tests.encoder_server import start_server
 from tests.integration.test_migration_service import D_OLD, W_NEW, W_OLD, corpus, encoder
 from tests.service_helpers import free_port
 
@@ -45,31 +44,17 @@ class Embeddings:
 
     def __init__(self) -> None:
         self.fail = 0
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
+        def refuse(body: dict[str, Any]) -> int | None:
+            if self.fail > 0 and len(body["input"]) > 1:
+                self.fail -= 1
+                return 503
+            return None
 
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.fail > 0 and len(body["input"]) > 1:
-                    outer.fail -= 1
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                vecs = ENCODE[body["model"]](list(body["input"]), "passage")
-                data = [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vecs)]
-                out = json.dumps({"data": data}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # the migration's requests encode passages; the model is the request's
+        self.server, self.url = start_server(
+            lambda texts, kind, model: ENCODE[model](texts, "passage"), refuse
+        )
 
 
 @pytest.fixture(scope="module")
