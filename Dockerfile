@@ -1,5 +1,5 @@
 # Three images from one file (docs/architecture.md, "Images"):
-#   operator  kopf + the Kubernetes client + numpy; no torch, no FAISS
+#   operator  kopf + aiohttp + numpy + prometheus-client; no torch, no FAISS
 #   runtime   the data plane: FAISS, numpy, pyarrow, boto3, the API server (adapters in numpy)
 #   jobs      the runtime plus torch and the bundled encoders (runtime pods of models that
 #             run from a bundled package: they encode upserts, queries and the backfill)
@@ -30,6 +30,7 @@ FROM source AS build-operator
 # pip or setuptools left in the final venv
 RUN python -m venv /opt/venv \
  && pip install "kopf>=1.37,<2" "aiohttp>=3.9,<4" "pyyaml>=6,<7" "numpy>=1.26,<3" \
+      "prometheus-client>=0.20,<1" \
  && pip install --no-deps /src \
  && pip uninstall -y -q pip setuptools
 
@@ -45,7 +46,7 @@ RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_
 FROM base AS operator
 COPY --from=build-operator /opt/venv /opt/venv
 USER 10001:10001
-EXPOSE 8081
+EXPOSE 8081 8082
 ENTRYPOINT ["driftless", "operator"]
 
 FROM base AS runtime

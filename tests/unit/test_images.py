@@ -60,6 +60,51 @@ def test_the_operator_imports_no_data_plane_libraries() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def _imports(path: Path) -> set[str]:
+    """Top-level modules a file imports anywhere (function-level imports included)."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_operator_image_installs_every_library_the_operator_imports() -> None:
+    """Every third-party module the control plane imports (index_operator, and the runtime
+    modules it imports: contract, errors, lifecycle…, top level and inside functions) comes
+    from a distribution the operator stage installs. The image's start check found
+    prometheus_client missing once; this finds it without building."""
+    import importlib.metadata as md
+
+    dists = md.packages_distributions()
+    stage = "\n".join(_stages()["build-operator"])
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    quoted = re.findall(r'"([A-Za-z0-9_.\-\[\]<>=,!]+)"', stage)
+    installed = {norm(re.split(r"[<>=!\[]", q)[0]) for q in quoted}
+    code = (
+        "import sys, index_operator.handlers, index_operator.main, index_operator.metrics;"
+        "print(' '.join(sorted(m.__file__ for n, m in sys.modules.items() if n.startswith("
+        "('index_runtime', 'index_operator')) and getattr(m, '__file__', None))))"
+    )
+    files = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules: set[str] = set()
+    for f in files.stdout.split():
+        modules |= _imports(Path(f))
+    third = {
+        m
+        for m in modules - set(sys.stdlib_module_names) - {"index_runtime", "index_operator"}
+        if m != "__future__"
+    }
+    missing = {m: dists.get(m) for m in third if not {norm(d) for d in dists.get(m, [m])} & installed}
+    assert not missing, f"the control plane imports these; the operator image lacks them: {missing}"
+
+
 def test_no_parser_directive_needs_a_registry() -> None:
     """`# syntax=` makes BuildKit pull a frontend image from a registry before building: the
     builds here (buildah, no registry) must not depend on one."""
