@@ -80,8 +80,14 @@ def select_page(
     seqs: I64, todo: Mask, shares_at: npt.NDArray[np.int32], share: int, after: int, limit: int
 ) -> Page:
     """The next page of one share: positions whose row is ``todo``, in ``share`` and has a
-    seq above ``after``, the ``limit`` lowest seqs. Arrays are over one view's positions."""
-    cand = np.flatnonzero(todo & (shares_at == share) & (seqs > after))
+    seq above ``after``, the ``limit`` lowest seqs. Arrays are over one view's positions.
+    When nothing is left above ``after`` but the share still has rows to do (a restore brought
+    older rows back, or a cursor ran ahead), the page starts again from the lowest seq: a
+    share is done only when none of its rows is left at all."""
+    mine = todo & (shares_at == share)
+    cand = np.flatnonzero(mine & (seqs > after))
+    if not len(cand):
+        cand = np.flatnonzero(mine)
     order = np.argsort(seqs[cand], kind="stable")[:limit]
     take = cand[order].astype(np.int64)
     cursor = int(seqs[take[-1]]) if len(take) else after
@@ -208,9 +214,20 @@ def _pair(rt: IndexRuntime, migration_id: str) -> tuple[dict[str, Any], View, Vi
     return rec, pair[0], pair[1]
 
 
-def _check_share(share: int, shares: int) -> None:
+MAX_SHARES = 1024  # a share's key hashes are cached per split: bound the splits a caller picks
+
+
+def _check_share(share: int, shares: int, rec: dict[str, Any] | None = None) -> None:
+    """The share exists in the split, and the split is the migration's own when an external
+    backfill has one (``options.backfill_shares``: every split costs a cached hash per row)."""
+    if not 1 <= shares <= MAX_SHARES:
+        raise InvalidInputError(f"shares must be 1..{MAX_SHARES}, got {shares}")
     if not 0 <= share < shares:
         raise InvalidInputError(f"share must be 0..{shares - 1}, got {share}")
+    opts = (rec or {}).get("options") or {}
+    split = opts.get("backfill_shares") if opts.get("backfill_mode") == "external" else None
+    if split and int(split) != shares:
+        raise InvalidInputError(f"this migration's backfill has {split} shares, not {shares}")
 
 
 def stored_cursor(desk: Desk, rec: dict[str, Any], migration_id: str, share: int, shares: int) -> int:
@@ -221,7 +238,8 @@ def stored_cursor(desk: Desk, rec: dict[str, Any], migration_id: str, share: int
             return int(desk.workers[str(share)]["cursor"])
     # the runner checkpoints the cursors of this migration's split (options.backfill_shares)
     w = (rec.get("backfill") or {}).get("workers", {}).get(str(share))
-    split = (rec.get("options") or {}).get("backfill_shares")
+    opts = rec.get("options") or {}
+    split = opts.get("backfill_shares") if opts.get("backfill_mode") == "external" else None
     if w and record_id(rec) == migration_id and split == shares:
         return int(w.get("cursor", 0))
     return 0
@@ -236,6 +254,7 @@ def rows_page(
         raise InvalidInputError(f"limit must be 1..{MAX_ROWS}, got {limit}")
     desk = desk_of(rt)
     rec, view, native = _pair(rt, migration_id)
+    _check_share(share, shares, rec)
     if after is None:
         after = stored_cursor(desk, rec, migration_id, share, shares)
     todo, shares_at = _todo_and_shares(desk, view, native, shares)
@@ -266,6 +285,14 @@ def apply_rows(
     if len(set(keys)) != len(keys):
         raise InvalidInputError("rows must have distinct keys")
     rec, view, native = _pair(rt, migration_id)
+    _check_share(share, shares, rec)
+    other = [k for k in keys if share_of(k, shares) != share]
+    if other:  # shares stay disjoint: a cursor and a progress count are per share
+        raise InvalidInputError(
+            f"{len(other)} keys belong to other shares of {shares} (first: {other[0]!r})"
+        )
+    # the cursor only moves over rows the worker sent (a cursor past them would hide rows)
+    upto: int | None = min(cursor, max(seqs)) if len(seqs) else None
     old, to = str(rec["from"]), str(rec["to"])
     writer = rt.writer
     if writer is None:
@@ -300,18 +327,20 @@ def apply_rows(
         )
         written, skipped = (ack.rows if ack else 0), skipped + n_skip
         rt._changed.set()  # the refresher builds the next view (as rt.upsert does)
+    if upto is None:  # nothing sent: nothing to note
+        return {"written": written, "skipped": skipped}
     desk = desk_of(rt)
     with desk.lock:
         desk.reset_if_other(migration_id, shares)
         w = desk.workers.setdefault(str(share), {"cursor": 0, "rows": 0})
         w.update(
-            cursor=max(int(w["cursor"]), cursor),
+            cursor=max(int(w["cursor"]), upto),
             rows=int(w["rows"]) + written,
             at=rt.clock(),
             shares=shares,
             migration=migration_id,
         )
     # the runner commits it at its next checkpoint (and counts it for the metrics)
-    rt.migrator.note_worker(share, cursor, written, skipped)
+    rt.migrator.note_worker(share, upto, written, skipped, migration_id)
     return {"written": written, "skipped": skipped}
 

@@ -39,13 +39,24 @@ class Backfill:
         self.started = time.monotonic()
         self.last = 0.0  # monotonic time of the last checkpoint
         self.workers: dict[str, dict[str, Any]] = {}  # share -> cursor, rows, at
+        self.mid = ""  # the migration these counts are of
         self._lock = threading.Lock()  # workers, written (endpoint threads report)
         self._ev: tuple[str, EvalSet] | None = None
 
-    def note_worker(self, share: int, cursor: int, rows: int, skipped: int = 0) -> None:
-        """An external worker of share ``share`` rewrote ``rows`` rows up to seq ``cursor``
-        (called by the backfill endpoint; the next checkpoint commits it)."""
+    def _follow(self, mid: str) -> None:
+        """Under ``_lock``: counts and cursors of another migration start afresh (a migration
+        after a rolled-back one must not inherit its workers' cursors)."""
+        if mid and mid != self.mid:
+            self.mid, self.workers, self.written, self.skipped = mid, {}, 0, 0
+            self.started = time.monotonic()
+
+    def note_worker(
+        self, share: int, cursor: int, rows: int, skipped: int = 0, mid: str = ""
+    ) -> None:
+        """An external worker of share ``share`` of migration ``mid`` rewrote ``rows`` rows up
+        to seq ``cursor`` (called by the backfill endpoint; the next checkpoint commits it)."""
         with self._lock:
+            self._follow(mid)
             w = self.workers.setdefault(str(share), {"cursor": 0, "rows": 0, "at": 0.0})
             w["cursor"] = max(int(w["cursor"]), int(cursor))
             w["rows"] = int(w["rows"]) + int(rows)
@@ -82,6 +93,8 @@ class Backfill:
         rt = self.mig.rt
         rt.refresh(force=True)
         view, native, prog, _ = rt.backfill_snapshot()
+        with self._lock:
+            self._follow(rec.id)
         elapsed = max(1e-9, time.monotonic() - self.started)
         with self._lock:
             workers = {k: dict(v) for k, v in self.workers.items()}
@@ -128,6 +141,8 @@ class Backfill:
     def run_pass(self, rec: MigrationRecord) -> None:
         """BACKFILL (internal): one pass over one snapshot's rows to re-encode."""
         mig, rt = self.mig, self.mig.rt
+        with self._lock:
+            self._follow(rec.id)
         w = rt._writer()
         to, old = rec.to_model, rec.from_model
         batch = min(int(rec.options.get("backfill_batch", 256)), w.config.bulk_rows - 1)

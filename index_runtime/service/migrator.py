@@ -129,10 +129,12 @@ class Migrator:
 
     # requests --------------------------------------------------------------------------------
 
-    def note_worker(self, share: int, cursor: int, rows: int, skipped: int = 0) -> None:
+    def note_worker(
+        self, share: int, cursor: int, rows: int, skipped: int = 0, mid: str = ""
+    ) -> None:
         """An external backfill worker's progress (the backfill endpoint calls this after each
         batch it rewrote); the runner commits it at its next checkpoint (<= ``period_s``)."""
-        self.backfill.note_worker(share, cursor, rows, skipped)
+        self.backfill.note_worker(share, cursor, rows, skipped, mid)
 
     def running(self) -> Operation | None:
         return self.rt.operations.running("migration")

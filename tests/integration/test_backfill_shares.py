@@ -205,6 +205,20 @@ def test_backfill_rows_inputs_and_scope(bridged: tuple[httpx.Client, dict[str, A
     assert c.post(ROWS, json={**body, "rows": huge}, headers=AUTH).status_code == 400
     many = [{"key": f"k{i}", "seq": 1, "vector": [0.1]} for i in range(1001)]
     assert c.post(ROWS, json={**body, "rows": many}, headers=AUTH).status_code == 422
+    # a key of the other share is refused (shares stay disjoint)
+    stranger = next(k for k in (f"k{i}" for i in range(600)) if share_of(k, 2) == 1)
+    wrong = [{"key": stranger, "seq": 1, "vector": [0.1] * W_NEW.shape[1]}]
+    r = c.post(ROWS, json={**body, "rows": wrong}, headers=AUTH)
+    assert r.status_code == 400 and "other shares" in r.json()["message"], r.text
+    # a cursor sent past every row, with no rows, moves nothing: the share is still all there
+    todo = len(_todo_keys(c))
+    r = c.post(ROWS, json={**q, "cursor": 10**12, "rows": []}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    again = c.get(ROWS, params={**q, "limit": 1000}, headers=AUTH).json()
+    assert not again["done"] or len(again["rows"]) == sum(
+        1 for k in _todo_keys(c) if share_of(k, 2) == 0
+    )
+    assert again["rows"] and len(_todo_keys(c)) == todo
     r = c.post("/v1/indexes/docs/admin/migrations/rollback", headers=AUTH)
     assert r.status_code == 200, r.text
     r = c.get(ROWS, params=q, headers=AUTH)

@@ -89,6 +89,18 @@ def test_rows_rewritten_or_deleted_meanwhile_leave_the_todo_set() -> None:
     assert nxt.done and all(seqs[nxt.positions] > page.cursor)
 
 
+def test_a_cursor_past_every_row_left_starts_the_share_again() -> None:
+    """A cursor ahead of rows still to do (a restore brought old rows back; a client sent a
+    cursor past what it read) must not end the share: the page wraps to the lowest seq."""
+    seqs, todo, keys = _view(60, 2)
+    at = share_array(keys, 2)
+    page = select_page(seqs, todo, at, 1, int(seqs.max()) + 10**9, 5)
+    mine = np.flatnonzero(todo & (at == 1))
+    assert len(page.positions) == min(5, len(mine)) and not page.done
+    assert set(page.positions.tolist()) <= set(mine.tolist())
+    assert page.cursor == int(seqs[page.positions[-1]])
+
+
 def test_an_empty_share_is_done_at_once() -> None:
     seqs, _, keys = _view(50, 2)
     page = select_page(seqs, np.zeros(50, bool), share_array(keys, 3), 2, 0, 10)
@@ -99,7 +111,7 @@ def test_stored_cursor_prefers_memory_then_the_record_of_the_same_split() -> Non
     desk = Desk()
     rec = {
         "id": "m1",
-        "options": {"backfill_shares": 2},
+        "options": {"backfill_mode": "external", "backfill_shares": 2},
         "backfill": {"workers": {"1": {"cursor": 40, "rows": 7, "at": 1.0}}},
     }
     assert stored_cursor(desk, rec, "m1", 1, 2) == 40  # a restarted writer: the checkpoint
