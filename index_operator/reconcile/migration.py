@@ -203,6 +203,11 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
             "RolledBack", "RollbackRequested", "spec.rollback is set", rec, [MAction(MAct.ROLLBACK)]
         )
     if mig.rollback and rec is None:
+        if obs.gate_job is JobState.ACTIVE:
+            # the gate Job may still start this migration on the writer: stay open until its
+            # record shows (then it is rolled back above) or the Job ends without one
+            msg = "spec.rollback is set; waiting for the gate Job to start it, to roll it back"
+            return done("Pending", "RollbackRequested", msg)
         return done("RolledBack", "RollbackRequested", "rolled back before the gate ran")
 
     if rec is None:

@@ -291,3 +291,19 @@ def test_maintenance_waits_only_around_the_cutover_the_cronjob_too(phase: str, h
     cron = res.desired_compaction_cronjob(IX, res.Cluster(), suspend=bool(maintenance_held(phase)))
     kv.validate(cron, kv.latest_version(), strict=True)
     assert cron["spec"]["suspend"] is held
+
+
+def test_a_rollback_asked_while_the_gate_job_starts_rolls_back_what_it_starts() -> None:
+    """spec.rollback set after the gate Job was created but before the writer has a record:
+    the CR must not end RolledBack while the Job can still start the migration (it would run
+    on the writer, dual-writing, with nobody to roll it back)."""
+    prior = tick(MIG, 1.0, None, None).status  # the gate Job was created
+    asked = migration(rollback=True)
+    plan = tick(asked, 2.0, None, prior, gate_job=JobState.ACTIVE)
+    assert plan.status["phase"] not in ("RolledBack", "Succeeded", "Failed"), plan.status
+    later = tick(asked, 3.0, record("SamplingPairs"), plan.status, gate_job=JobState.ACTIVE)
+    assert [a.act for a in later.actions] == [MAct.ROLLBACK]
+    assert later.status["phase"] == "RolledBack"
+    # the Job ended without starting anything: nothing to roll back
+    ended = tick(asked, 4.0, None, plan.status, gate_job=JobState.FAILED)
+    assert ended.status["phase"] == "RolledBack" and not ended.actions
