@@ -44,10 +44,11 @@ from tests.integration.test_operator import (  # noqa: F401  (fixtures)
     runtime,
     vector_index,
 )
-from tests.kube_harness import JobRunner, StricterEmulator
+from tests.kube_harness import JobRunner
+from tests.strict_api import StrictAPI
 
 # about 2 minutes on a loaded 2-core machine (a dozen kopf stops): the slow suite
-pytestmark = [pytest.mark.kmock(cls=StricterEmulator), pytest.mark.asyncio, pytest.mark.slow]
+pytestmark = [pytest.mark.kmock(cls=StrictAPI), pytest.mark.asyncio, pytest.mark.slow]
 TERMINAL = ("Succeeded", "Failed", "RolledBack")
 
 
