@@ -50,7 +50,7 @@ test: lint tools
 	@echo "== integration suite (local directory and S3 via moto)"; $(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider
 
 test-slow: $(DEPS)
-	@echo "== slow suite (random-kill and storage-fault campaigns, long API fuzz)"; $(BIN)/python -m pytest tests -q -m slow -p no:cacheprovider
+	@echo "== slow suite (migration crash points and campaign, operator restarts, random-kill and storage-fault campaigns, long API fuzz)"; $(BIN)/python -m pytest tests -q -m slow -p no:cacheprovider
 
 bench: $(DEPS)
 	$(BIN)/python -m pip install -q -e ".[bench]"
