@@ -17,6 +17,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def merge_patch(base: Any, patch: Any) -> Any:
+    """``patch`` applied to ``base`` as a JSON merge patch would (maps merged key by key, any
+    other value replaced by a copy); ``base`` is not changed."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = merge_patch(base.get(k), v)
+        return out
+    return copy.deepcopy(patch)
+
+
 def load_crds(group: str | None = "driftless.dev") -> dict[str, dict[str, Any]]:
     """The CRDs under crds/ by kind: ours by default (group None: kopf's peering ones too)."""
     out = {}

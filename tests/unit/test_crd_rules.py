@@ -17,7 +17,7 @@ pytest.importorskip("celpy")
 from index_operator import resources as res  # noqa: E402
 from index_operator.spec import Index, Migration  # noqa: E402
 from index_runtime.contract import JobKind, Scope  # noqa: E402
-from tests.crd_tools import ROOT, load_crds, schema_of, validate_cr  # noqa: E402
+from tests.crd_tools import ROOT, load_crds, merge_patch, schema_of, validate_cr  # noqa: E402
 
 CRDS = load_crds()
 VI = dict(yaml.safe_load((ROOT / "examples/vectorindex.yaml").read_text()))
@@ -188,10 +188,10 @@ def _refusals() -> list[str]:
             for p in sorted((ROOT / "examples").rglob("*.yaml"))
             if yaml.safe_load(p.read_text())["kind"] == case["kind"]
         )
-        new = _merge(copy.deepcopy(base), case.get("patch", {}))
+        new = merge_patch(copy.deepcopy(base), case.get("patch", {}))
         if "drop" in case:
             del new["spec"][case["drop"]]
-        old = _merge(base, case["old"]) if "old" in case else None
+        old = merge_patch(base, case["old"]) if "old" in case else None
         out += validate_cr(CRDS[case["kind"]], new, old)
     out += validate_cr(CRDS["VectorIndex"], _vi("1docs"))
     out += validate_cr(
@@ -209,17 +209,8 @@ def _refusals() -> list[str]:
         ("gate", {"k": 7}),
         ("backfill", {"batch": 17}),
     ):
-        out += validate_cr(CRDS["ModelMigration"], mm, old=_merge(mm, {"spec": {field: changed}}))
+        out += validate_cr(CRDS["ModelMigration"], mm, old=merge_patch(mm, {"spec": {field: changed}}))
     return out
-
-
-def _merge(base: Any, patch: Any) -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            out[k] = _merge(base.get(k), v)
-        return out
-    return copy.deepcopy(patch)
 
 
 def test_every_cel_rule_of_every_crd_refuses_some_example() -> None:

@@ -17,6 +17,7 @@ from tests.crd_tools import (  # noqa: E402
     ROOT,
     cel_compile,
     load_crds,
+    merge_patch,
     schema_of,
     structural_problems,
     validate_cr,
@@ -27,15 +28,6 @@ EXAMPLES = sorted(  # the custom resources among the examples (subfolders too)
     p for p in (ROOT / "examples").rglob("*.yaml") if yaml.safe_load(p.read_text())["kind"] in CRDS
 )
 CORPUS = yaml.safe_load((ROOT / "tests/data/invalid/corpus.yaml").read_text())
-
-
-def _merge(base: Any, patch: Any) -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            out[k] = _merge(base.get(k), v)
-        return out
-    return copy.deepcopy(patch)
 
 
 def _example(kind: str) -> dict[str, Any]:
@@ -93,10 +85,10 @@ def test_examples_are_accepted(path: Path) -> None:
 @pytest.mark.parametrize("case", CORPUS, ids=lambda c: c["name"])
 def test_invalid_crs_are_rejected_for_their_reason(case: dict[str, Any]) -> None:
     base = _example(case["kind"])
-    new = _merge(copy.deepcopy(base), case.get("patch", {}))
+    new = merge_patch(copy.deepcopy(base), case.get("patch", {}))
     if "drop" in case:
         del new["spec"][case["drop"]]
-    old = _merge(base, case["old"]) if "old" in case else None
+    old = merge_patch(base, case["old"]) if "old" in case else None
     errors = validate_cr(CRDS[case["kind"]], new, old)
     assert any(case["reason"] in e for e in errors), errors
     # and the same object without the offending change is accepted
@@ -105,10 +97,10 @@ def test_invalid_crs_are_rejected_for_their_reason(case: dict[str, Any]) -> None
 
 def test_allowed_updates_pass_transition_rules() -> None:
     mm = _example("ModelMigration")
-    rolled = _merge(mm, {"spec": {"rollback": True, "cutover": {"approved": True}}})
+    rolled = merge_patch(mm, {"spec": {"rollback": True, "cutover": {"approved": True}}})
     assert (
         validate_cr(CRDS["ModelMigration"], rolled, old=mm) == []
     )  # rollback and approval are allowed
     vi = _example("VectorIndex")
-    tuned = _merge(vi, {"spec": {"primary": {"nprobe": 64}, "readers": {"replicas": 5}}})
+    tuned = merge_patch(vi, {"spec": {"primary": {"nprobe": 64}, "readers": {"replicas": 5}}})
     assert validate_cr(CRDS["VectorIndex"], tuned, old=vi) == []
