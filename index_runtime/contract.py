@@ -205,11 +205,35 @@ class MigrationPause:
         }
 
 
+@dataclass(frozen=True)
+class MigrationGuard:
+    """The progressive merge's guard across backfill checkpoints (``migration.guard_step``):
+    whether the merge served after the last checkpoint, how often what serves changed
+    (``flips``, this migration) and how many checkpoints decided. A record without it (an
+    earlier release) starts from its ``merge.serves`` with no flips."""
+
+    serves: bool = False
+    flips: int = 0
+    checkpoints: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"serves": self.serves, "flips": self.flips, "checkpoints": self.checkpoints}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any] | None) -> MigrationGuard | None:
+        if not isinstance(d, Mapping):
+            return None
+        return MigrationGuard(
+            bool(d.get("serves", False)), int(d.get("flips") or 0), int(d.get("checkpoints") or 0)
+        )
+
+
 # keys with a typed field; every other key of a stored record is kept in ``extra`` untouched
 _RECORD_KEYS = (
     "id", "from", "to", "target", "phase", "paused", "started_at", "updated_at", "finished_at",
     "options", "labelled_key", "pairs_key", "fitted", "adapter_key", "eval_key", "calibration", "strategies", "selected",
     "metric", "reason", "backfill", "merge", "curve", "cutover", "error",
+    "guard",
 )  # fmt: skip
 
 
@@ -246,6 +270,7 @@ class MigrationRecord:
     curve: tuple[Mapping[str, Any], ...] = ()
     cutover: Mapping[str, Any] | None = None
     error: str | None = None
+    guard: MigrationGuard | None = None  # None: a record of an earlier release
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -261,6 +286,20 @@ class MigrationRecord:
         """The stored objects the record names (GC keeps them while the record is active)."""
         named = (self.labelled_key, self.pairs_key, *self.fitted.values(), self.adapter_key, self.eval_key)
         return tuple(k for k in named if k)
+
+    @property
+    def guard_state(self) -> MigrationGuard:
+        """The guard's persisted state (an earlier release's record: its ``merge.serves``)."""
+        if self.guard is not None:
+            return self.guard
+        return MigrationGuard(serves=bool((self.merge or {}).get("serves", False)))
+
+    @property
+    def kept_merged(self) -> bool:
+        """The migration ended keeping both models, serving their merge (cutover policy
+        ``keep_merged: if_better``); the index stores and encodes both until a later
+        migration or a cutover request drops the old model."""
+        return self.phase == "Succeeded" and bool((self.cutover or {}).get("merged"))
 
     @property
     def backfill_mode(self) -> str:
@@ -313,6 +352,7 @@ class MigrationRecord:
             curve=tuple(d.get("curve") or ()),
             cutover=d.get("cutover") or None,
             error=d.get("error"),
+            guard=MigrationGuard.from_json(d.get("guard")),
             extra={k: v for k, v in d.items() if k not in _RECORD_KEYS},
         )
 
@@ -348,6 +388,7 @@ class MigrationRecord:
             "curve": [dict(c) for c in self.curve] or None,
             "cutover": dict(self.cutover) if self.cutover else None,
             "error": self.error,
+            "guard": self.guard.to_json() if self.guard else None,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.paused is None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from index_runtime.contract import MIGRATION_ACTIVE, MIGRATION_PHASES
+from index_runtime.contract import MIGRATION_ACTIVE, MIGRATION_PHASES, MigrationGuard
 from index_runtime.quality.arr import Interval, bootstrap, paired_gain
 
 STATUS_QUO = "status-quo"
@@ -279,6 +279,98 @@ def guard(
     return gain.low > 0, gain
 
 
+# --- the guard across checkpoints (hysteresis) ---------------------------------------------
+
+GUARD_ENTER_LEVEL = 0.98  # two-sided: the merge starts serving at a one-sided 99% gain
+GUARD_EXIT_LEVEL = 0.90  # two-sided: it stops serving at a one-sided 95% loss
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """One checkpoint's guard: the state to persist, the intervals it decided on (merge −
+    served strategy at the entry level, and at the exit level) and why."""
+
+    state: MigrationGuard
+    gain: Interval  # merge − served strategy, GUARD_ENTER_LEVEL
+    gain_exit: Interval  # the same at GUARD_EXIT_LEVEL (what a serving merge must not lose)
+    vs_status_quo: Interval | None  # merge − status quo at GUARD_EXIT_LEVEL (when measured)
+    reason: str  # CamelCase
+
+    @property
+    def flipped(self) -> bool:
+        return self.reason in ("MergeSignificantlyBetter", "MergeSignificantlyWorse",
+                               "MergeBelowStatusQuo")  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.state.to_json(),
+            "reason": self.reason,
+            "gain": self.gain.as_dict(),
+            "gain_exit": self.gain_exit.as_dict(),
+            "vs_status_quo": self.vs_status_quo.as_dict() if self.vs_status_quo else None,
+        }
+
+
+def guard_step(
+    prev: MigrationGuard,
+    merged: npt.ArrayLike,
+    served: npt.ArrayLike,
+    status_quo: npt.ArrayLike | None = None,
+    repeats: int = 2000,
+    seed: int = 0,
+) -> GuardDecision:
+    """The guard at one backfill checkpoint, given what it decided at the previous one.
+
+    Hysteresis with confidence bounds. A merge that does not serve starts serving only when
+    its paired gain over the served strategy is significant at a one-sided 99% (the same
+    entry rule as :func:`guard`). A merge that serves keeps serving unless it is measured
+    significantly *worse* — the upper end of the one-sided 95% interval of its gain over the
+    served strategy, or over the status quo, below 0. Between the two bounds nothing changes,
+    so a merge whose gain hovers near the entry bound (the issue's 50% / 75% / 90% checkpoints:
+    served, held back at +0.022, served) serves once and stays.
+
+    Why not a sequential test over checkpoints (SPRT and kin): those accumulate independent
+    evidence about one fixed effect. Here every checkpoint measures the *same* calibration
+    queries (the evidence is not independent: summing it overstates confidence) and the
+    effect drifts on purpose (the merge changes as rows are backfilled). The hysteresis only
+    compares the current measurement with two fixed bounds, so each decision holds at its own
+    level whatever came before, and the band between the bounds is what absorbs the noise.
+
+    Invariant: the merge never serves while it is measured significantly below the status quo
+    (it enters significantly above the served strategy, which the gate put at or above the
+    status quo; it leaves as soon as it is significantly below either)."""
+    gain = paired_gain(merged, served, repeats, seed, GUARD_ENTER_LEVEL)
+    gain_exit = paired_gain(merged, served, repeats, seed, GUARD_EXIT_LEVEL)
+    vs_sq = (
+        None
+        if status_quo is None
+        else paired_gain(merged, status_quo, repeats, seed, GUARD_EXIT_LEVEL)
+    )
+    if not prev.serves:
+        serves = gain.low > 0
+        reason = "MergeSignificantlyBetter" if serves else "MergeNotSignificant"
+    elif vs_sq is not None and vs_sq.high < 0:
+        serves, reason = False, "MergeBelowStatusQuo"
+    elif gain_exit.high < 0:
+        serves, reason = False, "MergeSignificantlyWorse"
+    else:
+        serves, reason = True, "MergeKeepsServing"
+    state = MigrationGuard(
+        serves, prev.flips + (serves != prev.serves), prev.checkpoints + 1
+    )
+    return GuardDecision(state, gain, gain_exit, vs_sq, reason)
+
+
+def count_flips(decisions: Sequence[bool]) -> int:
+    """Changes of what serves along a sequence of per-checkpoint decisions (the merge does
+    not serve before the first checkpoint)."""
+    prev, flips = False, 0
+    for d in decisions:
+        flips += d != prev
+        prev = d
+    return flips
+
+
 def strategy_names(kinds: Sequence[str], diagonal: Sequence[bool] = (False, True)) -> list[str]:
     return [f"adapter:{k}{'+diag' if d else ''}" for k in kinds for d in diagonal]
 
@@ -338,6 +430,10 @@ class Cutover:
     go: bool
     reason: str  # CamelCase, for the condition
     message: str
+    merged: bool = False  # go: keep both models and serve their merge (no switch)
+
+
+KEEP_MERGED = ("never", "if_better")  # the cutover's policy for staying merged
 
 
 def cutover_decision(
@@ -346,11 +442,18 @@ def cutover_decision(
     auto: bool,
     force: bool = False,
     to_model: str = "the new model",
+    merge_vs_native: Interval | None = None,
 ) -> Cutover:
     """May the index switch to the new model now? Only when every live row has a new-model
     vector (nothing would vanish from search), and — unless forced — when the native model is
     not measured significantly worse than what serves (paired gain's upper bound below 0) on
-    the gate's held-out labelled queries. Without ``auto`` it waits for an explicit cutover."""
+    the gate's held-out labelled queries. Without ``auto`` it waits for an explicit cutover.
+
+    Staying merged: ``merge_vs_native`` is the merge's paired gain over the new model alone,
+    given only when the policy is ``if_better`` and the guard serves the merge at the final
+    checkpoint. When its lower bound is above 0 the migration ends keeping both models
+    (``merged``), also where the new model alone measures worse than what serves: the merge
+    is what serves then, measured at or above it. ``force`` cuts over to the new model."""
     if progress.todo:
         return Cutover(False, "BackfillRunning", f"{progress.todo} rows still to re-encode")
     if progress.blocked:
@@ -359,6 +462,19 @@ def cutover_decision(
             "RowsWithoutText",
             f"{progress.blocked} live rows have no text and no {to_model} vector; upsert their "
             f"vectors for both models, or delete them, to cut over",
+        )
+    if merge_vs_native is not None and merge_vs_native.low > 0 and not force:
+        if not auto:
+            return Cutover(
+                False, "AwaitingCutover", "backfill complete; waiting for a request to end the "
+                f"migration (the merge measures {_signed(merge_vs_native)} over {to_model})"
+            )
+        return Cutover(
+            True,
+            "KeptMerged",
+            f"every live row has a {to_model} vector; the merge of both models measures "
+            f"{_signed(merge_vs_native)} over {to_model} alone, so both are kept",
+            merged=True,
         )
     if native_gain is not None and native_gain.high < 0 and not force:
         return Cutover(

@@ -15,12 +15,14 @@ import numpy as np
 import numpy.typing as npt
 
 from index_runtime.adapters import Adapter
+from index_runtime.contract import MigrationGuard
 from index_runtime.migration import (
     NATIVE,
     STATUS_QUO,
     Calibration,
     fit_calibration,
     guard,
+    guard_step,
     merge,
     rank_fusion,
 )
@@ -145,6 +147,9 @@ class CurvePoint:
     merge_gain_on_calibration: Interval
     values: dict[str, Interval]  # metric of: status quo, strategy, native-only, merge, rrf, served
     gain_vs_status_quo: dict[str, Interval]
+    old_guard_serves: bool = False  # what the per-checkpoint (stateless) guard would serve
+    guard_flips: int = 0  # flips of the stateful guard up to this checkpoint
+    merge_vs_native: Interval | None = None  # test queries: merge − native-only (paired)
 
 
 def progressive(
@@ -160,14 +165,18 @@ def progressive(
 ) -> list[CurvePoint]:
     """The quality curve while the backfill re-embeds rows in ``order``. ``serve(q)`` gives
     the selected strategy's top-``depth`` for queries ``q``. At each share: the guard decides
-    on the calibration queries, the reported values are on the test queries."""
+    on the calibration queries (``guard_step``: stateful, from the previous checkpoint's
+    decision; ``old_guard_serves`` is what the stateless ``guard`` would have served), the
+    reported values are on the test queries."""
     k = ds.k
     cal, test = ds.queries(True), ds.queries(False)
     cal_s, cal_n = calibrations
     metric_fn = _metric_fn(ds, metric)
     status_quo_test = metric_fn(test, topk(ds.old_queries[test], ds.old_rows, k)[0])
+    sq_cal = metric_fn(cal, topk(ds.old_queries[cal], ds.old_rows, k)[0])
     served_by_split = {True: serve(cal), False: serve(test)}
     out = []
+    state = MigrationGuard()
     for share in shares:
         backfilled = np.zeros(len(ds.new_rows), bool)
         backfilled[order[: round(share * len(order))]] = True
@@ -184,7 +193,10 @@ def progressive(
                 "merge": metric_fn(q, merged),
                 "rank-fusion": metric_fn(q, fused),
             }
-        use_merge, gain_cal = guard(per["True"]["merge"], per["True"][strategy], repeats)
+        c = per["True"]
+        old_use, _ = guard(c["merge"], c[strategy], repeats)
+        g = guard_step(state, c["merge"], c[strategy], sq_cal, repeats)
+        state, use_merge, gain_cal = g.state, g.state.serves, g.gain
         t = per["False"]
         t["served"] = t["merge"] if use_merge else t[strategy]
         t[STATUS_QUO] = status_quo_test
@@ -195,6 +207,9 @@ def progressive(
                 gain_cal,
                 {n: bootstrap(v, repeats) for n, v in t.items()},
                 {n: paired_gain(v, status_quo_test, repeats) for n, v in t.items()},
+                old_use,
+                state.flips,
+                paired_gain(t["merge"], t["native-only"], repeats),
             )
         )
     return out

@@ -21,18 +21,19 @@ import numpy as np
 import numpy.typing as npt
 
 from index_runtime.adapters import KINDS, Adapter, FitOptions, fit_adapter
-from index_runtime.contract import METRICS, MigrationRecord
+from index_runtime.contract import METRICS, MigrationGuard, MigrationRecord
 from index_runtime.corpus import split_of
 from index_runtime.encoders import Kind
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.view import View
 from index_runtime.migration import (
     BRIDGED,
+    GUARD_ENTER_LEVEL,
     STATUS_QUO,
     Calibration,
     decision_metric,
     fit_calibration,
-    guard,
+    guard_step,
     merge_scored,
     select_from_intervals,
     select_strategy,
@@ -515,12 +516,16 @@ def measure_progress(
     calibration: Mapping[str, Any],
     k: int,
     seed: int = 0,
+    prev: MigrationGuard | None = None,
 ) -> dict[str, Any]:
     """One checkpoint of the progressive migration, on the same snapshot (``view`` and
-    ``native`` built from one manifest): the guard's decision on the calibration half, and on
+    ``native`` built from one manifest): the guard's decision on the calibration half (given
+    its state ``prev`` after the previous checkpoint, ``migration.guard_step``), and on
     the test half Success@k of the status quo, the served strategy, native-only, the merge
     and what is served, each with its interval and its paired gain over the status quo.
-    ``native_gain`` (all queries, native vs served) is what the cutover checks."""
+    ``native_gain`` (all queries, native vs served) is what the cutover checks;
+    ``merge_vs_native`` (test half: queries the calibration never saw) is what the cutover's
+    keep-merged policy checks."""
     # a deleted label can never be found (-2: lists are padded with -1)
     labels = np.array([p if (p := view.position_of(key)) is not None else -2 for key in ev.keys])
     has = native_mask(native)
@@ -540,12 +545,23 @@ def measure_progress(
         "merge": success(merged, labels, k),
     }
     cal, test = ev.cal, ~ev.cal
-    serves, gain_cal = guard(per["merge"][cal], per["served-strategy"][cal], seed=seed)
+    g = guard_step(
+        prev or MigrationGuard(),
+        per["merge"][cal],
+        per["served-strategy"][cal],
+        per[STATUS_QUO][cal],
+        seed=seed,
+    )
+    serves = g.state.serves
     per["served"] = per["merge"] if serves else per["served-strategy"]
     return {
         "share": share,
         "merge_serves": bool(serves),
-        "merge_gain_calibration": gain_cal.as_dict(),
+        "merge_gain_calibration": g.gain.as_dict(),
+        "guard": g.as_dict(),
+        "merge_vs_native": paired_gain(
+            per["merge"][test], per["native-only"][test], seed=seed, level=GUARD_ENTER_LEVEL
+        ).as_dict(),
         "test": {n: bootstrap(v[test], seed=seed).as_dict() for n, v in per.items()},
         "test_gain_vs_status_quo": {
             n: paired_gain(v[test], per[STATUS_QUO][test], seed=seed).as_dict()

@@ -8,7 +8,10 @@ machine starts another pass for the rows that arrived during it. With ``external
 Job's workers rewrite rows through the writer's endpoints and report per-share progress here
 (:meth:`Backfill.note_worker`); the runner only checkpoints, at most every ``period_s``.
 CHECKPOINT measures one snapshot and commits the progress (and, with labelled queries, the
-merge's guard and a point of the quality curve). Both are idempotent: progress is recounted
+merge's guard and a point of the quality curve). The guard is stateful
+(``migration.guard_step``): it decides from the state the record holds, and its decision is
+committed only onto that same state (a checkpoint that raced another one keeps the progress
+and drops its guard step, so a flip is never counted twice or from a stale state). Both are idempotent: progress is recounted
 from the snapshot, never accumulated in the record.
 """
 
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from index_runtime.contract import MigrationRecord
+from index_runtime.contract import MigrationGuard, MigrationRecord
 from index_runtime.index.rows import F32, normalize
 from index_runtime.migration import STATUS_QUO, BackfillProgress
 from index_runtime.service.migrate import EvalSet, measure_progress
@@ -113,22 +116,26 @@ class Backfill:
         if ev is not None and rec.calibration:
             k = int(rec.options.get("k", 10))
             point = measure_progress(
-                view, native, ev, self._served_vectors(rec, ev), rec.calibration, k
-            )
+                view, native, ev, self._served_vectors(rec, ev), rec.calibration, k,
+                prev=rec.guard_state,
+            )  # fmt: skip
 
         def change(r: MigrationRecord) -> MigrationRecord:
             phase = "Backfilling" if r.phase == "Bridged" or prog.todo else r.phase
             out = r.replace(
                 phase=phase, backfill=state, extra={**r.extra, "text_coverage": prog.text_coverage}
             )
-            if point is not None:
+            if point is not None and r.guard_state == rec.guard_state:
                 merge = {
                     "serves": point["merge_serves"],
                     "share": point["share"],
                     "gain_calibration": point["merge_gain_calibration"],
                     "native_gain": point["native_gain"],
+                    "merge_vs_native": point["merge_vs_native"],
+                    "guard_reason": point["guard"]["reason"],
                 }
-                out = out.replace(merge=merge, curve=(*r.curve[-49:], point))
+                guard = MigrationGuard.from_json(point["guard"])
+                out = out.replace(merge=merge, guard=guard, curve=(*r.curve[-49:], point))
             return out
 
         out = self.mig.commit(
