@@ -19,6 +19,11 @@ does not defeat the map:
   unrelated models (and for different dimensions) the skip here is the Procrustes map, of
   which the identity is the special case. ``W2`` starts at zero, so training starts at
   Procrustes and can only move where the data say so.
+* **rank** — the Procrustes map trained further with a listwise loss so the new model's
+  top-k over the sampled rows comes first in the old space (:mod:`.rank`; torch, fixed seed).
+* **query pairs** (any kind): texts of real queries encoded by both models are fitted on
+  alongside the row pairs; for ``rank`` they are also training queries (query-side vectors,
+  which the rows' passage vectors are not).
 * **diagonal scaling** (any kind): per-output-dimension gains fitted by least squares after
   the map, folded into the map.
 """
@@ -36,7 +41,8 @@ import numpy.typing as npt
 
 from index_runtime.adapters.model import F32, Adapter
 
-KINDS = ("procrustes", "lowrank", "mlp")
+KINDS = ("procrustes", "lowrank", "mlp", "rank")
+DEFAULT_KINDS = ("procrustes", "lowrank", "mlp")  # what a migration fits unless asked
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class FitOptions:
     batch: int = 256
     lr: float = 1e-3
     normalize: bool = True  # cosine old space: outputs re-normalized
+    rank_queries: int = 4000  # rank: training queries drawn from the rows (+ all query pairs)
+    rank_epochs: int = 60  # rank: epochs at most (early stopping on held-out queries)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -150,14 +158,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def fit_adapter(new: npt.ArrayLike, old: npt.ArrayLike, opts: FitOptions | None = None) -> Adapter:
-    """Fit a map from ``new`` vectors (n, d_new) to ``old`` vectors (n, d_old) of the same items."""
+def fit_adapter(
+    new: npt.ArrayLike,
+    old: npt.ArrayLike,
+    opts: FitOptions | None = None,
+    query_pairs: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+) -> Adapter:
+    """Fit a map from ``new`` vectors (n, d_new) to ``old`` vectors (n, d_old) of the same items
+    (rows), plus optionally ``query_pairs``: (new, old) vectors of the same query texts."""
     opts = opts or FitOptions()
-    x = np.ascontiguousarray(new, dtype=np.float32)
-    y = np.ascontiguousarray(old, dtype=np.float32)
-    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+    rows_x = np.ascontiguousarray(new, dtype=np.float32)
+    rows_y = np.ascontiguousarray(old, dtype=np.float32)
+    qx = np.zeros((0, rows_x.shape[-1]), np.float32)
+    qy = np.zeros((0, rows_y.shape[-1]), np.float32)
+    if query_pairs is not None:
+        qx = np.ascontiguousarray(query_pairs[0], dtype=np.float32).reshape(-1, rows_x.shape[-1])
+        qy = np.ascontiguousarray(query_pairs[1], dtype=np.float32).reshape(-1, rows_y.shape[-1])
+        if len(qx) != len(qy):
+            raise ValueError("query pairs must have the same rows in both spaces")
+    x, y = np.vstack([rows_x, qx]), np.vstack([rows_y, qy])
+    if x.ndim != 2 or y.ndim != 2 or len(rows_x) != len(rows_y):
         raise ValueError(
-            f"pairs must be two matrices with the same rows, got {x.shape} and {y.shape}"
+            f"pairs must be two matrices with the same rows, got {rows_x.shape} and {rows_y.shape}"
         )
     if len(x) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("need at least 2 finite pairs")
@@ -177,6 +199,10 @@ def fit_adapter(new: npt.ArrayLike, old: npt.ArrayLike, opts: FitOptions | None 
             w1, b1, w2, b2, info = _residual_mlp(x, y, pred, opts)
             params.update(W1=w1, b1=b1, W2=w2, c=(c + b2).astype(np.float32))
             pred = pred + _np_mlp(x, w1, b1, w2, b2)
+        elif opts.kind == "rank":
+            m, c, info = _rank(rows_x, rows_y, qx, m, c, opts)
+            params.update(M=m, c=c)
+            pred = np.asarray(x @ m + c, dtype=np.float32)
     if opts.diagonal:
         g = ((pred * y).sum(axis=0) / np.maximum((pred * pred).sum(axis=0), 1e-12)).astype(
             np.float32
@@ -187,7 +213,8 @@ def fit_adapter(new: npt.ArrayLike, old: npt.ArrayLike, opts: FitOptions | None 
     provenance = {
         "kind": opts.kind,
         "options": asdict(opts),
-        "pairs": len(x),
+        "pairs": len(rows_x),
+        "query_pairs": len(qx),
         "fit_seconds": time.perf_counter() - t0,
         "versions": _versions(),
         **info,
@@ -201,6 +228,18 @@ def fit_adapter(new: npt.ArrayLike, old: npt.ArrayLike, opts: FitOptions | None 
         provenance=provenance,
         **params,
     )
+
+
+def _rank(rows_x: F32, rows_y: F32, qx: F32, m: F32, c: F32, opts: FitOptions
+          ) -> tuple[F32, F32, dict[str, Any]]:  # fmt: skip
+    """Training queries: up to ``rank_queries`` rows' own new vectors, plus every query pair."""
+    from index_runtime.adapters.rank import RankOptions, fit_rank
+
+    rng = np.random.default_rng(opts.seed)
+    pick = rng.permutation(len(rows_x))[: opts.rank_queries]
+    queries = np.vstack([rows_x[np.sort(pick)], qx])
+    ro = RankOptions(epochs=opts.rank_epochs, seed=opts.seed, normalize=opts.normalize)
+    return fit_rank(rows_x, rows_y, queries, m, c, ro)
 
 
 def _np_mlp(x: F32, w1: F32, b1: F32, w2: F32, b2: F32) -> F32:

@@ -29,7 +29,7 @@ def gelu(x: F32) -> F32:
 
 @dataclass
 class Adapter:
-    kind: str  # procrustes | lowrank | mlp
+    kind: str  # procrustes | lowrank | mlp | rank (rank serves like procrustes: M, c)
     src_dim: int
     dst_dim: int
     normalize: bool  # cosine target space: outputs re-normalized
