@@ -97,6 +97,11 @@ class Env(StrEnum):
     BACKFILL_SHARES = "DRIFTLESS_BACKFILL_SHARES"  # how many shares the rows are split into
     MIGRATION_ID = "DRIFTLESS_MIGRATION_ID"  # the migration a backfill pod works for
     BACKFILL_STALL_S = "DRIFTLESS_BACKFILL_STALL_S"  # exit non-zero after this long without progress
+    # the query log (VectorIndex spec.queryLog; index_runtime.querylog): off unless "1"
+    QUERY_LOG = "DRIFTLESS_QUERY_LOG"
+    QUERY_LOG_RATE = "DRIFTLESS_QUERY_LOG_RATE"  # share of text queries kept, 0..1
+    QUERY_LOG_MAX = "DRIFTLESS_QUERY_LOG_MAX"  # distinct texts kept at most
+    QUERY_LOG_RETENTION_S = "DRIFTLESS_QUERY_LOG_RETENTION_S"  # seconds a text is kept at most
 
 
 def serve_command(role: Role) -> list[str]:

@@ -170,7 +170,7 @@ def route_scope(method: str, path: str) -> Scope | None:
         return None
     if "/admin/" in path or path.endswith("/admin"):
         return Scope.ADMIN
-    if path.endswith("/internal/samples"):
+    if path.endswith(("/internal/samples", "/internal/queries")):  # reader -> shadow / writer
         return Scope.MIRROR
     if method in ("GET", "HEAD") or (method == "POST" and path.endswith(READ_POSTS)):
         return Scope.READ

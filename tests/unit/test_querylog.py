@@ -1,0 +1,77 @@
+"""The query log's privacy switch and bounds (pure: a fake clock, a seeded sampler)."""
+
+from __future__ import annotations
+
+import pytest
+
+from index_runtime.contract import Env
+from index_runtime.querylog import QueryLog, QueryLogSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_off_by_default_keeps_nothing() -> None:
+    log = QueryLog(seed=0)
+    assert not any(log.offer(f"query {i}") for i in range(500))
+    assert log.snapshot() == [] and log.stats()["offered"] == 0
+    assert log.add(["forwarded by a reader"]) == 0  # a writer that is off refuses forwards too
+    assert QueryLogSettings.from_env({}) == QueryLogSettings()
+    assert not QueryLogSettings.from_env({Env.QUERY_LOG: "0"}).enabled
+
+
+def test_sample_rate_is_honoured() -> None:
+    log = QueryLog(QueryLogSettings(enabled=True, sample_rate=0.1, max_queries=10_000), seed=1)
+    kept = sum(log.offer(f"q{i}") for i in range(5000))
+    assert 400 < kept < 600  # binomial(5000, 0.1): ±4.5 sd
+    assert len(log.snapshot()) == kept
+
+
+def test_count_age_and_size_bounds() -> None:
+    clock = Clock()
+    s = QueryLogSettings(enabled=True, sample_rate=1.0, max_queries=3, retention_s=60, max_text_bytes=8)
+    log = QueryLog(s, clock=clock, seed=0)
+    for t in ("a", "b", "c", "d"):
+        log.offer(t)
+    assert log.snapshot() == ["b", "c", "d"]  # oldest evicted by count
+    assert not log.offer("x" * 9) and log.stats()["skipped_long"] == 1  # skipped, not cut
+    log.offer("c")  # seen again: refreshed, not duplicated
+    assert log.snapshot() == ["b", "d", "c"]
+    clock.t += 30
+    log.offer("e")
+    clock.t += 31  # b, d, c are 61 s old now; e is 31 s old
+    assert log.snapshot() == ["e"]
+    assert log.stats()["bytes"] <= s.max_bytes == 24
+
+
+def test_switching_off_forgets_everything() -> None:
+    log = QueryLog(QueryLogSettings(enabled=True, sample_rate=1.0), seed=0)
+    log.offer("a private question")
+    log.configure(QueryLogSettings(enabled=False))
+    assert log.snapshot() == []
+    log.configure(QueryLogSettings(enabled=True, sample_rate=1.0))
+    assert log.snapshot() == []  # not resurrected
+
+
+def test_a_reader_forwards_instead_of_keeping() -> None:
+    sent: list[str] = []
+    log = QueryLog(QueryLogSettings(enabled=True, sample_rate=1.0), seed=0, forward=sent.append)
+    log.offer("hello")
+    assert sent == ["hello"] and log.snapshot() == []
+
+
+def test_settings_from_env_and_validation() -> None:
+    s = QueryLogSettings.from_env(
+        {Env.QUERY_LOG: "1", Env.QUERY_LOG_RATE: "0.25", Env.QUERY_LOG_MAX: "50",
+         Env.QUERY_LOG_RETENTION_S: "3600"}
+    )
+    assert (s.enabled, s.sample_rate, s.max_queries, s.retention_s) == (True, 0.25, 50, 3600.0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        QueryLogSettings(sample_rate=1.5)
+    with pytest.raises(ValueError, match="max_queries"):
+        QueryLogSettings(max_queries=0)
