@@ -118,6 +118,8 @@ def summary(rec: MigrationRecord | None) -> MachineView:
         return MachineView("", False, False, False, "NoMigration", "no migration recorded")
     if rec.terminal:
         reason = {"Succeeded": "CutOver", "RolledBack": "RolledBack"}.get(rec.phase, "Failed")
+        if rec.kept_merged:
+            reason = "KeptMerged"
         message = str((rec.cutover or {}).get("message") or rec.reason or rec.error or "")
         return MachineView(rec.phase, False, False, True, reason, message)
     if rec.paused is not None:

@@ -33,7 +33,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from index_runtime.contract import MIGRATION_ACTIVE, MIGRATION_PHASES, MigrationGuard
+from index_runtime.contract import (
+    MIGRATION_ACTIVE,
+    MIGRATION_PHASES,
+    MigrationGuard,
+    MigrationRecord,
+)
 from index_runtime.quality.arr import Interval, bootstrap, paired_gain
 
 STATUS_QUO = "status-quo"
@@ -491,3 +496,46 @@ def cutover_decision(
         else "native quality not measured (no labelled queries)"
     )
     return Cutover(True, "CutOver", f"every live row has a {to_model} vector; {measured}")
+
+
+# --- staying merged after the migration ---------------------------------------------------
+
+
+def serves_both(record: Mapping[str, Any]) -> bool:
+    """Whether the index serves with both models' vectors (the native view, the merge): a
+    bridged migration, or one that ended keeping both models merged."""
+    phase = record.get("phase")
+    return phase in BRIDGED or (
+        phase == "Succeeded" and bool((record.get("cutover") or {}).get("merged"))
+    )
+
+
+def merged_cost(live_rows: int, dim: int, bytes_per_value: int = 4) -> dict[str, Any]:
+    """What keeping the second model costs: its stored vectors (``live_rows`` × ``dim``
+    float32 values, before compression and replicas) and a second query encoding per text
+    request (two encoders per query instead of one)."""
+    return {
+        "stored_vector_bytes": int(live_rows) * int(dim) * bytes_per_value,
+        "rows": int(live_rows),
+        "dim": int(dim),
+        "encoders_per_query": 2,
+    }
+
+
+def migration_summary(rec: MigrationRecord | None) -> dict[str, Any]:
+    """The status' summary of a migration record: the guard's state (flips of what serves
+    during this migration's backfill) and, for a migration that ended staying merged, the
+    models kept and the cost."""
+    if rec is None:
+        return {"guard": None, "merged": None}
+    guard = {**rec.guard_state.to_json(), "reason": (rec.merge or {}).get("guard_reason")}
+    merged = None
+    if rec.kept_merged:
+        c = rec.cutover or {}
+        merged = {
+            "models": [rec.from_model, rec.to_model],
+            "serves": "merge",
+            "merge_vs_native": c.get("merge_vs_native"),
+            **dict(c.get("cost") or {}),
+        }
+    return {"guard": guard, "merged": merged}

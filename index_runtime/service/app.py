@@ -38,7 +38,7 @@ from index_runtime.errors import (
     InvalidInputError,
 )
 from index_runtime.index.filters import parse_filter
-from index_runtime.migration import BRIDGED, STATUS_QUO
+from index_runtime.migration import STATUS_QUO, serves_both
 from index_runtime.service import backfill
 from index_runtime.service.auth import authorize
 from index_runtime.service.edge import (
@@ -188,6 +188,10 @@ class Samples(Strict):
     queries: list[MirroredQuery] = Field(min_length=1, max_length=1024)
 
 
+class SampledQueries(Strict):
+    texts: list[str] = Field(min_length=1, max_length=1024)
+
+
 class Promote(Strict):
     codebook: int | None = Field(default=None, ge=1)
 
@@ -221,6 +225,13 @@ class StartMigration(Strict):
     )
     cutover: Literal["auto", "manual"] = Field(
         default="auto", description="switch to the new model when the backfill completes"
+    )
+    keep_merged: Literal["never", "if_better"] = Field(
+        default="never",
+        description="if_better: when the backfill completes and the merge of both models "
+        "measures significantly better than the new model alone (held-out labelled queries), "
+        "end the migration keeping both models and serving their merge (cost: the second "
+        "vector set stored, two encoders per text query)",
     )
     backfill_batch: int = Field(default=256, ge=1, le=4000)
     backfill_rate: float = Field(default=0.0, ge=0, description="rows/s; 0 = unlimited")
@@ -486,7 +497,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
         record, adapter = rt.bridge_state  # one snapshot for the whole query
         strategy = strategy_for(record, q.text is not None, q.model)
-        bridged = record.get("phase") in BRIDGED
+        bridged = serves_both(record)  # a bridged migration, or one that ended merged
         if q.model not in (None, rt.model) and not (bridged and q.model == record.get("to")):
             raise InvalidInputError(
                 f"this index serves model {rt.model!r}; a {q.model!r} vector cannot be compared"
@@ -504,6 +515,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 new_vec = given
         else:
             assert q.text is not None
+            rt.queries.offer(q.text)  # the query log's sample (off by default: a no-op)
             model = rt.model if strategy == STATUS_QUO else str(record["to"])
             raw = engine.encode(model, [q.text], "query")[0]
             vec = rt.query_vector(strategy, raw, adapter)
@@ -562,6 +574,12 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             qs.append((rt.prepare_query(vec), parse_filter(q.filter)))
         return {"accepted": rt.accept_samples(body.manifest_version, qs)}
 
+    @app.post("/v1/indexes/{name}/internal/queries", status_code=202)
+    def sampled_queries(rt: Rt, body: SampledQueries) -> dict[str, int]:
+        """Query texts a reader sampled (querylog.Forwarder), kept by the writer's query log
+        within its bounds (nothing when the index's query log is off)."""
+        return {"accepted": rt.queries.add(body.texts)}
+
     @app.get("/v1/indexes/{name}/status")
     def status(rt: Rt) -> dict[str, Any]:
         # the models this process can encode: the operator starts a migration's gate only
@@ -617,7 +635,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         the status quo and publish the decision (status.migration; the manifest). The same
         ``id`` again: 202 with the running operation, or 200 with the record if nothing runs;
         another id while a migration is active: 409 MigrationMismatch."""
-        enc_old, enc_new = encoders_for(rt, (rt.model, body.to_model))
+        enc_old, enc_new = encoders_for(rt, (rt.migrator.source_model(), body.to_model))
         req = MigrationRequest.from_json(body.model_dump(exclude_none=True))
         op, started, rec = rt.migrator.start(req, enc_old, enc_new)
         if op is None:

@@ -236,6 +236,21 @@ class Metrics(Hooks):
             ["index"],
             registry=r,
         )
+        self.guard_flips = Counter(
+            "driftless_migration_guard_flips",
+            "Changes of what serves decided by the merge's guard at backfill checkpoints "
+            "(the record's guard.flips, summed over migrations; hysteresis keeps it low).",
+            ["index"],
+            registry=r,
+        )
+        self._flips_seen: dict[tuple[str, str], int] = {}
+        self.merged_models = Gauge(
+            "driftless_migration_kept_merged",
+            "1 while the index keeps both models of its last migration and serves their "
+            "merge (cutover policy keep_merged: if_better), else 0.",
+            ["index"],
+            registry=r,
+        )
 
         # encoders (per model: one encoder serves every index of the process) -------------
         self.encoder_requests = Counter(
@@ -376,6 +391,21 @@ class Metrics(Hooks):
                 self.backfill_rows.labels(n, state).set(bf[state])
             self.backfill_share.labels(n).set(bf["share"])
         self.merge_serving.labels(n).set(1 if record.get("merge", {}).get("serves") else 0)
+        self._collect_guard(n, record)
+
+    def _collect_guard(self, n: str, record: dict[str, Any]) -> None:
+        """The flip counter follows the increase of the record's ``guard.flips`` per migration
+        (a process that starts mid-migration counts the flips it has not seen yet once)."""
+        flips = int((record.get("guard") or {}).get("flips") or 0)
+        label = (n, str(record.get("id") or record.get("started_at") or ""))
+        new = flips - self._flips_seen.get(label, 0)
+        if new > 0:
+            self.guard_flips.labels(n).inc(new)
+            self._flips_seen[label] = flips
+        else:
+            self.guard_flips.labels(n)  # the series exists (0) before the first flip
+        merged = record.get("phase") == "Succeeded" and (record.get("cutover") or {}).get("merged")
+        self.merged_models.labels(n).set(1 if merged else 0)
 
 
 def _set_window(

@@ -27,8 +27,8 @@ from index_runtime.encoders import Kind
 from index_runtime.errors import InvalidInputError
 from index_runtime.index.view import View
 from index_runtime.migration import (
-    BRIDGED,
     GUARD_ENTER_LEVEL,
+    KEEP_MERGED,
     STATUS_QUO,
     Calibration,
     decision_metric,
@@ -37,6 +37,7 @@ from index_runtime.migration import (
     merge_scored,
     select_from_intervals,
     select_strategy,
+    serves_both,
 )
 from index_runtime.quality.arr import Interval, bootstrap, estimate_arr, paired_gain, success, topk
 
@@ -65,6 +66,7 @@ class MigrationRequest:
     dim: int | None = None  # the new model's dimension, checked against its encoder
     backfill_mode: str = "internal"  # "external": an Indexed Job's workers re-encode
     backfill_shares: int = 1
+    keep_merged: str = "never"  # "if_better": end keeping both models when the merge wins
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> MigrationRequest:
@@ -86,6 +88,7 @@ class MigrationRequest:
             "dim",
             "backfill_mode",
             "backfill_shares",
+            "keep_merged",
         }
         extra = set(d) - known
         if extra:
@@ -134,6 +137,9 @@ class MigrationRequest:
         shares = int(d.get("backfill_shares") or 1)
         if not 1 <= shares <= 10_000:
             raise InvalidInputError(f"backfill_shares must be 1..10000, got {shares}")
+        keep_merged = str(d.get("keep_merged") or "never")
+        if keep_merged not in KEEP_MERGED:
+            raise InvalidInputError(f"keep_merged must be one of {list(KEEP_MERGED)}")
         return MigrationRequest(
             d["to_model"],
             kinds,
@@ -152,6 +158,7 @@ class MigrationRequest:
             dim,
             mode,
             shares,
+            keep_merged=keep_merged,
         )
 
     def options(self) -> dict[str, Any]:
@@ -170,6 +177,7 @@ class MigrationRequest:
             "seed": self.seed,
             "backfill_mode": self.backfill_mode,
             "backfill_shares": self.backfill_shares,
+            "keep_merged": self.keep_merged,
         }
 
     @staticmethod
@@ -194,6 +202,7 @@ class MigrationRequest:
             rec.target.dim if rec.target else None,
             rec.backfill_mode,
             int(o.get("backfill_shares", 1)),
+            keep_merged=str(o.get("keep_merged") or "never"),
         )
 
 
@@ -576,10 +585,13 @@ def closed_record(
     record: Mapping[str, Any], phase: str, now: float, **fields: Any
 ) -> dict[str, Any]:
     """The record of a migration that ended (Succeeded, Failed, RolledBack): its objects
-    (adapter, evaluation queries) are no longer named, so GC retires them."""
+    (adapter, evaluation queries) are no longer named, so GC retires them — except the
+    adapter of a migration that ended keeping both models merged (the merge serves it)."""
     out = {**record, "phase": phase, "finished_at": now, **fields}
+    merged = phase == "Succeeded" and (out.get("cutover") or {}).get("merged")
     for key in ("adapter_key", "eval_key", "pairs_key", "fitted", "labelled_key"):
-        out.pop(key, None)
+        if not (merged and key == "adapter_key"):
+            out.pop(key, None)
     return out
 
 
@@ -590,9 +602,10 @@ def interval_of(d: Mapping[str, Any] | None) -> Interval | None:
 
 
 def strategy_for(record: Mapping[str, Any] | None, has_text: bool, model: str | None) -> str:
-    """How a query is served during a bridged migration (pure): text follows the selected
-    strategy; a new-model vector needs the adapter; anything else is the status quo."""
-    if not record or record.get("phase") not in BRIDGED:
+    """How a query is served during a bridged migration, or after one that ended keeping both
+    models merged (pure): text follows the selected strategy; a new-model vector needs the
+    adapter; anything else is the status quo."""
+    if not record or not serves_both(record):
         return STATUS_QUO
     selected = str(record["selected"])
     if model == record["to"]:

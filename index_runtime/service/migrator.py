@@ -38,7 +38,7 @@ from index_runtime.errors import (
 from index_runtime.index.loader import serving_model
 from index_runtime.index.settings import IndexSettings
 from index_runtime.machine import Observed, Step, next_step, same_migration
-from index_runtime.migration import BRIDGED, cutover_decision
+from index_runtime.migration import BRIDGED, cutover_decision, merged_cost
 from index_runtime.service import migration_gate as gate
 from index_runtime.service.migrate import (
     Encode,
@@ -171,6 +171,12 @@ class Migrator:
             if req.id and self.job.get("id") not in (None, "", req.id):
                 raise MigrationMismatchError(f"migration {self.job.get('id')} is starting")
             return op, False, rec
+        if rec is not None and rec.kept_merged:  # a later migration first drops the old model
+            if req.to_model == rec.to_model:
+                raise InvalidInputError(
+                    f"the index already serves {rec.to_model!r} (merged with {rec.from_model!r})"
+                )
+            self.drop_merged(rec)
         if req.to_model == self.rt.model:
             raise InvalidInputError(f"the index already serves {self.rt.model!r}")
         mid = req.id or uuid.uuid4().hex
@@ -219,6 +225,37 @@ class Migrator:
         self.set_job(rec.phase, "resumed after a restart")
         if not self._resting(rec):
             self._run(rec.id)
+
+    # staying merged ------------------------------------------------------------------------
+
+    def source_model(self) -> str:
+        """The model a new migration starts from: the index's model, or the new model of a
+        migration that ended keeping both merged (the later migration drops the old one)."""
+        rec = self.record()
+        return rec.to_model if rec is not None and rec.kept_merged else self.rt.model
+
+    def drop_merged(self, rec: MigrationRecord) -> None:
+        """End the merged state of ``rec`` (terminal, kept merged): the index stores and
+        serves only its new model, as a plain cutover would have left it; the record stays
+        Succeeded and says when the old model was dropped (its adapter is retired by GC)."""
+        now = self.rt.clock()
+        old, to = rec.from_model, rec.to_model
+
+        def edit(m: Manifest) -> Manifest:
+            cur = MigrationRecord.from_json(m.migration)
+            if cur is None or cur.id != rec.id or not cur.kept_merged:
+                raise Superseded("the merged migration changed meanwhile")
+            cut = {**(cur.cutover or {}), "merged": False, "dropped_at": now,
+                   "dropped": old}  # fmt: skip
+            out = cur.replace(cutover=cut, adapter_key=None, updated_at=now)
+            return retire_unreferenced(m, replace(_only(m, to), migration=out.to_json()), now)
+
+        with self.lock:
+            self.rt._writer().change_spec(edit, f"migration {rec.id}: drop merged {old}")
+        crash_point("migration.cutover.committed")  # the deferred cutover
+        self.rt.changed()
+        self.rt.refresh(force=True)
+        self.set_job("Succeeded", f"dropped {old!r}; the index serves {to!r} alone")
 
     def _check_id(self, rec: MigrationRecord, mid: str | None) -> None:
         if not same_migration(rec, mid):
@@ -442,7 +479,9 @@ class Migrator:
                          force: bool = False) -> Any:  # fmt: skip
         auto = bool(rec.options.get("auto_cutover", True)) or explicit
         gain = interval_of((rec.merge or {}).get("native_gain"))
-        d = cutover_decision(prog, gain, auto, force, rec.to_model)
+        keep = rec.options.get("keep_merged") == "if_better" and rec.guard_state.serves
+        merge_vs_native = interval_of((rec.merge or {}).get("merge_vs_native")) if keep else None
+        d = cutover_decision(prog, gain, auto, force, rec.to_model, merge_vs_native)
         try:
             dim = self.rt._writer().manifest.index.dims[rec.to_model]
             IndexSettings.from_json(self.rt.current_manifest().settings, dim)
@@ -458,6 +497,14 @@ class Migrator:
         event per tick). The new model is served by the shadow at once with its own metric."""
         self.rt._writer()
         rec = self.record()
+        if rec is not None and rec.kept_merged and same_migration(rec, mid):
+            if not force:
+                raise ConflictError(
+                    f"migration {rec.id} ended keeping {rec.from_model!r} and {rec.to_model!r} "
+                    f"merged; cut over with force to drop {rec.from_model!r}"
+                )
+            self.drop_merged(rec)
+            return {"cut_over": True, "reason": "MergeEnded", "message": self.job["message"]}
         if rec is None or rec.phase not in BRIDGED:
             phase = rec.phase if rec else None
             raise ConflictError(f"no migration waits for a cutover (phase {phase!r})")
@@ -481,11 +528,19 @@ class Migrator:
         to = rec.to_model
 
         def spec(m: Manifest, r: MigrationRecord) -> Manifest:
-            s = replace(m.index, models={to: m.index.models[to]}, write_models=(to,))
-            return replace(m, index=s, codebooks=(), index_files=(), serving=0)
+            if d.merged:  # both models stay stored, required and served (the merge)
+                return m
+            return _only(m, to)
 
         def close(r: MigrationRecord) -> MigrationRecord:
-            cut = {"reason": d.reason, "message": d.message, "at": now}
+            cut: dict[str, Any] = {"reason": d.reason, "message": d.message, "at": now}
+            if d.merged:
+                dim = r.target.dim if r.target else int(self.rt.spec.dims.get(to, 0))
+                cut.update(
+                    merged=True,
+                    merge_vs_native=dict((r.merge or {}).get("merge_vs_native") or {}),
+                    cost=merged_cost(prog.live, dim),
+                )
             return _closed(r, "Succeeded", now, cutover=cut)
 
         self.cancel.set()  # a backfill pass still running stops at its next batch
@@ -493,6 +548,12 @@ class Migrator:
                      rec.id)  # fmt: skip
         self.set_job("Succeeded", d.message)
         return {"cut_over": True, "reason": d.reason, "message": d.message}
+
+
+def _only(m: Manifest, model: str) -> Manifest:
+    """``m`` storing, requiring and serving only ``model`` (its own shadow until trained)."""
+    s = replace(m.index, models={model: m.index.models[model]}, write_models=(model,))
+    return replace(m, index=s, codebooks=(), index_files=(), serving=0)
 
 
 def _closed(r: MigrationRecord, phase: str, now: float, **fields: Any) -> MigrationRecord:

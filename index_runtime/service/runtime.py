@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -52,9 +52,15 @@ from index_runtime.index.training import (
     train_codebook,
 )
 from index_runtime.index.view import Hits, View
-from index_runtime.migration import BRIDGED, STATUS_QUO, BackfillProgress, backfill_progress
+from index_runtime.migration import (
+    STATUS_QUO,
+    BackfillProgress,
+    backfill_progress,
+    serves_both,
+)
 from index_runtime.quality.oracle import Measurement, Oracle, Sample
 from index_runtime.quality.window import WindowStats
+from index_runtime.querylog import Forwarder, QueryLog, QueryLogSettings
 from index_runtime.service.migrate import (
     DEPTH,
     Encode,
@@ -98,6 +104,8 @@ class RuntimeOptions:
     tick_s: float = 0.5  # maintenance loop period
     seed: int = 0
     shadow_url: str | None = None  # a reader without the shadow role mirrors samples here
+    query_log: QueryLogSettings = field(default_factory=QueryLogSettings)  # off: querylog.py
+    writer_url: str | None = None  # a reader without the writer role forwards sampled texts here
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,11 @@ class IndexRuntime:
         self.mirror: Mirror | None = None
         if options.shadow_url and not roles.shadow:
             self.mirror = Mirror(options.shadow_url, name, settings.oracle.queue)
+        # sampled query texts: kept on the writer (or a standalone server), forwarded by readers
+        self.forwarder: Forwarder | None = None
+        if options.query_log.active and writer is None and options.writer_url:
+            self.forwarder = Forwarder(options.writer_url, name)
+        self.queries = QueryLog(options.query_log, clock, options.seed, self.forwarder)
         self.stale_samples = 0
         # a reader pins the manifest it serves, so GC keeps its objects (lease, renewed)
         self.pin_holder = f"reader-{name}-{uuid.uuid4().hex[:8]}" if writer is None else None
@@ -278,6 +291,8 @@ class IndexRuntime:
             self.oracle.start()
         if self.mirror is not None:
             self.mirror.start()
+        if self.forwarder is not None:
+            self.forwarder.start()
         for target, label in ((self._refresh_loop, "refresh"), (self._maint_loop, "maintenance")):
             t = threading.Thread(target=target, name=f"{label}-{self.name}", daemon=True)
             t.start()
@@ -312,6 +327,8 @@ class IndexRuntime:
         self.oracle.stop()
         if self.mirror is not None:
             self.mirror.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
         if self.pin_holder is not None:
             try:
                 self.mlog.drop_pin(self.pin_holder)
@@ -429,10 +446,11 @@ class IndexRuntime:
     def _build_native(
         self, m: Manifest, pending: list[RowBatch], view: View, settings: IndexSettings, model: str
     ) -> tuple[View, View] | None:
-        """During a migration with dual writes, the new model's view of the same snapshot as
-        ``view`` (same rows and positions; the backfilled rows have vectors)."""
+        """During a migration with dual writes (or after one that ended keeping both models
+        merged), the new model's view of the same snapshot as ``view`` (same rows and
+        positions; the backfilled rows have vectors)."""
         to = m.migration.get("to")
-        if m.migration.get("phase") not in BRIDGED or to not in m.index.models or to == model:
+        if not serves_both(m.migration) or to not in m.index.models or to == model:
             self._native_builder = None
             return None
         if self._native_builder is None or self._native_builder.model != to:

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from index_runtime.migration import migration_summary
+
 if TYPE_CHECKING:
     from index_runtime.service.runtime import IndexRuntime
 
@@ -59,7 +61,11 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
         "model": rt.model,
         "settings": rt.settings.to_json(),
         "phase": d.phase.value,
-        "migration": {"record": rt.bridge or None, "job": rt.migration_job or None},
+        "migration": {
+            "record": rt.bridge or None,
+            "job": rt.migration_job or None,
+            **migration_summary(rt.record),
+        },
         "reason": d.reason,
         "message": d.message,
         "maintenance": rt.options.maintenance,

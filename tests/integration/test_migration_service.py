@@ -255,8 +255,15 @@ def test_backfill_under_writes_then_cutover_serves_the_new_model(tmp_path: Path)
         for p in curve:
             gain = p["test_gain_vs_status_quo"]["served"]
             assert gain["low"] > -1e-9 or p["merge_serves"], p  # the strategy itself is significant
-            if p["merge_serves"]:
-                assert p["merge_gain_calibration"]["low"] > 0
+            if p["merge_serves"]:  # entered on a significant gain, or kept (hysteresis)
+                g = p["guard"]
+                assert p["merge_gain_calibration"]["low"] > 0 or (
+                    g["reason"] == "MergeKeepsServing" and g["gain_exit"]["high"] >= 0
+                ), g
+                assert g["vs_status_quo"]["high"] >= 0, g  # never measured below the status quo
+        assert rec["guard"]["flips"] <= 1, rec["guard"]  # it enters once and stays
+        status = c.get("/v1/indexes/docs/status").json()["migration"]
+        assert status["guard"]["flips"] == rec["guard"]["flips"] and status["merged"] is None
         # after the cutover: the new model is the index's model, no adapter, old vectors refused
         info = c.get("/v1/indexes/docs").json()
         assert info["model"] == "new" and info["dim"] == D_NEW
