@@ -163,6 +163,7 @@ def serve_config(
     """The engine's configuration from ``serve``'s arguments; with ``--from-env`` (in a
     cluster) storage, URLs and the one index to serve (``Env.INDEX``) come from ``env`` where
     no flag gave them (filled into ``args``)."""
+    from index_runtime.querylog import QueryLogSettings
     from index_runtime.service.engine import ServeConfig
     from index_runtime.service.runtime import RuntimeOptions
     from index_runtime.store.objects import S3Config
@@ -173,6 +174,7 @@ def serve_config(
         args.s3_endpoint = args.s3_endpoint or env.get(Env.S3_ENDPOINT) or None
         args.s3_region = args.s3_region or env.get(Env.S3_REGION) or None
         args.shadow_url = args.shadow_url or env.get(Env.SHADOW_URL) or None
+        args.writer_url = env.get(Env.WRITER_URL) or None  # readers forward sampled queries
         args.index = args.index or env.get(Env.INDEX) or None
     if not (args.data or args.s3_bucket):
         raise InvalidInputError(f"give --data or --s3-bucket (or {Env.S3_BUCKET} with --from-env)")
@@ -185,7 +187,11 @@ def serve_config(
         wal_dir=Path(args.wal_dir) if args.wal_dir else None,
         roles=roles,
         options=RuntimeOptions(
-            maintenance=args.maintenance == "on", tick_s=args.tick, shadow_url=args.shadow_url
+            maintenance=args.maintenance == "on",
+            tick_s=args.tick,
+            shadow_url=args.shadow_url,
+            query_log=QueryLogSettings.from_env(env),  # off unless Env.QUERY_LOG is "1"
+            writer_url=getattr(args, "writer_url", None),
         ),
         tokens=tokens,
         tokens_file=tokens_file,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import random
 import threading
@@ -182,10 +183,16 @@ class Forwarder:
     queue or an unreachable writer drops them (counted): the query path never waits."""
 
     def __init__(
-        self, url: str, index: str, token: str | None, queue_size: int = 256, batch: int = 64
+        self,
+        url: str,
+        index: str,
+        token: str | None = None,
+        queue_size: int = 256,
+        batch: int = 64,
     ) -> None:
         self.endpoint = f"{url.rstrip('/')}/v1/indexes/{index}/internal/queries"
-        self.token = token
+        # the reader's mirror-scope token (Env.SHADOW_TOKEN, from a Secret); the writer accepts it
+        self.token = token if token is not None else os.environ.get(Env.SHADOW_TOKEN) or None
         self.batch = batch
         self._q: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()

@@ -205,10 +205,11 @@ class StartMigration(Strict):
     to_model: str = Field(
         min_length=1, description="the new embedding model (an encoder this server runs)"
     )
-    kinds: list[Literal["procrustes", "lowrank", "mlp"]] = Field(
+    kinds: list[Literal["procrustes", "lowrank", "mlp", "rank"]] = Field(
         default=["procrustes", "lowrank", "mlp"],
         min_length=1,
-        description="adapter kinds to fit and measure",
+        description="adapter kinds to fit and measure (rank: trained on the new model's "
+        "top-k, slower to fit; not in the default)",
     )
     diagonal: bool = Field(default=False, description="also fit each kind with diagonal scaling")
     pairs: int = Field(

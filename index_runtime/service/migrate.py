@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from index_runtime.adapters import KINDS, Adapter, FitOptions, fit_adapter
+from index_runtime.adapters import DEFAULT_KINDS, KINDS, Adapter, FitOptions, fit_adapter
 from index_runtime.contract import METRICS, MigrationGuard, MigrationRecord
 from index_runtime.corpus import split_of
 from index_runtime.encoders import Kind
@@ -45,12 +45,13 @@ Encode = Callable[[list[str], Kind], npt.NDArray[np.float32]]
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 DEPTH = 20  # list depth the merge draws from (each model's top-20)
+MIN_TRAFFIC = 50  # held-out logged queries needed to estimate ARR on traffic instead of rows
 
 
 @dataclass(frozen=True)
 class MigrationRequest:
     to_model: str
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     diagonal: bool = False
     pairs: int = 20_000
     min_labelled: int = 200
@@ -95,7 +96,7 @@ class MigrationRequest:
             raise InvalidInputError(f"unknown migration fields: {sorted(extra)}")
         if not isinstance(d.get("to_model"), str) or not d["to_model"]:
             raise InvalidInputError("to_model (the new model's name) is required")
-        kinds = tuple(d.get("kinds", KINDS))
+        kinds = tuple(d.get("kinds", DEFAULT_KINDS))
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
             raise InvalidInputError(
@@ -186,7 +187,7 @@ class MigrationRequest:
         o = rec.options
         return MigrationRequest(
             rec.to_model,
-            tuple(o.get("kinds", KINDS)),
+            tuple(o.get("kinds", DEFAULT_KINDS)),
             bool(o.get("diagonal", False)),
             int(o.get("pairs", 20_000)),
             int(o.get("min_labelled", 200)),
@@ -248,6 +249,16 @@ class Pairs:
     coverage: float  # share of inspected live rows that had text
     version: int  # the manifest version sampled
     labelled: list[tuple[str, Any]]
+    # sampled query traffic (querylog.py) encoded by both models; texts are not stored.
+    # q_fit: the half adapters are fitted on; the other half estimates ARR without labels
+    q_old: F32 = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    q_new: F32 = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    q_fit: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))
+
+    def query_pairs(self, fit: bool) -> tuple[F32, F32] | None:
+        """The traffic queries' (new, old) vectors of one half, None when there are none."""
+        pick = self.q_fit if fit else ~self.q_fit
+        return (self.q_new[pick], self.q_old[pick]) if pick.any() else None
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -258,7 +269,8 @@ class Pairs:
             "labelled": [[t, k] for t, k in self.labelled],
         }
         buf = io.BytesIO()
-        np.savez(buf, old=self.old, new=self.new, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        np.savez(buf, old=self.old, new=self.new, q_old=self.q_old, q_new=self.q_new,
+                 q_fit=self.q_fit, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))  # fmt: skip
         return buf.getvalue()
 
     @staticmethod
@@ -275,6 +287,10 @@ class Pairs:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())
             old, new = np.asarray(z["old"], np.float32), np.asarray(z["new"], np.float32)
+            traffic = (  # absent in objects written before the query log existed
+                (np.asarray(z["q_old"], np.float32), np.asarray(z["q_new"], np.float32),
+                 np.asarray(z["q_fit"], bool)) if "q_fit" in z.files else ()
+            )  # fmt: skip
         return Pairs(
             list(meta["keys"]),
             list(meta["texts"]),
@@ -283,6 +299,7 @@ class Pairs:
             float(meta["coverage"]),
             int(meta["version"]),
             [(str(t), k) for t, k in meta["labelled"]],
+            *traffic,
         )
 
 
@@ -300,15 +317,43 @@ def sample_pairs(view: View, encode_new: Encode, req: MigrationRequest) -> Pairs
     return Pairs(keys, texts, old, new, coverage, view.version, list(req.labelled))
 
 
+def traffic_split(texts: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """True for the half of the sampled query texts adapters are fitted on (by a hash of the
+    text: a query seen twice lands in the same half), False for the half that measures."""
+    return np.array([zlib.crc32(b"traffic:" + t.encode()) % 2 == 0 for t in texts], bool)
+
+
+def encode_traffic(pairs: Pairs, texts: Sequence[str], encode_old: Encode, encode_new: Encode
+                   ) -> Pairs:  # fmt: skip
+    """SAMPLE: the query log's texts encoded by both models, attached to ``pairs`` (vectors
+    only: the texts are not stored)."""
+    if not texts:
+        return pairs
+    t = list(texts)
+    pairs.q_old = _normalized(encode_old(t, "query"))
+    pairs.q_new = _normalized(encode_new(t, "query"))
+    pairs.q_fit = traffic_split(t)
+    return pairs
+
+
 def fit_adapters(pairs: Pairs, req: MigrationRequest) -> dict[str, Adapter]:
-    """FIT: every requested adapter kind on the pairs' fit split."""
+    """FIT: every requested adapter kind on the pairs' fit split, plus the fitting half of the
+    sampled query traffic when there is one; each adapter's provenance says what it was
+    fitted on (``fitted_on``: ``["pairs:N", "queries:M"]``)."""
     fit = np.flatnonzero(np.array([split_of(str(k)) for k in pairs.keys]) == "fit")
+    queries = pairs.query_pairs(fit=True)
+    fitted_on = [f"pairs:{len(fit)}"] + ([f"queries:{len(queries[0])}"] if queries else [])
     adapters = {}
     for kind in req.kinds:
         for diag in (False, True) if req.diagonal else (False,):
-            adapters[adapter_name(kind, diag)] = fit_adapter(
-                pairs.new[fit], pairs.old[fit], FitOptions(kind=kind, diagonal=diag, seed=req.seed)
+            a = fit_adapter(
+                pairs.new[fit],
+                pairs.old[fit],
+                FitOptions(kind=kind, diagonal=diag, seed=req.seed),
+                query_pairs=queries,
             )
+            a.provenance["fitted_on"] = fitted_on
+            adapters[adapter_name(kind, diag)] = a
     return adapters
 
 
@@ -342,19 +387,30 @@ def evaluate_gate(
         if p is not None and int(p) in index_of:  # labels of deleted rows are dropped
             labelled.append((text, index_of[int(p)]))
     metric = decision_metric(len(labelled), req.min_labelled, req.k)
+    traffic = pairs.query_pairs(fit=False)  # real queries no adapter was fitted on
+    use_traffic = (
+        not metric.startswith("success") and traffic is not None and len(traffic[0]) >= MIN_TRAFFIC
+    )
     if metric.startswith("success"):
         qtexts = [t for t, _ in labelled]
         labels = np.array([i for _, i in labelled], np.int64)
+    elif use_traffic:
+        qtexts = []  # the query log's held-out half, already encoded by both models
     else:
         test = np.flatnonzero(split == "test")
         qtexts = [texts[i] for i in test]
         labels = np.full(len(qtexts), -1, np.int64)
-    if len(qtexts) < 10:
-        raise InvalidInputError(
-            f"only {len(qtexts)} held-out queries; sample more rows or label queries"
-        )
-    q_old = _normalized(encode_old(qtexts, "query"))
-    q_new = _normalized(encode_new(qtexts, "query"))
+    if use_traffic:
+        assert traffic is not None
+        q_new, q_old = traffic
+        labels = np.full(len(q_new), -1, np.int64)
+    else:
+        if len(qtexts) < 10:
+            raise InvalidInputError(
+                f"only {len(qtexts)} held-out queries; sample more rows or label queries"
+            )
+        q_old = _normalized(encode_old(qtexts, "query"))
+        q_new = _normalized(encode_new(qtexts, "query"))
     base = view.vectors_at(alive)
     retrieved = {STATUS_QUO: topk(q_old, base, req.k)[0]}
     for name, a in adapters.items():
@@ -372,6 +428,8 @@ def evaluate_gate(
     table = sel.as_dict()
     for row in table["strategies"]:
         row["arr"] = arr[row["name"]][0].as_dict()
+        if row["name"] in adapters:  # what the adapter was fitted on (pairs, query traffic)
+            row["fitted_on"] = list(adapters[row["name"]].provenance.get("fitted_on", ()))
     chosen = adapters.get(sel.selected)
     evalset: EvalSet | None = None
     calibration: dict[str, Any] | None = None
@@ -399,7 +457,10 @@ def evaluate_gate(
         "strategies": table["strategies"],
         "pairs": len(fit),
         "sampled_rows": len(pos),
-        "queries": len(qtexts),
+        "queries": len(q_new),
+        # where ARR was estimated: the sampled rows' texts, or real queries from the query log
+        "arr_queries": f"queries:{len(q_new)}" if use_traffic else f"rows:{len(q_new)}",
+        "traffic_queries": len(pairs.q_fit),
         "labelled": metric.startswith("success"),
         "text_coverage": pairs.coverage,
         "measured_on_version": view.version,

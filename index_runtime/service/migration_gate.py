@@ -21,6 +21,7 @@ from index_runtime.service.migrate import (
     EvalSet,
     MigrationRequest,
     Pairs,
+    encode_traffic,
     evaluate_gate,
     fit_adapters,
     sample_pairs,
@@ -89,7 +90,10 @@ def sample(mig: Migrator, rec: MigrationRecord) -> None:
     )
     req = MigrationRequest.of_record(rec, labelled)
     mig.set_job("SamplingPairs", f"sampling up to {req.pairs} rows with text")
-    pairs = sample_pairs(mig.rt.fresh_view(), mig._encoders()[1], req)
+    enc_old, enc_new = mig._encoders()
+    pairs = sample_pairs(mig.rt.fresh_view(), enc_new, req)
+    # the query log's sample (empty unless the index turned it on), encoded by both models
+    pairs = encode_traffic(pairs, mig.rt.queries.snapshot(), enc_old, enc_new)
     key = new_object_name(ADAPTER_DIR, ".npz")
     mig.rt.store.put(key, pairs.to_bytes())
     mig.commit(lambda r: r.replace(phase="TrainingAdapter", pairs_key=key),
