@@ -127,6 +127,7 @@ EXPECTED = {
     ("POST", "/v1/indexes/{name}/search"): Scope.READ,
     ("POST", "/v1/indexes/{name}/search/batch"): Scope.READ,
     ("POST", "/v1/indexes/{name}/internal/samples"): Scope.MIRROR,
+    ("POST", "/v1/indexes/{name}/internal/queries"): Scope.MIRROR,  # reader -> writer (query log)
     ("GET", "/v1/indexes/{name}/status"): Scope.READ,
     ("GET", "/healthz"): None,
     ("GET", "/readyz"): None,
