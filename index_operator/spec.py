@@ -197,6 +197,27 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class QueryLogSpec:
+    """spec.queryLog: sampling of text queries as migration data (index_runtime.querylog).
+    Off unless enabled: query text is user data."""
+
+    enabled: bool = False
+    sample_rate: float = 0.1
+    max_queries: int = 2000
+    retention_hours: float = 24.0
+
+    @staticmethod
+    def parse(d: Mapping[str, Any] | None) -> QueryLogSpec:
+        d = d or {}
+        return QueryLogSpec(
+            enabled=bool(d.get("enabled", False)),
+            sample_rate=float(d.get("sampleRate", 0.1)),
+            max_queries=int(d.get("maxQueries", 2000)),
+            retention_hours=float(d.get("retentionHours", 24.0)),
+        )
+
+
+@dataclass(frozen=True)
 class Index:
     ref: Ref
     model: str
@@ -213,6 +234,7 @@ class Index:
     compaction_deleted_ratio: float
     compaction_max_segments: int
     pods: PodOptions  # spec.pods (over the operator's defaults)
+    query_log: QueryLogSpec = QueryLogSpec()  # spec.queryLog
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -250,6 +272,7 @@ class Index:
             compaction_deleted_ratio=float(comp.get("deletedRatio", 0.2)),
             compaction_max_segments=int(comp.get("maxSegments", 64)),
             pods=PodOptions.parse(spec.get("pods")),
+            query_log=QueryLogSpec.parse(spec.get("queryLog")),
         )
 
 

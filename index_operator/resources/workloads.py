@@ -109,6 +109,25 @@ def image_for(cl: Cluster, config: Mapping[str, str]) -> str:
     return cl.jobs_image if local else cl.runtime_image
 
 
+def query_log_env(ix: Index, role: Role) -> list[dict[str, Any]]:
+    """spec.queryLog for the writer (keeps the sample) and the readers (forward what they
+    sample to the writer's service, with their mirror-scope token); nothing when it is off,
+    so a runtime without these variables keeps no query text."""
+    q = ix.query_log
+    if not q.enabled or role not in (Role.WRITER, Role.READER):
+        return []
+    env = [
+        {"name": Env.QUERY_LOG.value, "value": "1"},
+        {"name": Env.QUERY_LOG_RATE.value, "value": repr(q.sample_rate)},
+        {"name": Env.QUERY_LOG_MAX.value, "value": str(q.max_queries)},
+        {"name": Env.QUERY_LOG_RETENTION_S.value, "value": repr(q.retention_hours * 3600.0)},
+    ]
+    if role is Role.READER:
+        url = service_url(ix.ref.name, ix.ref.namespace, Role.WRITER)
+        env.append({"name": Env.WRITER_URL.value, "value": url})
+    return env
+
+
 def _pod(
     ix: Index,
     cl: Cluster,
@@ -132,6 +151,7 @@ def _pod(
                 "configMapKeyRef": {"name": config_name(ix.ref.name), "key": ENCODERS_KEY}
             },
         },
+        *query_log_env(ix, role),
         *extra_env,
     ]
     spec: dict[str, Any] = {

@@ -75,3 +75,37 @@ def test_settings_from_env_and_validation() -> None:
         QueryLogSettings(sample_rate=1.5)
     with pytest.raises(ValueError, match="max_queries"):
         QueryLogSettings(max_queries=0)
+
+
+def _runtime_env(spec_patch: dict[str, object]) -> dict[str, dict[str, str]]:
+    """The plain env values of the writer's and the readers' pods for a VectorIndex."""
+    from index_operator import resources as res
+    from index_operator.spec import Index
+    from index_runtime import contract
+    from tests.unit.test_operator_resources import CL, TOKENS, _cr
+
+    cr = _cr("vectorindex.yaml")
+    cr["spec"] = {**cr["spec"], **spec_patch}
+    objs = res.desired_objects(Index.parse(cr), CL, {"minilm": "all-MiniLM-L6-v2"}, TOKENS)
+    out = {}
+    for obj in objs:
+        role = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        if obj["kind"] in ("StatefulSet", "Deployment") and role in ("writer", "reader"):
+            env = obj["spec"]["template"]["spec"]["containers"][0]["env"]
+            out[role] = {e["name"]: e["value"] for e in env if "value" in e}
+    assert set(out) == {contract.Role.WRITER.value, contract.Role.READER.value}
+    return out
+
+
+def test_the_operator_passes_spec_query_log_to_the_pods_and_the_runtime_reads_it() -> None:
+    off = _runtime_env({})
+    assert not any(k.startswith("DRIFTLESS_QUERY_LOG") for env in off.values() for k in env)
+    on = _runtime_env(
+        {"queryLog": {"enabled": True, "sampleRate": 0.05, "maxQueries": 500, "retentionHours": 2}}
+    )
+    for role, env in on.items():
+        s = QueryLogSettings.from_env(env)
+        assert (s.enabled, s.sample_rate, s.max_queries, s.retention_s) == (True, 0.05, 500, 7200.0)
+        # readers forward to the writer's service; the writer keeps the sample itself
+        assert (Env.WRITER_URL in env) == (role == "reader")
+    assert "-writer" in on["reader"][Env.WRITER_URL]
