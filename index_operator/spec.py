@@ -364,6 +364,7 @@ class Migration:
     backfill_stall_s: int = BACKFILL_STALL_S  # no progress this long: Stalled, pods restart
     backfill_resources: Resources = BACKFILL_POD
     created_at: float = 0.0  # metadata.creationTimestamp (unix s; 0 = unknown)
+    keep_merged: str = "Never"  # spec.cutover.keepMerged: Never | IfBetter
 
     @property
     def uid(self) -> str:
@@ -393,6 +394,7 @@ class Migration:
             cutover_policy=str(co.get("policy", "Auto")),
             cutover_approved=bool(co.get("approved", False)),
             cutover_force=bool(co.get("force", False)),
+            keep_merged=str(co.get("keepMerged", "Never")),
             rollback=bool(spec.get("rollback", False)),
             pods=PodOptions.parse(spec.get("pods")),
             backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
@@ -421,4 +423,5 @@ class Migration:
             "seed": self.seed,
             "backfill_batch": self.backfill_batch,
             "backfill_rate": self.backfill_rate,
+            "keep_merged": "if_better" if self.keep_merged == "IfBetter" else "never",
         }

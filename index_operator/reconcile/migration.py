@@ -104,6 +104,8 @@ def _strategies(rec: MigrationRecord) -> list[dict[str, Any]]:
                 "eligible": bool(r["eligible"]),
             }
         )
+        if r.get("fitted_on"):  # adapters: pairs:N, queries:M (the query log's sample)
+            out[-1]["fittedOn"] = [str(x) for x in r["fitted_on"]]
     return out
 
 
@@ -119,6 +121,26 @@ def _progress(rec: MigrationRecord) -> dict[str, Any]:
         "share": round(share, 4),
         "summary": f"{share:.0%}",
     }
+
+
+def _guard_and_merged(rec: MigrationRecord) -> dict[str, Any]:
+    """status.guard (flips of what serves during the backfill) and, for a migration that
+    ended keeping both models, status.merged with what it measured and costs."""
+    g = rec.guard_state
+    out: dict[str, Any] = {
+        "guard": {"serves": g.serves, "flips": g.flips, "checkpoints": g.checkpoints}
+    }
+    if rec.kept_merged:
+        c = rec.cutover or {}
+        gain, cost = c.get("merge_vs_native") or {}, c.get("cost") or {}
+        out["merged"] = {
+            "models": [rec.from_model, rec.to_model],
+            "gain": round(float(gain.get("mean", 0.0)), 4),
+            "gainLower": round(float(gain.get("low", 0.0)), 4),
+            "storedVectorBytes": int(cost.get("stored_vector_bytes", 0)),
+            "encodersPerQuery": int(cost.get("encoders_per_query", 2)),
+        }
+    return out
 
 
 def progress_mark(rec: MigrationRecord) -> str:
@@ -223,6 +245,9 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         return done("RolledBack", "GateFailed", view.message, rec)
     if rec.phase == "RolledBack":
         return done("RolledBack", "RolledBack", view.message or "rolled back", rec)
+    if rec.phase == "Succeeded" and rec.kept_merged:
+        msg = f"the index keeps {rec.from_model!r} and {mig.target!r} and serves their merge"
+        return done("Succeeded", "KeptMerged", msg, rec)
     if rec.phase == "Succeeded":
         return done("Succeeded", "CutOver", f"the index serves {mig.target!r}", rec)
 
@@ -376,6 +401,7 @@ class _Done:
                     "progress": progress,
                 }
             )
+            status.update(_guard_and_merged(rec))
         events: list[Event] = []
         if prior.get("phase") != phase:
             kind = "Warning" if phase in ("Failed", "RolledBack") else "Normal"

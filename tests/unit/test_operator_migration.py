@@ -307,3 +307,34 @@ def test_a_rollback_asked_while_the_gate_job_starts_rolls_back_what_it_starts() 
     # the Job ended without starting anything: nothing to roll back
     ended = tick(asked, 4.0, None, plan.status, gate_job=JobState.FAILED)
     assert ended.status["phase"] == "RolledBack" and not ended.actions
+
+
+def test_a_migration_that_kept_both_models_is_ready_and_shows_the_cost_and_the_flips() -> None:
+    """cutover.keepMerged IfBetter travels to the runtime's request; a record that ended
+    kept merged is Succeeded (Ready, reason KeptMerged) with status.merged and status.guard."""
+    mig = migration(cutover={"keepMerged": "IfBetter"})
+    assert mig.gate_request()["keep_merged"] == "if_better"
+    assert MIG.gate_request()["keep_merged"] == "never"
+    cut = {
+        "reason": "KeptMerged",
+        "message": "both kept",
+        "merged": True,
+        "merge_vs_native": {"mean": 0.031, "low": 0.012, "high": 0.05},
+        "cost": {"stored_vector_bytes": 1536000, "rows": 1000, "dim": 384, "encoders_per_query": 2},
+    }
+    guard = {"serves": True, "flips": 1, "checkpoints": 9}
+    plan = tick(mig, 5.0, record("Succeeded", cutover=cut, guard=guard), {"phase": "CuttingOver"})
+    st = plan.status
+    assert st["phase"] == "Succeeded" and cond(plan, "Ready")["status"] == "True"
+    assert st["reason"] == "KeptMerged"
+    assert st["merged"] == {
+        "models": ["old", "new"],
+        "gain": 0.031,
+        "gainLower": 0.012,
+        "storedVectorBytes": 1536000,
+        "encodersPerQuery": 2,
+    }
+    assert st["guard"] == {"serves": True, "flips": 1, "checkpoints": 9}
+    # a plain cutover has no status.merged; an earlier release's record shows no flips
+    plain = tick(MIG, 5.0, record("Succeeded", cutover={"reason": "CutOver"}), None).status
+    assert "merged" not in plain and plain["guard"]["flips"] == 0
