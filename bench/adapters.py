@@ -44,7 +44,14 @@ RESULTS = ROOT / "bench" / "results"
 
 from index_runtime.adapters import KINDS, Adapter, FitOptions, fit_adapter  # noqa: E402
 from index_runtime.corpus import build_labelled_corpus, site_roots, split_of  # noqa: E402
-from index_runtime.migration import NATIVE, STATUS_QUO, decision_metric, select_strategy  # noqa: E402
+from index_runtime.migration import (  # noqa: E402
+    NATIVE,
+    STATUS_QUO,
+    count_flips,
+    decision_metric,
+    merged_cost,
+    select_strategy,
+)
 from index_runtime.quality import evaluate as ev  # noqa: E402
 from index_runtime.quality.arr import bootstrap  # noqa: E402
 
@@ -242,9 +249,111 @@ def direction(
             }
             for p in pts
         ]
+    # --- guard (issue 19 items 3-4): flips over dense checkpoints, staying merged at the end
+    res["guard"] = guard_curves(ds, chosen, serve, metric, orders, (cal_s, cal_n))
+    res["staying_merged"] = staying_merged(
+        res["guard"]["random"]["points"], chosen, len(docs), ds.new_rows.shape[1]
+    )
     res["_adapters"] = adapters
     res["metric"] = metric
+    res["rank"] = rank_traffic(ds, fit_rows, cal, test, seed)  # --- rank (issue 19 items 1/2)
     return res
+
+
+# --- rank (issue 19 items 1/2): the rank kind and the traffic-fitted variants ---------------
+
+
+def rank_traffic(ds: Any, fit_rows: np.ndarray, cal: np.ndarray, test: np.ndarray, seed: int
+                 ) -> dict[str, Any]:  # fmt: skip
+    """procrustes / mlp / rank fitted on passage pairs alone, and on passage pairs plus
+    "traffic": the calibration split's query texts encoded by both models (what the query log
+    gives the gate; their labels are not used). Measured on the test queries: ARR@10 and
+    Success@10 with 95% bootstrap intervals and paired gains over the status quo, plus what
+    the gate would select label-free (ARR) and labelled (Success)."""
+    from index_runtime.quality.arr import paired_gain
+
+    x, y = ds.new_rows[fit_rows], ds.old_rows[fit_rows]
+    traffic = (ds.new_queries[cal], ds.old_queries[cal])
+    adapters, info = {}, {}
+    for kind in ("procrustes", "mlp", "rank"):
+        for src, qp in (("pairs", None), ("pairs+queries", traffic)):
+            t = time.perf_counter()
+            a = fit_adapter(x, y, FitOptions(kind=kind, seed=seed), query_pairs=qp)
+            name = f"adapter:{kind} [{src}]"
+            adapters[name] = a
+            p = a.provenance
+            info[name] = {
+                "fit_seconds": round(time.perf_counter() - t, 2),
+                "fitted_on": [f"pairs:{len(x)}"] + ([f"queries:{len(qp[0])}"] if qp else []),
+            } | (
+                {k: p[k] for k in ("epochs", "temperature", "held_out_agreement")}
+                if kind == "rank"
+                else {}
+            )
+    results = ev.strategy_results(ds, test, adapters, depth=10)
+    per = ev.metrics(ds, test, results)
+    rows = []
+    for name in [STATUS_QUO, *adapters, NATIVE]:
+        m = per[name]
+        rows.append(
+            {
+                "name": name,
+                "arr": iv(bootstrap(m["arr"])),
+                "success": iv(bootstrap(m["success"])),
+                "arr_gain": iv(paired_gain(m["arr"], per[STATUS_QUO]["arr"])),
+                "success_gain": iv(paired_gain(m["success"], per[STATUS_QUO]["success"])),
+                **info.get(name, {}),
+            }
+        )
+    cands = [STATUS_QUO, *adapters]
+    by_success = select_strategy({n: per[n]["success"] for n in cands}, "success@10")
+    by_arr = select_strategy({n: per[n]["arr"] for n in cands}, "arr@10")
+    return {
+        "traffic_queries": len(cal),
+        "rows": rows,
+        "gate_labelled": {"selected": by_success.selected, "reason": by_success.reason},
+        "gate_label_free": {"selected": by_arr.selected, "reason": by_arr.reason},
+    }
+
+
+def rank_report(res: dict[str, Any]) -> list[str]:
+    L = [
+        "",
+        "## The rank kind and query traffic as fitting data (issue 19)",
+        "",
+        "`adapter:rank`: Procrustes, then trained with a listwise loss (the new model's top-10 over a "
+        "pool of the fit rows first in the old space; learned temperature; early stopping on held-out "
+        "top-10 agreement). *[pairs]*: fitted on the fit split's passage pairs; *[pairs+queries]*: plus "
+        "the calibration split's query texts encoded by both models (standing in for the query log's "
+        "sample; their labels are not used). Test queries: 95% bootstrap intervals; gains are paired, "
+        "over the status quo.",
+    ]
+    for d in res["directions"]:
+        r = d.get("rank")
+        if not r:
+            continue
+        L += [
+            "",
+            f"### {d['old']} (serving) -> {d['new']} (new); {r['traffic_queries']:,} traffic queries",
+            "",
+            "| strategy | ARR@10 | gain | Success@10 | gain | fit s | rank: epochs, T, held-out agreement |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in r["rows"]:
+            extra = ""
+            if "epochs" in row:
+                h = row["held_out_agreement"]
+                extra = f"{row['epochs']}, {row['temperature']:.3f}, {h['start']:.3f} → {h['best']:.3f}"
+            L.append(
+                f"| {row['name']} | {fmt(row['arr'])} | {fmt(row['arr_gain'])} | {fmt(row['success'])} "
+                f"| {fmt(row['success_gain'])} | {row.get('fit_seconds', '')} | {extra} |"
+            )
+        L += [
+            "",
+            f"Gate, labelled (Success@10): **{r['gate_labelled']['selected']}** — {r['gate_labelled']['reason']}.  ",
+            f"Gate, label-free (ARR@10): **{r['gate_label_free']['selected']}** — {r['gate_label_free']['reason']}.",
+        ]
+    return L
 
 
 def machine_peaks(repeats: int) -> dict[str, float]:
@@ -435,6 +544,8 @@ def write_report(res: dict[str, Any]) -> None:
         "as much as re-embedding a corpus this small.",
         "",
     ]
+    L += guard_report(res)
+    L += rank_report(res)  # --- rank (issue 19 items 1/2)
     (RESULTS / "adapters.md").write_text("\n".join(L))
 
 
@@ -504,6 +615,139 @@ def plot(res: dict[str, Any]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "adapters-cost.png", dpi=110)
+    guard_plot(res)
+
+
+# --- guard (issue 19 items 3-4) ------------------------------------------------------------
+
+# dense checkpoints, as a backfill commits them (every 5% and at 99%): the guard decides at each
+GUARD_SHARES = (*[round(0.05 * i, 2) for i in range(1, 20)], 0.99, 1.0)
+
+
+def guard_curves(
+    ds: Any, chosen: str, serve: Any, metric: str, orders: dict[str, np.ndarray], cals: Any
+) -> dict[str, Any]:
+    """Per backfill order: at every checkpoint what the stateless guard (re-decided alone,
+    the previous release) and the stateful one (``migration.guard_step``) serve, their flip
+    counts, and the test-query values the end-of-backfill comparison reads."""
+    out: dict[str, Any] = {}
+    for oname, order in orders.items():
+        pts = ev.progressive(ds, chosen, serve, metric, order, GUARD_SHARES, cals, repeats=1000)
+        old = [p.old_guard_serves for p in pts]
+        out[oname] = {
+            "flips_old": count_flips(old),
+            "flips_new": pts[-1].guard_flips,
+            "points": [
+                {
+                    "share": p.share,
+                    "old_serves": p.old_guard_serves,
+                    "new_serves": p.served == "merge",
+                    "gain_calibration": iv(p.merge_gain_on_calibration),
+                    "values": {n: iv(v) for n, v in p.values.items()},
+                    "merge_vs_native": iv(p.merge_vs_native),
+                }
+                for p in pts
+            ],
+        }
+    return out
+
+
+def staying_merged(points: list[dict[str, Any]], chosen: str, rows: int, dim_new: int) -> list[dict[str, Any]]:
+    """At 99% and 100% backfilled (random order): the merge vs the new model alone vs the
+    status quo on the test queries, and what the keep-merged policy decides there (the guard
+    serves the merge and its gain over the new model alone has a one-sided 99% lower bound
+    above 0), with the cost of keeping the second model."""
+    out = []
+    for p in points:
+        if p["share"] < 0.99:
+            continue
+        mvn = p["merge_vs_native"]
+        out.append(
+            {
+                "share": p["share"],
+                "merge": p["values"]["merge"],
+                "new_alone": p["values"]["native-only"],
+                "status_quo": p["values"][STATUS_QUO],
+                "strategy": p["values"][chosen] if chosen != STATUS_QUO else p["values"][STATUS_QUO],
+                "merge_vs_new": mvn,
+                "keeps_merged": bool(p["new_serves"] and mvn["low"] > 0),
+                "cost": merged_cost(rows, dim_new),
+            }
+        )
+    return out
+
+
+def guard_report(res: dict[str, Any]) -> list[str]:
+    if not all("guard" in d for d in res["directions"]):
+        return []
+    L = [
+        "## The guard across checkpoints, and staying merged",
+        "",
+        f"Checkpoints at {', '.join(f'{s:.0%}' for s in GUARD_SHARES[:3])}, …, 95%, 99%, 100% backfilled. "
+        "Old guard: re-decided alone at each checkpoint (one-sided 99% gain on the calibration queries). "
+        "New guard (`migration.guard_step`): enters on the same bound, leaves only when the merge is "
+        "significantly worse (one-sided 95%) than the strategy or the status quo. Flips = changes of "
+        "what serves over the backfill (entering counts as one).",
+        "",
+        "| direction | backfill order | flips, old guard | flips, new guard | merge serves from (new) |",
+        "|---|---|---|---|---|",
+    ]
+    for d in res["directions"]:
+        for oname, g in d["guard"].items():
+            first = next((p["share"] for p in g["points"] if p["new_serves"]), None)
+            L.append(
+                f"| {d['old']} -> {d['new']} | {oname} | {g['flips_old']} | {g['flips_new']} | "
+                f"{'never' if first is None else f'{first:.0%}'} |"
+            )
+    L += [
+        "",
+        f"At the end of the backfill (random order; {res['directions'][0]['metric']}@10 on the test "
+        "queries, 95% intervals; merge − new alone: paired, one-sided 99% lower bound). "
+        "`keepMerged: IfBetter` keeps both models when that bound is above 0 and the guard serves the merge.",
+        "",
+        "| direction | backfilled | merge | new model alone | status quo | merge − new alone | keeps merged | 2nd vector set | encoders / query |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in res["directions"]:
+        for e in d["staying_merged"]:
+            L.append(
+                f"| {d['old']} -> {d['new']} | {e['share']:.0%} | {fmt(e['merge'])} | {fmt(e['new_alone'])} | "
+                f"{fmt(e['status_quo'])} | {e['merge_vs_new']['mean']:+.4f} [{e['merge_vs_new']['low']:+.4f}, "
+                f"{e['merge_vs_new']['high']:+.4f}] | {'yes' if e['keeps_merged'] else 'no'} | "
+                f"{e['cost']['stored_vector_bytes'] / 2**20:.1f} MiB | {e['cost']['encoders_per_query']} |"
+            )
+    return [*L, ""]
+
+
+def guard_plot(res: dict[str, Any]) -> None:
+    """adapters-guard.png: per direction and order, what serves at each checkpoint under the
+    old and the new guard, over the merge's gain on the calibration queries (entry bound)."""
+    if not all("guard" in d for d in res["directions"]):
+        return
+    import matplotlib.pyplot as plt
+
+    dirs = res["directions"]
+    fig, axes = plt.subplots(len(dirs), 2, figsize=(12, 3.8 * len(dirs)), squeeze=False)
+    for r, d in enumerate(dirs):
+        for c, (oname, g) in enumerate(d["guard"].items()):
+            ax = axes[r][c]
+            pts = g["points"]
+            x = [p["share"] * 100 for p in pts]
+            gc = [p["gain_calibration"] for p in pts]
+            ax.plot(x, [v["mean"] for v in gc], "k-", lw=0.8, label="merge − strategy (calibration)")
+            ax.fill_between(x, [v["low"] for v in gc], [v["high"] for v in gc], color="grey", alpha=0.2)
+            ax.axhline(0, color="k", lw=0.5)
+            top = max(v["high"] for v in gc) or 0.01
+            ax.step(x, [top * 1.15 if p["old_serves"] else np.nan for p in pts], "r-", where="mid",
+                    lw=3, label=f"old guard serves the merge ({g['flips_old']} flips)")  # fmt: skip
+            ax.step(x, [top * 1.3 if p["new_serves"] else np.nan for p in pts], "b-", where="mid",
+                    lw=3, label=f"new guard serves the merge ({g['flips_new']} flips)")  # fmt: skip
+            ax.set_title(f"{d['old']} -> {d['new']}: {oname} backfill", fontsize=9)
+            ax.set_xlabel("rows backfilled (%)")
+            ax.set_ylabel(f"{d['metric']}@10 gain")
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "adapters-guard.png", dpi=110)
 
 
 def main() -> None:
