@@ -39,6 +39,8 @@ from index_operator.reconcile.migration import (
     MigrationObservation,
     plan_migration,
 )
+from index_operator.resources.common import config_name
+from index_operator.resources.workloads import ENCODERS_KEY
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
 from index_operator.spec import Index, Migration, Model, PodOptions, SpecError
 from index_runtime.contract import JobKind, MigrationRecord, Role, Scope
@@ -225,6 +227,24 @@ class Controller:
 
     # VectorIndex ---------------------------------------------------------------------------
 
+    def _kept_models(
+        self, record: MigrationRecord | None, writer: Any, ns: str, name: str
+    ) -> tuple[str, ...]:
+        """Models whose encoders the index keeps beyond its own and a running migration's: both
+        of a migration that ended keeping them merged (every write and text query encodes
+        with both); while the writer cannot be read, the ones its ConfigMap has now (a
+        ConfigMap change rolls the pods, so nothing is dropped on a missing status)."""
+        if record is not None and record.kept_merged:
+            return (record.from_model, record.to_model)
+        if isinstance(writer, Mapping):
+            return ()
+        cm = self.cached("ConfigMap", ns, config_name(name))
+        data = (cm.get("data") or {}) if isinstance(cm, Mapping) else {}
+        try:
+            return tuple(json.loads(data.get(ENCODERS_KEY) or "{}"))
+        except ValueError:
+            return ()
+
     async def reconcile_index(
         self,
         body: Mapping[str, Any],
@@ -252,10 +272,12 @@ class Controller:
         await self.wait_cache()
         tokens = await self.tokens(ns, name)
         token = tokens[Scope.ADMIN]
-        encoders = res.index_encoders(models, (ix.model, served, migration_target))
         cl = self.config.cluster
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
+        encoders = res.index_encoders(
+            models, (ix.model, served, migration_target, *self._kept_models(record, writer, ns, name))
+        )
         mphase = record.phase if record is not None and record.active else ""
         objs = [
             *res.desired_objects(ix, cl, encoders, tokens),

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from index_runtime.adapters import Adapter
 from index_runtime.contract import MigrationGuard
 from index_runtime.migration import (
+    GUARD_ENTER_LEVEL,
     NATIVE,
     STATUS_QUO,
     Calibration,
@@ -149,7 +150,7 @@ class CurvePoint:
     gain_vs_status_quo: dict[str, Interval]
     old_guard_serves: bool = False  # what the per-checkpoint (stateless) guard would serve
     guard_flips: int = 0  # flips of the stateful guard up to this checkpoint
-    merge_vs_native: Interval | None = None  # test queries: merge − native-only (paired)
+    merge_vs_native: Interval | None = None  # test queries: merge − native-only, 98% (paired)
 
 
 def progressive(
@@ -209,7 +210,7 @@ def progressive(
                 {n: paired_gain(v, status_quo_test, repeats) for n, v in t.items()},
                 old_use,
                 state.flips,
-                paired_gain(t["merge"], t["native-only"], repeats),
+                paired_gain(t["merge"], t["native-only"], repeats, level=GUARD_ENTER_LEVEL),
             )
         )
     return out

@@ -160,3 +160,28 @@ def test_the_gate_waits_until_the_writer_has_the_targets_encoder() -> None:
     status, _ = asyncio.run(ctl.reconcile_migration(mig, models, ""))
     assert status["reason"] != "WaitingForEncoder"
     assert [k for k in kube.objects if k[0] == "Job"] == [("Job", "to-e5-migrate")]
+
+
+class MergedRuntime(NoRuntime):
+    """The writer reports a migration that ended keeping both models merged."""
+
+    async def status(self, url: str, index: str, token: str) -> dict[str, Any] | None:
+        record = {"id": "m", "from": "model-b", "to": "e5", "phase": "Succeeded",
+                  "cutover": {"reason": "KeptMerged", "merged": True}}  # fmt: skip
+        return {"migration": {"record": record}}
+
+
+def test_a_migration_that_ended_kept_merged_keeps_both_encoders() -> None:
+    """No migration runs any more, but every write and text query still encodes with both
+    models: the target's encoder stays in the ConfigMap (a plain cutover's would not)."""
+    ctl = _controller()
+    ctl.runtime = MergedRuntime()  # type: ignore[assignment]
+    models = _models(**{"model-b": HTTP_B, "e5": "e5-small-v2", "other": HTTP_A})
+    try:
+        after = _pod_templates(ctl, _index("b", "model-b"), models)
+    except KeyError:  # the partial writer status stops the status projection (after apply)
+        after = {"config": ctl.kube.objects[("ConfigMap", config_name("b"))]}  # type: ignore[attr-defined]
+    assert json.loads(after["config"]["data"][ENCODERS_KEY]) == {
+        "e5": "e5-small-v2",
+        "model-b": HTTP_B,
+    }
