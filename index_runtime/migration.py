@@ -20,8 +20,16 @@ of two models are not comparable, so each list's entries are mapped to a *calibr
 probability of relevance* given their estimated full-corpus rank (strategy: its exact rank;
 native: rank within the backfilled rows ÷ p), fitted per model on the calibration split
 (:func:`fit_calibration`, monotone in rank). The merge keeps the k most probable. At p = 0 it
-is the served strategy exactly. A *guard* serves the merge only while its paired gain over
-the served strategy has a lower bound above 0 on the calibration queries.
+is the served strategy exactly. A *guard* decides at every backfill checkpoint whether the
+merge serves, from its previous decision (:func:`guard_step`, hysteresis): the merge starts
+serving when its paired gain over the served strategy has a lower bound above 0 on the
+calibration queries, and stops only when it is measured significantly worse than the strategy
+or the status quo. :func:`guard` is the stateless rule of the previous release (kept for the
+benchmark's comparison of flips).
+
+**Staying merged.** With the cutover policy ``keep_merged: if_better``, a backfill that ends
+with the merge serving and measured significantly better than the new model alone ends the
+migration keeping both models (:func:`cutover_decision`, ``merged``; :func:`serves_both`).
 """
 
 from __future__ import annotations
@@ -276,8 +284,9 @@ def guard(
     seed: int = 0,
     level: float = 0.98,
 ) -> tuple[bool, Interval]:
-    """Serve the merge only if its paired gain over the served strategy is significant at a
-    one-sided 99% (the lower end of a 98% interval above 0). Stricter than the gate's 95%: the
+    """The stateless guard (the previous release's, re-decided alone at each checkpoint; the
+    runtime now uses :func:`guard_step`). Serve the merge only if its paired gain over the
+    served strategy is significant at a one-sided 99% (the lower end of a 98% interval above 0). Stricter than the gate's 95%: the
     guard is re-decided at every checkpoint, and at 95% a marginal merge (+0.002) passed on
     the calibration queries and measured [−0.004, +0.007] on the test queries."""
     gain = paired_gain(merged, served, repeats, seed, level)
