@@ -44,6 +44,14 @@ def storage_status(rt: IndexRuntime) -> dict[str, Any] | None:
     return out
 
 
+def _query_log(rt: IndexRuntime) -> dict[str, Any]:
+    """The query log's counts (never its texts); on a reader, what it forwarded."""
+    out = rt.queries.stats()
+    if rt.forwarder is not None:
+        out.update(forwarded=rt.forwarder.sent, forward_dropped=rt.forwarder.dropped)
+    return out
+
+
 def build_status(rt: IndexRuntime) -> dict[str, Any]:
     """Everything the operator and dashboards need (a projection, computed on demand)."""
     m = rt.current_manifest()
@@ -69,6 +77,8 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
         "reason": d.reason,
         "message": d.message,
         "maintenance": rt.options.maintenance,
+        # the query log's sample (counts only, never texts); forwarded: a reader's sends
+        "query_log": _query_log(rt),
         "serving": {"path": serving_path, "codebook": m.serving},
         "codebooks": [
             {

@@ -46,6 +46,8 @@ def test_a_migration_fits_on_sampled_traffic_with_the_rank_kind(tmp_path: Path) 
         assert not refused.post(["not kept"], attempts=1) and refused.dropped == 1
         kept = rt.queries.snapshot()
         assert 300 <= len(kept) <= 360 and "not kept" not in kept
+        st = c.get("/v1/indexes/docs/status").json()["query_log"]
+        assert st["kept"] == len(kept) and st["enabled"] and "texts" not in st
 
         rec = _migrate(c, pairs=600, kinds=["procrustes", "rank"])
         assert rec["phase"] == "Bridged" and rec["metric"] == "arr@10", rec.get("reason")
