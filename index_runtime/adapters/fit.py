@@ -60,12 +60,15 @@ class FitOptions:
     normalize: bool = True  # cosine old space: outputs re-normalized
     rank_queries: int = 4000  # rank: training queries drawn from the rows (+ all query pairs)
     rank_epochs: int = 60  # rank: epochs at most (early stopping on held-out queries)
+    rank_k: int = 10  # rank: the top-k that should agree (the gate passes its k)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"adapter kind must be one of {KINDS}, got {self.kind!r}")
         if self.rank < 1 or self.hidden < 1:
             raise ValueError("rank and hidden must be positive")
+        if min(self.rank_queries, self.rank_epochs, self.rank_k) < 1:
+            raise ValueError("rank_queries, rank_epochs and rank_k must be positive")
 
 
 def _centered(m: F32) -> tuple[F32, F32, float]:
@@ -238,7 +241,7 @@ def _rank(rows_x: F32, rows_y: F32, qx: F32, m: F32, c: F32, opts: FitOptions
     rng = np.random.default_rng(opts.seed)
     pick = rng.permutation(len(rows_x))[: opts.rank_queries]
     queries = np.vstack([rows_x[np.sort(pick)], qx])
-    ro = RankOptions(epochs=opts.rank_epochs, seed=opts.seed, normalize=opts.normalize)
+    ro = RankOptions(k=opts.rank_k, epochs=opts.rank_epochs, seed=opts.seed, normalize=opts.normalize)
     return fit_rank(rows_x, rows_y, queries, m, c, ro)
 
 

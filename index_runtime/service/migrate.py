@@ -349,7 +349,7 @@ def fit_adapters(pairs: Pairs, req: MigrationRequest) -> dict[str, Adapter]:
             a = fit_adapter(
                 pairs.new[fit],
                 pairs.old[fit],
-                FitOptions(kind=kind, diagonal=diag, seed=req.seed),
+                FitOptions(kind=kind, diagonal=diag, seed=req.seed, rank_k=req.k),
                 query_pairs=queries,
             )
             a.provenance["fitted_on"] = fitted_on
