@@ -310,11 +310,6 @@ class GuardDecision:
     vs_status_quo: Interval | None  # merge − status quo at GUARD_EXIT_LEVEL (when measured)
     reason: str  # CamelCase
 
-    @property
-    def flipped(self) -> bool:
-        return self.reason in ("MergeSignificantlyBetter", "MergeSignificantlyWorse",
-                               "MergeBelowStatusQuo")  # fmt: skip
-
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.state.to_json(),
