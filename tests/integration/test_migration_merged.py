@@ -103,6 +103,9 @@ def test_keep_merged_ends_with_both_models_served_and_a_later_migration_drops_th
         assert _count(c) == 640
         found, strategies = _found(c, more, 0, "n")
         assert strategies == {"merge"} and found >= 16, found
+        # a cutover request without force does not drop a model that was kept on purpose
+        r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={}, headers=AUTH)
+        assert r.status_code == 409 and "with force" in r.json()["message"], r.text
         # a later migration (here: back to the old model) first drops the old model
         r = c.post(
             "/v1/indexes/docs/admin/migrations",
