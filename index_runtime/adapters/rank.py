@@ -44,7 +44,7 @@ class RankOptions:
     epochs: int = 60
     patience: int = 8
     batch: int = 128
-    lr: float = 1e-2
+    lr: float = 1e-3
     temperature: float = 0.05  # initial T (learned)
     held_out: float = 0.1  # share of the queries that stops the training
     seed: int = 0

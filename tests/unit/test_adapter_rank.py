@@ -36,7 +36,9 @@ def fitted(world: dict[str, np.ndarray]) -> dict[str, object]:
     small = FitOptions(kind="rank", seed=3, rank_epochs=3)
     return {
         "procrustes": fit_adapter(world["x"], world["y"]),
-        "rank": fit_adapter(world["x"], world["y"], FitOptions(kind="rank", seed=3, rank_epochs=20)),
+        "rank": fit_adapter(
+            world["x"], world["y"], FitOptions(kind="rank", seed=3, rank_epochs=20, lr=1e-2)
+        ),
         "small": fit_adapter(world["x"][:400], world["y"][:400], small),
         "small-again": fit_adapter(world["x"][:400], world["y"][:400], small),
     }
@@ -95,6 +97,9 @@ def test_query_pairs_are_fitted_on_and_counted() -> None:
     qx = _norm(rng.standard_normal((40, 8)))
     a = fit_adapter(x, y, FitOptions(kind="rank", rank_epochs=2), query_pairs=(qx, _norm(qx[:, ::-1].copy())))
     assert a.provenance["pairs"] == 300 and a.provenance["query_pairs"] == 40
-    assert a.provenance["queries"] == 300 + 40  # rows as queries + every traffic query
+    assert a.provenance["queries"] == 300 + 40  # few real queries: the rows' vectors too
+    many = _norm(rng.standard_normal((60, 8)))
+    b = fit_adapter(x, y, FitOptions(kind="rank", rank_epochs=2), query_pairs=(many, _norm(many[:, ::-1].copy())))
+    assert b.provenance["queries"] == 60  # enough real queries: only those
     with pytest.raises(ValueError, match="same rows"):
         fit_adapter(x, y, query_pairs=(qx, qx[:5]))
