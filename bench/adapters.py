@@ -645,6 +645,8 @@ def guard_curves(
                     "gain_calibration": iv(p.merge_gain_on_calibration),
                     "values": {n: iv(v) for n, v in p.values.items()},
                     "merge_vs_native": iv(p.merge_vs_native),
+                    "merge_vs_status_quo": iv(p.gain_vs_status_quo["merge"]),
+                    "merge_vs_strategy": iv(p.merge_vs_strategy),
                 }
                 for p in pts
             ],
@@ -652,16 +654,19 @@ def guard_curves(
     return out
 
 
-def staying_merged(points: list[dict[str, Any]], chosen: str, rows: int, dim_new: int) -> list[dict[str, Any]]:
+def staying_merged(
+    points: list[dict[str, Any]], chosen: str, rows: int, dim_new: int
+) -> list[dict[str, Any]]:
     """At 99% and 100% backfilled (random order): the merge vs the new model alone vs the
     status quo on the test queries, and what the keep-merged policy decides there (the guard
-    serves the merge and its gain over the new model alone has a one-sided 99% lower bound
-    above 0), with the cost of keeping the second model."""
+    serves the merge and its gains over the new model alone and over the served strategy
+    both have a one-sided 99% lower bound above 0), with the cost of keeping the second
+    model."""
     out = []
     for p in points:
         if p["share"] < 0.99:
             continue
-        mvn = p["merge_vs_native"]
+        mvn, mvs = p["merge_vs_native"], p.get("merge_vs_strategy")
         out.append(
             {
                 "share": p["share"],
@@ -670,7 +675,9 @@ def staying_merged(points: list[dict[str, Any]], chosen: str, rows: int, dim_new
                 "status_quo": p["values"][STATUS_QUO],
                 "strategy": p["values"][chosen] if chosen != STATUS_QUO else p["values"][STATUS_QUO],
                 "merge_vs_new": mvn,
-                "keeps_merged": bool(p["new_serves"] and mvn["low"] > 0),
+                "merge_vs_status_quo": p.get("merge_vs_status_quo"),
+                "merge_vs_strategy": mvs,
+                "keeps_merged": bool(p["new_serves"] and mvn["low"] > 0 and mvs and mvs["low"] > 0),
                 "cost": merged_cost(rows, dim_new),
             }
         )
@@ -702,21 +709,27 @@ def guard_report(res: dict[str, Any]) -> list[str]:
     L += [
         "",
         f"At the end of the backfill (random order; {res['directions'][0]['metric']}@10 on the test "
-        "queries, 95% intervals; merge − new alone: paired, one-sided 99% lower bound). "
-        "`keepMerged: IfBetter` keeps both models when that bound is above 0 and the guard serves the merge.",
+        "queries, 95% intervals; the gains are paired, 98% intervals: the lower end is the one-sided 99% bound). "
+        "`keepMerged: IfBetter` keeps both models when the guard serves the merge and it beats both the new model "
+        "alone and the served strategy (each paired gain's one-sided 99% lower bound above 0, test queries).",
         "",
-        "| direction | backfilled | merge | new model alone | status quo | merge − new alone | keeps merged | 2nd vector set | encoders / query |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| direction | backfilled | merge | new model alone | status quo | merge − new alone | merge − served strategy | keeps merged | 2nd vector set | encoders / query |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in res["directions"]:
         for e in d["staying_merged"]:
+            sq = e.get("merge_vs_strategy")
             L.append(
                 f"| {d['old']} -> {d['new']} | {e['share']:.0%} | {fmt(e['merge'])} | {fmt(e['new_alone'])} | "
                 f"{fmt(e['status_quo'])} | {e['merge_vs_new']['mean']:+.4f} [{e['merge_vs_new']['low']:+.4f}, "
-                f"{e['merge_vs_new']['high']:+.4f}] | {'yes' if e['keeps_merged'] else 'no'} | "
+                f"{e['merge_vs_new']['high']:+.4f}] | {_signed_iv(sq)} | {'yes' if e['keeps_merged'] else 'no'} | "
                 f"{e['cost']['stored_vector_bytes'] / 2**20:.1f} MiB | {e['cost']['encoders_per_query']} |"
             )
     return [*L, ""]
+
+
+def _signed_iv(i: dict[str, float] | None) -> str:
+    return "–" if i is None else f"{i['mean']:+.4f} [{i['low']:+.4f}, {i['high']:+.4f}]"
 
 
 def guard_plot(res: dict[str, Any]) -> None:

@@ -151,6 +151,7 @@ class CurvePoint:
     old_guard_serves: bool = False  # what the per-checkpoint (stateless) guard would serve
     guard_flips: int = 0  # flips of the stateful guard up to this checkpoint
     merge_vs_native: Interval | None = None  # test queries: merge − native-only, 98% (paired)
+    merge_vs_strategy: Interval | None = None  # test queries: merge − the strategy, 98% (paired)
 
 
 def progressive(
@@ -211,6 +212,7 @@ def progressive(
                 old_use,
                 state.flips,
                 paired_gain(t["merge"], t["native-only"], repeats, level=GUARD_ENTER_LEVEL),
+                paired_gain(t["merge"], t[strategy], repeats, level=GUARD_ENTER_LEVEL),
             )
         )
     return out

@@ -594,8 +594,8 @@ def measure_progress(
     the test half Success@k of the status quo, the served strategy, native-only, the merge
     and what is served, each with its interval and its paired gain over the status quo.
     ``native_gain`` (all queries, native vs served) is what the cutover checks;
-    ``merge_vs_native`` (test half: queries the calibration never saw) is what the cutover's
-    keep-merged policy checks."""
+    ``merge_vs_native`` and ``merge_vs_served`` (test half: queries the calibration never saw)
+    are what the cutover's keep-merged policy checks."""
     # a deleted label can never be found (-2: lists are padded with -1)
     labels = np.array([p if (p := view.position_of(key)) is not None else -2 for key in ev.keys])
     has = native_mask(native)
@@ -631,6 +631,9 @@ def measure_progress(
         "guard": g.as_dict(),
         "merge_vs_native": paired_gain(
             per["merge"][test], per["native-only"][test], seed=seed, level=GUARD_ENTER_LEVEL
+        ).as_dict(),
+        "merge_vs_served": paired_gain(
+            per["merge"][test], per["served-strategy"][test], seed=seed, level=GUARD_ENTER_LEVEL
         ).as_dict(),
         "test": {n: bootstrap(v[test], seed=seed).as_dict() for n, v in per.items()},
         "test_gain_vs_status_quo": {

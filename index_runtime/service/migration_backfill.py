@@ -132,6 +132,7 @@ class Backfill:
                     "gain_calibration": point["merge_gain_calibration"],
                     "native_gain": point["native_gain"],
                     "merge_vs_native": point["merge_vs_native"],
+                    "merge_vs_served": point["merge_vs_served"],
                     "guard_reason": point["guard"]["reason"],
                 }
                 guard = MigrationGuard.from_json(point["guard"])

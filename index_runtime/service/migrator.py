@@ -480,8 +480,11 @@ class Migrator:
         auto = bool(rec.options.get("auto_cutover", True)) or explicit
         gain = interval_of((rec.merge or {}).get("native_gain"))
         keep = rec.options.get("keep_merged") == "if_better" and rec.guard_state.serves
-        merge_vs_native = interval_of((rec.merge or {}).get("merge_vs_native")) if keep else None
-        d = cutover_decision(prog, gain, auto, force, rec.to_model, merge_vs_native)
+        m = rec.merge or {}
+        mvn, mvs = (
+            interval_of(m.get(k)) if keep else None for k in ("merge_vs_native", "merge_vs_served")
+        )
+        d = cutover_decision(prog, gain, auto, force, rec.to_model, mvn, mvs)
         try:
             dim = self.rt._writer().manifest.index.dims[rec.to_model]
             IndexSettings.from_json(self.rt.current_manifest().settings, dim)
@@ -539,6 +542,7 @@ class Migrator:
                 cut.update(
                     merged=True,
                     merge_vs_native=dict((r.merge or {}).get("merge_vs_native") or {}),
+                    merge_vs_served=dict((r.merge or {}).get("merge_vs_served") or {}),
                     cost=merged_cost(prog.live, dim),
                 )
             return _closed(r, "Succeeded", now, cutover=cut)

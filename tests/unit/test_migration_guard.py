@@ -3,6 +3,8 @@ state in the migration record, and the cutover's keep-merged policy. Pure: no se
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -119,25 +121,28 @@ UNSURE = Interval(0.01, -0.01, 0.03, 100)
 NATIVE_WORSE = Interval(-0.05, -0.08, -0.02, 100)
 
 
-def test_keep_merged_only_when_the_merge_is_significantly_better_than_the_new_model() -> None:
-    d = cutover_decision(DONE, None, auto=True, merge_vs_native=BETTER)
+def test_keep_merged_only_when_the_merge_beats_both_the_new_model_and_what_serves() -> None:
+    def decide(native: Interval | None = None, auto: bool = True, force: bool = False,
+               vs_new: Interval | None = BETTER, vs_served: Interval | None = BETTER,
+               progress: BackfillProgress = DONE) -> Any:  # fmt: skip
+        return cutover_decision(progress, native, auto, force, "new", vs_new, vs_served)
+
+    d = decide()
     assert d.go and d.merged and d.reason == "KeptMerged"
-    # not significant, or the policy is off (None): the default cutover to the new model
-    for mvn in (UNSURE, None):
-        d = cutover_decision(DONE, None, auto=True, merge_vs_native=mvn)
+    # not significant over either, or the policy is off (None): the default cutover
+    for vs_new, vs_served in ((UNSURE, BETTER), (BETTER, UNSURE), (None, None)):
+        d = decide(vs_new=vs_new, vs_served=vs_served)
         assert d.go and not d.merged and d.reason == "CutOver"
-    # the new model alone is worse than what serves: the merge (which serves) is kept
-    d = cutover_decision(DONE, NATIVE_WORSE, auto=True, merge_vs_native=BETTER)
-    assert d.go and d.merged
-    assert cutover_decision(DONE, NATIVE_WORSE, auto=True, merge_vs_native=UNSURE).reason == (
-        "NativeWorse"
-    )
+    # the new model alone is worse than what serves: the merge (which beats it) is kept;
+    # a merge that beats only the new model leaves the cutover held as before
+    assert decide(NATIVE_WORSE).merged
+    assert decide(NATIVE_WORSE, vs_served=UNSURE).reason == "NativeWorse"
     # the backfill is not done, manual policy, or forced: no keeping merged
     busy = BackfillProgress(live=100, backfilled=90, todo=10, blocked=0)
-    assert not cutover_decision(busy, None, auto=True, merge_vs_native=BETTER).go
-    manual = cutover_decision(DONE, None, auto=False, merge_vs_native=BETTER)
+    assert not decide(progress=busy).go
+    manual = decide(auto=False)
     assert not manual.go and manual.reason == "AwaitingCutover"
-    forced = cutover_decision(DONE, None, auto=False, force=True, merge_vs_native=BETTER)
+    forced = decide(auto=False, force=True)
     assert forced.go and not forced.merged
 
 
