@@ -109,3 +109,25 @@ def test_the_operator_passes_spec_query_log_to_the_pods_and_the_runtime_reads_it
         # readers forward to the writer's service; the writer keeps the sample itself
         assert (Env.WRITER_URL in env) == (role == "reader")
     assert "-writer" in on["reader"][Env.WRITER_URL]
+
+
+def test_the_crds_accept_the_rank_kind_and_a_bounded_query_log_only() -> None:
+    import copy
+
+    pytest.importorskip("kubernetes_validate")
+    pytest.importorskip("celpy")
+    from tests.crd_tools import load_crds, merge_patch, validate_cr
+    from tests.unit.test_crds import _example
+
+    crds = load_crds()
+    mm = merge_patch(copy.deepcopy(_example("ModelMigration")),
+                     {"spec": {"adapter": {"types": ["procrustes", "lowrank", "mlp", "rank"]}}})  # fmt: skip
+    assert validate_cr(crds["ModelMigration"], mm) == []
+    vi = _example("VectorIndex")
+    ok = {"enabled": True, "sampleRate": 0.05, "maxQueries": 500, "retentionHours": 2}
+    assert validate_cr(crds["VectorIndex"], merge_patch(copy.deepcopy(vi), {"spec": {"queryLog": ok}})) == []
+    for bad, reason in (({"sampleRate": 1.5}, "greater than the maximum"),
+                        ({"maxQueries": 0}, "less than the minimum"),
+                        ({"retentionHours": 0}, "less than or equal to the minimum")):  # fmt: skip
+        errors = validate_cr(crds["VectorIndex"], merge_patch(copy.deepcopy(vi), {"spec": {"queryLog": bad}}))
+        assert any(reason in e for e in errors), errors
