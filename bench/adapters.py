@@ -2,7 +2,8 @@
 
     python bench/adapters.py [--limit N] [--repeats 200]
 
-Writes bench/results/adapters.json, adapters.md and adapters-{progressive,training,cost}.png.
+Writes bench/results/adapters.json, adapters.md and adapters-{progressive,training,cost,guard}.png
+(adapters-limit<N>.* with --limit N).
 
 * Corpus: docstring pairs (summary -> body) of the standard library, numpy, sympy and scipy,
   deduplicated and pinned by hash. Rows = bodies; queries = summaries of the calibration and
@@ -41,6 +42,9 @@ from tqdm import tqdm  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
+# results file stem: adapters.* for the full corpus, adapters-limit<N>.* for a --limit run, so a
+# quick run never overwrites the full-corpus results
+STEM = "adapters"
 
 from index_runtime.adapters import KINDS, Adapter, FitOptions, fit_adapter  # noqa: E402
 from index_runtime.corpus import build_labelled_corpus, site_roots, split_of  # noqa: E402
@@ -546,7 +550,7 @@ def write_report(res: dict[str, Any]) -> None:
     ]
     L += guard_report(res)
     L += rank_report(res)  # --- rank (issue 19 items 1/2)
-    (RESULTS / "adapters.md").write_text("\n".join(L))
+    (RESULTS / f"{STEM}.md").write_text("\n".join(L))
 
 
 def plot(res: dict[str, Any]) -> None:
@@ -577,7 +581,7 @@ def plot(res: dict[str, Any]) -> None:
             ax.set_ylabel(f"{d['metric']}@10 − status quo")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "adapters-progressive.png", dpi=110)
+    fig.savefig(RESULTS / f"{STEM}-progressive.png", dpi=110)
 
     fig, axes = plt.subplots(1, len(dirs), figsize=(6 * len(dirs), 4), squeeze=False)
     for c, d in enumerate(dirs):
@@ -602,7 +606,7 @@ def plot(res: dict[str, Any]) -> None:
         ax.set_title(f"{d['old']} -> {d['new']}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "adapters-training.png", dpi=110)
+    fig.savefig(RESULTS / f"{STEM}-training.png", dpi=110)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     curve = np.array(res["cost"]["curve"])
@@ -614,7 +618,7 @@ def plot(res: dict[str, Any]) -> None:
     ax.set_ylabel("re-embedding ÷ adapter path (cost)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "adapters-cost.png", dpi=110)
+    fig.savefig(RESULTS / f"{STEM}-cost.png", dpi=110)
     guard_plot(res)
 
 
@@ -760,7 +764,7 @@ def guard_plot(res: dict[str, Any]) -> None:
             ax.set_ylabel(f"{d['metric']}@10 gain")
             ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "adapters-guard.png", dpi=110)
+    fig.savefig(RESULTS / f"{STEM}-guard.png", dpi=110)
 
 
 def main() -> None:
@@ -775,9 +779,11 @@ def main() -> None:
         "--replot", action="store_true", help="re-render the report and plots from adapters.json"
     )
     args = ap.parse_args()
+    global STEM
+    STEM = f"adapters-limit{args.limit}" if args.limit else "adapters"
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        res = json.loads((RESULTS / "adapters.json").read_text())
+        res = json.loads((RESULTS / f"{STEM}.json").read_text())
         write_report(res)
         plot(res)
         return
@@ -819,10 +825,10 @@ def main() -> None:
     res["cost"] = cost_model(emb[first["new"]]["passages_per_s"], fit_s, eval_s, 20000)
     for d in res["directions"]:
         d.pop("_adapters")
-    (RESULTS / "adapters.json").write_text(json.dumps(res, indent=1, default=float))
+    (RESULTS / f"{STEM}.json").write_text(json.dumps(res, indent=1, default=float))
     write_report(res)
     plot(res)
-    print((RESULTS / "adapters.md").read_text())
+    print((RESULTS / f"{STEM}.md").read_text())
 
 
 if __name__ == "__main__":
