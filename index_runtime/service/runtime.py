@@ -602,6 +602,7 @@ class IndexRuntime:
 
     def tick(self) -> lifecycle.Decision:
         """One maintenance step: flush, encode new segments, decide, act (if maintenance on)."""
+        self.queries.expire()  # the query log's retention holds when no query arrives
         with self._maint_lock:
             if self.writer is not None:
                 self.writer.maybe_flush()
