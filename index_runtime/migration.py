@@ -345,9 +345,12 @@ def guard_step(
     compares the current measurement with two fixed bounds, so each decision holds at its own
     level whatever came before, and the band between the bounds is what absorbs the noise.
 
-    Invariant: the merge never serves while it is measured significantly below the status quo
-    (it enters significantly above the served strategy, which the gate put at or above the
-    status quo; it leaves as soon as it is significantly below either)."""
+    Invariant: what serves is never below the status quo because of the merge: it enters
+    significantly above the served strategy (which the gate put at or above the status quo),
+    and it leaves as soon as it is significantly below the strategy, or below the status quo
+    unless the strategy it would fall back to measures significantly worse still (then
+    leaving would lower quality, and the entry rule would take it back at once). Both exits
+    exclude the entry condition, so measurements that do not change flip at most once."""
     gain = paired_gain(merged, served, repeats, seed, GUARD_ENTER_LEVEL)
     gain_exit = paired_gain(merged, served, repeats, seed, GUARD_EXIT_LEVEL)
     vs_sq = (
@@ -358,7 +361,10 @@ def guard_step(
     if not prev.serves:
         serves = gain.low > 0
         reason = "MergeSignificantlyBetter" if serves else "MergeNotSignificant"
-    elif vs_sq is not None and vs_sq.high < 0:
+    elif vs_sq is not None and vs_sq.high < 0 and not gain.low > 0:
+        # leaving falls back to the served strategy, not to the status quo: when that
+        # strategy measures significantly worse than the merge it would lower quality, and the
+        # entry rule would take the merge back at the next checkpoint (a flip every checkpoint)
         serves, reason = False, "MergeBelowStatusQuo"
     elif gain_exit.high < 0:
         serves, reason = False, "MergeSignificantlyWorse"
