@@ -542,10 +542,11 @@ def merged_cost(live_rows: int, dim: int, bytes_per_value: int = 4) -> dict[str,
     }
 
 
-def migration_summary(rec: MigrationRecord | None) -> dict[str, Any]:
+def migration_summary(rec: MigrationRecord | None, live_rows: int | None = None) -> dict[str, Any]:
     """The status' summary of a migration record: the guard's state (flips of what serves
     during this migration's backfill) and, for a migration that ended staying merged, the
-    models kept and the cost."""
+    models kept and the cost — for ``live_rows`` (the index's live rows now) when given: the
+    record's cost was counted at the cutover, and every write and delete since changed it."""
     if rec is None:
         return {"guard": None, "merged": None}
     guard = {**rec.guard_state.to_json(), "reason": (rec.merge or {}).get("guard_reason")}
@@ -558,4 +559,7 @@ def migration_summary(rec: MigrationRecord | None) -> dict[str, Any]:
             "merge_vs_native": c.get("merge_vs_native"),
             **dict(c.get("cost") or {}),
         }
+        dim = merged.get("dim")
+        if live_rows is not None and isinstance(dim, int):
+            merged.update(merged_cost(live_rows, dim))
     return {"guard": guard, "merged": merged}

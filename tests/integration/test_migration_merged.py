@@ -93,6 +93,9 @@ def test_keep_merged_ends_with_both_models_served_and_a_later_migration_drops_th
         assert r.status_code == 200, r.text
         r = c.post("/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": [[1.0] * D_OLD]})
         assert r.status_code == 400, r.text
+        # the cost follows the rows stored now (both models' vectors of every live row)
+        st = c.get("/v1/indexes/docs/status").json()["migration"]
+        assert st["merged"]["stored_vector_bytes"] == 640 * D_NEW * 4, st["merged"]
         metrics = c.get("/metrics").text
         assert 'driftless_migration_kept_merged{index="docs"} 1.0' in metrics
         assert 'driftless_migration_guard_flips_total{index="docs"}' in metrics

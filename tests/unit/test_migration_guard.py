@@ -15,6 +15,7 @@ from index_runtime.migration import (
     cutover_decision,
     guard,
     guard_step,
+    migration_summary,
 )
 from index_runtime.quality.arr import Interval
 
@@ -184,3 +185,20 @@ def test_unchanging_measurements_flip_at_most_once(seed: int) -> None:
         for _ in range(4):
             state = guard_step(state, merged, served, sq, repeats=300).state
         assert state.flips <= 1, (p, state)
+
+
+def test_the_kept_models_cost_follows_the_rows_written_and_deleted_since() -> None:
+    """The status showed the second model's stored bytes counted at the cutover forever;
+    the index grows and shrinks after it (every write stores both models)."""
+    ended = {
+        "id": "m", "from": "old", "to": "new", "phase": "Succeeded",
+        "cutover": {"reason": "KeptMerged", "merged": True,
+                    "cost": {"stored_vector_bytes": 600 * 8 * 4, "rows": 600, "dim": 8,
+                             "encoders_per_query": 2}},
+    }  # fmt: skip
+    rec = MigrationRecord.from_json(ended)
+    assert migration_summary(rec)["merged"]["stored_vector_bytes"] == 600 * 8 * 4
+    now = migration_summary(rec, live_rows=640)["merged"]
+    assert now["stored_vector_bytes"] == 640 * 8 * 4 and now["rows"] == 640
+    assert now["models"] == ["old", "new"] and now["encoders_per_query"] == 2
+    assert migration_summary(None, live_rows=5) == {"guard": None, "merged": None}
