@@ -119,9 +119,11 @@ class QueryLog:
         return True
 
     def add(self, texts: Iterable[str]) -> int:
-        """Keep already-sampled texts (forwarded by a reader). Returns how many were kept."""
+        """Keep already-sampled texts (forwarded by a reader). Returns how many were kept.
+        A log that forwards (a reader's) keeps none: only the writer's sample is ever read
+        (by the migration gate), so texts posted to a reader would sit there unused."""
         s = self.settings
-        if not s.active:
+        if not s.active or self.forward is not None:
             return 0
         now, kept = self.clock(), 0
         with self._lock:

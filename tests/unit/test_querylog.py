@@ -63,6 +63,9 @@ def test_a_reader_forwards_instead_of_keeping() -> None:
     log = QueryLog(QueryLogSettings(enabled=True, sample_rate=1.0), seed=0, forward=sent.append)
     log.offer("hello")
     assert sent == ["hello"] and log.snapshot() == []
+    # texts posted to a reader's internal route are not kept there (nothing reads them)
+    assert log.add(["posted to the reader"]) == 0
+    assert log.snapshot() == [] and log.stats()["kept"] == 0
 
 
 def test_settings_from_env_and_validation() -> None:
