@@ -109,6 +109,10 @@ def test_keep_merged_ends_with_both_models_served_and_a_later_migration_drops_th
         # a cutover request without force does not drop a model that was kept on purpose
         r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={}, headers=AUTH)
         assert r.status_code == 409 and "with force" in r.json()["message"], r.text
+        # nor does a rollback: it says how to leave the merged state instead of "no migration"
+        r = c.post("/v1/indexes/docs/admin/migrations/rollback", json={}, headers=AUTH)
+        assert r.status_code == 409 and "cutover with force" in r.json()["message"], r.text
+        assert c.get("/v1/indexes/docs/status").json()["migration"]["merged"] is not None
         # a later migration (here: back to the old model) first drops the old model
         r = c.post(
             "/v1/indexes/docs/admin/migrations",
