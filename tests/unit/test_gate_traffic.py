@@ -101,3 +101,15 @@ def test_a_query_an_encoder_refuses_is_left_out_not_fatal_to_the_migration() -> 
     # every text refused: no traffic, the rows alone (as with the log off)
     none = encode_traffic(_pairs(), ["\u2603"] * 3, _encoder(12), picky)
     assert none.query_pairs(fit=True) is None and none.query_pairs(fit=False) is None
+
+
+def test_the_labelled_test_queries_are_not_fitted_on_when_users_also_searched_them() -> None:
+    """Users who search with their evaluation queries put them in the query log; the gate
+    fitted adapters on them and then measured those same queries as its held-out test."""
+    labelled = [("where is the red door", "k1"), ("Bike repair  near me", "k2")]
+    p = _pairs()
+    p.labelled = list(labelled)
+    traffic = [f"q{i}" for i in range(40)] + ["where is the red door", "bike repair near me"]
+    out = encode_traffic(p, traffic, _encoder(12), _encoder(8))
+    assert out.q_new.shape == (40, 8)
+    assert np.array_equal(out.q_fit, traffic_split(traffic[:40]))
