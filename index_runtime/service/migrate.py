@@ -321,8 +321,11 @@ def sample_pairs(view: View, encode_new: Encode, req: MigrationRequest) -> Pairs
 
 def traffic_split(texts: Sequence[str]) -> npt.NDArray[np.bool_]:
     """True for the half of the sampled query texts adapters are fitted on (by a hash of the
-    text: a query seen twice lands in the same half), False for the half that measures."""
-    return np.array([zlib.crc32(b"traffic:" + t.encode()) % 2 == 0 for t in texts], bool)
+    text, case and spacing ignored: a query seen twice, or typed twice differently, lands in
+    the same half), False for the half that measures."""
+    return np.array(
+        [zlib.crc32(b"traffic:" + _same_text(t).encode()) % 2 == 0 for t in texts], bool
+    )
 
 
 def encode_traffic(pairs: Pairs, texts: Sequence[str], encode_old: Encode, encode_new: Encode

@@ -44,6 +44,9 @@ def test_traffic_is_encoded_by_both_models_split_in_halves_and_stored_without_te
     assert p.q_old.shape == (120, 12) and p.q_new.shape == (120, 8)
     assert 30 < p.q_fit.sum() < 90 and np.array_equal(p.q_fit, traffic_split(texts))
     assert traffic_split(["same"] * 2).tolist() in ([True, True], [False, False])
+    # the log keeps both spellings (it dedups exact texts); one in each half would put the
+    # same query on both sides of the fit/measure split
+    assert len(set(traffic_split(["Bike repair near me", "bike repair  near me"]))) == 1
     data = p.to_bytes()
     assert b"how do I query" not in data  # the texts never reach the object store
     back = Pairs.from_bytes(data)
