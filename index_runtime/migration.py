@@ -23,8 +23,8 @@ native: rank within the backfilled rows ÷ p), fitted per model on the calibrati
 is the served strategy exactly. A *guard* decides at every backfill checkpoint whether the
 merge serves, from its previous decision (:func:`guard_step`, hysteresis): the merge starts
 serving when its paired gain over the served strategy has a lower bound above 0 on the
-calibration queries, and stops only when it is measured significantly worse than the strategy
-or the status quo. :func:`guard` is the stateless rule of the previous release (kept for the
+calibration queries, and stops only when it is measured significantly worse than the strategy,
+or than the status quo while the strategy is not significantly worse still. :func:`guard` is the stateless rule of the previous release (kept for the
 benchmark's comparison of flips).
 
 **Staying merged.** With the cutover policy ``keep_merged: if_better``, a backfill that ends
