@@ -23,8 +23,8 @@ native: rank within the backfilled rows ÷ p), fitted per model on the calibrati
 is the served strategy exactly. A *guard* decides at every backfill checkpoint whether the
 merge serves, from its previous decision (:func:`guard_step`, hysteresis): the merge starts
 serving when its paired gain over the served strategy has a lower bound above 0 on the
-calibration queries, and stops only when it is measured significantly worse than the strategy
-or the status quo. :func:`guard` is the stateless rule of the previous release (kept for the
+calibration queries, and stops only when it is measured significantly worse than the strategy,
+or than the status quo while the strategy is not significantly worse still. :func:`guard` is the stateless rule of the previous release (kept for the
 benchmark's comparison of flips).
 
 **Staying merged.** With the cutover policy ``keep_merged: if_better``, a backfill that ends
@@ -345,9 +345,12 @@ def guard_step(
     compares the current measurement with two fixed bounds, so each decision holds at its own
     level whatever came before, and the band between the bounds is what absorbs the noise.
 
-    Invariant: the merge never serves while it is measured significantly below the status quo
-    (it enters significantly above the served strategy, which the gate put at or above the
-    status quo; it leaves as soon as it is significantly below either)."""
+    Invariant: what serves is never below the status quo because of the merge: it enters
+    significantly above the served strategy (which the gate put at or above the status quo),
+    and it leaves as soon as it is significantly below the strategy, or below the status quo
+    unless the strategy it would fall back to measures significantly worse still (then
+    leaving would lower quality, and the entry rule would take it back at once). Both exits
+    exclude the entry condition, so measurements that do not change flip at most once."""
     gain = paired_gain(merged, served, repeats, seed, GUARD_ENTER_LEVEL)
     gain_exit = paired_gain(merged, served, repeats, seed, GUARD_EXIT_LEVEL)
     vs_sq = (
@@ -358,7 +361,10 @@ def guard_step(
     if not prev.serves:
         serves = gain.low > 0
         reason = "MergeSignificantlyBetter" if serves else "MergeNotSignificant"
-    elif vs_sq is not None and vs_sq.high < 0:
+    elif vs_sq is not None and vs_sq.high < 0 and not gain.low > 0:
+        # leaving falls back to the served strategy, not to the status quo: when that
+        # strategy measures significantly worse than the merge it would lower quality, and the
+        # entry rule would take the merge back at the next checkpoint (a flip every checkpoint)
         serves, reason = False, "MergeBelowStatusQuo"
     elif gain_exit.high < 0:
         serves, reason = False, "MergeSignificantlyWorse"
@@ -536,10 +542,11 @@ def merged_cost(live_rows: int, dim: int, bytes_per_value: int = 4) -> dict[str,
     }
 
 
-def migration_summary(rec: MigrationRecord | None) -> dict[str, Any]:
+def migration_summary(rec: MigrationRecord | None, live_rows: int | None = None) -> dict[str, Any]:
     """The status' summary of a migration record: the guard's state (flips of what serves
     during this migration's backfill) and, for a migration that ended staying merged, the
-    models kept and the cost."""
+    models kept and the cost — for ``live_rows`` (the index's live rows now) when given: the
+    record's cost was counted at the cutover, and every write and delete since changed it."""
     if rec is None:
         return {"guard": None, "merged": None}
     guard = {**rec.guard_state.to_json(), "reason": (rec.merge or {}).get("guard_reason")}
@@ -552,4 +559,7 @@ def migration_summary(rec: MigrationRecord | None) -> dict[str, Any]:
             "merge_vs_native": c.get("merge_vs_native"),
             **dict(c.get("cost") or {}),
         }
+        dim = merged.get("dim")
+        if live_rows is not None and isinstance(dim, int):
+            merged.update(merged_cost(live_rows, dim))
     return {"guard": guard, "merged": merged}

@@ -9,7 +9,9 @@ and nobody expects a search index to retain it unless they turned that on. When 
 * at most ``max_queries`` distinct texts, each at most ``max_text_bytes`` (longer texts are
   skipped, not truncated: a truncated query is another query), so memory is bounded by
   ``max_queries × max_text_bytes`` (plus a fixed per-entry overhead);
-* nothing older than ``retention_s`` is kept or handed out;
+* nothing older than ``retention_s`` is kept or handed out: expired texts are dropped when
+  the log is read or written and by the runtime's maintenance loop (:meth:`QueryLog.expire`,
+  every tick), so an index that stops receiving queries does not hold them past retention;
 * texts live in memory only (a restart forgets them); the gate stores the *vectors* of the
   sampled queries (never their texts) in the migration's pairs object, which is deleted with
   the migration's other objects when it ends.
@@ -117,9 +119,11 @@ class QueryLog:
         return True
 
     def add(self, texts: Iterable[str]) -> int:
-        """Keep already-sampled texts (forwarded by a reader). Returns how many were kept."""
+        """Keep already-sampled texts (forwarded by a reader). Returns how many were kept.
+        A log that forwards (a reader's) keeps none: only the writer's sample is ever read
+        (by the migration gate), so texts posted to a reader would sit there unused."""
         s = self.settings
-        if not s.active:
+        if not s.active or self.forward is not None:
             return 0
         now, kept = self.clock(), 0
         with self._lock:
@@ -146,6 +150,15 @@ class QueryLog:
             self._bytes -= len(text.encode())
             self.evicted += 1
 
+    def expire(self) -> int:
+        """Drop the texts older than the retention now (the runtime calls it every
+        maintenance tick: without it a log nobody writes or reads would keep its texts past
+        ``retention_s``). Returns how many were dropped."""
+        with self._lock:
+            before = len(self._texts)
+            self._prune(self.clock())
+            return before - len(self._texts)
+
     def snapshot(self) -> list[str]:
         """The texts kept now (oldest first), after dropping expired ones."""
         with self._lock:
@@ -163,7 +176,10 @@ class QueryLog:
                 self._prune(self.clock())
 
     def stats(self) -> dict[str, Any]:
+        """Counts (never texts), after dropping expired texts: ``kept`` and ``bytes`` are what
+        is held now."""
         with self._lock:
+            self._prune(self.clock())
             return {
                 "enabled": self.settings.enabled,
                 "sample_rate": self.settings.sample_rate,

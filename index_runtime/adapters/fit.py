@@ -176,10 +176,16 @@ def fit_adapter(
     qx = np.zeros((0, rows_x.shape[-1]), np.float32)
     qy = np.zeros((0, rows_y.shape[-1]), np.float32)
     if query_pairs is not None:
-        qx = np.ascontiguousarray(query_pairs[0], dtype=np.float32).reshape(-1, rows_x.shape[-1])
-        qy = np.ascontiguousarray(query_pairs[1], dtype=np.float32).reshape(-1, rows_y.shape[-1])
-        if len(qx) != len(qy):
-            raise ValueError("query pairs must have the same rows in both spaces")
+        qx = np.ascontiguousarray(query_pairs[0], dtype=np.float32)
+        qy = np.ascontiguousarray(query_pairs[1], dtype=np.float32)
+        # each space's dimension must match the rows' (a reshape would silently turn
+        # vectors of another dimension into more, wrong, pairs)
+        dx, dy = rows_x.shape[-1], rows_y.shape[-1]
+        if qx.shape[1:] != (dx,) or qy.shape[1:] != (dy,) or len(qx) != len(qy):
+            raise ValueError(
+                f"query pairs must be (n, {dx}) and (n, {dy}) matrices with the same rows, "
+                f"got {qx.shape} and {qy.shape}"
+            )
     x, y = np.vstack([rows_x, qx]), np.vstack([rows_y, qy])
     if x.ndim != 2 or y.ndim != 2 or len(rows_x) != len(rows_y):
         raise ValueError(

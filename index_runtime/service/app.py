@@ -516,9 +516,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 new_vec = given
         else:
             assert q.text is not None
-            rt.queries.offer(q.text)  # the query log's sample (off by default: a no-op)
             model = rt.model if strategy == STATUS_QUO else str(record["to"])
             raw = engine.encode(model, [q.text], "query")[0]
+            # the query log's sample (off by default: a no-op); after the encoder accepted
+            # the text, so a text it refuses (a failed query) never becomes migration data
+            rt.queries.offer(q.text)
             vec = rt.query_vector(strategy, raw, adapter)
             if model != rt.model:
                 new_vec = raw

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from index_runtime.adapters import DEFAULT_KINDS, KINDS, Adapter, FitOptions, fi
 from index_runtime.contract import METRICS, MigrationGuard, MigrationRecord
 from index_runtime.corpus import split_of
 from index_runtime.encoders import Kind
-from index_runtime.errors import InvalidInputError
+from index_runtime.errors import EncoderRejectedError, InvalidInputError
 from index_runtime.index.view import View
 from index_runtime.migration import (
     GUARD_ENTER_LEVEL,
@@ -44,6 +45,7 @@ from index_runtime.quality.arr import Interval, bootstrap, estimate_arr, paired_
 Encode = Callable[[list[str], Kind], npt.NDArray[np.float32]]
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+log = logging.getLogger(__name__)
 DEPTH = 20  # list depth the merge draws from (each model's top-20)
 MIN_TRAFFIC = 50  # held-out logged queries needed to estimate ARR on traffic instead of rows
 
@@ -319,21 +321,68 @@ def sample_pairs(view: View, encode_new: Encode, req: MigrationRequest) -> Pairs
 
 def traffic_split(texts: Sequence[str]) -> npt.NDArray[np.bool_]:
     """True for the half of the sampled query texts adapters are fitted on (by a hash of the
-    text: a query seen twice lands in the same half), False for the half that measures."""
-    return np.array([zlib.crc32(b"traffic:" + t.encode()) % 2 == 0 for t in texts], bool)
+    text, case and spacing ignored: a query seen twice, or typed twice differently, lands in
+    the same half), False for the half that measures."""
+    return np.array(
+        [zlib.crc32(b"traffic:" + _same_text(t).encode()) % 2 == 0 for t in texts], bool
+    )
 
 
 def encode_traffic(pairs: Pairs, texts: Sequence[str], encode_old: Encode, encode_new: Encode
                    ) -> Pairs:  # fmt: skip
     """SAMPLE: the query log's texts encoded by both models, attached to ``pairs`` (vectors
-    only: the texts are not stored)."""
-    if not texts:
+    only: the texts are not stored).
+
+    The texts are whatever users sent: one that an encoder refuses for good
+    (``EncoderRejectedError``: a 4xx, input it will never accept) must not stop the migration
+    — the gate would pause for an encoder that is fine, until the text left the log. On a
+    refusal each text is encoded alone and the refused ones are left out (counted in the
+    log, never named). Transient failures propagate (the gate retries as for the rows).
+
+    The request's labelled queries are left out of the traffic (compared case- and
+    space-insensitively): they are the gate's held-out test, and users who search with their
+    evaluation queries put them in the log — fitted on, they would make the adapters' gain
+    over the status quo look better than it is."""
+    held_out = {_same_text(q) for q, _ in pairs.labelled}
+    t = [x for x in texts if _same_text(x) not in held_out]
+    if not t:
         return pairs
-    t = list(texts)
-    pairs.q_old = _normalized(encode_old(t, "query"))
-    pairs.q_new = _normalized(encode_new(t, "query"))
+    try:
+        q_old, q_new = encode_old(t, "query"), encode_new(t, "query")
+    except EncoderRejectedError:
+        t, q_old, q_new = _encode_each(t, encode_old, encode_new)
+        if not t:
+            return pairs
+    pairs.q_old = _normalized(q_old)
+    pairs.q_new = _normalized(q_new)
     pairs.q_fit = traffic_split(t)
     return pairs
+
+
+def _same_text(text: str) -> str:
+    """A text as the labelled-query filter compares it (case and spacing ignored)."""
+    return " ".join(text.casefold().split())
+
+
+def _encode_each(texts: list[str], encode_old: Encode, encode_new: Encode
+                 ) -> tuple[list[str], F32, F32]:  # fmt: skip
+    """The texts both encoders accept, one call per text, with their vectors."""
+    kept: list[str] = []
+    olds: list[F32] = []
+    news: list[F32] = []
+    for text in texts:
+        try:
+            o, n = encode_old([text], "query"), encode_new([text], "query")
+        except EncoderRejectedError:
+            continue
+        kept.append(text)
+        olds.append(np.asarray(o, np.float32))
+        news.append(np.asarray(n, np.float32))
+    log.warning("the encoders refused %d of %d sampled queries; left out", len(texts) - len(kept),
+                len(texts))  # fmt: skip
+    if not kept:
+        return [], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return kept, np.vstack(olds), np.vstack(news)
 
 
 def fit_adapters(pairs: Pairs, req: MigrationRequest) -> dict[str, Adapter]:

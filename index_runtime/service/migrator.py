@@ -270,6 +270,12 @@ class Migrator:
         """Stop the migration (any phase before Succeeded) and serve the old model only."""
         self.rt._writer()
         rec = self.record()
+        if rec is not None and rec.kept_merged:  # ended: both models' vectors are stored
+            raise ConflictError(
+                f"migration {rec.id} ended keeping {rec.from_model!r} and {rec.to_model!r} "
+                f"merged, so there is nothing to roll back; a cutover with force drops "
+                f"{rec.from_model!r}, a migration to another model drops it first"
+            )
         if rec is None or not rec.active:
             phase = rec.phase if rec else None
             raise ConflictError(f"no migration to roll back (phase {phase!r})")

@@ -187,7 +187,8 @@ class IndexRuntime:
         self.forwarder: Forwarder | None = None
         if options.query_log.active and writer is None and options.writer_url:
             self.forwarder = Forwarder(options.writer_url, name)
-        self.queries = QueryLog(options.query_log, clock, options.seed, self.forwarder)
+        # unseeded: which queries are kept must not be predictable from the (shared) options
+        self.queries = QueryLog(options.query_log, clock, None, self.forwarder)
         self.stale_samples = 0
         # a reader pins the manifest it serves, so GC keeps its objects (lease, renewed)
         self.pin_holder = f"reader-{name}-{uuid.uuid4().hex[:8]}" if writer is None else None
@@ -602,6 +603,7 @@ class IndexRuntime:
 
     def tick(self) -> lifecycle.Decision:
         """One maintenance step: flush, encode new segments, decide, act (if maintenance on)."""
+        self.queries.expire()  # the query log's retention holds when no query arrives
         with self._maint_lock:
             if self.writer is not None:
                 self.writer.maybe_flush()

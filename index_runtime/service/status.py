@@ -72,7 +72,7 @@ def build_status(rt: IndexRuntime) -> dict[str, Any]:
         "migration": {
             "record": rt.bridge or None,
             "job": rt.migration_job or None,
-            **migration_summary(rt.record),
+            **migration_summary(rt.record, view.live_rows),  # the kept model's cost: rows now
         },
         "reason": d.reason,
         "message": d.message,

@@ -93,6 +93,9 @@ def test_keep_merged_ends_with_both_models_served_and_a_later_migration_drops_th
         assert r.status_code == 200, r.text
         r = c.post("/v1/indexes/docs/upsert", json={"keys": ["x"], "vectors": [[1.0] * D_OLD]})
         assert r.status_code == 400, r.text
+        # the cost follows the rows stored now (both models' vectors of every live row)
+        st = c.get("/v1/indexes/docs/status").json()["migration"]
+        assert st["merged"]["stored_vector_bytes"] == 640 * D_NEW * 4, st["merged"]
         metrics = c.get("/metrics").text
         assert 'driftless_migration_kept_merged{index="docs"} 1.0' in metrics
         assert 'driftless_migration_guard_flips_total{index="docs"}' in metrics
@@ -106,6 +109,10 @@ def test_keep_merged_ends_with_both_models_served_and_a_later_migration_drops_th
         # a cutover request without force does not drop a model that was kept on purpose
         r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={}, headers=AUTH)
         assert r.status_code == 409 and "with force" in r.json()["message"], r.text
+        # nor does a rollback: it says how to leave the merged state instead of "no migration"
+        r = c.post("/v1/indexes/docs/admin/migrations/rollback", json={}, headers=AUTH)
+        assert r.status_code == 409 and "cutover with force" in r.json()["message"], r.text
+        assert c.get("/v1/indexes/docs/status").json()["migration"]["merged"] is not None
         # a later migration (here: back to the old model) first drops the old model
         r = c.post(
             "/v1/indexes/docs/admin/migrations",

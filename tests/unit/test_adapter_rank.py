@@ -103,3 +103,16 @@ def test_query_pairs_are_fitted_on_and_counted() -> None:
     assert b.provenance["queries"] == 60  # enough real queries: only those
     with pytest.raises(ValueError, match="same rows"):
         fit_adapter(x, y, query_pairs=(qx, qx[:5]))
+
+
+@pytest.mark.parametrize("kind", ["procrustes", "rank"])
+def test_query_pairs_of_another_dimension_are_refused_not_reshaped(kind: str) -> None:
+    """(10, 8) query vectors against 4-dimensional rows were reshaped into 20 pairs of
+    4-dimensional garbage and fitted on."""
+    rng = np.random.default_rng(8)
+    x, y = _norm(rng.standard_normal((120, 4))), _norm(rng.standard_normal((120, 5)))
+    bad = (rng.standard_normal((10, 8)), rng.standard_normal((10, 10)))
+    with pytest.raises(ValueError, match=r"\(n, 4\) and \(n, 5\)"):
+        fit_adapter(x, y, FitOptions(kind=kind, rank_epochs=1), query_pairs=bad)
+    with pytest.raises(ValueError, match="same rows"):
+        fit_adapter(x, y, FitOptions(kind=kind, rank_epochs=1), query_pairs=(bad[0][:, :4], y[:7]))

@@ -44,6 +44,9 @@ def test_traffic_is_encoded_by_both_models_split_in_halves_and_stored_without_te
     assert p.q_old.shape == (120, 12) and p.q_new.shape == (120, 8)
     assert 30 < p.q_fit.sum() < 90 and np.array_equal(p.q_fit, traffic_split(texts))
     assert traffic_split(["same"] * 2).tolist() in ([True, True], [False, False])
+    # the log keeps both spellings (it dedups exact texts); one in each half would put the
+    # same query on both sides of the fit/measure split
+    assert len(set(traffic_split(["Bike repair near me", "bike repair  near me"]))) == 1
     data = p.to_bytes()
     assert b"how do I query" not in data  # the texts never reach the object store
     back = Pairs.from_bytes(data)
@@ -77,3 +80,39 @@ def test_every_kind_is_fitted_on_the_traffic_half_and_says_so() -> None:
              "high": 0.15}, "eligible": True, "fitted_on": ["pairs:240", "queries:41"]}]  # fmt: skip
     out = _strategies(MigrationRecord(strategies=tuple(rows)))
     assert "fittedOn" not in out[0] and out[1]["fittedOn"] == ["pairs:240", "queries:41"]
+
+
+def test_a_query_an_encoder_refuses_is_left_out_not_fatal_to_the_migration() -> None:
+    """Anyone who may search can put a text into the log; one the new model's encoder refuses
+    for good (a 4xx) made SAMPLE fail, and the migration paused on an encoder that is fine."""
+    from index_runtime.errors import EncoderRejectedError
+
+    base = _encoder(8)
+
+    def picky(texts: list[str], kind: str) -> np.ndarray:
+        if any("\u2603" in t for t in texts):
+            raise EncoderRejectedError("the encoder refused the input (400)")
+        return base(texts, kind)
+
+    texts = [f"q{i}" for i in range(60)]
+    texts[17] = "snow \u2603 man"
+    p = encode_traffic(_pairs(), texts, _encoder(12), picky)
+    good = texts[:17] + texts[18:]
+    assert p.q_old.shape == (59, 12) and p.q_new.shape == (59, 8)
+    assert np.array_equal(p.q_fit, traffic_split(good))
+    assert np.allclose(p.q_new[17], _norm(base([texts[18]], "query"))[0], atol=1e-6)
+    # every text refused: no traffic, the rows alone (as with the log off)
+    none = encode_traffic(_pairs(), ["\u2603"] * 3, _encoder(12), picky)
+    assert none.query_pairs(fit=True) is None and none.query_pairs(fit=False) is None
+
+
+def test_the_labelled_test_queries_are_not_fitted_on_when_users_also_searched_them() -> None:
+    """Users who search with their evaluation queries put them in the query log; the gate
+    fitted adapters on them and then measured those same queries as its held-out test."""
+    labelled = [("where is the red door", "k1"), ("Bike repair  near me", "k2")]
+    p = _pairs()
+    p.labelled = list(labelled)
+    traffic = [f"q{i}" for i in range(40)] + ["where is the red door", "bike repair near me"]
+    out = encode_traffic(p, traffic, _encoder(12), _encoder(8))
+    assert out.q_new.shape == (40, 8)
+    assert np.array_equal(out.q_fit, traffic_split(traffic[:40]))

@@ -15,6 +15,7 @@ from index_runtime.migration import (
     cutover_decision,
     guard,
     guard_step,
+    migration_summary,
 )
 from index_runtime.quality.arr import Interval
 
@@ -152,3 +153,52 @@ def test_kept_merged_is_read_from_the_terminal_record() -> None:
     assert r is not None and r.kept_merged and r.terminal and not r.active
     r = MigrationRecord.from_json({**ended, "cutover": {"reason": "CutOver"}})
     assert r is not None and not r.kept_merged
+
+
+def test_a_merge_between_a_weak_strategy_and_the_status_quo_does_not_flip_every_checkpoint() -> None:
+    """The served strategy fell well below the status quo on the calibration queries and the
+    merge sits between them, significantly above the strategy and below the status quo. The
+    same measurement at every checkpoint: the merge entered (significantly better), then was
+    dropped for the status quo — back to the strategy, which is worse still — and re-entered
+    at the next checkpoint: a flip at every checkpoint. It must serve once and stay (it is
+    what serves closest to the status quo)."""
+    u = np.random.default_rng(7).random(N)
+    served, merged, sq = ((u < p).astype(np.float64) for p in (0.3, 0.5, 0.7))
+    state = MigrationGuard()
+    for _ in range(6):
+        d = guard_step(state, merged, served, sq, repeats=1000)
+        assert d.vs_status_quo is not None and d.vs_status_quo.high < 0  # below the status quo
+        state = d.state
+    assert state.serves and state.flips == 1, state
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unchanging_measurements_flip_at_most_once(seed: int) -> None:
+    """Whatever one checkpoint measures (merge, strategy, status quo), measuring it again
+    changes nothing: no exit condition overlaps the entry condition."""
+    rng = np.random.default_rng(200 + seed)
+    for _ in range(6):
+        u = rng.random(N)
+        p = rng.uniform(0.2, 0.8, 3)
+        merged, served, sq = ((u < q).astype(np.float64) for q in p)
+        state = MigrationGuard()
+        for _ in range(4):
+            state = guard_step(state, merged, served, sq, repeats=300).state
+        assert state.flips <= 1, (p, state)
+
+
+def test_the_kept_models_cost_follows_the_rows_written_and_deleted_since() -> None:
+    """The status showed the second model's stored bytes counted at the cutover forever;
+    the index grows and shrinks after it (every write stores both models)."""
+    ended = {
+        "id": "m", "from": "old", "to": "new", "phase": "Succeeded",
+        "cutover": {"reason": "KeptMerged", "merged": True,
+                    "cost": {"stored_vector_bytes": 600 * 8 * 4, "rows": 600, "dim": 8,
+                             "encoders_per_query": 2}},
+    }  # fmt: skip
+    rec = MigrationRecord.from_json(ended)
+    assert migration_summary(rec)["merged"]["stored_vector_bytes"] == 600 * 8 * 4
+    now = migration_summary(rec, live_rows=640)["merged"]
+    assert now["stored_vector_bytes"] == 640 * 8 * 4 and now["rows"] == 640
+    assert now["models"] == ["old", "new"] and now["encoders_per_query"] == 2
+    assert migration_summary(None, live_rows=5) == {"guard": None, "merged": None}

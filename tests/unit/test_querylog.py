@@ -63,6 +63,9 @@ def test_a_reader_forwards_instead_of_keeping() -> None:
     log = QueryLog(QueryLogSettings(enabled=True, sample_rate=1.0), seed=0, forward=sent.append)
     log.offer("hello")
     assert sent == ["hello"] and log.snapshot() == []
+    # texts posted to a reader's internal route are not kept there (nothing reads them)
+    assert log.add(["posted to the reader"]) == 0
+    assert log.snapshot() == [] and log.stats()["kept"] == 0
 
 
 def test_settings_from_env_and_validation() -> None:
@@ -131,3 +134,21 @@ def test_the_crds_accept_the_rank_kind_and_a_bounded_query_log_only() -> None:
                         ({"retentionHours": 0}, "less than or equal to the minimum")):  # fmt: skip
         errors = validate_cr(crds["VectorIndex"], merge_patch(copy.deepcopy(vi), {"spec": {"queryLog": bad}}))
         assert any(reason in e for e in errors), errors
+
+
+def test_retention_holds_while_nothing_reads_or_writes_the_log() -> None:
+    """An index that stops receiving queries must not hold their texts past retention: the
+    counts drop them, and ``expire`` (the runtime's maintenance tick) frees them."""
+    clock = Clock()
+    s = QueryLogSettings(enabled=True, sample_rate=1.0, retention_s=60)
+    log = QueryLog(s, clock=clock, seed=0)
+    log.offer("alice smith 12 main street")
+    log.offer("bob")
+    clock.t += 30
+    log.offer("carol")
+    clock.t += 31  # the first two are past retention, nothing was offered or read since
+    st = log.stats()
+    assert st["kept"] == 1 and st["bytes"] == len("carol")
+    clock.t += 60
+    assert log.expire() == 1
+    assert log.stats()["kept"] == 0 and log.snapshot() == []
