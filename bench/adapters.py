@@ -697,7 +697,8 @@ def guard_report(res: dict[str, Any]) -> list[str]:
         f"Checkpoints at {', '.join(f'{s:.0%}' for s in GUARD_SHARES[:3])}, …, 95%, 99%, 100% backfilled. "
         "Old guard: re-decided alone at each checkpoint (one-sided 99% gain on the calibration queries). "
         "New guard (`migration.guard_step`): enters on the same bound, leaves only when the merge is "
-        "significantly worse (one-sided 95%) than the strategy or the status quo. Flips = changes of "
+        "significantly worse (one-sided 95%) than the strategy, or than the status quo unless the "
+        "strategy it would fall back to is significantly worse still. Flips = changes of "
         "what serves over the backfill (entering counts as one).",
         "",
         "| direction | backfill order | flips, old guard | flips, new guard | merge serves from (new) |",
