@@ -109,6 +109,9 @@ class LocalCluster:
         self._kubelet_run: concurrent.futures.Future[Any] | None = None
         self._stop = threading.Event()
         self._sync: threading.Thread | None = None
+        # processes on hosts of their own started by the story (e.g. the encoder host):
+        # (Host, Proc), killed and removed by close()
+        self.extra_hosts: list[tuple[Any, Any]] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -169,7 +172,7 @@ class LocalCluster:
     def _start_s3(self) -> None:
         from tests.cluster.s3host import S3Host
 
-        self.s3 = S3Host(self.net)
+        self.s3 = S3Host(self.net, log=self.workdir / "s3.log")
         self.log(f"S3 (moto) on {self.s3.endpoint}")
 
     def install(self) -> None:
@@ -240,6 +243,15 @@ class LocalCluster:
                     step()
             except Exception as exc:  # keep tearing down: the network must go
                 self.log(f"close {what}: {exc!r}")
+        for host, proc in self.extra_hosts:
+            try:
+                if proc.poll() is None:
+                    proc.signal(9)
+                    proc.wait(10)
+                self.net.remove_host(host)
+            except Exception as exc:
+                self.log(f"close {host}: {exc!r}")
+        self.extra_hosts = []
         if self._kubelet_run is not None:
             self._kubelet_run.cancel()
         if self.loop is not None and self._server is not None:
