@@ -40,8 +40,9 @@ def image_parts(ref: str) -> dict[str, str]:
 def values(watch: tuple[str, ...], *, reconcile_s: float = 2.0) -> dict[str, Any]:
     """What a user passes to ``helm install`` for this cluster: the three images, the
     namespaces of their indexes, monitoring on (this cluster runs a Prometheus that reads
-    ServiceMonitors; "auto" would need the API versions Helm's engine is not given), every
-    ServiceMonitor selected (``serviceMonitorLabels: {}``) and a short reconcile interval
+    ServiceMonitors; "auto" would need the API versions Helm's engine is not given), no
+    selector labels (``serviceMonitorLabels: null``: Helm merges a ``{}`` with the default
+    and keeps ``release``) and a short reconcile interval
     (the story runs minutes, not hours)."""
     return {
         "image": {**image_parts(IMAGES["operator"]), "pullPolicy": "Never"},
@@ -51,7 +52,7 @@ def values(watch: tuple[str, ...], *, reconcile_s: float = 2.0) -> dict[str, Any
         "reconcileInterval": reconcile_s,
         "monitoring": {
             "serviceMonitors": True,
-            "serviceMonitorLabels": {},
+            "serviceMonitorLabels": None,
             "prometheusRule": {"enabled": True},
         },
     }
