@@ -182,7 +182,8 @@ def plan_rootfs(rootfs: str, netns: str, exists: Callable[[str], bool]) -> list[
     for name in ("hosts", "resolv.conf"):
         src = f"/etc/netns/{netns}/{name}"
         if exists(src):
-            steps += [["touch", f"{rootfs}/etc/{name}"], ["bind", src, f"{rootfs}/etc/{name}", True]]
+            dst = f"{rootfs}/etc/{name}"
+            steps += [["touch", dst], ["bind", src, dst, True]]
     return steps
 
 
@@ -310,12 +311,11 @@ def _stage(counter: list[int]) -> str:
     return d
 
 
-def _run_step(step: Step, counter: list[int]) -> None:
+def _run_step(step: Step, counter: list[int], sources: dict[str, int]) -> None:
     kind = step[0]
-    if kind == "bind":
-        _bind(step[1], step[2], bool(step[3]))
-    elif kind == "rbind":
-        _bind(step[1], step[2], False)
+    if kind in ("bind", "rbind"):  # from the descriptor: an earlier mount may hide the path
+        src = f"/proc/self/fd/{sources[step[1]]}" if step[1] in sources else step[1]
+        _bind(src, step[2], kind == "bind" and bool(step[3]))
     elif kind == "mkdir":
         os.makedirs(step[1], exist_ok=True)
     elif kind == "touch":
@@ -328,7 +328,7 @@ def _run_step(step: Step, counter: list[int]) -> None:
         _mount("dlexpose", hidden, "tmpfs", 0, "mode=0755")
         for p, fd in fds.items():
             os.makedirs(p, exist_ok=True)
-            _bind(f"/proc/self/fd/{fd}", p, False)
+            _bind(f"/proc/self/fd/{fd}", p, True)
             os.close(fd)
     elif kind == "overlay":  # writable view of `dir` whose changes live in a private tmpfs
         top = step[1]
@@ -346,8 +346,12 @@ def _run_step(step: Step, counter: list[int]) -> None:
 
 def _init(plan: dict[str, Any]) -> None:
     counter: list[int] = []
+    # open every source first: a mount at /tmp would hide a source under /tmp, say
+    sources = {st[1]: os.open(st[1], os.O_PATH) for st in plan["steps"] if st[0] == "bind"}
     for step in plan["steps"]:
-        _run_step(step, counter)
+        _run_step(step, counter, sources)
+    for fd in sources.values():
+        os.close(fd)
     if plan["chroot"]:
         os.chroot(plan["chroot"])
         os.chdir("/")
