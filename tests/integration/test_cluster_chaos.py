@@ -4,17 +4,24 @@
   against one ``driftless serve`` process that is SIGKILLed and restarted: writes retried as
   documented ride over the outage, the ledger of acknowledged writes holds (0 lost, 0 back),
   and the read-back really reads the index (a row removed behind the ledger's back is lost).
+* ``test_run_trial_against_one_process``: ``run_trial``'s plumbing (strike, outage, recovery,
+  windows, verdict) with the serve process standing in for the cluster's writer pod, restarted
+  by a minimal kubelet (the real cluster is tests/cluster/cluster.py).
 * ``test_campaign`` (slow): the campaign on one LocalCluster (see its docstring).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.cluster.chaos import run_trial
 from tests.cluster.chaos_load import Load
 from tests.fake_encoder import encoder_server
 from tests.migration_campaign import AUTH, TOKEN, Writer
@@ -72,6 +79,100 @@ def test_load_survives_a_writer_kill(tmp_path: Path) -> None:
             assert load.check()[0] == [key]
         finally:
             writer.kill()
+
+
+@dataclass
+class _Proc:
+    writer: Writer
+
+    @property
+    def pid(self) -> int:
+        assert self.writer.proc is not None
+        return self.writer.proc.pid
+
+    def poll(self) -> int | None:
+        assert self.writer.proc is not None
+        return self.writer.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        assert self.writer.proc is not None
+        self.writer.proc.send_signal(sig)
+
+
+@dataclass
+class _Pod:
+    proc: _Proc
+    restarts: int
+    ready: bool
+    name: str = "docs-writer-0"
+    namespace: str = "search"
+    owner: tuple[str, str] = ("StatefulSet", "docs-writer")
+    labels: dict[str, str] = field(
+        default_factory=lambda: {
+            "app.kubernetes.io/instance": "docs",
+            "app.kubernetes.io/component": "writer",
+        }
+    )
+
+
+class _OneProcessCluster:
+    """What run_trial uses of a LocalCluster, for one serve process as the writer pod (and
+    the readers' Service): restarted when it dies, as a kubelet would."""
+
+    for_s = 10.0
+    probe_scale = 1.0
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer, self.restarts, self.stop = writer, 0, threading.Event()
+        self.kubelet, self.prometheus = self, self
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            if self.writer.proc is not None and self.writer.proc.poll() is not None:
+                self.restarts += 1
+                self.writer.start()
+
+    def pods(self, namespace: str | None = None) -> list[_Pod]:
+        ready = self.writer.proc is not None and self.writer.proc.poll() is None
+        return [_Pod(_Proc(self.writer), self.restarts, ready)]
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return {"status": {"phase": "Serving"}} if plural == "vectorindexes" else {}
+
+    def service_url(self, namespace: str, service: str) -> str:
+        return self.writer.url
+
+    def token(self, namespace: str, index: str, scope: str) -> str:
+        return TOKEN
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return []
+
+
+def test_run_trial_against_one_process(tmp_path: Path) -> None:
+    with encoder_server() as enc:
+        writer = Writer(tmp_path / "data", enc.specs(), tmp_path / "writer.log")
+        writer.start()
+        spec = {"name": "docs", "model": "old", "dim": 32}
+        assert httpx.post(f"{writer.url}/v1/indexes", json=spec, headers=AUTH).status_code == 201
+        cluster = _OneProcessCluster(writer)
+        try:
+            r = run_trial(cluster, "kill-writer", 5, recovery_timeout_s=60)
+        finally:
+            cluster.stop.set()
+            cluster.thread.join(5)
+            writer.kill()
+    assert r.ok, (r.failures, r)
+    assert (r.target, r.restarted, r.phase_at_strike) == ("docs-writer-0", True, "steady")
+    assert r.recovery_s is not None and r.outage_s > 0 and cluster.restarts == 1
+    assert r.writes_acked > 0 and r.queries > 0 and r.reader_queries_writer_down > 0
+    # the only "reader" is the writer here: queries while it was down were retried until it
+    # came back, or failed -- either way they were counted in the fault window
+    assert r.queries_ok >= r.reader_ok_writer_down
+    # no alert expected: the restart takes less than for: + a scrape + two evaluations
+    assert r.alert == "DriftlessRuntimeDown" and not r.alert_expected
 
 
 @pytest.mark.slow
