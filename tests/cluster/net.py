@@ -116,7 +116,8 @@ def veth_name(prefix: str, k: int, i: int) -> str:
 
 def is_stale(state: dict[str, float], now: float, older_than_s: float, alive: bool) -> bool:
     """A run's leftovers may be swept when its owner is gone or it is older than the limit."""
-    return not alive or now - state.get("created", 0.0) >= older_than_s
+    created = state.get("created")
+    return not alive or created is None or now - created >= older_than_s
 
 
 # ----------------------------------------------------------------------------- edges

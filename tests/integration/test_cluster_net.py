@@ -90,7 +90,8 @@ def run_in(host: Host, root: Path, argv: list[str], mounts: list[Mount] | None =
 
 def fetch(url: str) -> str:
     try:
-        return "OK " + urllib.request.urlopen(url, timeout=1).read().decode()
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return "OK " + bytes(r.read()).decode()
     except Exception as e:  # any failure: refused, timeout, reset
         return f"FAIL {type(e).__name__}"
 
