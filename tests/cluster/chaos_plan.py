@@ -41,6 +41,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
 # moments to strike: "steady" (serving under load, no migration needed), "gate" (a
 # migration is running, not yet backfilling), "Backfilling" (its backfill pods run)
 MOMENTS = ("steady", "gate", "Backfilling")
+# a migration per trial would not fit the campaign's time: half the trials strike steady
+MOMENT_WEIGHTS = {"steady": 2.0, "gate": 1.0, "Backfilling": 1.0}
 NEEDS_BACKFILL = ("kill-backfill",)
 PARTITION_S = (5.0, 60.0)  # the issue's range for the writer <-> S3 partition
 RETRYABLE = (429, 503, 507)  # the README: backpressure, store/fenced writer, full disk
@@ -97,7 +99,7 @@ def plan(
     if not allowed:
         raise ValueError(f"{fault} cannot strike at any of {list(moments)}")
     component = rng.choice(TARGETS[fault])
-    moment = rng.choice(allowed)
+    moment = rng.choices(allowed, [MOMENT_WEIGHTS[m] for m in allowed])[0]
     if fault == "partition-s3":
         duration = rng.uniform(*partition_s)
     elif fault == "sigstop":
@@ -121,6 +123,41 @@ def campaign(n: int, first_seed: int = 0) -> list[tuple[str, int]]:
     """``n`` trials as (fault, seed): the faults in turn (each at least ``n // 7`` times),
     seeds ``first_seed`` .. ``first_seed + n - 1``."""
     return [(FAULTS[i % len(FAULTS)], first_seed + i) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Trials run one after the other; ``migrate``: during one migration started before
+    them (the campaign's migrations go back and forth between two models)."""
+
+    migrate: bool
+    trials: tuple[tuple[str, int], ...]
+
+
+def schedule(n: int, first_seed: int = 0, per_migration: int = 2) -> list[Group]:
+    """``campaign(n, first_seed)`` grouped: each trial whose plan strikes steady alone, the
+    others ``per_migration`` to a migration, gate moments before Backfilling ones (a
+    migration passes the gate first), a backfill kill first among Backfilling ones (its
+    pods must still run), in seed order otherwise."""
+    steady: list[Group] = []
+    migrating: list[tuple[int, bool, str, int]] = []
+    for fault, seed in campaign(n, first_seed):
+        moment = plan(fault, seed).moment
+        if moment == "steady":
+            steady.append(Group(False, ((fault, seed),)))
+        else:
+            migrating.append((MOMENTS.index(moment), fault != "kill-backfill", fault, seed))
+    groups: list[Group] = []
+    for lo in range(0, len(migrating), per_migration):
+        chunk = sorted(migrating[lo : lo + per_migration])
+        groups.append(Group(True, tuple((f, s) for _, _, f, s in chunk)))
+    # interleave: a migration between steady trials spreads the faults over the run
+    out: list[Group] = []
+    while steady or groups:
+        if groups:
+            out.append(groups.pop(0))
+        out += [steady.pop(0) for _ in range(min(2, len(steady)))]
+    return out
 
 
 def next_wait(

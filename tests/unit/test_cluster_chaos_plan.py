@@ -64,6 +64,23 @@ def test_the_campaign_covers_every_fault_with_distinct_seeds() -> None:
     assert min(counts.values()) >= 4
 
 
+def test_the_schedule_groups_migrating_trials_and_keeps_every_trial() -> None:
+    groups = cp.schedule(35, first_seed=0, per_migration=2)
+    trials = [t for g in groups for t in g.trials]
+    assert sorted(trials, key=lambda t: t[1]) == cp.campaign(35)
+    for g in groups:
+        moments = [cp.plan(f, s).moment for f, s in g.trials]
+        if g.migrate:
+            assert "steady" not in moments and len(g.trials) <= 2
+            assert moments == sorted(moments, key=cp.MOMENTS.index)  # the gate comes first
+        else:
+            assert moments == ["steady"]
+    backfill = [g for g in groups if any(f == "kill-backfill" for f, _ in g.trials)]
+    assert backfill and all(g.migrate for g in backfill)
+    steady = sum(not g.migrate for g in groups)
+    assert 0 < steady < 30  # roughly half the other trials strike steady
+
+
 def test_retry_rule_follows_retry_after_and_gives_up_on_final_answers() -> None:
     rng = random.Random(0)
     assert cp.next_wait(503, "1", 0, 0.0, 30.0, rng) == 1.0
