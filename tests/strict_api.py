@@ -22,7 +22,7 @@ import datetime as dt
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp.web
@@ -79,6 +79,9 @@ class StrictAPI(StricterEmulator):
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.require_namespaces = True
         self._ns_watchers: list[asyncio.Queue[dict[str, Any]]] = []
+        # the Service CIDR's allocator: a local cluster's kubelet sets one that hands out
+        # addresses its Service proxies listen on (None: 10.96.x.y, reachable by no one)
+        self.cluster_ip: Callable[[], str] | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -298,6 +301,8 @@ class StrictAPI(StricterEmulator):
                 data.update(new)
             if kind == "Service":
                 spec = data.setdefault("spec", {})
+                if not spec.get("clusterIP") and self.cluster_ip is not None:
+                    spec["clusterIP"] = self.cluster_ip()
                 if not spec.get("clusterIP"):  # allocated from the service CIDR
                     n = next(self._ips)
                     spec["clusterIP"] = f"10.96.{n // 250}.{n % 250 + 1}"
