@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -172,6 +173,8 @@ class Network:
         self._octets: set[int] = {1}
         self._veths = 0
         self._closed = False
+        # the kubelet calls add_host/remove_host/set_names from worker threads at once
+        self._lock = threading.RLock()
         os.makedirs(STATE_DIR, exist_ok=True)
         with open(LOCK_FILE, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -202,15 +205,28 @@ class Network:
         return f"10.251.{self.k}.{octet}"
 
     def add_host(self, name: str) -> Host:
-        """A new namespace with its own address, reachable from the gateway and every Host."""
-        if name in self.hosts:
-            raise ValueError(f"host {name} exists")
-        ns = netns_name(self.prefix, self.k, name)
-        self._veths += 1
-        host = Host(name, ns, self._ip_for(), veth_name(self.prefix, self.k, self._veths))
-        self.hosts[name] = host  # registered first: close() cleans a half-made host too
-        os.makedirs(f"{NETNS_ETC}/{ns}", exist_ok=True)
-        _write_in_place(f"{NETNS_ETC}/{ns}/hosts", hosts_text(self._names))
+        """A new namespace with its own address, reachable from the gateway and every Host.
+        On failure nothing of it is left (the same name can be added again)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("network closed")
+            if name in self.hosts:
+                raise ValueError(f"host {name} exists")
+            ns = netns_name(self.prefix, self.k, name)
+            self._veths += 1
+            host = Host(name, ns, self._ip_for(), veth_name(self.prefix, self.k, self._veths))
+            self.hosts[name] = host  # registered first: close() cleans a half-made host too
+            os.makedirs(f"{NETNS_ETC}/{ns}", exist_ok=True)
+            _write_in_place(f"{NETNS_ETC}/{ns}/hosts", hosts_text(self._names))
+        try:
+            self._plumb(host)
+        except BaseException:
+            self.remove_host(host)
+            raise
+        return host
+
+    def _plumb(self, host: Host) -> None:
+        ns = host.netns
         _write_in_place(f"{NETNS_ETC}/{ns}/resolv.conf", RESOLV_CONF)
         _ip("netns", "add", ns)
         _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -220,27 +236,32 @@ class Network:
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "route", "add", "default", "via", self.gateway)
-        return host
 
     def remove_host(self, host: Host) -> None:
         """Kill what runs in the Host and remove its namespace, veth and /etc/netns dir."""
-        self.hosts.pop(host.name, None)
+        with self._lock:
+            if self.hosts.get(host.name) is host:
+                del self.hosts[host.name]
         _remove_netns(host.netns, host.veth)
-        self._octets.discard(int(host.ip.rsplit(".", 1)[1]))
+        with self._lock:  # the address is free only once nothing uses it
+            self._octets.discard(int(host.ip.rsplit(".", 1)[1]))
 
     def alias(self) -> str:
         """One more address of the machine on the bridge (for a Service proxy, the API...)."""
-        ip = self._ip_for()
+        with self._lock:
+            ip = self._ip_for()
+            self.aliases.append(ip)
         _ip("addr", "add", f"{ip}/32", "dev", self.bridge)
-        self.aliases.append(ip)
         return ip
 
     def set_names(self, names: dict[str, list[str]]) -> None:
         """Every Host's hosts file becomes localhost + `names` (rewritten in place)."""
-        self._names = {n: list(ips) for n, ips in names.items()}
-        text = hosts_text(self._names)
-        for host in list(self.hosts.values()):
-            _write_in_place(f"{NETNS_ETC}/{host.netns}/hosts", text)
+        with self._lock:  # a host being added gets either this text or a later one
+            self._names = {n: list(ips) for n, ips in names.items()}
+            text = hosts_text(self._names)
+            for host in list(self.hosts.values()):
+                with contextlib.suppress(FileNotFoundError):  # a host being removed
+                    _write_in_place(f"{NETNS_ETC}/{host.netns}/hosts", text)
 
     def cut(self, host: Host, peer_ip: str) -> None:
         """Packets from `host` to `peer_ip` are dropped (connects fail) until `heal`."""
@@ -256,9 +277,10 @@ class Network:
 
     def close(self) -> None:
         """Remove every Host, alias and the bridge; safe to call twice and after failures."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         atexit.unregister(self.close)
         for host in list(self.hosts.values()):
             with contextlib.suppress(Exception):  # keep going: the rest must still go

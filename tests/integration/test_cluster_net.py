@@ -103,6 +103,9 @@ def root() -> Iterator[Path]:
     d = Path(f"/tmp/dl-net-test-{os.getpid()}")
     d.mkdir(exist_ok=True)
     yield d
+    # mounts live in the pods' private namespaces; if one ever leaked, never delete through it
+    mounted = [p for p, _, _ in os.walk(d) if os.path.ismount(p)]
+    assert mounted == [], f"mounts leaked to the machine: {mounted}"
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -191,6 +194,37 @@ def test_two_hosts_names_mounts_faults_and_cleanup(root: Path) -> None:
     for ns in hosts:
         assert not os.path.exists(f"/run/netns/{ns}") and not os.path.exists(f"{NETNS_ETC}/{ns}")
     assert not os.path.exists(f"{STATE_DIR}/{net.bridge}.json")
+
+
+@needs_netns
+def test_image_rootfs_mode_chroots_with_the_hosts_file_proc_and_mounts(root: Path) -> None:
+    """A stand-in image: an empty rootfs that gets the machine's /usr read-only (Debian's
+    python3 lives there), /bin etc. as the usual symlinks."""
+    rootfs = root / "rootfs"
+    rootfs.mkdir()
+    for link in ("bin", "lib", "lib64", "sbin"):
+        if os.path.isdir(f"/usr/{link}"):
+            (rootfs / link).symlink_to(f"usr/{link}")
+    data = pod_dir(root, "data")
+    (data / "in.txt").write_text("mounted")
+    probe = (
+        "import os\n"
+        "print(os.getuid(), os.getgid(), os.path.exists('/work'), os.getcwd())\n"
+        "print(open('/etc/driftless/data/in.txt').read(), open('/etc/hosts').read().split()[-1])\n"
+        "print(os.readlink('/proc/self') == str(os.getpid()))"
+    )
+    with Network(prefix="dlt") as net:
+        host = net.add_host("img")
+        net.set_names({"s3.example": [net.gateway]})
+        mounts = [Mount("/usr", Path("/usr"), read_only=True), Mount("/etc/driftless/data", data)]
+        log = root / "img.log"
+        spec = ContainerSpec(["python3", "-c", probe], {}, mounts, workdir="/etc", rootfs=rootfs,
+                             log=log)  # fmt: skip
+        assert launch(host, spec).wait(30) == 0, log.read_text()
+    uid_line, data_line, proc_line = log.read_text().splitlines()
+    assert uid_line == "10001 10001 False /etc"  # chrooted: the machine's /work is not there
+    assert data_line == "mounted s3.example"
+    assert proc_line == "True"
 
 
 @needs_netns
