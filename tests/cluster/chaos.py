@@ -165,9 +165,12 @@ def run_trial(
     moments: tuple[str, ...] | None = None,
     recovery_timeout_s: float = 180.0,
     migration_timeout_s: float = 600.0,
+    wait_migration: bool = True,
 ) -> cp.TrialResult:
     """One trial of ``fault`` (chaos_plan.FAULTS) planned from ``seed``; see the module doc.
-    ``migration``: the running ModelMigration (in ``namespace``) to strike in and to check."""
+    ``migration``: the running ModelMigration (in ``namespace``) to strike in and, with
+    ``wait_migration``, to wait for and check (else the caller fills ``result.migration``
+    when it ends: several trials strike during one migration)."""
     t_start = time.monotonic()
     moments = moments or (cp.MOMENTS if migration else ("steady",))
     plan = cp.plan(fault, seed, moments=moments)
@@ -234,7 +237,7 @@ def run_trial(
         load.stop()
         lost, back, acked, failed = load.check()
         r.lost, r.resurrected, r.writes_acked, r.writes_failed = lost, back, acked, failed
-        if migration:
+        if migration and wait_migration:
             done = _wait(lambda: _migration_phase(cluster, namespace, migration) in cp.MIGRATION_DONE,
                          migration_timeout_s, 1.0)
             r.migration = _migration_phase(cluster, namespace, migration) if done else "timed out"

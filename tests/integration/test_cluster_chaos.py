@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from tests.cluster.chaos import run_trial
 from tests.cluster.chaos_load import Load
 from tests.fake_encoder import encoder_server
 from tests.migration_campaign import AUTH, TOKEN, Writer
+
+MISSING = [t for t in ("ip", "kubectl", "prometheus", "unshare") if shutil.which(t) is None]
 
 
 def test_load_survives_a_writer_kill(tmp_path: Path) -> None:
@@ -175,6 +179,61 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
     assert r.alert == "DriftlessRuntimeDown" and not r.alert_expected
 
 
+CAMPAIGN_TRIALS = int(os.environ.get("DRIFTLESS_CHAOS_TRIALS", "35"))
+CAMPAIGN_DOCS = int(os.environ.get("DRIFTLESS_CHAOS_DOCS", "300"))
+RESULTS = os.environ.get("DRIFTLESS_CHAOS_RESULTS")  # a directory: write the results there
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.skipif(bool(MISSING), reason=f"missing tools: {MISSING} (`make tools`)")
 def test_campaign(tmp_path: Path) -> None:
-    pytest.skip("the cluster campaign is not wired yet")
+    """>= 30 trials over the 7 faults on one LocalCluster (seeds 0..n-1; the schedule groups
+    the migrating trials two to a migration): every trial passes every check. Set
+    DRIFTLESS_CHAOS_RESULTS=bench/results to write cluster_chaos.{json,md,png}."""
+    pytest.importorskip("kopf")
+    pytest.importorskip("helm_python")
+    from tests.cluster import chaos_plan as cp
+    from tests.cluster.chaos_campaign import run_campaign, write_results
+    from tests.cluster.cluster import LocalCluster
+    from tests.cluster.story import Settings, Story
+
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    groups = cp.schedule(CAMPAIGN_TRIALS)
+    t0 = time.monotonic()
+    with LocalCluster(tmp_path / "cluster", log=log) as cluster:
+        story = Story(cluster, Settings(encoder="http", docs=CAMPAIGN_DOCS), log=log)
+        story.install()
+        story.start_encoder()
+        story.apply_examples()
+        story.ingest()
+        story.wait_serving()
+        setup_s = time.monotonic() - t0
+        results = run_campaign(cluster, story, groups, log)
+        for_s, probe_scale = cluster.for_s, cluster.probe_scale
+    if RESULTS:
+        command = (
+            f"DRIFTLESS_CHAOS_TRIALS={CAMPAIGN_TRIALS} DRIFTLESS_CHAOS_DOCS={CAMPAIGN_DOCS} "
+            "DRIFTLESS_CHAOS_RESULTS=bench/results flock /work/wt/cluster.lock "
+            "python -m pytest tests/integration/test_cluster_chaos.py -m slow -k campaign -s"
+        )
+        setup = {
+            "cluster": "LocalCluster (every pod a process in its own network namespace, uid "
+            "10001; the chart's operator; moto S3 and Prometheus on their own hosts)",
+            "encoder": "one HTTP encoder host serving all-MiniLM-L6-v2 and multilingual-e5-small",
+            "corpus": f"{CAMPAIGN_DOCS} stdlib docstrings (index_runtime/corpus.py)",
+            "alerts for:": f"{for_s:.0f} s (compressed)",
+            "probe scale": probe_scale,
+            "setup s": round(setup_s),
+            "total s": round(time.monotonic() - t0),
+        }
+        write_results(results, Path(RESULTS), command, setup)
+    faults = {r.fault for r in results}
+    assert len(results) >= 30 and faults == set(cp.FAULTS), sorted(faults)
+    bad = [(r.seed, r.fault, r.failures) for r in results if not r.ok]
+    assert not bad, bad

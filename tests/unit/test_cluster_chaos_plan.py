@@ -170,3 +170,23 @@ def test_summary_percentiles_and_table() -> None:
     assert "| kill-reader | 1 | 0 | 0 | 0 | 50.0% | — | — | 0/0 |" in md
     assert "query success 50%" in md
     assert cp.percentile([], 50) is None and cp.percentile([3.0], 99) == 3.0
+
+
+def test_results_files(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from tests.cluster.chaos_campaign import write_results
+
+    out = Path(str(tmp_path))
+    rs = [_result(seed=i, recovery_s=float(i)) for i in range(1, 4)]
+    rs += [_result(fault="sigstop", seed=9, recovery_s=None, restarted=False)]
+    write_results(rs, out, "the command", {"corpus": "300 docs"})
+    import json
+
+    doc = json.loads((out / "cluster_chaos.json").read_text())
+    assert [t["ok"] for t in doc["trials"]] == [True, True, True, False]
+    assert "did not run again" in " ".join(doc["trials"][3]["failures"])
+    assert doc["summary"][-1]["fault"] == "all" and doc["summary"][-1]["trials"] == 4
+    md = (out / "cluster_chaos.md").read_text()
+    assert "Command: `the command`" in md and "| sigstop | 1 | 0 |" in md
+    assert (out / "cluster_chaos.png").read_bytes()[:4] == b"\x89PNG"
