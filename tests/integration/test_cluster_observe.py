@@ -159,3 +159,84 @@ async def test_prometheus_discovers_the_servicemonitor_and_the_chart_alert_fires
 
     waited = await asyncio.to_thread(scenario)
     assert waited["fired_s"] >= FOR_S  # pending first: `for:` is honoured, not skipped
+
+
+@pytest.mark.slow
+def test_a_writer_cut_from_s3_raises_the_storage_alert_which_resolves_when_healed(
+    tmp_path: Path,
+) -> None:
+    """partition-s3 end to end (≈ 25 s): ``driftless serve`` in its own Host writing to the
+    S3Host, the route to S3 cut in the writer's namespace while writes keep coming: writes are
+    still acknowledged (WAL), the flush fails, driftless_writer_flush_failing turns 1 and the
+    chart's DriftlessWriterStorageFailing fires; healed, the next flush succeeds and it
+    resolves — without a restart, and no acknowledged row is missing."""
+    import httpx
+    import numpy as np
+
+    from tests.cluster.launch import ContainerSpec, Mount, launch
+    from tests.cluster.net import Network
+    from tests.cluster.observe import PrometheusHost, chart_rules
+    from tests.cluster.s3host import S3Host
+
+    token = "observe-admin-token-0123456789"
+    headers = {"Authorization": f"Bearer {token}"}
+    rules = chart_rules(chart.render(chart.values(("search",))), tmp_path / "rules", FOR_S)
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    os.chown(wal, 10001, 10001)
+    with Network(prefix="dlos") as net, S3Host(net, log=tmp_path / "s3.log") as s3:
+        s3.bucket("observe-cut")
+        writer = net.add_host("writer")
+        base = f"http://{writer.ip}:8080"
+        argv = ["driftless", "serve", "--s3-bucket", "observe-cut", "--s3-endpoint", s3.endpoint,
+                "--s3-region", "us-east-1", "--wal-dir", "/srv/wal", "--host", writer.ip,
+                "--port", "8080", "--tick", "0.2"]  # fmt: skip
+        env = {"DRIFTLESS_ADMIN_TOKEN": token, "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "HOME": "/tmp", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        log = tmp_path / "writer.log"
+        proc = launch(writer, ContainerSpec(argv, env, [Mount("/srv/wal", wal)], log=log))
+        try:
+            t0 = time.monotonic()
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() - t0 < 60, log.read_text()[-3000:]
+                try:
+                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            client = httpx.Client(base_url=base, headers=headers, timeout=30)
+            body = {"name": "docs", "model": "m", "dim": 8}
+            assert client.post("/v1/indexes", json=body).status_code == 201
+            labels = {"namespace": "search", "pod": "docs-writer-0", "job": "docs-writer",
+                      "app_kubernetes_io_part_of": "driftless",
+                      "app_kubernetes_io_component": "writer"}  # fmt: skip
+            acked: list[str] = []
+
+            def write(i: int) -> None:
+                keys = [f"k{i}-{j}" for j in range(4)]
+                vecs = np.random.default_rng(i).normal(size=(4, 8)).tolist()
+                r = client.post("/v1/indexes/docs/upsert", json={"keys": keys, "vectors": vecs})
+                assert r.status_code == 200, r.text
+                acked.extend(keys)
+
+            with PrometheusHost(net, tmp_path, rules) as prom:
+                prom.write_targets([{"targets": [f"{writer.ip}:8080"], "labels": labels}])
+                write(0)
+                net.cut(writer, s3.host.ip)
+                i, t0 = 1, time.monotonic()
+                while not any(a["state"] == "firing" for a in prom.alerts()):
+                    assert time.monotonic() - t0 < 60, (prom.alerts(), log.read_text()[-2000:])
+                    write(i)  # acknowledged: the WAL holds them while S3 is out of reach
+                    i += 1
+                    time.sleep(0.5)
+                [alert] = prom.alerts()
+                assert alert["labels"]["alertname"] == "DriftlessWriterStorageFailing"
+                assert alert["labels"]["index"] == "docs" and alert["labels"]["pod"] == "docs-writer-0"
+                net.heal(writer, s3.host.ip)
+                prom.wait_alert("DriftlessWriterStorageFailing", "inactive", 60, index="docs")
+            r = client.post("/v1/indexes/docs/fetch", json={"keys": acked})
+            assert {row["key"] for row in r.json()["rows"]} == set(acked)
+            assert any(k.startswith("docs/segments/") for k in s3.keys("observe-cut", "docs/"))
+        finally:
+            proc.kill()
