@@ -17,9 +17,9 @@ group (`Proc.signal` reaches its children too).
 
 Mount points that do not exist are never created on the machine: the nearest existing
 ancestor (say /etc for /etc/driftless/tokens) gets an overlay whose upper layer is a private
-tmpfs, the mount point is made there, and the mounts the overlay hides (the netns hosts file)
-are bound back. Only paths inside the pod's own volumes or an image rootfs are created as
-plain directories.
+tmpfs (mounted on that ancestor itself, under the overlay), the mount point is made there, and
+the mounts the overlay hides (the netns hosts file) are bound back. Only paths inside the
+pod's own volumes or an image rootfs are created as plain directories.
 
 Process mode (no rootfs) and the interpreter: the project's Python lives under /root (mode
 0700 here), which uid 10001 cannot traverse. Rather than change permissions on the machine,
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from tests.cluster.net import Host
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
-STAGE_DIR = "/run/driftless-net.stage"  # an empty mount point for each pod's private tmpfs
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POD_UID = 10001
 
@@ -258,7 +257,6 @@ class _Facts:
 
 def launch(host: Host, spec: ContainerSpec) -> Proc:
     """Start `spec` in `host` (see the module docstring); returns at once."""
-    os.makedirs(STAGE_DIR, mode=0o700, exist_ok=True)
     plan = build_plan(spec, host.netns)
     log = Path(os.devnull) if spec.log is None else spec.log
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -301,17 +299,12 @@ def _submounts(top: str) -> list[str]:
     return [p for p in points if not any(p.startswith(q + "/") for q in points)]
 
 
-def _stage(counter: list[int]) -> str:
-    """A fresh directory in this process's private tmpfs at STAGE_DIR."""
-    if not counter:
-        _mount("dlstage", STAGE_DIR, "tmpfs", 0, "mode=0700")
-    counter.append(0)
-    d = f"{STAGE_DIR}/{len(counter)}"
-    os.mkdir(d)
-    return d
+def _fd_path(p: str, flags: int = os.O_PATH | os.O_DIRECTORY) -> tuple[int, str]:
+    fd = os.open(p, flags)
+    return fd, f"/proc/self/fd/{fd}"
 
 
-def _run_step(step: Step, counter: list[int], sources: dict[str, int]) -> None:
+def _run_step(step: Step, sources: dict[str, int]) -> None:
     kind = step[0]
     if kind in ("bind", "rbind"):  # from the descriptor: an earlier mount may hide the path
         src = f"/proc/self/fd/{sources[step[1]]}" if step[1] in sources else step[1]
@@ -331,12 +324,20 @@ def _run_step(step: Step, counter: list[int], sources: dict[str, int]) -> None:
             _bind(f"/proc/self/fd/{fd}", p, True)
             os.close(fd)
     elif kind == "overlay":  # writable view of `dir` whose changes live in a private tmpfs
+        # The upper layer is a tmpfs mounted on `top` itself, under the overlay: no directory
+        # of the machine is needed; layers are passed as descriptors opened in between.
         top = step[1]
         subs = {p: os.open(p, os.O_PATH) for p in _submounts(top)}
-        d = _stage(counter)
-        os.mkdir(f"{d}/u")
-        os.mkdir(f"{d}/w")
-        _mount("dloverlay", top, "overlay", 0, f"lowerdir={top},upperdir={d}/u,workdir={d}/w")
+        lower, lower_p = _fd_path(top)
+        _mount("dlupper", top, "tmpfs", 0, "mode=0755")
+        os.mkdir(f"{top}/.upper")
+        os.mkdir(f"{top}/.work")
+        upper, upper_p = _fd_path(f"{top}/.upper")
+        work, work_p = _fd_path(f"{top}/.work")
+        layers = f"lowerdir={lower_p},upperdir={upper_p},workdir={work_p}"
+        _mount("dloverlay", top, "overlay", 0, layers)
+        for fd in (lower, upper, work):
+            os.close(fd)
         for p, fd in subs.items():  # the overlay hides mounts below `top` (e.g. /etc/hosts)
             _bind(f"/proc/self/fd/{fd}", p, False)
             os.close(fd)
@@ -345,11 +346,10 @@ def _run_step(step: Step, counter: list[int], sources: dict[str, int]) -> None:
 
 
 def _init(plan: dict[str, Any]) -> None:
-    counter: list[int] = []
     # open every source first: a mount at /tmp would hide a source under /tmp, say
     sources = {st[1]: os.open(st[1], os.O_PATH) for st in plan["steps"] if st[0] == "bind"}
     for step in plan["steps"]:
-        _run_step(step, counter, sources)
+        _run_step(step, sources)
     for fd in sources.values():
         os.close(fd)
     if plan["chroot"]:
