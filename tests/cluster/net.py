@@ -363,3 +363,10 @@ def _remove_netns(ns: str, veth: str) -> None:
     shutil.rmtree(f"{NETNS_ETC}/{ns}", ignore_errors=True)
     with contextlib.suppress(OSError):  # only when empty: other runs' dirs stay
         os.rmdir(NETNS_ETC)
+
+
+if __name__ == "__main__":  # `python -m tests.cluster.net [prefix] [older_than_s]`: sweep by hand
+    import sys
+
+    Network.sweep(sys.argv[1] if len(sys.argv) > 1 else "dl",
+                  float(sys.argv[2]) if len(sys.argv) > 2 else 3600)  # fmt: skip
