@@ -7,7 +7,8 @@ the index and its namespace deleted and the data reclaimed.
 What a user changes in the examples for this cluster (``Story.patched_examples``): the S3
 Secret holds moto's keys; ``storage.endpoint`` is the S3 host, ``region`` us-east-1,
 ``reclaimPolicy: Delete`` (the run ends by checking the data goes); a tiny corpus needs
-``coldStart.minTrainingVectors`` and ``primary.nlist`` scaled down; the migration's labelled
+``coldStart.minTrainingVectors``, ``primary.nlist`` and ``primary.nbits`` scaled down (624,
+8, 4: the CRD asks 39 x max(nlist, 2^nbits) training vectors); the migration's labelled
 queries are the corpus's own (query, key) pairs, its ``adapter.pairs`` the corpus size and
 ``backfill.parallelism`` 2. With ``encoder="http"`` the two EmbeddingModels name the same
 models served by one encoder host (``encoder.http``) instead of ``encoder.local``.
@@ -69,11 +70,13 @@ class Client:
 class Settings:
     namespace: str = "search"
     index: str = "docs"
-    docs: int = 600  # corpus size (stdlib docstrings, index_runtime/corpus.py)
+    docs: int = 800  # corpus size (stdlib docstrings, index_runtime/corpus.py)
     batch: int = 50  # rows per upsert
     encoder: str = "http"  # "http": one encoder host; "local": the examples' encoder.local
-    min_training: int = 300  # coldStart.minTrainingVectors
-    nlist: int = 16  # primary.nlist
+    # the CRD asks coldStart.minTrainingVectors >= 39 x max(nlist, 2^nbits) (FAISS): 624
+    min_training: int = 624  # coldStart.minTrainingVectors
+    nlist: int = 8  # primary.nlist
+    nbits: int = 4  # primary.nbits (16 centroids per sub-quantizer)
     parallelism: int = 2  # the migration's backfill pods
     delete_share: float = 0.3  # rows deleted before the compaction (deletedRatio is 0.2)
     bucket: str = "my-vectors"
@@ -161,7 +164,7 @@ class Story:
                 st = spec["storage"]
                 st.update(endpoint=self.c.s3.endpoint, region="us-east-1", bucket=self.s.bucket, reclaimPolicy="Delete")
                 spec["coldStart"]["minTrainingVectors"] = self.s.min_training
-                spec["primary"]["nlist"] = self.s.nlist
+                spec["primary"].update(nlist=self.s.nlist, nbits=self.s.nbits)
             out.append(obj)
         return out
 

@@ -57,3 +57,27 @@ def test_the_documented_way_to_drop_the_selector_labels_drops_them() -> None:
     objs = chart.objects(chart.render(vals))
     monitor = next(o for o in objs if o["kind"] == "ServiceMonitor")
     assert "release" not in monitor["metadata"]["labels"], monitor["metadata"]["labels"]
+
+
+def test_the_operator_starts_under_a_uid_without_a_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf names its peering identity after the user from the passwd database unless POD_ID
+    is set: the operator pod of the local cluster (uid 10001, no entry) died at start. The
+    chart's Deployment gives it the pod's name."""
+    pytest.importorskip("kopf")
+    import getpass
+
+    from kopf._core.engines import peering
+
+    objs = chart.objects(chart.render(chart.values(("search",))))
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    field_refs = {"metadata.name": "driftless-7d9f-abcde"}
+    for e in env:
+        ref = (e.get("valueFrom") or {}).get("fieldRef")
+        monkeypatch.setenv(e["name"], field_refs[ref["fieldPath"]] if ref else str(e.get("value")))
+
+    def no_entry() -> str:
+        raise KeyError("getpwuid(): uid not found: 10001")
+
+    monkeypatch.setattr(getpass, "getuser", no_entry)
+    assert peering.detect_own_id(manual=False) == "driftless-7d9f-abcde"
