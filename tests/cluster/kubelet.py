@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from tests.cluster import kubelet_controllers as ctl
+from tests.cluster.kubelet_images import image_rootfs, release_rootfs
 from tests.cluster.kubelet_plan import (
     ConfigError,
     ImageConfig,
@@ -64,7 +65,7 @@ AGENT = "driftless-test-kubelet"
 TICK_S = 0.3
 GROUPS = {"statefulsets": "apis/apps/v1", "deployments": "apis/apps/v1", "jobs": "apis/batch/v1"}
 
-__all__ = ["Kubelet", "PodState"]
+__all__ = ["Kubelet", "PodState", "image_rootfs", "release_rootfs"]
 
 
 class Kubelet:
@@ -82,10 +83,12 @@ class Kubelet:
         probe_scale: float = 1.0,
         backoff_s: tuple[float, float] = (1.0, 4.0),
         dockerfile: Path = ROOT / "Dockerfile",
+        extra_mounts: list[Mount] | None = None,
     ) -> None:
         self.api, self.net, self.workdir = api, net, Path(workdir)
         self.images = images
         self.extra_env = dict(extra_env or {})
+        self.extra_mounts = list(extra_mounts or [])  # in every pod (a kubeconfig in images mode)
         self.probe_scale = probe_scale
         self.backoff_s = backoff_s
         self.targets = parse_dockerfile(dockerfile.read_text())
@@ -227,7 +230,7 @@ class Kubelet:
             env = {**dict(image.env), **self.extra_env, "HOSTNAME": p.name}
             env = resolve_env(c, {**p.manifest, "status": {"podIP": p.host.ip, "hostIP": self.net.gateway}}, self._lookup(ns), env)
             argv = [expand(a, env) for a in container_argv(c, image)]
-            mounts = self._volumes(p, c)
+            mounts = [*self._volumes(p, c), *self.extra_mounts]
         except ConfigError as exc:
             p.waiting, p.message = "CreateContainerConfigError", str(exc)
             p.next_start = now + 1.0
@@ -235,7 +238,7 @@ class Kubelet:
         psc, csc = spec.get("securityContext") or {}, c.get("securityContext") or {}
         uid = int(csc.get("runAsUser", psc.get("runAsUser", _image_uid(image))))
         gid = int(csc.get("runAsGroup", psc.get("runAsGroup", uid)))
-        rootfs = (self.images or {}).get(c.get("image", "")) if self.images is not None else None
+        rootfs = (self.images or {}).get(str(c.get("image", "")))  # not built: a process
         cspec = ContainerSpec(
             argv=argv, env=env, mounts=mounts, workdir=c.get("workingDir") or image.workdir or None,
             uid=uid, gid=gid, rootfs=rootfs, log=self.workdir / "logs" / f"{ns}_{p.name}.log",
@@ -467,13 +470,12 @@ class Kubelet:
         await self._status("jobs", job, status)
 
     async def _status(self, plural: str, obj: Mapping[str, Any], status: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        key = (plural, meta["namespace"], meta["name"])
-        if self._written.get(key) == status and (obj.get("status") or {}).get("observedGeneration", status.get("observedGeneration")) == status.get("observedGeneration"):
+        """Patch the stored status where it differs from ``status`` (merge patch)."""
+        stored = obj.get("status") or {}
+        if all(stored.get(k) == v for k, v in status.items()):
             return
-        ok = await self._write("PATCH", _path(plural, meta["namespace"], meta["name"]) + "/status", {"status": status})
-        if ok is not None:
-            self._written[key] = status
+        meta = obj["metadata"]
+        await self._write("PATCH", _path(plural, meta["namespace"], meta["name"]) + "/status", {"status": status})
 
     async def _report(self, p: PodState) -> None:
         if p.api_gone:
@@ -522,6 +524,8 @@ class Kubelet:
                     res = await self._write("PATCH", _path("endpoints", ns, name), ep, quiet=True)
                 if res is not None:
                     self._written[key] = ep
+                else:  # deleted behind our back (a namespace going): create it next time
+                    self._written.pop(key, None)
             ip = spec.get("clusterIP")
             if ip == "None":
                 ready = sorted({a["ip"] for s in ep["subsets"] for a in s.get("addresses") or ()})
@@ -548,6 +552,10 @@ class Kubelet:
                     proxy.set_endpoints(sorted(targets))
         for pkey in [k for k in self._proxies if k not in keep]:
             await asyncio.to_thread(self._proxies.pop(pkey).close)
+        live = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services}
+        for key in [k for k in self._written if k[0] == "endpoints" and k[1:] not in live]:
+            self._written.pop(key)  # the endpoints controller removes a gone Service's
+            await self._write("DELETE", _path("endpoints", key[1], key[2]), quiet=True)
         names = ctl.hosts_names(entries, pod_names)
         if names != self._names:
             self._names = names

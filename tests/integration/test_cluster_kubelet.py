@@ -155,6 +155,11 @@ async def cluster() -> AsyncIterator[tuple[Any, Any, Any, Path]]:
     server = kmock.Server(api, host="127.0.0.1", port=0)
     await server.__aenter__()
     api.register([])
+    early = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "early"},
+             "spec": {"selector": {"app": "api"}, "ports": [{"port": 81, "targetPort": 8080}]}}
+    url = f"{str(api.url).rstrip('/')}/api/v1/namespaces/default/services"
+    async with aiohttp.ClientSession() as s, s.post(url, json=early) as r:  # older than the kubelet
+        assert r.status == 201, await r.text()
     kubelet = Kubelet(api, net, workdir, probe_scale=1.0, backoff_s=(0.5, 2.0))
     task = asyncio.create_task(kubelet.run())
     try:
@@ -195,7 +200,7 @@ def stored(api: Any, plural: str, name: str) -> dict[str, Any]:
 
 
 async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any) -> None:
-    api, kubelet, _net, workdir = cluster
+    api, kubelet, net, workdir = cluster
     async with aiohttp.ClientSession() as s:
         for path, body in objects():
             async with s.post(f"{str(api.url).rstrip('/')}/{path}", json=body) as r:
@@ -266,4 +271,8 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
     await until(lambda: addresses("api") == [apipod.host.ip], "api back in its endpoints", kubelet)
     cluster_ip = stored(api, "services", "api")["spec"]["clusterIP"]  # the proxy, from the host
     assert json.loads(await get(f"http://{cluster_ip}:80/whoami"))["pod"] == apipod.name
+    # a Service created before the kubelet gets one of its addresses too
+    early_ip = stored(api, "services", "early")["spec"]["clusterIP"]
+    assert early_ip in net.aliases
+    assert json.loads(await get(f"http://{early_ip}:81/whoami"))["pod"] == apipod.name
 
