@@ -1,9 +1,10 @@
 """The local cluster's S3 and Prometheus, each on its own Host: a client in another network
 namespace stores into moto's S3 over the bridge; Prometheus discovers a /metrics server in a
 third Host from the chart's own ServiceMonitor (read from the strict API server), and the
-chart's DriftlessRuntimeDown, with ``for:`` compressed to 2 s, fires when that target dies and
-resolves when it is back. The target plays the operator pod: before the chart's ServiceMonitor
-copied its Service's labels (targetLabels), nothing paged for an operator that was down."""
+chart's DriftlessRuntimeDown, with ``for:`` compressed to 2 s, fires when that target dies (or
+hangs: SIGSTOP) and resolves when it is back. The target plays the operator pod: before the
+chart's ServiceMonitor copied its Service's labels (targetLabels), nothing paged for an
+operator that was down."""
 
 from __future__ import annotations
 
@@ -151,6 +152,12 @@ async def test_prometheus_discovers_the_servicemonitor_and_the_chart_alert_fires
                     assert "operator driftless-7f9c-abcde is down" in alert["annotations"]["summary"]
                     proc = launch(target, spec)
                     resolved = prom.wait_alert("DriftlessRuntimeDown", "inactive", 30, **labels)
+                    # a hung process (SIGSTOP): the kernel still accepts the connection, the
+                    # scrape times out, and that is `up == 0` too
+                    proc.signal(signal.SIGSTOP)
+                    prom.wait_alert("DriftlessRuntimeDown", "firing", 30, **labels)
+                    proc.signal(signal.SIGCONT)
+                    prom.wait_alert("DriftlessRuntimeDown", "inactive", 30, **labels)
                 finally:
                     stop.set()
                     syncer.join(5)
