@@ -453,7 +453,14 @@ class Kubelet:
             for index in step.start:
                 base = f"{meta['name']}-{index}" if index is not None else meta["name"]
                 name = f"{base}-{secrets.token_hex(3)[:5]}"
-                await self._create_pod(pod_manifest(job, spec["template"], name, index=index))
+                failures = None
+                if index is not None and spec.get("backoffLimitPerIndex") is not None:
+                    failures = sum(  # the index's counted failures so far
+                        p.index == index and p.phase == "Failed"
+                        and ctl.failure_action(spec.get("podFailurePolicy"), pod_view(p).container, p.exit_code or 0) != "Ignore"
+                        for p in pods
+                    )
+                await self._create_pod(pod_manifest(job, spec["template"], name, index=index, index_failures=failures))
         status = {**step.status, "startTime": st.get("startTime") or _now()}
         if step.terminal:
             if step.kill_active:

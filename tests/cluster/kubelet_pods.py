@@ -11,6 +11,7 @@ from typing import Any
 from tests.cluster.kubelet_plan import claim_name
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+FAILURES_KEY = "batch.kubernetes.io/job-index-failure-count"  # with backoffLimitPerIndex
 
 
 def _owner(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -32,13 +33,15 @@ def pod_manifest(
     revision: str = "",
     ordinal: int | None = None,
     index: int | None = None,
+    index_failures: int | None = None,
 ) -> dict[str, Any]:
     """The Pod a controller creates from its owner's template: the template's labels and
     annotations plus the controller's own (``pod-template-hash``; StatefulSet:
     ``statefulset.kubernetes.io/pod-name``, ``controller-revision-hash``, ``hostname`` /
     ``subdomain`` and one PVC volume per volumeClaimTemplate; Job: ``job-name``,
     ``controller-uid``, and for an Indexed Job the completion index annotation and label with
-    ``JOB_COMPLETION_INDEX`` in every container's env, as the Job controller injects it)."""
+    ``JOB_COMPLETION_INDEX`` in every container's env, as the Job controller injects it, and
+    with ``backoffLimitPerIndex`` the index's failures so far, ``index_failures``)."""
     kind, meta = owner["kind"], owner["metadata"]
     tmeta = template.get("metadata") or {}
     spec = copy.deepcopy(dict(template.get("spec") or {}))
@@ -67,6 +70,8 @@ def pod_manifest(
             labels[k] = meta["uid"]
         if index is not None:
             labels[INDEX_KEY] = annotations[INDEX_KEY] = str(index)
+            if index_failures is not None:
+                annotations[FAILURES_KEY] = str(index_failures)
             ref = {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_KEY}']"}}
             for c in spec.get("containers") or ():
                 c["env"] = [*(c.get("env") or ()), {"name": "JOB_COMPLETION_INDEX", "valueFrom": ref}]

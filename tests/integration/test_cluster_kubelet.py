@@ -33,9 +33,10 @@ pytestmark = pytest.mark.skipif(
 # pod, the PVC's file) or, as a Job, a line with its completion index and an exit code
 PROG = r"""
 import http.server, json, os, socket, sys, urllib.request
-if sys.argv[1] == "job":
-    print("index", os.environ.get("JOB_COMPLETION_INDEX"), "uid", os.getuid(), flush=True)
-    sys.exit(int(sys.argv[2]))
+if sys.argv[1] == "job":  # index 1 fails its first attempt
+    i, failures = os.environ.get("JOB_COMPLETION_INDEX"), os.environ.get("FAILURES")
+    print("index", i, "failures", failures, "uid", os.getuid(), flush=True)
+    sys.exit(1 if (i, failures) == ("1", "0") else int(sys.argv[2]))
 class H(http.server.BaseHTTPRequestHandler):
     def reply(self, code, body):
         self.send_response(code); self.end_headers(); self.wfile.write(body.encode())
@@ -56,6 +57,7 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 """
 NS = "default"
+FAILURES_KEY = "batch.kubernetes.io/job-index-failure-count"
 LABELS = {"app": "web"}
 
 
@@ -70,6 +72,7 @@ def container(mode: str, *args: str, probes: bool = True) -> dict[str, Any]:
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "t"}}},
+            {"name": "FAILURES", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{FAILURES_KEY}']"}}},
         ],
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -238,17 +241,18 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
         return st if any(c["type"] in ("Complete", "Failed") for c in st.get("conditions") or ()) else None
 
     idx = await until(lambda: job_done("idx"), "Indexed Job done", kubelet)
-    assert idx["completedIndexes"] == "0-2" and idx["succeeded"] == 3
+    assert (idx["completedIndexes"], idx["succeeded"], idx["failed"]) == ("0-2", 3, 1)
     assert {c["type"] for c in idx["conditions"]} >= {"Complete"}
-    logs = sorted((workdir / "logs").glob("default_idx-*.log"))
-    assert sorted(p.read_text().split()[1] for p in logs) == ["0", "1", "2"]
-    assert all("uid 10001" in p.read_text() for p in logs)
+    runs = sorted(tuple(p.read_text().split()[1:4:2]) for p in (workdir / "logs").glob("default_idx-*.log"))
+    assert runs == [("0", "0"), ("1", "0"), ("1", "1"), ("2", "0")]  # index 1 retried once
+    assert all("uid 10001" in p.read_text() for p in (workdir / "logs").glob("default_idx-*.log"))
     bad = await until(lambda: job_done("bad"), "failing Job done", kubelet)
     failed = next(c for c in bad["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PodFailurePolicy" and bad["failed"] == 1  # not retried
 
     # a SIGKILLed container restarts in place: same pod, same IP, restartCount 1, PVC kept
     await get(f"http://{web0.host.ip}:8080/write?kept")
+    await get(f"http://{web1.host.ip}:8080/write?kept1")
     ip = web0.host.ip
     web0.proc.signal(signal.SIGKILL)
     await until(lambda: web0.restarts == 1 and web0.ready, "web-0 restarted", kubelet)
@@ -265,6 +269,18 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
 
     await until(lambda: addresses() == [web0.host.ip], "web-1 out of the endpoints", kubelet)
 
+    # a deleted StatefulSet pod comes back under its name, with its claim's data
+    base = str(api.url).rstrip("/")
+    async with aiohttp.ClientSession() as s, s.delete(f"{base}/api/v1/namespaces/default/pods/web-1") as r:
+        assert r.status == 200, await r.text()
+
+    def new_web1() -> Any:
+        return next((p for p in kubelet.pods(NS) if p.name == "web-1" and p is not web1 and p.ready), None)
+
+    web1b = await until(new_web1, "web-1 recreated", kubelet)
+    assert await get(f"http://{web1b.host.ip}:8080/read") == "kept1"
+    await until(lambda: sorted(addresses()) == sorted([web0.host.ip, web1b.host.ip]), "web-1 back in the endpoints", kubelet)
+
     # a hung process (SIGSTOP) fails its liveness probe: killed and restarted
     apipod.proc.signal(signal.SIGSTOP)
     await until(lambda: apipod.restarts == 1 and apipod.ready, "api restarted after a hang", kubelet, 20)
@@ -276,3 +292,23 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
     assert early_ip in net.aliases
     assert json.loads(await get(f"http://{early_ip}:81/whoami"))["pod"] == apipod.name
 
+    # a changed template rolls the Deployment: the new pod is ready before the old one goes
+    patch = {"spec": {"template": {"metadata": {"annotations": {"rev": "2"}}}}}
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with aiohttp.ClientSession() as s, s.patch(f"{base}/apis/apps/v1/namespaces/default/deployments/api", json=patch, headers=headers) as r:
+        assert r.status == 200, await r.text()
+
+    def rolled() -> bool:
+        pods = [p for p in kubelet.pods(NS, app="api") if not p.deleting]
+        return len(pods) == 1 and pods[0] is not apipod and pods[0].ready
+
+    seen_ready: list[int] = []
+
+    def rolled_watching() -> bool:  # never no ready pod (default 25%: surge 1, unavailable 0)
+        seen_ready.append(sum(p.ready for p in kubelet.pods(NS, app="api")))
+        return rolled()
+
+    await until(rolled_watching, "api rolled", kubelet)
+    assert min(seen_ready) >= 1
+    st = await until(lambda: (stored(api, "deployments", "api").get("status") or {}).get("updatedReplicas") == 1 and stored(api, "deployments", "api")["status"], "deployment status", kubelet)
+    assert st["readyReplicas"] == 1

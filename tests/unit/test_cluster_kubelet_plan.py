@@ -32,7 +32,7 @@ from tests.cluster.kubelet_plan import (
     resolve_env,
     restarts_container,
 )
-from tests.cluster.kubelet_pods import INDEX_KEY, pod_manifest, pvc_manifest
+from tests.cluster.kubelet_pods import FAILURES_KEY, INDEX_KEY, pod_manifest, pvc_manifest
 from tests.crd_tools import ROOT
 
 TARGETS = parse_dockerfile((ROOT / "Dockerfile").read_text())
@@ -112,7 +112,8 @@ def test_token_secret_volume_files_keep_their_mode() -> None:
 
 def test_backfill_pods_see_their_completion_index() -> None:
     job = _owned(res.desired_backfill_job(IX, MIG, CL))
-    pod = pod_manifest(job, job["spec"]["template"], "bf-1-x", index=1)
+    pod = pod_manifest(job, job["spec"]["template"], "bf-1-x", index=1, index_failures=2)
+    assert pod["metadata"]["annotations"][FAILURES_KEY] == "2"
     c = pod["spec"]["containers"][0]
     env = resolve_env(c, pod, LOOKUP)
     assert env["JOB_COMPLETION_INDEX"] == "1"
