@@ -33,6 +33,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from tests.cluster.launch import ContainerSpec, Mount, Proc, launch
 from tests.cluster.proxy import ServiceProxy
@@ -76,6 +77,12 @@ def used_subnets(addresses: list[str]) -> set[int]:
         if ip in SUPERNET:
             out.add(int(str(ip).split(".")[2]))
     return out
+
+
+def bridge_ks(prefix: str, link_names: list[str]) -> set[int]:
+    """k of every "<prefix><k>br" link (a crashed run's bridge may have lost its address)."""
+    pat = re.compile(rf"{re.escape(prefix)}(\d+)br")
+    return {int(m.group(1)) for n in link_names if (m := pat.fullmatch(n))}
 
 
 def next_octet(used: set[int]) -> int:
@@ -131,9 +138,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def _host_addresses() -> list[str]:
-    data = json.loads(_ip("-j", "addr", "show").stdout or "[]")
-    return [a["local"] for link in data for a in link.get("addr_info", []) if "local" in a]
+def _links() -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = json.loads(_ip("-j", "addr", "show").stdout or "[]")
+    return data
+
+
+def _used_ks(prefix: str) -> set[int]:
+    links = _links()
+    addrs = [a["local"] for link in links for a in link.get("addr_info", []) if "local" in a]
+    return used_subnets(addrs) | bridge_ks(prefix, [link.get("ifname", "") for link in links])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -173,20 +186,26 @@ class Network:
         self._octets: set[int] = {1}
         self._veths = 0
         self._closed = False
+        self._bridge_made = False
         # the kubelet calls add_host/remove_host/set_names from worker threads at once
         self._lock = threading.RLock()
         os.makedirs(STATE_DIR, exist_ok=True)
         with open(LOCK_FILE, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.k = pick_subnet(used_subnets(_host_addresses()))
+            self.k = pick_subnet(_used_ks(prefix))
             self.bridge = f"{prefix}{self.k}br"
             self.subnet = f"10.251.{self.k}.0/24"
             self.gateway = f"10.251.{self.k}.1"
             self._write_state()
             atexit.register(self.close)
-            _ip("link", "add", self.bridge, "type", "bridge")
-            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
+            try:
+                _ip("link", "add", self.bridge, "type", "bridge")
+                self._bridge_made = True  # only then is the name ours to delete
+                _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+                _ip("link", "set", self.bridge, "up")
+            except BaseException:
+                self.close()
+                raise
 
     def __enter__(self) -> Network:
         return self
@@ -285,7 +304,8 @@ class Network:
         for host in list(self.hosts.values()):
             with contextlib.suppress(Exception):  # keep going: the rest must still go
                 self.remove_host(host)
-        _ip("link", "del", self.bridge, check=False)
+        if self._bridge_made:
+            _ip("link", "del", self.bridge, check=False)
         _unlink(f"{STATE_DIR}/{self.bridge}.json")
 
     @staticmethod

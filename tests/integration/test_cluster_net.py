@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,47 @@ def test_sweep_removes_a_crashed_runs_leftovers() -> None:
     assert not os.path.exists(f"/run/netns/dlsw{k}-x")
     assert not os.path.exists(f"{NETNS_ETC}/dlsw{k}-x")
     assert not os.path.exists(f"{STATE_DIR}/dlsw{k}br.json")
+
+
+@needs_netns
+def test_concurrent_runs_and_threads_get_distinct_subnets_and_addresses() -> None:
+    """Three processes at once get three /24s (the flock); hosts added from threads at once
+    (as the kubelet does) get distinct addresses and are all plumbed."""
+    code = (  # each run imports, says ready, then all allocate at the same moment
+        "import sys\nfrom tests.cluster.net import Network\nprint('ready', flush=True)\n"
+        "sys.stdin.readline(); net = Network(prefix='dlp'); print(net.k, flush=True)\n"
+        "sys.stdin.read(); net.close()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    argv = [sys.executable, "-c", code]
+    pipe = subprocess.PIPE
+    runs = [subprocess.Popen(argv, text=True, env=env, stdin=pipe, stdout=pipe) for _ in "abc"]
+    try:
+        pipes = [(r.stdin, r.stdout) for r in runs if r.stdin and r.stdout]
+        assert [o.readline() for _, o in pipes] == ["ready\n"] * 3
+        for i, _ in pipes:
+            i.write("go\n")
+            i.flush()
+        ks = [o.readline().strip() for _, o in pipes]  # without the flock: "File exists"
+    finally:
+        for r in runs:
+            r.communicate("", timeout=30)
+    assert all(k.isdigit() for k in ks) and len(set(ks)) == 3, ks
+
+    with Network(prefix="dlt") as net, ThreadPoolExecutor(6) as pool:
+        hosts = list(pool.map(net.add_host, [f"h{i}" for i in range(12)]))
+        assert len({h.ip for h in hosts}) == 12 and len({h.veth for h in hosts}) == 12
+
+        def reachable(h: Host) -> bool:  # nothing listens: a reset, not a timeout, proves a path
+            try:
+                socket.create_connection((h.ip, 9), timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            except OSError:
+                return False
+            return True
+
+        assert all(pool.map(reachable, hosts))
 
 
 def test_service_proxy_round_robin_skip_dead_and_reset() -> None:

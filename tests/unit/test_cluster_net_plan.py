@@ -23,6 +23,7 @@ from tests.cluster.launch import (
     untraversable_ancestor,
 )
 from tests.cluster.net import (
+    bridge_ks,
     hosts_text,
     is_stale,
     netns_name,
@@ -43,6 +44,12 @@ def test_subnet_is_the_lowest_third_octet_on_no_interface() -> None:
     assert pick_subnet(set()) == 1
     with pytest.raises(RuntimeError):
         pick_subnet(set(range(1, 255)))
+
+
+def test_a_bridge_left_without_its_address_still_counts_as_taken() -> None:
+    names = ["lo", "dl3br", "dl12br", "dl3v1", "dlt4br", "xdl5br", "dl7brx"]
+    assert bridge_ks("dl", names) == {3, 12}
+    assert bridge_ks("dlt", names) == {4}
 
 
 def test_host_octets_skip_the_gateway_and_reuse_freed_ones() -> None:
