@@ -232,7 +232,8 @@ def run_trial(
             r.reader_queries_writer_down, r.reader_ok_writer_down = len(down), sum(down)
         if expected:
             r.alert = expected.alert
-            r.alert_expected = cp.alert_expected(r.outage_s, for_s, eval_s=1.0, scrape_s=1.0)
+            lag = float(getattr(expected, "lag_s", 0.0))
+            r.alert_expected = cp.alert_expected(r.outage_s, for_s, lag_s=lag)
             _alert_times(sampler, r, expected.alert, labels, t_strike, t_over, for_s)
         load.stop()
         lost, back, acked, failed = load.check()

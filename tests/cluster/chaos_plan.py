@@ -216,10 +216,13 @@ def first_true(series: Iterable[tuple[float, bool]], after: float) -> float | No
     return next((t for t, ok in sorted(series) if t >= after and ok), None)
 
 
-def alert_expected(outage_s: float, for_s: float, eval_s: float = 1.0, scrape_s: float = 1.0) -> bool:
-    """An alert whose condition held ``outage_s`` fires only if that outlasts its ``for:``
-    plus a scrape and two evaluations (a shorter outage is resolved before it can fire)."""
-    return outage_s >= for_s + scrape_s + 2 * eval_s
+def alert_expected(
+    outage_s: float, for_s: float, eval_s: float = 1.0, scrape_s: float = 1.0, lag_s: float = 0.0
+) -> bool:
+    """An alert whose condition holds from ``lag_s`` after the strike to the end of the
+    ``outage_s`` fires only if that outlasts its ``for:`` plus a scrape and two evaluations
+    (a shorter outage is over before it can fire: by design, no page)."""
+    return outage_s - lag_s >= for_s + scrape_s + 2 * eval_s
 
 
 @dataclass

@@ -118,6 +118,7 @@ def test_windows_and_first_times() -> None:
     assert cp.first_true([(5.0, True), (1.0, True), (3.0, False), (4.0, True)], 2.0) == 4.0
     assert cp.first_true([(1.0, True)], 2.0) is None
     assert cp.alert_expected(30.0, for_s=10.0) and not cp.alert_expected(11.0, for_s=10.0)
+    assert not cp.alert_expected(20.0, for_s=10.0, lag_s=8.0)  # the condition starts late
 
 
 def _result(**kw: object) -> cp.TrialResult:
