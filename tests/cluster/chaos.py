@@ -23,7 +23,7 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from index_operator.resources.common import service_name
@@ -93,22 +93,37 @@ def target_pods(cluster: Any, namespace: str, index: str, component: str) -> lis
 def _liveness(cluster: Any, namespace: str, index: str, component: str) -> float:
     """The liveness allowance (scaled by the kubelet's probe_scale) of the component's pods."""
     for p in target_pods(cluster, namespace, index, component):
-        pod = cluster.get("pods", p.namespace, p.name) or {}
+        pod = getattr(p, "manifest", None) or cluster.get("pods", p.namespace, p.name) or {}
         probe = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("livenessProbe")
         return cp.liveness_allowance_s(probe, float(getattr(cluster, "probe_scale", 1.0)))
     return 31.0
 
 
-def _back(cluster: Any, struck: Any) -> bool:
+@dataclass(frozen=True)
+class Struck:
+    """The struck pod as it was at the strike (the kubelet's PodState is live: it changes in
+    place when the container restarts)."""
+
+    name: str
+    namespace: str
+    owner: tuple[str, str]
+    restarts: int
+    proc: Any
+    host: Any
+
+    @classmethod
+    def of(cls, pod: Any) -> Struck:
+        return cls(pod.name, pod.namespace, tuple(pod.owner), pod.restarts, pod.proc, pod.host)
+
+
+def _back(cluster: Any, struck: Struck) -> bool:
     """The struck pod runs again and is ready: restarted in place (restart count or process
     changed) or replaced by a pod of the same owner that is ready."""
-    now = [p for p in cluster.kubelet.pods(struck.namespace) if p.owner == struck.owner]
+    now = [p for p in cluster.kubelet.pods(struck.namespace) if tuple(p.owner) == struck.owner]
     same = [p for p in now if p.name == struck.name]
     if same:
         p = same[0]
-        changed = p.restarts > struck.restarts or (
-            p.proc is not None and struck.proc is not None and p.proc.pid != struck.proc.pid
-        )
+        changed = p.restarts > struck.restarts or (p.proc is not None and p.proc is not struck.proc)
         return bool(p.ready and changed)
     return any(p.ready for p in now)
 
@@ -200,7 +215,7 @@ def run_trial(
         pods = target_pods(cluster, namespace, index, plan.component)
         if not pods:
             raise LookupError(f"no running {plan.component} pod to strike")
-        struck = pods[plan.pick % len(pods)]
+        struck = Struck.of(pods[plan.pick % len(pods)])
         r.target = struck.name
         labels = dict(expected.labels) if expected else {}
         if expected and expected.alert == "DriftlessRuntimeDown":
@@ -254,7 +269,7 @@ def run_trial(
     return r
 
 
-def _strike(cluster: Any, plan: cp.Plan, struck: Any, r: cp.TrialResult, undo: list[Any]) -> float:
+def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo: list[Any]) -> float:
     """Inject the fault and hold it; returns the monotonic time it was over."""
     if plan.fault == "partition-s3":
         s3_ip = cluster.s3.host.ip

@@ -111,6 +111,7 @@ class _Pod:
     name: str = "docs-writer-0"
     namespace: str = "search"
     owner: tuple[str, str] = ("StatefulSet", "docs-writer")
+    host: Any = None
     labels: dict[str, str] = field(
         default_factory=lambda: {
             "app.kubernetes.io/instance": "docs",
@@ -121,13 +122,15 @@ class _Pod:
 
 class _OneProcessCluster:
     """What run_trial uses of a LocalCluster, for one serve process as the writer pod (and
-    the readers' Service): restarted when it dies, as a kubelet would."""
+    the readers' Service): restarted when it dies, as a kubelet would (the pod's state is
+    changed in place, as the kubelet's PodState is)."""
 
     for_s = 10.0
     probe_scale = 1.0
 
     def __init__(self, writer: Writer) -> None:
-        self.writer, self.restarts, self.stop = writer, 0, threading.Event()
+        self.writer, self.stop = writer, threading.Event()
+        self.pod = _Pod(_Proc(writer), restarts=0, ready=True)
         self.kubelet, self.prometheus = self, self
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -135,12 +138,13 @@ class _OneProcessCluster:
     def _run(self) -> None:
         while not self.stop.wait(0.1):
             if self.writer.proc is not None and self.writer.proc.poll() is not None:
-                self.restarts += 1
+                self.pod.ready = False
                 self.writer.start()
+                self.pod.proc, self.pod.restarts = _Proc(self.writer), self.pod.restarts + 1
+                self.pod.ready = True
 
     def pods(self, namespace: str | None = None) -> list[_Pod]:
-        ready = self.writer.proc is not None and self.writer.proc.poll() is None
-        return [_Pod(_Proc(self.writer), self.restarts, ready)]
+        return [self.pod]
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         return {"status": {"phase": "Serving"}} if plural == "vectorindexes" else {}
@@ -170,7 +174,7 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
             writer.kill()
     assert r.ok, (r.failures, r)
     assert (r.target, r.restarted, r.phase_at_strike) == ("docs-writer-0", True, "steady")
-    assert r.recovery_s is not None and r.outage_s > 0 and cluster.restarts == 1
+    assert r.recovery_s is not None and r.outage_s > 0.1 and cluster.pod.restarts == 1
     assert r.writes_acked > 0 and r.queries > 0 and r.reader_queries_writer_down > 0
     # the only "reader" is the writer here: queries while it was down were retried until it
     # came back, or failed -- either way they were counted in the fault window
