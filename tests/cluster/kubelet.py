@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import shutil
 import signal
 import time
@@ -36,7 +35,6 @@ from typing import Any
 
 import aiohttp
 
-from tests.cluster import kubelet_controllers as ctl
 from tests.cluster.kubelet_images import image_rootfs, release_rootfs
 from tests.cluster.kubelet_plan import (
     ConfigError,
@@ -54,8 +52,10 @@ from tests.cluster.kubelet_plan import (
     resolve_env,
     restarts_container,
 )
-from tests.cluster.kubelet_pods import ContainerRun, pod_manifest, pod_status, pvc_manifest
-from tests.cluster.kubelet_state import PodState, pod_view
+from tests.cluster.kubelet_pods import ContainerRun, pod_status
+from tests.cluster.kubelet_services import ServiceControllers
+from tests.cluster.kubelet_state import PodState, api_path
+from tests.cluster.kubelet_workloads import WorkloadControllers
 from tests.cluster.net import ContainerSpec, Mount, Network, ServiceProxy, launch
 from tests.kube_harness import _now
 
@@ -63,12 +63,11 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = "driftless-test-kubelet"
 TICK_S = 0.3
-GROUPS = {"statefulsets": "apis/apps/v1", "deployments": "apis/apps/v1", "jobs": "apis/batch/v1"}
 
 __all__ = ["Kubelet", "PodState", "image_rootfs", "release_rootfs"]
 
 
-class Kubelet:
+class Kubelet(WorkloadControllers, ServiceControllers):
     """See the module docstring. ``backoff_s``: (first, cap) seconds of the restart backoff
     (a container's and a Job's); ``probe_scale`` multiplies every probe timing and grace."""
 
@@ -101,11 +100,13 @@ class Kubelet:
         self._claims: set[tuple[str, str]] = set()
         self._job_seen: dict[tuple[str, str], float] = {}  # first seen (monotonic)
         self._job_done: dict[tuple[str, str], float] = {}  # ended (for ttlSecondsAfterFinished)
+        self._gone: set[str] = set()  # uids of pods terminated for good (never adopted again)
         self._stopped = False
         self._tasks: set[asyncio.Future[None]] = set()  # probes in flight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
         self.errors: list[str] = []  # the last write / start failures (for a test's message)
+        self.events: list[str] = []  # the last starts, exits, kills (what happened to the pods)
         _register(api)
         api.cluster_ip = self._alias
 
@@ -191,7 +192,7 @@ class Kubelet:
             if cur is not None and cur.uid != meta.get("uid"):
                 cur.api_gone = True  # a new pod of the same name: the old one goes first
                 continue
-            if cur is None:
+            if cur is None and meta.get("uid") not in self._gone:
                 self._pods[key] = PodState.adopt(obj)
         for key, p in self._pods.items():
             if key not in seen and not p.api_gone:
@@ -219,6 +220,8 @@ class Kubelet:
             self._probe(p, now)
 
     async def _start(self, p: PodState, now: float) -> None:
+        if self._stopped:  # stop() raced this tick: start nothing more
+            return
         spec = p.manifest["spec"]
         c = spec["containers"][0]
         ns = p.namespace
@@ -252,6 +255,7 @@ class Kubelet:
             return
         if p.started_at:
             p.restarts += 1
+        self._event(p, f"started pid {p.proc.pid} on {p.host.ip}")
         p.phase, p.waiting, p.message = "Running", "", ""
         p.started_at, p.run_started = _now(), now
         p.probes = container_probes(c, self.probe_scale)
@@ -269,6 +273,7 @@ class Kubelet:
         p.run += 1
         p.exit_code = code if code >= 0 else 128 - code  # killed by a signal: 128 + n
         p.finished_at, p.finished_mono = _now(), now
+        self._event(p, f"exited {p.exit_code}")
         policy = p.manifest["spec"].get("restartPolicy", "Always")
         if p.deleting or p.api_gone:
             return
@@ -321,7 +326,7 @@ class Kubelet:
             p.counters[kind] = probe_step(p.counters[kind], ok, spec)
 
     def _kill(self, p: PodState, why: str) -> None:
-        log.info("%s/%s: %s, killing the container", p.namespace, p.name, why)
+        self._event(p, f"{why}: killed")
         assert p.proc is not None
         p.proc.signal(signal.SIGKILL)
         p.proc.signal(signal.SIGCONT)  # a stopped process dies only when it runs again
@@ -329,6 +334,7 @@ class Kubelet:
 
     def _terminate(self, p: PodState) -> None:
         """SIGTERM now, SIGKILL after the pod's grace period (scaled)."""
+        self._event(p, "terminating")
         p.deleting, p.ready = True, False
         grace = float(p.manifest["spec"].get("terminationGracePeriodSeconds", 30)) * self.probe_scale
         p.kill_at = time.monotonic() + max(grace, 1.0)
@@ -337,11 +343,12 @@ class Kubelet:
             p.proc.signal(signal.SIGCONT)
 
     async def _forget(self, p: PodState) -> None:
+        self._gone.add(p.uid)
         await self._release_host(p)
         self._pods.pop((p.namespace, p.name), None) if self._pods.get((p.namespace, p.name)) is p else None
         shutil.rmtree(self._pod_dir(p), ignore_errors=True)
         if not p.api_gone:  # terminated by a controller: the object goes once the process has
-            await self._write("DELETE", _path("pods", p.namespace, p.name))
+            await self._write("DELETE", api_path("pods", p.namespace, p.name))
 
     async def _release_host(self, p: PodState) -> None:
         if p.host is not None:
@@ -390,100 +397,6 @@ class Kubelet:
             mounts.append(Mount(path=m["mountPath"], source=src / sub if sub else src, read_only=bool(m.get("readOnly"))))
         return mounts
 
-    # --- controllers ---------------------------------------------------------------------------
-
-    def _owned(self, owner: Mapping[str, Any]) -> list[PodState]:
-        uid = owner["metadata"]["uid"]
-        return [p for p in self._pods.values() if p.owner_uid == uid]
-
-    async def _create_pod(self, manifest: dict[str, Any]) -> None:
-        ns = manifest["metadata"]["namespace"]
-        obj = await self._write("POST", _path("pods", ns), manifest)
-        if obj is not None:
-            self._pods[(ns, obj["metadata"]["name"])] = PodState.adopt(obj)
-
-    async def _statefulset(self, sts: dict[str, Any]) -> None:
-        meta, spec = sts["metadata"], sts["spec"]
-        rev = ctl.template_hash(spec["template"])
-        pods = self._owned(sts)
-        step = ctl.statefulset_plan(spec, [pod_view(p) for p in pods], rev)
-        for o in step.create:
-            for t in spec.get("volumeClaimTemplates") or ():
-                pvc = pvc_manifest(sts, t, o)
-                key = (meta["namespace"], pvc["metadata"]["name"])
-                if key not in self._claims:
-                    self._claims.add(key)
-                    await self._write("POST", _path("persistentvolumeclaims", meta["namespace"]), pvc, quiet=True)
-            await self._create_pod(pod_manifest(sts, spec["template"], f"{meta['name']}-{o}", revision=rev, ordinal=o))
-        self._delete_named(pods, step.delete)
-        status = ctl.statefulset_status(spec, int(meta.get("generation") or 1), [pod_view(p) for p in self._owned(sts)], rev, meta["name"])
-        await self._status("statefulsets", sts, status)
-
-    async def _deployment(self, d: dict[str, Any]) -> None:
-        meta, spec = d["metadata"], d["spec"]
-        rev = ctl.template_hash(spec["template"])
-        pods = self._owned(d)
-        step = ctl.deployment_plan(spec, [pod_view(p) for p in pods], rev)
-        for _ in range(step.create):
-            name = f"{meta['name']}-{rev}-{secrets.token_hex(3)[:5]}"
-            await self._create_pod(pod_manifest(d, spec["template"], name, revision=rev))
-        self._delete_named(pods, step.delete)
-        status = ctl.deployment_status(spec, int(meta.get("generation") or 1), [pod_view(p) for p in self._owned(d)], rev)
-        await self._status("deployments", d, status)
-
-    def _delete_named(self, pods: list[PodState], names: tuple[str, ...]) -> None:
-        for p in pods:
-            if p.name in names and not p.deleting:
-                self._terminate(p)
-
-    async def _job(self, job: dict[str, Any]) -> None:
-        meta, spec, st = job["metadata"], job["spec"], job.get("status") or {}
-        key = (meta["namespace"], meta["name"])
-        done = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in st.get("conditions") or ())
-        now = time.monotonic()
-        first = self._job_seen.setdefault(key, now)
-        pods = self._owned(job)
-        if done:
-            ttl = spec.get("ttlSecondsAfterFinished")
-            if ttl is not None and now - self._job_done.setdefault(key, now) >= float(ttl):
-                await self._write("DELETE", _path("jobs", *key), quiet=True)
-            return
-        step = ctl.job_plan(spec, [pod_view(p) for p in pods], now, now - first, self.backoff_s)
-        if not spec.get("suspend"):
-            for index in step.start:
-                base = f"{meta['name']}-{index}" if index is not None else meta["name"]
-                name = f"{base}-{secrets.token_hex(3)[:5]}"
-                failures = None
-                if index is not None and spec.get("backoffLimitPerIndex") is not None:
-                    failures = sum(  # the index's counted failures so far
-                        p.index == index and p.phase == "Failed"
-                        and ctl.failure_action(spec.get("podFailurePolicy"), pod_view(p).container, p.exit_code or 0) != "Ignore"
-                        for p in pods
-                    )
-                await self._create_pod(pod_manifest(job, spec["template"], name, index=index, index_failures=failures))
-        status = {**step.status, "startTime": st.get("startTime") or _now()}
-        if step.terminal:
-            if step.kill_active:
-                self._delete_named(pods, tuple(p.name for p in pods if p.phase in ("Pending", "Running")))
-            ts = _now()
-            first_type = "SuccessCriteriaMet" if step.terminal == "Complete" else "FailureTarget"
-            status["conditions"] = [
-                {"type": t, "status": "True", "reason": step.reason, "lastTransitionTime": ts, "lastProbeTime": ts}
-                for t in (first_type, step.terminal)
-            ]
-            if step.terminal == "Complete":
-                status["completionTime"] = ts
-            self._job_done[key] = now
-        await self._status("jobs", job, status)
-
-    async def _status(self, plural: str, obj: Mapping[str, Any], status: dict[str, Any]) -> None:
-        """Patch the stored status where it differs from ``status`` (merge patch)."""
-        stored = obj.get("status") or {}
-        if all(stored.get(k) == v for k, v in status.items()):
-            return
-        meta = obj["metadata"]
-        await self._write("PATCH", _path(plural, meta["namespace"], meta["name"]) + "/status", {"status": status})
-
     async def _report(self, p: PodState) -> None:
         if p.api_gone:
             return
@@ -501,98 +414,8 @@ class Kubelet:
         key = ("pods", p.namespace, p.name)
         if self._written.get(key) == status:
             return
-        if await self._write("PATCH", _path("pods", p.namespace, p.name) + "/status", {"status": status}) is not None:
+        if await self._write("PATCH", api_path("pods", p.namespace, p.name) + "/status", {"status": status}) is not None:
             self._written[key] = status
-
-    # --- Services ------------------------------------------------------------------------------
-
-    def _alias(self) -> str:
-        ip = self.net.alias()
-        self._aliases.add(ip)
-        return ip
-
-    async def _services(self, services: list[dict[str, Any]]) -> None:
-        views = [(p.namespace, pod_view(p)) for p in self._pods.values()]
-        entries: list[tuple[str, str, list[str]]] = []
-        pod_names: list[tuple[str, str, str, str]] = []
-        keep: set[tuple[str, str, int]] = set()
-        for svc in services:
-            meta, spec = svc["metadata"], svc.get("spec") or {}
-            ns, name = meta["namespace"], meta["name"]
-            if not spec.get("selector"):
-                continue
-            ep = ctl.endpoints(svc, [v for n, v in views if n == ns])
-            key = ("endpoints", ns, name)
-            if self._written.get(key) != ep:
-                method = "PATCH" if key in self._written else "POST"
-                path = _path("endpoints", ns, name) if method == "PATCH" else _path("endpoints", ns)
-                res = await self._write(method, path, ep, quiet=True)
-                if res is None and method == "POST":
-                    res = await self._write("PATCH", _path("endpoints", ns, name), ep, quiet=True)
-                if res is not None:
-                    self._written[key] = ep
-                else:  # deleted behind our back (a namespace going): create it next time
-                    self._written.pop(key, None)
-            ip = spec.get("clusterIP")
-            if ip == "None":
-                ready = sorted({a["ip"] for s in ep["subsets"] for a in s.get("addresses") or ()})
-                entries.append((ns, name, ready))
-                pod_names += [(ns, name, v.name, v.ip) for n, v in views if n == ns and v.subdomain == name and v.ip]
-                continue
-            if ip not in self._aliases:
-                ip = await self._readdress(svc)
-            entries.append((ns, name, [ip]))
-            for port in spec.get("ports") or ():
-                pkey = (ns, name, int(port["port"]))
-                keep.add(pkey)
-                proxy = self._proxies.get(pkey)
-                if proxy is None or proxy.ip != ip:
-                    if proxy is not None:
-                        await asyncio.to_thread(proxy.close)
-                    proxy = self._proxies[pkey] = await asyncio.to_thread(ServiceProxy, ip, int(port["port"]))
-                targets = [
-                    (v.ip, tp) for n, v in views
-                    if n == ns and v.ready and v.ip and not v.deleting and ctl.matches(spec["selector"], v.labels)
-                    and (tp := ctl.target_port(port, v)) is not None
-                ]
-                if sorted(targets) != sorted(proxy.endpoints):
-                    proxy.set_endpoints(sorted(targets))
-        for pkey in [k for k in self._proxies if k not in keep]:
-            await asyncio.to_thread(self._proxies.pop(pkey).close)
-        live = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services}
-        for key in [k for k in self._written if k[0] == "endpoints" and k[1:] not in live]:
-            self._written.pop(key)  # the endpoints controller removes a gone Service's
-            await self._write("DELETE", _path("endpoints", key[1], key[2]), quiet=True)
-        names = ctl.hosts_names(entries, pod_names)
-        if names != self._names:
-            self._names = names
-            await asyncio.to_thread(self.net.set_names, names)
-
-    async def _readdress(self, svc: dict[str, Any]) -> str:
-        """A Service created before the kubelet got a clusterIP nobody listens on: the
-        cluster's allocator repairs it to one of the kubelet's addresses (in process, as the
-        apiserver's repair loop would; clusterIP is immutable to clients)."""
-        meta = svc["metadata"]
-        ip = self._alias()
-        for key in list(self.api.objects):
-            if getattr(key[0], "plural", "") == "services" and key[1:] == (meta["namespace"], meta["name"]):
-                obj = self.api.objects[key]
-                obj.patch({"spec": {"clusterIP": ip, "clusterIPs": [ip]}})
-                await self.api._buses[key[0]].put({"type": "MODIFIED", "object": obj.raw})
-        return ip
-
-    def _reclaim(self, pvcs: list[dict[str, Any]]) -> None:
-        """A claim whose PVC object is gone (deleted with its StatefulSet) loses its data."""
-        live = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in pvcs}
-        for key in [k for k in self._claims if k not in live]:
-            used = any(
-                v.get("persistentVolumeClaim", {}).get("claimName") == key[1]
-                for p in self._pods.values() if p.namespace == key[0]
-                for v in p.manifest["spec"].get("volumes") or ()
-            )
-            if not used:
-                self._claims.discard(key)
-                shutil.rmtree(self.workdir / "pvc" / key[0] / key[1], ignore_errors=True)
 
     # --- HTTP ------------------------------------------------------------------------------------
 
@@ -611,14 +434,14 @@ class Kubelet:
             self._error(f"{method} {path}: {exc!r}")
             return None
 
+    def _event(self, p: PodState, what: str) -> None:
+        msg = f"{time.strftime('%H:%M:%S')} {p.namespace}/{p.name} ({p.uid[:8]}): {what}"
+        log.info("kubelet: %s", msg)
+        self.events = [*self.events[-199:], msg]
+
     def _error(self, msg: str) -> None:
         log.warning("kubelet: %s", msg)
         self.errors = [*self.errors[-49:], msg]
-
-
-def _path(plural: str, namespace: str, name: str | None = None) -> str:
-    base = f"{GROUPS.get(plural, 'api/v1')}/namespaces/{namespace}/{plural}"
-    return f"{base}/{name}" if name else base
 
 
 def _image_uid(image: ImageConfig) -> int:

@@ -13,6 +13,14 @@ from tests.cluster.kubelet_pods import INDEX_KEY
 from tests.cluster.net import Host, Proc
 from tests.kube_harness import _now
 
+GROUPS = {"statefulsets": "apis/apps/v1", "deployments": "apis/apps/v1", "jobs": "apis/batch/v1"}
+
+
+def api_path(plural: str, namespace: str, name: str | None = None) -> str:
+    """The API path of a namespaced collection or object (core group unless in GROUPS)."""
+    base = f"{GROUPS.get(plural, 'api/v1')}/namespaces/{namespace}/{plural}"
+    return f"{base}/{name}" if name else base
+
 
 @dataclass(eq=False)
 class PodState:

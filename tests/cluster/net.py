@@ -85,9 +85,14 @@ def bridge_ks(prefix: str, link_names: list[str]) -> set[int]:
     return {int(m.group(1)) for n in link_names if (m := pat.fullmatch(n))}
 
 
-def next_octet(used: set[int]) -> int:
-    """The lowest free last octet for a host or alias (1 is the gateway, 255 broadcast)."""
-    for i in range(2, 255):
+def next_octet(used: set[int], start: int = 2) -> int:
+    """The first free last octet from `start` on, wrapping around (1 is the gateway, 255
+    broadcast). Network passes the octet after its last one: a just-freed address is not
+    handed out again at once, since peers still cache the old host's MAC for it (ARP, ~30 s)
+    and would send a recreated pod's packets nowhere (found by the kubelet's test)."""
+    span = list(range(2, 255))
+    first = span.index(start) if start in span else 0
+    for i in span[first:] + span[:first]:
         if i not in used:
             return i
     raise RuntimeError("subnet full")
@@ -184,6 +189,7 @@ class Network:
         self.aliases: list[str] = []
         self._names: dict[str, list[str]] = {}
         self._octets: set[int] = {1}
+        self._last_octet = 1
         self._veths = 0
         self._closed = False
         self._bridge_made = False
@@ -219,8 +225,9 @@ class Network:
             json.dump(state, f)
 
     def _ip_for(self) -> str:
-        octet = next_octet(self._octets)
+        octet = next_octet(self._octets, self._last_octet + 1)
         self._octets.add(octet)
+        self._last_octet = octet
         return f"10.251.{self.k}.{octet}"
 
     def add_host(self, name: str) -> Host:

@@ -184,7 +184,11 @@ async def until(cond: Callable[[], Any], what: str, kubelet: Any, timeout_s: flo
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; kubelet errors: {kubelet.errors[-5:]}")
+            pods = [(p.name, p.phase, p.ready, p.restarts, p.deleting, p.api_gone) for p in kubelet.pods()]
+            raise AssertionError(
+                f"timed out waiting for {what}; pods {pods}; kubelet errors: {kubelet.errors[-5:]}; "
+                f"events: {kubelet.events[-12:]}"
+            )
         await asyncio.sleep(0.1)
 
 

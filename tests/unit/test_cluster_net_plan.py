@@ -55,6 +55,8 @@ def test_a_bridge_left_without_its_address_still_counts_as_taken() -> None:
 def test_host_octets_skip_the_gateway_and_reuse_freed_ones() -> None:
     assert next_octet({1}) == 2
     assert next_octet({1, 2, 3, 5}) == 4
+    assert next_octet({1, 2, 3, 5}, start=5) == 6  # a freed address is not reused at once
+    assert next_octet(set(range(1, 254)), start=254) == 254 and next_octet({1, 254}, start=254) == 2
     with pytest.raises(RuntimeError):
         next_octet(set(range(1, 255)))
 
