@@ -340,3 +340,22 @@ def test_selectors_with_expressions() -> None:
 
 
 
+
+
+def test_pod_status_reports_the_container_state_and_its_last_termination() -> None:
+    from tests.cluster.kubelet_pods import ContainerRun, pod_status
+
+    backoff = ContainerRun("main", "img", running=False, ready=False, started=False, restarts=2,
+                           waiting="CrashLoopBackOff", exit_code=137, finished_at="t1")
+    st = pod_status("Running", "10.0.0.2", "10.0.0.1", "t0", backoff)
+    (cs,) = st["containerStatuses"]
+    assert cs["state"] == {"waiting": {"reason": "CrashLoopBackOff"}} and cs["restartCount"] == 2
+    assert cs["lastState"]["terminated"]["exitCode"] == 137
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "False"
+    done = pod_status("Succeeded", "10.0.0.2", "10.0.0.1", "t0", ContainerRun("main", "img", False, False, False, 0, exit_code=0, finished_at="t2"))
+    assert done["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    assert "lastState" not in done["containerStatuses"][0] and done["podIP"] == "10.0.0.2"
+    dep = _owned(_kind("Deployment", "reader"))
+    pod = pod_manifest(dep, dep["spec"]["template"], "r-abc-1", revision="abc")
+    assert pod["metadata"]["labels"]["pod-template-hash"] == "abc"
+    assert pod["spec"]["restartPolicy"] == "Always" and pod["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
