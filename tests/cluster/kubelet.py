@@ -43,6 +43,7 @@ from tests.cluster.kubelet_plan import (
     container_probes,
     crash_backoff,
     decode_data,
+    default_home,
     expand,
     image_target,
     initial_counter,
@@ -242,6 +243,9 @@ class Kubelet(WorkloadControllers, ServiceControllers):
         uid = int(csc.get("runAsUser", psc.get("runAsUser", _image_uid(image))))
         gid = int(csc.get("runAsGroup", psc.get("runAsGroup", uid)))
         rootfs = (self.images or {}).get(str(c.get("image", "")))  # not built: a process
+        if "HOME" not in env:
+            passwd = rootfs / "etc" / "passwd" if rootfs is not None else None
+            env["HOME"] = default_home(uid, passwd.read_text() if passwd and passwd.exists() else None)
         cspec = ContainerSpec(
             argv=argv, env=env, mounts=mounts, workdir=c.get("workingDir") or image.workdir or None,
             uid=uid, gid=gid, rootfs=rootfs, log=self.workdir / "logs" / f"{ns}_{p.name}.log",

@@ -127,6 +127,17 @@ def container_argv(container: Mapping[str, Any], image: ImageConfig) -> list[str
 # --- environment ------------------------------------------------------------------------------
 
 
+def default_home(uid: int, passwd: str | None) -> str:
+    """HOME as the container runtime sets it when the image and the pod leave it unset: the
+    user's home from the image's /etc/passwd, else "/" (containerd, runc). Without it a uid
+    with no passwd entry (process mode) cannot expand ``~`` (Path.home() raises)."""
+    for line in (passwd or "").splitlines():
+        parts = line.split(":")
+        if len(parts) >= 6 and parts[2] == str(uid):
+            return parts[5] or "/"
+    return "/"
+
+
 def expand(value: str, env: Mapping[str, str]) -> str:
     """``$(VAR)`` from ``env`` (left as is when undefined), ``$$`` escapes a ``$``."""
     return re.sub(

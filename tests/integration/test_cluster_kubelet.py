@@ -47,7 +47,7 @@ class H(http.server.BaseHTTPRequestHandler):
         if p == "/unready": open("/tmp/unready", "w").close(); return self.reply(200, "")
         if p == "/whoami":
             return self.reply(200, json.dumps({"uid": os.getuid(), "pod": os.environ.get("POD_NAME"),
-                "ip": os.environ.get("POD_IP"), "token": os.environ.get("TOKEN")}))
+                "ip": os.environ.get("POD_IP"), "token": os.environ.get("TOKEN"), "home": os.path.expanduser("~")}))
         if p == "/resolve": return self.reply(200, socket.gethostbyname(q))
         if p == "/fetch": return self.reply(200, urllib.request.urlopen(q, timeout=3).read().decode())
         if p == "/write": open("/var/lib/web/marker", "w").write(q); return self.reply(200, "")
@@ -223,7 +223,7 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
 
     # as uid 10001, with the downward API and the Secret in its env
     me = json.loads(await get(f"http://{web0.host.ip}:8080/whoami"))
-    assert me == {"uid": 10001, "pod": "web-0", "ip": web0.host.ip, "token": "s3cr3t"}
+    assert me == {"uid": 10001, "pod": "web-0", "ip": web0.host.ip, "token": "s3cr3t", "home": "/"}
 
     # Service names from another pod: the ClusterIP Service through its proxy, headless names
     fetched = await get(f"http://{web1.host.ip}:8080/fetch?http://api.default.svc:80/whoami")

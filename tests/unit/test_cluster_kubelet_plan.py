@@ -24,6 +24,7 @@ from tests.cluster.kubelet_plan import (
     container_probes,
     crash_backoff,
     decode_data,
+    default_home,
     image_target,
     initial_counter,
     parse_dockerfile,
@@ -359,3 +360,9 @@ def test_pod_status_reports_the_container_state_and_its_last_termination() -> No
     pod = pod_manifest(dep, dep["spec"]["template"], "r-abc-1", revision="abc")
     assert pod["metadata"]["labels"]["pod-template-hash"] == "abc"
     assert pod["spec"]["restartPolicy"] == "Always" and pod["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
+
+
+def test_home_comes_from_the_images_passwd_else_root() -> None:
+    passwd = "root:x:0:0:root:/root:/bin/bash\ndriftless:x:10001:10001::/home/driftless:/usr/sbin/nologin\n"
+    assert default_home(10001, passwd) == "/home/driftless"
+    assert default_home(10001, None) == "/" and default_home(4242, passwd) == "/"
