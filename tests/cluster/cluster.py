@@ -29,6 +29,7 @@ from tests.cluster import chart
 T = TypeVar("T")
 KUBECTL = shutil.which("kubectl")
 HTTP_PORT = 8080
+PODS_RUN = Path("/run/driftless-cluster")  # per run: <subnet>/kubeconfig, read by the pods
 
 
 class LoopThread:
@@ -97,6 +98,7 @@ class LocalCluster:
         self.probe_scale = probe_scale
         self.log = log
         self.kubeconfig = self.workdir / "kubeconfig"
+        self.pod_kubeconfig = self.kubeconfig
         self.rendered: dict[str, str] = {}
         self.loop: LoopThread | None = None
         self.net: Any = None
@@ -137,7 +139,12 @@ class LocalCluster:
         self.loop = LoopThread()
         self.loop.run(self._serve_api())
         self.kubeconfig.write_text(chart.kubeconfig(self.api_url))
-        self.kubeconfig.chmod(0o644)
+        # the pods' copy lives outside /tmp: a pod's emptyDir at /tmp hides the machine's
+        self.pod_kubeconfig = PODS_RUN / self.net.subnet.split("/")[0] / "kubeconfig"
+        self.pod_kubeconfig.parent.mkdir(parents=True, exist_ok=True)
+        self.pod_kubeconfig.parent.chmod(0o755)
+        shutil.copyfile(self.kubeconfig, self.pod_kubeconfig)
+        self.pod_kubeconfig.chmod(0o644)
         self.log(f"API server on {self.api_url}")
         self._start_s3()
         self._start_kubelet()  # before the chart: its Services get addresses the proxies own
@@ -201,7 +208,7 @@ class LocalCluster:
                 self.net,
                 self.workdir / "pods",
                 images=images,
-                extra_env={"KUBECONFIG": str(self.kubeconfig), "HOME": "/tmp"},
+                extra_env={"KUBECONFIG": str(self.pod_kubeconfig)},
                 probe_scale=self.probe_scale,
             )
 
@@ -258,6 +265,8 @@ class LocalCluster:
                 self.log(f"close api: {exc!r}")
         if self.loop is not None:
             self.loop.close()
+        if self.pod_kubeconfig != self.kubeconfig:
+            shutil.rmtree(self.pod_kubeconfig.parent, ignore_errors=True)
         if self.net is not None:
             self.net.close()
         self.loop = self.net = self._server = None
