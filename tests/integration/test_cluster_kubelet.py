@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -238,6 +239,20 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
     assert st["phase"] == "Running" and st["podIP"] == web0.host.ip
     assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "True"
     assert stored(api, "persistentvolumeclaims", "data-web-0")
+    if shutil.which("kubectl"):  # what a user sees
+        cfg = workdir / "kubeconfig"
+        cfg.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": str(api.url).rstrip("/")}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+        }))
+        out = await asyncio.to_thread(
+            subprocess.run, ["kubectl", "--kubeconfig", str(cfg), "get", "pods", "-o", "wide"],
+            capture_output=True, text=True, timeout=30,
+        )
+        row = next(line.split() for line in out.stdout.splitlines() if line.startswith("web-0 "))
+        assert row[1:4] == ["True", "Running", "0"] and web0.host.ip in row, out.stdout + out.stderr
 
     # Indexed Job: JOB_COMPLETION_INDEX 0..2, completedIndexes; FailJob on exit code 2
     def job_done(name: str) -> dict[str, Any] | None:
