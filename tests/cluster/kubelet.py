@@ -148,7 +148,7 @@ class Kubelet(WorkloadControllers, ServiceControllers):
     # --- the tick -----------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        objs = {p: self._list(p) for p in ("pods", "statefulsets", "deployments", "jobs", "services", "persistentvolumeclaims")}
+        objs = {p: self._list(p) for p in ("pods", "statefulsets", "deployments", "jobs", "cronjobs", "services", "persistentvolumeclaims")}
         self._sync_pods(objs["pods"])
         for p in list(self._pods.values()):
             await self._kubelet(p)
@@ -158,6 +158,8 @@ class Kubelet(WorkloadControllers, ServiceControllers):
             await self._deployment(d)
         for job in objs["jobs"]:
             await self._job(job)
+        for cj in objs["cronjobs"]:
+            await self._cronjob(cj, objs["jobs"])
         await self._services(objs["services"])
         self._reclaim(objs["persistentvolumeclaims"])
         for p in list(self._pods.values()):
@@ -473,4 +475,5 @@ def _register(api: Any) -> None:
     r["v1/persistentvolumeclaims"] = {"kind": "PersistentVolumeClaim", "namespaced": True}
     for plural, kind in (("statefulsets", "StatefulSet"), ("deployments", "Deployment")):
         r[f"apps/v1/{plural}"] = {"kind": kind, "namespaced": True, "subresources": {"status"}}
+    r["batch/v1/cronjobs"] = {"kind": "CronJob", "namespaced": True, "subresources": {"status"}}
 

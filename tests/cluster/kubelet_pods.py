@@ -168,3 +168,22 @@ def pod_status(phase: str, ip: str, host_ip: str, start_time: str, c: ContainerR
         status["podIP"] = ip
         status["podIPs"] = [{"ip": ip}]
     return status
+
+
+def cron_job_manifest(cronjob: Mapping[str, Any], scheduled_minute: int, scheduled_iso: str) -> dict[str, Any]:
+    """The Job a CronJob starts for the minute ``scheduled_minute`` (since the epoch, the
+    controller's name suffix): its jobTemplate, owned by the CronJob."""
+    meta, tmpl = cronjob["metadata"], cronjob["spec"]["jobTemplate"]
+    tmeta = tmpl.get("metadata") or {}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"{meta['name']}-{scheduled_minute}",
+            "namespace": meta["namespace"],
+            "labels": dict(tmeta.get("labels") or {}),
+            "annotations": {**(tmeta.get("annotations") or {}), "batch.kubernetes.io/cronjob-scheduled-timestamp": scheduled_iso},
+            "ownerReferences": [_owner(cronjob)],
+        },
+        "spec": copy.deepcopy(dict(tmpl.get("spec") or {})),
+    }

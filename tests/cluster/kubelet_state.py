@@ -13,7 +13,7 @@ from tests.cluster.kubelet_pods import INDEX_KEY
 from tests.cluster.net import Host, Proc
 from tests.kube_harness import _now
 
-GROUPS = {"statefulsets": "apis/apps/v1", "deployments": "apis/apps/v1", "jobs": "apis/batch/v1"}
+GROUPS = {"statefulsets": "apis/apps/v1", "deployments": "apis/apps/v1", "jobs": "apis/batch/v1", "cronjobs": "apis/batch/v1"}
 
 
 def api_path(plural: str, namespace: str, name: str | None = None) -> str:

@@ -4,13 +4,15 @@ Pods and PVCs it asks for, terminates the ones it drops and writes the owners' s
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from tests.cluster import kubelet_controllers as ctl
-from tests.cluster.kubelet_pods import pod_manifest, pvc_manifest
+from tests.cluster.kubelet_cron import cron_plan
+from tests.cluster.kubelet_pods import cron_job_manifest, pod_manifest, pvc_manifest
 from tests.cluster.kubelet_state import PodState, api_path, pod_view
 from tests.kube_harness import _now
 
@@ -122,3 +124,47 @@ class WorkloadControllers:
             return
         meta = obj["metadata"]
         await self._write("PATCH", api_path(plural, meta["namespace"], meta["name"]) + "/status", {"status": status})
+
+    async def _cronjob(self, cj: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
+        """Jobs from a CronJob's schedule (``kubelet_cron``), its status (lastScheduleTime,
+        active) and the history limits."""
+        meta, spec, st = cj["metadata"], cj["spec"], cj.get("status") or {}
+        mine = [j for j in jobs if any(r.get("uid") == meta["uid"] for r in j["metadata"].get("ownerReferences") or ())]
+        states = [(j["metadata"]["name"], _job_state(j), _time(j["metadata"].get("creationTimestamp"))) for j in mine]
+        now = dt.datetime.now(dt.UTC)
+        since = _time(st.get("lastScheduleTime") or meta.get("creationTimestamp"))
+        try:
+            step = cron_plan(spec, since, now, states)
+        except ValueError as exc:  # a schedule the API server would have refused
+            self._error(f"cronjob {meta['namespace']}/{meta['name']}: {exc}")
+            return
+        status: dict[str, Any] = {}
+        if step.start is not None:
+            iso = step.start.strftime("%Y-%m-%dT%H:%M:%SZ")
+            job = cron_job_manifest(cj, int(step.start.timestamp() // 60), iso)
+            if await self._write("POST", api_path("jobs", meta["namespace"]), job, quiet=True) is not None:
+                states.append((job["metadata"]["name"], "Active", now))
+            status["lastScheduleTime"] = iso
+        for name in step.delete:
+            await self._write("DELETE", api_path("jobs", meta["namespace"], name), quiet=True)
+        status["active"] = [
+            {"apiVersion": "batch/v1", "kind": "Job", "name": n, "namespace": meta["namespace"]}
+            for n, s, _ in states if s == "Active"
+        ]
+        await self._status("cronjobs", cj, status)
+
+    def _error(self, msg: str) -> None:
+        raise NotImplementedError
+
+
+def _job_state(job: Mapping[str, Any]) -> str:
+    for c in (job.get("status") or {}).get("conditions") or ():
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            return "Succeeded" if c["type"] == "Complete" else "Failed"
+    return "Active"
+
+
+def _time(iso: str | None) -> dt.datetime:
+    if not iso:
+        return dt.datetime.now(dt.UTC)
+    return dt.datetime.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)

@@ -130,6 +130,11 @@ def objects() -> list[tuple[str, dict[str, Any]]]:
             spec.pop("backoffLimit")
         return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": spec}
 
+    cron = {
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "tick"},
+        "spec": {"schedule": "* * * * *", "concurrencyPolicy": "Forbid", "startingDeadlineSeconds": 600,
+                 "jobTemplate": {"metadata": {"labels": {"app": "tick"}}, "spec": job("x", 0, False)["spec"]}},
+    }
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"}, "data": {"t": "czNjcjN0"}}
     return [
         ("api/v1/namespaces/default/secrets", secret),
@@ -139,6 +144,7 @@ def objects() -> list[tuple[str, dict[str, Any]]]:
         ("apis/apps/v1/namespaces/default/deployments", dep),
         ("apis/batch/v1/namespaces/default/jobs", job("idx", 0, True)),
         ("apis/batch/v1/namespaces/default/jobs", job("bad", 2, False)),
+        ("apis/batch/v1/namespaces/default/cronjobs", cron),
     ]
 
 
@@ -268,6 +274,23 @@ async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any)
     bad = await until(lambda: job_done("bad"), "failing Job done", kubelet)
     failed = next(c for c in bad["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PodFailurePolicy" and bad["failed"] == 1  # not retried
+
+    # a CronJob last scheduled two minutes ago (say, before a controller restart) starts a Job
+    # for this minute at once, owned by it, and records it
+    two_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
+    async with aiohttp.ClientSession() as s, s.patch(
+        f"{str(api.url).rstrip('/')}/apis/batch/v1/namespaces/default/cronjobs/tick/status",
+        json={"status": {"lastScheduleTime": two_ago}}, headers={"Content-Type": "application/merge-patch+json"},
+    ) as r:
+        assert r.status == 200, await r.text()
+
+    def cron_job_done() -> dict[str, Any] | None:
+        jobs = {p.owner[1] for p in kubelet.pods(NS) if p.owner[1].startswith("tick-")}
+        return next((st for j in jobs if (st := job_done(j))), None)
+
+    await until(cron_job_done, "the CronJob's Job done", kubelet)
+    cj = stored(api, "cronjobs", "tick")["status"]
+    assert cj["lastScheduleTime"] > two_ago and cj["lastScheduleTime"].endswith(":00Z")
 
     # a SIGKILLed container restarts in place: same pod, same IP, restartCount 1, PVC kept
     await get(f"http://{web0.host.ip}:8080/write?kept")

@@ -366,3 +366,37 @@ def test_home_comes_from_the_images_passwd_else_root() -> None:
     passwd = "root:x:0:0:root:/root:/bin/bash\ndriftless:x:10001:10001::/home/driftless:/usr/sbin/nologin\n"
     assert default_home(10001, passwd) == "/home/driftless"
     assert default_home(10001, None) == "/" and default_home(4242, passwd) == "/"
+
+
+def test_cron_schedules_are_due_at_their_minutes() -> None:
+    import datetime as dt
+
+    from tests.cluster.kubelet_cron import last_due, parse_schedule
+
+    t = dt.datetime(2026, 11, 26, 4, 20, 30, tzinfo=dt.UTC)  # a Thursday
+    assert last_due("17 * * * *", t - dt.timedelta(hours=1), t) == t.replace(minute=17, second=0)
+    assert last_due("17 * * * *", t.replace(minute=17, second=0), t) is None  # already run
+    assert last_due("*/15 * * * *", t - dt.timedelta(hours=1), t) == t.replace(minute=15, second=0)
+    assert last_due("0 0 * * 4", t - dt.timedelta(days=1), t) == t.replace(hour=0, minute=0, second=0)
+    assert parse_schedule("@hourly")[0] == {0} and parse_schedule("0 0 * * 7")[4] == {0}
+    with pytest.raises(ValueError):
+        parse_schedule("61 * * * *")
+
+
+def test_cron_plan_forbids_overlap_honours_the_deadline_and_trims_history() -> None:
+    import datetime as dt
+
+    from tests.cluster.kubelet_cron import cron_plan
+
+    now = dt.datetime(2026, 11, 26, 4, 20, 5, tzinfo=dt.UTC)
+    last = now - dt.timedelta(minutes=5)
+    spec = {"schedule": "* * * * *", "concurrencyPolicy": "Forbid", "startingDeadlineSeconds": 60,
+            "successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 1}
+    old = [(f"j{i}", "Succeeded", now - dt.timedelta(minutes=10 - i)) for i in range(3)]
+    step = cron_plan(spec, last, now, old)
+    assert step.start == now.replace(second=0) and step.delete == ("j0", "j1")
+    assert cron_plan(spec, last, now, [("a", "Active", now)]).start is None  # Forbid
+    assert cron_plan({**spec, "suspend": True}, last, now, []).start is None
+    late = now.replace(second=0) + dt.timedelta(seconds=90)  # 04:21:30: 04:21 due, in time
+    assert cron_plan(spec, last, late, []).start == late.replace(second=0)
+    assert cron_plan({**spec, "schedule": "20 * * * *"}, last, late, []).start is None  # 90 s late
