@@ -193,7 +193,9 @@ class Kubelet(WorkloadControllers, ServiceControllers):
             seen.add(key)
             cur = self._pods.get(key)
             if cur is not None and cur.uid != meta.get("uid"):
-                cur.api_gone = True  # a new pod of the same name: the old one goes first
+                if not cur.api_gone:  # a new pod of the same name: the old one goes first
+                    cur.api_gone = True
+                    self._terminate(cur)
                 continue
             if cur is None and meta.get("uid") not in self._gone:
                 self._pods[key] = PodState.adopt(obj)
