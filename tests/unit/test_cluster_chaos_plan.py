@@ -66,6 +66,7 @@ def test_the_campaign_covers_every_fault_with_distinct_seeds() -> None:
 
 def test_the_schedule_groups_migrating_trials_and_keeps_every_trial() -> None:
     groups = cp.schedule(35, first_seed=0, per_migration=2)
+    assert len(cp.schedule(35)) < len(groups)  # three to a migration by default
     trials = [t for g in groups for t in g.trials]
     assert sorted(trials, key=lambda t: t[1]) == cp.campaign(35)
     for g in groups:
