@@ -34,6 +34,7 @@ from tests.cluster.chaos_load import Load
 COMPONENT = "app.kubernetes.io/component"
 INSTANCE = "app.kubernetes.io/instance"
 GATE = ("Pending", "SamplingPairs", "TrainingAdapter", "Evaluating", "Bridged")
+ORDER = (*GATE, "Backfilling", "Backfilled", "CuttingOver", *cp.MIGRATION_DONE)
 POLL_S = 0.25
 
 
@@ -156,8 +157,10 @@ def _reach_moment(cluster: Any, r: cp.TrialResult, plan: cp.Plan, namespace: str
 
     def there() -> bool:
         phase = _migration_phase(cluster, namespace, migration)
-        if phase in cp.MIGRATION_DONE:
-            return True  # missed the moment: strike anyway, the result says where
+        if phase not in ORDER:
+            return False  # no status yet
+        if ORDER.index(phase) > ORDER.index(GATE[-1] if plan.moment == "gate" else "Backfilling"):
+            return True  # missed the moment (an earlier trial took it): strike now, it says where
         if plan.moment == "gate":
             return phase in GATE
         return phase == "Backfilling" and (
@@ -214,7 +217,7 @@ def run_trial(
         phase_before = sampler.phase()
         pods = target_pods(cluster, namespace, index, plan.component)
         if not pods:
-            raise LookupError(f"no running {plan.component} pod to strike")
+            raise LookupError(f"no running {plan.component} pod to strike ({r.phase_at_strike})")
         struck = Struck.of(pods[plan.pick % len(pods)])
         r.target = struck.name
         labels = dict(expected.labels) if expected else {}
