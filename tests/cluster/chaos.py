@@ -184,14 +184,16 @@ def run_trial(
     recovery_timeout_s: float = 180.0,
     migration_timeout_s: float = 600.0,
     wait_migration: bool = True,
+    partition_s: tuple[float, float] = cp.PARTITION_S,
 ) -> cp.TrialResult:
     """One trial of ``fault`` (chaos_plan.FAULTS) planned from ``seed``; see the module doc.
     ``migration``: the running ModelMigration (in ``namespace``) to strike in and, with
     ``wait_migration``, to wait for and check (else the caller fills ``result.migration``
-    when it ends: several trials strike during one migration)."""
+    when it ends: several trials strike during one migration). ``partition_s``: the range
+    of partition-s3's duration (the issue's 5-60 s; the story's one trial uses (5, 5))."""
     t_start = time.monotonic()
     moments = moments or (cp.MOMENTS if migration else ("steady",))
-    plan = cp.plan(fault, seed, moments=moments)
+    plan = cp.plan(fault, seed, moments=moments, partition_s=partition_s)
     if fault == "sigstop":
         allowance = _liveness(cluster, namespace, index, plan.component)
         plan = cp.plan(fault, seed, moments=moments, allowance_s=allowance)
