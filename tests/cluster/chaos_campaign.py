@@ -65,8 +65,10 @@ def run_campaign(
     groups: list[cp.Group],
     log: Callable[[str], None] = print,
     migration_timeout_s: float = 600.0,
+    on_group: Callable[[list[cp.TrialResult]], None] = lambda results: None,
 ) -> list[cp.TrialResult]:
-    """Every group of the schedule in turn; each trial's result is logged as it ends."""
+    """Every group of the schedule in turn; each trial's result is logged as it ends, and
+    ``on_group`` gets the results so far after every group (a run cut short keeps them)."""
     s = story.s
     migrations = Migrations(story)
     results: list[cp.TrialResult] = []
@@ -88,6 +90,7 @@ def run_campaign(
                 r.migration = phase
             log(f"migration {name}: {phase}")
         results += mine
+        on_group(results)
     return results
 
 

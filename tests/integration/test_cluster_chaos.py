@@ -183,8 +183,8 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
     assert r.alert == "DriftlessRuntimeDown" and not r.alert_expected
 
 
-CAMPAIGN_TRIALS = int(os.environ.get("DRIFTLESS_CHAOS_TRIALS", "35"))
-CAMPAIGN_DOCS = int(os.environ.get("DRIFTLESS_CHAOS_DOCS", "340"))
+CAMPAIGN_TRIALS = int(os.environ.get("DRIFTLESS_CHAOS_TRIALS", "30"))
+CAMPAIGN_DOCS = int(os.environ.get("DRIFTLESS_CHAOS_DOCS", "640"))
 RESULTS = os.environ.get("DRIFTLESS_CHAOS_RESULTS")  # a directory: write the results there
 
 
@@ -211,8 +211,9 @@ def test_campaign(tmp_path: Path) -> None:
     groups = cp.schedule(CAMPAIGN_TRIALS)
     t0 = time.monotonic()
     with LocalCluster(tmp_path / "cluster", log=log) as cluster:
-        # a smaller corpus than the story's: nlist 8, nbits 3 need 39 x 8 training vectors
-        settings = Settings(encoder="http", docs=CAMPAIGN_DOCS, min_training=320, nlist=8, nbits=3)
+        # a smaller corpus than the story's, still above its 624 training vectors (nbits 3
+        # and 320 vectors trained a primary whose overlap, 0.89, stayed under theta)
+        settings = Settings(encoder="http", docs=CAMPAIGN_DOCS)
         story = Story(cluster, settings, log=log)
         story.install()
         story.start_encoder()
@@ -220,25 +221,29 @@ def test_campaign(tmp_path: Path) -> None:
         story.ingest()
         story.wait_serving()
         setup_s = time.monotonic() - t0
-        results = run_campaign(cluster, story, groups, log)
-        for_s, probe_scale = cluster.for_s, cluster.probe_scale
-    if RESULTS:
         command = (
             f"DRIFTLESS_CHAOS_TRIALS={CAMPAIGN_TRIALS} DRIFTLESS_CHAOS_DOCS={CAMPAIGN_DOCS} "
             "DRIFTLESS_CHAOS_RESULTS=bench/results flock /work/wt/cluster.lock "
             "python -m pytest tests/integration/test_cluster_chaos.py -m slow -k campaign -s"
         )
-        setup = {
-            "cluster": "LocalCluster (every pod a process in its own network namespace, uid "
-            "10001; the chart's operator; moto S3 and Prometheus on their own hosts)",
-            "encoder": "one HTTP encoder host serving all-MiniLM-L6-v2 and multilingual-e5-small",
-            "corpus": f"{CAMPAIGN_DOCS} stdlib docstrings (index_runtime/corpus.py)",
-            "alerts for:": f"{for_s:.0f} s (compressed)",
-            "probe scale": probe_scale,
-            "setup s": round(setup_s),
-            "total s": round(time.monotonic() - t0),
-        }
-        write_results(results, Path(RESULTS), command, setup)
+
+        def save(results: list[cp.TrialResult]) -> None:
+            if not RESULTS:
+                return
+            setup = {
+                "cluster": "LocalCluster (every pod a process in its own network namespace, "
+                "uid 10001; the chart's operator; moto S3 and Prometheus on their own hosts)",
+                "encoder": "one HTTP encoder host (all-MiniLM-L6-v2, multilingual-e5-small)",
+                "corpus": f"{CAMPAIGN_DOCS} stdlib docstrings (index_runtime/corpus.py)",
+                "alerts for:": f"{cluster.for_s:.0f} s (compressed)",
+                "probe scale": cluster.probe_scale,
+                "setup s": round(setup_s),
+                "trials run": f"{len(results)} of {CAMPAIGN_TRIALS} planned",
+                "total s": round(time.monotonic() - t0),
+            }
+            write_results(results, Path(RESULTS), command, setup)
+
+        results = run_campaign(cluster, story, groups, log, on_group=save)
     faults = {r.fault for r in results}
     assert len(results) >= 30 and faults == set(cp.FAULTS), sorted(faults)
     bad = [(r.seed, r.fault, r.failures) for r in results if not r.ok]
