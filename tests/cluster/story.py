@@ -7,8 +7,12 @@ the index and its namespace deleted and the data reclaimed.
 What a user changes in the examples for this cluster (``Story.patched_examples``): the S3
 Secret holds moto's keys; ``storage.endpoint`` is the S3 host, ``region`` us-east-1,
 ``reclaimPolicy: Delete`` (the run ends by checking the data goes); a tiny corpus needs
-``coldStart.minTrainingVectors``, ``primary.nlist`` and ``primary.nbits`` scaled down (624,
-8, 4: the CRD asks 39 x max(nlist, 2^nbits) training vectors); the migration's labelled
+``coldStart.minTrainingVectors``, ``primary.nlist`` and ``primary.nbits`` scaled down (312,
+8, 3: the CRD asks 39 x max(nlist, 2^nbits) training vectors), with ``primary.m`` 96 and
+``primary.rerank`` 16 so such coarse codes still pass the oracle's theta 0.9 (3-bit codes over
+48 sub-quantizers were rejected on overlap), and, with little traffic,
+``oracle.sampleRate`` 1 (the candidate is validated on the oracle's samples of real queries:
+at 5 % the story's queries would take minutes to give ``oracle.minSamples``); the migration's labelled
 queries are the corpus's own (query, key) pairs, its ``adapter.pairs`` the corpus size and
 ``backfill.parallelism`` 2. With ``encoder="http"`` the two EmbeddingModels name the same
 models served by one encoder host (``encoder.http``) instead of ``encoder.local``.
@@ -70,13 +74,16 @@ class Client:
 class Settings:
     namespace: str = "search"
     index: str = "docs"
-    docs: int = 800  # corpus size (stdlib docstrings, index_runtime/corpus.py)
+    docs: int = 400  # corpus size (stdlib docstrings, index_runtime/corpus.py)
     batch: int = 50  # rows per upsert
     encoder: str = "http"  # "http": one encoder host; "local": the examples' encoder.local
-    # the CRD asks coldStart.minTrainingVectors >= 39 x max(nlist, 2^nbits) (FAISS): 624
-    min_training: int = 624  # coldStart.minTrainingVectors
+    # the CRD asks coldStart.minTrainingVectors >= 39 x max(nlist, 2^nbits) (FAISS): 312
+    min_training: int = 312  # coldStart.minTrainingVectors
     nlist: int = 8  # primary.nlist
-    nbits: int = 4  # primary.nbits (16 centroids per sub-quantizer)
+    nbits: int = 3  # primary.nbits (8 centroids per sub-quantizer)
+    m: int = 96  # primary.m: sub-quantizers (4 dims each)
+    rerank: int = 16  # primary.rerank: exact re-ranking of 16 x k candidates
+    sample_rate: float = 1.0  # oracle.sampleRate: little traffic, every query is compared
     parallelism: int = 2  # the migration's backfill pods
     delete_share: float = 0.3  # rows deleted before the compaction (deletedRatio is 0.2)
     bucket: str = "my-vectors"
@@ -91,6 +98,7 @@ class Ledger:
     deleted: set[str] = field(default_factory=set)
     queries_ok: int = 0
     queries_failed: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds per answered query
     errors: list[str] = field(default_factory=list)
 
 
@@ -104,6 +112,8 @@ class Story:
         self.encoder_url = ""
         self._encoder: Any = None
         self._docs: list[Any] = []
+        self._queries: threading.Thread | None = None
+        self._stop_queries = threading.Event()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -120,6 +130,14 @@ class Story:
     def client(self, role: str, scope: str) -> Client:
         ns, ix = self.s.namespace, self.s.index
         return Client(self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope))
+
+    def writer_status(self) -> dict[str, Any]:
+        """The writer's own status of the index (what the operator reads), for diagnosis."""
+        w = self.client("writer", "read")
+        try:
+            return w.call("GET", f"/v1/indexes/{self.s.index}/status")
+        finally:
+            w.close()
 
     def docs(self) -> list[Any]:
         if not self._docs:
@@ -164,7 +182,8 @@ class Story:
                 st = spec["storage"]
                 st.update(endpoint=self.c.s3.endpoint, region="us-east-1", bucket=self.s.bucket, reclaimPolicy="Delete")
                 spec["coldStart"]["minTrainingVectors"] = self.s.min_training
-                spec["primary"].update(nlist=self.s.nlist, nbits=self.s.nbits)
+                spec["primary"].update(nlist=self.s.nlist, nbits=self.s.nbits, m=self.s.m, rerank=self.s.rerank)
+                spec["oracle"]["sampleRate"] = self.s.sample_rate
             out.append(obj)
         return out
 
@@ -196,9 +215,7 @@ class Story:
         Service with the write token, in batches, while a thread queries the readers' Service
         with the read token. Returns counts and rates."""
         writer = self.client("writer", "write")
-        stop = threading.Event()
-        queries = threading.Thread(target=self._query_loop, args=(stop,), daemon=True)
-        queries.start()
+        self._start_queries()
         t0 = time.monotonic()
         try:
             docs = self.docs()
@@ -212,23 +229,36 @@ class Story:
                 writer.call("POST", f"/v1/indexes/{self.s.index}/upsert", body)
                 self.ledger.acked.update({d.id: d.passage for d in chunk})
         finally:
-            stop.set()
-            queries.join(30)
             writer.close()
         took = time.monotonic() - t0
         self.log(f"ingested {len(self.ledger.acked)} rows in {took:.1f} s; "
                  f"queries during it: {self.ledger.queries_ok} ok, {self.ledger.queries_failed} failed")  # fmt: skip
         return {"rows": len(self.ledger.acked), "seconds": took}
 
+    def _start_queries(self) -> None:
+        """Queries through the readers' Service from the ingest until Serving (the oracle
+        validates the cold start's candidate on samples of them)."""
+        self._stop_queries = threading.Event()
+        self._queries = threading.Thread(target=self._query_loop, args=(self._stop_queries,), daemon=True)
+        self._queries.start()
+
+    def stop_queries(self) -> None:
+        if self._queries is not None:
+            self._stop_queries.set()
+            self._queries.join(30)
+            self._queries = None
+
     def _query_loop(self, stop: threading.Event) -> None:
         rng = random.Random(self.s.seed)
         reader: Client | None = None
-        while not stop.wait(0.2):
+        while not stop.wait(0.1):
+            t = time.monotonic()
             try:
                 reader = reader or self.client("reader", "read")
                 q = rng.choice(self.docs()).query
                 reader.call("POST", f"/v1/indexes/{self.s.index}/search", {"text": q, "k": 5})
                 self.ledger.queries_ok += 1
+                self.ledger.latencies.append(time.monotonic() - t)
             except Exception as exc:  # counted; the index may not exist on the readers yet
                 self.ledger.queries_failed += 1
                 self.ledger.errors.append(repr(exc)[:200])
@@ -236,8 +266,17 @@ class Story:
             reader.close()
 
     def wait_serving(self, timeout_s: float = 240) -> str:
-        """Until ``kubectl get vi`` shows PHASE Serving; returns that listing."""
-        self.c.wait(lambda: self.phase() == "Serving", timeout_s, f"Serving (phase {self.phase()!r})")
+        """Until ``kubectl get vi`` shows PHASE Serving (queries keep running until then);
+        returns that listing."""
+        try:
+            self.c.wait(lambda: self.phase() == "Serving", timeout_s, "Serving")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: phase {self.phase()!r}, {self.writer_status()}") from None
+        finally:
+            self.stop_queries()
+        lat = sorted(self.ledger.latencies) or [0.0]
+        self.log(f"queries until Serving: {self.ledger.queries_ok} ok, {self.ledger.queries_failed} failed, "
+                 f"p50 {lat[len(lat) // 2]:.2f} s")  # fmt: skip
         out = self.kubectl("get", "vi", "-n", self.s.namespace, "-o", "wide")
         self.log(out)
         assert "Serving" in out, out
