@@ -414,6 +414,8 @@ def run(story: Story, trial: Callable[[str], None] | None = None) -> dict[str, A
     step("examples", story.apply_examples)
     step("ingest", story.ingest)
     step("serving", story.wait_serving)
+    if trial is not None:
+        step("steady trials", lambda: trial("serving"))
     step("migrate", lambda: story.migrate(during=trial))
     step("compact", story.delete_and_compact)
     step("rows", story.check_rows)

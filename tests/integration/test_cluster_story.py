@@ -31,15 +31,32 @@ pytestmark = [
 ]
 
 
+STEADY = ("kill-writer", "kill-reader", "kill-shadow", "kill-operator", "partition-s3", "sigstop")
+
+
 def test_the_readme_story_runs_end_to_end(tmp_path: Path) -> None:
+    from tests.cluster.chaos import run_trial
+    from tests.cluster.chaos_plan import verdict
     from tests.cluster.cluster import LocalCluster
     from tests.cluster.story import Settings, Story, run
 
     lines: list[str] = []
+    trials: list[Any] = []
     with LocalCluster(tmp_path / "cluster", log=lines.append) as cluster:
         story = Story(cluster, Settings(encoder="http"), log=lines.append)
+
+        def trial(moment: str) -> None:
+            """One trial of each fault: the steady ones once the index serves, a backfill
+            pod killed while the migration backfills (the migration goes on meanwhile)."""
+            if moment == "serving":
+                for seed, fault in enumerate(STEADY):
+                    trials.append(run_trial(cluster, fault, seed, partition_s=(5.0, 5.0)))
+            elif moment == "Backfilling" and not any(t.fault == "kill-backfill" for t in trials):
+                trials.append(run_trial(cluster, "kill-backfill", 99, migration="docs-to-e5",
+                                        moments=("Backfilling",), wait_migration=False))  # fmt: skip
+
         try:
-            out = run(story, trial=None)
+            out = run(story, trial=trial)
         except BaseException:
             print("\n".join(lines[-80:]))
             raise
@@ -63,3 +80,7 @@ def test_the_readme_story_runs_end_to_end(tmp_path: Path) -> None:
     assert out["compact"]["job"]["status"]["succeeded"] >= 1
     assert out["rows"] == {"live": out["rows"]["live"], "lost": 0, "resurrected": 0}
     assert out["delete"]["objects_before"] > 0  # and none left (delete_everything waits)
+    # one chaos trial of each fault passed its checks (0 lost, 0 back, recovery, alerts)
+    assert sorted(t.fault for t in trials) == sorted((*STEADY, "kill-backfill")), trials
+    failed = {f"{t.fault} (seed {t.seed})": verdict(t) for t in trials if verdict(t)}
+    assert not failed, failed
