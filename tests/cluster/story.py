@@ -117,9 +117,9 @@ class Story:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def kubectl(self, *args: str, input: str | None = None) -> str:
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> str:
         self.log("$ kubectl " + " ".join(args) + (" <<EOF" if input else ""))
-        return self.c.kubectl(*args, input=input)
+        return self.c.kubectl(*args, input=input, timeout=timeout)
 
     def vi(self) -> dict[str, Any]:
         return self.c.get("vectorindexes", self.s.namespace, self.s.index) or {}
@@ -367,8 +367,9 @@ class Story:
         return seen
 
     def check_rows(self) -> dict[str, int]:
-        """Every acknowledged row not deleted is fetched from the readers; no deleted row is."""
-        reader = self.client("reader", "read")
+        """Every acknowledged row not deleted is fetched from the writer (the source of
+        truth; readers follow it from S3); no deleted row is."""
+        reader = self.client("writer", "read")
         live = sorted(set(self.ledger.acked) - self.ledger.deleted)
         dead = sorted(self.ledger.deleted)
         found: set[str] = set()
@@ -384,11 +385,14 @@ class Story:
         return {"live": len(live), "lost": len(lost), "resurrected": len(back)}
 
     def delete_everything(self, timeout_s: float = 180) -> dict[str, Any]:
-        """``kubectl delete`` of the migration and the examples, then the namespace; waits for
-        the namespace to go and for the index's objects in S3 to be gone (reclaim Delete)."""
+        """``kubectl delete`` of the migration and the examples (it waits for the index's
+        finalizer: the operator's purge Job, reclaim Delete), then the namespace (docs/install.md
+        step 5: in a namespace already being deleted the purge is refused); waits for the
+        namespace to go and for the index's objects in S3 to be gone."""
         prefix = str(self.vi()["spec"]["storage"]["prefix"])
         before = len(self.c.s3.keys(self.s.bucket, prefix))
-        self.kubectl("delete", "-f", str(EXAMPLES / "migration"), "-f", str(EXAMPLES), "--wait=false")
+        self.kubectl("delete", "-f", str(EXAMPLES / "migration"), "-f", str(EXAMPLES),
+                     f"--timeout={timeout_s:.0f}s", timeout=timeout_s + 10)  # fmt: skip
         self.kubectl("delete", "namespace", self.s.namespace, "--wait=false")
         self.c.wait(lambda: self.s.namespace not in self.c.api.namespaces, timeout_s, "the namespace gone")
         self.c.wait(lambda: not self.c.s3.keys(self.s.bucket, prefix), 60, "the data reclaimed")
