@@ -78,7 +78,7 @@ def run_campaign(
         for fault, seed in group.trials:
             r = run_trial(
                 cluster, fault, seed, namespace=s.namespace, index=s.index, migration=name,
-                moments=cp.MOMENTS, wait_migration=False,
+                moments=cp.MOMENTS if group.migrate else ("steady",), wait_migration=False,
             )  # fmt: skip
             mine.append(r)
             log(f"trial seed={seed} {fault} -> {r.target or '?'} at {r.phase_at_strike}: "

@@ -186,6 +186,9 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
 CAMPAIGN_TRIALS = int(os.environ.get("DRIFTLESS_CHAOS_TRIALS", "30"))
 CAMPAIGN_DOCS = int(os.environ.get("DRIFTLESS_CHAOS_DOCS", "400"))
 RESULTS = os.environ.get("DRIFTLESS_CHAOS_RESULTS")  # a directory: write the results there
+# steady trials only (no migrations, so no backfill kills): what fits when the encoder host
+# cannot keep up with a migration's pair sampling on a loaded machine
+STEADY_ONLY = os.environ.get("DRIFTLESS_CHAOS_STEADY_ONLY") == "1"
 
 
 @pytest.mark.slow
@@ -209,6 +212,9 @@ def test_campaign(tmp_path: Path) -> None:
         print(line, flush=True)
 
     groups = cp.schedule(CAMPAIGN_TRIALS)
+    if STEADY_ONLY:
+        trials = [t for t in cp.campaign(CAMPAIGN_TRIALS) if t[0] != "kill-backfill"]
+        groups = [cp.Group(False, (t,)) for t in trials]
     t0 = time.monotonic()
     with LocalCluster(tmp_path / "cluster", log=log) as cluster:
         story = Story(cluster, Settings(encoder="http", docs=CAMPAIGN_DOCS), log=log)
@@ -228,7 +234,8 @@ def test_campaign(tmp_path: Path) -> None:
         setup_s = time.monotonic() - t0
         command = (
             f"DRIFTLESS_CHAOS_TRIALS={CAMPAIGN_TRIALS} DRIFTLESS_CHAOS_DOCS={CAMPAIGN_DOCS} "
-            "DRIFTLESS_CHAOS_RESULTS=bench/results flock /work/wt/cluster.lock "
+            + ("DRIFTLESS_CHAOS_STEADY_ONLY=1 " if STEADY_ONLY else "")
+            + "DRIFTLESS_CHAOS_RESULTS=bench/results flock /work/wt/cluster.lock "
             "python -m pytest tests/integration/test_cluster_chaos.py -m slow -k campaign -s"
         )
 
@@ -251,6 +258,7 @@ def test_campaign(tmp_path: Path) -> None:
 
         results = run_campaign(cluster, story, groups, log, on_group=save)
     faults = {r.fault for r in results}
-    assert len(results) >= 30 and faults == set(cp.FAULTS), sorted(faults)
+    if not STEADY_ONLY:
+        assert len(results) >= 30 and faults == set(cp.FAULTS), sorted(faults)
     bad = [(r.seed, r.fault, r.failures) for r in results if not r.ok]
     assert not bad, bad
