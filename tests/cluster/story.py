@@ -85,6 +85,7 @@ class Settings:
     rerank: int = 16  # primary.rerank: exact re-ranking of 16 x k candidates
     sample_rate: float = 1.0  # oracle.sampleRate: little traffic, every query is compared
     parallelism: int = 2  # the migration's backfill pods
+    backfill_batch: int = 32  # spec.backfill.batch (rows per encoder request)
     delete_share: float = 0.3  # rows deleted before the compaction (deletedRatio is 0.2)
     bucket: str = "my-vectors"
     seed: int = 0
@@ -284,7 +285,8 @@ class Story:
 
     def migration_objects(self) -> list[dict[str, Any]]:
         """examples/migration/ with the corpus's own labelled queries (what the example's
-        comment asks for), ``adapter.pairs`` the corpus size, ``backfill.parallelism``."""
+        comment asks for), ``adapter.pairs`` the corpus size, ``backfill.parallelism`` and
+        ``backfill.batch`` (32: one shared, slow encoder)."""
         out = []
         for path in sorted((EXAMPLES / "migration").glob("*.yaml")):
             obj = yaml.safe_load(path.read_text())
@@ -294,10 +296,13 @@ class Story:
             if obj["kind"] == "ModelMigration":
                 obj["spec"]["adapter"]["pairs"] = max(50, min(len(self.ledger.acked), 20000))
                 obj["spec"]["backfill"]["parallelism"] = self.s.parallelism
+                # a slow shared encoder: 256 E5 texts per request outlived the encoder
+                # client's timeout and the retries piled up behind one another
+                obj["spec"]["backfill"]["batch"] = self.s.backfill_batch
             out.append(obj)
         return out
 
-    def migrate(self, timeout_s: float = 300, during: Callable[[str], None] | None = None) -> dict[str, Any]:
+    def migrate(self, timeout_s: float = 600, during: Callable[[str], None] | None = None) -> dict[str, Any]:
         """``kubectl apply`` of the migration; waits for Succeeded. ``during(phase)`` is called
         on every phase change (the chaos trials strike there). Returns the final status and
         the backfill Job seen."""
