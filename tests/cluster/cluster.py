@@ -199,8 +199,11 @@ class LocalCluster:
 
         assert self.loop is not None
         images = None
-        if self.images:  # the rootfs of each built image (not wired yet: process mode only)
-            raise NotImplementedError("LocalCluster(images=True): pods from image rootfs")
+        if self.images:  # the built images that exist (make images); the others: processes
+            from tests.cluster.kubelet_images import image_rootfs
+
+            images = image_rootfs(list(chart.IMAGES.values()))
+            self.log(f"images: {sorted(images)}")
 
         async def make() -> Any:
             return Kubelet(
@@ -255,6 +258,13 @@ class LocalCluster:
             except Exception as exc:
                 self.log(f"close {host}: {exc!r}")
         self.extra_hosts = []
+        if self.images and self.kubelet is not None:
+            try:
+                from tests.cluster.kubelet_images import release_rootfs
+
+                release_rootfs(list(chart.IMAGES.values()))
+            except Exception as exc:
+                self.log(f"close images: {exc!r}")
         if self._kubelet_run is not None:
             self._kubelet_run.cancel()
         if self.loop is not None and self._server is not None:
