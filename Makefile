@@ -40,6 +40,14 @@ IMAGES_ARGS ?=
 images: $(DEPS)
 	$(BIN)/python tools/images.py $(IMAGES_ARGS)
 
+# The README's story on a local cluster of real processes (tests/cluster/: the chart, the
+# operator and every pod it creates as processes in their own network namespaces, moto S3 and
+# Prometheus on their own addresses); needs root. CLUSTER_DEMO_ARGS: e.g. --encoder http
+.PHONY: cluster-demo
+CLUSTER_DEMO_ARGS ?=
+cluster-demo: $(DEPS) tools
+	$(BIN)/python -m tests.cluster.demo $(CLUSTER_DEMO_ARGS)
+
 lint: $(DEPS)
 	$(BIN)/ruff check index_runtime index_operator tests bench tools
 	$(BIN)/mypy

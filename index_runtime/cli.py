@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -48,7 +49,16 @@ def omp_threads(flag: int | None, env: Mapping[str, str]) -> int:
 
 
 def _default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "driftless"
+    """The demo's embedding cache: $XDG_CACHE_HOME, else ~/.cache, else the temp dir (a uid
+    with no passwd entry and no HOME has no home). Resolved only when the demo runs: every
+    other command (serve, job, operator) must start under such a uid, as pods run."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if base:
+        return Path(base) / "driftless"
+    try:
+        return Path.home() / ".cache" / "driftless"
+    except RuntimeError:
+        return Path(tempfile.gettempdir()) / "driftless-cache"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -58,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     stages = run_demo(
         Path(args.data),
-        Path(args.cache),
+        Path(args.cache) if args.cache else _default_cache(),
         args.embed_seconds,
         args.max_passages,
         args.delete_share,
@@ -361,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--data", default=".driftless/demo", help="directory for the demo index (recreated)"
     )
-    d.add_argument("--cache", default=str(_default_cache()), help="embedding cache directory")
+    d.add_argument(
+        "--cache", default=None, help="embedding cache directory (default: ~/.cache/driftless)"
+    )
     d.add_argument(
         "--seconds",
         type=float,

@@ -15,10 +15,13 @@ from typing import Any
 def start_server(
     encode: Callable[[list[str], str, str], Any],
     refuse: Callable[[dict[str, Any]], int | None] = lambda body: None,
+    host: str = "127.0.0.1",
+    port: int = 0,
 ) -> tuple[http.server.ThreadingHTTPServer, str]:
     """Serve ``encode`` (texts, kind, model -> vectors); a status ``refuse`` returns for a
     request body is answered instead (e.g. 503 for an outage). Returns the server
-    (``shutdown()`` it) and the base URL ending in /v1."""
+    (``shutdown()`` it) and the base URL ending in /v1. ``host``/``port``: where it listens
+    (the local cluster's encoder host listens on its own address)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -42,9 +45,9 @@ def start_server(
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}/v1"
+    return server, f"http://{host}:{server.server_port}/v1"
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import datetime as dt
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp.web
@@ -55,6 +55,38 @@ from tests.strict_views import (
 )
 
 PROTOBUF = "application/vnd.kubernetes.protobuf"
+
+
+def _col(name: str, path: str, type_: str = "string", priority: int = 0) -> dict[str, Any]:
+    return {"name": name, "type": type_, "jsonPath": path, "priority": priority}
+
+
+_AGE = _col("Age", ".metadata.creationTimestamp", "date")
+# what `kubectl get` shows of the kinds a local cluster's kubelet runs (the apiserver's own
+# table convertors compute "1/1"-style cells; these are the closest JSONPath columns)
+BUILTIN_COLUMNS: dict[str, list[dict[str, Any]]] = {
+    "pods": [
+        _col("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+        _col("Status", ".status.phase"),
+        _col("Restarts", ".status.containerStatuses[0].restartCount", "integer"),
+        _AGE,
+        _col("IP", ".status.podIP", priority=1),
+        _col("Node", ".spec.nodeName", priority=1),
+    ],
+    "deployments": [
+        _col("Ready", ".status.readyReplicas", "integer"),
+        _col("Up-to-date", ".status.updatedReplicas", "integer"),
+        _col("Available", ".status.availableReplicas", "integer"),
+        _AGE,
+    ],
+    "statefulsets": [_col("Ready", ".status.readyReplicas", "integer"), _AGE],
+    "jobs": [
+        _col("Completions", ".status.succeeded", "integer"),
+        _col("Failed", ".status.failed", "integer"),
+        _AGE,
+        _col("Completed-Indexes", ".status.completedIndexes", priority=1),
+    ],
+}
 WRITES = (action.CREATE, action.UPDATE, action.DELETE)
 
 
@@ -79,6 +111,9 @@ class StrictAPI(StricterEmulator):
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.require_namespaces = True
         self._ns_watchers: list[asyncio.Queue[dict[str, Any]]] = []
+        # the Service CIDR's allocator: a local cluster's kubelet sets one that hands out
+        # addresses its Service proxies listen on (None: 10.96.x.y, reachable by no one)
+        self.cluster_ip: Callable[[], str] | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -298,6 +333,8 @@ class StrictAPI(StricterEmulator):
                 data.update(new)
             if kind == "Service":
                 spec = data.setdefault("spec", {})
+                if not spec.get("clusterIP") and self.cluster_ip is not None:
+                    spec["clusterIP"] = self.cluster_ip()
                 if not spec.get("clusterIP"):  # allocated from the service CIDR
                     n = next(self._ips)
                     spec["clusterIP"] = f"10.96.{n // 250}.{n % 250 + 1}"
@@ -350,7 +387,7 @@ class StrictAPI(StricterEmulator):
         if request.name is not None and not objs:
             return _reply(Rejection(404, "NotFound", f'{res.plural} "{request.name}" not found'))
         crd = self.crds.get((res.group, res.plural))
-        cols = crd["spec"]["versions"][0].get("additionalPrinterColumns") if crd else None
+        cols = crd["spec"]["versions"][0].get("additionalPrinterColumns") if crd else BUILTIN_COLUMNS.get(res.plural)
         include = params.get("includeObject", "Metadata")
         return aiohttp.web.json_response(table(cols, objs, str(next(self._rv)), include))
 

@@ -230,6 +230,14 @@ class Metrics(Hooks):
             registry=r,
         )
         self._storage_seen: dict[tuple[str, str, str], int] = {}
+        # a state, not a count: the alert on it resolves as soon as a flush succeeds again
+        self.flush_failing = Gauge(
+            "driftless_writer_flush_failing",
+            "1 while the writer's last flush (segments to the object store + manifest commit) "
+            "failed: acknowledged writes are in its WAL only and readers do not see them.",
+            ["index"],
+            registry=r,
+        )
         self.merge_serving = Gauge(
             "driftless_migration_merge_serving",
             "1 while the guard lets the progressive merge serve, else 0.",
@@ -361,6 +369,7 @@ class Metrics(Hooks):
         if storage is None:
             return
         self.writable.labels(n).set(1 if storage["writable"] else 0)
+        self.flush_failing.labels(n).set(1 if storage.get("flush_error") else 0)
         for e in storage["errors"]:  # the writer counts; the counter follows its increase
             label = (n, e["op"], e["kind"])
             new = e["count"] - self._storage_seen.get(label, 0)

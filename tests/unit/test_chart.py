@@ -174,7 +174,7 @@ def test_operator_deployment_is_a_single_recreated_pod_with_its_settings() -> No
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     c = pod["containers"][0]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     version = index_runtime.__version__
     assert c["image"] == f"ghcr.io/driftless/driftless-operator:{version}"
     assert env["DRIFTLESS_RUNTIME_IMAGE"] == f"ghcr.io/driftless/driftless-runtime:{version}"
@@ -293,7 +293,7 @@ def test_service_monitors_carry_the_release_label_and_scrape_the_operator() -> N
 def _operator(case: str) -> tuple[dict[str, Any], dict[str, str]]:
     dep = next(o for o in objects(RENDERED[case]) if o["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    return dep, {e["name"]: e["value"] for e in c["env"]}
+    return dep, {e["name"]: e.get("value") for e in c["env"]}
 
 
 def test_runtime_network_policies_admit_this_operator_and_the_configured_peers() -> None:
@@ -308,7 +308,7 @@ def test_runtime_network_policies_admit_this_operator_and_the_configured_peers()
     rendered = render(values)
     dep = next(o for o in objects(rendered) if o["kind"] == "Deployment")
     env = {
-        e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+        e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     np = OperatorConfig.from_env(env).cluster.network_policy
     assert np is not None and list(np.clients) == clients and list(np.metrics) == []
