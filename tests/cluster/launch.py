@@ -173,6 +173,24 @@ def plan_mounts(
     return steps
 
 
+def plan_rebinds(keep: list[str], mount_paths: list[str]) -> list[Step]:
+    """Kept paths (interpreter, venv, checkout) that a pod volume mounted at or above them would
+    hide, bound back read-only at the same path inside that volume: a checkout under /tmp
+    (where CI may clone it) vanished under the emptyDir every runtime pod mounts at /tmp."""
+    def under(p: str, root: str) -> bool:
+        return p == root or p.startswith(root.rstrip("/") + "/")
+
+    roots = [os.path.normpath(m) for m in mount_paths]
+    steps: list[Step] = []
+    kept: list[str] = []
+    for p in sorted({os.path.normpath(k) for k in keep}, key=len):
+        if any(under(p, k) for k in kept) or not any(under(p, r) for r in roots):
+            continue
+        kept.append(p)
+        steps += [["mkdir", p], ["bind", p, p, True]]
+    return steps
+
+
 def plan_rootfs(rootfs: str, netns: str, exists: Callable[[str], bool]) -> list[Step]:
     """What an image rootfs needs before chroot: /proc, /dev, /sys and the netns /etc files."""
     steps: list[Step] = [["mkdir", f"{rootfs}/{d}"] for d in ("proc", "dev", "sys", "etc")]
@@ -213,6 +231,8 @@ def build_plan(spec: ContainerSpec, netns: str, facts: _Facts | None = None) -> 
     steps += plan_mounts(
         spec.mounts, f.exists, f.is_dir, str(spec.rootfs) if spec.rootfs else None
     )
+    if spec.rootfs is None:
+        steps += plan_rebinds(keep, [m.path for m in spec.mounts])
     return {
         "netns": netns,
         "steps": steps,

@@ -19,6 +19,7 @@ from tests.cluster.launch import (
     container_env,
     plan_exposures,
     plan_mounts,
+    plan_rebinds,
     plan_rootfs,
     untraversable_ancestor,
 )
@@ -217,3 +218,13 @@ def test_argv_enters_the_netns_and_a_private_mount_namespace_then_runs_the_init(
     sent = json.loads(argv[13])
     assert sent["argv"] == ["python", "-m", "x"] and sent["uid"] == 10001
     assert sent["gid"] == 10001 and sent["workdir"] == "/w" and sent["chroot"] is None
+
+
+def test_a_checkout_under_a_pod_volume_is_bound_back_inside_it() -> None:
+    """CI may clone under /tmp, where every runtime pod mounts an emptyDir: the checkout and
+    its venv would vanish inside the pod (seen: the fresh clone's cluster tests all failed)."""
+    keep = ["/root/.pyenv/versions/3.11.7", "/tmp/ci/.venv", "/tmp/ci"]
+    steps = plan_rebinds(keep, ["/tmp", "/var/lib/driftless"])
+    assert steps == [["mkdir", "/tmp/ci"], ["bind", "/tmp/ci", "/tmp/ci", True]]
+    # nothing to do when no volume covers a kept path
+    assert plan_rebinds(["/work/main", "/work/main/.venv"], ["/tmp", "/etc/driftless/x"]) == []
