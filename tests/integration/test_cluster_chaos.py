@@ -58,21 +58,26 @@ def test_load_survives_a_writer_kill(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "no acknowledged writes"
                 time.sleep(0.05)
             writer.kill()
-            killed = time.monotonic()
             time.sleep(0.5)  # clients hit the dead port and back off
-            writer.start()
+            restarting = time.monotonic()  # the port is dead until now
+            writer.start()  # returns once the writer answers /healthz
             restarted = time.monotonic()
             while acked_since(restarted) < 10:
                 assert time.monotonic() < deadline + 60, "no writes after the restart"
+                time.sleep(0.05)
+            # and a query started after the restart answered (a reader may still be in the
+            # backoff of a query it began during the outage when the writes are done)
+            while not any(ok and t0 > restarted for t0, _, ok in load.read_samples()):
+                assert time.monotonic() < deadline + 60, "no answered query after the restart"
                 time.sleep(0.05)
             load.stop()
             lost, back, acked, _failed = load.check()
             assert (lost, back) == ([], [])
             assert acked >= 20
-            # an op that started before the kill was acknowledged after the restart: retried
-            assert any(t0 < killed and ok and t1 > restarted for t0, t1, ok in load.write_samples())
-            reads = load.read_samples()
-            assert any(ok and t0 > restarted for t0, _, ok in reads)
+            # an op started while the port was dead was acknowledged once the writer was back:
+            # retried across the outage (start() waits for /healthz, and on an idle machine the
+            # retry lands before it returns, so the line is drawn where the restart begins)
+            assert any(t0 < restarting < t1 and ok for t0, t1, ok in load.write_samples())
 
             # the check reads the index: delete an acknowledged row behind its back -> lost
             ops, flags = load.writes[0].ledger()
@@ -175,9 +180,10 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
     assert r.ok, (r.failures, r)
     assert (r.target, r.restarted, r.phase_at_strike) == ("docs-writer-0", True, "steady")
     assert r.recovery_s is not None and r.outage_s > 0.1 and cluster.pod.restarts == 1
-    assert r.writes_acked > 0 and r.queries > 0 and r.reader_queries_writer_down > 0
-    # the only "reader" is the writer here: queries while it was down were retried until it
-    # came back, or failed -- either way they were counted in the fault window
+    assert r.writes_acked > 0 and r.queries > 0
+    # the only "reader" is the writer here: queries while it was down (if one started in the
+    # ~1 s outage; under load none may) were retried until it came back, or failed -- either
+    # way they were counted in the fault window
     assert r.queries_ok >= r.reader_ok_writer_down
     # no alert expected: the restart takes less than for: + a scrape + two evaluations
     assert r.alert == "DriftlessRuntimeDown" and not r.alert_expected
