@@ -117,16 +117,17 @@ class Struck:
         return cls(pod.name, pod.namespace, tuple(pod.owner), pod.restarts, pod.proc, pod.host)
 
 
-def _back(cluster: Any, struck: Struck) -> bool:
-    """The struck pod runs again and is ready: restarted in place (restart count or process
-    changed) or replaced by a pod of the same owner that is ready."""
+def _back(cluster: Any, struck: Struck, *, ready: bool = True) -> bool:
+    """The struck pod runs again and (with ``ready``) is ready: restarted in place (restart
+    count or process changed) or replaced by a pod of the same owner. ``ready=False`` asks
+    only whether the struck process was replaced (the kubelet acted)."""
     now = [p for p in cluster.kubelet.pods(struck.namespace) if tuple(p.owner) == struck.owner]
     same = [p for p in now if p.name == struck.name]
     if same:
         p = same[0]
         changed = p.restarts > struck.restarts or (p.proc is not None and p.proc is not struck.proc)
-        return bool(p.ready and changed)
-    return any(p.ready for p in now)
+        return bool(changed and (p.ready or not ready))
+    return any(p.ready or not ready for p in now)
 
 
 def _wait(cond: Any, timeout_s: float, step_s: float = POLL_S) -> float | None:
@@ -293,14 +294,15 @@ def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo
             struck.proc.signal(signal.SIGCONT)
 
         undo.append(cont)
-        # the kubelet's liveness probe must find it hung and restart it
-        back = _wait(lambda: _back(cluster, struck), plan.duration_s)
-        r.restarted = back is not None
-        if back is None:
+        # the kubelet's liveness probe must find it hung and restart it while it is held (the
+        # hold outlasts the probes' allowance); ready again may take the pod's start-up beyond
+        # the hold (a reader loads its index first), as after a kill
+        killed = _wait(lambda: _back(cluster, struck, ready=False), plan.duration_s)
+        r.restarted = killed is not None
+        if killed is None:
             cont()
-            back = _wait(lambda: _back(cluster, struck), 60) or time.monotonic()
         undo.remove(cont)
-        return back
+        return _wait(lambda: _back(cluster, struck), 120) or time.monotonic()
     struck.proc.signal(signal.SIGKILL)
     t_kill = time.monotonic()
     if plan.component == "job-backfill":
