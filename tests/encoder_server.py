@@ -6,10 +6,33 @@ from __future__ import annotations
 
 import http.server
 import json
+import select
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+
+_request = threading.local()
+
+
+class ClientGone(Exception):
+    """Raised by ``encode`` when ``client_gone()``: the request is dropped unanswered."""
+
+
+def client_gone() -> bool:
+    """Inside ``encode``: the client of the request being served has closed its connection
+    (it timed out and gave up): the server need not compute an answer nobody reads. A client
+    sends nothing after its request, so a readable socket means end of file (or a reset)."""
+    sock = getattr(_request, "connection", None)
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def start_server(
@@ -26,6 +49,7 @@ def start_server(
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            _request.connection = self.connection  # what client_gone() looks at
             status = refuse(body)
             if status is not None:
                 self.send_response(status)
@@ -33,7 +57,11 @@ def start_server(
                 self.end_headers()
                 return
             kind = str(body.get("input_type") or "passage")
-            vecs = encode(list(body["input"]), kind, str(body.get("model") or ""))
+            try:
+                vecs = encode(list(body["input"]), kind, str(body.get("model") or ""))
+            except ClientGone:  # nobody reads the answer
+                self.close_connection = True
+                return
             data = [{"index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]
             out = json.dumps({"data": data}).encode()
             self.send_response(200)
