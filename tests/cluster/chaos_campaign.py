@@ -81,9 +81,7 @@ def run_campaign(
                 moments=cp.MOMENTS if group.migrate else ("steady",), wait_migration=False,
             )  # fmt: skip
             mine.append(r)
-            log(f"trial seed={seed} {fault} -> {r.target or '?'} at {r.phase_at_strike}: "
-                f"outage {r.outage_s:.1f} s, recovery {r.recovery_s} s, "
-                f"queries {r.queries_ok}/{r.queries}, {'ok' if r.ok else r.failures}")  # fmt: skip
+            log(cp.describe(r))
         if name is not None:
             phase = migrations.finish(name, migration_timeout_s)
             for r in mine:

@@ -293,6 +293,13 @@ def verdict(r: TrialResult) -> list[str]:
     return out
 
 
+def describe(r: TrialResult) -> str:
+    """One line for a trial's log."""
+    return (f"trial seed={r.seed} {r.fault} -> {r.target or '?'} at {r.phase_at_strike}: "
+            f"outage {r.outage_s:.1f} s, recovery {r.recovery_s} s, queries {r.queries_ok}/{r.queries}, "
+            f"{'ok' if r.ok else r.failures}")  # fmt: skip
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
     if not values:
