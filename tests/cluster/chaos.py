@@ -217,7 +217,7 @@ def run_trial(
         load.start()
         _reach_moment(cluster, r, plan, namespace, index, migration, migration_timeout_s)
         time.sleep(plan.delay_s)  # the seeded moment inside the phase
-        phase_before = sampler.phase()
+        phase_before = r.phase_before = sampler.phase()
         pods = target_pods(cluster, namespace, index, plan.component)
         if not pods:
             raise LookupError(f"no running {plan.component} pod to strike ({r.phase_at_strike})")
@@ -235,8 +235,10 @@ def run_trial(
         deadline = t_over + recovery_timeout_s
 
         def recovered() -> float | None:
+            migrating = migration is not None
+            back = [(t, cp.phase_recovered(p, phase_before, migrating)) for t, p in list(sampler.phases)]
             times = [
-                cp.first_true([(t, p == phase_before) for t, p in list(sampler.phases)], t_over),
+                cp.first_true(back, t_over),
                 cp.first_true([(t1, ok) for t0, t1, ok in load.read_samples() if t0 >= t_over], t_over),
                 cp.first_true([(t1, ok) for t0, t1, ok in load.write_samples() if t0 >= t_over], t_over),
             ]
@@ -244,6 +246,7 @@ def run_trial(
 
         _wait(lambda: recovered() is not None, recovery_timeout_s)
         t_rec = recovered()
+        r.phase_after = sampler.phase()
         r.recovery_s = None if t_rec is None else round(t_rec - t_over, 2)
         reads = [(t0, ok) for t0, _, ok in load.read_samples()]
         window = [ok for t, ok in reads if t_strike <= t <= (t_rec or deadline)]

@@ -47,6 +47,16 @@ class Migrations:
         obj = self.story.c.get("modelmigrations", s.namespace, name) or {}
         return str((obj.get("status") or {}).get("phase") or "")
 
+    def serving(self, timeout_s: float) -> float | None:
+        """Seconds until the index is Serving (after a migration's end), None if it is not
+        within ``timeout_s`` (the cutover's model trains and validates its codebook first)."""
+        t0 = time.monotonic()
+        while self.story.phase() != "Serving":
+            if time.monotonic() - t0 > timeout_s:
+                return None
+            time.sleep(1.0)
+        return time.monotonic() - t0
+
     def finish(self, name: str, timeout_s: float) -> str:
         """Waits for the migration's end; after Succeeded the next one goes back."""
         deadline = time.monotonic() + timeout_s
@@ -65,6 +75,7 @@ def run_campaign(
     groups: list[cp.Group],
     log: Callable[[str], None] = print,
     migration_timeout_s: float = 600.0,
+    serving_timeout_s: float = 600.0,
     on_group: Callable[[list[cp.TrialResult]], None] = lambda results: None,
 ) -> list[cp.TrialResult]:
     """Every group of the schedule in turn; each trial's result is logged as it ends, and
@@ -84,9 +95,11 @@ def run_campaign(
             log(cp.describe(r))
         if name is not None:
             phase = migrations.finish(name, migration_timeout_s)
+            serving = migrations.serving(serving_timeout_s)
             for r in mine:
-                r.migration = phase
-            log(f"migration {name}: {phase}")
+                r.migration, r.serving_after_migration = phase, serving is not None
+            log(f"migration {name}: {phase}; the index "
+                + (f"Serving {serving:.0f} s after" if serving is not None else "not Serving"))  # fmt: skip
         results += mine
         on_group(results)
     return results

@@ -48,6 +48,17 @@ PARTITION_S = (5.0, 60.0)  # the issue's range for the writer <-> S3 partition
 RETRYABLE = (429, 503, 507)  # the README: backpressure, store/fenced writer, full disk
 QUERY_SLO = 0.9  # share of queries (each retried as documented) answered in a fault window
 MIGRATION_DONE = ("Succeeded", "Failed", "RolledBack")
+# VectorIndex phases a migration's cutover may leave the index in while it answers queries (the
+# new model's codebook is trained and validated again, the exact shadow serving meanwhile)
+AFTER_CUTOVER = ("Serving", "Training", "Validating", "Retraining")
+
+
+def phase_recovered(phase: str, before: str, migrating: bool) -> bool:
+    """The index is back after a fault: in its phase of before -- or, when a migration runs
+    (it may cut over during the trial and send the index through training and validation of
+    the new model), in any phase that answers queries. That the index serves again after the
+    migration is checked once it ends (``TrialResult.serving_after_migration``)."""
+    return phase == before or (migrating and phase in AFTER_CUTOVER)
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,10 @@ class TrialResult:
     lost: list[str] = field(default_factory=list)
     resurrected: list[str] = field(default_factory=list)
     migration: str = ""  # the watched migration's last phase ("" = none watched)
+    phase_before: str = ""  # the VectorIndex's phase just before the strike
+    phase_after: str = ""  # ... at the end of the trial
+    # a migration trial: the index reached Serving after the migration ended (None: not checked)
+    serving_after_migration: bool | None = None
     restarted: bool | None = None  # the struck pod (or its replacement) ran again
     alert: str = ""
     alert_expected: bool = False
@@ -278,6 +293,8 @@ def verdict(r: TrialResult) -> list[str]:
         out.append("did not return to Serving with queries and writes answered")
     if r.migration and r.migration != "Succeeded":
         out.append(f"migration ended {r.migration}")
+    if r.serving_after_migration is False:
+        out.append("the index did not return to Serving after the migration")
     if r.restarted is False:
         out.append(f"{r.target} did not run again")
     rate = r.query_success

@@ -1,9 +1,9 @@
 """``make cluster-demo``: the README's story on a local cluster, for people.
 
 Starts a ``LocalCluster`` (needs root: network namespaces), runs every step of
-``tests/cluster/story.py`` with the examples' own local models (``encoder.local``: each pod
-that encodes loads torch and the model) unless ``--encoder http``, prints each step as it
-happens and a summary at the end. ``--keep`` leaves the cluster running until Enter is pressed
+``tests/cluster/story.py`` with both models served by one encoder host (``encoder.http``;
+``--encoder local`` keeps the examples' own ``encoder.local``: each pod that encodes loads torch
+and the model, much slower on 2 cores), prints each step as it happens and a summary at the end. ``--keep`` leaves the cluster running until Enter is pressed
 (``KUBECONFIG=<workdir>/kubeconfig kubectl get pods -A`` from another shell).
 """
 
@@ -51,8 +51,8 @@ def summary(out: dict[str, Any], story: Story) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", choices=("local", "http"), default="local")
-    p.add_argument("--docs", type=int, default=600, help="corpus size (stdlib docstrings)")
+    p.add_argument("--encoder", choices=("local", "http"), default="http")
+    p.add_argument("--docs", type=int, default=400, help="corpus size (stdlib docstrings, >= 156)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--images", action="store_true", help="pods from the built images (make images)")
     p.add_argument("--keep", action="store_true", help="keep the cluster up until Enter")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="driftless-cluster-"))
     log(f"workdir {workdir}")
     with LocalCluster(workdir, images=args.images, log=log) as cluster:
-        story = Story(cluster, Settings(encoder=args.encoder, docs=args.docs), log=log)
+        story = Story(cluster, Settings.sized(args.docs, encoder=args.encoder), log=log)
         out = run(story)
         console.print(summary(out, story))
         if args.keep:

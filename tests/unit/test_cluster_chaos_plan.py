@@ -192,3 +192,20 @@ def test_results_files(tmp_path: object) -> None:
     md = (out / "cluster_chaos.md").read_text()
     assert "Command: `the command`" in md and "| sigstop | 1 | 0 |" in md
     assert (out / "cluster_chaos.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_trial_during_a_migration_recovers_in_a_phase_the_cutover_leads_to() -> None:
+    # steady: only the phase of before counts (a Serving index left Validating is not back)
+    assert cp.phase_recovered("Serving", "Serving", migrating=False)
+    assert not cp.phase_recovered("Validating", "Serving", migrating=False)
+    # a migration may cut over during the trial: the new model's codebook is validated again
+    assert cp.phase_recovered("Validating", "Serving", migrating=True)
+    assert not cp.phase_recovered("Degraded", "Serving", migrating=True)
+    assert not cp.phase_recovered("Pending", "Serving", migrating=True)
+
+
+def test_an_index_not_serving_after_its_migration_fails_the_trial() -> None:
+    r = cp.TrialResult(fault="kill-shadow", seed=9, recovery_s=1.0, migration="Succeeded")
+    assert r.ok
+    r.serving_after_migration = False
+    assert r.failures == ["the index did not return to Serving after the migration"]
