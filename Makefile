@@ -42,7 +42,7 @@ images: $(DEPS)
 
 # The README's story on a local cluster of real processes (tests/cluster/: the chart, the
 # operator and every pod it creates as processes in their own network namespaces, moto S3 and
-# Prometheus on their own addresses); needs root. CLUSTER_DEMO_ARGS: e.g. --encoder http
+# Prometheus on their own addresses); needs root. CLUSTER_DEMO_ARGS: e.g. "--docs 240 --keep"
 .PHONY: cluster-demo
 CLUSTER_DEMO_ARGS ?=
 cluster-demo: $(DEPS) tools

@@ -75,6 +75,11 @@ class Sampler(threading.Thread):
         ]
 
 
+def load_prefix(seed: int) -> str:
+    """The keys a trial's client load writes start with this."""
+    return f"chaos-{seed}-"
+
+
 def _matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -186,12 +191,14 @@ def run_trial(
     migration_timeout_s: float = 600.0,
     wait_migration: bool = True,
     partition_s: tuple[float, float] = cp.PARTITION_S,
+    loads: list[Load] | None = None,
 ) -> cp.TrialResult:
     """One trial of ``fault`` (chaos_plan.FAULTS) planned from ``seed``; see the module doc.
     ``migration``: the running ModelMigration (in ``namespace``) to strike in and, with
     ``wait_migration``, to wait for and check (else the caller fills ``result.migration``
     when it ends: several trials strike during one migration). ``partition_s``: the range
-    of partition-s3's duration (the issue's 5-60 s; the story's one trial uses (5, 5))."""
+    of partition-s3's duration (the issue's 5-60 s). ``loads``: the trial's client load is
+    appended (its ledger can be checked again after the migration it struck ends)."""
     t_start = time.monotonic()
     moments = moments or (cp.MOMENTS if migration else ("steady",))
     plan = cp.plan(fault, seed, moments=moments, partition_s=partition_s)
@@ -207,7 +214,7 @@ def run_trial(
         read_url=_resolver(cluster, namespace, service_name(index, Role.READER)),
         write_token=cluster.token(namespace, index, "write"),
         read_token=cluster.token(namespace, index, "read"),
-        prefix=f"chaos-{seed}-",
+        prefix=load_prefix(seed),
         seed=seed,
     )
     sampler = Sampler(cluster, namespace, index)
@@ -226,8 +233,9 @@ def run_trial(
         labels = dict(expected.labels) if expected else {}
         if expected and expected.alert == "DriftlessRuntimeDown":
             labels["pod"] = struck.name
-        if expected:  # a previous trial's alert must be over, or this one cannot be told apart
-            _wait(lambda: not any(ok for _, ok in sampler.firing(expected.alert, labels)[-2:]), 120)
+        # a previous trial's alert must be over, or this one cannot be told apart
+        if expected and _wait(lambda: not _firing_now(sampler, expected.alert, labels), 120) is None:
+            raise RuntimeError(f"{expected.alert} {labels} still firing from before the strike")
         t_strike = time.monotonic()
         t_over = _strike(cluster, plan, struck, r, undo)
         r.outage_s = t_over - t_strike
@@ -248,12 +256,17 @@ def run_trial(
         t_rec = recovered()
         r.phase_after = sampler.phase()
         r.recovery_s = None if t_rec is None else round(t_rec - t_over, 2)
-        reads = [(t0, ok) for t0, _, ok in load.read_samples()]
-        window = [ok for t, ok in reads if t_strike <= t <= (t_rec or deadline)]
+        t_end = t_rec or deadline
+        # the queries the fault hit are the ones still retrying at the recovery: wait for
+        # their outcome (each within the load's query budget) before counting the window
+        _wait(lambda: load.reads_settled(t_end), load.query_budget_s + 5.0)
+        reads = load.read_samples()
+        window = [ok for t0, _, ok in reads if t_strike <= t0 <= t_end]
         r.queries, r.queries_ok = len(window), sum(window)
-        if plan.component == "writer":
-            down = [ok for t, ok in reads if t_strike <= t <= t_over]
-            r.reader_queries_writer_down, r.reader_ok_writer_down = len(down), sum(down)
+        if plan.component == "writer":  # answered while the writer was down, not after
+            down = [(t1, ok) for t0, t1, ok in reads if t_strike <= t0 <= t_over]
+            r.reader_queries_writer_down = len(down)
+            r.reader_ok_writer_down = sum(ok and t1 <= t_over for t1, ok in down)
         if expected:
             r.alert = expected.alert
             lag = float(getattr(expected, "lag_s", 0.0))
@@ -262,6 +275,9 @@ def run_trial(
         load.stop()
         lost, back, acked, failed = load.check()
         r.lost, r.resurrected, r.writes_acked, r.writes_failed = lost, back, acked, failed
+        r.readers_lost, r.readers_resurrected = load.check_readers()
+        if loads is not None:  # the caller checks the ledger again when the migration ends
+            loads.append(load)
         if migration and wait_migration:
             done = _wait(lambda: _migration_phase(cluster, namespace, migration) in cp.MIGRATION_DONE,
                          migration_timeout_s, 1.0)
@@ -276,6 +292,10 @@ def run_trial(
         sampler.join(10)
     r.seconds = round(time.monotonic() - t_start, 1)
     return r
+
+
+def _firing_now(sampler: Sampler, name: str, labels: dict[str, str]) -> bool:
+    return any(ok for _, ok in sampler.firing(name, labels)[-2:])
 
 
 def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo: list[Any]) -> float:
@@ -301,11 +321,12 @@ def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo
         # hold outlasts the probes' allowance); ready again may take the pod's start-up beyond
         # the hold (a reader loads its index first), as after a kill
         killed = _wait(lambda: _back(cluster, struck, ready=False), plan.duration_s)
-        r.restarted = killed is not None
         if killed is None:
             cont()
         undo.remove(cont)
-        return _wait(lambda: _back(cluster, struck), 120) or time.monotonic()
+        back = _wait(lambda: _back(cluster, struck), 120)
+        r.restarted = killed is not None and back is not None
+        return back or time.monotonic()
     struck.proc.signal(signal.SIGKILL)
     t_kill = time.monotonic()
     if plan.component == "job-backfill":

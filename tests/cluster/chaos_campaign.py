@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from tests.cluster import chaos_plan as cp
-from tests.cluster.chaos import run_trial
+from tests.cluster.chaos import load_prefix, run_trial
 
 MODELS = ("e5-small", "minilm")  # the examples' EmbeddingModels; the index starts on minilm
 
@@ -69,6 +69,24 @@ class Migrations:
         return phase
 
 
+def recheck(results: list[cp.TrialResult], loads: list[Any]) -> None:
+    """The ledgers of trials that struck during a migration, read again once it ended: a
+    write acknowledged during the gate or the backfill must survive the cutover too (from the
+    writer and through the readers). ``loads`` holds the loads of the trials that got as far
+    as checking (a trial ended by an error has none)."""
+    by_prefix = {load.prefix: load for load in loads}
+    for r in results:
+        load = by_prefix.get(load_prefix(r.seed))
+        if load is None:
+            continue
+        lost, back, _, _ = load.check()
+        r_lost, r_back = load.check_readers()
+        r.lost = sorted({*r.lost, *lost})
+        r.resurrected = sorted({*r.resurrected, *back})
+        r.readers_lost = sorted({*r.readers_lost, *r_lost})
+        r.readers_resurrected = sorted({*r.readers_resurrected, *r_back})
+
+
 def run_campaign(
     cluster: Any,
     story: Any,
@@ -86,10 +104,12 @@ def run_campaign(
     for group in groups:
         name = migrations.start() if group.migrate else None
         mine: list[cp.TrialResult] = []
+        loads: list[Any] = []
         for fault, seed in group.trials:
             r = run_trial(
                 cluster, fault, seed, namespace=s.namespace, index=s.index, migration=name,
                 moments=cp.MOMENTS if group.migrate else ("steady",), wait_migration=False,
+                loads=loads,
             )  # fmt: skip
             mine.append(r)
             log(cp.describe(r))
@@ -98,6 +118,7 @@ def run_campaign(
             serving = migrations.serving(serving_timeout_s)
             for r in mine:
                 r.migration, r.serving_after_migration = phase, serving is not None
+            recheck(mine, loads)
             log(f"migration {name}: {phase}; the index "
                 + (f"Serving {serving:.0f} s after" if serving is not None else "not Serving"))  # fmt: skip
         results += mine

@@ -160,12 +160,15 @@ class ReadLoad(threading.Thread):
         self.client, self.index, self.queries, self.pause_s = client, index, queries, pause_s
         self.samples: list[tuple[float, float, bool]] = []
         self.stop = threading.Event()
+        self.inflight: float | None = None  # the start of the query being retried now
 
     def run(self) -> None:
         i = 0
         while not self.stop.is_set():
             q = {"text": self.queries[i % len(self.queries)], "k": 5}
+            self.inflight = time.monotonic()
             ans = self.client.call("POST", f"/v1/indexes/{self.index}/search", q, self.stop)
+            self.inflight = None
             if not self.stop.is_set() or ans.ok:  # a query cut short by the end is no sample
                 self.samples.append((ans.t0, ans.t1, ans.ok))
             i += 1
@@ -174,8 +177,8 @@ class ReadLoad(threading.Thread):
 
 class Load:
     """``writers`` WriteLoads (keys ``<prefix><w>-<i>``) on ``write_url`` and ``readers``
-    ReadLoads on ``read_url``; ``check()`` reads every ledger key back from ``check_url``
-    (the writer: its fresh view holds every acknowledged write) and applies the ledger."""
+    ReadLoads on ``read_url``; ``check()`` reads every ledger key back from the writer and
+    ``check_readers()`` through the readers, and applies the ledger."""
 
     def __init__(
         self,
@@ -195,6 +198,8 @@ class Load:
         query_budget_s: float = 10.0,
     ) -> None:
         self.index, self.write_url, self.write_token = index, write_url, write_token
+        self.read_url, self.read_token = read_url, read_token
+        self.query_budget_s, self.prefix = query_budget_s, prefix
         rng = random.Random(seed)
         self.writes = [
             WriteLoad(
@@ -237,9 +242,28 @@ class Load:
     def read_samples(self) -> list[tuple[float, float, bool]]:
         return [s for r in self.reads for s in list(r.samples)]
 
+    def reads_settled(self, t: float) -> bool:
+        """No query started before ``t`` is still being retried (its outcome is recorded)."""
+        return all(r.inflight is None or r.inflight > t for r in self.reads)
+
     def check(self, budget_s: float = 120.0) -> tuple[list[str], list[str], int, int]:
-        """(lost, resurrected, acknowledged ops, failed ops) after ``stop()``."""
-        client = RetryClient(self.write_url, self.write_token, budget_s=budget_s)
+        """(lost, resurrected, acknowledged ops, failed ops) after ``stop()``, read back from
+        the writer (its fresh view: every acknowledged write, flushed or in its WAL)."""
+        return self._check(self.write_url, self.write_token, budget_s)
+
+    def check_readers(self, converge_s: float = 60.0) -> tuple[list[str], list[str]]:
+        """(lost, resurrected) read back through the readers' Service, which serve what the
+        writer flushed to S3: polled until the ledger holds there too or ``converge_s``
+        passed (a write in the writer's WAL reaches the readers after a flush and a refresh)."""
+        deadline = time.monotonic() + converge_s
+        while True:
+            lost, back, _, _ = self._check(self.read_url, self.read_token, 30.0)
+            if not (lost or back) or time.monotonic() > deadline:
+                return lost, back
+            time.sleep(2.0)
+
+    def _check(self, url: Url, token: str, budget_s: float) -> tuple[list[str], list[str], int, int]:
+        client = RetryClient(url, token, budget_s=budget_s)
         lost: list[str] = []
         back: list[str] = []
         acked_n = failed_n = 0

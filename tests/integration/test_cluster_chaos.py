@@ -25,6 +25,7 @@ import pytest
 
 from tests.cluster.chaos import run_trial
 from tests.cluster.chaos_load import Load
+from tests.cluster.chaos_plan import READERS_ALONE_S
 from tests.fake_encoder import encoder_server
 from tests.migration_campaign import AUTH, TOKEN, Writer
 
@@ -177,14 +178,14 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
             cluster.stop.set()
             cluster.thread.join(5)
             writer.kill()
-    assert r.ok, (r.failures, r)
+    alone = ["readers did not answer while the writer was down"] if r.outage_s >= READERS_ALONE_S else []
+    assert r.failures == alone, r
     assert (r.target, r.restarted, r.phase_at_strike) == ("docs-writer-0", True, "steady")
     assert r.recovery_s is not None and r.outage_s > 0.1 and cluster.pod.restarts == 1
     assert r.writes_acked > 0 and r.queries > 0
-    # the only "reader" is the writer here: queries while it was down (if one started in the
-    # ~1 s outage; under load none may) were retried until it came back, or failed -- either
-    # way they were counted in the fault window
-    assert r.queries_ok >= r.reader_ok_writer_down
+    # the only "reader" is the writer here: no query can be answered while it is down, which
+    # the verdict forgives only in an outage shorter than READERS_ALONE_S (~1 s here)
+    assert r.reader_ok_writer_down == 0
     # no alert expected: the restart takes less than for: + a scrape + two evaluations
     assert r.alert == "DriftlessRuntimeDown" and not r.alert_expected
 
@@ -232,10 +233,7 @@ def test_campaign(tmp_path: Path) -> None:
         story.kubectl("-n", story.s.namespace, "patch", "vectorindex", story.s.index,
                       "--type", "merge", "-p", '{"spec": {"oracle": {"theta": 0.8}}}')  # fmt: skip
         story.ingest()
-        try:
-            story.wait_serving(timeout_s=180)
-        except TimeoutError as exc:  # the trials still run: each returns to the phase it saw
-            log(f"not Serving: {str(exc)[:300]}")
+        story.wait_serving(timeout_s=180)  # every trial starts from (and returns to) Serving
         start_phase = story.phase()
         setup_s = time.monotonic() - t0
         command = (

@@ -36,11 +36,16 @@ pytestmark = [
 # without trials, measured): the smallest PQ the CRD accepts for it (39 x max(nlist, 2^nbits)
 # = 156 rows before the first training). The slow chaos campaign runs the 400-row story.
 
+# the writer cut from S3 long enough for its storage alert: the first failed flush comes ~8 s
+# after the cut (observe.FAULT_ALERTS' lag), then for: (10 s) and a scrape and two evaluations
+PARTITION_S = (25.0, 25.0)
+
 STEADY = ("kill-writer", "kill-reader", "kill-shadow", "kill-operator", "partition-s3", "sigstop")
 
 
 def test_the_readme_story_runs_end_to_end(tmp_path: Path) -> None:
     from tests.cluster.chaos import run_trial
+    from tests.cluster.chaos_campaign import recheck
     from tests.cluster.chaos_plan import describe, verdict
     from tests.cluster.cluster import LocalCluster
     from tests.cluster.story import Settings, Story, run
@@ -50,6 +55,7 @@ def test_the_readme_story_runs_end_to_end(tmp_path: Path) -> None:
     def log(line: str) -> None:  # pytest shows it when the test fails
         print(f"[{time.monotonic() - t0:6.1f} s] {line}", flush=True)
     trials: list[Any] = []
+    loads: list[Any] = []
     pods: dict[str, Any] = {}
     with LocalCluster(tmp_path / "cluster", log=log) as cluster:
         story = Story(cluster, Settings.sized(240, encoder="http"), log=log)
@@ -60,12 +66,14 @@ def test_the_readme_story_runs_end_to_end(tmp_path: Path) -> None:
             if moment == "serving":
                 pods.update({p.name: p for p in cluster.kubelet.pods()})
                 for seed, fault in enumerate(STEADY):
-                    trials.append(run_trial(cluster, fault, seed, partition_s=(5.0, 5.0)))
+                    trials.append(run_trial(cluster, fault, seed, partition_s=PARTITION_S))
                     log(describe(trials[-1]))
             elif moment == "Backfilling" and not any(t.fault == "kill-backfill" for t in trials):
                 trials.append(run_trial(cluster, "kill-backfill", 99, migration="docs-to-e5",
-                                        moments=("Backfilling",), wait_migration=False))  # fmt: skip
+                                        moments=("Backfilling",), wait_migration=False, loads=loads))  # fmt: skip
                 log(describe(trials[-1]))
+            elif moment == "Succeeded":  # writes acknowledged during the backfill survived it
+                recheck([t for t in trials if t.fault == "kill-backfill"], loads)
 
         out = run(story, trial=trial)
 

@@ -127,6 +127,8 @@ def _result(**kw: object) -> cp.TrialResult:
         "fault": "kill-writer",
         "seed": 1,
         "target": "writer",
+        "plan": {"component": "writer"},
+        "outage_s": 6.0,
         "recovery_s": 4.0,
         "queries": 100,
         "queries_ok": 100,
@@ -146,6 +148,7 @@ def test_verdict_names_each_failed_check() -> None:
         "did not run again": _result(restarted=False),
         "query success 80%": _result(queries_ok=80),
         "readers did not answer": _result(reader_ok_writer_down=0),
+        "readers never caught up": _result(readers_lost=["k3"]),
         "did not fire": _result(alert="DriftlessRuntimeDown", alert_expected=True),
         "did not resolve": _result(
             alert="DriftlessRuntimeDown", alert_expected=True, alert_fired_s=12.0
@@ -157,6 +160,9 @@ def test_verdict_names_each_failed_check() -> None:
     # an alert whose condition was too short to fire is reported, not failed
     assert _result(alert="DriftlessRuntimeDown", alert_expected=False).ok
     assert _result(migration="Succeeded").ok
+    # a writer back within READERS_ALONE_S: a query may just be retried across the outage
+    assert _result(reader_ok_writer_down=0, outage_s=1.0).ok
+    assert _result(reader_ok_writer_down=0, plan={"component": "shadow"}).ok
 
 
 def test_summary_percentiles_and_table() -> None:
