@@ -192,6 +192,8 @@ def test_run_trial_against_one_process(tmp_path: Path) -> None:
 
 CAMPAIGN_TRIALS = int(os.environ.get("DRIFTLESS_CHAOS_TRIALS", "30"))
 CAMPAIGN_DOCS = int(os.environ.get("DRIFTLESS_CHAOS_DOCS", "240"))
+# migrating trials struck during one migration (4: four migrations of ~4 min for 30 trials)
+PER_MIGRATION = 4
 RESULTS = os.environ.get("DRIFTLESS_CHAOS_RESULTS")  # a directory: write the results there
 # =1: steady trials only (no migrations, so no backfill kills), as the campaign ran before the
 # encoder host kept up with a migration
@@ -203,7 +205,7 @@ STEADY_ONLY = os.environ.get("DRIFTLESS_CHAOS_STEADY_ONLY", "0") == "1"
 @pytest.mark.skipif(bool(MISSING), reason=f"missing tools: {MISSING} (`make tools`)")
 def test_campaign(tmp_path: Path) -> None:
     """>= 30 trials over the 7 faults on one LocalCluster (seeds 0..n-1; the schedule groups
-    the migrating trials three to a migration): every trial passes every check. Set
+    the migrating trials four to a migration): every trial passes every check. Set
     DRIFTLESS_CHAOS_RESULTS=bench/results to write cluster_chaos.{json,md,png}."""
     pytest.importorskip("kopf")
     pytest.importorskip("helm_python")
@@ -218,7 +220,7 @@ def test_campaign(tmp_path: Path) -> None:
         lines.append(line)
         print(line, flush=True)
 
-    groups = cp.schedule(CAMPAIGN_TRIALS)
+    groups = cp.schedule(CAMPAIGN_TRIALS, per_migration=PER_MIGRATION)
     if STEADY_ONLY:
         trials = [t for t in cp.campaign(CAMPAIGN_TRIALS) if t[0] != "kill-backfill"]
         groups = [cp.Group(False, (t,)) for t in trials]
