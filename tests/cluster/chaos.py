@@ -116,23 +116,25 @@ class Struck:
     restarts: int
     proc: Any
     host: Any
+    pods_then: frozenset[str]  # the owner's pods at the strike (a replacement is a new one)
 
     @classmethod
-    def of(cls, pod: Any) -> Struck:
-        return cls(pod.name, pod.namespace, tuple(pod.owner), pod.restarts, pod.proc, pod.host)
+    def of(cls, pod: Any, cluster: Any) -> Struck:
+        then = frozenset(p.name for p in cluster.kubelet.pods(pod.namespace) if tuple(p.owner) == tuple(pod.owner))
+        return cls(pod.name, pod.namespace, tuple(pod.owner), pod.restarts, pod.proc, pod.host, then)
 
 
 def _back(cluster: Any, struck: Struck, *, ready: bool = True) -> bool:
     """The struck pod runs again and (with ``ready``) is ready: restarted in place (restart
-    count or process changed) or replaced by a pod of the same owner. ``ready=False`` asks
-    only whether the struck process was replaced (the kubelet acted)."""
+    count or process changed) or replaced by a new pod of the same owner (not a sibling that
+    ran already). ``ready=False`` asks only whether the struck process was replaced."""
     now = [p for p in cluster.kubelet.pods(struck.namespace) if tuple(p.owner) == struck.owner]
     same = [p for p in now if p.name == struck.name]
     if same:
         p = same[0]
         changed = p.restarts > struck.restarts or (p.proc is not None and p.proc is not struck.proc)
         return bool(changed and (p.ready or not ready))
-    return any(p.ready or not ready for p in now)
+    return any((p.ready or not ready) and p.name not in struck.pods_then for p in now)
 
 
 def _wait(cond: Any, timeout_s: float, step_s: float = POLL_S) -> float | None:
@@ -228,7 +230,7 @@ def run_trial(
         pods = target_pods(cluster, namespace, index, plan.component)
         if not pods:
             raise LookupError(f"no running {plan.component} pod to strike ({r.phase_at_strike})")
-        struck = Struck.of(pods[plan.pick % len(pods)])
+        struck = Struck.of(pods[plan.pick % len(pods)], cluster)
         r.target = struck.name
         labels = dict(expected.labels) if expected else {}
         if expected and expected.alert == "DriftlessRuntimeDown":
