@@ -10,6 +10,7 @@ every rule is tested without a cluster (tests/unit/test_cluster_chaos_plan.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -161,10 +162,18 @@ def schedule(n: int, first_seed: int = 0, per_migration: int = 3) -> list[Group]
             steady.append(Group(False, ((fault, seed),)))
         else:
             migrating.append((MOMENTS.index(moment), fault != "kill-backfill", fault, seed))
-    groups: list[Group] = []
-    for lo in range(0, len(migrating), per_migration):
-        chunk = sorted(migrating[lo : lo + per_migration])
-        groups.append(Group(True, tuple((f, s) for _, _, f, s in chunk)))
+    # at most one backfill kill per migration (a second finds the backfill over): they are
+    # dealt first, one to each migration, the other trials fill up in seed order
+    n_groups = math.ceil(len(migrating) / per_migration) if migrating else 0
+    kills = [t for t in migrating if not t[1]]
+    if len(kills) > n_groups:
+        raise ValueError(f"{len(kills)} backfill kills for {n_groups} migrations: per_migration too large")
+    chunks: list[list[tuple[int, bool, str, int]]] = [[k] for k in kills]
+    chunks += [[] for _ in range(n_groups - len(chunks))]
+    rest = iter(t for t in migrating if t[1])
+    for chunk in chunks:
+        chunk += itertools.islice(rest, per_migration - len(chunk))
+    groups = [Group(True, tuple((f, s) for _, _, f, s in sorted(chunk))) for chunk in chunks if chunk]
     # interleave: a migration between steady trials spreads the faults over the run
     out: list[Group] = []
     while steady or groups:

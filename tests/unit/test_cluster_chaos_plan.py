@@ -78,6 +78,13 @@ def test_the_schedule_groups_migrating_trials_and_keeps_every_trial() -> None:
             assert moments == ["steady"]
     backfill = [g for g in groups if any(f == "kill-backfill" for f, _ in g.trials)]
     assert backfill and all(g.migrate for g in backfill)
+    # one backfill kill per migration: a second one finds the backfill over (seen at 4 to a
+    # migration, where seeds 3 and 10 shared one)
+    for n, per in ((35, 2), (30, 3), (30, 4)):
+        for g in cp.schedule(n, per_migration=per):
+            assert sum(f == "kill-backfill" for f, _ in g.trials) <= 1, (n, per, g)
+    with pytest.raises(ValueError, match="backfill kills"):
+        cp.schedule(30, per_migration=15)
     steady = sum(not g.migrate for g in groups)
     assert 0 < steady < 30  # roughly half the other trials strike steady
 
