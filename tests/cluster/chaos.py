@@ -227,6 +227,8 @@ def run_trial(
         _reach_moment(cluster, r, plan, namespace, index, migration, migration_timeout_s)
         time.sleep(plan.delay_s)  # the seeded moment inside the phase
         phase_before = r.phase_before = sampler.phase()
+        # a migration's start rolls the writer (its encoders change): strike once one runs
+        _wait(lambda: target_pods(cluster, namespace, index, plan.component), 120)
         pods = target_pods(cluster, namespace, index, plan.component)
         if not pods:
             raise LookupError(f"no running {plan.component} pod to strike ({r.phase_at_strike})")
