@@ -38,8 +38,10 @@ def summary(out: dict[str, Any], story: Story) -> Table:
         "ingest": f"{(out.get('ingest') or {}).get('rows', 0)} rows; queries meanwhile: "
         f"{led.queries_ok} ok, {led.queries_failed} failed",
         "serving": "kubectl get vi: PHASE Serving",
-        "migrate": " -> ".join(mig.get("phases", [])) + f" (backfill pods: {job.get('parallelism', '?')})",
-        "compact": ((out.get("compact") or {}).get("job") or {}).get("metadata", {}).get("name", ""),
+        "migrate": " -> ".join(mig.get("phases", []))
+        + f" (backfill pods: {job.get('parallelism', '?')}; the index now on {mig.get('model', '?')})",
+        "compact": ((out.get("compact") or {}).get("job") or {}).get("metadata", {}).get("name", "")
+        + f"; deleted ratio after: {((out.get('compact') or {}).get('counts') or {}).get('deleted_ratio', '?')}",
         "rows": json.dumps(out.get("rows", {})),
         "delete": f"{(out.get('delete') or {}).get('objects_before', 0)} S3 objects reclaimed",
     }

@@ -213,6 +213,7 @@ def stored(api: Any, plural: str, name: str) -> dict[str, Any]:
     return find(api, plural, NS, name) or {}
 
 
+@pytest.mark.slow  # the default suite's cluster story runs these workloads; here every rule
 async def test_workloads_run_as_pods_with_status_restarts_and_jobs(cluster: Any) -> None:
     api, kubelet, net, workdir = cluster
     async with aiohttp.ClientSession() as s:

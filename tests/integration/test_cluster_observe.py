@@ -102,6 +102,7 @@ PLURALS = {"ServiceMonitor": "monitoring.coreos.com/v1/servicemonitors", "Servic
            "Pod": "v1/pods", "Endpoints": "v1/endpoints"}  # fmt: skip
 
 
+@pytest.mark.slow  # the default suite's cluster story fires and resolves a chart alert too
 @pytest.mark.kmock(cls=StrictAPI)
 async def test_prometheus_discovers_the_servicemonitor_and_the_chart_alert_fires_and_resolves(
     kmock: Any, tmp_path: Path
