@@ -49,13 +49,19 @@ class Migrations:
 
     def serving(self, timeout_s: float) -> float | None:
         """Seconds until the index is Serving (after a migration's end), None if it is not
-        within ``timeout_s`` (the cutover's model trains and validates its codebook first)."""
+        within ``timeout_s``. The cutover's model trains and validates its codebook first, on
+        the oracle's samples of live queries: queries run meanwhile, as traffic would (with
+        none, the index stayed Validating on the exact shadow, its overlap unmeasured)."""
         t0 = time.monotonic()
-        while self.story.phase() != "Serving":
-            if time.monotonic() - t0 > timeout_s:
-                return None
-            time.sleep(1.0)
-        return time.monotonic() - t0
+        self.story.start_queries()
+        try:
+            while self.story.phase() != "Serving":
+                if time.monotonic() - t0 > timeout_s:
+                    return None
+                time.sleep(1.0)
+            return time.monotonic() - t0
+        finally:
+            self.story.stop_queries()
 
     def finish(self, name: str, timeout_s: float) -> str:
         """Waits for the migration's end; after Succeeded the next one goes back."""

@@ -231,7 +231,7 @@ class Story:
         # AST constructor's depth in state shared by threads)
         self.docs()
         writer = self.client("writer", "write")
-        self._start_queries()
+        self.start_queries()
         t0 = time.monotonic()
         try:
             docs = self.docs()
@@ -251,7 +251,7 @@ class Story:
                  f"queries during it: {self.ledger.queries_ok} ok, {self.ledger.queries_failed} failed")  # fmt: skip
         return {"rows": len(self.ledger.acked), "seconds": took}
 
-    def _start_queries(self) -> None:
+    def start_queries(self) -> None:
         """Queries through the readers' Service from the ingest until Serving (the oracle
         validates the cold start's candidate on samples of them)."""
         self._stop_queries = threading.Event()
