@@ -157,11 +157,16 @@ def write_results(
             f"{len(results)} trials × {total / max(1, len(results)):.0f} s on average "
             f"({total / 60:.1f} min of trials), {sum(r.ok for r in results)} passed every check.",
             "Outage: strike → the fault is over (the pod ready again, the partition healed); "
-            "recovery: fault over → the index in its phase of before, a query and a write "
-            "answered (both started after the fault). Query success: queries started from the "
-            "strike to the recovery, each retried as the README documents. Alerts: expected "
+            "recovery: fault over → the index in its phase of before (during a migration: any "
+            "phase that answers queries), a query and a write answered (both started after the "
+            "fault). Query success: queries started from the strike to the recovery, each "
+            "retried as the README documents, counted once the last of them ended. Lost and "
+            "resurrected: every ledger read back from the writer and through the readers (60 s "
+            "to catch up), and again after the migration a trial struck ended. Alerts: expected "
             "only when the outage outlasts the compressed `for:` plus a scrape and two "
-            "evaluations.",
+            "evaluations. Moment (phase): the migration's phase when the trial struck; a trial "
+            "planned for the gate or the backfill that found the migration past it struck "
+            "where it was.",
         ]
     )
     (out_dir / "cluster_chaos.md").write_text(cp.table(results, header))
