@@ -276,7 +276,8 @@ def run_trial(
         if expected:
             r.alert = expected.alert
             lag = float(getattr(expected, "lag_s", 0.0))
-            r.alert_expected = cp.alert_expected(r.outage_s, for_s, lag_s=lag)
+            down = r.outage_s if r.down_s is None else r.down_s  # a kill: the lower bound
+            r.alert_expected = cp.alert_expected(down, for_s, lag_s=lag)
             _alert_times(sampler, r, expected.alert, labels, t_strike, t_over, for_s)
         load.stop()
         lost, back, acked, failed = load.check()
@@ -337,6 +338,10 @@ def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo
     t_kill = time.monotonic()
     if plan.component == "job-backfill":
         return t_kill  # the Job retries the index; the migration's end is the check
+    restarted = _wait(lambda: _back(cluster, struck, ready=False), 120)
+    # down (no process to scrape) at least until the kubelet started the new one; a pod that
+    # runs but is not ready yet (a writer replaying its WAL) is scraped: up == 1
+    r.down_s = None if restarted is None else restarted - t_kill
     back = _wait(lambda: _back(cluster, struck), 120)
     r.restarted = back is not None
     return back or time.monotonic()
