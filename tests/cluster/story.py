@@ -373,7 +373,8 @@ class Story:
         threshold = float(((self.vi().get("spec") or {}).get("compaction") or {}).get("deletedRatio", 0.2))
         # the chaos trials' clients add rows of their own: when the story's deletes alone stay
         # under the index's deletedRatio, a user lowers it (half the share they will delete)
-        rows = int(self.writer_status()["counts"]["rows"]) or 1
+        counts = self.writer_status()["counts"]
+        rows = int(counts["stored_rows"]) + int(counts["pending"]) or 1
         share = len(victims) / rows
         if share < 1.5 * threshold:
             threshold = round(share / 2, 3)
