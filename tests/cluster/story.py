@@ -21,6 +21,7 @@ models served by one encoder host (``encoder.http``) instead of ``encoder.local`
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import threading
@@ -367,19 +368,15 @@ class Story:
         to complete and for the writer to report no deleted rows left."""
         rng = random.Random(self.s.seed + 1)
         keys = sorted(self.ledger.acked)
-        victims = rng.sample(keys, int(len(keys) * self.s.delete_share))
         # Jobs of the CronJob or of earlier deletes (the chaos load deletes too) do not count
         earlier = {j["metadata"]["name"] for j in self._jobs() if "-compact" in j["metadata"]["name"]}
         threshold = float(((self.vi().get("spec") or {}).get("compaction") or {}).get("deletedRatio", 0.2))
-        # the chaos trials' clients add rows of their own: when the story's deletes alone stay
-        # under the index's deletedRatio, a user lowers it (half the share they will delete)
+        # the chaos trials' clients add rows of their own: the story deletes enough of its rows
+        # to pass the index's deletedRatio by half again (all of them at most)
         counts = self.writer_status()["counts"]
-        rows = int(counts["stored_rows"]) + int(counts["pending"]) or 1
-        share = len(victims) / rows
-        if share < 1.5 * threshold:
-            threshold = round(share / 2, 3)
-            self.kubectl("-n", self.s.namespace, "patch", "vectorindex", self.s.index, "--type", "merge",
-                         "-p", json.dumps({"spec": {"compaction": {"deletedRatio": threshold}}}))  # fmt: skip
+        rows = int(counts["stored_rows"]) + int(counts["pending"])
+        n = min(len(keys), max(int(len(keys) * self.s.delete_share), math.ceil(1.5 * threshold * rows)))
+        victims = rng.sample(keys, n)
         writer = self.client("writer", "write")
         try:
             for i in range(0, len(victims), self.s.batch):
