@@ -215,6 +215,10 @@ class Story:
         ix = self.s.index
         for name in (f"{ix}-writer", f"{ix}-reader"):
             self.c.wait(lambda n=name: self._ready(n), 180, f"{name} ready")
+        # a ready writer may not hold the index yet: the operator creates it through the
+        # writer's admin API, and the phase leaves Pending then (README, VectorIndex status).
+        # Writes before that answer 404 (a run once ingested at a writer serving 0 indexes)
+        self.c.wait(lambda: self.phase() not in ("", "Pending"), 120, "the index created (phase past Pending)")
         self.log(self.kubectl("get", "driftless", "-n", ns))
 
     def _ready(self, service: str) -> bool:
@@ -349,6 +353,16 @@ class Story:
         seen["model"] = self.vi()["status"]["model"]
         return seen
 
+    def serving_again(self, timeout_s: float = 240) -> str:
+        """After a cutover: the ModelMigration's end changes the index's encoders, so every
+        pod of the index rolls (config-hash) and the new model's codebook is trained and
+        validated on live queries. Queries run until Serving, then the story waits for the
+        rolled writer to answer (CI once found no ready writer 18 s after Succeeded)."""
+        self.start_queries()
+        out = self.wait_serving(timeout_s)
+        self.c.wait(lambda: bool(self.writer_status()), 120, "the writer answers after the roll")
+        return out
+
     def _jobs(self) -> list[dict[str, Any]]:
         from tests.kube_harness import find  # noqa: F401  (same lookup, all jobs)
 
@@ -458,6 +472,7 @@ def run(story: Story, trial: Callable[[str], None] | None = None) -> dict[str, A
     if trial is not None:
         step("steady trials", lambda: trial("serving"))
     step("migrate", lambda: story.migrate(during=trial))
+    step("serving again", story.serving_again)
     step("compact", story.delete_and_compact)
     step("rows", story.check_rows)
     step("delete", story.delete_everything)
