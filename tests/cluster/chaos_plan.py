@@ -258,7 +258,7 @@ class TrialResult:
     target: str = ""  # the pod struck
     phase_at_strike: str = ""  # the migration's phase (or "steady")
     outage_s: float = 0.0  # strike -> the fault is over (kill: pod ready again; partition: healed)
-    # a kill: strike -> the kubelet started the new process (a lower bound of the time nothing
+    # a kill or SIGSTOP: strike -> the kubelet started the new process (a lower bound of the time nothing
     # answered the scrapes; the alert is expected from it, not from the outage)
     down_s: float | None = None
     recovery_s: float | None = None  # fault over -> Serving, a query and a write answer

@@ -96,6 +96,7 @@ class LocalCluster:
         self.for_s = for_s
         self.watch = watch
         self.probe_scale = probe_scale
+        self._handler: Any = None  # the kubelet's events to kubelet.log (start .. close)
         self.log = log
         self.kubeconfig = self.workdir / "kubeconfig"
         self.pod_kubeconfig = self.kubeconfig
@@ -134,6 +135,7 @@ class LocalCluster:
             raise RuntimeError("no kubectl: `make tools` installs Debian's kubernetes-client")
         self.workdir.mkdir(parents=True, exist_ok=True)
         _traversable(self.workdir)
+        self._events_log()
         Network.sweep()
         self.net = Network()
         self.loop = LoopThread()
@@ -220,6 +222,18 @@ class LocalCluster:
         self._kubelet_run = self.loop.spawn(self.kubelet.run())
         self.log("kubelet running")
 
+    def _events_log(self) -> None:
+        """The kubelet's pod events (started, probe failed: killed, exited, ...) with their
+        times in ``kubelet.log`` beside the pods' logs, for the diagnosis of a run."""
+        import logging
+
+        handler = logging.FileHandler(self.workdir / "kubelet.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger = logging.getLogger("tests.cluster.kubelet")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        self._handler = handler
+
     def _start_prometheus(self) -> None:
         from tests.cluster.observe import PrometheusHost, chart_rules
 
@@ -280,6 +294,12 @@ class LocalCluster:
         if self.net is not None:
             self.net.close()
         self.loop = self.net = self._server = None
+        if getattr(self, "_handler", None) is not None:
+            import logging
+
+            logging.getLogger("tests.cluster.kubelet").removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
 
     # --- clients ---------------------------------------------------------------------------
 
