@@ -43,7 +43,7 @@ images: $(DEPS)
 # The README's story on a local cluster of real processes (tests/cluster/: the chart, the
 # operator and every pod it creates as processes in their own network namespaces, moto S3 and
 # Prometheus on their own addresses); needs root. CLUSTER_DEMO_ARGS: e.g. "--docs 240 --keep"
-.PHONY: cluster-demo
+.PHONY: cluster-demo test-slow test-slow-core test-slow-cluster
 CLUSTER_DEMO_ARGS ?=
 cluster-demo: $(DEPS) tools
 	$(BIN)/python -m tests.cluster.demo $(CLUSTER_DEMO_ARGS)
@@ -57,8 +57,16 @@ test: lint tools
 	@echo "== unit suite"; $(BIN)/python -m pytest tests/unit -q -m "not slow" -p no:cacheprovider
 	@echo "== integration suite (local directory and S3 via moto)"; $(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider
 
-test-slow: $(DEPS)
-	@echo "== slow suite (migration crash points and campaign, operator restarts, random-kill and storage-fault campaigns, long API fuzz)"; $(BIN)/python -m pytest tests -q -m slow -p no:cacheprovider
+# test-slow = test-slow-core (one process: crash points, campaigns, fuzz) + test-slow-cluster
+# (the local cluster: its harness tests and the chaos campaign, ~27 min; needs root and tools)
+test-slow: test-slow-core test-slow-cluster
+
+CLUSTER_TESTS = tests/integration/test_cluster_*.py
+test-slow-core: $(DEPS)
+	@echo "== slow suite (migration crash points and campaign, operator restarts, random-kill and storage-fault campaigns, long API fuzz)"; $(BIN)/python -m pytest tests -q -m slow -p no:cacheprovider --ignore-glob='$(CLUSTER_TESTS)' --durations=10
+
+test-slow-cluster: $(DEPS) tools
+	@echo "== slow suite on the local cluster (kubelet and Prometheus harness, the chaos campaign)"; $(BIN)/python -m pytest $(CLUSTER_TESTS) -q -m slow -p no:cacheprovider --durations=10
 
 bench: $(DEPS)
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -42,30 +42,35 @@ RETRYABLE = (429, 502, 503, 504, 507)  # the README: clients retry these (Retry-
 
 class Client:
     """One runtime Service with a bearer token: timeouts, and retries with backoff on
-    connection errors and the statuses the README says to retry (honouring Retry-After)."""
+    connection errors, on no ready pod behind the Service and on the statuses the README
+    says to retry (honouring Retry-After), for ``budget_s``. ``base`` may be a function: the
+    Service is looked up again for every attempt (a rolled writer has a new address; CI once
+    found no ready writer 18 s after a migration's end, when its pods roll)."""
 
-    def __init__(self, base: str, token: str, *, timeout_s: float = 10.0, tries: int = 8) -> None:
-        self.base = base.rstrip("/")
+    def __init__(self, base: str | Callable[[], str], token: str, *, timeout_s: float = 10.0,
+                 budget_s: float = 60.0) -> None:  # fmt: skip
+        self.base = base if callable(base) else (lambda: str(base))
         self.http = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {token}"})
-        self.tries = tries
+        self.budget_s = budget_s
 
     def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         delay = 0.2
-        for attempt in range(self.tries):
+        deadline = time.monotonic() + self.budget_s
+        while True:
+            last = time.monotonic() + delay > deadline
             try:
-                r = self.http.request(method, self.base + path, json=body)
-            except httpx.TransportError:
-                if attempt == self.tries - 1:
+                r = self.http.request(method, self.base().rstrip("/") + path, json=body)
+            except (httpx.TransportError, LookupError):
+                if last:
                     raise
             else:
                 if r.status_code < 300:
                     return dict(r.json())
-                if r.status_code not in RETRYABLE or attempt == self.tries - 1:
+                if r.status_code not in RETRYABLE or last:
                     raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
                 delay = max(delay, min(float(r.headers.get("Retry-After") or 0), 5.0))
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.http.close()
@@ -142,7 +147,7 @@ class Story:
 
     def client(self, role: str, scope: str) -> Client:
         ns, ix = self.s.namespace, self.s.index
-        return Client(self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope))
+        return Client(lambda: self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope))
 
     def writer_status(self) -> dict[str, Any]:
         """The writer's own status of the index (what the operator reads), for diagnosis."""
@@ -353,16 +358,6 @@ class Story:
         seen["model"] = self.vi()["status"]["model"]
         return seen
 
-    def serving_again(self, timeout_s: float = 240) -> str:
-        """After a cutover: the ModelMigration's end changes the index's encoders, so every
-        pod of the index rolls (config-hash) and the new model's codebook is trained and
-        validated on live queries. Queries run until Serving, then the story waits for the
-        rolled writer to answer (CI once found no ready writer 18 s after Succeeded)."""
-        self.start_queries()
-        out = self.wait_serving(timeout_s)
-        self.c.wait(lambda: bool(self.writer_status()), 120, "the writer answers after the roll")
-        return out
-
     def _jobs(self) -> list[dict[str, Any]]:
         from tests.kube_harness import find  # noqa: F401  (same lookup, all jobs)
 
@@ -472,7 +467,6 @@ def run(story: Story, trial: Callable[[str], None] | None = None) -> dict[str, A
     if trial is not None:
         step("steady trials", lambda: trial("serving"))
     step("migrate", lambda: story.migrate(during=trial))
-    step("serving again", story.serving_again)
     step("compact", story.delete_and_compact)
     step("rows", story.check_rows)
     step("delete", story.delete_everything)
