@@ -229,9 +229,10 @@ def test_campaign(tmp_path: Path) -> None:
         groups = [cp.Group(False, (t,)) for t in trials]
     t0 = time.monotonic()
     with LocalCluster(tmp_path / "cluster", log=log) as cluster:
-        # rerank 64: the clients' rows add up over the trials (~1,160 rows after three
-        # cutovers on 240 docs), and 2-bit codes re-ranking 16 x k candidates measured overlap
-        # 0.58 there, under theta 0.8: the index went Degraded. A user with coarse codes on a
+        # rerank 64: the clients' rows join the story's (up to 320 more during a migration's
+        # group; before their keys were retired after each group, ~1,160 rows after three
+        # cutovers), and 2-bit codes re-ranking 16 x k candidates measured overlap 0.58 at
+        # ~1,160 rows, under theta 0.8: the index went Degraded. A user with coarse codes on a
         # growing index raises rerank the same way (primary.rerank, 1..100)
         story = Story(cluster, Settings.sized(CAMPAIGN_DOCS, encoder="http", rerank=RERANK), log=log)
         story.install()
