@@ -343,9 +343,7 @@ def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo
         # the hold (a reader loads its index first), as after a kill
         # (up to KUBELET_SLACK_S more: the full run's reader, held 16.9 s against an
         # allowance of 7.75 s, was killed only just after the hold on 2 loaded cores)
-        killed = _wait(lambda: _back(cluster, struck, ready=False), plan.duration_s)
-        if killed is None:
-            killed = _wait(lambda: _back(cluster, struck, ready=False), KUBELET_SLACK_S)
+        killed = _wait(lambda: _back(cluster, struck, ready=False), plan.duration_s + KUBELET_SLACK_S)
         if killed is None:
             cont()
         undo.remove(cont)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ T = TypeVar("T")
 KUBECTL = shutil.which("kubectl")
 HTTP_PORT = 8080
 PODS_RUN = Path("/run/driftless-cluster")  # per run: <subnet>/kubeconfig, read by the pods
+KUBELET_LOGGER = "tests.cluster.kubelet"  # the kubelet module's logger: its pod events
 
 
 class LoopThread:
@@ -225,11 +227,9 @@ class LocalCluster:
     def _events_log(self) -> None:
         """The kubelet's pod events (started, probe failed: killed, exited, ...) with their
         times in ``kubelet.log`` beside the pods' logs, for the diagnosis of a run."""
-        import logging
-
         handler = logging.FileHandler(self.workdir / "kubelet.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger = logging.getLogger("tests.cluster.kubelet")
+        logger = logging.getLogger(KUBELET_LOGGER)
         logger.setLevel(logging.INFO)
         logger.addHandler(handler)
         self._handler = handler
@@ -294,10 +294,8 @@ class LocalCluster:
         if self.net is not None:
             self.net.close()
         self.loop = self.net = self._server = None
-        if getattr(self, "_handler", None) is not None:
-            import logging
-
-            logging.getLogger("tests.cluster.kubelet").removeHandler(self._handler)
+        if self._handler is not None:
+            logging.getLogger(KUBELET_LOGGER).removeHandler(self._handler)
             self._handler.close()
             self._handler = None
 
