@@ -326,7 +326,9 @@ def _strike(cluster: Any, plan: cp.Plan, struck: Struck, r: cp.TrialResult, undo
         # replaced during the cut runs on a new host the cut never reached, so the fault is
         # over then (CI's run struck at CuttingOver, the writer rolled at Succeeded, and the
         # storage alert, expected for a 56.5 s cut, rightly never fired)
+        t_cut = time.monotonic()
         moved = _wait(lambda: not _on_host(cluster, struck), plan.duration_s)
+        r.moved_s = None if moved is None else moved - t_cut
         heal()
         undo.remove(heal)
         return moved or time.monotonic()

@@ -127,10 +127,10 @@ def run_campaign(
             recheck(mine, loads)
             log(f"migration {name}: {phase}; the index "
                 + (f"Serving {serving:.0f} s after" if serving is not None else "not Serving"))  # fmt: skip
+        results += mine
+        on_group(results)  # saved before the retirement, which raises if never acknowledged
         retired = sum(load.retire() for load in loads)  # the index keeps the story's size
         log(f"retired {retired} keys of the group's clients")
-        results += mine
-        on_group(results)
     return results
 
 

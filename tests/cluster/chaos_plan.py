@@ -261,6 +261,9 @@ class TrialResult:
     # a kill or SIGSTOP: strike -> the kubelet started the new process (a lower bound of the time nothing
     # answered the scrapes; the alert is expected from it, not from the outage)
     down_s: float | None = None
+    # a partition: strike -> the struck pod was replaced on a new host, which ends the cut
+    # (a migration's start or end rolls the index's pods; nothing rolls in steady state)
+    moved_s: float | None = None
     recovery_s: float | None = None  # fault over -> Serving, a query and a write answer
     queries: int = 0  # queries started in the fault window (strike .. recovered)
     queries_ok: int = 0
@@ -317,6 +320,8 @@ def verdict(r: TrialResult) -> list[str]:
         out.append("the index did not return to Serving after the migration")
     if r.restarted is False:
         out.append(f"{r.target} did not run again")
+    if r.moved_s is not None and r.phase_at_strike == "steady":
+        out.append(f"{r.target} was replaced {r.moved_s:.1f} s into the cut with nothing rolling")
     rate = r.query_success
     if rate is not None and rate < QUERY_SLO:
         out.append(f"query success {rate:.0%} < {QUERY_SLO:.0%} in the fault window")

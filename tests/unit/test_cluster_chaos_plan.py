@@ -161,12 +161,15 @@ def test_verdict_names_each_failed_check() -> None:
             alert="DriftlessRuntimeDown", alert_expected=True, alert_fired_s=12.0
         ),
         "error: boom": _result(error="boom"),
+        "replaced 3.0 s into the cut": _result(phase_at_strike="steady", moved_s=3.0),
     }
     for words, r in cases.items():
         assert any(words in f for f in r.failures), (words, r.failures)
     # an alert whose condition was too short to fire is reported, not failed
     assert _result(alert="DriftlessRuntimeDown", alert_expected=False).ok
     assert _result(migration="Succeeded").ok
+    # a migration's start or end rolls the writer off the cut host: the cut is over then
+    assert _result(phase_at_strike="CuttingOver", moved_s=3.0).ok
     # a writer back within READERS_ALONE_S: a query may just be retried across the outage
     assert _result(reader_ok_writer_down=0, outage_s=1.0).ok
     assert _result(reader_ok_writer_down=0, plan={"component": "shadow"}).ok
