@@ -83,14 +83,15 @@ class Plan:
 
 def liveness_allowance_s(probe: Mapping[str, Any] | None, scale: float = 1.0) -> float:
     """How long a hung container survives its liveness probe: ``failureThreshold`` failed
-    probes ``periodSeconds`` apart, the last one timing out after ``timeoutSeconds``
-    (Kubernetes' defaults 3, 10 s, 1 s), times the kubelet's ``probe_scale``. No probe: inf."""
+    probes ``periodSeconds`` apart (times the kubelet's ``probe_scale``), the last one timing
+    out after ``timeoutSeconds``, which the local kubelet does not scale (Kubernetes' defaults
+    3, 10 s, 1 s). No probe: inf."""
     if not probe:
         return math.inf
     period = float(probe.get("periodSeconds", 10))
     threshold = int(probe.get("failureThreshold", 3))
     timeout = float(probe.get("timeoutSeconds", 1))
-    return (period * threshold + timeout) * scale
+    return period * threshold * scale + timeout
 
 
 def plan(
@@ -180,6 +181,29 @@ def schedule(n: int, first_seed: int = 0, per_migration: int = 3) -> list[Group]
         if groups:
             out.append(groups.pop(0))
         out += [steady.pop(0) for _ in range(min(2, len(steady)))]
+    return out
+
+
+def ci_schedule(n: int, migrations: int, per_migration: int = 4) -> list[Group]:
+    """``n`` trials, ``migrations`` of them migrations: the first ``migrations`` migrating
+    groups of ``schedule(n, per_migration=per_migration)`` (each with its backfill kill, the
+    first going from the story's model, the next back), then steady trials in seed order
+    (``campaign(2 * n)`` without the backfill kills, which need a migration, and without the
+    seeds already dealt), interleaved as ``schedule`` does. ``migrations=0``: steady trials
+    only; as many as ``schedule`` makes: the full schedule (same seeds, same faults)."""
+    full = schedule(n, per_migration=per_migration)
+    groups = [g for g in full if g.migrate][:migrations]
+    if len(groups) < migrations:
+        raise ValueError(f"the schedule of {n} trials has {len(groups)} migrations, not {migrations}")
+    dealt = {s for g in groups for _, s in g.trials}
+    left = n - len(dealt)
+    steady = [(f, s) for f, s in campaign(2 * n) if f not in NEEDS_BACKFILL and s not in dealt][:left]
+    out: list[Group] = []
+    singles = [Group(False, (t,)) for t in steady]
+    while singles or groups:
+        if groups:
+            out.append(groups.pop(0))
+        out += [singles.pop(0) for _ in range(min(2, len(singles)))]
     return out
 
 

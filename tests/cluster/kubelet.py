@@ -70,7 +70,8 @@ __all__ = ["Kubelet", "PodState", "image_rootfs", "release_rootfs"]
 
 class Kubelet(WorkloadControllers, ServiceControllers):
     """See the module docstring. ``backoff_s``: (first, cap) seconds of the restart backoff
-    (a container's and a Job's); ``probe_scale`` multiplies every probe timing and grace."""
+    (a container's and a Job's); ``probe_scale`` multiplies probe periods, initial delays and grace periods (not probe
+    timeouts: kubelet_plan.probe_spec)."""
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ def test_a_backfill_kill_needs_a_backfill_and_others_take_what_the_caller_has() 
 def test_liveness_allowance_follows_the_probe_and_the_kubelets_scale() -> None:
     probe = {"periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5}
     assert cp.liveness_allowance_s(probe) == 35.0
-    assert cp.liveness_allowance_s(probe, scale=0.2) == pytest.approx(7.0)
+    assert cp.liveness_allowance_s(probe, scale=0.2) == pytest.approx(11.0)  # 6 s + 5 s unscaled
     assert cp.liveness_allowance_s({}) == math.inf
     assert cp.liveness_allowance_s({"periodSeconds": 2}) == 7.0  # defaults: 3 failures, 1 s
 
@@ -87,6 +87,26 @@ def test_the_schedule_groups_migrating_trials_and_keeps_every_trial() -> None:
         cp.schedule(30, per_migration=15)
     steady = sum(not g.migrate for g in groups)
     assert 0 < steady < 30  # roughly half the other trials strike steady
+
+
+def test_ci_schedule_keeps_the_first_migrations_and_fills_with_steady_trials() -> None:
+    full = cp.schedule(30, per_migration=4)
+    for migrations in (0, 1, 2):
+        groups = cp.ci_schedule(30, migrations)
+        trials = [t for g in groups for t in g.trials]
+        assert len(trials) == 30 and len({s for _, s in trials}) == 30
+        mig = [g for g in groups if g.migrate]
+        assert mig == [g for g in full if g.migrate][:migrations]  # the full run's, same seeds
+        kills = [f for g in groups for f, _ in g.trials if f == "kill-backfill"]
+        assert len(kills) == migrations and all(len(g.trials) == 1 for g in groups if not g.migrate)
+        faults = {f for f, _ in trials}
+        assert faults == set(cp.FAULTS) - (set() if migrations else {"kill-backfill"})
+        assert groups[0].migrate == (migrations > 0)  # a migration first, steady trials between
+    # all of the full schedule's migrations: the same trials as the full schedule
+    n_full = sum(g.migrate for g in full)
+    assert sorted(t for g in cp.ci_schedule(30, n_full) for t in g.trials) == sorted(cp.campaign(30))
+    with pytest.raises(ValueError, match="migrations"):
+        cp.ci_schedule(30, n_full + 1)
 
 
 def test_retry_rule_follows_retry_after_and_gives_up_on_final_answers() -> None:

@@ -95,6 +95,8 @@ def test_operator_pods_get_the_runtime_command_env_and_probes() -> None:
     probes = container_probes(c, scale=0.5)
     assert probes.liveness is not None and probes.liveness.port == contract.HTTP_PORT  # "http"
     assert probes.liveness.period_s == 5.0 and probes.startup is not None
+    # the timeout is the operator's, unscaled: a loaded pod answers no faster on a test clock
+    assert probes.liveness.timeout_s == c["livenessProbe"]["timeoutSeconds"]
     # the WAL's claim: one PVC volume per volumeClaimTemplate, the pod's DNS identity
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"wal": f"wal-{sts['metadata']['name']}-0"}
