@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from index_runtime.index.filters import parse_metadata
 from index_runtime.store.rows import KeyType, RowBatch, concat_batches
+
+if TYPE_CHECKING:
+    from index_runtime.index.vectors import MappedVectors
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -47,7 +50,9 @@ class Block:
     seqs: I64
     keys: npt.NDArray[Any]
     tomb: Mask
-    vecs: F32  # (n, d); NaN rows where a row has no vector for the model
+    # (n, d); NaN rows where a row has no vector for the model. In memory, or read on demand
+    # from memory-mapped segment files (index/vectors.py: read through ``take``/``row_range``)
+    vecs: F32 | MappedVectors
     has_vec: Mask
     texts: list[str | None] | None
     meta: list[str | None] | None
