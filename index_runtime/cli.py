@@ -338,13 +338,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mib = 1 << 20
     print(f"{p.vectors:,} vectors x {p.dim} dims, IVF{nlist} PQ{m}x{p.nbits}")
     print(f"  reader  {p.reader_bytes / mib:10,.1f} MiB  (vectors for re-rank + PQ codes + ids)")
+    print(
+        f"  reader  {p.reader_mapped_bytes / mib:10,.1f} MiB  with --vectors mmap (PQ codes, lists, "
+        f"key columns); its {p.vector_bytes / mib:,.1f} MiB\n"
+        f"          {'':10} of vectors are read from {p.disk_bytes / mib:,.1f} MiB of segment "
+        "copies on local disk\n"
+        f"          {'':10} (--vector-cache-bytes; the pages searches touch are page cache)"
+    )
     print(f"  shadow  {p.shadow_bytes / mib:10,.1f} MiB  (same view + oracle windows)")
     print(f"  writer  {p.writer_bytes / mib:10,.1f} MiB  (+ key index and memtable bound)")
     print(
         "The figures count the data structures. A reader process measured 1.26x (1M vectors)\n"
         "to 1.48x (100k) of its figure in RSS (allocator slack; bench/results/search.md), plus\n"
         "about 100 MiB for the interpreter and libraries (measured after imports): size limits\n"
-        "with that headroom."
+        "with that headroom. Mapped readers: bench/results/vectors_mmap.md."
     )
     return 0
 

@@ -95,3 +95,16 @@ def test_plan_eviction(
 ) -> None:
     got = plan_eviction([CacheEntry(*e) for e in entries], budget, in_use)
     assert got == evicted
+
+
+def test_plan_reports_memory_and_mapped_readers(capsys: pytest.CaptureFixture[str]) -> None:
+    from index_runtime.cli import main
+    from index_runtime.index.memory import plan_memory
+
+    p = plan_memory(1_000_000, 128, 2048, 16)
+    assert p.vector_bytes == 512_000_000
+    assert p.reader_mapped_bytes == p.reader_bytes - p.vector_bytes
+    assert p.disk_bytes > p.vector_bytes
+    assert main(["plan", "--vectors", "1000000", "--dim", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "562.8 MiB" in out and "74.6 MiB  with --vectors mmap" in out and "488.3 MiB" in out
