@@ -15,7 +15,8 @@ as in bench/search.py's scale rows (IVF-PQ m = d/4 × 8 bits, nprobe 32, re-rank
   same figures taken after imports.
 * **QPS**: one process holds both views of the same manifest, checks that they answer every
   query identically (hits and scores; so recall is the same), and times single-query calls
-  (``View.search_primary``, 1 thread), the two modes interleaved in each repeat; medians.
+  (``View.search_primary``, 1 thread), the two modes alternating query by query; medians
+  over the repeats.
   Warm: the mapped files are in the page cache (the cache's CRC check at open reads them).
 * **Cold**: in a child, before each pass the mapped pages are dropped: ``madvise(DONTNEED)``
   over each chunk's range (so the process no longer maps them) and
@@ -185,7 +186,7 @@ def build(work: Path, n: int) -> dict[str, Any]:
 
 
 def qps(work: Path, n: int, nq: int, repeats: int) -> dict[str, Any]:
-    from bench.search import exact_topk, recall, time_queries
+    from bench.search import exact_topk, recall
     from index_runtime.index.loader import ViewBuilder
     from index_runtime.store.log import ManifestLog
     from index_runtime.store.objects import LocalDirStore
@@ -212,8 +213,14 @@ def qps(work: Path, n: int, nq: int, repeats: int) -> dict[str, Any]:
     truth = views["memory"].seqs[exact_topk(x, qs, K)]
     found = [views["memory"].seqs[fns["memory"](q).pos].tolist() for q in qs]
     runs = []
-    for _ in range(repeats):
-        runs.append({mode: time_queries(fn, qs)[0] for mode, fn in fns.items()})
+    for r in range(repeats):  # query by query, the modes alternating (and which goes first):
+        spent = dict.fromkeys(fns, 0.0)  # the machine's load drifts within a pass
+        for i, q in enumerate(qs):
+            for mode in sorted(fns, reverse=(i + r) % 2 == 1):
+                t = time.perf_counter()
+                fns[mode](q)
+                spent[mode] += time.perf_counter() - t
+        runs.append({mode: len(qs) / spent[mode] for mode in fns})
     med = {mode: statistics.median(r[mode] for r in runs) for mode in fns}
     return {
         "identical_answers": same, "recall_at_10": recall(found, truth), "queries": len(qs),
@@ -266,8 +273,9 @@ def write_report(res: dict[str, Any]) -> None:
         "`/proc/self/status` VmRSS (RssAnon / RssFile) minus the same after imports. RssFile of "
         "the mapped reader is the vector pages the queries touched (page cache, reclaimable).",
         "QPS: one process, both views of the same manifest, single-query `View.search_primary` "
-        "(IVF-PQ m = 32 × 8 bits, nprobe 32, re-rank 8×; nlist 256 at 100k, 1024 at 1M), modes "
-        "interleaved in each repeat, medians of the repeats. Warm: the mapped files are in the "
+        "(IVF-PQ m = 32 × 8 bits, nprobe 32, re-rank 8×; nlist 256 at 100k, 1024 at 1M), the "
+        "modes alternating query by query (the machine's load drifts within a pass), QPS = "
+        "queries ÷ the time spent in each mode; medians of the repeats. Warm: the mapped files are in the "
         "page cache. Cold: per pass, the process's mapped pages are dropped "
         "(`madvise(MADV_DONTNEED)`) and then the files' page cache "
         "(`posix_fadvise(POSIX_FADV_DONTNEED)`, after an fsync); RssFile before / after each drop "

@@ -34,6 +34,24 @@ def normalize(x: F32) -> F32:
     return y
 
 
+def normalize_factors(x: F32) -> F32:
+    """Per row, the two divisors :func:`normalize` applies, as an (n, 2) array: dividing by
+    them (:func:`apply_factors`) gives :func:`normalize`'s bits exactly, row by row (mapped
+    vectors keep these 8 bytes per row instead of normalizing each read afresh)."""
+    scale = np.abs(x).max(axis=-1, keepdims=True)
+    s = np.where(scale == 0, 1, scale)
+    y = np.asarray(x / s, dtype=np.float32)
+    norms = np.linalg.norm(y, axis=-1, keepdims=True)
+    return np.concatenate([s, np.where(norms == 0, 1, norms)], axis=1).astype(np.float32)
+
+
+def apply_factors(x: F32, factors: F32) -> F32:
+    """``normalize(x)`` from ``normalize_factors(x)`` (rows may be any subset, in order)."""
+    y = np.asarray(x / factors[:, :1], dtype=np.float32)
+    y /= factors[:, 1:]
+    return y
+
+
 def score(vecs: F32, q: F32, metric: str) -> F32:
     """Similarity of each row of ``vecs`` to ``q`` (higher is better): dot product for cosine
     and ip, minus the squared L2 distance for l2."""

@@ -45,8 +45,7 @@ def test_take_and_rows_match_the_in_memory_array(normalized: bool) -> None:
     np.testing.assert_array_equal(both.take(np.arange(21)[::-1]), twin[::-1])
     with pytest.raises(IndexError):
         mv.take(np.array([21]))
-    with pytest.raises(IndexError):
-        mv.take(np.array([-1]))
+    np.testing.assert_array_equal(mv.take(np.array([-1, -21])), twin[[-1, -21]])  # as numpy
 
 
 def test_reads_never_write_into_the_chunks() -> None:
@@ -66,9 +65,13 @@ def test_single_chunk_and_unaddressable_chunks_take_the_slow_paths() -> None:
     np.testing.assert_array_equal(one.take(np.array([3, 1, 29])), x[[3, 1, 29]])
     strided = [Chunk(x[::2]), Chunk(x[1::2])]  # not contiguous: no span
     mv = MappedVectors(strided, D, False)
+    assert mv._span is None
     twin = np.concatenate([x[::2], x[1::2]])
     pos = rng.integers(0, 30, 20)
     np.testing.assert_array_equal(mv.take(pos), twin[pos])
+    np.testing.assert_array_equal(mv.take(np.array([-1])), twin[[-1]])
+    with pytest.raises(IndexError):
+        mv.take(np.array([30]))
 
 
 def test_vector_storage_is_validated() -> None:
