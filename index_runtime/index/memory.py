@@ -12,7 +12,8 @@ bench/results/store.md) and its memtable bound; the shadow role adds the oracle'
 With ``vectors: mmap`` (index/vectors.py) the exact vectors leave the reader's anonymous
 memory: they are read from memory-mapped segment copies on local disk (the cache directory
 holds whole segment files: vectors plus seq, key and flags, ~4·d + 17 bytes per row before
-texts and metadata). The pages a search touches are file-backed page cache: reclaimable, but
+texts and metadata); the reader keeps 16 bytes per row of them in memory (the row's place in
+the mapping, and its two normalization divisors). The pages a search touches are file-backed page cache: reclaimable, but
 counted in a container's memory cgroup while resident.
 """
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 KEY_INDEX_BYTES_PER_ROW = 190  # measured: bench/results/store.md
 SEGMENT_ROW_BYTES = 17  # a segment file's row besides its vector: seq, key (int), flags
+MAPPED_ROW_BYTES = 16  # vectors: mmap: each row's place in the mapping, cosine divisors
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ class MemoryPlan:
 
     @property
     def reader_mapped_bytes(self) -> int:
-        """A reader's memory with vectors memory-mapped: codes, lists, key columns."""
-        return self.reader_bytes - self.vector_bytes
+        """A reader's memory with vectors memory-mapped: codes, lists, key columns, and per
+        row its place in the mapping and its cosine divisors (index/vectors.py)."""
+        return self.reader_bytes - self.vector_bytes + self.vectors * MAPPED_ROW_BYTES
 
 
 def plan_memory(

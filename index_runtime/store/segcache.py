@@ -191,11 +191,10 @@ class SegmentCache:
                 raise CorruptObjectError(f"size {size}, sidecar {meta}")
             if expect_bytes is not None and size != expect_bytes:
                 raise CorruptObjectError(f"size {size}, the manifest says {expect_bytes}")
-            mm = pa.memory_map(str(path), "r")
-            crc = f"{zlib.crc32(memoryview(mm.read_buffer())):08x}"
+            with pa.memory_map(str(path), "r") as mm:  # one read of the file, no copy
+                crc = f"{zlib.crc32(memoryview(mm.read_buffer())):08x}"
             if crc != meta.get("crc32"):
                 raise CorruptObjectError(f"CRC32 {crc}, sidecar {meta.get('crc32')}")
-            mm.seek(0)
             h = MappedSegment(key, path, open_segment(str(path), self.key_type), size)
         except (OSError, ValueError, CorruptObjectError) as exc:
             self.stats.rejected += 1

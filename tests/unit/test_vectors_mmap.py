@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,8 +108,36 @@ def test_plan_reports_memory_and_mapped_readers(capsys: pytest.CaptureFixture[st
 
     p = plan_memory(1_000_000, 128, 2048, 16)
     assert p.vector_bytes == 512_000_000
-    assert p.reader_mapped_bytes == p.reader_bytes - p.vector_bytes
+    assert p.reader_mapped_bytes == p.reader_bytes - p.vector_bytes + 16 * 1_000_000
     assert p.disk_bytes > p.vector_bytes
     assert main(["plan", "--vectors", "1000000", "--dim", "128"]) == 0
     out = capsys.readouterr().out
-    assert "562.8 MiB" in out and "74.6 MiB  with --vectors mmap" in out and "488.3 MiB" in out
+    assert "562.8 MiB" in out and "89.8 MiB  with --vectors mmap" in out and "488.3 MiB" in out
+
+
+def test_serve_flags_and_env_choose_the_vector_storage(tmp_path: Path) -> None:
+    from index_runtime.cli import build_parser, serve_config
+    from index_runtime.contract import Env
+    from index_runtime.errors import InvalidInputError
+    from index_runtime.service.auth import TokenSet
+    from index_runtime.service.limits import ApiLimits
+    from index_runtime.service.runtime import Roles
+
+    def config(argv: list[str], env: dict[str, str]) -> VectorStorage:
+        args = build_parser().parse_args(["serve", "--data", str(tmp_path), *argv])
+        return serve_config(args, env, Roles(), TokenSet(), None, ApiLimits()).options.vectors
+
+    assert config([], {}) == VectorStorage()  # the default stays in memory
+    assert config(["--vectors", "mmap"], {}) == VectorStorage(
+        "mmap", tmp_path / ".vector-cache", 8 << 30
+    )
+    assert config(
+        ["--vectors", "mmap", "--vector-cache-dir", "/c", "--vector-cache-bytes", "1000"], {}
+    ) == VectorStorage("mmap", Path("/c"), 1000)
+    env = {Env.VECTORS: "mmap", Env.VECTOR_CACHE_DIR: "/v", Env.VECTOR_CACHE_BYTES: "42"}
+    assert config(["--from-env"], env) == VectorStorage("mmap", Path("/v"), 42)
+    assert config(["--from-env", "--vectors", "memory"], env).mode == "memory"  # flags win
+    with pytest.raises(InvalidInputError):
+        config(["--from-env"], {Env.VECTORS: "disk"})
+    with pytest.raises(InvalidInputError):
+        config(["--from-env"], {Env.VECTOR_CACHE_BYTES: "lots"})
