@@ -253,7 +253,9 @@ def write_report(res: dict[str, Any]) -> None:
     mib = 1 << 20
     lines = [
         "# Vectors in memory vs memory-mapped (reader)", "",
-        f"Command: `{res['command']}`", "",
+        f"Command: `{res['command']}`, run here in phases so that no invocation took over 2 "
+        "minutes: `--sizes N --phase build`, then `--phase rss qps cold report` (1M: `rss cold` "
+        "and `qps` separately).", "",
         f"Machine: {os.cpu_count()} cores, shared with other work (every process under "
         "`nice -n 19`); OMP_NUM_THREADS=1. Data: synthetic clustered vectors (bench/search.py's "
         "generator), d = 128, cosine; one segment per 10,000 rows (bulk path).", "",
@@ -300,7 +302,11 @@ def write_report(res: dict[str, Any]) -> None:
         "computed when a segment is mapped read every vector once, and fault-around maps up to "
         "16 neighbouring pages per fault, so after load nearly all vector pages are mapped; "
         "they are page cache (reclaimable; a container's memory cgroup counts them while "
-        "resident). RssAnon is what the process cannot give back.",
+        "resident). RssAnon is what the process cannot give back; in both modes it exceeds "
+        "`driftless plan`'s figure by about the same ~105 MiB at 1M (allocator slack and FAISS, "
+        "not the mode). The page cache left after a drop (23 MiB at 1M) is the other columns' "
+        "pages (seq, key, tombstone), read at load and still mapped: the drop covers the vector "
+        "chunks only.",
     ]
     for n, r in sorted(res["sizes"].items(), key=lambda kv: int(kv[0])):
         for c in r.get("cold", {}).get("cold", []):
