@@ -345,6 +345,8 @@ class IndexRuntime:
                 self.mlog.drop_pin(self.pin_holder)
             except Exception:
                 log.exception("dropping the pin of %s failed; it expires by itself", self.name)
+        if self.segment_cache is not None:  # a successor may take the directory; the
+            self.segment_cache.close()  # views still read their mapped segments
         if self.writer is not None:
             self.writer.close()
 

@@ -19,10 +19,14 @@ in use exactly as long as some view or builder can still read it.
   served from the cache). Corruption of a file *while* it is mapped is not detected.
 * **Unreferenced segments.** :meth:`SegmentCache.retain` drops files of segments the newest
   manifest no longer lists (compacted away), once no view uses them.
+* **One process per directory**, held by an ``flock`` on ``.lock`` (two processes would
+  delete each other's files and miscount the budget): a second one gets
+  :class:`StoreConfigError` naming the directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -39,7 +43,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from index_runtime.errors import CorruptObjectError, ObjectNotFoundError
+from index_runtime.errors import CorruptObjectError, ObjectNotFoundError, StoreConfigError
 from index_runtime.store.objects import ObjectStore
 from index_runtime.store.rows import KeyType
 from index_runtime.store.segment import open_segment
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".arrow"
 SIDECAR = ".json"
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,31 @@ class SegmentCache:
             weakref.WeakValueDictionary()
         )
         self._released: dict[str, int] = {}  # key -> clock when its handle died
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreConfigError(f"cannot use {self.dir} as a vector cache: {exc}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreConfigError(
+                f"the vector cache {self.dir} is in use by another process or cache "
+                "(give each process its own --vector-cache-dir)"
+            ) from None
         self._scan()
+
+    def close(self) -> None:
+        """Let another cache use the directory (the mapped segments stay readable)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     # the state on disk --------------------------------------------------------------------
 
@@ -142,7 +170,7 @@ class SegmentCache:
             self._entries[key] = CacheEntry(key, size, next(self._clock))
         known = {self._path(k).name for k in self._entries}
         for f in self.dir.iterdir():
-            if f.suffix != SIDECAR and f.name not in known:
+            if f.suffix != SIDECAR and f.name not in known and f.name != LOCK:
                 f.unlink(missing_ok=True)  # temp files and data files without a sidecar
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from index_runtime.errors import ObjectNotFoundError
+from index_runtime.errors import ObjectNotFoundError, StoreConfigError
 from index_runtime.index.filters import parse_filter
 from index_runtime.index.loader import ViewBuilder
 from index_runtime.index.vectors import MappedVectors, VectorStorage
@@ -139,6 +139,9 @@ def test_cache_keeps_its_budget_and_refetches(store: Any, tmp_path: Path) -> Non
     assert cache.stats.fetches == 5
     # a restarted process adopts the files (checked, not fetched) and drops debris
     (tmp_path / "cache" / ".tmp-torn").write_bytes(b"xx")
+    with pytest.raises(StoreConfigError, match="in use"):  # one cache per directory
+        SegmentCache(store, tmp_path / "cache", 2 * size, "int")
+    cache.close()
     again = SegmentCache(store, tmp_path / "cache", 2 * size, "int")
     again.open(*segs[3])
     assert again.stats.fetches == 0 and again.stats.reused == 1
@@ -180,6 +183,7 @@ def test_a_damaged_cached_file_is_fetched_again(store: Any, tmp_path: Path, dama
         path.write_bytes(bytes(data[: len(data) - 100]))
     else:
         path.with_suffix(".json").write_text("{not json")
+    cache.close()
     again = SegmentCache(store, tmp_path / "cache", 1 << 30, "int")
     h = again.open(key, nbytes)
     assert again.stats.fetches == 1 and again.stats.reused == 0
