@@ -262,3 +262,21 @@ def test_serve_runtime_option_maps_vectors(store: Any, tmp_path: Path) -> None:
     assert reader.search(q, 5).hits.pos.tolist() == rt.search(q, 5).hits.pos.tolist()
     reader.stop()
     rt.stop()
+
+
+def test_a_view_reads_its_segments_even_if_their_files_are_unlinked(
+    store: Any, tmp_path: Path
+) -> None:
+    """Linux keeps an unlinked file's pages while it is mapped: a cache directory wiped by
+    someone else does not break the serving view (the cache never does this to a file in
+    use; this documents the fallback it does not rely on)."""
+    rt = _runtime(store, tmp_path, "cosine")
+    _segments(rt, 2)
+    m = rt.writer.manifest  # type: ignore[union-attr]
+    cache = SegmentCache(store, tmp_path / "cache", 1 << 30, "int")
+    view = ViewBuilder(store, cache=cache).build(m)
+    want = ViewBuilder(store).build(m)
+    for f in (tmp_path / "cache").glob("*.arrow"):
+        f.unlink()
+    np.testing.assert_array_equal(view.vectors_at(view.live_pos), want.vectors_at(want.live_pos))
+    rt.stop()
