@@ -44,6 +44,7 @@ from typing import Any
 import pyarrow as pa
 
 from index_runtime.errors import CorruptObjectError, ObjectNotFoundError, StoreConfigError
+from index_runtime.faults import storage_error
 from index_runtime.store.objects import ObjectStore
 from index_runtime.store.rows import KeyType
 from index_runtime.store.segment import open_segment
@@ -122,6 +123,7 @@ class SegmentCache:
             weakref.WeakValueDictionary()
         )
         self._released: dict[str, int] = {}  # key -> clock when its handle died
+        self._over = False  # over budget (what is in use needs more)
         self._lock_fd: int | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -251,10 +253,10 @@ class SegmentCache:
                 json.dumps({"key": key, "bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"})
             )
             os.replace(side, path.with_suffix(SIDECAR))
-        except OSError:
+        except OSError as exc:  # e.g. the cache's volume is full: 507, the old view serves on
             tmp.unlink(missing_ok=True)
             self._drop(key)
-            raise
+            raise storage_error(exc, f"caching segment {key!r} in {self.dir}") from exc
         del data
         try:
             h = MappedSegment(key, path, open_segment(str(path), self.key_type), path.stat().st_size)
@@ -287,11 +289,13 @@ class SegmentCache:
         for key in drop:
             self._drop(key)
             self.stats.evictions += 1
-        if self.bytes > self.budget_bytes:
+        over = self.bytes > self.budget_bytes
+        if over and not self._over:  # logged when it goes over, not at every open
             log.warning(
                 "segment cache %s holds %d bytes in use, over its budget of %d",
                 self.dir, self.bytes, self.budget_bytes,
             )
+        self._over = over
 
     def retain(self, keys: Collection[str]) -> None:
         """Delete cached segments not in ``keys`` (the newest manifest's) and not in use."""
