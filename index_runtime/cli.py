@@ -19,6 +19,7 @@ from index_runtime.contract import TOKENS_DIR, TOKENS_FILE, Env, ExitCode, JobKi
 from index_runtime.errors import DriftlessError, InvalidInputError
 
 if TYPE_CHECKING:
+    from index_runtime.index.vectors import VectorStorage
     from index_runtime.service.auth import TokenSet
     from index_runtime.service.engine import Encoder, ServeConfig
     from index_runtime.service.limits import ApiLimits
@@ -186,6 +187,10 @@ def serve_config(
         args.shadow_url = args.shadow_url or env.get(Env.SHADOW_URL) or None
         args.writer_url = env.get(Env.WRITER_URL) or None  # readers forward sampled queries
         args.index = args.index or env.get(Env.INDEX) or None
+        args.vectors = args.vectors or env.get(Env.VECTORS) or None
+        args.vector_cache_dir = args.vector_cache_dir or env.get(Env.VECTOR_CACHE_DIR) or None
+        if args.vector_cache_bytes is None and env.get(Env.VECTOR_CACHE_BYTES):
+            args.vector_cache_bytes = parse_int(Env.VECTOR_CACHE_BYTES, env[Env.VECTOR_CACHE_BYTES])
     if not (args.data or args.s3_bucket):
         raise InvalidInputError(f"give --data or --s3-bucket (or {Env.S3_BUCKET} with --from-env)")
     s3 = None
@@ -202,12 +207,39 @@ def serve_config(
             shadow_url=args.shadow_url,
             query_log=QueryLogSettings.from_env(env),  # off unless Env.QUERY_LOG is "1"
             writer_url=getattr(args, "writer_url", None),
+            vectors=vector_storage(args),
         ),
         tokens=tokens,
         tokens_file=tokens_file,
         limits=limits,
         only=args.index,
     )
+
+
+def parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def vector_storage(args: argparse.Namespace) -> VectorStorage:
+    """``--vectors`` and its cache flags as a :class:`VectorStorage` (memory by default; mmap
+    caches under ``--vector-cache-dir``, else ``<data>/.vector-cache``)."""
+    from index_runtime.index.vectors import DEFAULT_CACHE_BYTES, VectorStorage
+
+    mode = args.vectors or "memory"
+    cache_dir = args.vector_cache_dir
+    if mode == "mmap" and cache_dir is None and args.data:
+        cache_dir = str(Path(args.data) / ".vector-cache")
+    try:
+        return VectorStorage(
+            mode,  # type: ignore[arg-type]  # checked by VectorStorage (env values too)
+            Path(cache_dir) if cache_dir else None,
+            DEFAULT_CACHE_BYTES if args.vector_cache_bytes is None else args.vector_cache_bytes,
+        )
+    except ValueError as exc:
+        raise InvalidInputError(f"{exc} (--vectors, --vector-cache-dir, {Env.VECTORS})") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -306,13 +338,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mib = 1 << 20
     print(f"{p.vectors:,} vectors x {p.dim} dims, IVF{nlist} PQ{m}x{p.nbits}")
     print(f"  reader  {p.reader_bytes / mib:10,.1f} MiB  (vectors for re-rank + PQ codes + ids)")
+    print(
+        f"  reader  {p.reader_mapped_bytes / mib:10,.1f} MiB  with --vectors mmap (PQ codes, lists, "
+        f"key columns); its {p.vector_bytes / mib:,.1f} MiB\n"
+        f"          {'':10} of vectors are read from {p.disk_bytes / mib:,.1f} MiB of segment "
+        "copies on local disk\n"
+        f"          {'':10} (--vector-cache-bytes; the pages searches touch are page cache)"
+    )
     print(f"  shadow  {p.shadow_bytes / mib:10,.1f} MiB  (same view + oracle windows)")
     print(f"  writer  {p.writer_bytes / mib:10,.1f} MiB  (+ key index and memtable bound)")
     print(
         "The figures count the data structures. A reader process measured 1.26x (1M vectors)\n"
         "to 1.48x (100k) of its figure in RSS (allocator slack; bench/results/search.md), plus\n"
         "about 100 MiB for the interpreter and libraries (measured after imports): size limits\n"
-        "with that headroom."
+        "with that headroom. Mapped readers: bench/results/vectors_mmap.md."
     )
     return 0
 
@@ -426,6 +465,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="readers: the shadow service to mirror sampled queries to",
     )
     s.add_argument("--tick", type=float, default=0.5, help="maintenance loop period (s)")
+    s.add_argument(
+        "--vectors",
+        choices=["memory", "mmap"],
+        default=None,
+        help=f"where readers keep raw vectors (default memory; or {Env.VECTORS}): mmap reads "
+        "them from memory-mapped local copies of the segments",
+    )
+    s.add_argument(
+        "--vector-cache-dir",
+        default=None,
+        help=f"mmap: local segment copies (default <data>/.vector-cache; {Env.VECTOR_CACHE_DIR})",
+    )
+    s.add_argument(
+        "--vector-cache-bytes",
+        type=int,
+        default=None,
+        help="mmap: the cache's budget; files a view uses are kept even past it "
+        f"(default 8 GiB; {Env.VECTOR_CACHE_BYTES})",
+    )
     s.add_argument(
         "--omp-threads",
         type=int,

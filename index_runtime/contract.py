@@ -102,6 +102,11 @@ class Env(StrEnum):
     QUERY_LOG_RATE = "DRIFTLESS_QUERY_LOG_RATE"  # share of text queries kept, 0..1
     QUERY_LOG_MAX = "DRIFTLESS_QUERY_LOG_MAX"  # distinct texts kept at most
     QUERY_LOG_RETENTION_S = "DRIFTLESS_QUERY_LOG_RETENTION_S"  # seconds a text is kept at most
+    # where readers keep raw vectors (`serve --vectors`): "memory" (default) or "mmap", read
+    # from memory-mapped segment copies in VECTOR_CACHE_DIR, at most VECTOR_CACHE_BYTES of them
+    VECTORS = "DRIFTLESS_VECTORS"
+    VECTOR_CACHE_DIR = "DRIFTLESS_VECTOR_CACHE_DIR"
+    VECTOR_CACHE_BYTES = "DRIFTLESS_VECTOR_CACHE_BYTES"
 
 
 def serve_command(role: Role) -> list[str]:

@@ -1,5 +1,10 @@
 """Building views from the store (I/O edge): segments, codebooks and index files are loaded
-once and cached by object key (objects are immutable), then assembled into a :class:`View`."""
+once and cached by object key (objects are immutable), then assembled into a :class:`View`.
+
+Raw vectors are held in memory (the default) or, with a :class:`SegmentCache`, read on
+demand from memory-mapped local copies of the segments (index/vectors.py); every other
+column (seqs, keys, flags, texts, metadata) and the primaries' codes are in memory either
+way."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from index_runtime.index.primary import (
 from index_runtime.index.rows import Block, Mask, make_block
 from index_runtime.index.settings import IndexSettings
 from index_runtime.index.training import load_index
+from index_runtime.index.vectors import Chunk, MappedVectors, absent_chunk
 from index_runtime.index.view import (
     Base,
     View,
@@ -34,8 +40,9 @@ from index_runtime.index.view import (
 )
 from index_runtime.store.manifest import Manifest
 from index_runtime.store.objects import ObjectStore, segment_source
-from index_runtime.store.rows import RowBatch
-from index_runtime.store.segment import iter_segment
+from index_runtime.store.rows import KeyType, RowBatch, concat_batches
+from index_runtime.store.segcache import MappedSegment, SegmentCache
+from index_runtime.store.segment import iter_segment, mapped_vectors, record_batch_to_rows
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +56,12 @@ def serving_model(m: Manifest) -> str:
 class ViewBuilder:
     """Assembles views of one index; keeps what can be reused between consecutive views."""
 
-    def __init__(self, store: ObjectStore, model: str | None = None) -> None:
+    def __init__(
+        self, store: ObjectStore, model: str | None = None, cache: SegmentCache | None = None
+    ) -> None:
         self.store = store
         self.model = model  # None: the index's serving model; else views of this model
+        self.cache = cache  # None: vectors in memory; else mapped from this cache's files
 
         self._lock = threading.Lock()
         self._base: tuple[tuple[str, ...], Base, np.ndarray] | None = None
@@ -66,8 +76,12 @@ class ViewBuilder:
             if where is not None:
                 lo, hi = prev.seg_ranges[where]
                 return _slice(prev.block, lo, hi)
-        batches = list(iter_segment(segment_source(self.store, key), m.index.key_type))
         spec = m.index.models[model]
+        if self.cache is not None:
+            seg = next(s for s in m.segments if s.key == key)
+            handle = self.cache.open(key, seg.bytes or None)
+            return mapped_block(handle, m.index.key_type, spec.dim, model, spec.metric)
+        batches = list(iter_segment(segment_source(self.store, key), m.index.key_type))
         return make_block(batches, m.index.key_type, m.index.dims, model, spec.metric)
 
     def _base_for(self, m: Manifest, model: str) -> tuple[Base, np.ndarray]:
@@ -79,7 +93,9 @@ class ViewBuilder:
             return self._base[1], self._base[2]
         dim = m.index.dims[model]
         total = sum(s.rows for s in m.segments)
-        out = empty_block(dim, m.index.key_type, total)
+        mapped = self.cache is not None
+        out = empty_block(dim, m.index.key_type, total, vectors=not mapped)
+        parts: list[MappedVectors] = []
         texts: list[str | None] = []
         meta: list[str | None] = []
         has_text = has_meta = False
@@ -92,7 +108,11 @@ class ViewBuilder:
             out.seqs[start : start + n] = b.seqs
             out.keys[start : start + n] = b.keys
             out.tomb[start : start + n] = b.tomb
-            out.vecs[start : start + n] = b.vecs
+            if isinstance(b.vecs, MappedVectors):
+                parts.append(b.vecs)
+            else:
+                assert isinstance(out.vecs, np.ndarray)
+                out.vecs[start : start + n] = b.vecs
             out.has_vec[start : start + n] = b.has_vec
             texts.extend(b.texts if b.texts is not None else [None] * n)
             meta.extend(b.meta if b.meta is not None else [None] * n)
@@ -103,6 +123,8 @@ class ViewBuilder:
             del b
         if start != total:
             raise CorruptObjectError(f"segments hold {start} rows; the manifest says {total}")
+        if mapped:
+            out.vecs = MappedVectors.concat(parts, dim, m.index.models[model].metric == "cosine")
         out.texts = texts if has_text else None
         out.meta = meta if has_meta else None
         base = Base(out, ranges, tuple(s.id for s in m.segments))
@@ -184,6 +206,8 @@ class ViewBuilder:
                 if c.model == model
             }
             self._seq_index.clear()  # only needed while building; O(rows), not kept
+            if self.cache is not None:  # files of segments compacted away, once unused
+                self.cache.retain([s.key for s in m.segments])
             self._primaries = {v: p for v, p in self._primaries.items() if v in prims}
             return View(
                 version=m.version,
@@ -200,12 +224,39 @@ class ViewBuilder:
             )
 
 
+def mapped_block(
+    handle: MappedSegment, key_type: KeyType, dim: int, model: str, metric: str
+) -> Block:
+    """A segment's rows with its columns in memory and its vectors mapped: one chunk per
+    record batch (a batch without the model's column holds no vectors of it)."""
+    batches = handle.batches()
+    rows = concat_batches(
+        [record_batch_to_rows(rb, key_type, "payload") for rb in batches], key_type, {}
+    )
+    chunks = []
+    for rb in batches:
+        got = mapped_vectors(rb, model)
+        if got is not None and got[1] is not None and bool(got[1].all()):
+            got = (got[0], None)
+        chunks.append(absent_chunk(rb.num_rows, dim) if got is None else Chunk(*got))
+    has = [np.ones(len(c.values), bool) if c.valid is None else c.valid for c in chunks]
+    return Block(
+        seqs=rows.seqs,
+        keys=rows.keys,
+        tomb=rows.tombstone,
+        vecs=MappedVectors(chunks, dim, metric == "cosine", owners=(handle,)),
+        has_vec=np.concatenate(has) if has else np.zeros(0, bool),
+        texts=rows.texts,
+        meta=rows.metadata,
+    )
+
+
 def _slice(b: Block, lo: int, hi: int) -> Block:
     return Block(
         seqs=b.seqs[lo:hi],
         keys=b.keys[lo:hi],
         tomb=b.tomb[lo:hi],
-        vecs=b.vecs[lo:hi],
+        vecs=b.vecs.slice(lo, hi) if isinstance(b.vecs, MappedVectors) else b.vecs[lo:hi],
         has_vec=b.has_vec[lo:hi],
         texts=None if b.texts is None else b.texts[lo:hi],
         meta=None if b.meta is None else b.meta[lo:hi],

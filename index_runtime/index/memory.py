@@ -8,6 +8,13 @@ lists plus the slot -> seq list (8). Nothing is sized by the largest seq (rewrit
 memory once compacted; the HNSW shadow's seq bitmap, 1 bit per seq, is the exception). Fixed costs: the codebook (coarse centroids and PQ centroids). The writer adds its key index (~190 B per key, measured in
 bench/results/store.md) and its memtable bound; the shadow role adds the oracle's windows
 (negligible). Texts and metadata are extra and depend on the data.
+
+With ``vectors: mmap`` (index/vectors.py) the exact vectors leave the reader's anonymous
+memory: they are read from memory-mapped segment copies on local disk (the cache directory
+holds whole segment files: vectors plus seq, key and flags, ~4·d + 17 bytes per row before
+texts and metadata); the reader keeps 16 bytes per row of them in memory (the row's place in
+the mapping, and its two normalization divisors). The pages a search touches are file-backed page cache: reclaimable, but
+counted in a container's memory cgroup while resident.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ if TYPE_CHECKING:
     from index_runtime.index.view import View
 
 KEY_INDEX_BYTES_PER_ROW = 190  # measured: bench/results/store.md
+SEGMENT_ROW_BYTES = 17  # a segment file's row besides its vector: seq, key (int), flags
+MAPPED_ROW_BYTES = 16  # vectors: mmap: each row's place in the mapping, cosine divisors
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,14 @@ class MemoryPlan:
     reader_bytes: int
     shadow_bytes: int
     writer_bytes: int
+    vector_bytes: int = 0  # the exact vectors inside reader_bytes (4·d per row)
+    disk_bytes: int = 0  # vectors: mmap: the cached segment files on local disk
+
+    @property
+    def reader_mapped_bytes(self) -> int:
+        """A reader's memory with vectors memory-mapped: codes, lists, key columns, and per
+        row its place in the mapping and its cosine divisors (index/vectors.py)."""
+        return self.reader_bytes - self.vector_bytes + self.vectors * MAPPED_ROW_BYTES
 
 
 def plan_memory(
@@ -42,7 +59,9 @@ def plan_memory(
     codebook = 4 * dim * nlist + 4 * dim * (1 << nbits)
     reader = vectors * per_row + codebook
     writer = reader + vectors * KEY_INDEX_BYTES_PER_ROW + memtable_rows * (4 * dim + 64)
-    return MemoryPlan(vectors, dim, nlist, m, nbits, reader, reader, writer)
+    vec = vectors * 4 * dim
+    disk = vectors * (4 * dim + SEGMENT_ROW_BYTES)
+    return MemoryPlan(vectors, dim, nlist, m, nbits, reader, reader, writer, vec, disk)
 
 
 def _array_bytes(obj: object, seen: set[int]) -> int:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from index_runtime.index.filters import parse_metadata
 from index_runtime.store.rows import KeyType, RowBatch, concat_batches
+
+if TYPE_CHECKING:
+    from index_runtime.index.vectors import MappedVectors
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -28,6 +31,24 @@ def normalize(x: F32) -> F32:
     scale = np.abs(x).max(axis=-1, keepdims=True)
     y = np.asarray(x / np.where(scale == 0, 1, scale), dtype=np.float32)
     y /= np.where((norms := np.linalg.norm(y, axis=-1, keepdims=True)) == 0, 1, norms)
+    return y
+
+
+def normalize_factors(x: F32) -> F32:
+    """Per row, the two divisors :func:`normalize` applies, as an (n, 2) array: dividing by
+    them (:func:`apply_factors`) gives :func:`normalize`'s bits exactly, row by row (mapped
+    vectors keep these 8 bytes per row instead of normalizing each read afresh)."""
+    scale = np.abs(x).max(axis=-1, keepdims=True)
+    s = np.where(scale == 0, 1, scale)
+    y = np.asarray(x / s, dtype=np.float32)
+    norms = np.linalg.norm(y, axis=-1, keepdims=True)
+    return np.concatenate([s, np.where(norms == 0, 1, norms)], axis=1).astype(np.float32)
+
+
+def apply_factors(x: F32, factors: F32) -> F32:
+    """``normalize(x)`` from ``normalize_factors(x)`` (rows may be any subset, in order)."""
+    y = np.asarray(x / factors[:, :1], dtype=np.float32)
+    y /= factors[:, 1:]
     return y
 
 
@@ -47,7 +68,9 @@ class Block:
     seqs: I64
     keys: npt.NDArray[Any]
     tomb: Mask
-    vecs: F32  # (n, d); NaN rows where a row has no vector for the model
+    # (n, d); NaN rows where a row has no vector for the model. In memory, or read on demand
+    # from memory-mapped segment files (index/vectors.py: read through ``take``/``row_range``)
+    vecs: F32 | MappedVectors
     has_vec: Mask
     texts: list[str | None] | None
     meta: list[str | None] | None

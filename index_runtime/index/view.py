@@ -25,6 +25,7 @@ from index_runtime.index.filters import Filter, FilterPlan, plan_filtered
 from index_runtime.index.primary import Primary, alive_slots, lookup, sort_seqs
 from index_runtime.index.rows import F32, I64, Block, Mask, key_codes, score, winners
 from index_runtime.index.settings import IndexSettings
+from index_runtime.index.vectors import MappedVectors, row_range, take
 from index_runtime.store.rows import Key
 
 
@@ -89,11 +90,11 @@ class View:
     def vectors_at(self, pos: I64) -> F32:
         nb = len(self.base.block)
         if len(self.delta) == 0:
-            return self.base.block.vecs[pos]
+            return take(self.base.block.vecs, pos)
         out = np.empty((len(pos), self.dim), np.float32)
         m = pos < nb
-        out[m] = self.base.block.vecs[pos[m]]
-        out[~m] = self.delta.vecs[pos[~m] - nb]
+        out[m] = take(self.base.block.vecs, pos[m])
+        out[~m] = take(self.delta.vecs, pos[~m] - nb)
         return out
 
     def _field(self, name: str, pos: int) -> Any:
@@ -276,7 +277,7 @@ class View:
         cand = p.pos[ids0]
         tail = self.tails[codebook]
         if self._fast and not len(tail):  # the common case, kept short: no tail, no delta
-            exact = self.base.block.vecs[cand] @ q
+            exact = take(self.base.block.vecs, cand) @ q
             order = np.argsort(-exact, kind="stable")[:k]
             if not approx:
                 return Hits(cand[order], exact[order])
@@ -303,7 +304,7 @@ class View:
 
     def _exact_scores(self, pos: I64, q: F32) -> F32:
         if self.metric != "l2" and not len(self.delta):
-            return self.base.block.vecs[pos] @ q  # the common case, kept short
+            return take(self.base.block.vecs, pos) @ q  # the common case, kept short
         return score(self.vectors_at(pos), q, self.metric)
 
 
@@ -333,7 +334,7 @@ def _topk_masked(view: View, qs: F32, k: int, allowed: Mask) -> list[Hits]:
             n_ok = int(np.count_nonzero(ok))
             if not n_ok:
                 continue
-            mat = blk.vecs[start:stop]
+            mat = row_range(blk.vecs, start, stop)
             with np.errstate(invalid="ignore"):  # NaN rows (no vector) are masked below
                 sc = mat @ qs.T  # (rows, nq)
                 if view.metric == "l2":
@@ -354,13 +355,15 @@ def _topk_masked(view: View, qs: F32, k: int, allowed: Mask) -> list[Hits]:
     return out
 
 
-def empty_block(dim: int, key_type: str, rows: int = 0) -> Block:
-    """A block of ``rows`` uninitialized rows (to be filled), or an empty one."""
+def empty_block(dim: int, key_type: str, rows: int = 0, vectors: bool = True) -> Block:
+    """A block of ``rows`` uninitialized rows (to be filled), or an empty one. Without
+    ``vectors`` its vectors are empty (a mapped block's are assembled separately)."""
+    vecs: F32 | MappedVectors = np.empty((rows if vectors else 0, dim), np.float32)
     return Block(
         seqs=np.zeros(rows, np.int64),
         keys=np.zeros(rows, np.int64) if key_type == "int" else np.empty(rows, object),
         tomb=np.zeros(rows, bool),
-        vecs=np.empty((rows, dim), np.float32),
+        vecs=vecs,
         has_vec=np.zeros(rows, bool),
         texts=None,
         meta=None,

@@ -51,6 +51,7 @@ from index_runtime.index.training import (
     sample_rows,
     train_codebook,
 )
+from index_runtime.index.vectors import VectorStorage, take
 from index_runtime.index.view import Hits, View
 from index_runtime.migration import (
     STATUS_QUO,
@@ -84,6 +85,7 @@ from index_runtime.store.manifest import (
 )
 from index_runtime.store.objects import ObjectStore, new_object_name
 from index_runtime.store.rows import RowBatch
+from index_runtime.store.segcache import SegmentCache
 from index_runtime.store.writer import IndexWriter
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ class RuntimeOptions:
     shadow_url: str | None = None  # a reader without the shadow role mirrors samples here
     query_log: QueryLogSettings = field(default_factory=QueryLogSettings)  # off: querylog.py
     writer_url: str | None = None  # a reader without the writer role forwards sampled texts here
+    vectors: VectorStorage = field(default_factory=VectorStorage)  # raw vectors: memory | mmap
 
 
 @dataclass(frozen=True)
@@ -165,11 +168,18 @@ class IndexRuntime:
         self.hooks = hooks or Hooks()
         self.clock = clock
         self.mlog = ManifestLog(store)
-        self.builder = ViewBuilder(store)  # owned by the refresher (under _refresh_lock)
         self._rng = random.Random(options.seed)
         manifest = writer.manifest if writer is not None else self.mlog.latest()
         if manifest is None:
             raise NotFoundError(f"index {name!r} does not exist in {store.describe()}")
+        self.segment_cache: SegmentCache | None = None  # vectors: mmap
+        vs = options.vectors
+        if vs.mode == "mmap" and vs.cache_dir is not None:
+            self.segment_cache = SegmentCache(
+                store, vs.cache_dir / name, vs.cache_bytes, manifest.index.key_type
+            )
+        # owned by the refresher (under _refresh_lock)
+        self.builder = ViewBuilder(store, cache=self.segment_cache)
         spec = manifest.index
         model = spec.write_models[0]
         settings = IndexSettings.from_json(manifest.settings, spec.dims[model])
@@ -335,6 +345,8 @@ class IndexRuntime:
                 self.mlog.drop_pin(self.pin_holder)
             except Exception:
                 log.exception("dropping the pin of %s failed; it expires by itself", self.name)
+        if self.segment_cache is not None:  # a successor may take the directory; the
+            self.segment_cache.close()  # views still read their mapped segments
         if self.writer is not None:
             self.writer.close()
 
@@ -421,7 +433,7 @@ class IndexRuntime:
         model = serving_model(m)
         log.info("index %s now serves model %s", self.name, model)
         settings = IndexSettings.from_json(m.settings, m.index.dims[model])
-        self.builder = ViewBuilder(self.store)
+        self.builder = ViewBuilder(self.store, cache=self.segment_cache)
         self._native_builder = None
         o = settings.oracle
         oracle = Oracle(o.k, o.window, o.cpu_budget, o.queue, self._measured)
@@ -455,7 +467,7 @@ class IndexRuntime:
             self._native_builder = None
             return None
         if self._native_builder is None or self._native_builder.model != to:
-            self._native_builder = ViewBuilder(self.store, model=to)
+            self._native_builder = ViewBuilder(self.store, model=to, cache=self.segment_cache)
         return (view, self._native_builder.build(m, pending, settings))
 
     def _renew_pin(self) -> None:
@@ -749,7 +761,7 @@ class IndexRuntime:
                     break
                 lo, hi = view.base.seg_ranges[seg.id]
                 rows = np.flatnonzero(blk.has_vec[lo:hi]) + lo
-                data = encode_segment_index(codebook, blk.vecs[rows], blk.seqs[rows])
+                data = encode_segment_index(codebook, take(blk.vecs, rows), blk.seqs[rows])
                 key = new_object_name("indexfiles", ".faiss")
                 self.store.put(key, data)
                 files.append(IndexFile(seg.id, book.version, key, len(rows), len(data)))

@@ -136,7 +136,8 @@ def _to_numpy_vectors(col: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
 def record_batch_to_rows(
     rb: pa.RecordBatch | pa.Table, key_type: KeyType, columns: str = "all"
 ) -> RowBatch:
-    """Arrow -> RowBatch. ``columns="keys"`` reads only seq/key/tombstone (cheap scans)."""
+    """Arrow -> RowBatch. ``columns="keys"`` reads only seq/key/tombstone (cheap scans);
+    ``columns="payload"`` everything but the vectors (read from the mapping instead)."""
     names = rb.schema.names
     keys_col = rb.column(names.index("key"))
     if key_type == "int":
@@ -155,7 +156,7 @@ def record_batch_to_rows(
     if columns == "keys":
         return out
     for name in names:
-        if name.startswith(VECTOR_PREFIX):
+        if name.startswith(VECTOR_PREFIX) and columns != "payload":
             field = rb.schema.field(name)
             out.vectors[name[len(VECTOR_PREFIX) :]] = _to_numpy_vectors(
                 rb.column(names.index(name)), field.type.list_size
@@ -174,6 +175,40 @@ def _open(source: bytes | pa.Buffer | str) -> Any:
         return pa.ipc.open_file(pa.BufferReader(source))
     except pa.ArrowInvalid as exc:
         raise CorruptObjectError(f"segment is not a readable Arrow IPC file: {exc}") from None
+
+
+def open_segment(source: bytes | str, key_type: KeyType) -> Any:
+    """The segment's Arrow IPC file reader, its schema checked (a path is memory-mapped)."""
+    reader = _open(source)
+    _check_schema(reader.schema, key_type)
+    return reader
+
+
+def mapped_vectors(
+    rb: pa.RecordBatch, model: str
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Zero-copy ``(values (n, d) float32, valid or None)`` of the model's vector column, or
+    None if the batch has no column for the model. ``values`` is a read-only view of the
+    FixedSizeList's values buffer (of the memory-mapped file when the batch was read from
+    one); rows where ``valid`` is False have no vector and hold whatever was written there
+    (zeros, by :func:`_vector_array`). A values child with nulls of its own (never written
+    by this module) is decoded into memory with NaN in place of its nulls."""
+    name = VECTOR_PREFIX + model
+    if name not in rb.schema.names:
+        return None
+    col = rb.column(rb.schema.names.index(name))
+    d = col.type.list_size
+    n = len(col)
+    child = col.values.slice(col.offset * d, n * d)
+    if child.null_count:
+        flat = np.asarray(child.to_numpy(zero_copy_only=False), np.float32).copy()
+        flat[np.asarray(child.is_null().to_numpy(zero_copy_only=False))] = np.nan
+    else:
+        flat = child.to_numpy(zero_copy_only=True)
+    valid = None
+    if col.null_count:
+        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
+    return flat.reshape(n, d), valid
 
 
 def iter_segment(
