@@ -350,6 +350,10 @@ class LanceDB(Peer):
 
 
 class Milvus(Peer):
+    """Milvus Lite (a .db path to MilvusClient). milvus-lite 3.x is a Python re-implementation
+    over FAISS indexes serving gRPC from a thread of this process on 127.0.0.1 (2.x ran the C++
+    engine as a child process: its RSS is counted too); 3.2 refuses IVF_PQ, so HNSW is used."""
+
     name = "milvus"
     batch_api = "MilvusClient.search(data=queries)"
 
