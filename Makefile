@@ -68,6 +68,18 @@ test-slow-core: $(DEPS)
 test-slow-cluster: $(DEPS) tools
 	@echo "== slow suite on the local cluster (kubelet and Prometheus harness, the chaos campaign)"; $(BIN)/python -m pytest $(CLUSTER_TESTS) -q -m slow -p no:cacheprovider --durations=10
 
+# Peers in one run (bench/peers.py): Driftless, raw FAISS, LanceDB, Milvus Lite, Chroma, Qdrant
+# (local mode), usearch and hnswlib on 1M synthetic rows (d=128) at matched recall@10; each peer
+# in its own process. Expect about 3-4 hours on 2 quiet cores: the single-threaded HNSW builds
+# (chroma, usearch, hnswlib, Milvus Lite; ~15-30 min each at 1M), LanceDB's and Milvus' slow
+# single-query sweeps, and Qdrant's local mode, an exact Python scan (~1 s a query at 1M).
+# Writes bench/results/peers/{peers.json,peers.md,peers.png}. PEERS_ARGS: e.g. "--peers driftless,faiss"
+PEERS_ARGS ?=
+.PHONY: bench-peers
+bench-peers: $(DEPS)
+	$(BIN)/python -m pip install -q -e ".[bench,peers]"
+	$(BIN)/python bench/peers.py --rows 1000000 --queries 1000 --batch 1000 --repeats 3 --out bench/results/peers $(PEERS_ARGS)
+
 bench: $(DEPS)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/store.py

@@ -74,7 +74,8 @@ def build_index(data: Path, x: np.ndarray, primary: dict[str, Any], name: str = 
     w.flush()
     rt.refresh()
     t = time.perf_counter()
-    rt._train()  # synchronously: sample, train, store, encode segments
+    op, _ = rt.operations.begin("train")  # the training operation, run in this thread:
+    rt.operations.finish(op, rt._train(op))  # sample, train, store, encode segments
     train_s = time.perf_counter() - t
     if rt.failures:
         raise RuntimeError(rt.last_failure)
