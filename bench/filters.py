@@ -61,7 +61,8 @@ def build(data: Path, x: np.ndarray, primary: dict[str, Any]) -> np.ndarray:
         rt.upsert(ids, {"m": x[i : i + step]}, None, [{"bucket": j % 100} for j in ids])
     w.flush()
     rt.refresh()
-    rt._train()
+    op, _ = rt.operations.begin("train")  # the training operation, run in this thread
+    rt.operations.finish(op, rt._train(op))
     if rt.failures:
         raise RuntimeError(rt.last_failure)
     rt.promote()
