@@ -127,17 +127,16 @@ class KeyIndex:
 
     def _add_rows(self, keys: Arr, seqs: Arr, segs: Arr, tombs: Arr,
                   deltas: dict[int, SegmentDelta] | None) -> None:
-        first, inv = group_keys(keys, self.key_type, self._map.hash_fn)
-        order = np.lexsort((seqs, inv))  # by key, then seq: each key's newest row is last
-        last = order[np.flatnonzero(np.r_[inv[order][1:] != inv[order][:-1], True])]
-        slots = self._map.locate(keys[first])
+        h = self._map.hashes(keys)
+        last, inv = group_keys(keys, self.key_type, self._map.hash_fn, h, seqs)
+        slots = self._map.locate(keys[last], h[last])
         was = self._map.get(slots)
-        newer = (was.rows == 0) | (was.seq < seqs[last])
+        newer = (was.rows == 0) | (was.seq < seqs[last])  # each key's newest row is ``last``
         now = Entries(
             np.where(newer, seqs[last], was.seq),
             np.where(newer, segs[last], was.seg).astype(np.int32),
             np.where(newer, tombs[last], was.tomb),
-            (was.rows + np.bincount(inv, minlength=len(first))).astype(np.int32),
+            (was.rows + np.bincount(inv, minlength=len(last))).astype(np.int32),
         )
         if deltas is not None:
             _move(deltas, was, now)

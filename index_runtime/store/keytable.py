@@ -131,6 +131,8 @@ class _Table:
         """Both tables' entries in one sorted table (the key sets must be disjoint)."""
         if not len(other):
             return self
+        if not len(self):
+            return other
         pos = np.searchsorted(self.h, other.h)
         kb = None
         if self.kb is not None and other.kb is not None:
@@ -194,15 +196,18 @@ class PackedMap:
         out[:] = list(keys)
         return out
 
-    def _split(self, keys: Arr) -> Iterator[tuple[int, I64, I64, Arr | None]]:
+    def hashes(self, keys: Arr) -> I64:
+        """Where the keys sort in a table: int keys themselves, or the strings' hashes."""
+        return hash_keys(keys, self.key_type, self.hash_fn)
+
+    def _split(self, keys: Arr, h: I64) -> Iterator[tuple[int, I64, I64, Arr | None]]:
         """(bucket, positions, hashes, key bytes) for each bucket the keys fall in."""
         n = len(keys)
         if self.key_type == "int":
-            yield 0, np.arange(n, dtype=np.int64), keys.astype(np.int64), None
+            yield 0, np.arange(n, dtype=np.int64), h, None
             return
-        h = np.fromiter(map(self.hash_fn, keys), np.int64, n)
         enc = np.empty(n, object)
-        enc[:] = [k.encode("utf-8") for k in keys]
+        enc[:] = list(map(str.encode, keys))
         lens = np.fromiter(map(len, enc), np.int64, n)
         cls = np.searchsorted(WIDTHS, lens)
         if n and int(cls.max()) >= len(WIDTHS):
@@ -225,15 +230,17 @@ class PackedMap:
 
     # bulk operations ---------------------------------------------------------------------------
 
-    def locate(self, keys: Arr) -> Slots:
-        """Slots of ``keys`` (distinct, as made by :meth:`key_array`)."""
+    def locate(self, keys: Arr, h: I64 | None = None) -> Slots:
+        """Slots of ``keys`` (distinct, as made by :meth:`key_array`; ``h``: their
+        :meth:`hashes` if known)."""
         groups = []
-        for b, sel, h, kb in self._split(keys):
+        h = self.hashes(keys) if h is None else h
+        for b, sel, hb, kb in self._split(keys, h):
             bucket = self._bucket(b)
-            pd = bucket.delta.find(h, kb)
-            pb = bucket.base.find(h, kb)
+            pd = bucket.delta.find(hb, kb)
+            pb = bucket.base.find(hb, kb)
             level = np.where(pd >= 0, 1, np.where(pb >= 0, 0, -1)).astype(np.int8)
-            groups.append(_Group(b, sel, h, kb, level, np.where(pd >= 0, pd, pb)))
+            groups.append(_Group(b, sel, hb, kb, level, np.where(pd >= 0, pd, pb)))
         return Slots(len(keys), groups)
 
     def get(self, slots: Slots) -> Entries:
@@ -305,19 +312,27 @@ class PackedMap:
         return sum(t.nbytes for b in self._buckets.values() for t in (b.base, b.delta))
 
 
-def group_keys(keys: Arr, key_type: KeyType, hash_fn: HashFn = hash) -> tuple[I64, I64]:
-    """Exact grouping of a key column: (one row index per distinct key, group of each row)."""
-    if key_type == "int" or len(keys) == 0:
-        _, first, inv = np.unique(keys.astype(np.int64), return_index=True, return_inverse=True)
-        return first.astype(np.int64), inv.astype(np.int64)
-    h = np.fromiter(map(hash_fn, keys), np.int64, len(keys))
-    order = np.argsort(h, kind="stable")
-    hs, ks = h[order], keys[order]
+def hash_keys(keys: Arr, key_type: KeyType, hash_fn: HashFn = hash) -> I64:
+    if key_type == "int":
+        return keys.astype(np.int64)
+    return np.fromiter(map(hash_fn, keys), np.int64, len(keys))
+
+
+def group_keys(keys: Arr, key_type: KeyType, hash_fn: HashFn = hash, h: I64 | None = None,
+               seqs: I64 | None = None) -> tuple[I64, I64]:
+    """Exact grouping of a key column: (one row index per distinct key, group of each row).
+    With ``seqs``, each group's row is the one with the highest seq. ``h``: the keys' hashes
+    (:func:`hash_keys`) if known. Int keys come out in ascending order."""
+    h = hash_keys(keys, key_type, hash_fn) if h is None else h
+    order = np.argsort(h, kind="stable") if seqs is None else np.lexsort((seqs, h))
+    hs = h[order]
     new_h = hs[1:] != hs[:-1]
-    if np.any(~new_h & (ks[1:] != ks[:-1])):  # a hash shared by two keys: group exactly
-        _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-        return first.astype(np.int64), inv.astype(np.int64)
-    starts = np.concatenate([[True], new_h])
+    if key_type == "str" and len(keys):
+        ks = keys[order]
+        if np.any(~new_h & (ks[1:] != ks[:-1])):  # a hash shared by two keys: group exactly
+            _, inv = np.unique(keys, return_inverse=True)
+            return group_keys(inv.astype(np.int64), "int", seqs=seqs)
+    ends = np.r_[new_h, True] if len(keys) else np.zeros(0, bool)
     inv = np.empty(len(keys), np.int64)
-    inv[order] = np.cumsum(starts) - 1
-    return order[starts].astype(np.int64), inv
+    inv[order] = np.cumsum(np.r_[True, new_h][: len(keys)]) - 1
+    return order[ends].astype(np.int64), inv
