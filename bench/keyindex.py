@@ -9,9 +9,9 @@ temporary directory), so both sides run their own code on the same data:
 
 - memory: bytes per key retained by the index after it is built from segments of 100,000 rows
   (batches of 10,000, keys in random order), measured with tracemalloc (Python objects and
-  numpy buffers alike), started once the input batches exist and read after they are freed
-  (so the dict index is charged for the key objects it keeps alive, as it would be after
-  reading segments), plus tracemalloc's peak above the inputs while building;
+  numpy buffers alike), started before the input batches are made and read after they are
+  freed (so the dict index is charged for the key objects it keeps alive, as after reading
+  segments), plus tracemalloc's peak while building, above the inputs' size;
 - build time: the same build without tracemalloc, median over the repeats (the baseline calls
   ``add_segment`` per batch, as its writer does at open; the packed index is timed both with
   ``KeyIndex.build``, what the writer now does at open, and with ``add_segment`` per batch,
@@ -85,16 +85,18 @@ def build(impl: str, key_type: str, batches: list[tuple[int, Any]], how: str) ->
 
 def phase_memory(impl: str, key_type: str, n: int, how: str) -> dict[str, Any]:
     build(impl, key_type, make_batches(10, key_type), how)  # imports, outside the measurement
-    batches = make_batches(n, key_type)
     gc.collect()
     tracemalloc.start()
+    batches = make_batches(n, key_type)
+    inputs = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
     index = build(impl, key_type, batches, how)
     del batches
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(index.winner if impl == "dict" else index) == n
-    return {"bytes_per_key": current / n, "peak_bytes_per_key": peak / n,
+    return {"bytes_per_key": current / n, "peak_bytes_per_key": (peak - inputs) / n,
             "array_bytes_per_key": None if impl == "dict" else index.nbytes / n}
 
 
@@ -180,8 +182,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{' (plus uncommitted changes)' if res['dirty'] else ''}.", "",
         "Bytes per key: tracemalloc's traced memory retained after building the index from "
         f"segments of {SEGMENT_ROWS:,} rows in batches of {BATCH:,} (input batches freed), over "
-        "the number of keys; tracing starts once the input batches exist, so peak is the "
-        "building's own peak above them. String keys are `doc-000000123` (13 UTF-8 bytes). Times are medians over "
+        "the number of keys (the dict index is charged for the key objects it keeps alive); "
+        "peak is tracemalloc's peak while building minus the input batches' size. String keys are `doc-000000123` (13 UTF-8 bytes). Times are medians over "
         f"{res['repeats']} runs, each in a fresh process, without tracemalloc.", "",
         "| keys | key type | dict B/key | packed B/key | packed arrays B/key | dict peak B/key "
         "| packed peak B/key | dict build s | packed build s (bulk, at open) "

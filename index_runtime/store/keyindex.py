@@ -87,17 +87,19 @@ class KeyIndex:
 
     @classmethod
     def build(cls, key_type: KeyType, parts: Iterable[tuple[int, RowBatch]],
-              chunk_rows: int = 1 << 20) -> KeyIndex:
-        """The index of segments given as (segment id, batch of its rows) in any order: rows
-        are taken in chunks of at least ``chunk_rows`` (and at least the index's size, so the
-        merges cost O(n log n) in all)."""
+              chunk_rows: int = 1 << 18) -> KeyIndex:
+        """The index of segments given as (segment id, batch of its rows) in any order.
+
+        Rows are added in chunks of at least ``chunk_rows`` and 1/8 of the index's size: a
+        chunk costs ~200 B per row while it is added (so ~25 B per key of the index at most)
+        and one merge of the index's arrays, so building n keys copies ~9n entries in all."""
         index = cls(key_type)
         pending: list[tuple[int, RowBatch]] = []
         rows = 0
         for seg_id, batch in parts:
             pending.append((seg_id, batch))
             rows += len(batch)
-            if rows >= max(chunk_rows, len(index._map)):
+            if rows >= max(chunk_rows, len(index._map) // 8):
                 index._absorb(pending)
                 pending, rows = [], 0
         index._absorb(pending)

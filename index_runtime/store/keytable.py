@@ -184,6 +184,7 @@ class PackedMap:
         self.merge_threshold = merge_threshold
         self.hash_fn = hash_fn
         self._buckets: dict[int, _Bucket] = {}
+        self._live = 0  # keys with rows
 
     # keys -> buckets ---------------------------------------------------------------------------
 
@@ -269,13 +270,14 @@ class PackedMap:
                 m = g.level == lvl
                 if m.any():
                     at, p = g.sel[m], g.pos[m]
+                    had, has = (t.meta[p] & _ROWS) != 0, (meta[at] & _ROWS) != 0
+                    self._live += int(np.count_nonzero(has)) - int(np.count_nonzero(had))
                     if lvl == 0:
-                        bucket.removed_in_base += int(
-                            np.count_nonzero((t.meta[p] & _ROWS != 0) & (meta[at] & _ROWS == 0))
-                        )
+                        bucket.removed_in_base += int(np.count_nonzero(had & ~has))
                     t.seq[p], t.seg[p], t.meta[p] = e.seq[at], e.seg[at], meta[at]
             new = (g.level < 0) & (e.rows[g.sel] > 0)
             at = g.sel[new]
+            self._live += len(at)
             fresh = _sorted_table(
                 g.h[new], None if g.kb is None else g.kb[new],
                 Entries(e.seq[at], e.seg[at], e.tomb[at], e.rows[at]),
@@ -305,7 +307,7 @@ class PackedMap:
                 yield t.seg, (t.meta & _TOMB) != 0, (t.meta & _ROWS).astype(np.int64)
 
     def __len__(self) -> int:
-        return sum(int(np.count_nonzero(rows)) for _, _, rows in self.tables())
+        return self._live
 
     @property
     def nbytes(self) -> int:
@@ -327,11 +329,10 @@ def group_keys(keys: Arr, key_type: KeyType, hash_fn: HashFn = hash, h: I64 | No
     order = np.argsort(h, kind="stable") if seqs is None else np.lexsort((seqs, h))
     hs = h[order]
     new_h = hs[1:] != hs[:-1]
-    if key_type == "str" and len(keys):
-        ks = keys[order]
-        if np.any(~new_h & (ks[1:] != ks[:-1])):  # a hash shared by two keys: group exactly
-            _, inv = np.unique(keys, return_inverse=True)
-            return group_keys(inv.astype(np.int64), "int", seqs=seqs)
+    same = np.flatnonzero(~new_h)  # neighbours with one hash: the same key, or a collision
+    if key_type == "str" and np.any(keys[order[same]] != keys[order[same + 1]]):
+        _, inv = np.unique(keys, return_inverse=True)  # a collision: group exactly
+        return group_keys(inv.astype(np.int64), "int", seqs=seqs)
     ends = np.r_[new_h, True] if len(keys) else np.zeros(0, bool)
     inv = np.empty(len(keys), np.int64)
     inv[order] = np.cumsum(np.r_[True, new_h][: len(keys)]) - 1
