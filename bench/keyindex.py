@@ -2,8 +2,10 @@
 (this tree), side by side in one run.
 
     python bench/keyindex.py [--sizes 100000 1000000] [--compact-rows 1000000] [--repeats 3]
+    python bench/keyindex.py --sizes 10000000 --compact-rows 0 --name keyindex-10m
 
-Writes bench/results/keyindex.json and keyindex.md. Each measurement runs in its own child
+Writes bench/results/<name>.json and <name>.md (keyindex by default). Sizes above
+``--dict-max`` (1M) are measured for the packed index only, with one timing of the bulk build. Each measurement runs in its own child
 process with PYTHONPATH set to one of the two trees (the baseline is `git archive`d into a
 temporary directory), so both sides run their own code on the same data:
 
@@ -200,7 +202,9 @@ def markdown(res: dict[str, Any]) -> str:
                  f(p["peak_bytes_per_key"]), f(r.get("dict_build_s"), 2),
                  f(r["packed_bulk_build_s"], 2), f(r["packed_add_build_s"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
-    c = res["compaction"]
+    c = res.get("compaction")
+    if c is None:
+        return "\n".join([*lines, "", "(no compaction in this run)", ""])
     lines += [
         "", f"## Compaction of {c['rows']:,} rows (int keys, d = {DIM}, 30% deleted)", "",
         "A fresh process opens the writer (rebuilding the key index from the segments) and "
@@ -223,6 +227,7 @@ def main() -> None:
     ap.add_argument("--compact-rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", default="main", help="git ref of the dict index")
+    ap.add_argument("--name", default="keyindex", help="results file name (json, md)")
     args = ap.parse_args()
     from tqdm import tqdm
 
@@ -261,30 +266,32 @@ def main() -> None:
                     run(old, ["build_time", "dict", kt, str(n), "add"])["build_s"]
                     for _ in range(args.repeats))
             row["packed"] = run(ROOT, ["memory", "packed", kt, str(n), "bulk"])
-            for how in ("bulk", "add"):
+            # past --dict-max: one timing of the bulk build only (the time rule of a run)
+            for how in ("bulk", "add") if with_dict else ("bulk",):
                 row[f"packed_{how}_build_s"] = med(
                     run(ROOT, ["build_time", "packed", kt, str(n), how])["build_s"]
-                    for _ in range(args.repeats))
+                    for _ in range(args.repeats if with_dict else 1))
             res["memory"].append(row)
         n = args.compact_rows
-        src = tmp / "source"
-        src.mkdir()
-        run(ROOT, ["ingest", str(src), str(n)])
-        comp: dict[str, list[dict[str, Any]]] = {"dict": [], "packed": []}
-        for _ in tqdm(range(args.repeats), desc="compaction"):
-            for name, tree in (("dict", old), ("packed", ROOT)):  # side by side, same data
-                work = tmp / f"work-{name}"
-                shutil.rmtree(work, ignore_errors=True)
-                shutil.copytree(src, work)
-                comp[name].append(run(tree, ["compact", str(work), str(n)]))
-        res["compaction"] = {"rows": n, "runs": comp, **{
-            name: {k: med(r[k] for r in runs) for k in ("open_s", "compact_s")}
-            for name, runs in comp.items()}}
+        if n:
+            src = tmp / "source"
+            src.mkdir()
+            run(ROOT, ["ingest", str(src), str(n)])
+            comp: dict[str, list[dict[str, Any]]] = {"dict": [], "packed": []}
+            for _ in tqdm(range(args.repeats), desc="compaction"):
+                for name, tree in (("dict", old), ("packed", ROOT)):  # side by side, same data
+                    work = tmp / f"work-{name}"
+                    shutil.rmtree(work, ignore_errors=True)
+                    shutil.copytree(src, work)
+                    comp[name].append(run(tree, ["compact", str(work), str(n)]))
+            res["compaction"] = {"rows": n, "runs": comp, **{
+                name: {k: med(r[k] for r in runs) for k in ("open_s", "compact_s")}
+                for name, runs in comp.items()}}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "keyindex.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / "keyindex.md").write_text(markdown(res))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(res))
     print(markdown(res))
 
 
