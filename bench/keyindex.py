@@ -179,7 +179,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# Key index: dict vs packed", "",
         f"Command: `{res['command']}` — started {res['started']}, {res['cpus']} CPUs, "
-        f"OMP_NUM_THREADS={res['threads']}, python {res['python']}, numpy {res['numpy']}.",
+        f"OMP_NUM_THREADS={res['threads']}, python {res['python']}, numpy {res['numpy']}; "
+        f"load average {res['load_average_at_start']:.1f} at the start (the machine may be "
+        "shared: compare times within one run).",
         f"Baseline (dict): `{res['baseline']}`; packed: `{res['packed']}`"
         f"{' (plus uncommitted changes)' if res['dirty'] else ''}.", "",
         "Bytes per key: tracemalloc's traced memory retained after building the index from "
@@ -253,6 +255,7 @@ def main() -> None:
         "packed": f"HEAD {git('rev-parse', '--short', 'HEAD')}",
         "dirty": bool(git("status", "--porcelain", "index_runtime")),
         "repeats": args.repeats, "memory": [], "lancedb": lance,
+        "load_average_at_start": os.getloadavg()[0],
     }
     med = statistics.median
     jobs = [(n, kt) for n in args.sizes for kt in ("int", "str")]
