@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any
 
 import numpy as np
@@ -209,19 +210,19 @@ class PackedMap:
             return
         enc = np.empty(n, object)
         enc[:] = list(map(str.encode, keys))
+        # a bytes column drops trailing NULs: a key ending in one is stored with a b"\x01"
+        # terminator, in buckets of its own
+        nul = np.fromiter(map(methodcaller("endswith", b"\x00"), enc), bool, n)
+        if nul.any():
+            enc[nul] = [e + b"\x01" for e in enc[nul]]
         lens = np.fromiter(map(len, enc), np.int64, n)
         cls = np.searchsorted(WIDTHS, lens)
         if n and int(cls.max()) >= len(WIDTHS):
             raise ValueError("a string key is longer than 64 KiB")
-        for c in np.unique(cls).tolist():
-            sel = np.flatnonzero(cls == c)
-            kb = np.array(enc[sel], dtype=f"S{WIDTHS[c]}")
-            # bytes columns drop trailing NULs: keys ending in one get buckets of their own
-            nul = np.strings.str_len(kb) != lens[sel]
-            for flag in (False, True):
-                part = np.flatnonzero(nul == flag)
-                if len(part):
-                    yield 2 * c + int(flag), sel[part], h[sel[part]], kb[part]
+        bucket = 2 * cls + nul
+        for b in np.unique(bucket).tolist():
+            sel = np.flatnonzero(bucket == b)
+            yield b, sel, h[sel], np.array(enc[sel], dtype=f"S{WIDTHS[b // 2]}")
 
     def _bucket(self, b: int) -> _Bucket:
         if b not in self._buckets:
@@ -237,7 +238,11 @@ class PackedMap:
         groups = []
         h = self.hashes(keys) if h is None else h
         for b, sel, hb, kb in self._split(keys, h):
-            bucket = self._bucket(b)
+            bucket = self._buckets.get(b)  # (a lookup creates no bucket)
+            if bucket is None:
+                none = np.full(len(sel), -1, np.int64)
+                groups.append(_Group(b, sel, hb, kb, none.astype(np.int8), none))
+                continue
             pd = bucket.delta.find(hb, kb)
             pb = bucket.base.find(hb, kb)
             level = np.where(pd >= 0, 1, np.where(pb >= 0, 0, -1)).astype(np.int8)
@@ -247,7 +252,9 @@ class PackedMap:
     def get(self, slots: Slots) -> Entries:
         out = Entries.empty(slots.n)
         for g in slots.groups:
-            bucket = self._buckets[g.bucket]
+            bucket = self._buckets.get(g.bucket)
+            if bucket is None:
+                continue
             for lvl, t in ((0, bucket.base), (1, bucket.delta)):
                 m = g.level == lvl
                 if m.any():
@@ -265,7 +272,7 @@ class PackedMap:
         is inserted. ``slots`` (and every other) is invalid afterwards."""
         meta = _pack(e)
         for g in slots.groups:
-            bucket = self._buckets[g.bucket]
+            bucket = self._bucket(g.bucket)
             for lvl, t in ((0, bucket.base), (1, bucket.delta)):
                 m = g.level == lvl
                 if m.any():
