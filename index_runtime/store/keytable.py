@@ -15,7 +15,8 @@ table answers a batch of lookups with one ``searchsorted``. (A dict overlay woul
 lookup per key of every batch.)
 
 Hash collisions are resolved exactly: a lookup compares the stored bytes, and the rare key whose
-hash run holds another key is found by a scan of that run.
+hash run holds another key is found by a scan of that run. (A bytes column drops trailing NULs,
+so a key ending in NUL is stored with a 0x01 terminator, in buckets of its own.)
 """
 
 from __future__ import annotations
