@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from index_runtime.store.manifest import (
 from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
 from index_runtime.store.rows import (
     Key,
+    KeyType,
     Limits,
     RowBatch,
     concat_batches,
@@ -129,6 +129,36 @@ class _Memtable:
         self.rows += len(batch)
 
 
+@dataclass
+class _Rows:
+    """(key, seq) pairs of physical rows, gathered batch by batch as arrays."""
+
+    key_type: KeyType
+    keys: list[Any] = field(default_factory=list)
+    seqs: list[Any] = field(default_factory=list)
+
+    def add(self, batch: RowBatch, mask: Any) -> None:
+        if mask.any():
+            self.keys.append(batch.keys[mask])
+            self.seqs.append(batch.seqs[mask])
+
+    def arrays(self) -> tuple[Any, Any]:
+        if not self.keys:
+            return key_array([], self.key_type), np.zeros(0, np.int64)
+        keys = np.concatenate(self.keys)
+        return keys.astype(object) if self.key_type == "str" else keys, np.concatenate(self.seqs)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """A segment written by compaction: its object key, rows and size."""
+
+    key: str
+    keys: Any
+    seqs: Any
+    nbytes: int
+
+
 def _apply_deltas(
     segments: Sequence[SegmentInfo], deltas: Mapping[int, SegmentDelta]
 ) -> list[SegmentInfo]:
@@ -169,7 +199,7 @@ class IndexWriter:
         self._mem = _Memtable()
         self._frozen: list[_Memtable] = []
         self._next_seq = manifest.flushed_seq + 1
-        self._index = KeyIndex()
+        self._index = KeyIndex(self.spec.key_type)
         self._index_stale = True
         self._stats_checked = False  # see _correct_stats
         self._inflight: set[str] = set()
@@ -283,13 +313,16 @@ class IndexWriter:
         return True
 
     def _build_index(self, segments: Sequence[SegmentInfo]) -> KeyIndex:
-        index = KeyIndex()
-        for seg in segments:
-            for batch in iter_segment(
-                segment_source(self.store, seg.key), self.spec.key_type, "keys"
-            ):
-                index.add_segment(seg.id, batch)
-        return index
+        return KeyIndex.build(
+            self.spec.key_type,
+            (
+                (seg.id, batch)
+                for seg in segments
+                for batch in iter_segment(
+                    segment_source(self.store, seg.key), self.spec.key_type, "keys"
+                )
+            ),
+        )
 
     def _rebuild_index(self) -> None:
         with self._commit:
@@ -504,10 +537,11 @@ class IndexWriter:
                 for k, s in zip(b.keys.tolist(), b.seqs.tolist(), strict=True):
                     if k in want and s > out.get(k, -1):
                         out[k] = s
-        for k in want - out.keys():
-            w = self._index.winner.get(k)
-            if w is not None:
-                out[k] = w[0]
+        rest = [k for k in want if k not in out]
+        committed = self._index.lookup(rest)
+        for k, seq, rows in zip(rest, committed.seq.tolist(), committed.rows.tolist(), strict=True):
+            if rows:
+                out[k] = seq
         return out
 
     def maybe_flush(self) -> None:
@@ -720,115 +754,96 @@ class IndexWriter:
         inputs = sorted(
             (s for s in self.manifest.segments if s.id in idset), key=lambda s: s.min_seq
         )
-        outputs: list[tuple[str, list[tuple[Key, int]], int, int, int]] = []
-        dropped: list[tuple[Key, int]] = []
-        kept: list[tuple[Key, int]] = []
+        kt = self.spec.key_type
+        outputs: list[_Output] = []
+        dropped = _Rows(kt)
+        kept = _Rows(kt)
         # winning tombstones are decided after the pass: one may go only if every row of its
         # key is among the inputs, which is known once all inputs have been read
-        tomb_candidates: list[tuple[Key, int]] = []
-        rows_of_tombstoned: Counter[Key] = Counter()
-        writer = SegmentWriter(self.spec.key_type, self.spec.dims)
+        tomb_candidates = _Rows(kt)
+        tombstoned_rows = _Rows(kt)  # keys of input rows whose winner was a tombstone
+        writer = SegmentWriter(kt, self.spec.dims)
         rows_in = 0
 
-        def cut(w: SegmentWriter, rows: list[tuple[Key, int]]) -> None:
+        def cut(w: SegmentWriter, rows: _Rows) -> None:
             data = w.finish()
             key = new_object_name("segments", ".arrow")
             self._inflight.add(key)
             self.store.put(key, data)
-            seqs = [s for _, s in rows]
-            outputs.append((key, list(rows), len(data), min(seqs), max(seqs)))
+            keys, seqs = rows.arrays()
+            outputs.append(_Output(key, keys, seqs, len(data)))
 
         try:
             for seg in inputs:
-                for batch in iter_segment(
-                    segment_source(self.store, seg.key), self.spec.key_type, "all"
-                ):
+                for batch in iter_segment(segment_source(self.store, seg.key), kt, "all"):
                     rows_in += len(batch)
-                    keep = np.zeros(len(batch), bool)
                     with self._commit:
-                        for i, (key, seq) in enumerate(
-                            zip(batch.keys.tolist(), batch.seqs.tolist(), strict=True)
-                        ):
-                            w = self._index.winner.get(key)
-                            if w is not None and w[2]:
-                                rows_of_tombstoned[key] += 1
-                            if w is None or w[0] != seq:
-                                dropped.append((key, seq))  # superseded by a committed version
-                            elif w[2]:
-                                tomb_candidates.append((key, seq))
-                            else:
-                                keep[i] = True
-                                kept.append((key, seq))
-                    if keep.any():
-                        writer.write(batch.take(np.flatnonzero(keep)))
+                        fate = self._index.classify(batch.keys, batch.seqs)
+                    tombstoned_rows.add(batch, fate.key_tombstoned)
+                    dropped.add(batch, fate.drop)
+                    tomb_candidates.add(batch, fate.tomb)
+                    kept.add(batch, fate.keep)
+                    if fate.keep.any():
+                        writer.write(batch.take(np.flatnonzero(fate.keep)))
                     if writer.nbytes >= self.config.compaction.target_bytes:
                         cut(writer, kept)
-                        kept.clear()
-                        writer = SegmentWriter(self.spec.key_type, self.spec.dims)
+                        kept = _Rows(kt)
+                        writer = SegmentWriter(kt, self.spec.dims)
             if writer.rows:
                 cut(writer, kept)
-            needed: list[tuple[Key, int]] = []
+            cand_keys, cand_seqs = tomb_candidates.arrays()
             with self._commit:
-                for key, seq in tomb_candidates:
-                    w = self._index.winner.get(key)
-                    still_shadows = self._index.rows_of(key) > rows_of_tombstoned[key]
-                    (needed if w is not None and w[0] == seq and still_shadows else dropped).append(
-                        (key, seq)
-                    )
-            if needed:
-                tombs = SegmentWriter(self.spec.key_type, self.spec.dims)
+                needed = self._index.tombstones_needed(
+                    cand_keys, cand_seqs, tombstoned_rows.arrays()[0]
+                )
+            dropped.keys.append(cand_keys[~needed])
+            dropped.seqs.append(cand_seqs[~needed])
+            if needed.any():
+                tombs = SegmentWriter(kt, self.spec.dims)
                 tombs.write(
                     RowBatch(
-                        seqs=np.array([s for _, s in needed], dtype=np.int64),
-                        keys=key_array([k for k, _ in needed], self.spec.key_type),
-                        tombstone=np.ones(len(needed), bool),
+                        seqs=cand_seqs[needed],
+                        keys=cand_keys[needed],
+                        tombstone=np.ones(int(needed.sum()), bool),
                     )
                 )
-                cut(tombs, needed)
+                cut(tombs, _Rows(kt, [cand_keys[needed]], [cand_seqs[needed]]))
             crash_point("compaction.output_put")
             self._commit_compaction(inputs, outputs, dropped)
         finally:
-            self._inflight.difference_update(o[0] for o in outputs)
+            self._inflight.difference_update(o.key for o in outputs)
         return CompactionReport(
             groups=report.groups + 1,
             input_segments=report.input_segments + len(inputs),
             output_segments=report.output_segments + len(outputs),
             rows_in=report.rows_in + rows_in,
-            rows_out=report.rows_out + sum(len(o[1]) for o in outputs),
+            rows_out=report.rows_out + sum(len(o.seqs) for o in outputs),
             bytes_in=report.bytes_in + sum(s.bytes for s in inputs),
-            bytes_out=report.bytes_out + sum(o[2] for o in outputs),
+            bytes_out=report.bytes_out + sum(o.nbytes for o in outputs),
         )
 
     def _commit_compaction(
-        self,
-        inputs: list[SegmentInfo],
-        outputs: list[tuple[str, list[tuple[Key, int]], int, int, int]],
-        dropped: list[tuple[Key, int]],
+        self, inputs: list[SegmentInfo], outputs: list[_Output], dropped: _Rows
     ) -> None:
         input_ids = {s.id for s in inputs}
         with self._commit:
             self._ensure_index()
             base = self.manifest
             first_id = base.next_segment_id
-            by_key = Counter(k for k, _ in dropped)
-            dropped_winner = {k for k, s in dropped if self._index.is_winner(k, s)}
             # dropping old rows can leave a tombstone outside the group shadowing nothing: it
             # becomes dead in its segment's statistics (and the next round drops it)
             deltas: dict[int, SegmentDelta] = {}
-            for key, n in by_key.items():
-                self._index.drop_rows(key, n, key in dropped_winner, deltas)
+            self._index.remove_rows(*dropped.arrays(), deltas)
             new: list[SegmentInfo] = []
-            for i, (okey, rows, nbytes, lo, hi) in enumerate(outputs):
+            for i, out in enumerate(outputs):
                 seg_id = first_id + i
-                live = tombs = 0
-                for key, seq in rows:
-                    moved = self._index.move_winner(key, seq, seg_id)
-                    if moved is not None and moved[1]:
-                        if moved[0]:
-                            tombs += 1
-                        else:
-                            live += 1
-                new.append(SegmentInfo(seg_id, okey, len(rows), live, tombs, lo, hi, nbytes))
+                counts = self._index.move_winners(out.keys, out.seqs, seg_id)
+                new.append(
+                    SegmentInfo(
+                        seg_id, out.key, len(out.seqs), counts.live, counts.tombstones,
+                        int(out.seqs.min()), int(out.seqs.max()), out.nbytes,
+                    )
+                )
             now = self.clock()
 
             def edit(m: Manifest) -> Manifest:
