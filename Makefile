@@ -58,7 +58,7 @@ test: lint tools
 	@echo "== integration suite (local directory and S3 via moto)"; $(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider
 
 # test-slow = test-slow-core (one process: crash points, campaigns, fuzz) + test-slow-cluster
-# (the local cluster: its harness tests and the steady chaos campaign, ~15 min; needs root)
+# (the local cluster: its harness tests and the chaos campaign, two migrations, ~22 min; needs root)
 test-slow: test-slow-core test-slow-cluster
 
 CLUSTER_TESTS = tests/integration/test_cluster_*.py
