@@ -183,11 +183,16 @@ def schedule(n: int, first_seed: int = 0, per_migration: int = 3) -> list[Group]
     for chunk in chunks:
         chunk += itertools.islice(rest, per_migration - len(chunk))
     groups = [Group(True, tuple((f, s) for _, _, f, s in sorted(chunk))) for chunk in chunks if chunk]
-    # interleave: a migration between steady trials spreads the faults over the run
+    return _interleave(groups, steady)
+
+
+def _interleave(migrations: list[Group], steady: list[Group]) -> list[Group]:
+    """A migration, then two steady trials, in turn: migrations between steady trials spread
+    the faults over the run."""
     out: list[Group] = []
-    while steady or groups:
-        if groups:
-            out.append(groups.pop(0))
+    while steady or migrations:
+        if migrations:
+            out.append(migrations.pop(0))
         out += [steady.pop(0) for _ in range(min(2, len(steady)))]
     return out
 
@@ -206,13 +211,7 @@ def ci_schedule(n: int, migrations: int, per_migration: int = 4) -> list[Group]:
     dealt = {s for g in groups for _, s in g.trials}
     left = n - len(dealt)
     steady = [(f, s) for f, s in campaign(2 * n) if f not in NEEDS_BACKFILL and s not in dealt][:left]
-    out: list[Group] = []
-    singles = [Group(False, (t,)) for t in steady]
-    while singles or groups:
-        if groups:
-            out.append(groups.pop(0))
-        out += [singles.pop(0) for _ in range(min(2, len(singles)))]
-    return out
+    return _interleave(groups, [Group(False, (t,)) for t in steady])
 
 
 def next_wait(
