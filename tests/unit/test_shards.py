@@ -58,9 +58,8 @@ def test_one_shard_is_the_unsharded_index() -> None:
 
 
 def test_split_keeps_order_within_a_shard() -> None:
-    items: list[tuple[int | str, int]] = [
-        (k, i) for i, k in enumerate(["a", "b", "c", "d", "e", "f", "g", 1, 2, 3])
-    ]
+    keys: list[int | str] = ["a", "b", "c", "d", "e", "f", "g", 1, 2, 3]
+    items = [(k, i) for i, k in enumerate(keys)]
     groups = split_by_shard(items, lambda t: t[0], 3)
     assert sorted(i for g in groups.values() for _, i in g) == list(range(len(items)))
     for shard, group in groups.items():
