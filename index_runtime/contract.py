@@ -107,6 +107,11 @@ class Env(StrEnum):
     VECTORS = "DRIFTLESS_VECTORS"
     VECTOR_CACHE_DIR = "DRIFTLESS_VECTOR_CACHE_DIR"
     VECTOR_CACHE_BYTES = "DRIFTLESS_VECTOR_CACHE_BYTES"
+    # a sharded index (index_runtime.shards): the router (`driftless route`) is given every
+    # shard's writer and reader URL, comma-separated in shard order; a shard's runtime pods
+    # read their storage prefix from S3_PREFIX (shards.shard_prefix) like any pod
+    SHARD_WRITERS = "DRIFTLESS_SHARD_WRITERS"
+    SHARD_READERS = "DRIFTLESS_SHARD_READERS"
 
 
 def serve_command(role: Role) -> list[str]:
@@ -117,6 +122,13 @@ def serve_command(role: Role) -> list[str]:
     if role is Role.WRITER:
         args += ["--wal-dir", WAL_DIR]
     return args
+
+
+def route_command() -> list[str]:
+    """The command line of a sharded index's router pods: the shards' URLs, the index and
+    the tokens come from the environment (``Env.SHARD_WRITERS``, ``Env.SHARD_READERS``,
+    ``Env.INDEX``, the token variables)."""
+    return [EXECUTABLE, "route", "--from-env", "--host", "0.0.0.0", "--port", str(HTTP_PORT)]
 
 
 def job_command(kind: JobKind) -> list[str]:
