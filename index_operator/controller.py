@@ -185,8 +185,8 @@ class Controller:
         """A Secret or Job: from the cache when it holds it, else a GET (a tokens Secret its
         owner brought has none of our labels; a Job this process just created may not be
         seen yet). A Job absent from a synced cache and not just created is absent."""
-        known, obj = (False, None) if self.cache is None else self.cache.store.lookup(
-            kind, namespace, name
+        known, obj = (
+            (False, None) if self.cache is None else self.cache.store.lookup(kind, namespace, name)
         )
         if known and obj is not None:
             self._unseen_jobs.discard((namespace, name))
@@ -276,7 +276,8 @@ class Controller:
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
         encoders = res.index_encoders(
-            models, (ix.model, served, migration_target, *self._kept_models(record, writer, ns, name))
+            models,
+            (ix.model, served, migration_target, *self._kept_models(record, writer, ns, name)),
         )
         mphase = record.phase if record is not None and record.active else ""
         objs = [
@@ -535,6 +536,7 @@ REFUSED_TOKEN = (401, 403)
 
 class CacheNotSynced(Exception):
     """A child's kind is not in the watch cache right now (its watch is relisting)."""
+
 
 FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value)
 

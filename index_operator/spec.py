@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from index_runtime.shards import check_shards
+
 GROUP = "driftless.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -130,6 +132,8 @@ class PodOptions:
 def astuple_shallow(obj: Any) -> tuple[Any, ...]:
     """A dataclass's field values, not copied (``dataclasses.astuple`` deep-copies)."""
     return tuple(getattr(obj, f.name) for f in fields(obj))
+
+
 # a backfill pod encodes with the target model (its own CPU/GPU work): the Job pod's default
 BACKFILL_POD = JOB_POD
 BACKFILL_STALL_S = 1800  # default spec.backfill.stallSeconds (the CRD's default)
@@ -235,6 +239,7 @@ class Index:
     compaction_max_segments: int
     pods: PodOptions  # spec.pods (over the operator's defaults)
     query_log: QueryLogSpec = QueryLogSpec()  # spec.queryLog
+    shards: int = 1  # spec.shards: fixed at creation (index_runtime.shards)
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -256,6 +261,10 @@ class Index:
         readers = spec.get("readers") or {}
         shadow = spec.get("shadow") or {}
         comp = spec.get("compaction") or {}
+        try:
+            shards = check_shards(spec.get("shards", 1))
+        except ValueError as exc:
+            raise SpecError(str(exc)) from exc
         return Index(
             ref=Ref.of(body),
             model=str(spec["modelRef"]["name"]),
@@ -273,6 +282,7 @@ class Index:
             compaction_max_segments=int(comp.get("maxSegments", 64)),
             pods=PodOptions.parse(spec.get("pods")),
             query_log=QueryLogSpec.parse(spec.get("queryLog")),
+            shards=shards,
         )
 
 
@@ -400,7 +410,9 @@ class Migration:
             backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
             backfill_stall_s=max(1, int(bf.get("stallSeconds", BACKFILL_STALL_S))),
             created_at=_timestamp((body.get("metadata") or {}).get("creationTimestamp")),
-            backfill_resources=_over(BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())),
+            backfill_resources=_over(
+                BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())
+            ),
         )
 
     def gate_request(self, target: Model | None = None) -> dict[str, Any]:

@@ -272,7 +272,9 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
     phase, reason, message = rec.phase, view.reason, view.message
     job_failed = ""
     if rec.phase in GATE and obs.gate_job is JobState.FAILED:
-        job_failed = "the gate Job failed (see its logs); the writer resumes the gate from its record"
+        job_failed = (
+            "the gate Job failed (see its logs); the writer resumes the gate from its record"
+        )
         reason = "GateJobFailed"
     elif rec.phase in BACKFILL:
         if view.reason == "AwaitingBackfill":  # bridged: the backfill starts when asked
@@ -389,7 +391,9 @@ class _Done:
         if rec is not None:
             progress = _progress(rec)
             if bookkeeping:
-                progress.update(mark=bookkeeping["mark"], lastProgressAt=bookkeeping["lastProgressAt"])
+                progress.update(
+                    mark=bookkeeping["mark"], lastProgressAt=bookkeeping["lastProgressAt"]
+                )
                 if bookkeeping["backfillJob"]:
                     status["backfillJob"] = bookkeeping["backfillJob"]
             status.update(

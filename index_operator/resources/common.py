@@ -157,12 +157,13 @@ def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def storage_env(ix: Index) -> list[dict[str, Any]]:
-    """Where the data lives; S3 keys only by Secret reference (or none: workload identity)."""
+def storage_env(ix: Index, prefix: str | None = None) -> list[dict[str, Any]]:
+    """Where the data lives (``prefix``: a shard's, else ``spec.storage.prefix``); S3 keys
+    only by Secret reference (or none: workload identity)."""
     st = ix.storage
     env = [
         {"name": Env.S3_BUCKET.value, "value": st.bucket},
-        {"name": Env.S3_PREFIX.value, "value": st.prefix},
+        {"name": Env.S3_PREFIX.value, "value": st.prefix if prefix is None else prefix},
     ]
     if st.endpoint:
         env.append({"name": Env.S3_ENDPOINT.value, "value": st.endpoint})
