@@ -286,9 +286,9 @@ class Controller:
         await self.wait_cache()
         tokens = await self.tokens(ns, name)
         if ix.shards > 1:
-            return await self._reconcile_sharded(
-                body, ix, model, models, desired, tokens, migrating
-            )
+            # a migration of a sharded index is refused (ShardedMigrationUnsupported): it is
+            # not this index's running migration
+            return await self._reconcile_sharded(body, ix, model, models, desired, tokens)
         token = tokens[Scope.ADMIN]
         cl = self.config.cluster
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
@@ -409,7 +409,6 @@ class Controller:
         models: Mapping[str, Model],
         desired: Mapping[str, Any],
         tokens: res.Tokens,
-        migrating: str,
     ) -> tuple[dict[str, Any], list[Event]]:
         """A sharded index: the objects of every shard and the router; each shard planned as an
         unsharded index over its own writer and shadow (its prior: its ``status.shards``
@@ -456,10 +455,9 @@ class Controller:
                 shadow=shadow or None,
                 jobs={**jobs, **await self.job_states(ns, job_names)},
                 prior=before,
-                migrating=migrating,
             )
             plans.append(plan_index(ix, obs, desired))
-        combined = combine_shards(ix, plans, prior, now, migrating)
+        combined = combine_shards(ix, plans, prior, now)
         status = combined.status
         for at, plan in zip(ats, plans, strict=True):
             try:
