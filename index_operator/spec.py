@@ -15,6 +15,11 @@ from typing import Any
 
 from index_runtime.shards import check_shards
 
+# the writer StatefulSet <name>-writer has a revision label <name>-writer-<10> <= 63: 45
+# characters; a shard's is <name>-s<i>-writer with i < 64: 4 more
+MAX_NAME = 45
+MAX_SHARDED_NAME = MAX_NAME - 4
+
 GROUP = "driftless.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -265,6 +270,12 @@ class Index:
             shards = check_shards(spec.get("shards", 1))
         except ValueError as exc:
             raise SpecError(str(exc)) from exc
+        name = str((body.get("metadata") or {}).get("name", ""))
+        if shards > 1 and len(name) > MAX_SHARDED_NAME:  # the CRD refuses it too
+            raise SpecError(
+                f"a sharded index's name must be at most {MAX_SHARDED_NAME} characters "
+                f"({name!r} has {len(name)}): its writers are StatefulSets <name>-s<i>-writer"
+            )
         return Index(
             ref=Ref.of(body),
             model=str(spec["modelRef"]["name"]),
