@@ -37,8 +37,7 @@ from index_operator.resources.common import (
     pod_identity,
     pod_options,
     pod_security,
-    selector,
-    service_name,
+    probes,
     storage_env,
     threads_env,
     tmp_volume,
@@ -48,15 +47,17 @@ from index_operator.resources.placement import (
     SHARD_LABEL,
     Placement,
     placements,
-    router_name,
-    shard_urls,
+)
+from index_operator.resources.router import (
+    desired_front_service,
+    desired_router,
+    router_replicas,
 )
 from index_operator.spec import Index, Model, Resources
 from index_runtime import contract
 from index_runtime.contract import Env, Role
 
 ENCODERS_KEY = "encoders.json"
-PROBE_TIMEOUT_S = 5
 
 
 def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str, str]:
@@ -83,34 +84,6 @@ def desired_config(ix: Index, encoders: Mapping[str, str]) -> dict[str, Any]:
         "kind": "ConfigMap",
         "metadata": metadata(config_name(ix.ref.name), ix.ref, "config", ix.ref.name),
         "data": {ENCODERS_KEY: json.dumps(dict(sorted(encoders.items())))},
-    }
-
-
-def _probes() -> dict[str, Any]:
-    port = contract.PORT_NAME
-
-    def get(path: str) -> dict[str, Any]:
-        # the health endpoints answer on the event loop (not the search thread pool), but a
-        # loaded node still delays them: Kubernetes' 1 s default timeout restarted busy pods
-        return {"httpGet": {"path": path, "port": port}, "timeoutSeconds": PROBE_TIMEOUT_S}
-
-    return {
-        # loading index files can take minutes on a large index: startup gets 10 minutes
-        "startupProbe": {
-            **get(contract.LIVENESS_PATH),
-            "periodSeconds": 5,
-            "failureThreshold": 120,
-        },
-        "livenessProbe": {
-            **get(contract.LIVENESS_PATH),
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
-        "readinessProbe": {
-            **get(contract.READINESS_PATH),
-            "periodSeconds": 5,
-            "failureThreshold": 2,
-        },
     }
 
 
@@ -204,7 +177,7 @@ def _pod(
                 "resources": res.to_k8s(),
                 "securityContext": container_security(),
                 "volumeMounts": [mount, token_mount, *mounts],
-                **_probes(),
+                **probes(),
             }
         ],
         "volumes": [vol, token_vol],
@@ -345,102 +318,6 @@ def desired_pdb(
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": at.selector(component)},
-        },
-    }
-
-
-def router_replicas(ix: Index) -> int:
-    """As many routers as readers per shard (at least one: the router is the only way in)."""
-    return max(1, ix.readers)
-
-
-def desired_router(ix: Index, cl: Cluster, tokens: Tokens) -> dict[str, Any]:
-    """The router of a sharded index (``driftless route``): the index's public HTTP API; it
-    sends a write to the shard that owns its key and a query to every shard, and merges the
-    shards' top-k. It verifies tokens as every runtime pod does (the hashes file) and holds
-    what a reader holds (the mirror token); it reads no storage and encodes nothing."""
-    name, ns = ix.ref.name, ix.ref.namespace
-    at = Placement(name)
-    vol, mount = tmp_volume()
-    token_env, token_vol, token_mount = runtime_access(name, Role.READER)
-    res = ix.reader_resources
-    env = [
-        {"name": Env.INDEX.value, "value": name},
-        {"name": Env.SHARD_WRITERS.value, "value": shard_urls(name, ns, ix.shards, Role.WRITER)},
-        {"name": Env.SHARD_READERS.value, "value": shard_urls(name, ns, ix.shards, Role.READER)},
-        *token_env,
-        *threads_env(res),
-    ]
-    pod = {
-        "metadata": {
-            "labels": at.labels(ROUTER),
-            "annotations": {TOKENS_ANNOTATION: tokens.fingerprint()},
-        },
-        "spec": {
-            "securityContext": pod_security(),
-            "terminationGracePeriodSeconds": 30,
-            "automountServiceAccountToken": False,  # the router never reads storage nor the API
-            **pod_options(cl, ix.pods),
-            "containers": [
-                {
-                    "name": ROUTER,
-                    "image": cl.runtime_image,
-                    "imagePullPolicy": cl.pull_policy,
-                    "command": contract.route_command(),
-                    "ports": [
-                        {
-                            "name": contract.PORT_NAME,
-                            "containerPort": contract.HTTP_PORT,
-                            "protocol": "TCP",
-                        }
-                    ],
-                    "env": env,
-                    "resources": res.to_k8s(),
-                    "securityContext": container_security(),
-                    "volumeMounts": [mount, token_mount],
-                    **_probes(),
-                }
-            ],
-            "volumes": [vol, token_vol],
-        },
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(router_name(name), ix.ref, ROUTER, name),
-        "spec": {
-            "replicas": router_replicas(ix),
-            "selector": {"matchLabels": at.selector(ROUTER)},
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-            },
-            "template": pod,
-        },
-    }
-
-
-def desired_front_service(ix: Index, role: Role) -> dict[str, Any]:
-    """A client-facing Service of a sharded index (``<index>-writer``, ``<index>-reader``, the
-    names clients use unsharded) in front of the router pods. Only the reader one carries the
-    metrics label: both select the same pods, which must be scraped once."""
-    meta = metadata(service_name(ix.ref.name, role), ix.ref, ROUTER, ix.ref.name)
-    if role is Role.READER:
-        meta["labels"]["driftless.dev/metrics"] = "true"
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta,
-        "spec": {
-            "selector": selector(ix.ref.name, ROUTER),
-            "ports": [
-                {
-                    "name": contract.PORT_NAME,
-                    "port": contract.HTTP_PORT,
-                    "targetPort": contract.PORT_NAME,
-                    "protocol": "TCP",
-                }
-            ],
         },
     }
 
