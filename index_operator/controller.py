@@ -26,6 +26,7 @@ from index_operator.metrics import OperatorMetrics
 from index_operator.reconcile.conditions import Condition, merge_conditions
 from index_operator.reconcile.index import (
     Act,
+    Action,
     Event,
     IndexObservation,
     maintenance_held,
@@ -39,7 +40,9 @@ from index_operator.reconcile.migration import (
     MigrationObservation,
     plan_migration,
 )
+from index_operator.reconcile.shards import combine_shards, shard_prior
 from index_operator.resources.common import config_name
+from index_operator.resources.placement import Placement, name_conflicts, placements, router_name
 from index_operator.resources.workloads import ENCODERS_KEY
 from index_operator.runtime_client import MISSING, RuntimeClient, RuntimeError_
 from index_operator.spec import Index, Migration, Model, PodOptions, SpecError
@@ -185,8 +188,8 @@ class Controller:
         """A Secret or Job: from the cache when it holds it, else a GET (a tokens Secret its
         owner brought has none of our labels; a Job this process just created may not be
         seen yet). A Job absent from a synced cache and not just created is absent."""
-        known, obj = (False, None) if self.cache is None else self.cache.store.lookup(
-            kind, namespace, name
+        known, obj = (
+            (False, None) if self.cache is None else self.cache.store.lookup(kind, namespace, name)
         )
         if known and obj is not None:
             self._unseen_jobs.discard((namespace, name))
@@ -202,6 +205,17 @@ class Controller:
 
     def url(self, index: str, namespace: str, role: Role) -> str:
         return self.config.runtime_url or res.service_url(index, namespace, role)
+
+    def shard_url(self, at: Placement, namespace: str, role: Role) -> str:
+        return self.config.runtime_url or at.url(namespace, role)
+
+    def conflicts(self, ix: Index, objs: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Desired objects another VectorIndex already owns (``placement.name_conflicts``);
+        none known without a watch cache."""
+        if self.cache is None:
+            return []
+        ns = ix.ref.namespace
+        return name_conflicts(objs, lambda kind, n: self.cached(kind, ns, n), ix.ref.name)
 
     async def tokens(self, namespace: str, index: str) -> res.Tokens:
         """The index's tokens: from ``<index>-tokens`` (read on every reconcile, so deleting
@@ -271,18 +285,25 @@ class Controller:
         ns, name = ix.ref.namespace, ix.ref.name
         await self.wait_cache()
         tokens = await self.tokens(ns, name)
+        if ix.shards > 1:
+            # a migration of a sharded index is refused (ShardedMigrationUnsupported): it is
+            # not this index's running migration
+            return await self._reconcile_sharded(body, ix, model, models, desired, tokens)
         token = tokens[Scope.ADMIN]
         cl = self.config.cluster
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
         encoders = res.index_encoders(
-            models, (ix.model, served, migration_target, *self._kept_models(record, writer, ns, name))
+            models,
+            (ix.model, served, migration_target, *self._kept_models(record, writer, ns, name)),
         )
         mphase = record.phase if record is not None and record.active else ""
         objs = [
             *res.desired_objects(ix, cl, encoders, tokens),
             res.desired_compaction_cronjob(ix, cl, suspend=bool(maintenance_held(mphase))),
         ]
+        if clash := self.conflicts(ix, objs):
+            return _invalid(body, prior, _clash_message(clash), "NameConflict"), []
         for obj in objs:
             meta = obj["metadata"]
             await self.kube.apply(obj, self.cached(obj["kind"], ns, meta["name"]))
@@ -310,8 +331,39 @@ class Controller:
         )
         plan = plan_index(ix, obs, desired)
         status = plan.status
-        base = self.url(name, ns, Role.WRITER)
-        for a in plan.actions:
+        try:
+            await self._carry_out(
+                ix,
+                Placement(name),
+                model,
+                desired,
+                token,
+                plan.actions,
+                status.setdefault("jobs", {}),
+            )
+        except _Refused as why:
+            if why.spec:  # the runtime refused the spec: say so, keep data
+                return _invalid(body, status, why.message), list(plan.events)
+            return prior, []  # nothing happened: the next pass retries
+        return status, list(plan.events)
+
+    async def _carry_out(
+        self,
+        ix: Index,
+        at: Placement,
+        model: Model,
+        desired: Mapping[str, Any],
+        token: str,
+        actions: Sequence[Action],
+        jobs: dict[str, Any],
+    ) -> None:
+        """The plan's actions against one shard's writer (the index's when unsharded); Jobs
+        started are recorded in ``jobs``. Raises ``_Refused`` when the runtime refuses the
+        spec (400, 422) or the operator's token (401, 403)."""
+        ns, name = ix.ref.namespace, ix.ref.name
+        cl = self.config.cluster
+        base = self.shard_url(at, ns, Role.WRITER)
+        for a in actions:
             try:
                 if a.act is Act.CREATE_INDEX:
                     await self.runtime.create_index(
@@ -331,23 +383,92 @@ class Controller:
                 elif a.act is Act.DISCARD:
                     await self.runtime.admin(base, token, name, "discard")
                 elif a.act is Act.START_JOB and a.job is not None:
-                    jname = res.job_name(name, a.job, a.seq)
-                    await self.create_job(res.desired_job(ix, cl, a.job, jname, ix.ref, {}))
-                    status.setdefault("jobs", {})[a.job.value] = {
+                    jname = res.job_name(at.stem, a.job, a.seq)
+                    await self.create_job(res.desired_job(ix, cl, a.job, jname, ix.ref, {}, at=at))
+                    jobs[a.job.value] = {
                         "seq": a.seq,
                         "name": jname,
                         "state": JobState.ACTIVE.value,
                     }
             except RuntimeError_ as exc:
-                if exc.status in (400, 422):  # the runtime refused the spec: say so, keep data
-                    return _invalid(
-                        body, status, f"the runtime refused {a.act.value}: {exc}"
-                    ), list(plan.events)
+                if exc.status in (400, 422):
+                    where = f" (shard {at.shard})" if at.sharded else ""
+                    raise _Refused(
+                        True, f"the runtime refused {a.act.value}{where}: {exc}"
+                    ) from exc
                 if exc.status in REFUSED_TOKEN:
                     _token_refused(ns, name, a.act.value, exc)
-                    return prior, []  # nothing happened: the next pass retries
+                    raise _Refused(False, str(exc)) from exc
                 raise
-        return status, list(plan.events)
+
+    async def _reconcile_sharded(
+        self,
+        body: Mapping[str, Any],
+        ix: Index,
+        model: Model,
+        models: Mapping[str, Model],
+        desired: Mapping[str, Any],
+        tokens: res.Tokens,
+    ) -> tuple[dict[str, Any], list[Event]]:
+        """A sharded index: the objects of every shard and the router; each shard planned as an
+        unsharded index over its own writer and shadow (its prior: its ``status.shards``
+        entry), its actions carried out against its writer; the status combined. Migrations
+        of sharded indexes are refused (``ShardedMigrationUnsupported``), so no target model
+        joins the ConfigMap and maintenance is never held for a cutover."""
+        prior = dict(body.get("status") or {})
+        ns, name = ix.ref.namespace, ix.ref.name
+        token = tokens[Scope.ADMIN]
+        cl = self.config.cluster
+        served = str(prior.get("model") or ix.model)
+        ats = placements(name, ix.shards)
+        encoders = res.index_encoders(models, (ix.model, served))
+        objs = [
+            *res.desired_objects(ix, cl, encoders, tokens),
+            *(res.desired_compaction_cronjob(ix, cl, False, at) for at in ats),
+        ]
+        if clash := self.conflicts(ix, objs):
+            return _invalid(body, prior, _clash_message(clash), "NameConflict"), []
+        for obj in objs:
+            meta = obj["metadata"]
+            await self.kube.apply(obj, self.cached(obj["kind"], ns, meta["name"]))
+        await self.prune(ix, objs)
+        now = time.time()
+        plans = []
+        for at in ats:
+            before = shard_prior(prior, at.shard)
+            writer = await self.runtime.status(self.shard_url(at, ns, Role.WRITER), name, token)
+            shadow = await self.runtime.status(self.shard_url(at, ns, Role.SHADOW), name, token)
+            job_names = {
+                k: str(v.get("name"))
+                for k, v in (before.get("jobs") or {}).items()
+                if v.get("state") not in FINISHED
+            }
+            jobs = {
+                k: JobState(str(v["state"]))
+                for k, v in (before.get("jobs") or {}).items()
+                if v.get("state") in FINISHED
+            }
+            obs = IndexObservation(
+                now=now,
+                writer=writer if writer is not MISSING else {},
+                exists=writer is not MISSING,
+                shadow=shadow or None,
+                jobs={**jobs, **await self.job_states(ns, job_names)},
+                prior=before,
+            )
+            plans.append(plan_index(ix, obs, desired))
+        combined = combine_shards(ix, plans, prior, now)
+        status = combined.status
+        for at, plan in zip(ats, plans, strict=True):
+            try:
+                await self._carry_out(
+                    ix, at, model, desired, token, plan.actions, status["shards"][at.shard]["jobs"]
+                )
+            except _Refused as why:
+                if why.spec:
+                    return _invalid(body, status, why.message), list(combined.events)
+                return prior, []
+        return status, list(combined.events)
 
     async def prune(self, ix: Index, desired: Sequence[Mapping[str, Any]]) -> None:
         """Delete the index's children that left the desired set (a PDB once readers < 2, a
@@ -374,33 +495,42 @@ class Controller:
         storage credentials of its own, and the index's may already be gone."""
         ix = Index.parse(body)
         ns, name = ix.ref.namespace, ix.ref.name
-        for kind, role in (
-            ("StatefulSet", Role.WRITER),
-            ("Deployment", Role.READER),
-            ("Deployment", Role.SHADOW),
-        ):
-            await self.kube.delete(kind, ns, res.service_name(name, role))
+        ats = placements(name, ix.shards)
+        if ix.shards > 1:
+            await self.kube.delete("Deployment", ns, router_name(name))
+        for at in ats:
+            for kind, role in (
+                ("StatefulSet", Role.WRITER),
+                ("Deployment", Role.READER),
+                ("Deployment", Role.SHADOW),
+            ):
+                await self.kube.delete(kind, ns, at.service(role))
         if ix.storage.reclaim != "Delete":
             return "", []
-        jname = res.job_name(name, JobKind.PURGE)
-        job = await self.kube.get("Job", ns, jname)
-        if job is None:
-            try:
-                await self.kube.create(
-                    res.desired_job(ix, self.config.cluster, JobKind.PURGE, jname, ix.ref)
-                )
-            except KubeError as exc:
-                if not namespace_terminating(exc):
-                    raise
-                self.metrics.purges_skipped.inc()
-                why = purge_refused(ix)
-                log.warning("VectorIndex %s/%s: %s", ns, name, why)
-                return "", [Event("Warning", "PurgeSkipped", why)]
-            return f"purge Job {jname} created", []
-        state = job_state(job)
-        if state is JobState.SUCCEEDED:
-            return "", []
-        return f"purge Job {jname} is {state.value}", []
+        waiting = []
+        for at in ats:  # one purge Job per shard, each over its shard's prefix
+            jname = res.job_name(at.stem, JobKind.PURGE)
+            job = await self.kube.get("Job", ns, jname)
+            if job is None:
+                try:
+                    await self.kube.create(
+                        res.desired_job(
+                            ix, self.config.cluster, JobKind.PURGE, jname, ix.ref, at=at
+                        )
+                    )
+                except KubeError as exc:
+                    if not namespace_terminating(exc):
+                        raise
+                    self.metrics.purges_skipped.inc()
+                    why = purge_refused(ix)
+                    log.warning("VectorIndex %s/%s: %s", ns, name, why)
+                    return "", [Event("Warning", "PurgeSkipped", why)]
+                waiting.append(f"purge Job {jname} created")
+                continue
+            state = job_state(job)
+            if state is not JobState.SUCCEEDED:
+                waiting.append(f"purge Job {jname} is {state.value}")
+        return "; ".join(waiting), []
 
     # ModelMigration ------------------------------------------------------------------------
 
@@ -418,6 +548,7 @@ class Controller:
         token = ""
         if ix_body is not None:
             ix = Index.parse(ix_body)
+        if ix is not None and ix.shards == 1:
             token = (await self.tokens(ns, mig.index))[Scope.ADMIN]
             writer = await self.runtime.status(
                 self.url(mig.index, ns, Role.WRITER), mig.index, token
@@ -440,6 +571,7 @@ class Controller:
             gate_job=jobs["gate"],
             backfill_job=jobs["backfill"],
             prior=prior,
+            shards=ix.shards if ix is not None else 1,
         )
         plan = plan_migration(mig, obs)
         status = plan.status
@@ -533,8 +665,26 @@ class Controller:
 REFUSED_TOKEN = (401, 403)
 
 
+class _Refused(Exception):
+    """The runtime refused an action: the spec (``spec``: 400/422) or the operator's token."""
+
+    def __init__(self, spec: bool, message: str) -> None:
+        super().__init__(message)
+        self.spec = spec
+        self.message = message
+
+
+def _clash_message(clash: Sequence[str]) -> str:
+    return (
+        f"names this index needs belong to another VectorIndex: {', '.join(clash[:5])}"
+        f"{' …' if len(clash) > 5 else ''}; nothing was applied (a sharded index X names its "
+        "shards' objects X-s<i>-…: rename one of the two indexes)"
+    )
+
+
 class CacheNotSynced(Exception):
     """A child's kind is not in the watch cache right now (its watch is relisting)."""
+
 
 FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value)
 
@@ -542,8 +692,11 @@ FINISHED = (JobState.SUCCEEDED.value, JobState.FAILED.value)
 def purge_refused(ix: Index) -> str:
     """What a VectorIndex released without its purge left behind, for the Warning and log."""
     st = ix.storage
-    path = "/".join(p for p in (st.prefix.strip("/"), ix.ref.name) if p)
-    where = f"s3://{st.bucket}/{path}/"
+    where = ", ".join(
+        f"s3://{st.bucket}/{path}/"
+        for at in placements(ix.ref.name, ix.shards)
+        if (path := "/".join(p for p in (at.prefix(st.prefix).strip("/"), ix.ref.name) if p))
+    )
     return (
         f"namespace {ix.ref.namespace} is being deleted: the purge Job was refused, the "
         f"finalizer is released without purging; the index's data is left at {where}"

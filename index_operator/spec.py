@@ -13,6 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from index_runtime.shards import check_shards
+
+# the writer StatefulSet <name>-writer has a revision label <name>-writer-<10> <= 63: 45
+# characters; a shard's is <name>-s<i>-writer with i < 64: 4 more
+MAX_NAME = 45
+MAX_SHARDED_NAME = MAX_NAME - 4
+
 GROUP = "driftless.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -130,6 +137,8 @@ class PodOptions:
 def astuple_shallow(obj: Any) -> tuple[Any, ...]:
     """A dataclass's field values, not copied (``dataclasses.astuple`` deep-copies)."""
     return tuple(getattr(obj, f.name) for f in fields(obj))
+
+
 # a backfill pod encodes with the target model (its own CPU/GPU work): the Job pod's default
 BACKFILL_POD = JOB_POD
 BACKFILL_STALL_S = 1800  # default spec.backfill.stallSeconds (the CRD's default)
@@ -235,6 +244,7 @@ class Index:
     compaction_max_segments: int
     pods: PodOptions  # spec.pods (over the operator's defaults)
     query_log: QueryLogSpec = QueryLogSpec()  # spec.queryLog
+    shards: int = 1  # spec.shards: fixed at creation (index_runtime.shards)
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -256,6 +266,16 @@ class Index:
         readers = spec.get("readers") or {}
         shadow = spec.get("shadow") or {}
         comp = spec.get("compaction") or {}
+        try:
+            shards = check_shards(spec.get("shards", 1))
+        except ValueError as exc:
+            raise SpecError(str(exc)) from exc
+        name = str((body.get("metadata") or {}).get("name", ""))
+        if shards > 1 and len(name) > MAX_SHARDED_NAME:  # the CRD refuses it too
+            raise SpecError(
+                f"a sharded index's name must be at most {MAX_SHARDED_NAME} characters "
+                f"({name!r} has {len(name)}): its writers are StatefulSets <name>-s<i>-writer"
+            )
         return Index(
             ref=Ref.of(body),
             model=str(spec["modelRef"]["name"]),
@@ -273,6 +293,7 @@ class Index:
             compaction_max_segments=int(comp.get("maxSegments", 64)),
             pods=PodOptions.parse(spec.get("pods")),
             query_log=QueryLogSpec.parse(spec.get("queryLog")),
+            shards=shards,
         )
 
 
@@ -400,7 +421,9 @@ class Migration:
             backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
             backfill_stall_s=max(1, int(bf.get("stallSeconds", BACKFILL_STALL_S))),
             created_at=_timestamp((body.get("metadata") or {}).get("creationTimestamp")),
-            backfill_resources=_over(BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())),
+            backfill_resources=_over(
+                BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())
+            ),
         )
 
     def gate_request(self, target: Model | None = None) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class MigrationObservation:
     gate_job: JobState = JobState.MISSING
     backfill_job: JobState = JobState.MISSING  # the Job of status.backfillJob.seq
     prior: Mapping[str, Any] | None = None
+    shards: int = 1  # the index's spec.shards
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,14 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         return done(phase0, str(prior.get("reason", "")), str(prior.get("message", "")))
     if not obs.index_exists:
         return done("Pending", "IndexNotFound", f"no VectorIndex {mig.index!r}")
+    if obs.shards > 1:  # one gate, a backfill per shard and a joint cutover: not built yet
+        return done(
+            "Pending",
+            "ShardedMigrationUnsupported",
+            f"VectorIndex {mig.index!r} has {obs.shards} shards: migrating a sharded index is "
+            "not supported yet; nothing was started (delete this ModelMigration, or migrate "
+            "an unsharded index)",
+        )
     if not obs.target_exists:
         return done("Pending", "ModelNotFound", f"no EmbeddingModel {mig.target!r}")
     if not obs.reachable:
@@ -272,7 +281,9 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
     phase, reason, message = rec.phase, view.reason, view.message
     job_failed = ""
     if rec.phase in GATE and obs.gate_job is JobState.FAILED:
-        job_failed = "the gate Job failed (see its logs); the writer resumes the gate from its record"
+        job_failed = (
+            "the gate Job failed (see its logs); the writer resumes the gate from its record"
+        )
         reason = "GateJobFailed"
     elif rec.phase in BACKFILL:
         if view.reason == "AwaitingBackfill":  # bridged: the backfill starts when asked
@@ -389,7 +400,9 @@ class _Done:
         if rec is not None:
             progress = _progress(rec)
             if bookkeeping:
-                progress.update(mark=bookkeeping["mark"], lastProgressAt=bookkeeping["lastProgressAt"])
+                progress.update(
+                    mark=bookkeeping["mark"], lastProgressAt=bookkeeping["lastProgressAt"]
+                )
                 if bookkeeping["backfillJob"]:
                     status["backfillJob"] = bookkeeping["backfillJob"]
             status.update(

@@ -36,6 +36,7 @@ from index_operator.resources.common import (
     metadata,
     secret_env,
 )
+from index_operator.resources.placement import ROUTER
 from index_operator.spec import Index
 from index_runtime import contract
 from index_runtime.contract import Env, Role, Scope
@@ -216,7 +217,8 @@ def desired_network_policy(ix: Index, np: NetworkPolicyConfig) -> dict[str, Any]
                     {
                         "key": "app.kubernetes.io/component",
                         "operator": "In",
-                        "values": [r.value for r in Role],
+                        # a sharded index's router is a runtime pod too
+                        "values": [r.value for r in Role] + ([ROUTER] if ix.shards > 1 else []),
                     }
                 ],
             },

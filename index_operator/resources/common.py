@@ -13,6 +13,7 @@ from index_runtime import contract
 from index_runtime.contract import Env
 
 MANAGED_BY = "driftless-operator"
+PROBE_TIMEOUT_S = 5
 UID = 10001  # the images' non-root user
 
 
@@ -157,12 +158,13 @@ def secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def storage_env(ix: Index) -> list[dict[str, Any]]:
-    """Where the data lives; S3 keys only by Secret reference (or none: workload identity)."""
+def storage_env(ix: Index, prefix: str | None = None) -> list[dict[str, Any]]:
+    """Where the data lives (``prefix``: a shard's, else ``spec.storage.prefix``); S3 keys
+    only by Secret reference (or none: workload identity)."""
     st = ix.storage
     env = [
         {"name": Env.S3_BUCKET.value, "value": st.bucket},
-        {"name": Env.S3_PREFIX.value, "value": st.prefix},
+        {"name": Env.S3_PREFIX.value, "value": st.prefix if prefix is None else prefix},
     ]
     if st.endpoint:
         env.append({"name": Env.S3_ENDPOINT.value, "value": st.endpoint})
@@ -193,3 +195,31 @@ def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def config_hash(data: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def probes() -> dict[str, Any]:
+    port = contract.PORT_NAME
+
+    def get(path: str) -> dict[str, Any]:
+        # the health endpoints answer on the event loop (not the search thread pool), but a
+        # loaded node still delays them: Kubernetes' 1 s default timeout restarted busy pods
+        return {"httpGet": {"path": path, "port": port}, "timeoutSeconds": PROBE_TIMEOUT_S}
+
+    return {
+        # loading index files can take minutes on a large index: startup gets 10 minutes
+        "startupProbe": {
+            **get(contract.LIVENESS_PATH),
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
+        "livenessProbe": {
+            **get(contract.LIVENESS_PATH),
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            **get(contract.READINESS_PATH),
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+    }

@@ -17,16 +17,15 @@ from index_operator.resources.common import (
     config_name,
     container_security,
     dns_name,
-    labels,
     metadata,
     pod_identity,
     pod_options,
     pod_security,
-    service_url,
     storage_env,
     threads_env,
     tmp_volume,
 )
+from index_operator.resources.placement import Placement
 from index_operator.resources.workloads import ENCODERS_KEY
 from index_operator.spec import (
     JOB_POD,
@@ -43,6 +42,7 @@ from index_runtime.contract import Env, ExitCode, JobKind, Role, Scope
 
 
 def job_name(owner: str, kind: JobKind, seq: int | None = None) -> str:
+    """``owner``: the index, a shard's stem (``Placement.stem``) or a migration."""
     return dns_name(owner, kind.value, "" if seq is None else str(seq))
 
 
@@ -60,8 +60,11 @@ def _job_pod(
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
     pods: PodOptions | None = None,
+    at: Placement | None = None,
 ) -> dict[str, Any]:
-    """``pods``: a migration's pod options (over the index's)."""
+    """``pods``: a migration's pod options (over the index's); ``at``: the shard whose writer
+    the Job drives, or whose prefix it purges (None: the unsharded index)."""
+    at = at if at is not None else Placement(ix.ref.name)
     vol, mount = tmp_volume()
     env: list[dict[str, Any]] = [
         {"name": Env.INDEX.value, "value": ix.ref.name},
@@ -69,13 +72,10 @@ def _job_pod(
         *threads_env(job_resources(kind)),
     ]
     if kind is JobKind.PURGE:
-        env += storage_env(ix)
+        env += storage_env(ix, at.prefix(ix.storage.prefix))
     else:
         env += [
-            {
-                "name": Env.WRITER_URL.value,
-                "value": service_url(ix.ref.name, ix.ref.namespace, Role.WRITER),
-            },
+            {"name": Env.WRITER_URL.value, "value": at.url(ix.ref.namespace, Role.WRITER)},
             token_env(ix.ref.name, Scope.ADMIN, Env.ADMIN_TOKEN),  # it drives the admin API
         ]
     pod: dict[str, Any] = {
@@ -98,7 +98,7 @@ def _job_pod(
         ],
         "volumes": [vol, *volumes],
     }
-    return {"metadata": {"labels": labels(ix.ref.name, f"job-{kind.value}")}, "spec": pod}
+    return {"metadata": {"labels": at.labels(f"job-{kind.value}")}, "spec": pod}
 
 
 def _job_spec(pod: dict[str, Any], cl: Cluster) -> dict[str, Any]:
@@ -131,16 +131,14 @@ def desired_job(
     owner: Ref,
     spec: Mapping[str, Any] | None = None,
     pods: PodOptions | None = None,
+    at: Placement | None = None,
 ) -> dict[str, Any]:
-    """A Job of ``kind`` for index ``ix``, owned by ``owner`` (the index or a migration,
-    whose ``pods`` options then apply over the index's)."""
-    pod = _job_pod(ix, cl, kind, spec or {}, [], [], pods)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata(name, owner, f"job-{kind.value}", ix.ref.name),
-        "spec": _job_spec(pod, cl),
-    }
+    """A Job of ``kind`` for index ``ix`` (its shard ``at``), owned by ``owner`` (the index or
+    a migration, whose ``pods`` options then apply over the index's)."""
+    pod = _job_pod(ix, cl, kind, spec or {}, [], [], pods, at)
+    meta = metadata(name, owner, f"job-{kind.value}", ix.ref.name)
+    meta["labels"].update(pod["metadata"]["labels"])
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": _job_spec(pod, cl)}
 
 
 def desired_gate_job(
@@ -232,17 +230,22 @@ def desired_backfill_job(
     return job
 
 
-def desired_compaction_cronjob(ix: Index, cl: Cluster, suspend: bool = False) -> dict[str, Any]:
-    """The scheduled compaction; ``suspend`` while a migration's cutover is near (see
-    ``reconcile.index.maintenance_held``)."""
-    job = desired_job(ix, cl, JobKind.COMPACT, "unused", ix.ref)
+def desired_compaction_cronjob(
+    ix: Index, cl: Cluster, suspend: bool = False, at: Placement | None = None
+) -> dict[str, Any]:
+    """The scheduled compaction (of shard ``at``); ``suspend`` while a migration's cutover is
+    near (see ``reconcile.index.maintenance_held``)."""
+    at = at if at is not None else Placement(ix.ref.name)
+    job = desired_job(ix, cl, JobKind.COMPACT, "unused", ix.ref, at=at)
     spec = job["spec"]
     spec.pop("ttlSecondsAfterFinished")
-    name = dns_name(ix.ref.name, "compact", limit=52)  # CronJob names leave room for the suffix
+    name = dns_name(at.stem, "compact", limit=52)  # CronJob names leave room for the suffix
+    meta = metadata(name, ix.ref, "job-compact", ix.ref.name)
+    meta["labels"].update(at.shard_labels())
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": metadata(name, ix.ref, "job-compact", ix.ref.name),
+        "metadata": meta,
         "spec": {
             "schedule": ix.compaction_schedule,
             "suspend": suspend,
@@ -251,7 +254,7 @@ def desired_compaction_cronjob(ix: Index, cl: Cluster, suspend: bool = False) ->
             "successfulJobsHistoryLimit": 1,
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {
-                "metadata": {"labels": labels(ix.ref.name, "job-compact")},
+                "metadata": {"labels": at.labels("job-compact")},
                 "spec": spec,
             },
         },

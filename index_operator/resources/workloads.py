@@ -4,6 +4,13 @@ writer StatefulSet (one pod, a PVC for the WAL) + its Service, reader Deployment
 shadow Deployment + Service (the shadow index and the exact oracle), the ConfigMap, the token
 Secrets (``access``), the readers' PodDisruptionBudget, the ServiceMonitor and the
 NetworkPolicy.
+
+A sharded index (``spec.shards`` = n > 1) has the writer, readers, shadow, their Services and
+the readers' PDB once per shard (``placement.Placement``: names ``<index>-s<i>-…``, the shard
+label, the shard's storage prefix), and a router Deployment (``<index>-router``) behind the
+Services clients already use (``<index>-writer``, ``<index>-reader``): a client needs no
+change between 1 and n shards. The ConfigMap, the token Secrets, the NetworkPolicy and the
+ServiceMonitor stay one per index.
 """
 
 from __future__ import annotations
@@ -26,24 +33,31 @@ from index_operator.resources.common import (
     config_name,
     container_security,
     dns_name,
-    labels,
     metadata,
     pod_identity,
     pod_options,
     pod_security,
-    selector,
-    service_name,
-    service_url,
+    probes,
     storage_env,
     threads_env,
     tmp_volume,
+)
+from index_operator.resources.placement import (
+    ROUTER,
+    SHARD_LABEL,
+    Placement,
+    placements,
+)
+from index_operator.resources.router import (
+    desired_front_service,
+    desired_router,
+    router_replicas,
 )
 from index_operator.spec import Index, Model, Resources
 from index_runtime import contract
 from index_runtime.contract import Env, Role
 
 ENCODERS_KEY = "encoders.json"
-PROBE_TIMEOUT_S = 5
 
 
 def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str, str]:
@@ -73,34 +87,6 @@ def desired_config(ix: Index, encoders: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def _probes() -> dict[str, Any]:
-    port = contract.PORT_NAME
-
-    def get(path: str) -> dict[str, Any]:
-        # the health endpoints answer on the event loop (not the search thread pool), but a
-        # loaded node still delays them: Kubernetes' 1 s default timeout restarted busy pods
-        return {"httpGet": {"path": path, "port": port}, "timeoutSeconds": PROBE_TIMEOUT_S}
-
-    return {
-        # loading index files can take minutes on a large index: startup gets 10 minutes
-        "startupProbe": {
-            **get(contract.LIVENESS_PATH),
-            "periodSeconds": 5,
-            "failureThreshold": 120,
-        },
-        "livenessProbe": {
-            **get(contract.LIVENESS_PATH),
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
-        "readinessProbe": {
-            **get(contract.READINESS_PATH),
-            "periodSeconds": 5,
-            "failureThreshold": 2,
-        },
-    }
-
-
 def image_for(cl: Cluster, config: Mapping[str, str]) -> str:
     """Runtime pods encode text (upserts, queries, the backfill): a model that runs from a
     bundled package needs the jobs image (torch and the encoders); HTTP encoders do not."""
@@ -109,7 +95,17 @@ def image_for(cl: Cluster, config: Mapping[str, str]) -> str:
     return cl.jobs_image if local else cl.runtime_image
 
 
-def query_log_env(ix: Index, role: Role) -> list[dict[str, Any]]:
+def _at(ix: Index, at: Placement | None) -> Placement:
+    return at if at is not None else Placement(ix.ref.name)
+
+
+def _meta(ix: Index, at: Placement, name: str, component: str) -> dict[str, Any]:
+    meta = metadata(name, ix.ref, component, ix.ref.name)
+    meta["labels"].update(at.shard_labels())
+    return meta
+
+
+def query_log_env(ix: Index, role: Role, at: Placement | None = None) -> list[dict[str, Any]]:
     """spec.queryLog for the writer (keeps the sample) and the readers (forward what they
     sample to the writer's service, with their mirror-scope token); nothing when it is off,
     so a runtime without these variables keeps no query text."""
@@ -123,7 +119,7 @@ def query_log_env(ix: Index, role: Role) -> list[dict[str, Any]]:
         {"name": Env.QUERY_LOG_RETENTION_S.value, "value": repr(q.retention_hours * 3600.0)},
     ]
     if role is Role.READER:
-        url = service_url(ix.ref.name, ix.ref.namespace, Role.WRITER)
+        url = _at(ix, at).url(ix.ref.namespace, Role.WRITER)
         env.append({"name": Env.WRITER_URL.value, "value": url})
     return env
 
@@ -137,12 +133,17 @@ def _pod(
     tokens: Tokens,
     extra_env: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
+    at: Placement | None = None,
 ) -> dict[str, Any]:
+    at = _at(ix, at)
     vol, mount = tmp_volume()
     token_env, token_vol, token_mount = runtime_access(ix.ref.name, role)
     env = [
-        {"name": Env.INDEX.value, "value": ix.ref.name},
-        *storage_env(ix),
+        {
+            "name": Env.INDEX.value,
+            "value": ix.ref.name,
+        },  # every shard's runtime index: the same name
+        *storage_env(ix, at.prefix(ix.storage.prefix)),
         *token_env,
         *threads_env(res),
         {
@@ -151,7 +152,7 @@ def _pod(
                 "configMapKeyRef": {"name": config_name(ix.ref.name), "key": ENCODERS_KEY}
             },
         },
-        *query_log_env(ix, role),
+        *query_log_env(ix, role, at),
         *extra_env,
     ]
     spec: dict[str, Any] = {
@@ -176,14 +177,14 @@ def _pod(
                 "resources": res.to_k8s(),
                 "securityContext": container_security(),
                 "volumeMounts": [mount, token_mount, *mounts],
-                **_probes(),
+                **probes(),
             }
         ],
         "volumes": [vol, token_vol],
     }
     return {
         "metadata": {
-            "labels": labels(ix.ref.name, role.value),
+            "labels": at.labels(role.value),
             "annotations": {
                 "driftless.dev/config-hash": config_hash(config),
                 # new tokens roll the pods onto the new hashes file (and mirror token)
@@ -195,9 +196,10 @@ def _pod(
 
 
 def desired_writer(
-    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens
+    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens, at: Placement | None = None
 ) -> dict[str, Any]:
-    name = service_name(ix.ref.name, Role.WRITER)
+    at = _at(ix, at)
+    name = at.service(Role.WRITER)
     pod = _pod(
         ix,
         cl,
@@ -207,9 +209,10 @@ def desired_writer(
         tokens,
         [],
         [{"name": "wal", "mountPath": contract.WAL_DIR}],
+        at,
     )
     pvc: dict[str, Any] = {
-        "metadata": {"name": "wal", "labels": labels(ix.ref.name, Role.WRITER.value)},
+        "metadata": {"name": "wal", "labels": at.labels(Role.WRITER.value)},
         "spec": {
             "accessModes": ["ReadWriteOnce"],
             "resources": {"requests": {"storage": ix.wal_size}},
@@ -220,11 +223,11 @@ def desired_writer(
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": metadata(name, ix.ref, Role.WRITER.value, ix.ref.name),
+        "metadata": _meta(ix, at, name, Role.WRITER.value),
         "spec": {
             "replicas": 1,  # exactly one writer; the manifest's epoch fences a zombie
             "serviceName": name,
-            "selector": {"matchLabels": selector(ix.ref.name, Role.WRITER.value)},
+            "selector": {"matchLabels": at.selector(Role.WRITER.value)},
             "podManagementPolicy": "OrderedReady",
             "updateStrategy": {"type": "RollingUpdate"},
             # the WAL outlives the pod (acknowledged writes); deleted with the VectorIndex
@@ -246,47 +249,46 @@ def _deployment(
     res: Resources,
     config: Mapping[str, str],
     tokens: Tokens,
+    at: Placement | None = None,
 ) -> dict[str, Any]:
+    at = _at(ix, at)
     extra = []
     if role is Role.READER:
-        extra.append(
-            {
-                "name": Env.SHADOW_URL.value,
-                "value": service_url(ix.ref.name, ix.ref.namespace, Role.SHADOW),
-            }
-        )
+        extra.append({"name": Env.SHADOW_URL.value, "value": at.url(ix.ref.namespace, Role.SHADOW)})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(service_name(ix.ref.name, role), ix.ref, role.value, ix.ref.name),
+        "metadata": _meta(ix, at, at.service(role), role.value),
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": selector(ix.ref.name, role.value)},
+            "selector": {"matchLabels": at.selector(role.value)},
             "strategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
-            "template": _pod(ix, cl, role, res, config, tokens, extra, []),
+            "template": _pod(ix, cl, role, res, config, tokens, extra, [], at),
         },
     }
 
 
 def desired_readers(
-    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens
+    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens, at: Placement | None = None
 ) -> dict[str, Any]:
-    return _deployment(ix, cl, Role.READER, ix.readers, ix.reader_resources, config, tokens)
+    return _deployment(ix, cl, Role.READER, ix.readers, ix.reader_resources, config, tokens, at)
 
 
 def desired_shadow(
-    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens
+    ix: Index, cl: Cluster, config: Mapping[str, str], tokens: Tokens, at: Placement | None = None
 ) -> dict[str, Any]:
-    """One shadow pod: it keeps the index's single overlap window (windows are per process)."""
-    return _deployment(ix, cl, Role.SHADOW, 1, ix.shadow_resources, config, tokens)
+    """One shadow pod (per shard): it keeps the shard's single overlap window (windows are
+    per process)."""
+    return _deployment(ix, cl, Role.SHADOW, 1, ix.shadow_resources, config, tokens, at)
 
 
-def desired_service(ix: Index, role: Role) -> dict[str, Any]:
+def desired_service(ix: Index, role: Role, at: Placement | None = None) -> dict[str, Any]:
+    at = _at(ix, at)
     spec: dict[str, Any] = {
-        "selector": selector(ix.ref.name, role.value),
+        "selector": at.selector(role.value),
         "ports": [
             {
                 "name": contract.PORT_NAME,
@@ -299,22 +301,23 @@ def desired_service(ix: Index, role: Role) -> dict[str, Any]:
     if role is Role.WRITER:
         spec["clusterIP"] = "None"  # the StatefulSet's governing (headless) service
         spec["publishNotReadyAddresses"] = False
-    meta = metadata(service_name(ix.ref.name, role), ix.ref, role.value, ix.ref.name)
+    meta = _meta(ix, at, at.service(role), role.value)
     meta["labels"]["driftless.dev/metrics"] = "true"
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
 
 
-def desired_pdb(ix: Index) -> dict[str, Any]:
-    """Voluntary disruptions take at most one reader at a time."""
+def desired_pdb(
+    ix: Index, at: Placement | None = None, component: str = Role.READER.value
+) -> dict[str, Any]:
+    """Voluntary disruptions take at most one reader (of a shard; or router) at a time."""
+    at = _at(ix, at)
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": metadata(
-            dns_name(ix.ref.name, "reader"), ix.ref, Role.READER.value, ix.ref.name
-        ),
+        "metadata": _meta(ix, at, at.name(component), component),
         "spec": {
             "maxUnavailable": 1,
-            "selector": {"matchLabels": selector(ix.ref.name, Role.READER.value)},
+            "selector": {"matchLabels": at.selector(component)},
         },
     }
 
@@ -345,6 +348,7 @@ def desired_service_monitor(
                 "app.kubernetes.io/part-of",
                 "app.kubernetes.io/instance",
                 "app.kubernetes.io/component",
+                *([SHARD_LABEL] if ix.shards > 1 else []),
             ],
             "endpoints": [
                 {"port": contract.PORT_NAME, "path": contract.METRICS_PATH, "interval": "30s"}
@@ -363,19 +367,26 @@ def desired_objects(
     objs = []
     if cl.network_policy is not None:
         objs.append(desired_network_policy(ix, cl.network_policy))
-    objs += [
-        desired_tokens_secret(ix, tokens),
-        desired_hashes_secret(ix, tokens),
-        cm,
-        desired_service(ix, Role.WRITER),
-        desired_writer(ix, cl, data, tokens),
-        desired_service(ix, Role.SHADOW),
-        desired_shadow(ix, cl, data, tokens),
-        desired_service(ix, Role.READER),
-        desired_readers(ix, cl, data, tokens),
-    ]
-    if ix.readers >= 2:
-        objs.append(desired_pdb(ix))
+    objs += [desired_tokens_secret(ix, tokens), desired_hashes_secret(ix, tokens), cm]
+    for at in placements(ix.ref.name, ix.shards):
+        objs += [
+            desired_service(ix, Role.WRITER, at),
+            desired_writer(ix, cl, data, tokens, at),
+            desired_service(ix, Role.SHADOW, at),
+            desired_shadow(ix, cl, data, tokens, at),
+            desired_service(ix, Role.READER, at),
+            desired_readers(ix, cl, data, tokens, at),
+        ]
+        if ix.readers >= 2:
+            objs.append(desired_pdb(ix, at))
+    if ix.shards > 1:
+        objs += [
+            desired_router(ix, cl, tokens),
+            desired_front_service(ix, Role.WRITER),
+            desired_front_service(ix, Role.READER),
+        ]
+        if router_replicas(ix) >= 2:
+            objs.append(desired_pdb(ix, Placement(ix.ref.name), ROUTER))
     if cl.monitoring:
         objs.append(desired_service_monitor(ix, cl.monitor_labels))
     return objs

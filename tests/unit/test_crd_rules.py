@@ -6,6 +6,7 @@ volumeClaimTemplates, spec.pods; and every CEL rule of every CRD refused at leas
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -15,8 +16,10 @@ kv = pytest.importorskip("kubernetes_validate")
 pytest.importorskip("celpy")
 
 from index_operator import resources as res  # noqa: E402
-from index_operator.spec import Index, Migration  # noqa: E402
+from index_operator.resources.placement import placements  # noqa: E402
+from index_operator.spec import MAX_SHARDED_NAME, Index, Migration, SpecError  # noqa: E402
 from index_runtime.contract import JobKind, Scope  # noqa: E402
+from index_runtime.shards import MAX_SHARDS  # noqa: E402
 from tests.crd_tools import ROOT, load_crds, merge_patch, schema_of, validate_cr  # noqa: E402
 
 CRDS = load_crds()
@@ -40,21 +43,27 @@ def _example(path: str) -> dict[str, Any]:
 # names -------------------------------------------------------------------------------------
 
 
-def _children_fit(name: str) -> bool:
-    """Whether every object the operator builds for an index of this name is acceptable to
-    the API server: names within their kind's limit, label values <= 63, and the labels
-    Kubernetes' controllers derive from them (StatefulSet revision, pod name) too."""
+def _children_fit(name: str, shards: int = 1) -> bool:
+    """Whether every object the operator builds for an index of this name (and shard count)
+    is acceptable to the API server: names within their kind's limit, label values <= 63,
+    and the labels Kubernetes' controllers derive from them (StatefulSet revision, pod name)
+    too. The shard count is set past the spec's own name check, which is what is tested."""
     body = _vi(name)
     body["metadata"]["uid"] = "u"
-    ix = Index.parse(body)
+    ix = dataclasses.replace(Index.parse(body), shards=shards)
+    ats = placements(name, shards)
     cl = res.Cluster(monitoring=True, network_policy=res.NetworkPolicyConfig())
     mig = Migration.parse(
         {**_example("migration/modelmigration.yaml"), "metadata": {"name": name, "namespace": "s"}}
     )
     objs = [
         *res.desired_objects(ix, cl, {}, res.Tokens({s: "t" for s in Scope})),
-        res.desired_compaction_cronjob(ix, cl),
-        *(res.desired_job(ix, cl, k, res.job_name(name, k, 12345), ix.ref) for k in JobKind),
+        *(res.desired_compaction_cronjob(ix, cl, at=at) for at in ats),
+        *(
+            res.desired_job(ix, cl, k, res.job_name(at.stem, k, 12345), ix.ref, at=at)
+            for k in JobKind
+            for at in ats
+        ),
         res.desired_gate_job(ix, mig, cl),
         res.desired_backfill_job(ix, mig, cl),
     ]
@@ -79,6 +88,19 @@ def test_the_longest_accepted_name_is_the_longest_whose_children_fit() -> None:
     assert any("metadata.name" in e for e in longer), longer
 
 
+def test_the_longest_accepted_sharded_name_is_the_longest_whose_shards_children_fit() -> None:
+    fits = [n for n in range(1, 64) if _children_fit("a" * n, MAX_SHARDS)]
+    bound = max(fits)
+    assert fits == list(range(1, bound + 1))
+    assert bound == MAX_SHARDED_NAME
+    assert validate_cr(CRDS["VectorIndex"], _vi("a" * bound, shards=MAX_SHARDS)) == []
+    longer = validate_cr(CRDS["VectorIndex"], _vi("a" * (bound + 1), shards=2))
+    assert any("a sharded index's metadata.name must be at most" in e for e in longer), longer
+    assert validate_cr(CRDS["VectorIndex"], _vi("a" * (bound + 1), shards=1)) == []
+    with pytest.raises(SpecError, match="at most 41 characters"):
+        Index.parse(_vi("a" * (bound + 1), shards=2))
+
+
 @pytest.mark.parametrize("name", ["1docs", "docs-", "-docs", "Docs", "docs.v2", "do_cs"])
 def test_names_that_cannot_name_a_service_are_refused(name: str) -> None:
     errors = validate_cr(CRDS["VectorIndex"], _vi(name))
@@ -93,13 +115,32 @@ def test_dns_1035_names_are_accepted(name: str) -> None:
 # compaction schedule -----------------------------------------------------------------------
 
 ACCEPTED = [
-    "@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually",
-    "17 * * * *", "*/5 * * * *", "0 0 * * MON-FRI", "0 0 1,15 * ?", "0 */2 * JAN-JUN *",
+    "@hourly",
+    "@daily",
+    "@midnight",
+    "@weekly",
+    "@monthly",
+    "@yearly",
+    "@annually",
+    "17 * * * *",
+    "*/5 * * * *",
+    "0 0 * * MON-FRI",
+    "0 0 1,15 * ?",
+    "0 */2 * JAN-JUN *",
     "0 3  * * 0",
 ]
 REFUSED = [
-    "", "garbage", "@often", "* * * *", "* * * * * *", "TZ=UTC 0 * * * *", "a b c d e",
-    "17 * * * * ", " 17 * * * *", "17,* * * *", "@hourly 5",
+    "",
+    "garbage",
+    "@often",
+    "* * * *",
+    "* * * * * *",
+    "TZ=UTC 0 * * * *",
+    "a b c d e",
+    "17 * * * * ",
+    " 17 * * * *",
+    "17,* * * *",
+    "@hourly 5",
 ]
 
 
@@ -168,7 +209,9 @@ PODS = {
 
 @pytest.mark.parametrize("kind", ["VectorIndex", "ModelMigration"])
 def test_spec_pods_is_accepted_and_checked(kind: str) -> None:
-    path = {"VectorIndex": "vectorindex.yaml", "ModelMigration": "migration/modelmigration.yaml"}[kind]
+    path = {"VectorIndex": "vectorindex.yaml", "ModelMigration": "migration/modelmigration.yaml"}[
+        kind
+    ]
     body = _example(path)
     body["spec"]["pods"] = PODS
     assert validate_cr(CRDS[kind], body) == []
@@ -209,7 +252,9 @@ def _refusals() -> list[str]:
         ("gate", {"k": 7}),
         ("backfill", {"batch": 17}),
     ):
-        out += validate_cr(CRDS["ModelMigration"], mm, old=merge_patch(mm, {"spec": {field: changed}}))
+        out += validate_cr(
+            CRDS["ModelMigration"], mm, old=merge_patch(mm, {"spec": {field: changed}})
+        )
     return out
 
 
