@@ -130,6 +130,8 @@ class PodOptions:
 def astuple_shallow(obj: Any) -> tuple[Any, ...]:
     """A dataclass's field values, not copied (``dataclasses.astuple`` deep-copies)."""
     return tuple(getattr(obj, f.name) for f in fields(obj))
+
+
 # a backfill pod encodes with the target model (its own CPU/GPU work): the Job pod's default
 BACKFILL_POD = JOB_POD
 BACKFILL_STALL_S = 1800  # default spec.backfill.stallSeconds (the CRD's default)
@@ -218,6 +220,35 @@ class QueryLogSpec:
 
 
 @dataclass(frozen=True)
+class VectorsSpec:
+    """spec.readers.vectors: where reader and shadow pods keep raw vectors (``serve
+    --vectors``). ``memory`` (the default) renders nothing, so existing pods do not roll;
+    ``mmap`` reads them from memory-mapped segment copies on an emptyDir of ``cacheSize``."""
+
+    storage: str = "memory"
+    cache_size: str = "8Gi"
+
+    @staticmethod
+    def parse(d: Mapping[str, Any] | None) -> VectorsSpec:
+        d = d or {}
+        storage = str(d.get("storage", "memory"))
+        if storage not in ("memory", "mmap"):
+            raise SpecError(f"readers.vectors.storage must be memory or mmap, not {storage!r}")
+        size = str(d.get("cacheSize", "8Gi"))
+        if size.endswith("m") or quantity(size) < 1 << 20:
+            raise SpecError(f"readers.vectors.cacheSize must be at least 1Mi of bytes: {size!r}")
+        return VectorsSpec(storage, size)
+
+    @property
+    def mapped(self) -> bool:
+        return self.storage == "mmap"
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(quantity(self.cache_size))
+
+
+@dataclass(frozen=True)
 class Index:
     ref: Ref
     model: str
@@ -235,6 +266,7 @@ class Index:
     compaction_max_segments: int
     pods: PodOptions  # spec.pods (over the operator's defaults)
     query_log: QueryLogSpec = QueryLogSpec()  # spec.queryLog
+    vectors: VectorsSpec = VectorsSpec()  # spec.readers.vectors
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -273,6 +305,7 @@ class Index:
             compaction_max_segments=int(comp.get("maxSegments", 64)),
             pods=PodOptions.parse(spec.get("pods")),
             query_log=QueryLogSpec.parse(spec.get("queryLog")),
+            vectors=VectorsSpec.parse(readers.get("vectors")),
         )
 
 
@@ -400,7 +433,9 @@ class Migration:
             backfill_parallelism=max(1, int(bf.get("parallelism", 1))),
             backfill_stall_s=max(1, int(bf.get("stallSeconds", BACKFILL_STALL_S))),
             created_at=_timestamp((body.get("metadata") or {}).get("creationTimestamp")),
-            backfill_resources=_over(BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())),
+            backfill_resources=_over(
+                BACKFILL_POD, Resources.parse(bf.get("resources"), Resources())
+            ),
         )
 
     def gate_request(self, target: Model | None = None) -> dict[str, Any]:
