@@ -152,12 +152,13 @@ class MappedVectors:
         """NaN where a row has no vector; normalized if the view wants it."""
         factors = None
         if self._factors is not None:
-            factors = self._factors[at].copy()  # a copy: other threads may fill rows
-            todo = (factors == 0).any(axis=1)  # a row half written by another thread too
-            if todo.any():
-                # first read of these rows: their divisors, from the rows themselves (the
-                # same per-row arithmetic as normalize(), so the same bits); concurrent
-                # readers may compute a row twice and store the same values
+            factors = self._factors[at]
+            if not factors.all():  # a divisor is never 0: some rows are read the first time
+                # their divisors, from the rows themselves (the same per-row arithmetic as
+                # normalize(), so the same bits). A row another thread is writing has a 0
+                # left and is computed here too; both store the same values
+                factors = factors.copy()
+                todo = (factors == 0).any(axis=1)
                 new = normalize_factors(out[todo])
                 factors[todo] = new
                 rows = np.arange(at.start, at.stop) if isinstance(at, slice) else at
