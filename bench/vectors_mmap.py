@@ -128,11 +128,20 @@ print(json.dumps(out))
 
 def child(work: Path, n: int, mode: str, cache: Path, cold: bool, repeats: int) -> dict[str, Any]:
     code = CHILD.format(
-        root=str(ROOT), store=str(work / f"n{n}" / "bench"), queries=str(work / "queries.npy"),
-        mode=mode, cache=str(cache), k=K, cold=cold, repeats=repeats,
+        root=str(ROOT),
+        store=str(work / f"n{n}" / "bench"),
+        queries=str(work / "queries.npy"),
+        mode=mode,
+        cache=str(cache),
+        k=K,
+        cold=cold,
+        repeats=repeats,
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     if out.returncode:
@@ -152,7 +161,9 @@ def build_index(data: Path, x: np.ndarray, primary: dict[str, Any]) -> tuple[Any
 
     store = LocalDirStore(data / "bench")
     w = IndexWriter.open(
-        store, data / ".wal" / "bench", WriterConfig(),
+        store,
+        data / ".wal" / "bench",
+        WriterConfig(),
         create=IndexSpec.single("bench", "m", x.shape[1], "int"),
         settings={"primary": primary, "oracle": {"sample_rate": 0.0}},
     )
@@ -186,8 +197,12 @@ def build(work: Path, n: int) -> dict[str, Any]:
     rt, train_s = build_index(data, x, primary)
     m = rt.writer.manifest
     info = {
-        "n": n, "primary": primary, "build_s": time.perf_counter() - t, "train_s": train_s,
-        "segments": len(m.segments), "segment_bytes": m.total_bytes,
+        "n": n,
+        "primary": primary,
+        "build_s": time.perf_counter() - t,
+        "train_s": train_s,
+        "segments": len(m.segments),
+        "segment_bytes": m.total_bytes,
     }
     rt.stop()
     (data / "build.json").write_text(json.dumps(info))
@@ -207,12 +222,17 @@ def qps(work: Path, n: int, nq: int, repeats: int) -> dict[str, Any]:
     assert m is not None
     qs = np.load(work / "queries.npy")[:nq]
     cache = SegmentCache(store, work / f"cache-qps-{n}", 1 << 40, m.index.key_type)
-    views = {"memory": ViewBuilder(store).build(m), "mmap": ViewBuilder(store, cache=cache).build(m)}
+    views = {
+        "memory": ViewBuilder(store).build(m),
+        "mmap": ViewBuilder(store, cache=cache).build(m),
+    }
     book = views["memory"].serving or max(views["memory"].primaries)
     fns = {}
     for mode, v in views.items():
+
         def f(q: np.ndarray, v: Any = v) -> Any:
             return v.search_primary(book, q, K)
+
         fns[mode] = f
     # identical answers: the same hits with the same scores (so the same recall)
     same = all(
@@ -238,8 +258,12 @@ def qps(work: Path, n: int, nq: int, repeats: int) -> dict[str, Any]:
         runs[-1].update({f"page_faults_{mode}": faults[mode] for mode in fns})
     med = {mode: statistics.median(r[mode] for r in runs) for mode in fns}
     return {
-        "identical_answers": same, "recall_at_10": recall(found, truth), "queries": len(qs),
-        "runs": runs, "qps_memory": med["memory"], "qps_mmap": med["mmap"],
+        "identical_answers": same,
+        "recall_at_10": recall(found, truth),
+        "queries": len(qs),
+        "runs": runs,
+        "qps_memory": med["memory"],
+        "qps_mmap": med["mmap"],
         "ratio_mmap_over_memory": med["mmap"] / med["memory"],
         "chunks": len(views["mmap"].base.block.vecs.chunks),  # type: ignore[union-attr]
     }
@@ -252,43 +276,67 @@ def write_report(res: dict[str, Any]) -> None:
     (RESULTS / "vectors_mmap.json").write_text(json.dumps(res, indent=1))
     mib = 1 << 20
     lines = [
-        "# Vectors in memory vs memory-mapped (reader)", "",
-        f"Command: `{res['command']}`, run here in phases so that no invocation took over 2 "
-        "minutes: `--sizes N --phase build`, then `--phase rss qps cold report` (1M: `rss cold` "
-        "and `qps` separately).", "",
-        f"Machine: {os.cpu_count()} cores, shared with other work (every process under "
-        "`nice -n 19`); OMP_NUM_THREADS=1. Data: synthetic clustered vectors (bench/search.py's "
-        "generator), d = 128, cosine; one segment per 10,000 rows (bulk path).", "",
-        "| N | segments | RSS memory (anon / file) | RSS mmap (anon / file) | plan memory / mmap | "
-        "identical answers | recall@10 | QPS memory | QPS mmap warm | mmap ÷ memory | "
-        "QPS mmap cold (per pass) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "# Vectors in memory vs memory-mapped (reader)",
+        "",
+        f"Command: `{res['command']}`, run here in phases so that no invocation took over 3 "
+        "minutes: `--sizes N --phase build`, then `--phase rss qps cold report`.",
+        "",
+        f"Machine: {os.cpu_count()} cores, shared with other engineers' work while this ran "
+        "(every process under `nice -n 19`; timings are noisy); OMP_NUM_THREADS=1; Linux "
+        f"{os.uname().release}. Data: synthetic clustered vectors (bench/search.py's "
+        "generator), d = 128, cosine; one segment per 10,000 rows (bulk path).",
+        "",
+        "RSS is VmRSS (RssAnon / RssFile) in MiB, after the view is loaded and after the "
+        "queries have run once.",
+        "",
+        "| N | segments | loaded: memory | loaded: mmap | after queries: memory | "
+        "after queries: mmap | plan memory / mmap | identical answers | recall@10 | "
+        "QPS memory | QPS mmap warm | mmap ÷ memory | QPS mmap cold (per pass) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in sorted(res["sizes"].items(), key=lambda kv: int(kv[0])):
         b, q, rss = r.get("build", {}), r.get("qps", {}), r.get("rss", {})
 
-        def fig(mode: str, rss: dict[str, Any] = rss) -> str:
+        def fig(mode: str, at: str, rss: dict[str, Any] = rss) -> str:
             c = rss.get(mode)
             if not c:
                 return "—"
-            d = {k: c["after_queries"][k] - c["base"][k] for k in ("VmRSS", "RssAnon", "RssFile")}
-            return f"{d['VmRSS'] / mib:,.0f} MiB ({d['RssAnon'] / mib:,.0f} / {d['RssFile'] / mib:,.0f})"
+            d = {k: c[at][k] - c["base"][k] for k in ("VmRSS", "RssAnon", "RssFile")}
+            return (
+                f"{d['VmRSS'] / mib:,.0f} ({d['RssAnon'] / mib:,.0f} / {d['RssFile'] / mib:,.0f})"
+            )
+
+        def ratios(q: dict[str, Any]) -> str:  # per repeat: how noisy the machine was
+            rs = [r["mmap"] / r["memory"] for r in q.get("runs", [])]
+            return f"({min(rs):.2f}–{max(rs):.2f} per repeat) " if rs else ""
 
         p = plan_memory(int(n), D, b.get("primary", {}).get("nlist", 256), D // 4)
         cold = r.get("cold", {}).get("cold", [])
         lines.append(
-            f"| {int(n):,} | {b.get('segments', '—')} | {fig('memory')} | {fig('mmap')} | "
+            f"| {int(n):,} | {b.get('segments', '—')} | {fig('memory', 'loaded')} | "
+            f"{fig('mmap', 'loaded')} | {fig('memory', 'after_queries')} | "
+            f"{fig('mmap', 'after_queries')} | "
             f"{p.reader_bytes / mib:,.0f} / {p.reader_mapped_bytes / mib:,.0f} MiB | "
             f"{q.get('identical_answers', '—')} | {q.get('recall_at_10', 0):.3f} | "
             f"{q.get('qps_memory', 0):,.0f} | {q.get('qps_mmap', 0):,.0f} | "
-            f"{q.get('ratio_mmap_over_memory', 0):.2f}× | "
-            + (", ".join(f"{c['qps']:,.0f}" for c in cold) or "—") + " |"
+            f"{q.get('ratio_mmap_over_memory', 0):.2f}× {ratios(q)}| "
+            + (", ".join(f"{c['qps']:,.0f}" for c in cold) or "—")
+            + " |"
         )
     lines += [
         "",
-        "RSS: a fresh child per mode loads the view and answers the queries once; the figures are "
-        "`/proc/self/status` VmRSS (RssAnon / RssFile) minus the same after imports. RssFile of "
-        "the mapped reader is the vector pages the queries touched (page cache, reclaimable).",
+        "RSS: a fresh child per mode loads the view, then answers the queries once; the figures "
+        "are `/proc/self/status` VmRSS (RssAnon / RssFile) minus the same after imports. "
+        "Loaded: the mapped reader's vectors are not read at load (the cosine divisors are "
+        "computed per row on first read, since this run; before, they were computed when a "
+        "segment was mapped, which mapped every vector page: 1M rows measured 734 MiB VmRSS "
+        "mapped, 216 anon / 518 file, against 695 in memory). After queries: RssFile is the "
+        "file pages the searches mapped. On this kernel a fault maps the whole page-cache "
+        "folio around the page read (up to 2 MiB for files written in large writes, measured: "
+        "reading 1 byte of a freshly written file maps 2 MiB), so the re-rank's random rows "
+        "map most of the vector files within a few hundred queries; these are clean page "
+        "cache (reclaimable: under a memory cgroup's limit they are dropped and read again, "
+        "not an OOM), while RssAnon is what the process cannot give back.",
         "QPS: one process, both views of the same manifest, single-query `View.search_primary` "
         "(IVF-PQ m = 32 × 8 bits, nprobe 32, re-rank 8×; nlist 256 at 100k, 1024 at 1M), the "
         "modes alternating query by query (the machine's load drifts within a pass), QPS = "
@@ -298,22 +346,19 @@ def write_report(res: dict[str, Any]) -> None:
         "(`posix_fadvise(POSIX_FADV_DONTNEED)`, after an fsync); RssFile before / after each drop "
         "is listed below, with the files' page cache measured by util-linux `fincore`. The cold "
         "pass reads from this machine's disk (ext4 on a virtio block device): other disks differ. "
-        "VmRSS of the mapped reader counts the resident file pages (RssFile): the divisors "
-        "computed when a segment is mapped read every vector once, and fault-around maps up to "
-        "16 neighbouring pages per fault, so after load nearly all vector pages are mapped; "
-        "they are page cache (reclaimable; a container's memory cgroup counts them while "
-        "resident). RssAnon is what the process cannot give back; in both modes it exceeds "
-        "`driftless plan`'s figure by about the same ~105 MiB at 1M (allocator slack and FAISS, "
-        "not the mode). The page cache left after a drop (23 MiB at 1M) is the other columns' "
-        "pages (seq, key, tombstone), read at load and still mapped: the drop covers the vector "
-        "chunks only.",
+        "The page cache left after a drop is the other columns' pages (seq, key, tombstone), "
+        "read at load and still mapped: the drop covers the vector chunks only.",
     ]
     for n, r in sorted(res["sizes"].items(), key=lambda kv: int(kv[0])):
         for c in r.get("cold", {}).get("cold", []):
             pc = c.get("page_cache_after_drop")
-            pc_txt = "" if pc is None else (
-                f", the files' page cache {pc / mib:,.1f} MiB after the drop and "
-                f"{c['page_cache_after'] / mib:,.0f} MiB after the pass (fincore)"
+            pc_txt = (
+                ""
+                if pc is None
+                else (
+                    f", the files' page cache {pc / mib:,.1f} MiB after the drop and "
+                    f"{c['page_cache_after'] / mib:,.0f} MiB after the pass (fincore)"
+                )
             )
             lines.append(
                 f"- {int(n):,} cold pass: RssFile {c['before_drop']['RssFile'] / mib:,.0f} → "
@@ -340,7 +385,8 @@ def main() -> None:
         np.save(work / "queries.npy", clustered(args.queries, D, seed=2))
     out = RESULTS / "vectors_mmap.json"
     res = json.loads(out.read_text()) if out.exists() else {"sizes": {}}
-    res["command"] = "python bench/vectors_mmap.py --sizes 100000 1000000"
+    sizes = sorted({int(n) for n in res["sizes"]} | set(args.sizes))  # every size reported
+    res["command"] = f"python bench/vectors_mmap.py --sizes {' '.join(map(str, sizes))}"
     for n in args.sizes:
         r = res["sizes"].setdefault(str(n), {})
         t = time.perf_counter()

@@ -227,6 +227,35 @@ class QueryLogSpec:
 
 
 @dataclass(frozen=True)
+class VectorsSpec:
+    """spec.readers.vectors: where reader and shadow pods keep raw vectors (``serve
+    --vectors``). ``memory`` (the default) renders nothing, so existing pods do not roll;
+    ``mmap`` reads them from memory-mapped segment copies on an emptyDir of ``cacheSize``."""
+
+    storage: str = "memory"
+    cache_size: str = "8Gi"
+
+    @staticmethod
+    def parse(d: Mapping[str, Any] | None) -> VectorsSpec:
+        d = d or {}
+        storage = str(d.get("storage", "memory"))
+        if storage not in ("memory", "mmap"):
+            raise SpecError(f"readers.vectors.storage must be memory or mmap, not {storage!r}")
+        size = str(d.get("cacheSize", "8Gi"))
+        if size.endswith("m") or quantity(size) < 1 << 20:
+            raise SpecError(f"readers.vectors.cacheSize must be at least 1Mi of bytes: {size!r}")
+        return VectorsSpec(storage, size)
+
+    @property
+    def mapped(self) -> bool:
+        return self.storage == "mmap"
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(quantity(self.cache_size))
+
+
+@dataclass(frozen=True)
 class Index:
     ref: Ref
     model: str
@@ -245,6 +274,7 @@ class Index:
     pods: PodOptions  # spec.pods (over the operator's defaults)
     query_log: QueryLogSpec = QueryLogSpec()  # spec.queryLog
     shards: int = 1  # spec.shards: fixed at creation (index_runtime.shards)
+    vectors: VectorsSpec = VectorsSpec()  # spec.readers.vectors
 
     @staticmethod
     def parse(body: Mapping[str, Any]) -> Index:
@@ -294,6 +324,7 @@ class Index:
             pods=PodOptions.parse(spec.get("pods")),
             query_log=QueryLogSpec.parse(spec.get("queryLog")),
             shards=shards,
+            vectors=VectorsSpec.parse(readers.get("vectors")),
         )
 
 

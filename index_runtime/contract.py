@@ -26,6 +26,7 @@ EXECUTABLE = "driftless"
 
 WAL_DIR = "/var/lib/driftless/wal"  # the writer's PersistentVolumeClaim
 TMP_DIR = "/tmp"  # an emptyDir: the root filesystem is read-only
+VECTOR_CACHE_DIR = "/var/cache/driftless/vectors"  # readers with vectors: mmap (an emptyDir)
 LABELLED_DIR = "/etc/driftless/labelled"  # the migration gate's labelled queries (ConfigMap)
 LABELLED_FILE = "queries.json"
 
@@ -96,7 +97,9 @@ class Env(StrEnum):
     # the distributed backfill (an Indexed Job; the share is JOB_COMPLETION_INDEX)
     BACKFILL_SHARES = "DRIFTLESS_BACKFILL_SHARES"  # how many shares the rows are split into
     MIGRATION_ID = "DRIFTLESS_MIGRATION_ID"  # the migration a backfill pod works for
-    BACKFILL_STALL_S = "DRIFTLESS_BACKFILL_STALL_S"  # exit non-zero after this long without progress
+    BACKFILL_STALL_S = (
+        "DRIFTLESS_BACKFILL_STALL_S"  # exit non-zero after this long without progress
+    )
     # the query log (VectorIndex spec.queryLog; index_runtime.querylog): off unless "1"
     QUERY_LOG = "DRIFTLESS_QUERY_LOG"
     QUERY_LOG_RATE = "DRIFTLESS_QUERY_LOG_RATE"  # share of text queries kept, 0..1
@@ -306,7 +309,13 @@ class MigrationRecord:
     @property
     def object_keys(self) -> tuple[str, ...]:
         """The stored objects the record names (GC keeps them while the record is active)."""
-        named = (self.labelled_key, self.pairs_key, *self.fitted.values(), self.adapter_key, self.eval_key)
+        named = (
+            self.labelled_key,
+            self.pairs_key,
+            *self.fitted.values(),
+            self.adapter_key,
+            self.eval_key,
+        )
         return tuple(k for k in named if k)
 
     @property

@@ -124,6 +124,35 @@ def query_log_env(ix: Index, role: Role, at: Placement | None = None) -> list[di
     return env
 
 
+VECTOR_CACHE_VOLUME = "vector-cache"
+VECTOR_CACHE_BUDGET = 0.9  # of the volume: unused copies go before the kubelet's sizeLimit
+
+
+def vector_storage(
+    ix: Index, role: Role
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.readers.vectors for the pods that read raw vectors (readers; the shadow, whose
+    exact oracle and shadow index read them): env, volumes and mounts. ``memory`` adds
+    nothing (the runtime's default; existing pods keep their template). ``mmap``: the cache
+    lives on an emptyDir of ``cacheSize`` (the root filesystem is read-only) and the
+    runtime's budget is 90% of it, so copies no view reads are evicted before the volume
+    reaches its sizeLimit (past it the kubelet evicts the pod)."""
+    v = ix.vectors
+    if not v.mapped or role not in (Role.READER, Role.SHADOW):
+        return [], [], []
+    env = [
+        {"name": Env.VECTORS.value, "value": "mmap"},
+        {"name": Env.VECTOR_CACHE_DIR.value, "value": contract.VECTOR_CACHE_DIR},
+        {
+            "name": Env.VECTOR_CACHE_BYTES.value,
+            "value": str(int(v.cache_bytes * VECTOR_CACHE_BUDGET)),
+        },
+    ]
+    volume = {"name": VECTOR_CACHE_VOLUME, "emptyDir": {"sizeLimit": v.cache_size}}
+    mount = {"name": VECTOR_CACHE_VOLUME, "mountPath": contract.VECTOR_CACHE_DIR}
+    return env, [volume], [mount]
+
+
 def _pod(
     ix: Index,
     cl: Cluster,
@@ -138,6 +167,7 @@ def _pod(
     at = _at(ix, at)
     vol, mount = tmp_volume()
     token_env, token_vol, token_mount = runtime_access(ix.ref.name, role)
+    vec_env, vec_vols, vec_mounts = vector_storage(ix, role)
     env = [
         {
             "name": Env.INDEX.value,
@@ -153,6 +183,7 @@ def _pod(
             },
         },
         *query_log_env(ix, role, at),
+        *vec_env,
         *extra_env,
     ]
     spec: dict[str, Any] = {
@@ -176,11 +207,11 @@ def _pod(
                 "env": env,
                 "resources": res.to_k8s(),
                 "securityContext": container_security(),
-                "volumeMounts": [mount, token_mount, *mounts],
+                "volumeMounts": [mount, token_mount, *mounts, *vec_mounts],
                 **probes(),
             }
         ],
-        "volumes": [vol, token_vol],
+        "volumes": [vol, token_vol, *vec_vols],
     }
     return {
         "metadata": {

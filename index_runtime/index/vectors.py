@@ -6,10 +6,12 @@ zero-copy numpy views of the FixedSizeList's values buffer), and are copied out 
 search gathers them (the re-rank's candidates, the tail, a chunk of the exact scan). Cosine
 indexes store raw vectors and views hold them L2-normalized, so the rows are normalized as
 they are read: each row's two divisors (:func:`~index_runtime.index.rows.normalize_factors`,
-8 bytes per row, computed once when the segment is mapped) are kept in memory and applied to
+8 bytes per row in memory) are computed the first time the row is read, kept, and applied to
 the rows read, which gives the in-memory block's bits exactly (normalizing each read afresh
-cost ~20-80 µs per query for 80 rows, the largest share of the mapped re-rank). Rows without
-a vector (nulls) read as NaN, as in memory.
+cost ~20-80 µs per query for 80 rows, the largest share of the mapped re-rank). They are
+*not* computed when a segment is mapped: that read every vector, so every page of the file
+became resident in the process (VmRSS as large as in memory, as RssFile). Rows without a
+vector (nulls) read as NaN, as in memory.
 
 :func:`take` and :func:`row_range` accept either form, so the view's search code is one.
 """
@@ -53,7 +55,8 @@ class VectorStorage:
 class Chunk:
     """Rows of one record batch: ``values`` (n, d) float32, read-only and usually a view of a
     mapped file; ``valid`` False where the row has no vector (None: every row has one);
-    ``factors`` the rows' normalization divisors (cosine; computed once, when first needed)."""
+    ``factors`` the rows' normalization divisors (cosine), where known: a row of zeros is a
+    row not computed yet (a real divisor is never 0)."""
 
     values: F32
     valid: Mask | None = None
@@ -77,23 +80,21 @@ class MappedVectors:
     def __init__(
         self, chunks: Sequence[Chunk], dim: int, normalized: bool, owners: Sequence[object] = ()
     ) -> None:
-        self.chunks = tuple(
-            Chunk(c.values, c.valid, normalize_factors(c.values))
-            if normalized and c.factors is None
-            else c
-            for c in chunks
-            if len(c.values)
-        )
+        self.chunks = tuple(c for c in chunks if len(c.values))
         self.dim = dim
         self.normalized = normalized  # rows are L2-normalized when read (cosine)
-        self._factors: F32 | None = None
-        if normalized:
-            parts = [c.factors for c in self.chunks if c.factors is not None]
-            self._factors = np.concatenate(parts) if parts else np.ones((0, 2), np.float32)
         self.owners = tuple(owners)
         sizes = [len(c.values) for c in self.chunks]
         self.starts: I64 = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.shape = (int(self.starts[-1]), dim)
+        # cosine: per row its two divisors once it has been read (zeros: not yet). Never
+        # computed here: that would read, and so map in, every page of every segment
+        self._factors: F32 | None = None
+        if normalized:
+            self._factors = np.zeros((len(self), 2), np.float32)
+            for c, ch in enumerate(self.chunks):
+                if ch.factors is not None:
+                    self._factors[self.starts[c] : self.starts[c + 1]] = ch.factors
         # per row, in memory (what a read needs besides the mapped floats): whether it has a
         # vector (only if some row has none) and where it starts in the span (8 bytes a row)
         self._valid: Mask | None = None
@@ -149,14 +150,34 @@ class MappedVectors:
 
     def _finish(self, out: F32, at: I64 | slice) -> F32:
         """NaN where a row has no vector; normalized if the view wants it."""
+        factors = None
+        if self._factors is not None:
+            factors = self._factors[at]
+            if not factors.all():  # a divisor is never 0: some rows are read the first time
+                # their divisors, from the rows themselves (the same per-row arithmetic as
+                # normalize(), so the same bits). A row another thread is writing has a 0
+                # left and is computed here too; both store the same values
+                factors = factors.copy()
+                todo = (factors == 0).any(axis=1)
+                new = normalize_factors(out[todo])
+                factors[todo] = new
+                rows = np.arange(at.start, at.stop) if isinstance(at, slice) else at
+                self._factors[rows[todo]] = new
         if self._valid is not None:
             bad = ~self._valid[at]
             if bad.any():
                 out = np.array(out, np.float32)  # never write into a mapping
                 out[bad] = np.nan
-        if self._factors is not None:
-            out = apply_factors(out, self._factors[at])
+        if factors is not None:
+            out = apply_factors(out, factors)
         return out
+
+    @property
+    def known_factors(self) -> int:
+        """Rows whose normalization divisors are computed (cosine; 0 otherwise)."""
+        if self._factors is None:
+            return 0
+        return int((self._factors != 0).all(axis=1).sum())
 
     def slice(self, lo: int, hi: int) -> MappedVectors:
         """Rows ``lo..hi-1`` as their own :class:`MappedVectors` (no copy)."""
@@ -166,7 +187,7 @@ class MappedVectors:
             a, b = max(lo, s), min(hi, e)
             if a < b:
                 valid = None if ch.valid is None else ch.valid[a - s : b - s]
-                factors = None if ch.factors is None else ch.factors[a - s : b - s]
+                factors = None if self._factors is None else self._factors[a:b]
                 out.append(Chunk(ch.values[a - s : b - s], valid, factors))
         return MappedVectors(out, self.dim, self.normalized, self.owners)
 
@@ -189,9 +210,7 @@ class _Span:
     :meth:`MappedVectors.take`). The chunks, and so the mappings, live as long as the
     :class:`MappedVectors` that owns this span."""
 
-    def __init__(
-        self, base: npt.NDArray[np.float32], offsets: I64, strides: I64, dim: int
-    ) -> None:
+    def __init__(self, base: npt.NDArray[np.float32], offsets: I64, strides: I64, dim: int) -> None:
         self.offsets = offsets  # per chunk: the index of its first float in ``base``
         self.strides = strides  # per chunk: floats per row (0: a chunk of absent vectors)
         self.windows = np.lib.stride_tricks.as_strided(

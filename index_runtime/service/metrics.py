@@ -18,12 +18,25 @@ from index_runtime.lifecycle import Phase
 from index_runtime.migration import PHASES
 from index_runtime.quality.oracle import Measurement
 from index_runtime.service.runtime import Hooks, IndexRuntime
+from index_runtime.store.segcache import SegmentCache
 
 MIGRATION_PHASES = ("None", *PHASES)
 GATE_STEPS = ("SamplingPairs", "TrainingAdapter", "Evaluating")  # only the writer's job knows
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 JOB_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 ENCODER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+FETCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)  # up to 64 MiB objects
+# segment cache counters (CacheStats field -> metric name, help)
+CACHE_COUNTERS = {
+    "hits": ("hits", "Segment opens answered from the local cache (mapped or verified file)."),
+    "misses": ("misses", "Segment opens that fetched the segment from the object store."),
+    "evictions": ("evictions", "Cached segment files deleted to keep the budget or unused."),
+    "rejected": (
+        "crc_failures",
+        "Cached segment files that failed verification (CRC32 or size against their sidecar "
+        "and the manifest, or Arrow could not open them); deleted and fetched again.",
+    ),
+}
 
 
 class Metrics(Hooks):
@@ -260,6 +273,38 @@ class Metrics(Hooks):
             registry=r,
         )
 
+        # the segment cache of readers with vectors: mmap (no series otherwise) ------------
+        self.cache_bytes = Gauge(
+            "driftless_vector_cache_bytes",
+            "Bytes of segment files in the local vector cache.",
+            ["index"],
+            registry=r,
+        )
+        self.cache_in_use = Gauge(
+            "driftless_vector_cache_in_use_bytes",
+            "Bytes of cached segment files that views read (never evicted).",
+            ["index"],
+            registry=r,
+        )
+        self.cache_capacity = Gauge(
+            "driftless_vector_cache_capacity_bytes",
+            "The vector cache's budget; exceeded only while the files in use need more.",
+            ["index"],
+            registry=r,
+        )
+        self.cache_counters = {
+            field: Counter(f"driftless_vector_cache_{name}", help_, ["index"], registry=r)
+            for field, (name, help_) in CACHE_COUNTERS.items()
+        }
+        self._cache_seen: dict[str, tuple[SegmentCache, dict[str, int]]] = {}
+        self.cache_fetch_seconds = Histogram(
+            "driftless_vector_cache_fetch_duration_seconds",
+            "Time to fetch a segment from the object store into the vector cache and map it.",
+            ["index"],
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+
         # encoders (per model: one encoder serves every index of the process) -------------
         self.encoder_requests = Counter(
             "driftless_encoder_requests",
@@ -302,6 +347,9 @@ class Metrics(Hooks):
 
     def backfill(self, index: str, rows: int) -> None:
         self.backfill_rewritten.labels(index).inc(rows)
+
+    def vector_fetch(self, index: str, seconds: float) -> None:
+        self.cache_fetch_seconds.labels(index).observe(seconds)
 
     def query(self, index: str, path: str, seconds: float) -> None:
         self.query_seconds.labels(index, path).observe(seconds)
@@ -364,6 +412,25 @@ class Metrics(Hooks):
                 _set_window(self.window, n, window, w)
             self._collect_migration(n, rt.bridge, rt.migration_job)
             self._collect_storage(n, st.get("storage"))
+            if rt.segment_cache is not None:
+                self._collect_cache(n, rt.segment_cache)
+
+    def _collect_cache(self, n: str, cache: SegmentCache) -> None:
+        """Gauges from the cache's state; the counters follow the increase of its counts
+        (per cache object: a reopened index's new cache counts from zero again)."""
+        state = cache.state()
+        self.cache_bytes.labels(n).set(state.bytes)
+        self.cache_in_use.labels(n).set(state.in_use_bytes)
+        self.cache_capacity.labels(n).set(state.budget_bytes)
+        self.cache_fetch_seconds.labels(n)  # the series exists before the first fetch
+        prev = self._cache_seen.get(n)
+        if prev is None or prev[0] is not cache:
+            prev = self._cache_seen[n] = (cache, {})
+        seen = prev[1]
+        for field, counter in self.cache_counters.items():
+            count = getattr(state.stats, field)
+            counter.labels(n).inc(max(count - seen.get(field, 0), 0))
+            seen[field] = count
 
     def _collect_storage(self, n: str, storage: dict[str, Any] | None) -> None:
         if storage is None:

@@ -144,6 +144,7 @@ class Hooks:
     def regeneration(self, index: str, ok: bool) -> None: ...
     def adapter(self, index: str, seconds: float) -> None: ...
     def backfill(self, index: str, rows: int) -> None: ...
+    def vector_fetch(self, index: str, seconds: float) -> None: ...  # segment cache (mmap)
     # encoders (encoders/resilience.py EncoderObserver): per model, not per index
     def encoder(self, model: str, outcome: str, seconds: float | None) -> None: ...
     def encoder_state(self, model: str, state: str) -> None: ...
@@ -176,7 +177,11 @@ class IndexRuntime:
         vs = options.vectors
         if vs.mode == "mmap" and vs.cache_dir is not None:
             self.segment_cache = SegmentCache(
-                store, vs.cache_dir / name, vs.cache_bytes, manifest.index.key_type
+                store,
+                vs.cache_dir / name,
+                vs.cache_bytes,
+                manifest.index.key_type,
+                on_fetch=lambda seconds: self.hooks.vector_fetch(name, seconds),
             )
         # owned by the refresher (under _refresh_lock)
         self.builder = ViewBuilder(store, cache=self.segment_cache)
@@ -352,9 +357,9 @@ class IndexRuntime:
 
     # views ------------------------------------------------------------------------------------
 
-    def _snapshot(self, manifest: Manifest | None = None, force: bool = False) -> tuple[
-        list[RowBatch], Manifest
-    ]:
+    def _snapshot(
+        self, manifest: Manifest | None = None, force: bool = False
+    ) -> tuple[list[RowBatch], Manifest]:
         """One consistent state: the writer's pending rows, then its manifest, with the rows
         the manifest already holds dropped. In that order no row is missed (a flush commits
         before it drops its rows from the pending list) and none is counted twice (a flush's
@@ -958,7 +963,9 @@ class IndexRuntime:
         """Switch the index to the new model (``Migrator.cutover``)."""
         return self.migrator.cutover(force, explicit, mid)
 
-    def rollback_migration(self, reason: str = "rolled back on request", mid: str | None = None) -> None:
+    def rollback_migration(
+        self, reason: str = "rolled back on request", mid: str | None = None
+    ) -> None:
         """Stop the migration (any phase before Succeeded) and serve the old model only."""
         self.migrator.rollback(reason, mid)
 

@@ -33,10 +33,11 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,38 @@ class MappedSegment:
 
 @dataclass
 class CacheStats:
+    """Counts since the cache was made (the metrics follow their increase)."""
+
     fetches: int = 0  # segments fetched from the object store
     reused: int = 0  # cached files verified and mapped again (no fetch)
     evictions: int = 0
     rejected: int = 0  # cached files found corrupt or truncated (deleted, fetched again)
+    hits: int = 0  # opens answered without the store: a handle in use or a verified file
+    misses: int = 0  # opens that went to the store (failed fetches included)
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """What the metrics read, taken under the cache's lock."""
+
+    bytes: int  # files on disk
+    in_use_bytes: int  # of which views still read
+    budget_bytes: int
+    stats: CacheStats
+
+
+WRITE_PIECE = 64 << 10
+
+
+def _write_in_pieces(path: Path, data: bytes) -> None:
+    """Write ``data`` in 64 KiB writes. The page cache keeps a file in folios sized by the
+    writes that made them (Linux 6.x, ext4: one 64 MiB write made 2 MiB folios), and a
+    fault maps the whole folio around the page read: a mapped reader reading one vector
+    then held 2 MiB of the file, now 64 KiB (the kernel's fault-around window)."""
+    view = memoryview(data)
+    with open(path, "wb") as f:
+        for at in range(0, len(view), WRITE_PIECE):
+            f.write(view[at : at + WRITE_PIECE])
 
 
 class SegmentCache:
@@ -108,10 +137,15 @@ class SegmentCache:
     when nothing in use prevents it. Thread-safe."""
 
     def __init__(
-        self, store: ObjectStore, directory: str | os.PathLike[str], budget_bytes: int,
+        self,
+        store: ObjectStore,
+        directory: str | os.PathLike[str],
+        budget_bytes: int,
         key_type: KeyType,
+        on_fetch: Callable[[float], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_fetch = on_fetch  # seconds of each fetch that succeeded (get, write, map)
         self.dir = Path(directory)
         self.budget_bytes = budget_bytes
         self.key_type = key_type
@@ -119,9 +153,7 @@ class SegmentCache:
         self._lock = threading.Lock()
         self._clock = itertools.count(1)
         self._entries: dict[str, CacheEntry] = {}
-        self._open: weakref.WeakValueDictionary[str, MappedSegment] = (
-            weakref.WeakValueDictionary()
-        )
+        self._open: weakref.WeakValueDictionary[str, MappedSegment] = weakref.WeakValueDictionary()
         self._released: dict[str, int] = {}  # key -> clock when its handle died
         self._over = False  # over budget (what is in use needs more)
         self._lock_fd: int | None = None
@@ -186,6 +218,16 @@ class SegmentCache:
     def in_use(self) -> set[str]:
         return set(self._open.keys())
 
+    def state(self) -> CacheState:
+        with self._lock:
+            in_use = self.in_use()
+            return CacheState(
+                self.bytes,
+                sum(e.bytes for k, e in self._entries.items() if k in in_use),
+                self.budget_bytes,
+                CacheStats(**vars(self.stats)),
+            )
+
     # opening ------------------------------------------------------------------------------
 
     def open(self, key: str, expect_bytes: int | None = None) -> MappedSegment:
@@ -196,8 +238,13 @@ class SegmentCache:
             if h is None:
                 h = self._from_disk(key, expect_bytes) if key in self._entries else None
                 if h is None:
+                    self.stats.misses += 1
                     h = self._fetch(key, expect_bytes)
+                else:
+                    self.stats.hits += 1
                 self._open[key] = h
+            else:
+                self.stats.hits += 1
                 weakref.finalize(h, self._on_release, key)
             self._touch(key)
             self._evict()
@@ -228,7 +275,9 @@ class SegmentCache:
             h = MappedSegment(key, path, open_segment(str(path), self.key_type), size)
         except (OSError, ValueError, CorruptObjectError) as exc:
             self.stats.rejected += 1
-            log.warning("cached segment %s rejected (%s); fetching it again", key, exc)
+            # the message, not the exception: a kept log record would pin its traceback's
+            # frames, and with them the views (and mapped segments) the callers held
+            log.warning("cached segment %s rejected (%s); fetching it again", key, str(exc))
             self._drop(key)
             return None
         if not self.store.exists(key):  # removed by GC: never served from the cache
@@ -238,6 +287,7 @@ class SegmentCache:
         return h
 
     def _fetch(self, key: str, expect_bytes: int | None) -> MappedSegment:
+        started = time.perf_counter()
         data = self.store.get(key)
         if expect_bytes is not None and len(data) != expect_bytes:
             raise CorruptObjectError(
@@ -246,7 +296,7 @@ class SegmentCache:
         path = self._path(key)
         tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
         try:
-            tmp.write_bytes(data)
+            _write_in_pieces(tmp, data)
             os.replace(tmp, path)
             side = self.dir / f".tmp-{uuid.uuid4().hex}"
             side.write_text(
@@ -259,12 +309,16 @@ class SegmentCache:
             raise storage_error(exc, f"caching segment {key!r} in {self.dir}") from exc
         del data
         try:
-            h = MappedSegment(key, path, open_segment(str(path), self.key_type), path.stat().st_size)
+            h = MappedSegment(
+                key, path, open_segment(str(path), self.key_type), path.stat().st_size
+            )
         except CorruptObjectError:
             self._drop(key)  # the store's copy is unreadable: nothing to cache
             raise
         self._entries[key] = CacheEntry(key, h.nbytes, 0)
         self.stats.fetches += 1
+        if self.on_fetch is not None:
+            self.on_fetch(time.perf_counter() - started)
         return h
 
     # eviction -----------------------------------------------------------------------------
@@ -293,7 +347,9 @@ class SegmentCache:
         if over and not self._over:  # logged when it goes over, not at every open
             log.warning(
                 "segment cache %s holds %d bytes in use, over its budget of %d",
-                self.dir, self.bytes, self.budget_bytes,
+                self.dir,
+                self.bytes,
+                self.budget_bytes,
             )
         self._over = over
 

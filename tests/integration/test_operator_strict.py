@@ -48,7 +48,10 @@ async def until(cond: Any, timeout: float) -> bool:
 
 @pytest.mark.parametrize("name", ["1docs", "d" * 50], ids=["leading-digit", "50-chars"])
 async def test_index_names_that_cannot_name_its_children_are_refused(
-    name: str, kmock: Any, runtime: tuple[str, Engine, str], moto_endpoint: str  # noqa: F811
+    name: str,
+    kmock: Any,
+    runtime: tuple[str, Engine, str],  # noqa: F811
+    moto_endpoint: str,
 ) -> None:
     kmock.register(CRDS)
     kmock.add_namespace(NS)
@@ -126,5 +129,57 @@ async def test_namespace_deletion_finishes_with_reclaim_delete(
             assert (await k.delete(f"/api/v1/namespaces/{NS}")).status_code == 200
         gone = await until(lambda: NS not in cl.kmock.namespaces, 20)
         assert gone, (cl.get("vectorindexes", "vecs") or {}).get("metadata")
+    finally:
+        await stop_operator(task, stop)
+
+
+async def test_readers_vectors_mmap_reaches_the_pods_and_bad_sizes_are_refused(
+    cluster: tuple[Cluster, JobRunner],  # noqa: F811
+    runtime: tuple[str, Engine, str],  # noqa: F811
+    moto_endpoint: str,
+) -> None:
+    """spec.readers.vectors: the schema refuses a size that is no byte quantity (422), the
+    operator renders mmap onto the reader and shadow Deployments (env and an emptyDir the
+    strict API accepts), and a size the schema lets through but cannot serve becomes an
+    InvalidSpec condition."""
+    cl, _ = cluster
+    url, _, bucket = runtime
+    await cl.put(model("old", D_OLD))
+    body = vector_index("docs", bucket, moto_endpoint)
+    body["spec"]["readers"]["vectors"] = {"storage": "mmap", "cacheSize": "500m"}
+    async with httpx.AsyncClient(base_url=str(cl.kmock.url)) as k:
+        r = await k.post(VI, json=body)
+    assert r.status_code == 422 and "cacheSize" in r.text, r.text
+    body["spec"]["readers"]["vectors"]["cacheSize"] = "2Gi"
+    await cl.put(body)
+    task, stop = await start_operator(cl.kmock, url)
+
+    def mapped(name: str) -> bool:
+        d = cl.get("deployments", name)
+        if d is None:
+            return False
+        pod = d["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        return env.get("DRIFTLESS_VECTORS") == "mmap" and vols.get("vector-cache", {}).get(
+            "emptyDir"
+        ) == {"sizeLimit": "2Gi"}
+
+    try:
+        assert await until(lambda: mapped("docs-reader"), 30), cl.get("deployments", "docs-reader")
+        assert await until(lambda: mapped("docs-shadow"), 30), cl.get("deployments", "docs-shadow")
+        writer = cl.get("statefulsets", "docs-writer") or {}
+        assert "vector-cache" not in str(writer)
+        async with httpx.AsyncClient(base_url=str(cl.kmock.url)) as k:
+            patch = {"spec": {"readers": {"vectors": {"cacheSize": "1Ki"}}}}
+            r = await k.patch(f"{VI}/docs", json=patch, headers=MERGE)
+        assert r.status_code < 400, r.text
+
+        def refused(status: dict[str, Any]) -> bool:
+            conds = status.get("conditions") or []
+            return any(c.get("reason") == "InvalidSpec" and "cacheSize" in c.get("message", "")
+                       for c in conds)  # fmt: skip
+
+        await cl.wait("vectorindexes", "docs", refused, 30, "an InvalidSpec condition")
     finally:
         await stop_operator(task, stop)

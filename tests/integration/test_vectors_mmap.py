@@ -6,6 +6,8 @@ segment the store no longer has. Both backends (the ``store`` fixture)."""
 from __future__ import annotations
 
 import gc
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,10 @@ def _same(a: View, b: View, qs: np.ndarray) -> None:
         for match in (None, a.match_mask(flt)):
             mb = None if match is None else b.match_mask(flt)
             for x, y in [(a.exact(q, 10, match), b.exact(q, 10, mb))] + [
-                (a.search_primary(c, q, 10, match, approx=True),
-                 b.search_primary(c, q, 10, mb, approx=True))
+                (
+                    a.search_primary(c, q, 10, match, approx=True),
+                    b.search_primary(c, q, 10, mb, approx=True),
+                )
                 for c in a.primaries
             ]:
                 assert x.pos.tolist() == y.pos.tolist()
@@ -279,4 +283,69 @@ def test_a_view_reads_its_segments_even_if_their_files_are_unlinked(
     for f in (tmp_path / "cache").glob("*.arrow"):
         f.unlink()
     np.testing.assert_array_equal(view.vectors_at(view.live_pos), want.vectors_at(want.live_pos))
+    rt.stop()
+
+
+def test_cache_metrics_move(store: Any, tmp_path: Path) -> None:
+    """A mapped reader's cache in /metrics: bytes, capacity, misses with their fetch time,
+    hits after a restart, evictions of compacted segments, a damaged file's CRC failure."""
+    from prometheus_client import generate_latest
+
+    from index_runtime.service.metrics import Metrics
+
+    rt = _runtime(store, tmp_path, "cosine")
+    w = rt.writer
+    assert w is not None
+    segs = _segments(rt, 2)
+    budget = sum(b for _, b in segs) * 2
+    opts = RuntimeOptions(maintenance=False, vectors=VectorStorage("mmap", tmp_path / "vc", budget))
+    metrics = Metrics()
+
+    def reader() -> IndexRuntime:
+        r = IndexRuntime("idx", store, None, opts, Roles(True, True, False), metrics)
+        r.refresh(force=True)
+        return r
+
+    def scrape(r: IndexRuntime) -> dict[str, float]:
+        metrics.collect_state([r])
+        text = generate_latest(metrics.registry).decode()
+        if shutil.which("promtool"):
+            out = subprocess.run(
+                ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+        get = metrics.registry.get_sample_value
+        names = ["hits", "misses", "evictions", "crc_failures"]
+        got = {n: get(f"driftless_vector_cache_{n}_total", {"index": "idx"}) for n in names}
+        for n in ["bytes", "in_use_bytes", "capacity_bytes", "fetch_duration_seconds_count"]:
+            got[n] = get(f"driftless_vector_cache_{n}", {"index": "idx"})
+        return {k: float(v if v is not None else -1) for k, v in got.items()}
+
+    r1 = reader()
+    m = scrape(r1)
+    size = sum(b for _, b in segs)
+    assert (m["misses"], m["hits"], m["fetch_duration_seconds_count"]) == (2, 0, 2)
+    assert m["bytes"] == m["in_use_bytes"] == size and m["capacity_bytes"] == budget
+    r1.stop()
+    # a restarted reader: the files are verified and reused (hits); one was damaged
+    path = sorted((tmp_path / "vc" / "idx").glob("*.arrow"))[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    r2 = reader()
+    m = scrape(r2)
+    assert (m["hits"], m["misses"], m["crc_failures"]) == (1, 3, 1)  # the damaged one: fetched
+    assert m["fetch_duration_seconds_count"] == 3
+    # compaction: the old segments are evicted once no view reads them
+    rt.delete(list(range(0, 500, 2)))
+    w.flush()
+    rt.refresh()
+    rt.compact()
+    r2.refresh(force=True)
+    gc.collect()
+    assert r2.segment_cache is not None
+    r2.segment_cache.retain([s.key for s in w.manifest.segments])
+    m = scrape(r2)
+    assert m["evictions"] >= 2 and m["bytes"] == m["in_use_bytes"] < size
+    r2.stop()
     rt.stop()

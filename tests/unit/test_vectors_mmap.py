@@ -60,6 +60,29 @@ def test_reads_never_write_into_the_chunks() -> None:
     mv.rows(0, 21)
 
 
+def test_divisors_are_computed_for_the_rows_read_and_carried_by_slices() -> None:
+    """Cosine: nothing is read when mapped; a read computes its rows' divisors only (the
+    in-memory bits), a slice and a concat keep what was computed, a row half written by
+    another thread (one divisor still 0) is computed again."""
+    rng = np.random.default_rng(3)
+    chunks, twin = _chunks(rng)
+    twin = normalize(twin)
+    mv = MappedVectors(chunks, D, True)
+    assert mv.known_factors == 0
+    np.testing.assert_array_equal(mv.take(np.array([1, 6, 1, -1])), twin[[1, 6, 1, -1]])
+    assert mv.known_factors == 3
+    np.testing.assert_array_equal(mv.rows(9, 12), twin[9:12])
+    assert mv.known_factors == 6
+    both = MappedVectors.concat([mv.slice(0, 10), mv.slice(10, 21)], D, True)
+    assert both.known_factors == 6
+    mv._factors[6, 1] = 0  # type: ignore[index]
+    assert mv.known_factors == 5
+    np.testing.assert_array_equal(mv.take(np.array([6])), twin[[6]])
+    assert mv.known_factors == 6
+    np.testing.assert_array_equal(both.rows(0, 21), twin)
+    assert both.known_factors == 21 and MappedVectors(chunks, D, False).known_factors == 0
+
+
 def test_single_chunk_and_unaddressable_chunks_take_the_slow_paths() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(30, D)).astype(np.float32)
