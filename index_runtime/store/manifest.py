@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from index_runtime.contract import MigrationRecord
@@ -215,13 +215,37 @@ def retire_unreferenced(old: Manifest, new: Manifest, now: float) -> Manifest:
     return replace(new, retired=new.retired + tuple(Retired(k, now) for k in gone))
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_SCALARS = frozenset({int, str, float, bool, type(None)})
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as JSON-ready values: dataclasses as dicts of their fields, tuples as lists,
+    mappings as dicts (what ``asdict`` gives, without its deep copies: a commit encodes every
+    segment's entry, so at thousands of segments ``asdict`` and the indenting encoder were
+    most of a bulk write's CPU)."""
+    t = type(v)
+    if t in _SCALARS:
+        return v
+    names = _FIELD_NAMES.get(t)
+    if names is None and is_dataclass(v) and not isinstance(v, type):
+        names = _FIELD_NAMES[t] = tuple(f.name for f in fields(v))
+    if names is not None:
+        out = {}
+        for n in names:
+            x = getattr(v, n)
+            out[n] = x if type(x) in _SCALARS else _plain(x)
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def encode_manifest(m: Manifest) -> bytes:
-    d = asdict(m)
-    d["index"]["models"] = {k: asdict(v) for k, v in m.index.models.items()}
-    d["index"]["write_models"] = list(m.index.write_models)
-    d["settings"] = dict(m.settings)
-    d["migration"] = dict(m.migration)
-    return json.dumps(d, sort_keys=True, indent=1).encode()
+    # compact separators: json's C encoder (an indent falls back to the pure-Python one)
+    return json.dumps(_plain(m), sort_keys=True, separators=(",", ":")).encode()
 
 
 def decode_manifest(data: bytes) -> Manifest:
