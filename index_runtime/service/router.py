@@ -75,12 +75,10 @@ from index_runtime.service.limits import (
     AnswerSize,
     ApiLimits,
     BodyLimitMiddleware,
-    check_queries,
     check_rows,
 )
 from index_runtime.service.metrics import LATENCY_BUCKETS
 from index_runtime.service.requests import (
-    BatchSearch,
     CreateIndex,
     Fetch,
     Keys,
@@ -91,7 +89,10 @@ from index_runtime.service.tokens import TokenSource
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 2.0  # a probe must not hang on a stuck shard
+READY_TIMEOUT_S = 2.0
+DEFAULT_K = SearchQuery.model_fields[
+    "k"
+].default  # the shards' default, the same model  # a probe must not hang on a stuck shard
 
 
 @dataclass(frozen=True)
@@ -493,32 +494,39 @@ def create_router_app(router: Router) -> FastAPI:
         AnswerSize(limits, "this scan page").add(rows)
         return {"rows": rows, "next_cursor": encode_cursor(shard, seq, n) if shard < n else None}
 
+    # the query path forwards the client's bytes as they came (no model parse here: every
+    # shard validates the same query alike, so a bad one is the shards' common 4xx), and
+    # reads only k once every shard has accepted it
     @app.post("/v1/indexes/{name}/search")
-    async def search(request: Request, name: str, body: SearchQuery) -> Response:
+    async def search(request: Request, name: str) -> Response:
         router.mine(name)
+        raw = await request.body()
         answers = await fan(
             router.every(urls.readers),
             "POST",
             f"/v1/indexes/{name}/search",
             "search",
             _auth(request),
-            raw=await request.body(),
+            raw=raw,
         )
-        return JSONResponse(merge_search(require_all(answers, "search"), body.k))
+        bodies = require_all(answers, "search")
+        return JSONResponse(merge_search(bodies, int((await request.json()).get("k", DEFAULT_K))))
 
     @app.post("/v1/indexes/{name}/search/batch")
-    async def search_batch(request: Request, name: str, body: BatchSearch) -> Response:
+    async def search_batch(request: Request, name: str) -> Response:
         router.mine(name)
-        check_queries(len(body.queries), limits)
+        raw = await request.body()
         answers = await fan(
             router.every(urls.readers),
             "POST",
             f"/v1/indexes/{name}/search/batch",
             "search_batch",
             _auth(request),
-            raw=await request.body(),
+            raw=raw,
         )
-        out = merge_batch(require_all(answers, "search/batch"), [q.k for q in body.queries])
+        bodies = require_all(answers, "search/batch")
+        ks = [int(q.get("k", DEFAULT_K)) for q in (await request.json())["queries"]]
+        out = merge_batch(bodies, ks)
         size = AnswerSize(limits, "this batch")
         for ans in out["answers"]:
             size.add(ans["results"], True)

@@ -261,6 +261,14 @@ def test_access_limits_and_bad_input_at_the_router(servers: Any) -> None:
         assert r.status_code == 400 and "metadata[2]" in r.json()["message"]
         got = c.post("/v1/indexes/docs/fetch", json={"keys": [7001, 7002, 7004]}).json()
         assert got["missing"] == [7001, 7002, 7004]
+        r = c.post("/v1/indexes/docs/search", json={"vector": Q[0].tolist(), "k": 0})
+        assert (
+            r.status_code == 422
+            and r.json()["error"] == "InvalidInput"
+            and "shard 0" in r.json()["message"]
+        )
+        r = c.post("/v1/indexes/docs/search", content=b'{"vector": [NaN]}')
+        assert r.status_code == 400
         r = c.post("/v1/indexes/docs/delete", json={"keys": [1, "x"]})
         assert (
             r.status_code == 400
