@@ -74,6 +74,7 @@ from index_runtime.store.versions import read_versions
 
 log = logging.getLogger(__name__)
 
+
 class ErrorBody(BaseModel):
     error: str = Field(description="CamelCase reason, e.g. InvalidInput, NotFound, Backpressure")
     message: str
@@ -468,7 +469,9 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     def check_answer(rt: IndexRuntime, queries: list[SearchQuery]) -> None:
         dim = rt.spec.dims[rt.model]
-        est = sum(q.k * hit_bytes(dim, q.include_vector, q.include_payload, limits) for q in queries)
+        est = sum(
+            q.k * hit_bytes(dim, q.include_vector, q.include_payload, limits) for q in queries
+        )
         check_response(est, limits, "this batch" if len(queries) > 1 else "this search")
 
     # the query path answers with JSONResponse directly: FastAPI's generic encoder walks every
@@ -613,12 +616,16 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         try:
             mat = float32_array(vecs, "rows.vector") if vecs else np.zeros((0, 0), np.float32)
         except ValueError as exc:  # ragged
-            raise InvalidInputError(f"rows: every vector needs the same dimension ({exc})") from None
+            raise InvalidInputError(
+                f"rows: every vector needs the same dimension ({exc})"
+            ) from None
         if mat.ndim != 2 and vecs:
             raise InvalidInputError("rows: every vector needs the same dimension")
         keys = [r.key for r in body.rows]
         seqs = [r.seq for r in body.rows]
-        return backfill.apply_rows(rt, body.id, body.share, body.shares, body.cursor, keys, seqs, mat)
+        return backfill.apply_rows(
+            rt, body.id, body.share, body.shares, body.cursor, keys, seqs, mat
+        )
 
     @app.post("/v1/indexes/{name}/admin/migrations/cutover", dependencies=[Depends(admin)])
     def admin_cutover(rt: Rt, body: Cutover) -> dict[str, Any]:
