@@ -289,6 +289,13 @@ def render_md(r: dict[str, Any]) -> str:
             f"{row['qps_per_core']:.0f} | {row['recall_at_10']:.3f} | "
             f"{row['p50_vs_one_shard']:.2f}x | {ok if sharded else '-'} |"
         )
+    lines += [
+        "",
+        "Recall differs by layout: every shard picks its own nlist for its rows (auto) and "
+        "probes the same nprobe lists, so smaller shards probe a larger share of their rows; "
+        "the latencies are not at matched recall. `1 shard + router` is the same process as "
+        "`1 shard` behind `driftless route`: the cost of the router's hop alone.",
+    ]
     return "\n".join(lines) + "\n"
 
 
