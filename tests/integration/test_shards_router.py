@@ -363,3 +363,31 @@ def test_recall_after_training_through_the_routers_admin_api(servers: Any) -> No
         assert recall >= 0.9, recall
         st = c.get("/v1/indexes/docs/status").json()
         assert st["sharded"] and len(st["shards"]) == N and st["counts"]["live"] == 3000
+
+
+def test_an_s3_prefix_with_shards_under_it_lists_only_its_own_indexes(
+    moto_endpoint: str, tmp_path: Path
+) -> None:
+    """On S3 the engine lists indexes by their manifests' keys: a shard's index at
+    ``p/_shards/2/0/docs`` must not make ``_shards`` an index of ``p``."""
+    from index_runtime.service.engine import Engine, ServeConfig
+    from index_runtime.shards import shard_prefix
+    from index_runtime.store.objects import S3Config
+    from tests.conftest import make_bucket
+
+    bucket = make_bucket(moto_endpoint)
+
+    def engine(prefix: str, wal: str) -> Engine:
+        s3 = S3Config(bucket=bucket, prefix=prefix, endpoint_url=moto_endpoint, region="us-east-1")
+        return Engine(ServeConfig(s3=s3, wal_dir=tmp_path / wal))
+
+    base = engine("p", "w0")
+    base.create("plain", "m", 4)
+    shard = engine(shard_prefix("p", 0, 2), "w1")
+    shard.create("docs", "m", 4)
+    try:
+        assert base.discover() == ["plain"]
+        assert shard.discover() == ["docs"]
+    finally:
+        base.close()
+        shard.close()
