@@ -75,6 +75,13 @@ test-slow-cluster: $(DEPS) tools
 # single-query sweeps, and Qdrant's local mode, an exact Python scan (~1 s a query at 1M).
 # Writes bench/results/peers/{peers.json,peers.md,peers.png}. PEERS_ARGS: e.g. "--peers driftless,faiss"
 PEERS_ARGS ?=
+# Shard fan-out (bench/shards.py): 1, 2 and 4 local shard processes at equal total rows,
+# latency p50/p99 through the router and QPS; writes bench/results/shards.{json,md,png}
+.PHONY: bench-shards
+bench-shards: $(DEPS)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/shards.py --rows 100000 --queries 200 --clients 4 --repeats 3
+
 .PHONY: bench-peers
 bench-peers: $(DEPS)
 	$(BIN)/python -m pip install -q -e ".[bench,peers]"

@@ -243,6 +243,8 @@ def vector_storage(args: argparse.Namespace) -> VectorStorage:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.shards != 1:
+        return serve_sharded(args)
     set_omp_threads(omp_threads(args.omp_threads, os.environ))
     import uvicorn
 
@@ -270,13 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DriftlessError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
         return ExitCode.INVALID
-    if tokens.open and args.host not in LOOPBACK and not args.insecure:
-        print(
-            f"error: refusing to serve on {args.host} without tokens: anyone who can reach it "
-            f"could write and delete. Give --tokens-file (or {Env.TOKENS_FILE}, "
-            f"{Env.ADMIN_TOKEN}, ...), bind 127.0.0.1, or pass --insecure.",
-            file=sys.stderr,
-        )
+    if not open_ok(tokens, args.host, args.insecure):
         return ExitCode.INVALID
     config = serve_config(args, os.environ, roles, plain, tokens_file, limits)
     metrics = Metrics()
@@ -303,6 +299,183 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # committed); the process then exits 0
     graceful_server(server_config).run()
     return 0
+
+
+def shard_children(args: argparse.Namespace, actions: list[argparse.Action]) -> list[Any]:
+    """The children of ``serve --shards N``: shard i serves ``shard_prefix(location, i, N)``
+    (its data directory or S3 prefix; its WAL and vector cache too when given) on a free
+    loopback port, with every other flag as given."""
+    from index_runtime.service.supervisor import Child, argv_of, free_port
+    from index_runtime.shards import shard_prefix
+
+    n = args.shards
+    children = []
+    for i in range(n):
+        port = free_port()
+        over: dict[str, Any] = {"host": "127.0.0.1", "port": port}
+        if args.data:
+            over["data"] = shard_prefix(args.data, i, n)
+        else:
+            over["s3_prefix"] = shard_prefix(args.s3_prefix or "", i, n)
+        for dest in ("wal_dir", "vector_cache_dir"):
+            if getattr(args, dest):
+                over[dest] = shard_prefix(getattr(args, dest), i, n)
+        children.append(Child(i, port, argv_of(actions, args, over, frozenset({"shards"}))))
+    return children
+
+
+def serve_sharded(args: argparse.Namespace) -> int:
+    """``serve --shards N``: N child ``serve`` processes and the router on --host/--port."""
+    import uvicorn
+
+    from index_runtime.routing import ShardUrls
+    from index_runtime.service.limits import ApiLimits
+    from index_runtime.service.router import Router, RouterConfig, RouterMetrics, create_router_app
+    from index_runtime.service.supervisor import Supervisor
+    from index_runtime.service.tokens import TokenSource
+    from index_runtime.shards import check_shards
+
+    try:
+        check_shards(args.shards)
+    except ValueError as exc:
+        print(f"error: --shards: {exc}", file=sys.stderr)
+        return ExitCode.INVALID
+    if args.from_env or not (args.data or args.s3_bucket):
+        print(
+            "error: --shards needs --data or --s3-bucket (in a cluster the operator runs "
+            "each shard's pods and `driftless route`)",
+            file=sys.stderr,
+        )
+        return ExitCode.INVALID
+    try:
+        plain, tokens_file, tokens = load_tokens(args.tokens_file, False, dict(os.environ))
+        limits = ApiLimits.from_env(
+            os.environ,
+            max_body_bytes=args.max_body_bytes,
+            max_batch_rows=args.max_batch_rows,
+            max_batch_queries=args.max_batch_queries,
+            max_response_bytes=args.max_response_bytes,
+        )
+        source = TokenSource(plain, tokens_file)
+    except DriftlessError as exc:
+        print(f"error ({exc.reason}): {exc}", file=sys.stderr)
+        return ExitCode.INVALID
+    if not open_ok(tokens, args.host, args.insecure):
+        return ExitCode.INVALID
+    children = shard_children(args, _subparser(build_parser(), "serve")._actions)
+    sup = Supervisor(children, os.environ)
+    urls = ShardUrls.of([c.url for c in children])
+    router = Router(RouterConfig(urls, source, limits, index=args.index), RouterMetrics())
+    sup.start()
+    print(
+        f"driftless serving {args.shards} shards of {args.data or 's3://' + args.s3_bucket} "
+        f"(children on {', '.join(urls.writers)}) through the router on "
+        f"http://{args.host}:{args.port} "
+        f"({'OPEN: no tokens' if tokens.open else f'{len(tokens.entries)} token(s)'})",
+        flush=True,
+    )
+    server = uvicorn.Config(
+        create_router_app(router),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(args.grace),
+    )
+    try:
+        graceful_server(server).run()
+    finally:
+        sup.stop(args.grace + 5)
+    return 0
+
+
+def open_ok(tokens: TokenSet, host: str, insecure: bool) -> bool:
+    """False (and why, on stderr) for a server without tokens on a non-loopback address."""
+    if tokens.open and host not in LOOPBACK and not insecure:
+        print(
+            f"error: refusing to serve on {host} without tokens: anyone who can reach it "
+            f"could write and delete. Give --tokens-file (or {Env.TOKENS_FILE}, "
+            f"{Env.ADMIN_TOKEN}, ...), bind 127.0.0.1, or pass --insecure.",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def route_urls(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """The shards' writer and reader URLs: the flags, else (--from-env) the contract's
+    ``Env.SHARD_WRITERS`` / ``Env.SHARD_READERS``."""
+    from index_runtime.routing import parse_url_list
+
+    writers, readers = list(args.shard_writer or []), list(args.shard_reader or [])
+    if args.from_env:
+        writers = writers or parse_url_list(env.get(Env.SHARD_WRITERS))
+        readers = readers or parse_url_list(env.get(Env.SHARD_READERS))
+    return writers, readers
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """``driftless route``: the shards' router (the same public API as ``serve``)."""
+    import uvicorn
+
+    from index_runtime.routing import ShardUrls
+    from index_runtime.service.engine import check_name
+    from index_runtime.service.limits import ApiLimits
+    from index_runtime.service.router import Router, RouterConfig, RouterMetrics, create_router_app
+    from index_runtime.service.tokens import TokenSource
+
+    env = dict(os.environ)
+    try:
+        writers, readers = route_urls(args, env)
+        urls = ShardUrls.of(writers, readers)
+        index = args.index or (env.get(Env.INDEX) if args.from_env else None) or None
+        if index is not None:
+            check_name(index)
+        plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, env)
+        source = TokenSource(plain, tokens_file)
+        limits = ApiLimits.from_env(
+            env,
+            max_body_bytes=args.max_body_bytes,
+            max_batch_rows=args.max_batch_rows,
+            max_batch_queries=args.max_batch_queries,
+            max_response_bytes=args.max_response_bytes,
+        )
+    except DriftlessError as exc:
+        print(f"error ({exc.reason}): {exc}", file=sys.stderr)
+        return ExitCode.INVALID
+    if not open_ok(tokens, args.host, args.insecure):
+        return ExitCode.INVALID
+    config = RouterConfig(urls, source, limits, index=index, timeout_s=args.timeout)
+    print(
+        f"driftless routing {urls.n} shard(s) on http://{args.host}:{args.port} "
+        f"({'OPEN: no tokens' if tokens.open else f'{len(tokens.entries)} token(s)'})",
+        flush=True,
+    )
+    server = uvicorn.Config(
+        create_router_app(Router(config, RouterMetrics())),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(args.grace),
+    )
+    graceful_server(server).run()
+    return 0
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found: argparse.ArgumentParser = sub.choices[name]
+    return found
+
+
+def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    for flag, env_help in (
+        ("--max-body-bytes", "request body (default 64 MiB)"),
+        ("--max-batch-rows", "keys per upsert/delete/fetch (default 10000)"),
+        ("--max-batch-queries", "queries per search/batch (default 256)"),
+        ("--max-response-bytes", "answer size, estimated then measured (default 32 MiB)"),
+    ):
+        env = "DRIFTLESS_" + flag.removeprefix("--").replace("-", "_").upper()
+        p.add_argument(flag, type=int, default=None, help=f"limit: {env_help}; or {env}")
 
 
 def graceful_server(config: Any) -> Any:
@@ -358,8 +531,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def format_versions(versions: list[dict[str, Any]]) -> str:
     """The ``driftless restore --list`` table (newest first)."""
-    lines = [f"{'version':>8}  {'committed (UTC)':19}  {'live':>10}  {'rows':>10}  {'segs':>5}  "
-             "restorable  reason"]
+    lines = [
+        f"{'version':>8}  {'committed (UTC)':19}  {'live':>10}  {'rows':>10}  {'segs':>5}  "
+        "restorable  reason"
+    ]
     for v in versions:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["committed_at"]))
         mark = "current" if v["current"] else ("yes" if v["restorable"] else "no")
@@ -391,10 +566,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(json.dumps(versions, indent=2) if args.json else format_versions(versions))
         else:
             out = api.call("POST", "/admin/restore", {"version": args.version})
-            print(json.dumps(out) if args.json else (
-                f"restored version {out['restored']} of {args.index} as version "
-                f"{out['manifest_version']} ({out['live']:,} live rows)"
-            ))
+            print(
+                json.dumps(out)
+                if args.json
+                else (
+                    f"restored version {out['restored']} of {args.index} as version "
+                    f"{out['manifest_version']} ({out['live']:,} live rows)"
+                )
+            )
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.code)
@@ -502,15 +681,43 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback --host without any token (open to anyone who can connect)",
     )
-    for flag, env_help in (
-        ("--max-body-bytes", "request body (default 64 MiB)"),
-        ("--max-batch-rows", "keys per upsert/delete/fetch (default 10000)"),
-        ("--max-batch-queries", "queries per search/batch (default 256)"),
-        ("--max-response-bytes", "answer size, estimated then measured (default 32 MiB)"),
-    ):
-        env = "DRIFTLESS_" + flag.removeprefix("--").replace("-", "_").upper()
-        s.add_argument(flag, type=int, default=None, help=f"limit: {env_help}; or {env}")
+    add_limit_flags(s)
+    s.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="N > 1: run N child serve processes, shard i on <data>/_shards/N/i (or the S3 "
+        "prefix's), on loopback ports, and the shards' router on --host/--port",
+    )
     s.set_defaults(func=cmd_serve)
+    ro = sub.add_parser(
+        "route", help="route the API of one sharded index to its shards' serve processes"
+    )
+    ro.add_argument("--index", default=None, help=f"route only this index ({Env.INDEX})")
+    ro.add_argument(
+        "--shard-writer", action="append", help="shard i's writer URL (repeat, in shard order)"
+    )
+    ro.add_argument(
+        "--shard-reader",
+        action="append",
+        help="shard i's reader URL (repeat, in shard order; default: the writers)",
+    )
+    ro.add_argument(
+        "--from-env",
+        action="store_true",
+        help=f"URLs, index and tokens from {Env.SHARD_WRITERS}, {Env.SHARD_READERS}, "
+        f"{Env.INDEX} and the token variables",
+    )
+    ro.add_argument("--host", default="127.0.0.1")
+    ro.add_argument("--port", type=int, default=8080)
+    ro.add_argument("--timeout", type=float, default=30.0, help="one call to a shard (s)")
+    ro.add_argument("--grace", type=float, default=25.0, help="graceful shutdown budget (s)")
+    ro.add_argument("--tokens-file", default=None, help="as serve's (or DRIFTLESS_TOKENS_FILE)")
+    ro.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without tokens"
+    )
+    add_limit_flags(ro)
+    ro.set_defaults(func=cmd_route)
     j = sub.add_parser("job", help="run one operator Job (options in DRIFTLESS_JOB_SPEC)")
     j.add_argument("kind", choices=[k.value for k in JobKind])
     j.set_defaults(func=cmd_job)
@@ -529,8 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
     r = sub.add_parser(
         "restore",
-        help="list an index's versions or restore one (admin API; token from "
-        f"{Env.ADMIN_TOKEN})",
+        help=f"list an index's versions or restore one (admin API; token from {Env.ADMIN_TOKEN})",
     )
     r.add_argument("--url", required=True, help="the writer's URL, e.g. http://127.0.0.1:8080")
     r.add_argument("--index", required=True)

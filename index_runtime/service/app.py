@@ -24,17 +24,14 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, Field
 
 from index_runtime import __version__
 from index_runtime.contract import Scope
 from index_runtime.errors import (
     ConflictError,
-    DriftlessError,
     InvalidInputError,
 )
 from index_runtime.index.filters import parse_filter
@@ -46,6 +43,7 @@ from index_runtime.service.edge import (
     CheckedRoute,
     TimingMiddleware,
     add_scopes_to_openapi,
+    install_error_handlers,
 )
 from index_runtime.service.edge import error_response as _error
 from index_runtime.service.engine import Engine
@@ -61,74 +59,20 @@ from index_runtime.service.limits import (
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.migrate import MigrationRequest, strategy_for
 from index_runtime.service.operations import Operation
+from index_runtime.service.requests import (
+    BatchSearch,
+    CreateIndex,
+    Fetch,
+    Key,
+    Keys,
+    SearchQuery,
+    Strict,
+    Upsert,
+)
 from index_runtime.service.runtime import IndexRuntime
 from index_runtime.store.versions import read_versions
 
 log = logging.getLogger(__name__)
-
-Key = StrictInt | StrictStr
-
-
-class Strict(BaseModel):
-    """Request bodies: unknown fields refused, no coercion (``true`` is not 1, ``"5"`` is not
-    5; an integer is still a valid float)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class CreateIndex(Strict):
-    name: str = Field(description="1..63 lowercase letters, digits and '-'")
-    model: str = Field(
-        min_length=1, max_length=256, description="embedding model name the vectors come from"
-    )
-    dim: int = Field(ge=1, le=65536)
-    metric: Literal["cosine", "ip", "l2"] = "cosine"
-    key_type: Literal["int", "str"] = "str"
-    settings: dict[str, Any] = Field(
-        default_factory=dict, description="primary, shadow, oracle, lifecycle"
-    )
-
-
-class Upsert(Strict):
-    keys: list[Key] = Field(min_length=1)
-    vectors: list[list[float]] | None = Field(
-        default=None, description="one per key, of the model the index serves"
-    )
-    vectors_by_model: dict[str, list[list[float]]] | None = Field(
-        default=None,
-        description="vectors of other models the index stores (during a model migration: "
-        "the new model's); a model without vectors is encoded from the texts",
-    )
-    texts: list[str | None] | None = Field(
-        default=None, description="stored; encoded if no vectors"
-    )
-    metadata: list[dict[str, Any] | None] | None = None
-
-
-class Keys(Strict):
-    keys: list[Key] = Field(min_length=1)
-
-
-class Fetch(Keys):
-    include_vector: bool = False
-
-
-class SearchQuery(Strict):
-    vector: list[float] | None = None
-    text: str | None = None
-    model: str | None = Field(
-        default=None, description="model of the vector (default: the index's)"
-    )
-    k: int = Field(default=10, ge=1, le=1000)
-    filter: dict[str, Any] | None = None
-    include_payload: bool = False
-    include_vector: bool = False
-
-
-class BatchSearch(Strict):
-    queries: list[SearchQuery] = Field(
-        min_length=1, description="at most max_batch_queries (413 BatchTooLarge above)"
-    )
 
 
 class ErrorBody(BaseModel):
@@ -314,31 +258,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
     add_scopes_to_openapi(app)
     limits = engine.config.limits
 
-    @app.exception_handler(DriftlessError)
-    async def driftless_error(_: Request, exc: DriftlessError) -> Response:
-        return _error(exc.status, exc.reason, str(exc), exc.retry_after_s)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        reason = {400: "InvalidInput", 404: "NotFound", 405: "MethodNotAllowed"}.get(
-            exc.status_code, "HttpError"
-        )
-        response = _error(exc.status_code, reason, str(exc.detail))
-        response.headers.update(exc.headers or {})  # e.g. Allow on 405
-        return response
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc)
-        return _error(500, "InternalError", "internal error; see the server log")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        errs = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()[:5]
-        ]
-        return _error(422, "InvalidInput", "; ".join(errs))
+    install_error_handlers(app)
 
     # outermost last: auth (no body read), then the body limit, then timing + the catch-all
     app.add_middleware(TimingMiddleware, metrics=metrics, engine=engine)
@@ -549,7 +469,9 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
 
     def check_answer(rt: IndexRuntime, queries: list[SearchQuery]) -> None:
         dim = rt.spec.dims[rt.model]
-        est = sum(q.k * hit_bytes(dim, q.include_vector, q.include_payload, limits) for q in queries)
+        est = sum(
+            q.k * hit_bytes(dim, q.include_vector, q.include_payload, limits) for q in queries
+        )
         check_response(est, limits, "this batch" if len(queries) > 1 else "this search")
 
     # the query path answers with JSONResponse directly: FastAPI's generic encoder walks every
@@ -694,12 +616,16 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         try:
             mat = float32_array(vecs, "rows.vector") if vecs else np.zeros((0, 0), np.float32)
         except ValueError as exc:  # ragged
-            raise InvalidInputError(f"rows: every vector needs the same dimension ({exc})") from None
+            raise InvalidInputError(
+                f"rows: every vector needs the same dimension ({exc})"
+            ) from None
         if mat.ndim != 2 and vecs:
             raise InvalidInputError("rows: every vector needs the same dimension")
         keys = [r.key for r in body.rows]
         seqs = [r.seq for r in body.rows]
-        return backfill.apply_rows(rt, body.id, body.share, body.shares, body.cursor, keys, seqs, mat)
+        return backfill.apply_rows(
+            rt, body.id, body.share, body.shares, body.cursor, keys, seqs, mat
+        )
 
     @app.post("/v1/indexes/{name}/admin/migrations/cutover", dependencies=[Depends(admin)])
     def admin_cutover(rt: Rt, body: Cutover) -> dict[str, Any]:

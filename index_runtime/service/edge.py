@@ -7,27 +7,69 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from index_runtime.errors import DriftlessError, InvalidInputError
-from index_runtime.service.auth import authorize, route_scope
+from index_runtime.service.auth import TokenSet, authorize, route_scope
 from index_runtime.service.engine import Engine
 from index_runtime.service.inputs import decode_json
-from index_runtime.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, reason: str, message: str, retry_after: float | None = None) -> Response:
+def error_response(
+    status: int, reason: str, message: str, retry_after: float | None = None
+) -> Response:
     headers = {"Retry-After": str(max(1, int(np.ceil(retry_after))))} if retry_after else None
     return JSONResponse({"error": reason, "message": message}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every :class:`DriftlessError` as its status with ``{"error", "message"}`` (429/503 with
+    Retry-After), Starlette's HTTP errors with a reason, request-schema violations as 422
+    InvalidInput, anything else as a 500 (``serve`` and ``route`` alike)."""
+
+    @app.exception_handler(DriftlessError)
+    async def driftless_error(_: Request, exc: DriftlessError) -> Response:
+        return error_response(exc.status, exc.reason, str(exc), exc.retry_after_s)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        reason = {400: "InvalidInput", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+            exc.status_code, "HttpError"
+        )
+        response = error_response(exc.status_code, reason, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on 405
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return error_response(500, "InternalError", "internal error; see the server log")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        errs = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()[:5]
+        ]
+        return error_response(422, "InvalidInput", "; ".join(errs))
+
+
+class HttpMetrics(Protocol):
+    """The metrics :class:`TimingMiddleware` records (the runtime's and the router's)."""
+
+    http_seconds: Histogram
+    query_errors: Counter
 
 
 class TimingMiddleware:
@@ -40,7 +82,7 @@ class TimingMiddleware:
     client's next request on the keep-alive connection failed (and was not applied).
     """
 
-    def __init__(self, app: Any, metrics: Metrics, engine: Engine) -> None:
+    def __init__(self, app: Any, metrics: HttpMetrics, engine: Engine | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.engine = engine
@@ -75,10 +117,17 @@ class TimingMiddleware:
             self.metrics.http_seconds.labels(route, scope["method"]).observe(
                 time.perf_counter() - started
             )
-            if "/search" in route and status >= 400:
+            if "/search" in route and status >= 400 and self.engine is not None:
                 idx = scope.get("path_params", {}).get("name", "")
-                if idx in self.engine.runtimes:
+                if idx in self.engine.runtimes:  # known names only: bounded label values
                     self.metrics.query_errors.labels(idx, f"{status // 100}xx").inc()
+
+
+class HasTokens(Protocol):
+    """What the auth check needs of a server: the accepted tokens now (the engine of
+    ``serve``, the router of ``route``; both through :class:`~.tokens.TokenSource`)."""
+
+    def tokens(self) -> TokenSet: ...
 
 
 class AuthMiddleware:
@@ -86,7 +135,7 @@ class AuthMiddleware:
     template), decided before the body is read, so a stranger's request costs no parsing. The
     token set is the engine's at each request (the tokens file is re-read when it changes)."""
 
-    def __init__(self, app: Any, engine: Engine, routes: Callable[[], list[Any]]) -> None:
+    def __init__(self, app: Any, engine: HasTokens, routes: Callable[[], list[Any]]) -> None:
         self.app = app
         self.engine = engine
         self.routes = routes

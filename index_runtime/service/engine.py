@@ -18,9 +18,10 @@ from index_runtime.encoders.breaker import Breaker
 from index_runtime.encoders.resilience import BACKGROUND, REQUEST, Guard, RetryPolicy
 from index_runtime.errors import ConflictError, InvalidInputError, NotFoundError
 from index_runtime.index.settings import IndexSettings
-from index_runtime.service.auth import DENY_ALL, TokenSet, parse_tokens_file, parse_tokens_lines
+from index_runtime.service.auth import TokenSet
 from index_runtime.service.limits import ApiLimits
 from index_runtime.service.runtime import Hooks, IndexRuntime, Roles, RuntimeOptions
+from index_runtime.service.tokens import TokenSource
 from index_runtime.store.log import ManifestLog
 from index_runtime.store.manifest import LATEST_HINT, IndexSpec, ModelSpec
 from index_runtime.store.objects import LocalDirStore, ObjectStore, S3Config, S3Store
@@ -70,14 +71,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def _read_tokens(path: Path) -> str:
-    """The tokens file's text; OSError also when it is not UTF-8 (a token file is ASCII)."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise OSError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
 class Engine:
     def __init__(
         self,
@@ -93,44 +86,17 @@ class Engine:
         self.runtimes: dict[str, IndexRuntime] = {}
         self._lock = threading.Lock()
         self.closing = False
-        self._tokens_key: tuple[int, int, int] | None = None
-        self._file_tokens = DENY_ALL  # until the file was read once
-        self.tokens_problem: str | None = None  # why the tokens file is not (fully) applied
-        if config.tokens_file is not None:
-            try:  # at start a bad file is refused outright (a clear error, exit 2)
-                parse_tokens_file(_read_tokens(config.tokens_file), str(config.tokens_file))
-            except OSError as exc:
-                raise InvalidInputError(f"cannot read the tokens file {config.tokens_file}: {exc}") from exc
-            self.tokens()
+        self.token_source = TokenSource(config.tokens, config.tokens_file)
+
+    @property
+    def tokens_problem(self) -> str | None:
+        """Why the tokens file is not (fully) applied (None: it is)."""
+        return self.token_source.problem
 
     def tokens(self) -> TokenSet:
-        """The accepted tokens: the config's plus the tokens file's, re-read when its stat
-        changes (a Secret update swaps the file). It fails closed: bad lines are skipped (and
-        logged), and a file that is missing, unreadable, not UTF-8 or has no valid line denies
-        every token it would have held, so a broken rotation can lock clients out but never
-        open the server or keep a revoked token. Empty config and no file: open access."""
-        path = self.config.tokens_file
-        if path is None:
-            return self.config.tokens
-        try:
-            st = path.stat()
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if key != self._tokens_key:
-                tokens, errors = parse_tokens_lines(_read_tokens(path), str(path))
-                self._file_tokens = tokens if tokens.entries else DENY_ALL
-                if not tokens.entries:
-                    errors.append(f"{path}: no valid token line: every token is refused")
-                self.tokens_problem = "; ".join(errors) or None
-                for e in errors:
-                    log.error("tokens file: %s", e)
-                self._tokens_key = key  # reported once per change, not per request
-        except OSError as exc:
-            if self._file_tokens is not DENY_ALL:
-                log.error("tokens file unreadable, every token is refused: %s", exc)
-            self._file_tokens = DENY_ALL
-            self.tokens_problem = f"tokens file unreadable: {exc}"
-            self._tokens_key = None
-        return self.config.tokens + self._file_tokens
+        """The accepted tokens (:meth:`TokenSource.tokens`: the config's plus the tokens
+        file's, re-read when it changes; fails closed)."""
+        return self.token_source.tokens()
 
     def _store(self, name: str) -> ObjectStore:
         if self.config.data is not None:
@@ -168,12 +134,16 @@ class Engine:
             if not root.exists():
                 return []
             return sorted(
-                p.name for p in root.iterdir() if p.is_dir() and (p / "manifests").is_dir()
+                p.name
+                for p in root.iterdir()
+                if NAME.fullmatch(p.name) and p.is_dir() and (p / "manifests").is_dir()
             )
         assert self.config.s3 is not None
         lister = S3Store(self.config.s3)
         names = {o.key.split("/")[0] for o in lister.list("") if o.key.endswith("/" + LATEST_HINT)}
-        return sorted(names)
+        # only valid index names: a sharded index's shards live under `_shards/` (shards.py)
+        # and dot-directories hold the WAL and caches; none of them is an index here
+        return sorted(n for n in names if NAME.fullmatch(n))
 
     def open_existing(self) -> None:
         for name in self.discover():

@@ -1,0 +1,570 @@
+"""The shards' router (``driftless route``): the public data-plane API of ``serve`` in front of
+n shards, each an ordinary ``driftless serve`` (own writer, prefix, manifest, WAL...). Thin:
+every decision (split, merge, cursor, status, error) is in :mod:`index_runtime.routing`.
+
+* Access: the router authorizes every request itself (the runtime's ``AuthMiddleware``, the
+  same token sources as ``serve``) before reading the body, and forwards the client's
+  ``Authorization`` header, so the shards check it again. Body size: ``BodyLimitMiddleware``.
+* Writes: upsert and delete are validated whole (the index's key type, the runtime's row
+  validator), split by ``shard_of`` and sent to the owners' writers concurrently; 200 only
+  when every shard acknowledged. Otherwise the answer names the failed shard (its own 4xx, or
+  503 ShardUnavailable) and the shards that applied their rows. Upserts and deletes are
+  idempotent (the same rows again give the same state), so the client retries the whole batch.
+* Reads: search and search/batch go to every shard's reader and merge the exact re-ranked
+  top-k; an answer from every shard is required (503 naming the shard otherwise, never a
+  silent partial result). Fetch splits, count sums, scan walks the shards with one cursor.
+* Every shard call has a timeout; idempotent calls are retried with backoff on transport
+  errors and 503 within a bounded budget (a refused connection, where nothing was sent, is
+  retried for every call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import aiohttp
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from index_runtime import __version__
+from index_runtime.errors import NotFoundError
+from index_runtime.routing import (
+    RETRY_AFTER_S,
+    ShardAnswer,
+    ShardUrls,
+    check_keys,
+    check_upsert,
+    decode_cursor,
+    encode_cursor,
+    merge_acks,
+    merge_batch,
+    merge_describe,
+    merge_fetch,
+    merge_listing,
+    merge_per_shard,
+    merge_search,
+    merge_status,
+    require_all,
+    split_keys,
+    split_upsert,
+)
+from index_runtime.service.auth import TokenSet
+from index_runtime.service.edge import (
+    AuthMiddleware,
+    CheckedRoute,
+    TimingMiddleware,
+    add_scopes_to_openapi,
+    error_response,
+    install_error_handlers,
+)
+from index_runtime.service.limits import (
+    AnswerSize,
+    ApiLimits,
+    BodyLimitMiddleware,
+    check_rows,
+)
+from index_runtime.service.metrics import LATENCY_BUCKETS
+from index_runtime.service.requests import (
+    CreateIndex,
+    Fetch,
+    Keys,
+    SearchQuery,
+    Upsert,
+)
+from index_runtime.service.tokens import TokenSource
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 2.0
+DEFAULT_K = SearchQuery.model_fields[
+    "k"
+].default  # the shards' default, the same model  # a probe must not hang on a stuck shard
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    urls: ShardUrls
+    tokens: TokenSource
+    limits: ApiLimits = field(default_factory=ApiLimits)
+    index: str | None = None  # route only this index (Env.INDEX); None: any name
+    timeout_s: float = 30.0  # one shard call, connect + answer
+    connect_timeout_s: float = 2.0
+    attempts: int = 3  # per shard call, for retryable failures
+    backoff_s: float = 0.05  # first retry's wait, doubled each time
+    describe_ttl_s: float = 30.0  # how long the index's key type is cached
+
+
+class RouterMetrics:
+    """``driftless_router_*``: per-shard calls (count by outcome, latency, retries) and the
+    router's own request latency by route template."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_seconds = Histogram(
+            "driftless_router_http_request_duration_seconds",
+            "Router request latency by route template and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.query_errors = Counter(
+            "driftless_router_query_errors",
+            "Searches the router answered with an error, by index and HTTP status class.",
+            ["index", "status_class"],
+            registry=r,
+        )
+        self.shard_requests = Counter(
+            "driftless_router_shard_requests",
+            "Calls to shards by shard, operation and outcome (2xx, 4xx, 5xx, unreachable).",
+            ["shard", "op", "outcome"],
+            registry=r,
+        )
+        self.shard_seconds = Histogram(
+            "driftless_router_shard_request_duration_seconds",
+            "Latency of one call to a shard (each attempt), by shard and operation.",
+            ["shard", "op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shard_retries = Counter(
+            "driftless_router_shard_retries",
+            "Shard calls retried (transport error or 503), by shard and operation.",
+            ["shard", "op"],
+            registry=r,
+        )
+
+
+class Shards:
+    """The HTTP side: calls to the shards with timeouts and bounded retries (aiohttp: its
+    client costs a fraction of httpx's per call, which is most of the router's own latency)."""
+
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:  # created on the server's event loop, at the first call
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=self.config.timeout_s, sock_connect=self.config.connect_timeout_s
+                ),
+                connector=aiohttp.TCPConnector(limit=512, limit_per_host=128),
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def probe(self, url: str) -> bool:
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT_S)
+            ) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def call(
+        self,
+        shard: int,
+        base: str,
+        method: str,
+        path: str,
+        op: str,
+        auth: str | None,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+        raw: bytes | None = None,
+    ) -> ShardAnswer:
+        """One call to one shard; never raises: a failure is a :class:`ShardAnswer`."""
+        headers = {"content-type": "application/json"}
+        if auth:
+            headers["authorization"] = auth
+        content = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        query = {
+            k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()
+        }
+        label = str(shard)
+        wait = self.config.backoff_s
+        for attempt in range(self.config.attempts):
+            last = attempt == self.config.attempts - 1
+            started = time.perf_counter()
+            try:
+                async with self.session.request(
+                    method, base + path, data=content, headers=headers, params=query
+                ) as r:
+                    status, text = r.status, await r.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.metrics.shard_seconds.labels(label, op).observe(time.perf_counter() - started)
+                # nothing was sent on a refused connection: safe to retry any call
+                retry = isinstance(exc, aiohttp.ClientConnectorError) or idempotent
+                if last or not retry:
+                    self.metrics.shard_requests.labels(label, op, "unreachable").inc()
+                    return ShardAnswer(shard, 0, None, f"{base} did not answer: {exc!r}")
+            else:
+                self.metrics.shard_seconds.labels(label, op).observe(time.perf_counter() - started)
+                if status != 503 or last or not idempotent:
+                    self.metrics.shard_requests.labels(label, op, f"{status // 100}xx").inc()
+                    try:
+                        parsed = json.loads(text)
+                    except ValueError:
+                        parsed = {
+                            "error": "HttpError",
+                            "message": text[:500].decode("utf-8", "replace"),
+                        }
+                    return ShardAnswer(shard, status, parsed)
+            self.metrics.shard_retries.labels(label, op).inc()
+            await asyncio.sleep(wait)
+            wait *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def fan(
+        self,
+        calls: Mapping[int, tuple[str, Any]],
+        method: str,
+        path: str,
+        op: str,
+        auth: str | None,
+        params: Mapping[str, Any] | None = None,
+        idempotent: bool = True,
+        raw: bytes | None = None,
+    ) -> list[ShardAnswer]:
+        """The calls ``{shard: (base URL, body)}`` concurrently; answers in shard order."""
+        got = await asyncio.gather(
+            *(
+                self.call(s, base, method, path, op, auth, body, params, idempotent, raw)
+                for s, (base, body) in sorted(calls.items())
+            )
+        )
+        return list(got)
+
+
+class Router:
+    """The router's state: its config, the shards' client and the index descriptions it
+    caches (the key type, to validate writes whole)."""
+
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.urls = config.urls
+        self.metrics = metrics
+        self.shards = Shards(config, metrics)
+        self._key_types: dict[str, tuple[str, float]] = {}
+
+    def tokens(self) -> TokenSet:
+        return self.config.tokens.tokens()
+
+    def mine(self, name: str) -> None:
+        only = self.config.index
+        if only is not None and name != only:
+            raise NotFoundError(f"no index named {name!r}: this router routes only {only!r}")
+
+    def every(self, urls: tuple[str, ...], body: Any = None) -> dict[int, tuple[str, Any]]:
+        return {i: (u, body) for i, u in enumerate(urls)}
+
+    async def key_type(self, name: str, auth: str | None) -> str:
+        """The index's key type (shard 0's writer describes it; cached for describe_ttl_s)."""
+        cached = self._key_types.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self.config.describe_ttl_s:
+            return cached[0]
+        a = await self.shards.call(
+            0, self.urls.writers[0], "GET", f"/v1/indexes/{name}", "describe", auth
+        )
+        body = require_all([a], "describing the index")[0]
+        self._key_types[name] = (str(body["key_type"]), now)
+        return str(body["key_type"])
+
+    def forget(self, name: str) -> None:
+        self._key_types.pop(name, None)
+
+    async def close(self) -> None:
+        await self.shards.close()
+
+
+def _auth(request: Request) -> str | None:
+    return request.headers.get("authorization")
+
+
+def create_router_app(router: Router) -> FastAPI:
+    config = router.config
+    urls = router.urls
+    n = urls.n
+    limits = config.limits
+    fan = router.shards.fan
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await router.close()
+
+    app = FastAPI(title="Driftless shards' router", version=__version__, lifespan=lifespan)
+    app.router.route_class = CheckedRoute
+    add_scopes_to_openapi(app)
+    install_error_handlers(app)
+    app.add_middleware(TimingMiddleware, metrics=router.metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
+    app.add_middleware(AuthMiddleware, engine=router, routes=lambda: app.routes)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Ready when every shard's reader and writer answers its /readyz with 200."""
+        targets = sorted({*urls.writers, *urls.readers})
+
+        ok = await asyncio.gather(*(router.shards.probe(u + "/readyz") for u in targets))
+        down = [u for u, good in zip(targets, ok, strict=True) if not good]
+        if down:
+            return error_response(503, "ShardNotReady", f"not ready: {', '.join(down)}")
+        return JSONResponse({"status": "ready", "shards": n})
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # indexes ---------------------------------------------------------------------------------
+
+    @app.post("/v1/indexes", status_code=201)
+    async def create_index(request: Request, body: CreateIndex) -> dict[str, Any]:
+        """Create the index on every shard. When some shards refuse (e.g. 409 on a shard that
+        has it), the answer names them: delete the index and create it again."""
+        router.mine(body.name)
+        router.forget(body.name)
+        answers = await fan(
+            router.every(urls.writers, await request.json()),
+            "POST",
+            "/v1/indexes",
+            "create",
+            _auth(request),
+            idempotent=False,
+        )
+        return merge_describe(require_all(answers, "creating the index"))
+
+    @app.get("/v1/indexes")
+    async def list_indexes(request: Request) -> dict[str, Any]:
+        answers = await fan(
+            router.every(urls.readers), "GET", "/v1/indexes", "list", _auth(request)
+        )
+        out = merge_listing(require_all(answers, "listing indexes"))
+        if config.index is not None:
+            out["indexes"] = [d for d in out["indexes"] if d["name"] == config.index]
+        return out
+
+    @app.get("/v1/indexes/{name}")
+    async def get_index(request: Request, name: str) -> dict[str, Any]:
+        router.mine(name)
+        answers = await fan(
+            router.every(urls.readers), "GET", f"/v1/indexes/{name}", "describe", _auth(request)
+        )
+        return merge_describe(require_all(answers, "describing the index"))
+
+    @app.delete("/v1/indexes/{name}")
+    async def delete_index(request: Request, name: str) -> dict[str, Any]:
+        """Delete the index on every shard; a shard that no longer has it counts as deleted
+        (a retry after a partial delete completes it); 404 when no shard had it."""
+        router.mine(name)
+        router.forget(name)
+        answers = await fan(
+            router.every(urls.writers),
+            "DELETE",
+            f"/v1/indexes/{name}",
+            "delete_index",
+            _auth(request),
+            idempotent=False,
+        )
+        if all(a.status == 404 for a in answers):
+            require_all(answers, "deleting the index")
+        done = [
+            a if a.status != 404 else ShardAnswer(a.shard, 200, {"objects": 0}) for a in answers
+        ]
+        bodies = require_all(done, "deleting the index")
+        return {"deleted": name, "objects": sum(int(b.get("objects", 0)) for b in bodies)}
+
+    # writes ----------------------------------------------------------------------------------
+
+    @app.post("/v1/indexes/{name}/upsert")
+    async def upsert(request: Request, name: str, body: Upsert) -> dict[str, Any]:
+        router.mine(name)
+        raw = await request.json()
+        check_rows(len(body.keys), limits)
+        check_upsert(raw, await router.key_type(name, _auth(request)), limits.max_batch_rows)
+        groups = split_upsert(raw, n)
+        answers = await fan(
+            {s: (urls.writers[s], part) for s, part in groups.items()},
+            "POST",
+            f"/v1/indexes/{name}/upsert",
+            "upsert",
+            _auth(request),
+        )
+        return merge_acks(require_all(answers, "upsert", wrote=True))
+
+    @app.post("/v1/indexes/{name}/delete")
+    async def delete(request: Request, name: str, body: Keys) -> dict[str, Any]:
+        router.mine(name)
+        check_rows(len(body.keys), limits)
+        check_keys(body.keys, await router.key_type(name, _auth(request)), limits.max_batch_rows)
+        groups = split_keys({"keys": body.keys}, n)
+        answers = await fan(
+            {s: (urls.writers[s], part) for s, part in groups.items()},
+            "POST",
+            f"/v1/indexes/{name}/delete",
+            "delete",
+            _auth(request),
+        )
+        return merge_acks(require_all(answers, "delete", wrote=True))
+
+    # reads -----------------------------------------------------------------------------------
+
+    @app.post("/v1/indexes/{name}/fetch")
+    async def fetch(request: Request, name: str, body: Fetch) -> dict[str, Any]:
+        router.mine(name)
+        check_rows(len(body.keys), limits)
+        groups = split_keys(body.model_dump(), n)
+        answers = await fan(
+            {s: (urls.readers[s], part) for s, part in groups.items()},
+            "POST",
+            f"/v1/indexes/{name}/fetch",
+            "fetch",
+            _auth(request),
+        )
+        bodies = require_all(answers, "fetch")
+        out = merge_fetch(body.keys, [b["rows"] for b in bodies])
+        AnswerSize(limits, "this fetch").add(out["rows"])
+        return out
+
+    @app.get("/v1/indexes/{name}/count")
+    async def count(request: Request, name: str) -> dict[str, int]:
+        router.mine(name)
+        answers = await fan(
+            router.every(urls.readers), "GET", f"/v1/indexes/{name}/count", "count", _auth(request)
+        )
+        return {"count": sum(int(b["count"]) for b in require_all(answers, "count"))}
+
+    @app.get("/v1/indexes/{name}/scan")
+    async def scan(
+        request: Request,
+        name: str,
+        cursor: Annotated[int, Query(ge=0, description="from next_cursor; 0: the start")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        include_vector: bool = False,
+    ) -> dict[str, Any]:
+        """Live rows shard by shard (each in seq order); pass ``next_cursor`` back to
+        continue. A page may span shards; ``seq`` values are per shard."""
+        router.mine(name)
+        shard, seq = decode_cursor(cursor, n)
+        rows: list[Any] = []
+        while shard < n and len(rows) < limit:
+            params = {"cursor": seq, "limit": limit - len(rows), "include_vector": include_vector}
+            a = await router.shards.call(
+                shard,
+                urls.readers[shard],
+                "GET",
+                f"/v1/indexes/{name}/scan",
+                "scan",
+                _auth(request),
+                params=params,
+            )
+            page = require_all([a], "scan")[0]
+            rows.extend(page["rows"])
+            if page["next_cursor"] is None:
+                shard, seq = shard + 1, 0
+            else:
+                seq = int(page["next_cursor"])
+        AnswerSize(limits, "this scan page").add(rows)
+        return {"rows": rows, "next_cursor": encode_cursor(shard, seq, n) if shard < n else None}
+
+    # the query path forwards the client's bytes as they came (no model parse here: every
+    # shard validates the same query alike, so a bad one is the shards' common 4xx), and
+    # reads only k once every shard has accepted it
+    @app.post("/v1/indexes/{name}/search")
+    async def search(request: Request, name: str) -> Response:
+        router.mine(name)
+        raw = await request.body()
+        answers = await fan(
+            router.every(urls.readers),
+            "POST",
+            f"/v1/indexes/{name}/search",
+            "search",
+            _auth(request),
+            raw=raw,
+        )
+        bodies = require_all(answers, "search")
+        return JSONResponse(merge_search(bodies, int((await request.json()).get("k", DEFAULT_K))))
+
+    @app.post("/v1/indexes/{name}/search/batch")
+    async def search_batch(request: Request, name: str) -> Response:
+        router.mine(name)
+        raw = await request.body()
+        answers = await fan(
+            router.every(urls.readers),
+            "POST",
+            f"/v1/indexes/{name}/search/batch",
+            "search_batch",
+            _auth(request),
+            raw=raw,
+        )
+        bodies = require_all(answers, "search/batch")
+        ks = [int(q.get("k", DEFAULT_K)) for q in (await request.json())["queries"]]
+        out = merge_batch(bodies, ks)
+        size = AnswerSize(limits, "this batch")
+        for ans in out["answers"]:
+            size.add(ans["results"], True)
+        return JSONResponse(out)
+
+    @app.get("/v1/indexes/{name}/status")
+    async def status(request: Request, name: str) -> dict[str, Any]:
+        """The least ready shard's phase, counts summed, the overlap windows pooled, and
+        every shard's own status document under ``shards``."""
+        router.mine(name)
+        answers = await fan(
+            router.every(urls.readers),
+            "GET",
+            f"/v1/indexes/{name}/status",
+            "status",
+            _auth(request),
+        )
+        return merge_status(require_all(answers, "status"))
+
+    # admin: forwarded to every shard's writer, answered per shard ----------------------------
+
+    @app.api_route("/v1/indexes/{name}/admin/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def admin(request: Request, name: str, rest: str) -> Response:
+        """Forward to every shard's writer; ``{"shards": [{shard, status, body}]}``."""
+        router.mine(name)
+        raw = await request.body()
+        answers = await fan(
+            router.every(urls.writers),
+            request.method,
+            f"/v1/indexes/{name}/admin/{rest}",
+            "admin",
+            _auth(request),
+            params=dict(request.query_params),
+            idempotent=request.method == "GET",
+            raw=raw or None,
+        )
+        code, out = merge_per_shard(answers)
+        headers = {"Retry-After": str(int(RETRY_AFTER_S))} if code in (429, 503) else None
+        return JSONResponse(out, status_code=code, headers=headers)
+
+    return app
