@@ -249,7 +249,6 @@ def test_the_router_takes_the_shards_urls_the_tokens_as_a_reader_and_the_front_s
     assert "router" in np["spec"]["podSelector"]["matchExpressions"][0]["values"]
 
 
-@pytest.mark.xfail(reason="router on branch i18-shards-rt", strict=False)
 def test_the_router_command_parses_with_the_runtime_cli() -> None:
     from index_runtime.cli import build_parser
 
