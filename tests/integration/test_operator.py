@@ -40,6 +40,7 @@ from index_runtime.service.app import create_app
 from index_runtime.service.engine import Engine, ServeConfig
 from index_runtime.service.metrics import Metrics
 from index_runtime.service.runtime import Roles, RuntimeOptions
+from index_runtime.service.tokens import TokenSource
 from index_runtime.store.objects import S3Config
 from index_runtime.store.writer import WriterConfig
 from tests.conftest import make_bucket
@@ -242,6 +243,8 @@ def adopt_tokens(cl: Cluster, engine: Engine, index: str, tmp: Path) -> dict[str
     staged.write_text("".join(p.read_text() for p in sorted(tmp.glob("*.hashes"))))
     staged.replace(tmp / "tokens")
     engine.config = dataclasses.replace(engine.config, tokens_file=tmp / "tokens")
+    # the engine reads its tokens through a TokenSource built from the config at start
+    engine.token_source = TokenSource(engine.config.tokens, engine.config.tokens_file)
     return tokens
 
 
