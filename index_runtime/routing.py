@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from index_runtime.errors import DriftlessError, InvalidInputError
+from index_runtime.errors import DriftlessError, InvalidInputError, NotFoundError
 from index_runtime.lifecycle import Phase
 from index_runtime.shards import MAX_SHARDS, merge_hits, split_by_shard
 
@@ -63,6 +63,19 @@ class ShardUrls:
 def parse_url_list(raw: str | None) -> list[str]:
     """A comma-separated list of URLs (``Env.SHARD_WRITERS``), blanks ignored."""
     return [u.strip() for u in (raw or "").split(",") if u.strip()]
+
+
+def admin_path(name: str, rest: str) -> str:
+    """The shards' path of an admin call (``rest``: what follows ``admin/``, as decoded),
+    percent-encoded so that a ``?`` or ``#`` in it stays in the path. A ``.`` or ``..``
+    segment is refused (404): an HTTP client normalizes it away, and
+    ``docs/admin/../../other/...`` would reach another index's admin API."""
+    segments = rest.split("/")
+    if any(s in (".", "..") for s in segments):
+        raise NotFoundError(f"no admin route {rest!r}: '.' and '..' segments are not routed")
+    return f"/v1/indexes/{quote(name, safe='')}/admin/" + "/".join(
+        quote(s, safe="") for s in segments
+    )
 
 
 # --- answers and errors ---------------------------------------------------------------------

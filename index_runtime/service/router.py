@@ -41,11 +41,12 @@ from prometheus_client import (
 )
 
 from index_runtime import __version__
-from index_runtime.errors import NotFoundError
+from index_runtime.errors import InvalidInputError, NotFoundError
 from index_runtime.routing import (
     RETRY_AFTER_S,
     ShardAnswer,
     ShardUrls,
+    admin_path,
     check_keys,
     check_upsert,
     decode_cursor,
@@ -71,6 +72,7 @@ from index_runtime.service.edge import (
     error_response,
     install_error_handlers,
 )
+from index_runtime.service.engine import check_name
 from index_runtime.service.limits import (
     AnswerSize,
     ApiLimits,
@@ -273,9 +275,16 @@ class Router:
         return self.config.tokens.tokens()
 
     def mine(self, name: str) -> None:
+        """404 unless ``name`` is an index name this router routes. A name is put in the
+        shards' paths as it is, so one that is no index name (``docs?x``, ``..``) would reach
+        another route of the shards (or, normalized by the client, another index)."""
         only = self.config.index
         if only is not None and name != only:
             raise NotFoundError(f"no index named {name!r}: this router routes only {only!r}")
+        try:
+            check_name(name)
+        except InvalidInputError:
+            raise NotFoundError(f"no index named {name!r}") from None
 
     def every(self, urls: tuple[str, ...], body: Any = None) -> dict[int, tuple[str, Any]]:
         return {i: (u, body) for i, u in enumerate(urls)}
@@ -556,7 +565,7 @@ def create_router_app(router: Router) -> FastAPI:
         answers = await fan(
             router.every(urls.writers),
             request.method,
-            f"/v1/indexes/{name}/admin/{rest}",
+            admin_path(name, rest),
             "admin",
             _auth(request),
             params=dict(request.query_params),

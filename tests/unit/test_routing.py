@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from index_runtime.errors import BatchTooLargeError, InvalidInputError
+from index_runtime.errors import BatchTooLargeError, InvalidInputError, NotFoundError
 from index_runtime.quality.window import interval
 from index_runtime.routing import (
     ShardAnswer,
     ShardError,
     ShardUrls,
+    admin_path,
     check_keys,
     check_upsert,
     decode_cursor,
@@ -255,3 +256,16 @@ def test_shard_urls() -> None:
         ShardUrls.of(["a:1"])
     with pytest.raises(InvalidInputError, match=r"1\.\.64"):
         ShardUrls.of([])
+
+
+def test_admin_path_keeps_query_and_fragment_characters_in_the_path() -> None:
+    assert admin_path("docs", "operations/a?b#c") == "/v1/indexes/docs/admin/operations/a%3Fb%23c"
+    assert admin_path("docs", "migrations/backfill/rows") == (
+        "/v1/indexes/docs/admin/migrations/backfill/rows"
+    )
+
+
+@pytest.mark.parametrize("rest", ["../../other/admin/versions", "x/./y", "..", "a/.."])
+def test_admin_path_refuses_dot_segments(rest: str) -> None:
+    with pytest.raises(NotFoundError):
+        admin_path("docs", rest)
