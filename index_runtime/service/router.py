@@ -50,7 +50,9 @@ from index_runtime.routing import (
     check_keys,
     check_upsert,
     decode_cursor,
+    encode_body,
     encode_cursor,
+    encode_parts,
     merge_acks,
     merge_batch,
     merge_describe,
@@ -201,7 +203,12 @@ class Shards:
         headers = {"content-type": "application/json"}
         if auth:
             headers["authorization"] = auth
-        content = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if raw is not None:
+            content: bytes | None = raw
+        elif body is None or isinstance(body, bytes):
+            content = body  # bytes: a part encode_parts sized already
+        else:
+            content = encode_body(body)
         query = {
             k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()
         }
@@ -418,9 +425,9 @@ def create_router_app(router: Router) -> FastAPI:
         raw = await request.json()
         check_rows(len(body.keys), limits)
         check_upsert(raw, await router.key_type(name, _auth(request)), limits.max_batch_rows)
-        groups = split_upsert(raw, n)
+        parts = encode_parts(split_upsert(raw, n), limits.max_body_bytes)
         answers = await fan(
-            {s: (urls.writers[s], part) for s, part in groups.items()},
+            {s: (urls.writers[s], part) for s, part in parts.items()},
             "POST",
             f"/v1/indexes/{name}/upsert",
             "upsert",
@@ -433,9 +440,9 @@ def create_router_app(router: Router) -> FastAPI:
         router.mine(name)
         check_rows(len(body.keys), limits)
         check_keys(body.keys, await router.key_type(name, _auth(request)), limits.max_batch_rows)
-        groups = split_keys({"keys": body.keys}, n)
+        parts = encode_parts(split_keys({"keys": body.keys}, n), limits.max_body_bytes)
         answers = await fan(
-            {s: (urls.writers[s], part) for s, part in groups.items()},
+            {s: (urls.writers[s], part) for s, part in parts.items()},
             "POST",
             f"/v1/indexes/{name}/delete",
             "delete",

@@ -5,18 +5,23 @@ gives, and never a write applied on some shards behind a refusal the client cann
 * An index name in the path is forwarded to the shards: ``docs%3F`` (``docs?``) must not
   turn into another route on the shards (it answered a describe document as a count, and a
   500 for scan), nor may ``..`` in an admin path leave the routed index.
+* A batch under the body limit must not become a shard's 413 after the other shards applied
+  their rows (the router re-encoded each shard's part with ``\\uXXXX`` escapes and spaces,
+  up to 3x the client's bytes); a part that still encodes over the limit is refused before
+  any shard sees it.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from index_runtime.shards import shard_of
-from tests.integration.test_shards_router import ADMIN, READ, N, Server, start, stop
+from tests.integration.test_shards_router import ADMIN, BODY_LIMIT, READ, N, Server, start, stop
 
 H = {"Authorization": f"Bearer {ADMIN}"}
 R = {"Authorization": f"Bearer {READ}"}
@@ -88,3 +93,51 @@ def test_dot_segments_in_an_admin_path_do_not_leave_the_index(router: Server) ->
     with httpx.Client(timeout=30, headers=H) as c:
         direct = c.get(router.url + "/v1/indexes/wide/admin/versions")
         assert direct.status_code == 200, direct.text
+
+
+def test_non_ascii_texts_under_the_limit_are_applied_on_every_shard(router: Server) -> None:
+    # ~300 kB of CJK text (3 bytes each in UTF-8, 6 as a \\uXXXX escape) under a 400 kB limit
+    k0, k1 = keys_on(0, 1)[0], keys_on(1, 1)[0]
+    body = {
+        "keys": [k0, k1],
+        "vectors": [[1, 0, 0, 0], [0, 1, 0, 0]],
+        "texts": ["漢" * 100_000, "x"],
+    }
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    assert 250_000 < len(raw) < BODY_LIMIT
+    with router.client(H) as c:
+        r = c.post(
+            "/v1/indexes/docs/upsert", content=raw, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 200, r.text[:500]
+        got = c.post("/v1/indexes/docs/fetch", json={"keys": [k0, k1]}).json()
+    assert got["missing"] == []
+    assert [row["text"] for row in got["rows"]] == ["漢" * 100_000, "x"]
+
+
+def test_a_part_that_encodes_over_the_limit_is_refused_before_any_shard_applies(
+    router: Server,
+) -> None:
+    # '9E15' (4 bytes) is the float 9000000000000000.0 (18 bytes) once parsed and encoded
+    # again: shard 0's part of this ~130 kB batch is ~500 kB, over the shards' 400 kB
+    big = keys_on(0, 25, 50_000)
+    small = keys_on(1, 1, 50_000)
+    row = "[" + ",".join(["9E15"] * WIDE) + "]"
+    tiny = "[" + ",".join(["1"] * WIDE) + "]"
+    raw = (
+        '{"keys":'
+        + json.dumps(big + small)
+        + ',"vectors":['
+        + ",".join([row] * len(big) + [tiny])
+        + "]}"
+    ).encode()
+    assert len(raw) < BODY_LIMIT
+    with router.client(H) as c:
+        r = c.post(
+            "/v1/indexes/wide/upsert", content=raw, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413, r.text[:500]
+        assert r.json()["error"] == "PayloadTooLarge"
+        assert "nothing was applied" in r.json()["message"]
+        got = c.post("/v1/indexes/wide/fetch", json={"keys": big + small}).json()
+    assert got["rows"] == []  # shard 1's row was applied behind the 413 before
