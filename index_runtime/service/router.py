@@ -365,6 +365,7 @@ def create_router_app(router: Router) -> FastAPI:
     async def create_index(request: Request, body: CreateIndex) -> dict[str, Any]:
         """Create the index on every shard. When some shards refuse (e.g. 409 on a shard that
         has it), the answer names them: delete the index and create it again."""
+        check_name(body.name)  # 400 for a name that is no index name (`_shards`, `a/b`)
         router.mine(body.name)
         router.forget(body.name)
         answers = await fan(

@@ -73,6 +73,16 @@ def test_a_name_that_is_no_index_name_is_404_and_reaches_no_other_route(
         assert r.json()["error"] == "NotFound"
 
 
+@pytest.mark.parametrize("name", ["_shards", "a_b", "..", "a/b", "docs?x", "Docs"])
+def test_creating_an_index_that_is_no_index_name_is_400(router: Server, name: str) -> None:
+    with router.client(H) as c:
+        r = c.post("/v1/indexes", json={"name": name, "model": "m", "dim": 4})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "InvalidInput"
+        assert "index names are" in r.json()["message"]
+        assert name not in [d["name"] for d in c.get("/v1/indexes").json()["indexes"]]
+
+
 def test_dot_segments_in_an_admin_path_do_not_leave_the_index(router: Server) -> None:
     # forwarded as written, /v1/indexes/docs/admin/../../wide/admin/versions was normalized by
     # the HTTP client into the admin API of another index (past a router's --index docs); the
