@@ -16,12 +16,18 @@ these functions plan and answers what they combine.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from index_runtime.errors import DriftlessError, InvalidInputError
+from index_runtime.errors import (
+    DriftlessError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
 from index_runtime.lifecycle import Phase
 from index_runtime.shards import MAX_SHARDS, merge_hits, split_by_shard
 
@@ -63,6 +69,19 @@ class ShardUrls:
 def parse_url_list(raw: str | None) -> list[str]:
     """A comma-separated list of URLs (``Env.SHARD_WRITERS``), blanks ignored."""
     return [u.strip() for u in (raw or "").split(",") if u.strip()]
+
+
+def admin_path(name: str, rest: str) -> str:
+    """The shards' path of an admin call (``rest``: what follows ``admin/``, as decoded),
+    percent-encoded so that a ``?`` or ``#`` in it stays in the path. A ``.`` or ``..``
+    segment is refused (404): an HTTP client normalizes it away, and
+    ``docs/admin/../../other/...`` would reach another index's admin API."""
+    segments = rest.split("/")
+    if any(s in (".", "..") for s in segments):
+        raise NotFoundError(f"no admin route {rest!r}: '.' and '..' segments are not routed")
+    return f"/v1/indexes/{quote(name, safe='')}/admin/" + "/".join(
+        quote(s, safe="") for s in segments
+    )
 
 
 # --- answers and errors ---------------------------------------------------------------------
@@ -211,6 +230,31 @@ def split_keys(body: Mapping[str, Any], shards: int) -> dict[int, dict[str, Any]
         shard: {**body, "keys": keys}
         for shard, keys in split_by_shard(body["keys"], lambda k: k, shards).items()
     }
+
+
+def encode_body(body: Any) -> bytes:
+    """A body for a shard, as compact as JSON allows: UTF-8 as is (``\\uXXXX`` escapes made
+    a CJK text twice its bytes, an emoji three times) and no spaces (``[0, 0]`` is half as
+    long again as ``[0,0]``), so a shard's part of a batch is hardly ever longer than the
+    client's bytes of it."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_parts(parts: Mapping[int, Any], limit: int) -> dict[int, bytes]:
+    """Every shard's part of a write, encoded, or PayloadTooLargeError (413) when one is over
+    the shards' body limit (a number the client wrote as ``9E15`` is ``9000000000000000.0``
+    once parsed): refused here, before any shard applies its rows, rather than a shard's
+    413 after the others applied theirs, which no retry of the same batch could fix."""
+    out = {shard: encode_body(part) for shard, part in parts.items()}
+    over = {shard: len(b) for shard, b in out.items() if len(b) > limit}
+    if over:
+        shard, size = next(iter(sorted(over.items())))
+        raise PayloadTooLargeError(
+            f"shard {shard}'s part of this batch encodes to {size} bytes; the shards' limit "
+            f"max_body_bytes is {limit} (--max-body-bytes / DRIFTLESS_MAX_BODY_BYTES): nothing "
+            "was applied; send fewer rows per batch"
+        )
+    return out
 
 
 def merge_acks(acks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

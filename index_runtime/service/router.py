@@ -41,15 +41,18 @@ from prometheus_client import (
 )
 
 from index_runtime import __version__
-from index_runtime.errors import NotFoundError
+from index_runtime.errors import InvalidInputError, NotFoundError
 from index_runtime.routing import (
     RETRY_AFTER_S,
     ShardAnswer,
     ShardUrls,
+    admin_path,
     check_keys,
     check_upsert,
     decode_cursor,
+    encode_body,
     encode_cursor,
+    encode_parts,
     merge_acks,
     merge_batch,
     merge_describe,
@@ -71,6 +74,7 @@ from index_runtime.service.edge import (
     error_response,
     install_error_handlers,
 )
+from index_runtime.service.engine import check_name
 from index_runtime.service.limits import (
     AnswerSize,
     ApiLimits,
@@ -199,7 +203,12 @@ class Shards:
         headers = {"content-type": "application/json"}
         if auth:
             headers["authorization"] = auth
-        content = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if raw is not None:
+            content: bytes | None = raw
+        elif body is None or isinstance(body, bytes):
+            content = body  # bytes: a part encode_parts sized already
+        else:
+            content = encode_body(body)
         query = {
             k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()
         }
@@ -273,9 +282,16 @@ class Router:
         return self.config.tokens.tokens()
 
     def mine(self, name: str) -> None:
+        """404 unless ``name`` is an index name this router routes. A name is put in the
+        shards' paths as it is, so one that is no index name (``docs?x``, ``..``) would reach
+        another route of the shards (or, normalized by the client, another index)."""
         only = self.config.index
         if only is not None and name != only:
             raise NotFoundError(f"no index named {name!r}: this router routes only {only!r}")
+        try:
+            check_name(name)
+        except InvalidInputError:
+            raise NotFoundError(f"no index named {name!r}") from None
 
     def every(self, urls: tuple[str, ...], body: Any = None) -> dict[int, tuple[str, Any]]:
         return {i: (u, body) for i, u in enumerate(urls)}
@@ -349,6 +365,7 @@ def create_router_app(router: Router) -> FastAPI:
     async def create_index(request: Request, body: CreateIndex) -> dict[str, Any]:
         """Create the index on every shard. When some shards refuse (e.g. 409 on a shard that
         has it), the answer names them: delete the index and create it again."""
+        check_name(body.name)  # 400 for a name that is no index name (`_shards`, `a/b`)
         router.mine(body.name)
         router.forget(body.name)
         answers = await fan(
@@ -409,9 +426,9 @@ def create_router_app(router: Router) -> FastAPI:
         raw = await request.json()
         check_rows(len(body.keys), limits)
         check_upsert(raw, await router.key_type(name, _auth(request)), limits.max_batch_rows)
-        groups = split_upsert(raw, n)
+        parts = encode_parts(split_upsert(raw, n), limits.max_body_bytes)
         answers = await fan(
-            {s: (urls.writers[s], part) for s, part in groups.items()},
+            {s: (urls.writers[s], part) for s, part in parts.items()},
             "POST",
             f"/v1/indexes/{name}/upsert",
             "upsert",
@@ -424,9 +441,9 @@ def create_router_app(router: Router) -> FastAPI:
         router.mine(name)
         check_rows(len(body.keys), limits)
         check_keys(body.keys, await router.key_type(name, _auth(request)), limits.max_batch_rows)
-        groups = split_keys({"keys": body.keys}, n)
+        parts = encode_parts(split_keys({"keys": body.keys}, n), limits.max_body_bytes)
         answers = await fan(
-            {s: (urls.writers[s], part) for s, part in groups.items()},
+            {s: (urls.writers[s], part) for s, part in parts.items()},
             "POST",
             f"/v1/indexes/{name}/delete",
             "delete",
@@ -556,7 +573,7 @@ def create_router_app(router: Router) -> FastAPI:
         answers = await fan(
             router.every(urls.writers),
             request.method,
-            f"/v1/indexes/{name}/admin/{rest}",
+            admin_path(name, rest),
             "admin",
             _auth(request),
             params=dict(request.query_params),

@@ -3,6 +3,7 @@ status pooling and the errors a client sees."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Any
@@ -11,16 +12,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from index_runtime.errors import BatchTooLargeError, InvalidInputError
+from index_runtime.errors import (
+    BatchTooLargeError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
 from index_runtime.quality.window import interval
 from index_runtime.routing import (
     ShardAnswer,
     ShardError,
     ShardUrls,
+    admin_path,
     check_keys,
     check_upsert,
     decode_cursor,
+    encode_body,
     encode_cursor,
+    encode_parts,
     least_ready,
     merge_batch,
     merge_fetch,
@@ -255,3 +264,31 @@ def test_shard_urls() -> None:
         ShardUrls.of(["a:1"])
     with pytest.raises(InvalidInputError, match=r"1\.\.64"):
         ShardUrls.of([])
+
+
+def test_admin_path_keeps_query_and_fragment_characters_in_the_path() -> None:
+    assert admin_path("docs", "operations/a?b#c") == "/v1/indexes/docs/admin/operations/a%3Fb%23c"
+    assert admin_path("docs", "migrations/backfill/rows") == (
+        "/v1/indexes/docs/admin/migrations/backfill/rows"
+    )
+
+
+@pytest.mark.parametrize("rest", ["../../other/admin/versions", "x/./y", "..", "a/.."])
+def test_admin_path_refuses_dot_segments(rest: str) -> None:
+    with pytest.raises(NotFoundError):
+        admin_path("docs", rest)
+
+
+def test_a_part_is_encoded_no_longer_than_the_clients_compact_utf8() -> None:
+    body = {"keys": ["漢字😀"], "vectors": [[0, 1, 0.5]], "texts": ["é" * 10]}
+    client = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    assert encode_body(body) == client
+    assert json.loads(encode_body(body)) == body
+
+
+def test_a_part_over_the_limit_refuses_the_whole_batch_before_sending() -> None:
+    small, big = {"keys": [1]}, {"keys": list(range(100))}
+    limit = len(encode_body(big)) - 1
+    assert set(encode_parts({0: small, 2: small}, limit)) == {0, 2}
+    with pytest.raises(PayloadTooLargeError, match=r"shard 2.*nothing was applied"):
+        encode_parts({0: small, 2: big}, limit)
