@@ -163,6 +163,19 @@ def load_tokens(
     return plain, Path(path), parse_tokens_file(text, path) + plain
 
 
+def api_limits(args: argparse.Namespace, env: Mapping[str, str]) -> ApiLimits:
+    """The API's limits from the flags `serve` and `route` share, or their variables."""
+    from index_runtime.service.limits import ApiLimits
+
+    return ApiLimits.from_env(
+        env,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_rows=args.max_batch_rows,
+        max_batch_queries=args.max_batch_queries,
+        max_response_bytes=args.max_response_bytes,
+    )
+
+
 def serve_config(
     args: argparse.Namespace,
     env: Mapping[str, str],
@@ -250,7 +263,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from index_runtime.service.app import create_app
     from index_runtime.service.engine import Engine
-    from index_runtime.service.limits import ApiLimits
     from index_runtime.service.metrics import Metrics
     from index_runtime.service.runtime import Roles
 
@@ -262,13 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }[args.role]
     try:
         plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, dict(os.environ))
-        limits = ApiLimits.from_env(
-            os.environ,
-            max_body_bytes=args.max_body_bytes,
-            max_batch_rows=args.max_batch_rows,
-            max_batch_queries=args.max_batch_queries,
-            max_response_bytes=args.max_response_bytes,
-        )
+        limits = api_limits(args, os.environ)
     except DriftlessError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
         return ExitCode.INVALID
@@ -329,7 +335,6 @@ def serve_sharded(args: argparse.Namespace) -> int:
     import uvicorn
 
     from index_runtime.routing import ShardUrls
-    from index_runtime.service.limits import ApiLimits
     from index_runtime.service.router import Router, RouterConfig, RouterMetrics, create_router_app
     from index_runtime.service.supervisor import Supervisor
     from index_runtime.service.tokens import TokenSource
@@ -349,13 +354,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
         return ExitCode.INVALID
     try:
         plain, tokens_file, tokens = load_tokens(args.tokens_file, False, dict(os.environ))
-        limits = ApiLimits.from_env(
-            os.environ,
-            max_body_bytes=args.max_body_bytes,
-            max_batch_rows=args.max_batch_rows,
-            max_batch_queries=args.max_batch_queries,
-            max_response_bytes=args.max_response_bytes,
-        )
+        limits = api_limits(args, os.environ)
         source = TokenSource(plain, tokens_file)
     except DriftlessError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
@@ -419,7 +418,6 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     from index_runtime.routing import ShardUrls
     from index_runtime.service.engine import check_name
-    from index_runtime.service.limits import ApiLimits
     from index_runtime.service.router import Router, RouterConfig, RouterMetrics, create_router_app
     from index_runtime.service.tokens import TokenSource
 
@@ -432,13 +430,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             check_name(index)
         plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, env)
         source = TokenSource(plain, tokens_file)
-        limits = ApiLimits.from_env(
-            env,
-            max_body_bytes=args.max_body_bytes,
-            max_batch_rows=args.max_batch_rows,
-            max_batch_queries=args.max_batch_queries,
-            max_response_bytes=args.max_response_bytes,
-        )
+        limits = api_limits(args, env)
     except DriftlessError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
         return ExitCode.INVALID

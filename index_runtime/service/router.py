@@ -426,30 +426,27 @@ def create_router_app(router: Router) -> FastAPI:
         raw = await request.json()
         check_rows(len(body.keys), limits)
         check_upsert(raw, await router.key_type(name, _auth(request)), limits.max_batch_rows)
-        parts = encode_parts(split_upsert(raw, n), limits.max_body_bytes)
-        answers = await fan(
-            {s: (urls.writers[s], part) for s, part in parts.items()},
-            "POST",
-            f"/v1/indexes/{name}/upsert",
-            "upsert",
-            _auth(request),
-        )
-        return merge_acks(require_all(answers, "upsert", wrote=True))
+        return await write(request, name, "upsert", split_upsert(raw, n))
 
     @app.post("/v1/indexes/{name}/delete")
     async def delete(request: Request, name: str, body: Keys) -> dict[str, Any]:
         router.mine(name)
         check_rows(len(body.keys), limits)
         check_keys(body.keys, await router.key_type(name, _auth(request)), limits.max_batch_rows)
-        parts = encode_parts(split_keys({"keys": body.keys}, n), limits.max_body_bytes)
+        return await write(request, name, "delete", split_keys({"keys": body.keys}, n))
+
+    async def write(request: Request, name: str, op: str, groups: Any) -> dict[str, Any]:
+        """Each shard's part to its writer (every part's size checked before any is sent);
+        200 only when every shard acknowledged."""
+        parts = encode_parts(groups, limits.max_body_bytes)
         answers = await fan(
             {s: (urls.writers[s], part) for s, part in parts.items()},
             "POST",
-            f"/v1/indexes/{name}/delete",
-            "delete",
+            f"/v1/indexes/{name}/{op}",
+            op,
             _auth(request),
         )
-        return merge_acks(require_all(answers, "delete", wrote=True))
+        return merge_acks(require_all(answers, op, wrote=True))
 
     # reads -----------------------------------------------------------------------------------
 
