@@ -197,6 +197,11 @@ def config_hash(data: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def http_ports() -> list[dict[str, Any]]:
+    """The one port of every runtime and router container: the API, admin API and /metrics."""
+    return [{"name": contract.PORT_NAME, "containerPort": contract.HTTP_PORT, "protocol": "TCP"}]
+
+
 def probes() -> dict[str, Any]:
     port = contract.PORT_NAME
 

@@ -13,6 +13,7 @@ from index_operator.resources.access import TOKENS_ANNOTATION, Tokens, runtime_a
 from index_operator.resources.common import (
     Cluster,
     container_security,
+    http_ports,
     metadata,
     pod_options,
     pod_security,
@@ -66,13 +67,7 @@ def desired_router(ix: Index, cl: Cluster, tokens: Tokens) -> dict[str, Any]:
                     "image": cl.runtime_image,
                     "imagePullPolicy": cl.pull_policy,
                     "command": contract.route_command(),
-                    "ports": [
-                        {
-                            "name": contract.PORT_NAME,
-                            "containerPort": contract.HTTP_PORT,
-                            "protocol": "TCP",
-                        }
-                    ],
+                    "ports": http_ports(),
                     "env": env,
                     "resources": res.to_k8s(),
                     "securityContext": container_security(),

@@ -33,6 +33,7 @@ from index_operator.resources.common import (
     config_name,
     container_security,
     dns_name,
+    http_ports,
     metadata,
     pod_identity,
     pod_options,
@@ -197,13 +198,7 @@ def _pod(
                 "image": image_for(cl, config),
                 "imagePullPolicy": cl.pull_policy,
                 "command": contract.serve_command(role),
-                "ports": [
-                    {
-                        "name": contract.PORT_NAME,
-                        "containerPort": contract.HTTP_PORT,
-                        "protocol": "TCP",
-                    }
-                ],
+                "ports": http_ports(),
                 "env": env,
                 "resources": res.to_k8s(),
                 "securityContext": container_security(),

@@ -511,34 +511,27 @@ def create_router_app(router: Router) -> FastAPI:
     # the query path forwards the client's bytes as they came (no model parse here: every
     # shard validates the same query alike, so a bad one is the shards' common 4xx), and
     # reads only k once every shard has accepted it
-    @app.post("/v1/indexes/{name}/search")
-    async def search(request: Request, name: str) -> Response:
+    async def query(request: Request, name: str, path: str, op: str) -> list[Any]:
+        """The client's query bytes, as they came, to every shard's reader; every answer."""
         router.mine(name)
-        raw = await request.body()
         answers = await fan(
             router.every(urls.readers),
             "POST",
-            f"/v1/indexes/{name}/search",
-            "search",
+            f"/v1/indexes/{name}/{path}",
+            op,
             _auth(request),
-            raw=raw,
+            raw=await request.body(),
         )
-        bodies = require_all(answers, "search")
+        return require_all(answers, path)
+
+    @app.post("/v1/indexes/{name}/search")
+    async def search(request: Request, name: str) -> Response:
+        bodies = await query(request, name, "search", "search")
         return JSONResponse(merge_search(bodies, int((await request.json()).get("k", DEFAULT_K))))
 
     @app.post("/v1/indexes/{name}/search/batch")
     async def search_batch(request: Request, name: str) -> Response:
-        router.mine(name)
-        raw = await request.body()
-        answers = await fan(
-            router.every(urls.readers),
-            "POST",
-            f"/v1/indexes/{name}/search/batch",
-            "search_batch",
-            _auth(request),
-            raw=raw,
-        )
-        bodies = require_all(answers, "search/batch")
+        bodies = await query(request, name, "search/batch", "search_batch")
         ks = [int(q.get("k", DEFAULT_K)) for q in (await request.json())["queries"]]
         out = merge_batch(bodies, ks)
         size = AnswerSize(limits, "this batch")
