@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ import numpy as np
 from index_runtime.contract import Env, ExitCode, record_id
 from index_runtime.errors import MigrationNotActiveError
 from index_runtime.jobs import Admin, JobError
+from index_runtime.migration import pace_s
 
 if TYPE_CHECKING:
     from index_runtime.service.runtime import IndexRuntime
@@ -137,6 +139,7 @@ class WorkerConfig:
     stall_s: float = 600.0  # no batch written for this long: exit FAILED (restarted)
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
+    rate: float = 0.0  # spec.backfill.rate: rows/s of this pod, a cap (0 = none)
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ def run_worker(
                 encode = encoder_for(str(rec["to"]))
             assert mid is not None
             if pending is None:
+                t_page = clock()
                 page = client.rows(mid, cfg.share, cfg.shares, cursor, cfg.batch)
                 rows = page["rows"]
                 if rows:
@@ -204,7 +208,9 @@ def run_worker(
             last_progress, delay = clock(), cfg.backoff_s
             if done:
                 return WorkerResult(ExitCode.OK, f"{where}: done", written, skipped)
-            continue  # progress: no pause
+            if pause := pace_s(len(body["rows"]), cfg.rate, clock() - t_page):
+                sleep(pause)  # spec.backfill.rate; no other pause after progress
+            continue
         except NotActive as exc:
             return WorkerResult(ExitCode.OK, f"{where}: the migration moved on ({exc})", written, skipped)
         except JobError as exc:
@@ -255,15 +261,17 @@ def config_from_env(env: Mapping[str, str], spec: Mapping[str, Any]) -> WorkerCo
         shares = int(env[Env.BACKFILL_SHARES])
         stall = float(env.get(Env.BACKFILL_STALL_S) or 600)
         batch = int(spec.get("batch", 256))
-    except (KeyError, ValueError) as exc:
+        rate = float(spec.get("rate", 0.0))
+    except (KeyError, ValueError, TypeError) as exc:
         raise JobError(ExitCode.INVALID, f"backfill worker: bad environment ({exc})") from exc
-    if not (shares >= 1 and 0 <= share < shares and 1 <= batch <= 1000 and stall > 0):
+    if not (shares >= 1 and 0 <= share < shares and 1 <= batch <= 1000 and stall > 0
+            and math.isfinite(rate) and rate >= 0):  # fmt: skip
         raise JobError(
             ExitCode.INVALID,
             f"backfill worker: need 0 <= share ({share}) < shares ({shares}), "
-            f"batch 1..1000 ({batch}), stall > 0 ({stall})",
+            f"batch 1..1000 ({batch}), stall > 0 ({stall}), rate >= 0 ({rate})",
         )
-    return WorkerConfig(share, shares, env.get(Env.MIGRATION_ID) or None, batch, stall)
+    return WorkerConfig(share, shares, env.get(Env.MIGRATION_ID) or None, batch, stall, rate=rate)
 
 
 def run_from_env(admin: Admin, env: Mapping[str, str], spec: Mapping[str, Any]) -> str:

@@ -563,3 +563,10 @@ def migration_summary(rec: MigrationRecord | None, live_rows: int | None = None)
         if live_rows is not None and isinstance(dim, int):
             merged.update(merged_cost(live_rows, dim))
     return {"guard": guard, "merged": merged}
+
+
+def pace_s(rows: int, rate: float, spent_s: float) -> float:
+    """The pause after a batch of ``rows`` that took ``spent_s`` (encoding and writing) under
+    ``spec.backfill.rate`` (rows/s per pod, 0 = none): a cap, so an encoder slower than the
+    rate is never slowed further; a faster one waits out the batch's share of a second."""
+    return max(0.0, rows / rate - spent_s) if rate > 0 else 0.0

@@ -194,7 +194,9 @@ def desired_backfill_job(
     name = backfill_job_name(mig, seq)
     n = mig.backfill_parallelism
     # a worker reads and rewrites at most 1,000 rows per call (the rows endpoint's limit)
-    spec = {"batch": min(mig.backfill_batch, 1000)}
+    spec: dict[str, Any] = {"batch": min(mig.backfill_batch, 1000)}
+    if mig.backfill_rate > 0:  # each pod's cap (absent: none, as before)
+        spec["rate"] = mig.backfill_rate
     job = desired_job(ix, cl, JobKind.BACKFILL, name, mig.ref, spec, mig.pods)
     job["metadata"]["labels"]["app.kubernetes.io/component"] = "job-backfill"
     jspec = job["spec"]

@@ -25,7 +25,7 @@ import numpy as np
 
 from index_runtime.contract import MigrationGuard, MigrationRecord
 from index_runtime.index.rows import F32, normalize
-from index_runtime.migration import STATUS_QUO, BackfillProgress
+from index_runtime.migration import STATUS_QUO, BackfillProgress, pace_s
 from index_runtime.service.migrate import EvalSet, measure_progress
 from index_runtime.service.migration_gate import evalset
 
@@ -164,6 +164,7 @@ class Backfill:
         for lo in range(0, len(todo), batch):
             if mig.stopped():
                 return
+            t_batch = time.monotonic()
             pos = todo[lo : lo + batch]
             rows = [view.row(int(p), payload=True) for p in pos]
             texts = [str(r["text"]) for r in rows]
@@ -184,8 +185,8 @@ class Backfill:
             done += n
             rt.changed()
             rt.hooks.backfill(rt.name, n)
-            if rate > 0:
-                mig.sleep(len(pos) / rate)
+            if pause := pace_s(len(pos), rate, time.monotonic() - t_batch):
+                mig.sleep(pause)
             share = done / max(1, prog.live)
             if time.monotonic() - self.last >= self.period_s or share >= next_share:
                 rec = self.checkpoint(mig.record() or rec)

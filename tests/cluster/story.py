@@ -92,6 +92,7 @@ class Settings:
     sample_rate: float = 1.0  # oracle.sampleRate: little traffic, every query is compared
     parallelism: int = 2  # the migration's backfill pods
     backfill_batch: int = 32  # spec.backfill.batch (rows per encoder request)
+    backfill_rate: float = 0.0  # spec.backfill.rate (rows/s per backfill pod, a cap; 0 = none)
     gate_pairs: int = 0  # spec.adapter.pairs (0: the corpus size); E5 encodes ~5 passages/s here
     delete_share: float = 0.3  # rows deleted before the compaction (deletedRatio is 0.2)
     bucket: str = "my-vectors"
@@ -311,8 +312,8 @@ class Story:
     def migration_objects(self) -> list[dict[str, Any]]:
         """examples/migration/ with the corpus's own labelled queries (what the example's
         comment asks for), ``adapter.pairs`` (the corpus size unless ``gate_pairs``),
-        ``backfill.parallelism`` and
-        ``backfill.batch`` (32: one shared, slow encoder)."""
+        ``backfill.parallelism``, ``backfill.batch`` (32: one shared, slow encoder) and
+        ``backfill.rate`` when set."""
         out = []
         for path in sorted((EXAMPLES / "migration").glob("*.yaml")):
             obj = yaml.safe_load(path.read_text())
@@ -325,6 +326,8 @@ class Story:
                 # a slow shared encoder: 256 E5 texts per request outlived the encoder
                 # client's timeout and the retries piled up behind one another
                 obj["spec"]["backfill"]["batch"] = self.s.backfill_batch
+                if self.s.backfill_rate:
+                    obj["spec"]["backfill"]["rate"] = self.s.backfill_rate
             out.append(obj)
         return out
 

@@ -209,6 +209,12 @@ CAMPAIGN_DOCS = int(os.environ.get("DRIFTLESS_CHAOS_DOCS", "240"))
 # kill each)
 PER_MIGRATION = 4
 RERANK = 64  # primary.rerank of the campaign's index (below)
+# spec.backfill.rate of the campaign's migrations (rows/s per pod, a cap): the shared encoder
+# re-encodes E5 at ~5 rows/s (under the cap: that backfill is unchanged, ~50 s), MiniLM much
+# faster; unthrottled, the way back to MiniLM was over in seconds, and CI's backfill kill, behind
+# a 30 s gate trial, found no backfill pod left (seed 10, at 2ea7c64). At 3 rows/s a pod's
+# share of ~130 rows takes ~45 s whichever the model
+BACKFILL_RATE = 3.0
 RESULTS = os.environ.get("DRIFTLESS_CHAOS_RESULTS")  # a directory: write the results there
 # how many of the full schedule's migrations the campaign runs (cp.ci_schedule): 2 (the
 # default, what CI runs): MiniLM -> E5 and back, 4 trials each, a backfill kill in each, and 22
@@ -245,7 +251,8 @@ def test_campaign(tmp_path: Path) -> None:
         # cutovers), and 2-bit codes re-ranking 16 x k candidates measured overlap 0.58 at
         # ~1,160 rows, under theta 0.8: the index went Degraded. A user with coarse codes on a
         # growing index raises rerank the same way (primary.rerank, 1..100)
-        story = Story(cluster, Settings.sized(CAMPAIGN_DOCS, encoder="http", rerank=RERANK), log=log)
+        story = Story(cluster, Settings.sized(CAMPAIGN_DOCS, encoder="http", rerank=RERANK,
+                                                 backfill_rate=BACKFILL_RATE), log=log)
         story.install()
         story.start_encoder()
         story.apply_examples()

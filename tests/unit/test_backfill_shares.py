@@ -235,3 +235,39 @@ def test_the_backfill_job_with_shares_runs_the_worker_and_checks_its_environment
     }
     assert run_job(JobKind.BACKFILL, env) == ExitCode.INVALID
     assert "share (2) < shares (2)" in capsys.readouterr().out
+
+
+def test_the_backfill_rate_is_a_cap_that_counts_the_encoders_time() -> None:
+    from index_runtime.migration import pace_s
+
+    assert pace_s(32, 0.0, 0.1) == 0.0  # no rate: as fast as the encoder goes
+    assert pace_s(32, 4.0, 0.0) == 8.0  # an instant encoder waits out the batch's 8 s
+    assert pace_s(32, 4.0, 6.0) == 2.0  # 6 s of encoding counts toward them
+    # an encoder slower than the cap (E5 at ~5 rows/s on the campaign's shared host) is not
+    # slowed further; the old sleep after every batch doubled that backfill at rate 2.5
+    assert pace_s(32, 2.5, 13.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("encode_s", "want_sleeps", "want_t"),
+    [(0.0, [2.0, 2.0], 4.0), (1.5, [0.5, 0.5], 5.5), (3.0, [], 9.0)],
+)
+def test_the_worker_paces_to_the_rate_counting_the_encoders_time(
+    encode_s: float, want_sleeps: list[float], want_t: float
+) -> None:
+    """spec.backfill.rate reaches the Job's pods (it was read only by the runtime's own
+    one-process backfill: a user's cap did nothing with backfill pods). 25 rows in pages of
+    10 at 5 rows/s: 2 s a full page, the encoder's time counted; no pause after the last."""
+    w, clock, sleeps = Script(25), Clock(), []
+
+    def enc(texts: list[str]) -> np.ndarray:
+        clock.t += encode_s
+        return np.ones((len(texts), 4), np.float32)
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        clock.sleep(s)
+
+    res = run_worker(w, lambda m: enc, WorkerConfig(0, 1, batch=10, rate=5.0), clock, sleep)
+    assert res.code is ExitCode.OK and res.written == 25 and not w.todo
+    assert sleeps == pytest.approx(want_sleeps) and clock.t == pytest.approx(want_t)

@@ -317,3 +317,20 @@ def test_spec_pods_override_the_defaults_field_by_field() -> None:
         assert pod["priorityClassName"] == "batch"  # the migration's own
         assert pod["tolerations"] == [toleration]  # the index's
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_the_backfill_rate_reaches_the_workers_of_the_job() -> None:
+    """spec.backfill.rate → the Job's DRIFTLESS_JOB_SPEC → each worker's cap, read by the
+    worker's own parser (before, the operator dropped it and only batch reached the pods)."""
+    from index_runtime.backfill_worker import config_from_env
+
+    def worker_rate(mig: Migration) -> float:
+        env = res.desired_backfill_job(IX, mig, CL)["spec"]["template"]["spec"]["containers"][0]["env"]
+        spec = json.loads(next(e["value"] for e in env if e["name"] == contract.Env.JOB_SPEC))
+        values = {contract.Env.BACKFILL_SHARES: "2", contract.Env.JOB_COMPLETION_INDEX: "1"}
+        return config_from_env(values, spec).rate
+
+    doc = _cr("migration/modelmigration.yaml", "u-2")
+    assert worker_rate(Migration.parse(doc)) == 0.0  # unset: none, and no key in the spec
+    doc["spec"]["backfill"] = {**doc["spec"].get("backfill", {}), "rate": 2.5}
+    assert worker_rate(Migration.parse(doc)) == 2.5
