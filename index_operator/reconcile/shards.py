@@ -15,6 +15,7 @@ from typing import Any
 from index_operator.reconcile.conditions import Condition, merge_conditions
 from index_operator.reconcile.index import Event, IndexPlan
 from index_operator.spec import Index
+from index_runtime.routing import pool_windows
 
 # the index's phase is the first of these that any shard is in: a shard that cannot answer
 # (Pending) or answers worse than it should (Degraded) holds the whole index's answers back
@@ -67,11 +68,32 @@ def shard_entry(shard: int, status: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _overlap(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The weakest shard's window (the lowest lower bound; a shard without samples first):
-    an index answers as well as its worst shard lets it."""
+    """The index's overlap window: the shards' deciding windows pooled when every shard has
+    samples in the same kind of window (``routing.pool_windows``: the count-weighted mean and
+    the count-weighted 95% bounds, conservative since each shard's interval is wider than one
+    over all samples), else the weakest shard's (a shard without samples first, then the
+    lowest lower bound), named: an index answers as well as its worst shard lets it."""
     windows = [e["overlap"] for e in entries if e["overlap"]]
     if not windows:
         return {"window": "serving", "samples": 0, "summary": "-"}
+    kinds = {w.get("window") for w in windows}
+    if len(windows) == len(entries) and len(kinds) == 1 and all(w.get("samples") for w in windows):
+        pooled = pool_windows(
+            [
+                {"count": w["samples"], "mean": w["mean"], "lower": w["lower"], "upper": w["upper"]}
+                for w in windows
+            ]
+        )
+        assert pooled is not None and pooled["mean"] is not None
+        mean, lo, hi = float(pooled["mean"]), float(pooled["lower"]), float(pooled["upper"])
+        return {
+            "window": kinds.pop(),
+            "mean": round(mean, 4),
+            "lower": round(lo, 4),
+            "upper": round(hi, 4),
+            "samples": int(pooled["count"]),
+            "summary": f"{mean:.3f} [{lo:.3f}, {hi:.3f}] ({len(windows)} shards)",
+        }
     worst = min(windows, key=lambda w: (bool(w.get("samples")), float(w.get("lower", 0.0))))
     out = dict(worst)
     if out.get("samples"):

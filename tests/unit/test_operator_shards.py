@@ -423,3 +423,42 @@ def test_placements_of_an_unsharded_index_are_the_index_itself() -> None:
     assert at.prefix("indexes") == "indexes"
     with pytest.raises(ValueError):
         Placement("docs", 3, 3)
+
+
+def _with_window(kind: str, count: int, mean: float, lo: float, hi: float) -> dict[str, Any]:
+    w = writer(live=800, serving=1)
+    w["windows"] = {kind: {"count": count, "mean": mean, "lower": lo, "upper": hi}}
+    return w
+
+
+def test_the_index_overlap_pools_the_shards_samples() -> None:
+    """status.overlap of a sharded index: the shards' windows pooled by sample count (it was
+    the weakest shard's window alone, whatever the others measured)."""
+    wins = [
+        ("serving", 60, 0.95, 0.92, 0.98),
+        ("serving", 20, 0.90, 0.80, 0.97),
+        ("serving", 100, 0.97, 0.95, 0.99),
+    ]
+    st = combine_shards(IX3, [_plan(_with_window(*w)) for w in wins], {}, 1000.0).status
+    ov = st["overlap"]
+    assert ov["window"] == "serving" and ov["samples"] == 180
+    assert ov["mean"] == pytest.approx((60 * 0.95 + 20 * 0.90 + 100 * 0.97) / 180, abs=1e-4)
+    # count-weighted bounds: never tighter than the widest shard's share would allow
+    assert ov["lower"] == pytest.approx((60 * 0.92 + 20 * 0.80 + 100 * 0.95) / 180, abs=1e-4)
+    assert ov["upper"] == pytest.approx((60 * 0.98 + 20 * 0.97 + 100 * 0.99) / 180, abs=1e-4)
+    assert ov["summary"].endswith("(3 shards)")
+    assert [s["overlap"]["samples"] for s in st["shards"]] == [60, 20, 100]  # each shard's own
+
+    # a shard without samples: the index is unmeasured there, the pool would flatter it
+    st = combine_shards(
+        IX3,
+        [_plan(_with_window(*wins[0])), _plan(SERVING), _plan(_with_window(*wins[2]))],
+        {},
+        1000.0,
+    ).status
+    assert st["overlap"]["samples"] == 0 and st["overlap"]["summary"] == "-"
+
+    # windows of different kinds (shard 1 validates a candidate) are not pooled: the weakest
+    mixed = [wins[0], ("candidate", 20, 0.90, 0.80, 0.97), wins[2]]
+    st = combine_shards(IX3, [_plan(_with_window(*w)) for w in mixed], {}, 1000.0).status
+    assert st["overlap"]["window"] == "candidate" and st["overlap"]["summary"].endswith("(shard 1)")
