@@ -62,6 +62,7 @@ from index_runtime.routing import (
     merge_search,
     merge_status,
     require_all,
+    shard_failure,
     split_keys,
     split_upsert,
 )
@@ -228,7 +229,9 @@ class Shards:
                 retry = isinstance(exc, aiohttp.ClientConnectorError) or idempotent
                 if last or not retry:
                     self.metrics.shard_requests.labels(label, op, "unreachable").inc()
-                    return ShardAnswer(shard, 0, None, f"{base} did not answer: {exc!r}")
+                    # the shard's address goes to the log, not to the client
+                    log.warning("shard %d (%s) did not answer %s: %r", shard, base, op, exc)
+                    return ShardAnswer(shard, 0, None, type(exc).__name__)
             else:
                 self.metrics.shard_seconds.labels(label, op).observe(time.perf_counter() - started)
                 if status != 503 or last or not idempotent:
@@ -522,7 +525,11 @@ def create_router_app(router: Router) -> FastAPI:
             _auth(request),
             raw=await request.body(),
         )
-        return require_all(answers, path)
+        err = shard_failure(answers, path)
+        if err is not None:
+            router.metrics.query_errors.labels(name, f"{err.status // 100}xx").inc()
+            raise err
+        return [a.body for a in answers]
 
     @app.post("/v1/indexes/{name}/search")
     async def search(request: Request, name: str) -> Response:

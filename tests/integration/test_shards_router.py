@@ -307,6 +307,9 @@ def test_a_killed_shard_is_named_restarted_and_loses_no_acknowledged_row(servers
         assert f"shard {victim}" in r.json()["message"] and r.headers["retry-after"]
         r = c.post("/v1/indexes/docs/search", json={"vector": Q[0].tolist(), "k": K})
         assert r.status_code == 503 and f"shard {victim}" in r.json()["message"]
+        assert "http" not in r.json()["message"]  # the shard's address stays in the router's log
+        metrics = c.get("/metrics").text
+        assert 'driftless_router_query_errors_total{index="docs",status_class="5xx"} 1.0' in metrics
         wait_for(
             lambda: httpx.get(sharded.url + "/readyz", timeout=2).status_code == 200, "the restart"
         )

@@ -151,7 +151,7 @@ def test_a_shard_4xx_is_the_answer_with_its_reason_and_the_shard_named() -> None
     answers = [
         ShardAnswer(0, 200, {"rows": 2}),
         ShardAnswer(1, 400, {"error": "InvalidInput", "message": "vectors has dimension 3"}),
-        ShardAnswer(2, 0, None, "http://s2 did not answer: ConnectError"),
+        ShardAnswer(2, 0, None, "ClientConnectorError"),
     ]
     err = shard_failure(answers, "upsert", wrote=True)
     assert err is not None and err.status == 400 and err.reason == "InvalidInput"
