@@ -97,6 +97,9 @@ class Settings:
     delete_share: float = 0.3  # rows deleted before the compaction (deletedRatio is 0.2)
     bucket: str = "my-vectors"
     seed: int = 0
+    shards: int = 1  # spec.shards (1: the example's unsharded index)
+    readers: int = 0  # spec.readers.replicas (per shard; 0: the example's)
+    vectors: dict[str, str] | None = None  # spec.readers.vectors ({storage: mmap, cacheSize})
 
     @classmethod
     def sized(cls, docs: int, **kw: Any) -> Settings:
@@ -203,6 +206,12 @@ class Story:
                 spec["coldStart"]["minTrainingVectors"] = self.s.min_training
                 spec["primary"].update(nlist=self.s.nlist, nbits=self.s.nbits, m=self.s.m, rerank=self.s.rerank)
                 spec["oracle"]["sampleRate"] = self.s.sample_rate
+                if self.s.shards > 1:
+                    spec["shards"] = self.s.shards
+                if self.s.readers:
+                    spec["readers"]["replicas"] = self.s.readers
+                if self.s.vectors:
+                    spec["readers"]["vectors"] = dict(self.s.vectors)
             out.append(obj)
         return out
 
