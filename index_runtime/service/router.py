@@ -346,8 +346,12 @@ def create_router_app(router: Router) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        """Ready when every shard's reader and writer answers its /readyz with 200."""
-        targets = sorted({*urls.writers, *urls.readers})
+        """Ready when every shard's reader answers its /readyz with 200: a query needs every
+        shard. Not the writers: the clients' reader and writer Services select the same
+        router pods, so a router unready while one shard's writer restarts took every read
+        down with it (found on the local cluster); a write meanwhile is a 503 naming that
+        shard, as when one shard of a batch fails."""
+        targets = sorted(set(urls.readers))
 
         ok = await asyncio.gather(*(router.shards.probe(u + "/readyz") for u in targets))
         down = [u for u, good in zip(targets, ok, strict=True) if not good]

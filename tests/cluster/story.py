@@ -187,9 +187,13 @@ class Story:
         self._encoder = (host, launch(host, ContainerSpec(argv, env, log=self.c.workdir / "encoder.log")))
         self.c.extra_hosts.append(self._encoder)
         self.encoder_url = f"http://{host.ip}:{PORT}/v1"
-        body = {"model": "all-MiniLM-L6-v2", "input": ["warm up"]}
-        self.c.wait(lambda: httpx.post(self.encoder_url + "/embeddings", json=body, timeout=60).status_code == 200,
-                    120, "the encoder host")  # fmt: skip
+        # both lanes of the index's model (each loads its own copy): the query lane's load
+        # otherwise lands in the first ingest's batches (upserts through a loaded 2-core
+        # machine's router then outlived the client's timeout)
+        for lane in ("passage", "query"):
+            body = {"model": "all-MiniLM-L6-v2", "input": ["warm up"], "input_type": lane}
+            self.c.wait(lambda b=body: httpx.post(self.encoder_url + "/embeddings", json=b, timeout=60).status_code == 200,
+                        120, f"the encoder host ({lane} lane)")  # fmt: skip
         self.log(f"encoder host on {self.encoder_url}")
 
     def patched_examples(self) -> list[dict[str, Any]]:

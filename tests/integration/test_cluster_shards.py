@@ -52,7 +52,7 @@ def _settings() -> Any:
     # 240 docstrings, ~120 per shard: each shard trains alone, so its coldStart minimum is
     # what the CRD accepts for nlist 2 and 1-bit codes (39 x 2 = 78); a re-rank of 64 x k
     # reads every row of a shard this small (the router's answer is then exact)
-    return Settings(docs=240, batch=40, nlist=2, nbits=1, min_training=78, rerank=64, shards=SHARDS,
+    return Settings(docs=240, batch=20, nlist=2, nbits=1, min_training=78, rerank=64, shards=SHARDS,
                     readers=1, vectors={"storage": "mmap", "cacheSize": "64Mi"})  # fmt: skip
 
 
