@@ -100,6 +100,7 @@ class Settings:
     shards: int = 1  # spec.shards (1: the example's unsharded index)
     readers: int = 0  # spec.readers.replicas (per shard; 0: the example's)
     vectors: dict[str, str] | None = None  # spec.readers.vectors ({storage: mmap, cacheSize})
+    timeout_s: float = 10.0  # the clients' read timeout per request (they retry past it)
 
     @classmethod
     def sized(cls, docs: int, **kw: Any) -> Settings:
@@ -151,7 +152,8 @@ class Story:
 
     def client(self, role: str, scope: str) -> Client:
         ns, ix = self.s.namespace, self.s.index
-        return Client(lambda: self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope))
+        return Client(lambda: self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope),
+                      timeout_s=self.s.timeout_s)  # fmt: skip
 
     def writer_status(self) -> dict[str, Any]:
         """The writer's own status of the index (what the operator reads), for diagnosis."""
