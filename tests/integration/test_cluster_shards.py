@@ -193,11 +193,17 @@ def _wait_metrics(cluster: Any, log: Any) -> None:
 
     def seen() -> bool:
         series = cluster.prometheus.query(f'driftless_vector_cache_bytes{{namespace="{NS}"}}')
-        shards = {s["metric"].get(SHARD) for s in series if float(s["value"][1]) > 0}
-        log(f"scraped cache series: {[(s['metric'].get('pod'), s['value'][1]) for s in series]}")
-        return shards >= {str(i) for i in range(SHARDS)}
+        # the ServiceMonitor's targetLabels, sanitized as prometheus-operator does
+        readers = [s["metric"] for s in series if float(s["value"][1]) > 0
+                   and s["metric"].get("app_kubernetes_io_component") == "reader"]  # fmt: skip
+        last[:] = readers
+        return {m.get("driftless_dev_shard") for m in readers} >= {str(i) for i in range(SHARDS)}
 
-    cluster.wait(seen, 60, "the readers' vector cache metrics scraped for every shard")
+    last: list[Any] = []
+    try:
+        cluster.wait(seen, 60, "the readers' vector cache metrics scraped for every shard")
+    finally:
+        log(f"scraped cache series of readers: {last}")
 
 
 def _kill_writer(cluster: Any, story: Any, log: Any) -> dict[str, Any]:
