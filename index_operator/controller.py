@@ -9,6 +9,7 @@ not advanced past what really happened.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -459,15 +460,27 @@ class Controller:
             plans.append(plan_index(ix, obs, desired))
         combined = combine_shards(ix, plans, prior, now)
         status = combined.status
-        for at, plan in zip(ats, plans, strict=True):
-            try:
-                await self._carry_out(
+        # every shard's actions at once, each to the end: one shard's writer timing out (its
+        # index created on a loaded node took over the client's 10 s) held the next shard's
+        # create back until a later pass, and the index in Pending for minutes
+        outcomes = await asyncio.gather(
+            *(
+                self._carry_out(
                     ix, at, model, desired, token, plan.actions, status["shards"][at.shard]["jobs"]
                 )
-            except _Refused as why:
-                if why.spec:
-                    return _invalid(body, status, why.message), list(combined.events)
-                return prior, []
+                for at, plan in zip(ats, plans, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        refused = [o for o in outcomes if isinstance(o, _Refused)]
+        for why in refused:
+            if why.spec:
+                return _invalid(body, status, why.message), list(combined.events)
+        if refused:
+            return prior, []
+        for o in outcomes:
+            if isinstance(o, BaseException):
+                raise o
         return status, list(combined.events)
 
     async def prune(self, ix: Index, desired: Sequence[Mapping[str, Any]]) -> None:

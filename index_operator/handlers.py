@@ -109,9 +109,7 @@ def migrations_by_index(
 
 
 @kopf.index(G, V, "modelmigrations", when=_active, registry=registry)
-def migration_targets(
-    body: kopf.Body, spec: kopf.Spec, namespace: str | None, **_: Any
-) -> Any:
+def migration_targets(body: kopf.Body, spec: kopf.Spec, namespace: str | None, **_: Any) -> Any:
     """(namespace, index) -> (creationTimestamp, name, target model) of unfinished
     migrations (ordered as ``migrations_by_index``: the first one runs)."""
     created = str(body.metadata.get("creationTimestamp") or "")
@@ -259,12 +257,17 @@ def timers_without_finalizers(reg: kopf.OperatorRegistry, interval_s: float = 0)
     """kopf (1.37 to 1.45 at least) registers every timer with ``requires_finalizer=True``
     and offers no option: replace each timer's registration with one that needs none (and,
     given ``interval_s``, runs at the configured interval rather than the one read from the
-    environment at import). ``tests/unit/test_operator_finalizers.py`` fails if a kopf
-    upgrade changes this."""
+    environment at import). A timer that raised is retried after its interval too, not
+    after kopf's default backoff of 60 s: a runtime that timed out once (a shard's writer
+    creating its index on a loaded node) held the whole index for a minute.
+    ``tests/unit/test_operator_finalizers.py`` fails if a kopf upgrade changes this."""
     spawning = reg._spawning
     spawning._handlers[:] = [
         dataclasses.replace(
-            h, requires_finalizer=False, interval=interval_s or h.interval
+            h,
+            requires_finalizer=False,
+            interval=interval_s or h.interval,
+            backoff=interval_s or h.interval or h.backoff,
         )
         if isinstance(h, TimerHandler)
         else h

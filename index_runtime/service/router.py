@@ -300,17 +300,26 @@ class Router:
         return {i: (u, body) for i, u in enumerate(urls)}
 
     async def key_type(self, name: str, auth: str | None) -> str:
-        """The index's key type (shard 0's writer describes it; cached for describe_ttl_s)."""
+        """The index's key type (cached for describe_ttl_s): shard 0's writer describes it,
+        or, when that writer does not answer, the first shard reader that does (every shard
+        has the same one). Shard 0's writer restarting made every write a 503 naming it, also
+        a batch whose keys all belong to other shards (found on the local cluster). A shard's
+        4xx (no such index, a refused token) is the answer at once."""
         cached = self._key_types.get(name)
         now = time.monotonic()
         if cached is not None and now - cached[1] < self.config.describe_ttl_s:
             return cached[0]
-        a = await self.shards.call(
-            0, self.urls.writers[0], "GET", f"/v1/indexes/{name}", "describe", auth
-        )
-        body = require_all([a], "describing the index")[0]
-        self._key_types[name] = (str(body["key_type"]), now)
-        return str(body["key_type"])
+        first = None
+        for shard, base in ((0, self.urls.writers[0]), *enumerate(self.urls.readers)):
+            a = await self.shards.call(shard, base, "GET", f"/v1/indexes/{name}", "describe", auth)
+            if a.ok or 400 <= a.status < 500:
+                body = require_all([a], "describing the index")[0]
+                self._key_types[name] = (str(body["key_type"]), now)
+                return str(body["key_type"])
+            first = first or a
+        assert first is not None
+        require_all([first], "describing the index")
+        raise AssertionError("unreachable: require_all raised")
 
     def forget(self, name: str) -> None:
         self._key_types.pop(name, None)
@@ -349,8 +358,12 @@ def create_router_app(router: Router) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        """Ready when every shard's reader and writer answers its /readyz with 200."""
-        targets = sorted({*urls.writers, *urls.readers})
+        """Ready when every shard's reader answers its /readyz with 200: a query needs every
+        shard. Not the writers: the clients' reader and writer Services select the same
+        router pods, so a router unready while one shard's writer restarts took every read
+        down with it (found on the local cluster); a write meanwhile is a 503 naming that
+        shard, as when one shard of a batch fails."""
+        targets = sorted(set(urls.readers))
 
         ok = await asyncio.gather(*(router.shards.probe(u + "/readyz") for u in targets))
         down = [u for u, good in zip(targets, ok, strict=True) if not good]

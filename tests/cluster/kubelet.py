@@ -121,6 +121,11 @@ class Kubelet(WorkloadControllers, ServiceControllers):
             and all(p.labels.get(k) == v for k, v in labels.items())
         ]
 
+    def volume_dir(self, p: PodState, volume: str) -> Path:
+        """Where a pod's emptyDir ``volume`` lives on the host (what the container sees at
+        its mountPath)."""
+        return self._pod_dir(p) / "volumes" / volume
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(headers={"User-Agent": AGENT})

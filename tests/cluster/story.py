@@ -97,6 +97,10 @@ class Settings:
     delete_share: float = 0.3  # rows deleted before the compaction (deletedRatio is 0.2)
     bucket: str = "my-vectors"
     seed: int = 0
+    shards: int = 1  # spec.shards (1: the example's unsharded index)
+    readers: int = 0  # spec.readers.replicas (per shard; 0: the example's)
+    vectors: dict[str, str] | None = None  # spec.readers.vectors ({storage: mmap, cacheSize})
+    timeout_s: float = 10.0  # the clients' read timeout per request (they retry past it)
 
     @classmethod
     def sized(cls, docs: int, **kw: Any) -> Settings:
@@ -148,7 +152,8 @@ class Story:
 
     def client(self, role: str, scope: str) -> Client:
         ns, ix = self.s.namespace, self.s.index
-        return Client(lambda: self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope))
+        return Client(lambda: self.c.service_url(ns, f"{ix}-{role}"), self.c.token(ns, ix, scope),
+                      timeout_s=self.s.timeout_s)  # fmt: skip
 
     def writer_status(self) -> dict[str, Any]:
         """The writer's own status of the index (what the operator reads), for diagnosis."""
@@ -184,9 +189,13 @@ class Story:
         self._encoder = (host, launch(host, ContainerSpec(argv, env, log=self.c.workdir / "encoder.log")))
         self.c.extra_hosts.append(self._encoder)
         self.encoder_url = f"http://{host.ip}:{PORT}/v1"
-        body = {"model": "all-MiniLM-L6-v2", "input": ["warm up"]}
-        self.c.wait(lambda: httpx.post(self.encoder_url + "/embeddings", json=body, timeout=60).status_code == 200,
-                    120, "the encoder host")  # fmt: skip
+        # both lanes of the index's model (each loads its own copy): the query lane's load
+        # otherwise lands in the first ingest's batches (upserts through a loaded 2-core
+        # machine's router then outlived the client's timeout)
+        for lane in ("passage", "query"):
+            body = {"model": "all-MiniLM-L6-v2", "input": ["warm up"], "input_type": lane}
+            self.c.wait(lambda b=body: httpx.post(self.encoder_url + "/embeddings", json=b, timeout=60).status_code == 200,
+                        120, f"the encoder host ({lane} lane)")  # fmt: skip
         self.log(f"encoder host on {self.encoder_url}")
 
     def patched_examples(self) -> list[dict[str, Any]]:
@@ -203,6 +212,12 @@ class Story:
                 spec["coldStart"]["minTrainingVectors"] = self.s.min_training
                 spec["primary"].update(nlist=self.s.nlist, nbits=self.s.nbits, m=self.s.m, rerank=self.s.rerank)
                 spec["oracle"]["sampleRate"] = self.s.sample_rate
+                if self.s.shards > 1:
+                    spec["shards"] = self.s.shards
+                if self.s.readers:
+                    spec["readers"]["replicas"] = self.s.readers
+                if self.s.vectors:
+                    spec["readers"]["vectors"] = dict(self.s.vectors)
             out.append(obj)
         return out
 

@@ -394,3 +394,55 @@ def test_an_s3_prefix_with_shards_under_it_lists_only_its_own_indexes(
     finally:
         base.close()
         shard.close()
+
+
+def test_a_router_stays_ready_for_reads_while_a_shards_writer_is_down(
+    servers: Any, tmp_path: Path
+) -> None:
+    """``driftless route`` as the operator deploys it (writers and readers at their own URLs):
+    shard 0's writer gone (nothing listens at its URL), the router is still ready and answers
+    searches and fetches; a write with a key of shard 0 is a 503 naming it, one with keys of
+    the other shards is written. Before, /readyz probed the writers too: the router went
+    unready and, behind Services that select it for reads and writes alike, took every read
+    down with one shard's writer; and every write asked shard 0's writer for the key type."""
+    sharded, _, _ = servers
+    children = sharded.children()
+    with sharded.client() as c:
+        assert upsert(c, range(2900, 2930)).status_code == 200
+    readers = [children[i][1] for i in range(N)]
+    writers = [*readers]
+    writers[0] = f"http://127.0.0.1:{free_port()}"  # a writer that does not answer
+    port = free_port()
+    cmd = [sys.executable, "-m", "index_runtime.cli", "route", "--port", str(port)]
+    for w, r in zip(writers, readers, strict=True):
+        cmd += ["--shard-writer", w, "--shard-reader", r]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DRIFTLESS_ADMIN_TOKEN": ADMIN}
+    log = tmp_path / "route.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def answers() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return httpx.get(url + "/healthz", timeout=2).status_code == 200
+
+        wait_for(answers, "the router")
+        assert httpx.get(url + "/readyz", timeout=10).status_code == 200
+        with httpx.Client(base_url=url, timeout=30, headers=H) as c:
+            r = c.post("/v1/indexes/docs/search", json={"vector": Q[0].tolist(), "k": K})
+            assert r.status_code == 200, r.text
+            r = c.post("/v1/indexes/docs/fetch", json={"keys": list(range(2900, 2930))})
+            assert r.status_code == 200 and r.json()["missing"] == [], r.text
+            own = [k for k in range(2930, 3000) if shard_of(k, N) == 0][:3]
+            r = c.post("/v1/indexes/docs/upsert", json={"keys": own, "vectors": X[own].tolist()})
+            assert r.status_code == 503 and "shard 0" in r.json()["message"], r.text
+            # keys of the other shards are written (the key type described by a reader)
+            others = [k for k in range(2930, 3000) if shard_of(k, N) != 0][:6]
+            r = c.post(
+                "/v1/indexes/docs/upsert", json={"keys": others, "vectors": X[others].tolist()}
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

@@ -43,6 +43,9 @@ def test_kopf_timers_need_finalizers_unless_we_say_otherwise() -> None:
     handlers.timers_without_finalizers(reg, 0.25)
     (h,) = reg._spawning.get_all_handlers()
     assert not h.requires_finalizer and h.interval == 0.25
+    # a failed pass is retried at the interval, not after kopf's default 60 s
+    assert h.backoff == 0.25
+    assert all(h.backoff == h.interval for h in handlers.registry._spawning.get_all_handlers())
     assert all(not h.requires_finalizer for h in handlers.registry._spawning.get_all_handlers())
 
 
@@ -134,7 +137,5 @@ def test_operator_metrics_count_outcomes_and_pass_promtool(tmp_path: Path) -> No
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
-    out = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True
-    )
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
