@@ -259,7 +259,7 @@ def timers_without_finalizers(reg: kopf.OperatorRegistry, interval_s: float = 0)
     given ``interval_s``, runs at the configured interval rather than the one read from the
     environment at import). A timer that raised keeps kopf's backoff (60 s): retried at the
     interval, the orphaned timers of a stopped operator (kopf leaves a timer that does not
-    exit in time running) kept reconciling beside its successor, and the slow suite's
+    exit in time running) most likely kept reconciling beside its successor: the slow suite's
     operator-restart walk missed phases in 1 of 2 runs (3 of 3 passed with 60 s).
     ``tests/unit/test_operator_finalizers.py`` fails if a kopf upgrade changes this."""
     spawning = reg._spawning
