@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,10 +25,9 @@ import pytest
 from tests.cluster.chaos import run_trial
 from tests.cluster.chaos_load import Load
 from tests.cluster.chaos_plan import READERS_ALONE_S
+from tests.cluster.requires import MISSING
 from tests.fake_encoder import encoder_server
 from tests.migration_campaign import AUTH, TOKEN, Writer
-
-MISSING = [t for t in ("ip", "kubectl", "prometheus", "unshare") if shutil.which(t) is None]
 
 
 def test_load_survives_a_writer_kill(tmp_path: Path) -> None:

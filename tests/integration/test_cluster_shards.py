@@ -14,8 +14,6 @@ iproute2, kubectl and prometheus.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import threading
 import time
@@ -29,11 +27,9 @@ pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 pytest.importorskip("helm_python")
 
-MISSING = [t for t in ("ip", "kubectl", "prometheus", "unshare") if shutil.which(t) is None]
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(bool(MISSING), reason=f"missing tools: {MISSING} (`make tools`)"),
-]
+from tests.cluster.requires import NEEDS_CLUSTER
+
+pytestmark = NEEDS_CLUSTER
 
 SHARDS = 2
 NS, INDEX, PREFIX = "search", "docs", "driftless"  # the example's names and storage prefix

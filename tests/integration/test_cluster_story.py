@@ -13,8 +13,6 @@ namespaces), iproute2, kubectl and prometheus; ~3-5 min on 2 cores.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +23,9 @@ pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 pytest.importorskip("helm_python")
 
-MISSING = [t for t in ("ip", "kubectl", "prometheus", "unshare") if shutil.which(t) is None]
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(bool(MISSING), reason=f"missing tools: {MISSING} (`make tools`)"),
-]
+from tests.cluster.requires import NEEDS_CLUSTER
+
+pytestmark = NEEDS_CLUSTER
 
 
 # A corpus of 240 rows keeps the default suite's story near 5 min on 2 cores (400 rows: 5.8 min
