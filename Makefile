@@ -53,15 +53,22 @@ lint: $(DEPS)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+CLUSTER_TESTS = tests/integration/test_cluster_*.py
+CLUSTER_LOG = .driftless/cluster-tests.log
 test: lint tools
 	@echo "== unit suite"; $(BIN)/python -m pytest tests/unit -q -m "not slow" -p no:cacheprovider
-	@echo "== integration suite (local directory and S3 via moto)"; $(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider
+	@# the local-cluster tests (the README story, the sharded index; mostly waiting on their
+	@# pods) run beside the rest of the integration suite: their output follows it
+	@mkdir -p .driftless; echo "== integration suite (local directory and S3 via moto; the local-cluster tests beside it, log $(CLUSTER_LOG))"; \
+	$(BIN)/python -m pytest $(CLUSTER_TESTS) -q -m "not slow" -p no:cacheprovider --durations=5 > $(CLUSTER_LOG) 2>&1 & cluster=$$!; \
+	$(BIN)/python -m pytest tests/integration -q -m "not slow" -p no:cacheprovider --ignore-glob='$(CLUSTER_TESTS)' --durations=10; rest=$$?; \
+	wait $$cluster; rc=$$?; echo "== integration suite: the local-cluster tests"; cat $(CLUSTER_LOG); \
+	[ $$rest -eq 0 ] && [ $$rc -eq 0 ]
 
 # test-slow = test-slow-core (one process: crash points, campaigns, fuzz) + test-slow-cluster
 # (the local cluster: its harness tests and the chaos campaign, two migrations, ~22 min; needs root)
 test-slow: test-slow-core test-slow-cluster
 
-CLUSTER_TESTS = tests/integration/test_cluster_*.py
 test-slow-core: $(DEPS)
 	@echo "== slow suite (migration crash points and campaign, operator restarts, random-kill and storage-fault campaigns, long API fuzz)"; $(BIN)/python -m pytest tests -q -m slow -p no:cacheprovider --ignore-glob='$(CLUSTER_TESTS)' --durations=10
 
