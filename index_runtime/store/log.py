@@ -58,11 +58,15 @@ class ManifestLog:
         out = [parse_manifest_key(o.key) for o in self.store.list(MANIFEST_DIR)]
         return sorted(v for v in out if v is not None)
 
-    def latest_version(self) -> int | None:
-        """The newest version: from the hint, probing forward; a listing when the hint is stale."""
+    def latest_version(self, listing: bool = False) -> int | None:
+        """The newest version: from the hint, probing forward; a listing when the hint is stale
+        or with ``listing``. The probe trusts that no version above the hint is missing below
+        the newest: a hint left behind (its update failed, or a crash lost it) at a pinned
+        version whose successors GC deleted would stop at that gap. Taking the writer epoch
+        lists, so a writer never commits on top of a stale manifest there."""
         start: int | None = None
         try:
-            start = int(self.store.get(LATEST_HINT).decode())
+            start = None if listing else int(self.store.get(LATEST_HINT).decode())
         except (ObjectNotFoundError, ValueError):
             start = None
         if start is not None and self.store.exists(manifest_key(start)):
@@ -73,15 +77,15 @@ class ManifestLog:
         versions = self.versions()
         return versions[-1] if versions else None
 
-    def latest(self) -> Manifest | None:
-        v = self.latest_version()
+    def latest(self, listing: bool = False) -> Manifest | None:
+        v = self.latest_version(listing)
         if v is None:
             return None
         try:
             return self.load(v)
         except NotFoundError:
             # deleted by manifest GC between the probe and the read: look again
-            v = self.latest_version()
+            v = self.latest_version(listing)
             return None if v is None else self.load(v)
 
     def create(self, m: Manifest) -> bool:
@@ -136,7 +140,7 @@ class ManifestLog:
         once never share an epoch.
         """
         for _attempt in range(self.max_attempts):
-            current = self.latest()
+            current = self.latest(listing=True)  # authoritative: see latest_version
             if current is None:
                 raise NotFoundError(f"no index exists in {self.store.describe()}")
             proposed = replace(

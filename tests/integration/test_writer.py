@@ -19,7 +19,14 @@ from index_runtime.errors import (
 )
 from index_runtime.store.compaction import CompactionPolicy, plan_compaction
 from index_runtime.store.log import ManifestLog
-from index_runtime.store.manifest import IndexSpec, ModelSpec, Pin, pin_key, referenced_objects
+from index_runtime.store.manifest import (
+    LATEST_HINT,
+    IndexSpec,
+    ModelSpec,
+    Pin,
+    pin_key,
+    referenced_objects,
+)
 from index_runtime.store.reader import Snapshot
 from index_runtime.store.rows import Limits
 from index_runtime.store.writer import IndexWriter, WriterConfig
@@ -379,6 +386,36 @@ def test_old_manifests_are_pruned_but_pinned_ones_stay(store: Any, tmp_path: Pat
     assert len(versions) == 4 and versions[-1] == w.manifest.version
     assert ManifestLog(store).latest() == w.manifest
     w.close()
+
+
+def test_a_writer_opening_past_a_stale_hint_at_a_pinned_gap_keeps_the_newest_history(
+    store: Any, tmp_path: Path
+) -> None:
+    """The hint is advisory (its update may fail, e.g. on a full disk, and is then only
+    logged). Left at a pinned version whose successors GC pruned, the hint's forward probe
+    stops at the gap: a writer that took its epoch from there would commit over the old
+    version and fork the history, losing every acknowledged write above it."""
+    w = IndexWriter.open(store, tmp_path / "wal", cfg(manifest_retention=2), create=SPEC)
+    w.upsert([0], vecs([0], 1))
+    w.flush()
+    pinned = w.manifest.version
+    ManifestLog(store).put_pin(Pin("restore-point", pinned, w.clock() + 3600))
+    for i in range(1, 6):
+        w.upsert([i], vecs([i], 1))
+        w.flush()
+    w.gc()
+    newest = w.manifest.version
+    w.close()
+    versions = ManifestLog(store).versions()
+    assert pinned in versions and pinned + 1 not in versions and newest in versions  # the gap
+    store.put(LATEST_HINT, str(pinned).encode())  # the hint left behind at the pinned version
+
+    w2 = IndexWriter.open(store, tmp_path / "wal", cfg(manifest_retention=2))
+    assert w2.manifest.version == newest + 1
+    w2.close()
+    snap = Snapshot.open(store)
+    assert snap.manifest.version == newest + 1
+    assert sorted(snap.live.as_dict()) == list(range(6))
 
 
 def test_manifest_history_is_contiguous(store: Any, tmp_path: Path) -> None:
