@@ -378,6 +378,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="warning",
+        **ROUTER_SERVER,
         timeout_graceful_shutdown=int(args.grace),
     )
     try:
@@ -398,6 +399,11 @@ def open_ok(tokens: TokenSet, host: str, insecure: bool) -> bool:
         )
         return False
     return True
+
+
+# the router's uvicorn: uvloop and httptools are dependencies (named, not "auto", so a missing
+# one fails at start instead of falling back to the slower asyncio/h11); no access log
+ROUTER_SERVER: dict[str, Any] = {"loop": "uvloop", "http": "httptools", "access_log": False}
 
 
 def route_urls(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[list[str], list[str]]:
@@ -447,6 +453,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="warning",
+        **ROUTER_SERVER,
         timeout_graceful_shutdown=int(args.grace),
     )
     graceful_server(server).run()

@@ -24,10 +24,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import aiohttp
 from fastapi import FastAPI, Query, Request
@@ -41,7 +41,7 @@ from prometheus_client import (
 )
 
 from index_runtime import __version__
-from index_runtime.errors import InvalidInputError, NotFoundError
+from index_runtime.errors import DriftlessError, InvalidInputError, NotFoundError
 from index_runtime.routing import (
     RETRY_AFTER_S,
     ShardAnswer,
@@ -93,6 +93,7 @@ from index_runtime.service.requests import (
 from index_runtime.service.tokens import TokenSource
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READY_TIMEOUT_S = 2.0
 DEFAULT_K = SearchQuery.model_fields[
@@ -169,8 +170,10 @@ class Shards:
                 timeout=aiohttp.ClientTimeout(
                     total=self.config.timeout_s, sock_connect=self.config.connect_timeout_s
                 ),
+                # keep-alive pool per shard; IP literals skip the resolver, names are cached
                 connector=aiohttp.TCPConnector(limit=512, limit_per_host=128),
                 skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),  # shards set none; no jar work per call
             )
         return self._session
 
@@ -210,9 +213,11 @@ class Shards:
             content = body  # bytes: a part encode_parts sized already
         else:
             content = encode_body(body)
-        query = {
-            k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (params or {}).items()
-        }
+        query = (
+            {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items()}
+            if params
+            else None  # none: aiohttp builds no query string
+        )
         label = str(shard)
         wait = self.config.backoff_s
         for attempt in range(self.config.attempts):
@@ -328,6 +333,118 @@ class Router:
         await self.shards.close()
 
 
+QUERY_SUFFIXES = ("/search/batch", "/search")  # the longer first
+INDEXES = "/v1/indexes/"
+
+
+def query_target(path: str) -> tuple[str, str] | None:
+    """``(index name, "search" | "search/batch")`` when ``path`` is a query path (the name
+    as Starlette's ``{name}`` would match it: one non-empty segment), else None."""
+    if not path.startswith(INDEXES):
+        return None
+    rest = path[len(INDEXES) :]
+    for suffix in QUERY_SUFFIXES:
+        if rest.endswith(suffix):
+            name = rest[: -len(suffix)]
+            if name and "/" not in name:
+                return name, suffix[1:]
+    return None
+
+
+async def until_disconnect(work: Awaitable[T], receive: Any) -> T | None:
+    """``work``'s result, or None when the client disconnects first: then ``work`` (the
+    pending shard calls) is cancelled. Starlette does not cancel an endpoint whose client
+    left, so a search kept every shard busy until its answers came back."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, gone):
+            if not t.done():
+                t.cancel()
+    if not task.cancelled() and task.done():
+        return task.result()
+    with suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class QueryPath:
+    """Pure ASGI, innermost of the router's middlewares (so inside auth, the body limit and
+    timing): ``POST /v1/indexes/{name}/search`` and ``.../search/batch`` answered without
+    FastAPI's routing, dependency solving and request objects, which were most of the
+    router's own time per query. The route (for the timing label) and its path parameters
+    are set on the scope as FastAPI would; a DriftlessError is its usual error answer;
+    anything else goes to FastAPI."""
+
+    def __init__(
+        self,
+        app: Any,
+        answer: Callable[[str, str, bytes, str | None], Awaitable[dict[str, Any]]],
+        routes: Callable[[], list[Any]],
+    ) -> None:
+        self.app = app
+        self.answer = answer
+        self.routes = routes
+        self._templates: dict[str, Any] = {}
+
+    def route(self, path: str) -> Any:
+        if not self._templates:
+            for r in self.routes():
+                if getattr(r, "path", "").endswith(QUERY_SUFFIXES):
+                    self._templates[r.path.rsplit("}/", 1)[1]] = r
+        return self._templates[path]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        target = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = query_target(scope["path"])
+        if target is None:
+            await self.app(scope, receive, send)
+            return
+        name, path = target
+        scope["route"] = self.route(path)
+        scope["path_params"] = {"name": name}
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            out = await until_disconnect(
+                self.answer(name, path, b"".join(chunks), auth.decode("latin-1") if auth else None),
+                receive,
+            )
+        except DriftlessError as exc:
+            resp = error_response(exc.status, exc.reason, str(exc), exc.retry_after_s)
+            await resp(scope, receive, send)
+            return
+        if out is None:
+            return  # the client left: nobody to answer
+        body = encode_body(out)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 def _auth(request: Request) -> str | None:
     return request.headers.get("authorization")
 
@@ -348,6 +465,7 @@ def create_router_app(router: Router) -> FastAPI:
     app.router.route_class = CheckedRoute
     add_scopes_to_openapi(app)
     install_error_handlers(app)
+    app.add_middleware(QueryPath, answer=lambda *a: answer(*a), routes=lambda: app.routes)
     app.add_middleware(TimingMiddleware, metrics=router.metrics)
     app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
     app.add_middleware(AuthMiddleware, engine=router, routes=lambda: app.routes)
@@ -527,16 +645,11 @@ def create_router_app(router: Router) -> FastAPI:
     # the query path forwards the client's bytes as they came (no model parse here: every
     # shard validates the same query alike, so a bad one is the shards' common 4xx), and
     # reads only k once every shard has accepted it
-    async def query(request: Request, name: str, path: str, op: str) -> list[Any]:
+    async def query(name: str, path: str, op: str, raw: bytes, auth: str | None) -> list[Any]:
         """The client's query bytes, as they came, to every shard's reader; every answer."""
         router.mine(name)
         answers = await fan(
-            router.every(urls.readers),
-            "POST",
-            f"/v1/indexes/{name}/{path}",
-            op,
-            _auth(request),
-            raw=await request.body(),
+            router.every(urls.readers), "POST", f"/v1/indexes/{name}/{path}", op, auth, raw=raw
         )
         err = shard_failure(answers, path)
         if err is not None:
@@ -544,20 +657,30 @@ def create_router_app(router: Router) -> FastAPI:
             raise err
         return [a.body for a in answers]
 
-    @app.post("/v1/indexes/{name}/search")
-    async def search(request: Request, name: str) -> Response:
-        bodies = await query(request, name, "search", "search")
-        return JSONResponse(merge_search(bodies, int((await request.json()).get("k", DEFAULT_K))))
-
-    @app.post("/v1/indexes/{name}/search/batch")
-    async def search_batch(request: Request, name: str) -> Response:
-        bodies = await query(request, name, "search/batch", "search_batch")
-        ks = [int(q.get("k", DEFAULT_K)) for q in (await request.json())["queries"]]
+    async def answer(name: str, path: str, raw: bytes, auth: str | None) -> dict[str, Any]:
+        """The merged answer of a query (``search`` or ``search/batch``). The body is parsed
+        here only for k, once every shard has accepted it (so it is valid, strict JSON)."""
+        if path == "search":
+            bodies = await query(name, path, "search", raw, auth)
+            return merge_search(bodies, int(json.loads(raw).get("k", DEFAULT_K)))
+        bodies = await query(name, path, "search_batch", raw, auth)
+        ks = [int(q.get("k", DEFAULT_K)) for q in json.loads(raw)["queries"]]
         out = merge_batch(bodies, ks)
         size = AnswerSize(limits, "this batch")
         for ans in out["answers"]:
             size.add(ans["results"], True)
-        return JSONResponse(out)
+        return out
+
+    # the routes below document the query API (OpenAPI) and name the auth scope and the
+    # metrics' route label; QueryPath answers them before FastAPI's routing
+    @app.post("/v1/indexes/{name}/search")
+    async def search(request: Request, name: str) -> Response:
+        return JSONResponse(await answer(name, "search", await request.body(), _auth(request)))
+
+    @app.post("/v1/indexes/{name}/search/batch")
+    async def search_batch(request: Request, name: str) -> Response:
+        raw = await request.body()
+        return JSONResponse(await answer(name, "search/batch", raw, _auth(request)))
 
     @app.get("/v1/indexes/{name}/status")
     async def status(request: Request, name: str) -> dict[str, Any]:
