@@ -371,8 +371,10 @@ async def until_disconnect(work: Awaitable[T], receive: Any) -> T | None:
 
 
 async def _disconnected(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    """Returns when the client disconnects. After the whole body ASGI sends nothing else; any
+    other message (a server that breaks that) is no disconnect: then wait for the work."""
+    if (await receive())["type"] != "http.disconnect":
+        await asyncio.get_running_loop().create_future()
 
 
 class QueryPath:
