@@ -92,12 +92,13 @@ def build_layout(root: Path, x: np.ndarray, n: int) -> float:
 
 
 class Proc:
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, root: Path = ROOT) -> None:
+        """``driftless argv`` from the code of the tree ``root`` (this one by default)."""
         self.port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "index_runtime.cli", *argv, "--port", str(self.port)]
         self.out = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.out, stderr=self.out)
+        self.proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=self.out, stderr=self.out)
         self.wait_ready(log)
 
     def wait_ready(self, log: Path) -> None:
@@ -180,6 +181,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shards", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--out", default=str(RESULTS / "shards"))
+    ap.add_argument(
+        "--base-tree",
+        type=Path,
+        help="another checkout (e.g. a git worktree of main): its router in front of the same "
+        "shard, measured interleaved with this tree's (the router's change, side by side)",
+    )
     args = ap.parse_args()
 
     from search import clustered, exact_topk
@@ -199,6 +206,12 @@ def main() -> None:
         procs["1 shard + router"] = Proc(
             ["route", "--shard-writer", f"http://127.0.0.1:{serve.port}"], work / "route.log"
         )
+        if args.base_tree is not None:
+            procs["1 shard + base router"] = Proc(
+                ["route", "--shard-writer", f"http://127.0.0.1:{serve.port}"],
+                work / "route-base.log",
+                root=args.base_tree.resolve(),
+            )
         for n in args.shards:
             procs[f"{n} shards"] = Proc(
                 [
@@ -259,6 +272,8 @@ def main() -> None:
         "cores": cores,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "target_p50_ratio": TARGET,
+        "base_tree": git_head(args.base_tree) if args.base_tree is not None else None,
+        "tree": git_head(ROOT),
         "layouts": rows,
     }
     out = Path(args.out)
@@ -267,6 +282,19 @@ def main() -> None:
     out.with_suffix(".md").write_text(render_md(result))
     plot(result, out.with_suffix(".png"))
     print(render_md(result))
+
+
+def git_head(tree: Path) -> str:
+    """``tree``'s commit (and ``+dirty`` when it has changes), for the results file."""
+    head = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head + ("+dirty" if dirty else "")
 
 
 def render_md(r: dict[str, Any]) -> str:
@@ -296,6 +324,13 @@ def render_md(r: dict[str, Any]) -> str:
         "the latencies are not at matched recall. `1 shard + router` is the same process as "
         "`1 shard` behind `driftless route`: the cost of the router's hop alone.",
     ]
+    if r.get("base_tree"):
+        lines += [
+            "",
+            f"`1 shard + base router` is the router of commit {r['base_tree']} (this tree: "
+            f"{r['tree']}) in front of the same shard process, measured interleaved with this "
+            "tree's router in every repeat: the change's effect, side by side.",
+        ]
     return "\n".join(lines) + "\n"
 
 
