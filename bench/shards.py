@@ -138,11 +138,18 @@ def search_call(conn: http.client.HTTPConnection, q: np.ndarray) -> list[int]:
     return [h["key"] for h in got["results"]]
 
 
-def measure(port: int, qs: np.ndarray, clients: int) -> dict[str, Any]:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, pid: int, qs: np.ndarray, clients: int) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port)
     for q in qs[:20]:  # warm-up
         search_call(conn, q)
     lat, found = [], []
+    cpu0 = cpu_s(pid)
     for q in qs:
         t = time.perf_counter()
         found.append(search_call(conn, q))
@@ -165,10 +172,13 @@ def measure(port: int, qs: np.ndarray, clients: int) -> dict[str, Any]:
     for th in threads:
         th.join()
     qps = len(work) / (time.perf_counter() - t0)
+    # over the sequential and the concurrent queries: at 10 ms per clock tick, enough of them
+    cpu_ms = 1000 * (cpu_s(pid) - cpu0) / (len(qs) + len(work))
     return {
         "p50_ms": 1000 * float(np.percentile(lat, 50)),
         "p99_ms": 1000 * float(np.percentile(lat, 99)),
         "qps": qps,
+        "cpu_ms": cpu_ms,
         "found": found,
     }
 
@@ -229,7 +239,7 @@ def main() -> None:
         steps = tqdm(total=args.repeats * len(procs), desc="measure", unit="layout")
         for _ in range(args.repeats):
             for name, p in procs.items():
-                runs[name].append(measure(p.port, qs, args.clients))
+                runs[name].append(measure(p.port, p.proc.pid, qs, args.clients))
                 steps.update()
         steps.close()
     finally:
@@ -259,6 +269,9 @@ def main() -> None:
                     )
                 ),
                 "p50_vs_one_shard": p50 / base_p50,
+                # the measured process: the shard for `1 shard`, else the router (of `serve
+                # --shards`: the parent process; its children are not counted)
+                "cpu_ms_per_query": statistics.median(r["cpu_ms"] for r in rs),
                 "build_s": build_s.get(name),
             }
         )
@@ -306,8 +319,9 @@ def render_md(r: dict[str, Any]) -> str:
         f"QPS with {r['clients']} concurrent keep-alive clients. Target: p50 <= "
         f"{r['target_p50_ratio']}x one shard.",
         "",
-        "| layout | p50 ms | p99 ms | QPS | QPS/core | recall@10 | p50 / 1 shard | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| layout | p50 ms | p99 ms | QPS | QPS/core | recall@10 | p50 / 1 shard | target "
+        "| CPU ms/query |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in r["layouts"]:
         sharded = row["layout"] not in ("1 shard",)
@@ -315,7 +329,8 @@ def render_md(r: dict[str, Any]) -> str:
         lines.append(
             f"| {row['layout']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['qps']:.0f} | "
             f"{row['qps_per_core']:.0f} | {row['recall_at_10']:.3f} | "
-            f"{row['p50_vs_one_shard']:.2f}x | {ok if sharded else '-'} |"
+            f"{row['p50_vs_one_shard']:.2f}x | {ok if sharded else '-'} | "
+            f"{row['cpu_ms_per_query']:.2f} |"
         )
     lines += [
         "",
@@ -323,6 +338,11 @@ def render_md(r: dict[str, Any]) -> str:
         "probes the same nprobe lists, so smaller shards probe a larger share of their rows; "
         "the latencies are not at matched recall. `1 shard + router` is the same process as "
         "`1 shard` behind `driftless route`: the cost of the router's hop alone.",
+        "",
+        "CPU ms/query: user + system CPU of the layout's front process over all the measured "
+        "queries, per query (/proc): the shard's for `1 shard`, the router's for the others "
+        "(the shards behind it not counted). Unlike the latencies it hardly depends on the "
+        "machine's other load.",
     ]
     if r.get("base_tree"):
         lines += [
