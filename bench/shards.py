@@ -344,6 +344,19 @@ def render_md(r: dict[str, Any]) -> str:
         "(the shards behind it not counted). Unlike the latencies it hardly depends on the "
         "machine's other load.",
     ]
+    short = [
+        row["layout"]
+        for row in r["layouts"]
+        if row["layout"].endswith(" shards") and int(row["layout"].split()[0]) + 2 > r["cores"]
+    ]
+    if short:
+        lines += [
+            "",
+            f"{', '.join(short)}: the n shards search concurrently only with n cores free "
+            f"beside the router and the client; with {r['cores']} cores (shared) their searches "
+            "run partly one after another, so the p50 target cannot be judged on this machine; "
+            "the CPU column says what a query costs the router itself.",
+        ]
     if r.get("base_tree"):
         lines += [
             "",
