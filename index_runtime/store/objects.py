@@ -40,7 +40,7 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """What the segment store needs from object storage."""
 
-    def put(self, key: str, data: bytes) -> None: ...
+    def put(self, key: str, data: bytes | memoryview) -> None: ...
 
     def put_if_absent(self, key: str, data: bytes) -> bool: ...
 
@@ -93,7 +93,7 @@ class LocalDirStore:
         _check_key(key)
         return self.root / key
 
-    def _write_temp(self, key: str, data: bytes) -> Path:
+    def _write_temp(self, key: str, data: bytes | memoryview) -> Path:
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="obj-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -106,7 +106,7 @@ class LocalDirStore:
             raise
         return Path(name)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,10 +289,11 @@ class S3Store:
         except Exception as exc:
             raise self._translate(exc, "open bucket") from None
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        body = data if isinstance(data, bytes) else bytes(data)  # botocore wants bytes
         try:
             self.client.put_object(
-                Bucket=self.config.bucket, Key=self._k(key), Body=data, Metadata=_meta(data)
+                Bucket=self.config.bucket, Key=self._k(key), Body=body, Metadata=_meta(body)
             )
         except Exception as exc:
             raise self._translate(exc, "put", key) from None
