@@ -44,6 +44,8 @@ class ObjectStore(Protocol):
 
     def put_if_absent(self, key: str, data: bytes) -> bool: ...
 
+    def put_advisory(self, key: str, data: bytes) -> None: ...
+
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
@@ -93,14 +95,15 @@ class LocalDirStore:
         _check_key(key)
         return self.root / key
 
-    def _write_temp(self, key: str, data: bytes | memoryview) -> Path:
+    def _write_temp(self, key: str, data: bytes | memoryview, sync: bool = True) -> Path:
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="obj-")
         try:
             with os.fdopen(fd, "wb") as f:
                 fault_point(object_point(key))
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
@@ -113,6 +116,20 @@ class LocalDirStore:
             tmp = self._write_temp(key, data)
             os.replace(tmp, path)
             fsync_dir(path.parent)
+        except OSError as exc:
+            raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
+
+    def put_advisory(self, key: str, data: bytes) -> None:
+        """Replace an advisory object (the manifest hint): one whose loss, staleness or
+        emptiness after a crash costs its readers a slower path and nothing else. Atomic like
+        :meth:`put` but not fsynced once the object exists (its first version is, so that its
+        name is durable)."""
+        path = self._path(key)
+        if not path.is_file():
+            self.put(key, data)
+            return
+        try:
+            os.replace(self._write_temp(key, data, sync=False), path)
         except OSError as exc:
             raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
 
@@ -297,6 +314,9 @@ class S3Store:
             )
         except Exception as exc:
             raise self._translate(exc, "put", key) from None
+
+    def put_advisory(self, key: str, data: bytes) -> None:
+        self.put(key, data)  # (every S3 put is durable once answered)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
