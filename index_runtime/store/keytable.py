@@ -126,21 +126,50 @@ class _Table:
                       self.seg[idx], self.meta[idx])
 
     def live(self) -> _Table:
-        """Without the markers of removed keys."""
-        return self.take(np.flatnonzero(self.meta & _ROWS))
+        """Without the markers of removed keys (the table itself if it has none)."""
+        idx = np.flatnonzero(self.meta & _ROWS)
+        return self if len(idx) == len(self) else self.take(idx)
+
+    def columns(self) -> tuple[Arr, ...]:
+        kb = () if self.kb is None else (self.kb,)
+        return (self.h, *kb, self.seq, self.seg, self.meta)
 
     def merged(self, other: _Table) -> _Table:
-        """Both tables' entries in one sorted table (the key sets must be disjoint)."""
+        """Both tables' entries in one sorted table (the key sets must be disjoint; ``other``
+        sorted like every table). Entries of ``other`` go before entries of ``self`` with the
+        same hash (keys sharing a hash stay adjacent either way)."""
         if not len(other):
             return self
         if not len(self):
             return other
-        pos = np.searchsorted(self.h, other.h)
-        kb = None
-        if self.kb is not None and other.kb is not None:
-            kb = np.insert(self.kb, pos, other.kb)
-        return _Table(np.insert(self.h, pos, other.h), kb, np.insert(self.seq, pos, other.seq),
-                      np.insert(self.seg, pos, other.seg), np.insert(self.meta, pos, other.meta))
+        if other.h[0] >= self.h[-1]:  # every new key sorts after the last one: append
+            cols = [np.concatenate((a, b)) for a, b in zip(self.columns(), other.columns(), strict=True)]
+        else:
+            where = merge_positions(self.h, other.h)
+            cols = [merge_into(a, b, where) for a, b in zip(self.columns(), other.columns(), strict=True)]
+        if self.kb is None:
+            h, seq, seg, meta = cols
+            return _Table(h, None, seq, seg, meta)
+        h, kb, seq, seg, meta = cols
+        return _Table(h, kb, seq, seg, meta)
+
+
+def merge_positions(a: I64, b: I64) -> tuple[I64, npt.NDArray[np.bool_]]:
+    """Where the entries of sorted ``b`` go in the merge of sorted ``a`` and ``b`` (before
+    equal entries of ``a``), and a mask of the merged positions that take ``a``'s entries in
+    order: computed once, then every column is merged with :func:`merge_into`."""
+    dst = np.searchsorted(a, b) + np.arange(len(b), dtype=np.int64)
+    from_a = np.ones(len(a) + len(b), bool)
+    from_a[dst] = False
+    return dst, from_a
+
+
+def merge_into(a: Arr, b: Arr, where: tuple[I64, npt.NDArray[np.bool_]]) -> Arr:
+    dst, from_a = where
+    out = np.empty(len(a) + len(b), a.dtype)
+    out[dst] = b
+    out[from_a] = a
+    return out
 
 
 def _sorted_table(h: I64, kb: Arr | None, e: Entries) -> _Table:

@@ -93,7 +93,9 @@ class ManifestLog:
         if not self.store.put_if_absent(manifest_key(m.version), encode_manifest(m)):
             return False
         try:
-            self.store.put(LATEST_HINT, str(m.version).encode())
+            # not fsynced once it exists: a stale, empty or lost hint after a crash only costs
+            # a probe or a listing (latest_version); the manifest above is the commit
+            self.store.put_advisory(LATEST_HINT, str(m.version).encode())
         except Exception as exc:  # the hint is advisory: a stale one only costs a listing
             log.warning("could not update the manifest hint: %s", exc)
         return True

@@ -40,9 +40,11 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """What the segment store needs from object storage."""
 
-    def put(self, key: str, data: bytes) -> None: ...
+    def put(self, key: str, data: bytes | memoryview) -> None: ...
 
     def put_if_absent(self, key: str, data: bytes) -> bool: ...
+
+    def put_advisory(self, key: str, data: bytes) -> None: ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -93,26 +95,41 @@ class LocalDirStore:
         _check_key(key)
         return self.root / key
 
-    def _write_temp(self, key: str, data: bytes) -> Path:
+    def _write_temp(self, key: str, data: bytes | memoryview, sync: bool = True) -> Path:
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="obj-")
         try:
             with os.fdopen(fd, "wb") as f:
                 fault_point(object_point(key))
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
         except BaseException:
             Path(name).unlink(missing_ok=True)
             raise
         return Path(name)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._write_temp(key, data)
             os.replace(tmp, path)
             fsync_dir(path.parent)
+        except OSError as exc:
+            raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
+
+    def put_advisory(self, key: str, data: bytes) -> None:
+        """Replace an advisory object (the manifest hint): one whose loss, staleness or
+        emptiness after a crash costs its readers a slower path and nothing else. Atomic like
+        :meth:`put` but not fsynced once the object exists (its first version is, so that its
+        name is durable)."""
+        path = self._path(key)
+        if not path.is_file():
+            self.put(key, data)
+            return
+        try:
+            os.replace(self._write_temp(key, data, sync=False), path)
         except OSError as exc:
             raise storage_error(exc, f"writing {key!r} to {self.describe()}") from exc
 
@@ -289,13 +306,17 @@ class S3Store:
         except Exception as exc:
             raise self._translate(exc, "open bucket") from None
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        body = data if isinstance(data, bytes) else bytes(data)  # botocore wants bytes
         try:
             self.client.put_object(
-                Bucket=self.config.bucket, Key=self._k(key), Body=data, Metadata=_meta(data)
+                Bucket=self.config.bucket, Key=self._k(key), Body=body, Metadata=_meta(body)
             )
         except Exception as exc:
             raise self._translate(exc, "put", key) from None
+
+    def put_advisory(self, key: str, data: bytes) -> None:
+        self.put(key, data)  # (every S3 put is durable once answered)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError

@@ -67,44 +67,81 @@ def segment_schema_metadata(key_type: KeyType, dims: Mapping[str, int]) -> dict[
     }
 
 
-def encode_segment(batch: RowBatch, key_type: KeyType, dims: Mapping[str, int]) -> bytes:
-    """The Arrow IPC file bytes of ``batch``."""
+def _exact_ipc_file(schema: pa.Schema, batches: list[pa.RecordBatch], size: int) -> memoryview:
+    """The Arrow IPC file of ``batches`` written straight into one buffer of ``size`` bytes
+    (measured beforehand with a :class:`pyarrow.MockOutputStream`): one copy of the data, no
+    growing buffer and no ``bytes`` copy at the end."""
+    buf = pa.allocate_buffer(size)
+    sink = pa.FixedSizeBufferWriter(buf)
+    with pa.ipc.new_file(sink, schema) as writer:
+        for rb in batches:
+            writer.write_batch(rb)
+    if sink.tell() != size:  # the sizing pass and the write must agree byte for byte
+        raise AssertionError(f"segment encoded to {sink.tell()} bytes, sized {size}")
+    return memoryview(buf).toreadonly()
+
+
+def _ipc_size(schema: pa.Schema, batches: list[pa.RecordBatch]) -> int:
+    mock = pa.MockOutputStream()
+    with pa.ipc.new_file(mock, schema) as writer:
+        for rb in batches:
+            writer.write_batch(rb)
+    return int(mock.size())
+
+
+def encode_segment_view(
+    batch: RowBatch, key_type: KeyType, dims: Mapping[str, int]
+) -> memoryview:
+    """The Arrow IPC file of ``batch`` as a read-only view of one exact-size buffer (what
+    segment puts take: no copy into ``bytes``)."""
     rb = batch_to_record_batch(batch, key_type, dims)
     schema = rb.schema.with_metadata(segment_schema_metadata(key_type, dims))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(rb)
-    return bytes(sink.getvalue().to_pybytes())
+    return _exact_ipc_file(schema, [rb], _ipc_size(schema, [rb]))
+
+
+def encode_segment(batch: RowBatch, key_type: KeyType, dims: Mapping[str, int]) -> bytes:
+    """The Arrow IPC file bytes of ``batch``."""
+    return bytes(encode_segment_view(batch, key_type, dims))
 
 
 class SegmentWriter:
-    """Streams record batches into one Arrow IPC file held in memory (compaction output)."""
+    """Collects record batches of one Arrow IPC file (compaction output); :meth:`finish`
+    writes them into one exact-size buffer. A sizing stream sees every batch as it comes, so
+    :attr:`nbytes` is the file's size so far without holding a second copy of the rows."""
 
     def __init__(self, key_type: KeyType, dims: Mapping[str, int]) -> None:
         self.key_type = key_type
         self.dims = dict(dims)
-        self._sink = pa.BufferOutputStream()
-        self._writer: Any = None
+        self._mock = pa.MockOutputStream()
+        self._sizer: Any = None
+        self._schema: pa.Schema | None = None
+        self._batches: list[pa.RecordBatch] = []
         self.rows = 0
 
     def write(self, batch: RowBatch) -> None:
         if len(batch) == 0:
             return
         rb = batch_to_record_batch(batch, self.key_type, self.dims, every_model=True)
-        if self._writer is None:
+        if self._sizer is None:
             schema = rb.schema.with_metadata(segment_schema_metadata(self.key_type, self.dims))
-            self._writer = pa.ipc.new_file(self._sink, schema)
-        self._writer.write_batch(rb)
+            self._schema = schema
+            self._sizer = pa.ipc.new_file(self._mock, schema)
+        self._sizer.write_batch(rb)
+        self._batches.append(rb)
         self.rows += len(batch)
 
     @property
     def nbytes(self) -> int:
-        return int(self._sink.tell())
+        return int(self._mock.size())
 
-    def finish(self) -> bytes:
-        assert self._writer is not None, "finish() on an empty SegmentWriter"
-        self._writer.close()
-        return bytes(self._sink.getvalue().to_pybytes())
+    def finish(self) -> memoryview:
+        assert self._sizer is not None and self._schema is not None, (
+            "finish() on an empty SegmentWriter"
+        )
+        self._sizer.close()
+        out = _exact_ipc_file(self._schema, self._batches, int(self._mock.size()))
+        self._batches = []
+        return out
 
 
 def _check_schema(schema: pa.Schema, key_type: KeyType) -> None:

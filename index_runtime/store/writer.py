@@ -50,6 +50,7 @@ from index_runtime.store.manifest import (
     retire_unreferenced,
 )
 from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
+from index_runtime.store.puts import BackgroundPuts
 from index_runtime.store.rows import (
     Key,
     KeyType,
@@ -62,7 +63,7 @@ from index_runtime.store.rows import (
     validate_keys,
     validate_upsert,
 )
-from index_runtime.store.segment import SegmentWriter, encode_segment, iter_segment
+from index_runtime.store.segment import SegmentWriter, encode_segment_view, iter_segment
 from index_runtime.store.versions import StoreObjects, restore_problem
 from index_runtime.store.wal import Wal
 from index_runtime.store.writable import StorageState
@@ -607,7 +608,7 @@ class IndexWriter:
         written: list[tuple[str, RowBatch, int]] = []
         try:
             for part in parts:
-                data = encode_segment(part, self.spec.key_type, self.spec.dims)
+                data = encode_segment_view(part, self.spec.key_type, self.spec.dims)
                 key = new_object_name("segments", ".arrow")
                 self._inflight.add(key)
                 self.store.put(key, data)
@@ -764,50 +765,55 @@ class IndexWriter:
         tombstoned_rows = _Rows(kt)  # keys of input rows whose winner was a tombstone
         writer = SegmentWriter(kt, self.spec.dims)
         rows_in = 0
+        # outputs are put on one I/O thread (one in flight) while the next one is built; the
+        # commit below waits for every put and is never reached if one failed
+        puts = BackgroundPuts(self.store.put, "driftless-compaction-put")
 
         def cut(w: SegmentWriter, rows: _Rows) -> None:
             data = w.finish()
             key = new_object_name("segments", ".arrow")
             self._inflight.add(key)
-            self.store.put(key, data)
             keys, seqs = rows.arrays()
             outputs.append(_Output(key, keys, seqs, len(data)))
+            puts.submit(key, data)
 
         try:
-            for seg in inputs:
-                for batch in iter_segment(segment_source(self.store, seg.key), kt, "all"):
-                    rows_in += len(batch)
-                    with self._commit:
-                        fate = self._index.classify(batch.keys, batch.seqs)
-                    tombstoned_rows.add(batch, fate.key_tombstoned)
-                    dropped.add(batch, fate.drop)
-                    tomb_candidates.add(batch, fate.tomb)
-                    kept.add(batch, fate.keep)
-                    if fate.keep.any():
-                        writer.write(batch.take(np.flatnonzero(fate.keep)))
-                    if writer.nbytes >= self.config.compaction.target_bytes:
-                        cut(writer, kept)
-                        kept = _Rows(kt)
-                        writer = SegmentWriter(kt, self.spec.dims)
-            if writer.rows:
-                cut(writer, kept)
-            cand_keys, cand_seqs = tomb_candidates.arrays()
-            with self._commit:
-                needed = self._index.tombstones_needed(
-                    cand_keys, cand_seqs, tombstoned_rows.arrays()[0]
-                )
-            dropped.keys.append(cand_keys[~needed])
-            dropped.seqs.append(cand_seqs[~needed])
-            if needed.any():
-                tombs = SegmentWriter(kt, self.spec.dims)
-                tombs.write(
-                    RowBatch(
-                        seqs=cand_seqs[needed],
-                        keys=cand_keys[needed],
-                        tombstone=np.ones(int(needed.sum()), bool),
+            with puts:
+                for seg in inputs:
+                    for batch in iter_segment(segment_source(self.store, seg.key), kt, "all"):
+                        rows_in += len(batch)
+                        with self._commit:
+                            fate = self._index.classify(batch.keys, batch.seqs)
+                        tombstoned_rows.add(batch, fate.key_tombstoned)
+                        dropped.add(batch, fate.drop)
+                        tomb_candidates.add(batch, fate.tomb)
+                        kept.add(batch, fate.keep)
+                        if fate.keep.any():
+                            writer.write(batch.take(np.flatnonzero(fate.keep)))
+                        if writer.nbytes >= self.config.compaction.target_bytes:
+                            cut(writer, kept)
+                            kept = _Rows(kt)
+                            writer = SegmentWriter(kt, self.spec.dims)
+                if writer.rows:
+                    cut(writer, kept)
+                cand_keys, cand_seqs = tomb_candidates.arrays()
+                with self._commit:
+                    needed = self._index.tombstones_needed(
+                        cand_keys, cand_seqs, tombstoned_rows.arrays()[0]
                     )
-                )
-                cut(tombs, _Rows(kt, [cand_keys[needed]], [cand_seqs[needed]]))
+                dropped.keys.append(cand_keys[~needed])
+                dropped.seqs.append(cand_seqs[~needed])
+                if needed.any():
+                    tombs = SegmentWriter(kt, self.spec.dims)
+                    tombs.write(
+                        RowBatch(
+                            seqs=cand_seqs[needed],
+                            keys=cand_keys[needed],
+                            tombstone=np.ones(int(needed.sum()), bool),
+                        )
+                    )
+                    cut(tombs, _Rows(kt, [cand_keys[needed]], [cand_seqs[needed]]))
+                puts.wait()  # every output is durable (or this raises: nothing is committed)
             crash_point("compaction.output_put")
             self._commit_compaction(inputs, outputs, dropped)
         finally:
