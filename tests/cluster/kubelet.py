@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,6 +97,7 @@ class Kubelet(WorkloadControllers, ServiceControllers):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._pods: dict[tuple[str, str], PodState] = {}
         self._proxies: dict[tuple[str, str, int], ServiceProxy] = {}
+        self._proxy_lock = threading.Lock()  # stop() against a proxy a tick is opening
         self._names: dict[str, list[str]] = {}
         self._written: dict[tuple[str, str, str], Any] = {}  # last status / endpoints written
         self._aliases: set[str] = set()
@@ -147,9 +149,11 @@ class Kubelet(WorkloadControllers, ServiceControllers):
             if p.proc is not None:
                 p.proc.signal(signal.SIGKILL)
                 p.proc.signal(signal.SIGCONT)
-        for proxy in list(self._proxies.values()):
+        with self._proxy_lock:  # after _stopped: a proxy still binding closes itself
+            proxies = list(self._proxies.values())
+            self._proxies.clear()
+        for proxy in proxies:
             proxy.close()
-        self._proxies.clear()
 
     # --- the tick -----------------------------------------------------------------------------
 

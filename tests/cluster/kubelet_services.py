@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,16 @@ from tests.cluster.net import Network, ServiceProxy
 
 class ServiceControllers:
     """Needs from the Kubelet: ``api``, ``net``, ``workdir``, ``_pods``, ``_proxies``,
-    ``_names``, ``_written``, ``_aliases``, ``_claims``, ``_write``."""
+    ``_proxy_lock``, ``_stopped``, ``_names``, ``_written``, ``_aliases``, ``_claims``,
+    ``_write``."""
 
     api: Any
     net: Network
     workdir: Path
     _pods: dict[tuple[str, str], PodState]
     _proxies: dict[tuple[str, str, int], ServiceProxy]
+    _proxy_lock: threading.Lock
+    _stopped: bool
     _names: dict[str, list[str]]
     _written: dict[tuple[str, str, str], Any]
     _aliases: set[str]
@@ -75,7 +79,9 @@ class ServiceControllers:
                 if proxy is None or proxy.ip != ip:
                     if proxy is not None:
                         await asyncio.to_thread(proxy.close)
-                    proxy = self._proxies[pkey] = await asyncio.to_thread(ServiceProxy, ip, int(port["port"]))
+                    proxy = await asyncio.to_thread(self._open_proxy, pkey, ip, int(port["port"]))
+                    if proxy is None:
+                        return  # stopped meanwhile
                 targets = [
                     (v.ip, tp) for n, v in views
                     if n == ns and v.ready and v.ip and not v.deleting and ctl.matches(spec["selector"], v.labels)
@@ -93,6 +99,20 @@ class ServiceControllers:
         if names != self._names:
             self._names = names
             await asyncio.to_thread(self.net.set_names, names)
+
+    def _open_proxy(self, pkey: tuple[str, str, int], ip: str, port: int) -> ServiceProxy | None:
+        """In a worker thread: a Service's proxy, registered here (not by the awaiting tick,
+        which the cluster's close may cancel meanwhile) unless the kubelet stopped while it
+        bound; then it is closed. Seen in a rehearsal: a proxy opened as one cluster closed
+        kept its address bound, and the next cluster of the same test process (the README
+        story after the sharded index) could not bind that Service's address (EADDRINUSE)."""
+        proxy = ServiceProxy(ip, port)
+        with self._proxy_lock:
+            if not self._stopped:
+                self._proxies[pkey] = proxy
+                return proxy
+        proxy.close()
+        return None
 
     async def _readdress(self, svc: dict[str, Any]) -> str:
         """A Service created before the kubelet got a clusterIP nobody listens on: the

@@ -329,3 +329,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_proxy_that_binds_after_the_kubelet_stopped_closes_itself() -> None:
+    """The race the kubelet's stop() meets: a tick's worker thread still binding a Service's
+    proxy. Registered before stop() takes the proxies, stop() closes it; bound after, it
+    closes itself. Either way the address is free again (a proxy left open kept a Service's
+    address bound into the next cluster of the same test process)."""
+    from tests.cluster.kubelet_services import ServiceControllers
+
+    class Controllers(ServiceControllers):
+        def __init__(self) -> None:
+            self._proxies = {}
+            self._proxy_lock = threading.Lock()
+            self._stopped = False
+
+    def rebind(port: int) -> None:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+
+    kubelet = Controllers()
+    port = _free_port()
+    proxy = kubelet._open_proxy(("ns", "svc", port), "127.0.0.1", port)
+    assert proxy is not None and kubelet._proxies == {("ns", "svc", port): proxy}
+    proxy.close()
+    kubelet._stopped = True
+    port = _free_port()
+    assert kubelet._open_proxy(("ns", "svc", port), "127.0.0.1", port) is None
+    assert ("ns", "svc", port) not in kubelet._proxies
+    rebind(port)  # closed: the address is free
