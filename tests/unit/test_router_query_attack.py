@@ -1,0 +1,163 @@
+"""The router's query path attacked in process: the whole middleware stack of
+``create_router_app`` (auth, body limit, timing, QueryPath) in front of fake shards (an
+aiohttp server on localhost that answers what each test sets), driven through ASGI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from index_runtime.routing import ShardUrls
+from index_runtime.service.auth import TokenSet
+from index_runtime.service.limits import ApiLimits
+from index_runtime.service.router import Router, RouterConfig, RouterMetrics, create_router_app
+from index_runtime.service.tokens import TokenSource
+
+READ = "read-token"
+LIMIT = 20_000  # max_response_bytes and max_body_bytes
+
+
+@dataclass
+class Shard:
+    """What the fake shard answers to a search, and what it was sent."""
+
+    answer: dict[str, Any] = field(default_factory=dict)
+    seen: list[tuple[str, bytes, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class Rig:
+    client: httpx.AsyncClient
+    shards: list[Shard]
+    router: Router
+
+
+def hit(key: int, score: float, text: str = "") -> dict[str, Any]:
+    return {"key": key, "seq": 1, "score": score, "text": text}
+
+
+def answer(results: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"results": results, "path": "primary", "manifest_version": 1, "strategy": "exact"}
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    shards = [Shard(), Shard()]
+    servers = []
+    for s in shards:
+
+        async def handle(request: web.Request, s: Shard = s) -> web.Response:
+            s.seen.append((request.path, await request.read(), request.headers.get("authorization")))
+            return web.json_response(s.answer)
+
+        app = web.Application()
+        app.router.add_post("/v1/indexes/{name}/search", handle)
+        app.router.add_post("/v1/indexes/{name}/search/batch", handle)
+        server = TestServer(app)
+        await server.start_server()
+        servers.append(server)
+    urls = tuple(str(s.make_url("")).rstrip("/") for s in servers)
+    config = RouterConfig(
+        urls=ShardUrls(urls, urls),
+        tokens=TokenSource(TokenSet.of({READ: "read"}), None),
+        limits=ApiLimits(max_body_bytes=LIMIT, max_response_bytes=LIMIT),
+        index="docs",
+        attempts=1,
+    )
+    router = Router(config, RouterMetrics())
+    app = create_router_app(router)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://router", headers={"authorization": f"Bearer {READ}"}
+    ) as client:
+        try:
+            yield Rig(client, shards, router)
+        finally:
+            await router.close()
+            for server in servers:
+                await server.close()
+
+
+async def test_a_merged_single_search_over_the_answer_limit_is_refused_like_a_batch(
+    rig: Rig,
+) -> None:
+    # each shard's own answer is within the limit (as the shards check theirs), but the best
+    # k of their union is not: a batch of the same query is 413, a single search was 200 with
+    # an answer past max_response_bytes
+    big = "x" * (LIMIT * 6 // 10)
+    rig.shards[0].answer = answer([hit(1, 0.9, big), hit(3, 0.1)])
+    rig.shards[1].answer = answer([hit(2, 0.8, big), hit(4, 0.05)])
+    r = await rig.client.post("/v1/indexes/docs/search", json={"vector": [1.0], "k": 2})
+    assert r.status_code == 413, (r.status_code, len(r.content))
+    assert r.json()["error"] == "PayloadTooLarge"
+    # the batch of the same query, for comparison: refused by the router
+    for s in rig.shards:
+        s.answer = {"answers": [s.answer]}
+    r = await rig.client.post(
+        "/v1/indexes/docs/search/batch", json={"queries": [{"vector": [1.0], "k": 2}]}
+    )
+    assert r.status_code == 413, r.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("POST", "/v1/indexes/docs/search", {"authorization": "Bearer nope"}, 401),
+        ("POST", "/v1/indexes/docs/search", {"authorization": ""}, 401),
+        ("POST", "/v1/indexes/other/search", {}, 404),  # not the router's --index
+        ("POST", "/v1/indexes/other/search/batch", {}, 404),
+        ("POST", "/v1/indexes/docs%2Fx/search", {}, 404),  # decoded: two segments, no route
+        ("GET", "/v1/indexes/docs/search", {}, 405),
+        ("PUT", "/v1/indexes/docs/search/batch", {}, 403),  # a write scope: auth first
+    ],
+)
+async def test_requests_off_the_query_path_reach_no_shard(
+    rig: Rig, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    for s in rig.shards:
+        s.answer = answer([])
+    r = await rig.client.request(method, path, content=b'{"vector":[1.0]}', headers=headers)
+    assert r.status_code == status, r.text
+    assert all(not s.seen for s in rig.shards)
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_before_any_shard(rig: Rig) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"vector":['
+        for _ in range(LIMIT // 1000 + 1):
+            yield b"1.0," * 250
+        yield b"1.0]}"
+
+    r = await rig.client.post("/v1/indexes/docs/search", content=chunks())
+    assert r.status_code == 413, r.text
+    assert all(not s.seen for s in rig.shards)
+
+
+async def test_a_query_is_forwarded_as_sent_with_its_token_and_merged(rig: Rig) -> None:
+    rig.shards[0].answer = answer([hit(1, 0.5), hit(3, 0.2)])
+    rig.shards[1].answer = answer([hit(2, 0.9)])
+    raw = b'{"vector": [1.0],  "k": 2}'
+    r = await rig.client.post("/v1/indexes/docs/search", content=raw)
+    assert r.status_code == 200, r.text
+    assert [h["key"] for h in r.json()["results"]] == [2, 1]
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+    for s in rig.shards:
+        assert s.seen == [("/v1/indexes/docs/search", raw, f"Bearer {READ}")]
+    metrics = (await rig.client.get("/metrics")).text
+    assert 'route="/v1/indexes/{name}/search"' in metrics
+
+
+async def test_k_absent_takes_the_shards_default(rig: Rig) -> None:
+    rig.shards[0].answer = answer([hit(i, 1.0 - i / 100) for i in range(0, 40, 2)])
+    rig.shards[1].answer = answer([hit(i, 1.0 - i / 100) for i in range(1, 40, 2)])
+    r = await rig.client.post("/v1/indexes/docs/search", content=json.dumps({"vector": [1.0]}))
+    assert r.status_code == 200, r.text
+    assert [h["key"] for h in r.json()["results"]] == list(range(10))
