@@ -664,7 +664,11 @@ def create_router_app(router: Router) -> FastAPI:
         here only for k, once every shard has accepted it (so it is valid, strict JSON)."""
         if path == "search":
             bodies = await query(name, path, "search", raw, auth)
-            return merge_search(bodies, int(json.loads(raw).get("k", DEFAULT_K)))
+            one = merge_search(bodies, int(json.loads(raw).get("k", DEFAULT_K)))
+            # every shard checked its own answer; the best k of their union can still pass
+            # the limit (up to n times it), so the merged answer is checked here, as a batch's
+            AnswerSize(limits, "this search").add(one["results"])
+            return one
         bodies = await query(name, path, "search_batch", raw, auth)
         ks = [int(q.get("k", DEFAULT_K)) for q in json.loads(raw)["queries"]]
         out = merge_batch(bodies, ks)
