@@ -4,6 +4,7 @@ aiohttp server on localhost that answers what each test sets), driven through AS
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -161,3 +163,63 @@ async def test_k_absent_takes_the_shards_default(rig: Rig) -> None:
     r = await rig.client.post("/v1/indexes/docs/search", content=json.dumps({"vector": [1.0]}))
     assert r.status_code == 200, r.text
     assert [h["key"] for h in r.json()["results"]] == list(range(10))
+
+
+async def test_a_client_that_leaves_a_real_server_cancels_the_shard_call() -> None:
+    # end to end through uvicorn (httptools, as ``driftless route`` runs it): the client sends
+    # a whole query and closes its connection while the shard has not answered; the shard's
+    # connection from the router must be dropped (its handler cancelled), not kept busy
+    arrived, dropped = asyncio.Event(), asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        arrived.set()
+        try:
+            await asyncio.Event().wait()  # a shard that never answers
+        except asyncio.CancelledError:
+            dropped.set()
+            raise
+        raise AssertionError("unreachable")
+
+    shard_app = web.Application()
+    shard_app.router.add_post("/v1/indexes/{name}/search", handle)
+    shard = TestServer(shard_app, handler_cancellation=True)
+    await shard.start_server()
+    url = str(shard.make_url("")).rstrip("/")
+    router = Router(
+        RouterConfig(
+            urls=ShardUrls((url,), (url,)),
+            tokens=TokenSource(TokenSet.of({READ: "read"}), None),
+            index="docs",
+            attempts=1,
+            timeout_s=3600.0,  # only the client's leaving can end the shard call in time
+        ),
+        RouterMetrics(),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_router_app(router), host="127.0.0.1", port=0, http="httptools",
+            log_level="warning", lifespan="off", timeout_graceful_shutdown=1,
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # no event to wait on: uvicorn sets a flag
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"vector":[1.0]}'
+        writer.write(
+            b"POST /v1/indexes/docs/search HTTP/1.1\r\nhost: x\r\n"
+            + f"authorization: Bearer {READ}\r\ncontent-type: application/json\r\n".encode()
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        await asyncio.wait_for(arrived.wait(), 60)
+        writer.close()
+        await asyncio.wait_for(dropped.wait(), 60)  # a hang guard, not a timing assertion
+    finally:
+        server.should_exit = True
+        await serving
+        await router.close()
+        await shard.close()
