@@ -31,6 +31,7 @@ class Shard:
     """What the fake shard answers to a search, and what it was sent."""
 
     answer: dict[str, Any] = field(default_factory=dict)
+    status: int = 200
     seen: list[tuple[str, bytes, str | None]] = field(default_factory=list)
 
 
@@ -49,15 +50,15 @@ def answer(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"results": results, "path": "primary", "manifest_version": 1, "strategy": "exact"}
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
+@pytest.fixture(params=["docs"])
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     shards = [Shard(), Shard()]
     servers = []
     for s in shards:
 
         async def handle(request: web.Request, s: Shard = s) -> web.Response:
             s.seen.append((request.path, await request.read(), request.headers.get("authorization")))
-            return web.json_response(s.answer)
+            return web.json_response(s.answer, status=s.status)
 
         shard_app = web.Application()
         shard_app.router.add_post("/v1/indexes/{name}/search", handle)
@@ -70,7 +71,7 @@ async def rig() -> AsyncIterator[Rig]:
         urls=ShardUrls(urls, urls),
         tokens=TokenSource(TokenSet.of({READ: "read"}), None),
         limits=ApiLimits(max_body_bytes=LIMIT, max_response_bytes=LIMIT),
-        index="docs",
+        index=request.param,
         attempts=1,
     )
     router = Router(config, RouterMetrics())
@@ -223,3 +224,30 @@ async def test_a_client_that_leaves_a_real_server_cancels_the_shard_call() -> No
         await serving
         await router.close()
         await shard.close()
+
+
+@pytest.mark.parametrize("rig", [None], indirect=True)  # a router of any index name
+async def test_queries_to_names_that_are_no_index_add_no_metric_series(rig: Rig) -> None:
+    # a reader asking for made-up names (every shard: 404) made one query_errors series per
+    # name: the router's metrics grew without bound (serve counts known names only)
+    for s in rig.shards:
+        s.status, s.answer = 404, {"error": "NotFound", "message": "no such index"}
+    for i in range(20):
+        r = await rig.client.post(f"/v1/indexes/made-up-{i}/search", json={"vector": [1.0]})
+        assert r.status_code == 404, r.text
+    metrics = (await rig.client.get("/metrics")).text
+    series = [
+        line for line in metrics.splitlines()
+        if line.startswith("driftless_router_query_errors_total{")
+    ]
+    assert len(series) <= 1, series[:3]
+    # an index that answers is counted under its name
+    for s in rig.shards:
+        s.status, s.answer = 200, answer([])
+    assert (await rig.client.post("/v1/indexes/docs/search", json={"vector": [1.0]})).is_success
+    for s in rig.shards:
+        s.status, s.answer = 503, {"error": "Unavailable", "message": "down"}
+    r = await rig.client.post("/v1/indexes/docs/search", json={"vector": [1.0]})
+    assert r.status_code == 503, r.text
+    metrics = (await rig.client.get("/metrics")).text
+    assert 'driftless_router_query_errors_total{index="docs",status_class="5xx"} 1.0' in metrics
