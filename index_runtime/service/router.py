@@ -285,6 +285,7 @@ class Router:
         self.metrics = metrics
         self.shards = Shards(config, metrics)
         self._key_types: dict[str, tuple[str, float]] = {}
+        self._answered: set[str] = set()  # names whose query every shard answered
 
     def tokens(self) -> TokenSet:
         return self.config.tokens.tokens()
@@ -300,6 +301,15 @@ class Router:
             check_name(name)
         except InvalidInputError:
             raise NotFoundError(f"no index named {name!r}") from None
+
+    def answered(self, name: str) -> None:
+        """``name`` is an index: every shard answered a query of it."""
+        self._answered.add(name)
+
+    def label(self, name: str) -> str:
+        """The metrics' ``index`` label of ``name``: bounded values only, the router's index or
+        one known to exist; any other name (a client can make up any number) is ``""``."""
+        return name if name == self.config.index or name in self._answered else ""
 
     def every(self, urls: tuple[str, ...], body: Any = None) -> dict[int, tuple[str, Any]]:
         return {i: (u, body) for i, u in enumerate(urls)}
@@ -655,8 +665,9 @@ def create_router_app(router: Router) -> FastAPI:
         )
         err = shard_failure(answers, path)
         if err is not None:
-            router.metrics.query_errors.labels(name, f"{err.status // 100}xx").inc()
+            router.metrics.query_errors.labels(router.label(name), f"{err.status // 100}xx").inc()
             raise err
+        router.answered(name)
         return [a.body for a in answers]
 
     async def answer(name: str, path: str, raw: bytes, auth: str | None) -> dict[str, Any]:
