@@ -285,7 +285,7 @@ class Router:
         self.metrics = metrics
         self.shards = Shards(config, metrics)
         self._key_types: dict[str, tuple[str, float]] = {}
-        self._answered: set[str] = set()  # names whose query every shard answered
+        self._answered: set[str] = set()  # names known to be indexes (metrics labels)
 
     def tokens(self) -> TokenSet:
         return self.config.tokens.tokens()
@@ -303,7 +303,7 @@ class Router:
             raise NotFoundError(f"no index named {name!r}") from None
 
     def answered(self, name: str) -> None:
-        """``name`` is an index: every shard answered a query of it."""
+        """``name`` is an index: every shard answered a query of it, or a shard described it."""
         self._answered.add(name)
 
     def label(self, name: str) -> str:
@@ -330,6 +330,7 @@ class Router:
             if a.ok or 400 <= a.status < 500:
                 body = require_all([a], "describing the index")[0]
                 self._key_types[name] = (str(body["key_type"]), now)
+                self.answered(name)  # it exists
                 return str(body["key_type"])
             first = first or a
         assert first is not None
