@@ -285,6 +285,7 @@ class Router:
         self.metrics = metrics
         self.shards = Shards(config, metrics)
         self._key_types: dict[str, tuple[str, float]] = {}
+        self._answered: set[str] = set()  # names known to be indexes (metrics labels)
 
     def tokens(self) -> TokenSet:
         return self.config.tokens.tokens()
@@ -300,6 +301,15 @@ class Router:
             check_name(name)
         except InvalidInputError:
             raise NotFoundError(f"no index named {name!r}") from None
+
+    def answered(self, name: str) -> None:
+        """``name`` is an index: every shard answered a query of it, or a shard described it."""
+        self._answered.add(name)
+
+    def label(self, name: str) -> str:
+        """The metrics' ``index`` label of ``name``: bounded values only, the router's index or
+        one known to exist; any other name (a client can make up any number) is ``""``."""
+        return name if name == self.config.index or name in self._answered else ""
 
     def every(self, urls: tuple[str, ...], body: Any = None) -> dict[int, tuple[str, Any]]:
         return {i: (u, body) for i, u in enumerate(urls)}
@@ -320,6 +330,7 @@ class Router:
             if a.ok or 400 <= a.status < 500:
                 body = require_all([a], "describing the index")[0]
                 self._key_types[name] = (str(body["key_type"]), now)
+                self.answered(name)  # it exists
                 return str(body["key_type"])
             first = first or a
         assert first is not None
@@ -655,8 +666,9 @@ def create_router_app(router: Router) -> FastAPI:
         )
         err = shard_failure(answers, path)
         if err is not None:
-            router.metrics.query_errors.labels(name, f"{err.status // 100}xx").inc()
+            router.metrics.query_errors.labels(router.label(name), f"{err.status // 100}xx").inc()
             raise err
+        router.answered(name)
         return [a.body for a in answers]
 
     async def answer(name: str, path: str, raw: bytes, auth: str | None) -> dict[str, Any]:
@@ -664,7 +676,11 @@ def create_router_app(router: Router) -> FastAPI:
         here only for k, once every shard has accepted it (so it is valid, strict JSON)."""
         if path == "search":
             bodies = await query(name, path, "search", raw, auth)
-            return merge_search(bodies, int(json.loads(raw).get("k", DEFAULT_K)))
+            one = merge_search(bodies, int(json.loads(raw).get("k", DEFAULT_K)))
+            # every shard checked its own answer; the best k of their union can still pass
+            # the limit (up to n times it), so the merged answer is checked here, as a batch's
+            AnswerSize(limits, "this search").add(one["results"])
+            return one
         bodies = await query(name, path, "search_batch", raw, auth)
         ks = [int(q.get("k", DEFAULT_K)) for q in json.loads(raw)["queries"]]
         out = merge_batch(bodies, ks)

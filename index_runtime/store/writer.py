@@ -606,11 +606,13 @@ class IndexWriter:
             parts += split_by_tombstone(extra)  # its seqs are above every pending one
         upto = max(int(p.seqs.max()) for p in parts)
         written: list[tuple[str, RowBatch, int]] = []
+        started: list[str] = []  # every key put, also one whose put failed (may be stored)
         try:
             for part in parts:
                 data = encode_segment_view(part, self.spec.key_type, self.spec.dims)
                 key = new_object_name("segments", ".arrow")
                 self._inflight.add(key)
+                started.append(key)
                 self.store.put(key, data)
                 written.append((key, part, len(data)))
             crash_point("flush.segment_put")
@@ -620,7 +622,8 @@ class IndexWriter:
             self.storage.failed("flush", exc)  # (local disk or object store)
             raise
         finally:
-            self._inflight.difference_update(k for k, _, _ in written)
+            # a failed put is no longer in flight: its object, if stored, is GC's orphan
+            self._inflight.difference_update(started)
         self.last_flush_error = None
         self.storage.recovered("flush")
         crash_point("flush.committed")
