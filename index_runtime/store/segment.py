@@ -73,19 +73,21 @@ def _exact_ipc_file(schema: pa.Schema, batches: list[pa.RecordBatch], size: int)
     growing buffer and no ``bytes`` copy at the end."""
     buf = pa.allocate_buffer(size)
     sink = pa.FixedSizeBufferWriter(buf)
-    with pa.ipc.new_file(sink, schema) as writer:
-        for rb in batches:
-            writer.write_batch(rb)
+    _write_ipc_file(sink, schema, batches)
     if sink.tell() != size:  # the sizing pass and the write must agree byte for byte
         raise AssertionError(f"segment encoded to {sink.tell()} bytes, sized {size}")
     return memoryview(buf).toreadonly()
 
 
-def _ipc_size(schema: pa.Schema, batches: list[pa.RecordBatch]) -> int:
-    mock = pa.MockOutputStream()
-    with pa.ipc.new_file(mock, schema) as writer:
+def _write_ipc_file(sink: Any, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
+    with pa.ipc.new_file(sink, schema) as writer:
         for rb in batches:
             writer.write_batch(rb)
+
+
+def _ipc_size(schema: pa.Schema, batches: list[pa.RecordBatch]) -> int:
+    mock = pa.MockOutputStream()
+    _write_ipc_file(mock, schema, batches)
     return int(mock.size())
 
 
