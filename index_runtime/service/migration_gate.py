@@ -15,7 +15,7 @@ import numpy as np
 from index_runtime.adapters import artifact
 from index_runtime.contract import MigrationRecord, MigrationTarget
 from index_runtime.crash import crash_point
-from index_runtime.errors import InvalidInputError
+from index_runtime.errors import ConflictError, InvalidInputError
 from index_runtime.index.loader import serving_model
 from index_runtime.service.migrate import (
     EvalSet,
@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     from index_runtime.service.migrator import Migrator
 
 
-class Superseded(Exception):
+class Superseded(ConflictError):
     """The record a step worked for is no longer the active one (rolled back, cut over,
-    replaced): the step's result is dropped."""
+    replaced): the step's result is dropped. The runner's loop catches it; when it reaches a
+    client (a rollback or cutover request that raced the loop's own commit) it is a 409."""
 
 
 def dual_writes(mig: Migrator, req: MigrationRequest, mid: str) -> None:

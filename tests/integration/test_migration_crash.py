@@ -77,14 +77,18 @@ def serve(data: Path, emb: Embeddings, crash_at: str | None = None) -> Iterator[
         env["DRIFTLESS_CRASH_AT"] = crash_at
     cmd = [sys.executable, "-m", "index_runtime.cli", "serve", "--data", str(data)]
     cmd += ["--port", str(port), "--maintenance", "off", "--grace", "2"]
+    # the server's log goes to a file beside the data (a pipe nobody reads could fill and
+    # block the server); a failing trial prints its tail
+    log_path = data.parent / f"server-{'crash' if crash_at else 'restart'}.log"
+    log = log_path.open("a")
     proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
         deadline = time.monotonic() + 60  # generous: the suite may share 2 cores
         while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, log_path.read_text()[-4000:]
             try:
                 if client.get("/readyz").status_code == 200:
                     break
@@ -92,7 +96,11 @@ def serve(data: Path, emb: Embeddings, crash_at: str | None = None) -> Iterator[
                 pass
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
-        yield proc, client
+        try:
+            yield proc, client
+        except BaseException:
+            print(f"--- {log_path.name} (tail)\n{log_path.read_text()[-8000:]}")
+            raise
     finally:
         client.close()
         if proc.poll() is None:
@@ -102,8 +110,7 @@ def serve(data: Path, emb: Embeddings, crash_at: str | None = None) -> Iterator[
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        log.close()
 
 
 def record(c: httpx.Client) -> dict[str, Any]:
@@ -171,7 +178,9 @@ def test_every_migration_point_has_a_trial() -> None:
 def _trial(point: str, then: str, tmp_path: Path, emb: Embeddings) -> tuple[str, float]:
     hit, options, ask, end = TRIALS[point]
     if then == "rollback":
-        ask, end = "rollback", "RolledBack"
+        # a manual cutover holds the resumed migration in Backfilled: without it, it could
+        # succeed before the rollback is asked (a race, seen under load)
+        ask, end, options = "rollback", "RolledBack", {**options, "cutover": "manual"}
     data = tmp_path / "data"
     body = {"to_model": "new", "kinds": ["procrustes"], "pairs": 200, "id": "mig-1",
             "backfill_batch": 40, **options}  # fmt: skip

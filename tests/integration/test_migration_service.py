@@ -380,6 +380,28 @@ def test_rollback_returns_to_the_old_model_only(tmp_path: Path) -> None:
     )
 
 
+def test_a_rollback_that_races_the_migrations_own_end_is_a_conflict(tmp_path: Path) -> None:
+    """A rollback checks that the migration is active, then waits for the runner's thread to
+    stop before it commits. If the runner commits the end meanwhile (a cutover, or Failed),
+    the rollback's commit is refused; the client gets a 409 that says so, not a 500 (seen in
+    CI: the crash test's restarted runner cut over while the test asked for the rollback)."""
+    with running_service(tmp_path) as c:
+        _setup(c, 0.0, 0.0)
+        _migrate(c, pairs=300)  # stays Bridged (no backfill)
+        rt = c.engine.get("docs")  # type: ignore[attr-defined]
+
+        class EndsWhileJoined:  # the runner's thread, which ends the migration as it stops
+            def join(self, timeout: float | None = None) -> None:
+                rt.migrator.end("Failed", "the runner's own end", rt.migrator.record().id)
+
+        rt.migration_thread = EndsWhileJoined()
+        r = c.post("/v1/indexes/docs/admin/migrations/rollback", headers=AUTH)
+        assert r.status_code == 409, r.text
+        assert "changed meanwhile" in r.json()["message"]
+        rec = c.get("/v1/indexes/docs/status").json()["migration"]["record"]
+        assert rec["phase"] == "Failed"  # the runner's end stands; nothing else was committed
+
+
 def test_a_restarted_writer_resumes_the_backfill(tmp_path: Path) -> None:
     with running_service(tmp_path) as c:
         _setup(c, 0.0, 0.0)

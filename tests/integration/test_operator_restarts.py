@@ -62,6 +62,20 @@ def held(encode: Callable[[list[str], str], Any], released: threading.Event) -> 
     return run
 
 
+class Counting(Controller):
+    """The operator's controller, counting the migration passes it completed (by CR name)."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        super().__init__(config)
+        self.passes: dict[str, int] = {}
+
+    async def reconcile_migration(self, body: Any, *args: Any, **kwargs: Any) -> Any:
+        out = await super().reconcile_migration(body, *args, **kwargs)
+        name = str(body["metadata"]["name"])
+        self.passes[name] = self.passes.get(name, 0) + 1
+        return out
+
+
 class Operator:
     """The operator in a thread of its own with its own event loop, restartable. (kopf, when
     it stops, cancels every task started in its loop while it ran: in the test's loop that
@@ -72,11 +86,13 @@ class Operator:
         self.thread: threading.Thread | None = None
         self.stop_flag = threading.Event()
         self.restarts: list[str] = []
+        self.controller: Counting | None = None
 
     async def start(self) -> None:
         config = OperatorConfig(interval_s=0.5, runtime_url=self.cl.url)
+        self.controller = Counting(config)
         memo = kopf.Memo(
-            server=str(self.cl.kmock.url).rstrip("/"), config=config, controller=Controller(config)
+            server=str(self.cl.kmock.url).rstrip("/"), config=config, controller=self.controller
         )
         self.stop_flag = threading.Event()
         flag = self.stop_flag
@@ -107,6 +123,13 @@ class Operator:
         self.restarts.append(phase)
         await self.start()
 
+    async def passed(self, name: str, timeout: float = 60) -> None:
+        """Until the running operator has completed a pass over migration ``name``."""
+        deadline = time.monotonic() + timeout
+        while not (self.controller and self.controller.passes.get(name)):
+            assert time.monotonic() < deadline, f"the restarted operator never passed {name}"
+            await asyncio.sleep(0.05)
+
 
 async def patch_spec(cl: Cluster, name: str, spec: dict[str, Any]) -> None:
     """kubectl patch --type merge (a spec change: the emulator bumps the generation)."""
@@ -128,8 +151,10 @@ async def walk(
     timeout: float = 120,
 ) -> dict[str, Any]:
     """Follow the ModelMigration; at every phase it shows for the first time, stop the
-    operator and start a new one (the runtime held meanwhile), then run ``then[phase]``
-    once. Returns the final status."""
+    operator and start a new one, then run ``then[phase]`` once. Returns the final status.
+    The runtime is held until the new operator has made its first pass over the CR: on a
+    loaded machine kopf takes seconds to start, and a runtime let go at once could move
+    through the next phases (Bridged, Backfilling) before any operator looked (seen in CI)."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,6 +167,7 @@ async def walk(
             released.clear()
             try:
                 await op.restart(phase)
+                await op.passed(name)
             finally:
                 released.set()
             action = then.pop(phase, None)
