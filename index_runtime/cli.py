@@ -364,7 +364,11 @@ def serve_sharded(args: argparse.Namespace) -> int:
     children = shard_children(args, _subparser(build_parser(), "serve")._actions)
     sup = Supervisor(children, os.environ)
     urls = ShardUrls.of([c.url for c in children])
-    router = Router(RouterConfig(urls, source, limits, index=args.index), RouterMetrics())
+    admin = os.environ.get(Env.ADMIN_TOKEN)  # the coordinated migrations' own pass
+    config = RouterConfig(
+        urls, source, limits, index=args.index, admin_token=f"Bearer {admin}" if admin else None
+    )
+    router = Router(config, RouterMetrics())
     sup.start()
     print(
         f"driftless serving {args.shards} shards of {args.data or 's3://' + args.s3_bucket} "
@@ -442,7 +446,15 @@ def cmd_route(args: argparse.Namespace) -> int:
         return ExitCode.INVALID
     if not open_ok(tokens, args.host, args.insecure):
         return ExitCode.INVALID
-    config = RouterConfig(urls, source, limits, index=index, timeout_s=args.timeout)
+    admin = os.environ.get(Env.ADMIN_TOKEN)  # the coordinated migrations' own pass
+    config = RouterConfig(
+        urls,
+        source,
+        limits,
+        index=index,
+        timeout_s=args.timeout,
+        admin_token=f"Bearer {admin}" if admin else None,
+    )
     print(
         f"driftless routing {urls.n} shard(s) on http://{args.host}:{args.port} "
         f"({'OPEN: no tokens' if tokens.open else f'{len(tokens.entries)} token(s)'})",

@@ -32,6 +32,8 @@ POINTS = (
     "migration.failed.committed",  # Failed (a gate that cannot measure)
     "migration.pause.committed",  # paused (an encoder fault)
     "migration.resume.committed",  # the pause cleared / the backfill requested
+    # the router's coordinated cutover of a sharded index (service.router)
+    "router.cutover.shard",  # one shard cut over, the next not yet asked
 )
 
 _counts: dict[str, int] = {}

@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -41,10 +42,12 @@ from prometheus_client import (
 )
 
 from index_runtime import __version__
-from index_runtime.errors import DriftlessError, InvalidInputError, NotFoundError
+from index_runtime.crash import crash_point
+from index_runtime.errors import ConflictError, DriftlessError, InvalidInputError, NotFoundError
 from index_runtime.routing import (
     RETRY_AFTER_S,
     ShardAnswer,
+    ShardError,
     ShardUrls,
     admin_path,
     check_keys,
@@ -91,6 +94,14 @@ from index_runtime.service.requests import (
     Upsert,
 )
 from index_runtime.service.tokens import TokenSource
+from index_runtime.shard_migration import (
+    candidate_models,
+    coordinated_view,
+    mixed_models,
+    plan_cutover,
+    plan_rollback,
+    with_model,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +123,10 @@ class RouterConfig:
     attempts: int = 3  # per shard call, for retryable failures
     backoff_s: float = 0.05  # first retry's wait, doubled each time
     describe_ttl_s: float = 30.0  # how long the index's key type is cached
+    # the coordinated migrations' own pass (an automatic cutover, finishing a begun one):
+    # every this many seconds, with this admin token (None: only when the tokens are open)
+    coordinate_s: float = 2.0
+    admin_token: str | None = None
 
 
 class RouterMetrics:
@@ -471,7 +486,14 @@ def create_router_app(router: Router) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if config.coordinate_s > 0 and (config.admin_token or router.tokens().open):
+            task = asyncio.ensure_future(coordinator())
         yield
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         await router.close()
 
     app = FastAPI(title="Driftless shards' router", version=__version__, lifespan=lifespan)
@@ -671,17 +693,58 @@ def create_router_app(router: Router) -> FastAPI:
         router.answered(name)
         return [a.body for a in answers]
 
+    async def one_space(
+        name: str, path: str, op: str, raw: bytes, auth: str | None, bodies: list[Any]
+    ) -> list[Any]:
+        """The shards' answers in one scoring space. During a coordinated cutover the cut
+        shards answer in the new model's space and the others in the old one's: the shards
+        outside a common space are asked again with every text query pinned to its model
+        (a not-yet-cut shard is Backfilled and answers the new model natively; a cut one
+        refuses the old model), most shards' model first."""
+        batch = path != "search"
+        groups = mixed_models(bodies, batch)
+        if groups is None:
+            return bodies
+        refused: ShardError | None = None
+        for model in candidate_models(groups):
+            pinned = with_model(raw, batch, model)
+            if pinned is None:
+                break  # vectors only: of the model their client said; nothing to pin
+            others = {
+                s: (urls.readers[s], None)
+                for models, shards in groups.items()
+                if set(models) != {model}
+                for s in shards
+            }
+            answers = await fan(others, "POST", f"/v1/indexes/{name}/{path}", op, auth, raw=pinned)
+            refused = shard_failure(answers, path)
+            if refused is None:
+                out = list(bodies)
+                for a in answers:
+                    out[a.shard] = a.body
+                if mixed_models(out, batch) is None:
+                    return out
+        raise ShardError(
+            503,
+            "ShardsBetweenModels",
+            "the index's shards are being cut over to a new model and do not answer in one "
+            f"scoring space yet; retry{f' ({refused})' if refused else ''}",
+            RETRY_AFTER_S,
+        )
+
     async def answer(name: str, path: str, raw: bytes, auth: str | None) -> dict[str, Any]:
         """The merged answer of a query (``search`` or ``search/batch``). The body is parsed
         here only for k, once every shard has accepted it (so it is valid, strict JSON)."""
         if path == "search":
             bodies = await query(name, path, "search", raw, auth)
+            bodies = await one_space(name, path, "search", raw, auth, bodies)
             one = merge_search(bodies, int(json.loads(raw).get("k", DEFAULT_K)))
             # every shard checked its own answer; the best k of their union can still pass
             # the limit (up to n times it), so the merged answer is checked here, as a batch's
             AnswerSize(limits, "this search").add(one["results"])
             return one
         bodies = await query(name, path, "search_batch", raw, auth)
+        bodies = await one_space(name, path, "search_batch", raw, auth, bodies)
         ks = [int(q.get("k", DEFAULT_K)) for q in json.loads(raw)["queries"]]
         out = merge_batch(bodies, ks)
         size = AnswerSize(limits, "this batch")
@@ -712,7 +775,133 @@ def create_router_app(router: Router) -> FastAPI:
             "status",
             _auth(request),
         )
-        return merge_status(require_all(answers, "status"))
+        bodies = require_all(answers, "status")
+        out = merge_status(bodies)
+        records = [((b.get("migration") or {}).get("record")) for b in bodies]
+        if any(records):
+            out["migration"] = coordinated_view(records)
+        return out
+
+    # a model migration spans every shard (index_runtime.shard_migration) ---------------------
+
+    async def migration_records(name: str, auth: str | None) -> list[Any]:
+        """Every shard writer's migration record (None where it has none)."""
+        answers = await fan(
+            router.every(urls.writers), "GET", f"/v1/indexes/{name}/status", "status", auth
+        )
+        bodies = require_all(answers, "reading the shards' migrations")
+        return [((b.get("migration") or {}).get("record")) for b in bodies]
+
+    @app.post("/v1/indexes/{name}/admin/migrations", status_code=202)
+    async def start_migration(request: Request, name: str) -> Response:
+        """Start the same migration (one id; generated when not given) on every shard's
+        writer, coordinated: each shard measures its gate but serves the status quo until
+        the router cuts the shards over together. The same id again is idempotent on every
+        shard, so a partial start is completed by retrying it."""
+        router.mine(name)
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise InvalidInputError("a migration request is a JSON object")
+        body = {**body, "coordinated": True, "id": body.get("id") or uuid.uuid4().hex[:16]}
+        answers = await fan(
+            router.every(urls.writers, body),
+            "POST",
+            f"/v1/indexes/{name}/admin/migrations",
+            "admin",
+            _auth(request),
+        )
+        code, out = merge_per_shard(answers)
+        out["id"] = body["id"]
+        return JSONResponse(out, status_code=code)
+
+    async def cutover(name: str, auth: str | None, mid: str | None, force: bool,
+                      auto: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Cut every shard over, in shard order, once the plan allows; each shard's answer
+        before the next. A shard that fails stops it (the answer names it and the shards
+        already cut); a retry, or the router's own pass, finishes it."""
+        plan = plan_cutover(await migration_records(name, auth), mid, force, auto)
+        if plan.refused is not None:
+            raise ConflictError(plan.refused)
+        done: list[int] = []
+        for shard, forced in plan.cut:
+            a = await router.shards.call(
+                shard,
+                urls.writers[shard],
+                "POST",
+                f"/v1/indexes/{name}/admin/migrations/cutover",
+                "admin",
+                auth,
+                body={"id": plan.mid, "force": forced},
+                idempotent=False,
+            )
+            err = shard_failure([a], "the coordinated cutover")
+            if err is not None:
+                cut = ", ".join(map(str, done)) or "none"
+                raise ShardError(err.status, err.reason, f"{err}; shards cut over: {cut}",
+                                 err.retry_after_s)  # fmt: skip
+            done.append(shard)
+            log.info("migration %s of %s: shard %d cut over", plan.mid, name, shard)
+            crash_point("router.cutover.shard")
+        return {"id": plan.mid, "phase": "Succeeded", "cut_over": done, "began": plan.began}
+
+    @app.post("/v1/indexes/{name}/admin/migrations/cutover")
+    async def coordinated_cutover(request: Request, name: str) -> dict[str, Any]:
+        """Cut the shards over together (409 naming the shards that are not ready; ``force``
+        past a shard's held reason). Once one shard is cut over the others follow."""
+        router.mine(name)
+        raw = await request.body()
+        body = json.loads(raw) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise InvalidInputError("a cutover request is a JSON object")
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise InvalidInputError("force must be true or false")
+        return await cutover(name, _auth(request), body.get("id"), force)
+
+    @app.post("/v1/indexes/{name}/admin/migrations/rollback")
+    async def coordinated_rollback(request: Request, name: str) -> Response:
+        """Roll every shard back, unless the cutover has begun (then it must be finished)."""
+        router.mine(name)
+        raw = await request.body()
+        body = json.loads(raw) if raw.strip() else {}
+        why = plan_rollback(await migration_records(name, _auth(request)), body.get("id"))
+        if why is not None:
+            raise ConflictError(why)
+        answers = await fan(
+            router.every(urls.writers),
+            "POST",
+            f"/v1/indexes/{name}/admin/migrations/rollback",
+            "admin",
+            _auth(request),
+            raw=raw or None,
+            idempotent=False,
+        )
+        code, out = merge_per_shard(answers)
+        return JSONResponse(out, status_code=code)
+
+    async def coordinate_once() -> None:
+        """The router's own pass: an automatic cutover once every shard is ready, and a
+        cutover that began (a router killed between shards) finished."""
+        names = [config.index] if config.index else []
+        if not names:
+            answers = await fan(
+                {0: (urls.readers[0], None)}, "GET", "/v1/indexes", "list", config.admin_token
+            )
+            names = [d["name"] for d in require_all(answers, "listing")[0].get("indexes", [])]
+        for name in names:
+            # not ready, nothing to do, or waiting for an explicit cutover: a 409
+            with suppress(ConflictError):
+                await cutover(name, config.admin_token, None, False, auto=True)
+
+    async def coordinator() -> None:
+        while True:
+            await asyncio.sleep(config.coordinate_s)
+            try:
+                await coordinate_once()
+            except DriftlessError as exc:
+                log.debug("coordinated migrations: %s", exc)
+            except Exception:  # the pass is retried; the router keeps serving
+                log.exception("coordinated migrations pass failed")
 
     # admin: forwarded to every shard's writer, answered per shard ----------------------------
 
