@@ -164,6 +164,32 @@ def coordinated_view(
     }
 
 
+SUMMED = ("live", "todo", "blocked", "backfilled", "rewritten", "skipped", "rows_per_second")
+
+
+def merge_records(records: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """One record for the index, as an unsharded writer's status carries it (what the
+    operator reads through the router): the least advanced shard's record with the index's
+    phase (:func:`coordinated_view`), the backfill's row counts summed and its share the
+    lowest shard's, and every shard's phase under ``shards``. None when no shard has one."""
+    if not any(records):
+        return None
+    view = coordinated_view(records)
+    present = [dict(r) for r in records if r]
+    base = next((r for r in present if r.get("phase") == view["phase"]), present[0])
+    out = {**base, "phase": view["phase"], "shards": view["shards"]}
+    fills = [dict(f) for r in records if isinstance(f := _rec(r).get("backfill"), Mapping)]
+    if len(fills) == len(records):
+        bf = dict(fills[0])
+        for key in SUMMED:
+            bf[key] = sum(f.get(key) or 0 for f in fills)
+        bf["share"] = min(float(f.get("share") or 0.0) for f in fills)
+        out["backfill"] = bf
+    else:
+        out.pop("backfill", None)  # some shard has not measured yet: no index-level figure
+    return out
+
+
 # queries during the cutover ----------------------------------------------------------------
 
 

@@ -97,6 +97,7 @@ from index_runtime.service.tokens import TokenSource
 from index_runtime.shard_migration import (
     candidate_models,
     coordinated_view,
+    merge_records,
     mixed_models,
     plan_cutover,
     plan_rollback,
@@ -778,8 +779,11 @@ def create_router_app(router: Router) -> FastAPI:
         bodies = require_all(answers, "status")
         out = merge_status(bodies)
         records = [((b.get("migration") or {}).get("record")) for b in bodies]
-        if any(records):
-            out["migration"] = coordinated_view(records)
+        if any(records):  # the index's migration, as an unsharded status shows it
+            out["migration"] = {
+                "record": merge_records(records),
+                "shards": coordinated_view(records),
+            }
         return out
 
     # a model migration spans every shard (index_runtime.shard_migration) ---------------------

@@ -11,6 +11,7 @@ from index_runtime.shard_migration import (
     READY,
     candidate_models,
     coordinated_view,
+    merge_records,
     mixed_models,
     plan_cutover,
     plan_rollback,
@@ -120,3 +121,16 @@ def test_answers_in_two_scoring_spaces_are_grouped_and_text_is_pinned() -> None:
     b = {"queries": [{"text": "x"}, {"vector": [1.0]}, {"text": "y", "model": "old"}]}
     pinned = json.loads(with_model(json.dumps(b).encode(), True, "new") or b"")
     assert [q.get("model") for q in pinned["queries"]] == ["new", None, "old"]
+
+
+def test_the_index_record_is_the_least_advanced_shards_with_the_backfill_summed() -> None:
+    a = {**rec("Backfilled", reason=READY), "backfill": {"live": 10, "todo": 0, "share": 1.0}}
+    b = {**rec("Backfilling"), "backfill": {"live": 30, "todo": 12, "share": 0.6}}
+    out = merge_records([a, b])
+    assert out is not None and out["phase"] == "Backfilling" and out["id"] == "m1"
+    assert out["backfill"]["live"] == 40 and out["backfill"]["todo"] == 12
+    assert out["backfill"]["share"] == 0.6
+    assert [s["phase"] for s in out["shards"]] == ["Backfilled", "Backfilling"]
+    # a shard that has not measured its backfill yet: no index-level figure
+    assert "backfill" not in (merge_records([a, rec("Bridged")]) or {})
+    assert merge_records([None, None]) is None
