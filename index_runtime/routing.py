@@ -311,7 +311,8 @@ def merge_search(answers: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]
     else ``mixed``."""
     strategies = {str(a.get("strategy")) for a in answers}
     paths = [str(a.get("path", "primary")) for a in answers]
-    return {
+    models = {a.get("model") for a in answers}
+    out = {
         "results": merge_hits([a.get("results", []) for a in answers], k),
         "path": max(paths, key=lambda p: PATH_ORDER.index(p) if p in PATH_ORDER else 1),
         "manifest_version": min(int(a.get("manifest_version", 0)) for a in answers),
@@ -321,10 +322,14 @@ def merge_search(answers: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]
                 "path": a.get("path"),
                 "manifest_version": a.get("manifest_version"),
                 "strategy": a.get("strategy"),
+                "model": a.get("model"),
             }
             for a in answers
         ],
     }
+    if len(models) == 1 and None not in models:  # the scoring space (the router made it one)
+        out["model"] = models.pop()
+    return out
 
 
 def merge_batch(answers: Sequence[Mapping[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
