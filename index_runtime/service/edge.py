@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from index_runtime.errors import DriftlessError, InvalidInputError
+from index_runtime.errors import DriftlessError, InvalidInputError, UnauthorizedError
 from index_runtime.service.auth import TokenSet, authorize, route_scope
 from index_runtime.service.engine import Engine
 from index_runtime.service.inputs import decode_json
@@ -148,13 +148,16 @@ class AuthMiddleware:
                 (r.path for r in self.routes() if r.matches(scope)[0] == Match.FULL),
                 scope["path"],
             )
-            header = dict(scope.get("headers", ())).get(b"authorization")
+            headers = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+            header = headers[0] if headers else None
+            needed = route_scope(scope["method"], template)
+            tokens = self.engine.tokens()
             try:
-                authorize(
-                    self.engine.tokens(),
-                    header.decode("latin-1") if header else None,
-                    route_scope(scope["method"], template),
-                )
+                if len(headers) > 1 and needed is not None and not tokens.open:
+                    # one request, one credential: the router forwards the first header to
+                    # the shards, and a check that read another judged another token
+                    raise UnauthorizedError("more than one Authorization header")
+                authorize(tokens, header.decode("latin-1") if header else None, needed)
             except DriftlessError as exc:
                 resp = error_response(exc.status, exc.reason, str(exc))
                 resp.headers["WWW-Authenticate"] = "Bearer"

@@ -101,7 +101,9 @@ def test_scopes(shared: httpx.Client) -> None:
     assert c.delete("/v1/indexes/docs", headers=READ).status_code == 403
     assert c.post("/v1/indexes/docs/search", json=q, headers=MIRROR).status_code == 403
     samples = {"manifest_version": 1, "queries": [{"vector": [0.1] * D}]}
-    assert c.post("/v1/indexes/docs/internal/samples", json=samples, headers=MIRROR).status_code == 202
+    assert (
+        c.post("/v1/indexes/docs/internal/samples", json=samples, headers=MIRROR).status_code == 202
+    )
     assert c.post("/v1/indexes/docs/internal/samples", json=samples).status_code == 403  # write
     assert c.post("/v1/indexes/docs/admin/reload", headers=ADMIN).status_code == 200
     for path in ("/healthz", "/readyz", "/metrics"):
@@ -110,6 +112,18 @@ def test_scopes(shared: httpx.Client) -> None:
     assert c.post("/v1/nothing/here", content=b"x" * 1000, headers=none).status_code == 401
     assert c.post("/v1/nothing/here", content=b"{}", headers=READ).status_code == 403
     assert c.post("/v1/nothing/here", content=b"{}").status_code == 404
+    # two credentials in one request: refused, whichever comes first (a check that read the
+    # last header while the router forwarded the first judged another token than the shards)
+    for pair in ((READ, ADMIN), (ADMIN, READ)):
+        two = httpx.Headers([("Authorization", h["Authorization"]) for h in pair])
+        r = c.post("/v1/indexes/docs/admin/reload", headers=two)
+        assert r.status_code == 401 and "more than one" in r.json()["message"], r.text
+    assert (
+        c.get(
+            "/healthz", headers=httpx.Headers([("Authorization", "a"), ("Authorization", "b")])
+        ).status_code
+        == 200
+    )
     assert _count(c, 20)  # nothing refused was applied
 
 
@@ -156,7 +170,10 @@ def test_batch_and_answer_limits(shared: httpx.Client) -> None:
     big = {**q, "k": 1000, "include_vector": True}  # 1000 x (16 x 20 + 96) B > 200 kB
     r = c.post("/v1/indexes/docs/search", json=big)
     assert r.status_code == 413 and "max_response_bytes" in r.json()["message"], r.text
-    r = c.post("/v1/indexes/docs/search/batch", json={"queries": [{**q, "k": 200, "include_vector": True}] * 4})
+    r = c.post(
+        "/v1/indexes/docs/search/batch",
+        json={"queries": [{**q, "k": 200, "include_vector": True}] * 4},
+    )
     assert r.status_code == 413 and r.json()["error"] == "PayloadTooLarge"
     assert c.post("/v1/indexes/docs/search", json={**q, "include_vector": True}).status_code == 200
     assert _count(c, 20)
@@ -165,14 +182,32 @@ def test_batch_and_answer_limits(shared: httpx.Client) -> None:
 SURROGATE = "\\ud800"  # as it appears in JSON text: an escape, decoded to a lone surrogate
 BAD_BODIES = {
     "key": ("/v1/indexes/docs/upsert", f'{{"keys": ["a{SURROGATE}"], "vectors": [{[0.5] * D}]}}'),
-    "text": ("/v1/indexes/docs/upsert", f'{{"keys": ["a"], "vectors": [{[0.5] * D}], "texts": ["t{SURROGATE}"]}}'),
-    "metadata key": ("/v1/indexes/docs/upsert", f'{{"keys": ["a"], "vectors": [{[0.5] * D}], "metadata": [{{"{SURROGATE}": 1}}]}}'),
-    "nested value": ("/v1/indexes/docs/upsert", f'{{"keys": ["a"], "vectors": [{[0.5] * D}], "metadata": [{{"x": [{{"y": "{SURROGATE}"}}]}}]}}'),
-    "low surrogate": ("/v1/indexes/docs/upsert", f'{{"keys": ["a\\udc00"], "vectors": [{[0.5] * D}]}}'),
-    "filter value": ("/v1/indexes/docs/search", f'{{"vector": {[0.5] * D}, "filter": {{"x": "{SURROGATE}"}}}}'),
+    "text": (
+        "/v1/indexes/docs/upsert",
+        f'{{"keys": ["a"], "vectors": [{[0.5] * D}], "texts": ["t{SURROGATE}"]}}',
+    ),
+    "metadata key": (
+        "/v1/indexes/docs/upsert",
+        f'{{"keys": ["a"], "vectors": [{[0.5] * D}], "metadata": [{{"{SURROGATE}": 1}}]}}',
+    ),
+    "nested value": (
+        "/v1/indexes/docs/upsert",
+        f'{{"keys": ["a"], "vectors": [{[0.5] * D}], "metadata": [{{"x": [{{"y": "{SURROGATE}"}}]}}]}}',
+    ),
+    "low surrogate": (
+        "/v1/indexes/docs/upsert",
+        f'{{"keys": ["a\\udc00"], "vectors": [{[0.5] * D}]}}',
+    ),
+    "filter value": (
+        "/v1/indexes/docs/search",
+        f'{{"vector": {[0.5] * D}, "filter": {{"x": "{SURROGATE}"}}}}',
+    ),
     "index name": ("/v1/indexes", f'{{"name": "a{SURROGATE}", "model": "m", "dim": 4}}'),
     "model name": ("/v1/indexes", f'{{"name": "other", "model": "m{SURROGATE}", "dim": 4}}'),
-    "NaN": ("/v1/indexes/docs/upsert", f'{{"keys": ["a"], "vectors": [{[0.5] * (D - 1)} + [NaN]]}}'.replace("] + [", ", ")),
+    "NaN": (
+        "/v1/indexes/docs/upsert",
+        f'{{"keys": ["a"], "vectors": [{[0.5] * (D - 1)} + [NaN]]}}'.replace("] + [", ", "),
+    ),
 }
 
 
@@ -192,8 +227,12 @@ def test_raw_invalid_utf8_and_valid_pairs(svc: httpx.Client) -> None:
         body = b'{"keys": ["a' + raw + b'"], "vectors": [' + vec + b"]}"
         r = svc.post("/v1/indexes/docs/upsert", content=body, headers=JSON)
         assert r.status_code == 400 and "UTF-8" in r.json()["message"], r.text
-    pair = '{"keys": ["smile"], "vectors": [VEC], "texts": ["\\ud83d\\ude00"]}'.replace("VEC", json.dumps([0.5] * D))
-    assert svc.post("/v1/indexes/docs/upsert", content=pair.encode(), headers=JSON).status_code == 200
+    pair = '{"keys": ["smile"], "vectors": [VEC], "texts": ["\\ud83d\\ude00"]}'.replace(
+        "VEC", json.dumps([0.5] * D)
+    )
+    assert (
+        svc.post("/v1/indexes/docs/upsert", content=pair.encode(), headers=JSON).status_code == 200
+    )
     f = svc.post("/v1/indexes/docs/fetch", json={"keys": ["smile"]}).json()
     assert f["rows"][0]["text"] == "\U0001f600"
 
@@ -209,12 +248,26 @@ def test_raw_invalid_utf8_and_valid_pairs(svc: httpx.Client) -> None:
         ("/v1/indexes/docs/upsert", {"keys": ["a"], "vectors": [["0.5"] * D]}, 422),
         ("/v1/indexes", {"name": "abc\n", "model": "m", "dim": 4}, 400),
         ("/v1/indexes", {"name": "x", "model": "m", "dim": "4"}, 422),
-        ("/v1/indexes", {"name": "x", "model": "m", "dim": 4, "settings": {"oracle": {"window": 10**15}}}, 400),
-        ("/v1/indexes", {"name": "x", "model": "m", "dim": 4, "settings": {"lifecycle": {"tau": 10**30}}}, 400),
-        ("/v1/indexes", {"name": "x", "model": "m", "dim": 4, "settings": {"lifecycle": {"backoff_s": 1e300}}}, 400),
+        (
+            "/v1/indexes",
+            {"name": "x", "model": "m", "dim": 4, "settings": {"oracle": {"window": 10**15}}},
+            400,
+        ),
+        (
+            "/v1/indexes",
+            {"name": "x", "model": "m", "dim": 4, "settings": {"lifecycle": {"tau": 10**30}}},
+            400,
+        ),
+        (
+            "/v1/indexes",
+            {"name": "x", "model": "m", "dim": 4, "settings": {"lifecycle": {"backoff_s": 1e300}}},
+            400,
+        ),
     ],
 )
-def test_strict_types_names_and_bounded_settings(shared: httpx.Client, path: str, body: Any, status: int) -> None:
+def test_strict_types_names_and_bounded_settings(
+    shared: httpx.Client, path: str, body: Any, status: int
+) -> None:
     r = shared.post(path, json=body)
     assert r.status_code == status and r.json()["error"] == "InvalidInput", r.text
     assert [i["name"] for i in shared.get("/v1/indexes").json()["indexes"]] == ["docs"]
@@ -266,10 +319,21 @@ def test_delete_index_reclaims_everything(svc: httpx.Client, tmp_path: Path) -> 
 
 
 def test_serve_refuses_a_public_bind_without_tokens(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "index_runtime.cli", "serve", "--data", str(tmp_path), "--host", "0.0.0.0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "index_runtime.cli",
+        "serve",
+        "--data",
+        str(tmp_path),
+        "--host",
+        "0.0.0.0",
+    ]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "--insecure" in out.stderr and "tokens" in out.stderr
-    out = subprocess.run([*cmd, "--admin-token", "x" * 20], capture_output=True, text=True, timeout=60, env=env)
+    out = subprocess.run(
+        [*cmd, "--admin-token", "x" * 20], capture_output=True, text=True, timeout=60, env=env
+    )
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr  # never on argv
