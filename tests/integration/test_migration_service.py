@@ -402,6 +402,40 @@ def test_a_rollback_that_races_the_migrations_own_end_is_a_conflict(tmp_path: Pa
         assert rec["phase"] == "Failed"  # the runner's end stands; nothing else was committed
 
 
+def test_a_text_write_that_races_the_start_of_dual_writes_is_encoded_again(
+    tmp_path: Path,
+) -> None:
+    """The models an index writes are read, the text encoded for them, then written: a
+    migration whose dual writes begin in between made a valid text write a 400 (found by the
+    sharded migration's campaign: a write during the start). It is encoded again for the new
+    set and stored with both models' vectors."""
+    from index_runtime.contract import MigrationRecord, MigrationTarget
+    from index_runtime.service.migration_gate import _with_target
+
+    with running_service(tmp_path) as c:
+        _setup(c, 0.0, 0.0)
+        c.engine.encoders["new"] = encoder(W_NEW, 0.0)  # type: ignore[attr-defined]
+        rt = c.engine.get("docs")  # type: ignore[attr-defined]
+        plain = c.engine.encoders["old"]  # type: ignore[attr-defined]
+        rec = MigrationRecord(id="m", from_model="old", to_model="new",
+                              target=MigrationTarget(D_NEW, "cosine"), phase="Pending",
+                              started_at=0.0, updated_at=0.0)  # fmt: skip
+
+        def racing(texts: list[str], kind: str) -> Any:
+            out = plain(texts, kind)
+            if texts == ["w1 w2 w3 w4"]:  # while this write is encoded, dual writes begin
+                rt._writer().change_spec(lambda m: _with_target(m, rec), "test: dual writes")
+            return out
+
+        c.engine.encoders["old"] = racing  # type: ignore[attr-defined]
+        r = c.post("/v1/indexes/docs/upsert", json={"keys": ["race"], "texts": ["w1 w2 w3 w4"]})
+        assert r.status_code == 200, r.text
+        assert rt._writer().spec.write_models == ("old", "new")
+        view = rt.fresh_view()
+        pos = int(view.live_pos[-1])
+        assert view.row(pos, True)["key"] == "race"
+
+
 def test_a_restarted_writer_resumes_the_backfill(tmp_path: Path) -> None:
     with running_service(tmp_path) as c:
         _setup(c, 0.0, 0.0)
