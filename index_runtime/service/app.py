@@ -427,6 +427,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         flt = parse_filter(q.filter)
         if (q.vector is None) == (q.text is None):
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
+        if q.model is not None:
+            rt.fresh_view()  # read-your-writes for a native answer too (published with the view)
         record, adapter = rt.bridge_state  # one snapshot for the whole query
         bridged = serves_both(record)  # a bridged migration, or one that ended merged
         # at Backfilled every live row may have a new-model vector: a new-model query is then

@@ -997,10 +997,9 @@ class IndexRuntime:
         return Answer(Hits(ids, scores), view, served.path)
 
     def backfilled_view(self, model: str) -> View | None:
-        """``model``'s view of the newest snapshot (read-your-writes, as :meth:`search`) when
-        a migration to ``model`` is under way and every live row has a ``model`` vector, else
-        None. Its rows and positions are the served view's."""
-        self.fresh_view()
+        """``model``'s view of the published snapshot when a migration to ``model`` is under
+        way and every live row has a ``model`` vector, else None. Its rows and positions are
+        the served view's (call :meth:`fresh_view` first for read-your-writes)."""
         pair = self.native_pair
         if pair is None or pair[1].model != model or pair[1].live_rows != pair[0].live_rows:
             return None
