@@ -518,6 +518,19 @@ def cutover_decision(
     return Cutover(True, "CutOver", f"every live row has a {to_model} vector; {measured}")
 
 
+def coordinated_cutover(own: Cutover) -> Cutover:
+    """The runner's cutover decision in a coordinated migration (one shard of a sharded index,
+    ``own`` decided as with ``cutover: auto``): the router cuts the shards over one by one
+    once every shard is ready, so a shard never cuts over on its own. A decision that would go
+    is held as ``CoordinatedCutover`` (the shard is ready); one that would not keeps its own
+    reason (not ready: rows to re-encode, a measured regression...)."""
+    if not own.go:
+        return own
+    return Cutover(
+        False, "CoordinatedCutover", f"ready; waits for the router's cutover ({own.message})"
+    )
+
+
 # --- staying merged after the migration ---------------------------------------------------
 
 

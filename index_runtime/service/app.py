@@ -35,7 +35,7 @@ from index_runtime.errors import (
     InvalidInputError,
 )
 from index_runtime.index.filters import parse_filter
-from index_runtime.migration import STATUS_QUO, serves_both
+from index_runtime.migration import NATIVE, STATUS_QUO, serves_both
 from index_runtime.service import backfill
 from index_runtime.service.auth import authorize
 from index_runtime.service.edge import (
@@ -69,7 +69,7 @@ from index_runtime.service.requests import (
     Strict,
     Upsert,
 )
-from index_runtime.service.runtime import IndexRuntime
+from index_runtime.service.runtime import Answer, IndexRuntime
 from index_runtime.store.versions import read_versions
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,12 @@ class SearchAnswer(BaseModel):
         description="how the query reached the index: status-quo (the index's model), "
         "adapter:<kind> during a migration, or merge (that strategy merged with the new "
         "model's results over the backfilled rows; scores are then calibrated probabilities "
-        "of relevance)"
+        "of relevance), or native (a query of the migration's new model once every row has "
+        "its vector: exact over the new model's vectors)"
+    )
+    model: str = Field(
+        description="the model whose space the scores are in: the index's serving model, or "
+        "the new model for a native answer"
     )
 
 
@@ -197,6 +202,12 @@ class StartMigration(Strict):
         description="internal: the writer re-encodes; external: an Indexed Job's workers do",
     )
     backfill_shares: int = Field(default=1, ge=1, le=10_000)
+    coordinated: bool = Field(
+        default=False,
+        description="one of a sharded index's migrations (the router starts it on every "
+        "shard): the shard serves the status quo until it is cut over, and waits in "
+        "Backfilled (reason CoordinatedCutover when ready) for the router's cutover request",
+    )
 
 
 class MigrationId(Strict):
@@ -431,18 +442,39 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         flt = parse_filter(q.filter)
         if (q.vector is None) == (q.text is None):
             raise InvalidInputError("give exactly one of 'vector' or 'text'")
+        if q.model is not None:
+            rt.fresh_view()  # read-your-writes for a native answer too (published with the view)
         record, adapter = rt.bridge_state  # one snapshot for the whole query
-        strategy = strategy_for(record, q.text is not None, q.model)
         bridged = serves_both(record)  # a bridged migration, or one that ended merged
+        # at Backfilled every live row may have a new-model vector: a new-model query is then
+        # answered natively (the router's fan-out while some shards are cut over and others not)
+        native = (
+            rt.backfilled_view(str(q.model))
+            if bridged and q.model == record.get("to") and record.get("phase") == "Backfilled"
+            else None
+        )
+        strategy = strategy_for(record, q.text is not None, q.model, native is not None)
         if q.model not in (None, rt.model) and not (bridged and q.model == record.get("to")):
             raise InvalidInputError(
                 f"this index serves model {rt.model!r}; a {q.model!r} vector cannot be compared"
             )
         if strategy == "refused":
-            raise ConflictError(
-                f"the migration gate kept the status quo for {record['to']!r} vectors "
-                f"({record['reason']}); send the query's text or a {rt.model!r} vector"
+            why = (
+                "a coordinated migration serves the status quo until its cutover"
+                if record.get("options", {}).get("coordinated")
+                else f"the migration gate kept the status quo for {record['to']!r} vectors"
             )
+            raise ConflictError(
+                f"{why} ({record['reason']}); send the query's text or a {rt.model!r} vector"
+            )
+        if strategy == NATIVE:
+            assert native is not None
+            if q.text is not None:
+                nq = engine.encode(native.model, [q.text], "query")[0]
+                rt.queries.offer(q.text)
+            else:
+                nq = float32_array(q.vector, "vector")
+            return answer(rt.search_native(native, nq, q.k, flt), q, strategy, size, more)
         new_vec = None  # the query in the new model's space, when there is one
         if q.vector is not None:
             given = float32_array(q.vector, "vector")
@@ -468,6 +500,11 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 strategy = "merge"
         if ans is None:
             ans = rt.search(vec, q.k, flt)
+        return answer(ans, q, strategy, size, more)
+
+    def answer(
+        ans: Answer, q: SearchQuery, strategy: str, size: AnswerSize, more: bool
+    ) -> dict[str, Any]:
         view = ans.view
         results = []
         for pos, sc in zip(ans.hits.pos.tolist(), ans.hits.scores.tolist(), strict=True):
@@ -480,6 +517,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             "path": ans.path,
             "manifest_version": view.version,
             "strategy": strategy,
+            "model": view.model,  # the space of the scores: the served view's, or the native's
         }
 
     def check_answer(rt: IndexRuntime, queries: list[SearchQuery]) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from index_runtime.index.view import View
 from index_runtime.migration import (
     GUARD_ENTER_LEVEL,
     KEEP_MERGED,
+    NATIVE,
     STATUS_QUO,
     Calibration,
     decision_metric,
@@ -70,6 +71,9 @@ class MigrationRequest:
     backfill_mode: str = "internal"  # "external": an Indexed Job's workers re-encode
     backfill_shares: int = 1
     keep_merged: str = "never"  # "if_better": end keeping both models when the merge wins
+    # one of a sharded index's migrations, started by the router on every shard: the shard
+    # serves the status quo and cuts over only when asked (docs: *Coordinated migrations*)
+    coordinated: bool = False
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> MigrationRequest:
@@ -92,6 +96,7 @@ class MigrationRequest:
             "backfill_mode",
             "backfill_shares",
             "keep_merged",
+            "coordinated",
         }
         extra = set(d) - known
         if extra:
@@ -143,6 +148,12 @@ class MigrationRequest:
         keep_merged = str(d.get("keep_merged") or "never")
         if keep_merged not in KEEP_MERGED:
             raise InvalidInputError(f"keep_merged must be one of {list(KEEP_MERGED)}")
+        coordinated = d.get("coordinated", False)
+        if not isinstance(coordinated, bool):
+            raise InvalidInputError(f"coordinated must be true or false, got {coordinated!r}")
+        if coordinated and keep_merged != "never":
+            # every shard must answer in one space: a merge is a space of its own per shard
+            raise InvalidInputError("a coordinated migration cannot keep both models merged")
         return MigrationRequest(
             d["to_model"],
             kinds,
@@ -162,6 +173,7 @@ class MigrationRequest:
             mode,
             shares,
             keep_merged=keep_merged,
+            coordinated=coordinated,
         )
 
     def options(self) -> dict[str, Any]:
@@ -181,6 +193,7 @@ class MigrationRequest:
             "backfill_mode": self.backfill_mode,
             "backfill_shares": self.backfill_shares,
             "keep_merged": self.keep_merged,
+            "coordinated": self.coordinated,
         }
 
     @staticmethod
@@ -206,6 +219,7 @@ class MigrationRequest:
             rec.backfill_mode,
             int(o.get("backfill_shares", 1)),
             keep_merged=str(o.get("keep_merged") or "never"),
+            coordinated=bool(o.get("coordinated", False)),
         )
 
 
@@ -479,7 +493,9 @@ def evaluate_gate(
         row["arr"] = arr[row["name"]][0].as_dict()
         if row["name"] in adapters:  # what the adapter was fitted on (pairs, query traffic)
             row["fitted_on"] = list(adapters[row["name"]].provenance.get("fitted_on", ()))
-    chosen = adapters.get(sel.selected)
+    # coordinated: the gate measures and records its choice, but the shard serves the status
+    # quo until the router cuts every shard over (one scoring space across the shards)
+    chosen = None if req.coordinated else adapters.get(sel.selected)
     evalset: EvalSet | None = None
     calibration: dict[str, Any] | None = None
     if metric.startswith("success"):
@@ -501,8 +517,9 @@ def evaluate_gate(
     fields: dict[str, Any] = {
         "phase": "Bridged",
         "metric": metric,
-        "selected": sel.selected,
-        "reason": sel.reason,
+        "selected": STATUS_QUO if req.coordinated else sel.selected,
+        "reason": sel.reason
+        + ("; coordinated: the status quo serves until the cutover" if req.coordinated else ""),
         "strategies": table["strategies"],
         "pairs": len(fit),
         "sampled_rows": len(pos),
@@ -514,6 +531,8 @@ def evaluate_gate(
         "text_coverage": pairs.coverage,
         "measured_on_version": view.version,
     }
+    if req.coordinated:
+        fields["gate_selected"] = sel.selected
     if calibration is not None:
         fields["calibration"] = calibration
     else:
@@ -636,6 +655,7 @@ def measure_progress(
     k: int,
     seed: int = 0,
     prev: MigrationGuard | None = None,
+    merge_allowed: bool = True,
 ) -> dict[str, Any]:
     """One checkpoint of the progressive migration, on the same snapshot (``view`` and
     ``native`` built from one manifest): the guard's decision on the calibration half (given
@@ -644,7 +664,8 @@ def measure_progress(
     and what is served, each with its interval and its paired gain over the status quo.
     ``native_gain`` (all queries, native vs served) is what the cutover checks;
     ``merge_vs_native`` and ``merge_vs_served`` (test half: queries the calibration never saw)
-    are what the cutover's keep-merged policy checks."""
+    are what the cutover's keep-merged policy checks. Without ``merge_allowed`` (a
+    coordinated migration) the merge is measured but never serves: the guard stays out."""
     # a deleted label can never be found (-2: lists are padded with -1)
     labels = np.array([p if (p := view.position_of(key)) is not None else -2 for key in ev.keys])
     has = native_mask(native)
@@ -671,6 +692,10 @@ def measure_progress(
         per[STATUS_QUO][cal],
         seed=seed,
     )
+    if not merge_allowed:
+        was = prev or MigrationGuard()
+        g = replace(g, state=MigrationGuard(False, was.flips, was.checkpoints + 1),
+                    reason="MergeNotAllowed")  # fmt: skip
     serves = g.state.serves
     per["served"] = per["merge"] if serves else per["served-strategy"]
     return {
@@ -714,13 +739,19 @@ def interval_of(d: Mapping[str, Any] | None) -> Interval | None:
     return Interval(float(d["mean"]), float(d["low"]), float(d["high"]), int(d.get("n", 0)))
 
 
-def strategy_for(record: Mapping[str, Any] | None, has_text: bool, model: str | None) -> str:
+def strategy_for(
+    record: Mapping[str, Any] | None, has_text: bool, model: str | None, backfilled: bool = False
+) -> str:
     """How a query is served during a bridged migration, or after one that ended keeping both
     models merged (pure): text follows the selected strategy; a new-model vector needs the
-    adapter; anything else is the status quo."""
+    adapter; anything else is the status quo. A query tagged with the new model (vector or
+    text) is answered natively once the migration is Backfilled and every live row of the
+    snapshot has a new-model vector (``backfilled``): exactly what the cutover would serve."""
     if not record or not serves_both(record):
         return STATUS_QUO
     selected = str(record["selected"])
+    if model == record["to"] and backfilled and record.get("phase") == "Backfilled":
+        return NATIVE
     if model == record["to"]:
         return selected if selected != STATUS_QUO else "refused"
     return selected if has_text else STATUS_QUO

@@ -117,7 +117,7 @@ class Backfill:
             k = int(rec.options.get("k", 10))
             point = measure_progress(
                 view, native, ev, self._served_vectors(rec, ev), rec.calibration, k,
-                prev=rec.guard_state,
+                prev=rec.guard_state, merge_allowed=not rec.options.get("coordinated", False),
             )  # fmt: skip
 
         def change(r: MigrationRecord) -> MigrationRecord:

@@ -38,7 +38,7 @@ from index_runtime.errors import (
 from index_runtime.index.loader import serving_model
 from index_runtime.index.settings import IndexSettings
 from index_runtime.machine import Observed, Step, next_step, same_migration
-from index_runtime.migration import BRIDGED, cutover_decision, merged_cost
+from index_runtime.migration import BRIDGED, coordinated_cutover, cutover_decision, merged_cost
 from index_runtime.service import migration_gate as gate
 from index_runtime.service.migrate import (
     Encode,
@@ -483,7 +483,10 @@ class Migrator:
 
     def cutover_decision(self, rec: MigrationRecord, prog: Any, explicit: bool,
                          force: bool = False) -> Any:  # fmt: skip
-        auto = bool(rec.options.get("auto_cutover", True)) or explicit
+        # coordinated: the runner's own decision is only whether the shard is ready (as if
+        # auto); the cutover itself is the router's explicit request
+        coordinated = bool(rec.options.get("coordinated", False)) and not explicit
+        auto = bool(rec.options.get("auto_cutover", True)) or explicit or coordinated
         gain = interval_of((rec.merge or {}).get("native_gain"))
         keep = rec.options.get("keep_merged") == "if_better" and rec.guard_state.serves
         m = rec.merge or {}
@@ -496,7 +499,7 @@ class Migrator:
             IndexSettings.from_json(self.rt.current_manifest().settings, dim)
         except (InvalidInputError, KeyError) as exc:
             d = replace(d, go=False, reason="SettingsInvalid", message=str(exc))
-        return d
+        return coordinated_cutover(d) if coordinated else d
 
     def cutover(self, force: bool = False, explicit: bool = True,
                 mid: str | None = None) -> dict[str, Any]:  # fmt: skip

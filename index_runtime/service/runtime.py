@@ -996,6 +996,34 @@ class IndexRuntime:
         ids, scores = ids[0][kept], probs[0][kept].astype(np.float32)
         return Answer(Hits(ids, scores), view, served.path)
 
+    def backfilled_view(self, model: str) -> View | None:
+        """``model``'s view of the published snapshot when a migration to ``model`` is under
+        way and every live row has a ``model`` vector, else None. Its rows and positions are
+        the served view's (call :meth:`fresh_view` first for read-your-writes)."""
+        pair = self.native_pair
+        if pair is None or pair[1].model != model or pair[1].live_rows != pair[0].live_rows:
+            return None
+        return pair[1]
+
+    def search_native(self, native: View, q: F32, k: int, flt: Filter | None = None) -> Answer:
+        """Exact top-k of a new-model query over ``native`` (:meth:`backfilled_view`), scored
+        in the new model's metric: what the index answers after the cutover, before it."""
+        if not 1 <= k <= 1000:
+            raise InvalidInputError(f"k must be 1..1000, got {k}")
+        q = np.asarray(q, dtype=np.float32)
+        if q.shape != (native.dim,):
+            raise InvalidInputError(
+                f"a {native.model!r} query vector must have {native.dim} dimensions, got {q.shape}"
+            )
+        if not np.isfinite(q).all():
+            raise InvalidInputError("query vector has NaN or infinite values")
+        if native.metric == "cosine":
+            q = normalize(q)
+        started = time.perf_counter()
+        hits = native.exact_batch(q[None, :], k, native.match_mask(flt))[0]
+        self.hooks.query(self.name, "shadow", time.perf_counter() - started)
+        return Answer(hits, native, "shadow")
+
     def query_vector(self, strategy: str, vector: F32, adapter: Adapter | None = None) -> F32:
         """The old-space vector a strategy searches with: adapters map new-model vectors.
         Pass the adapter of the same ``bridge_state`` the strategy was chosen from."""

@@ -269,3 +269,68 @@ def test_merged_positions_at_share_zero_are_the_served_list() -> None:
         10,
     )
     np.testing.assert_array_equal(out, served[:, :10])
+
+
+# --- coordinated migrations (one shard of a sharded index) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("todo", "blocked", "gain", "reason"),
+    [
+        (0, 0, None, "CoordinatedCutover"),  # would go: ready, held for the router
+        (0, 0, (0.1, 0.05, 0.15), "CoordinatedCutover"),
+        (3, 0, None, "BackfillRunning"),  # would not go: its own reason (not ready)
+        (0, 2, None, "RowsWithoutText"),
+        (0, 0, (-0.2, -0.3, -0.1), "NativeWorse"),
+    ],
+)
+def test_a_coordinated_shard_never_cuts_over_on_its_own(
+    todo: int, blocked: int, gain: Any, reason: str
+) -> None:
+    from index_runtime.migration import BackfillProgress, coordinated_cutover, cutover_decision
+    from index_runtime.quality.arr import Interval
+
+    prog = BackfillProgress(100, 100 - todo - blocked, todo, blocked)
+    own = cutover_decision(prog, Interval(*gain, 50) if gain else None, True, False, "e5")
+    d = coordinated_cutover(own)
+    assert not d.go and d.reason == reason, d.message
+    assert ("router" in d.message) == (reason == "CoordinatedCutover")
+
+
+@pytest.mark.parametrize(
+    ("phase", "selected", "text", "model", "backfilled", "strategy"),
+    [
+        ("Backfilled", STATUS_QUO, True, "new", True, "native"),
+        ("Backfilled", STATUS_QUO, False, "new", True, "native"),
+        ("Backfilled", "adapter:procrustes", False, "new", True, "native"),
+        ("Backfilled", STATUS_QUO, False, "new", False, "refused"),  # rows still to re-encode
+        ("Backfilling", STATUS_QUO, False, "new", True, "refused"),  # not Backfilled yet
+        ("Backfilling", "adapter:procrustes", True, "new", True, "adapter:procrustes"),
+        ("Backfilled", STATUS_QUO, True, None, True, STATUS_QUO),  # untagged: the index's model
+        ("Backfilled", "adapter:procrustes", False, "old", True, STATUS_QUO),
+        ("RolledBack", STATUS_QUO, False, "new", True, STATUS_QUO),
+    ],
+)
+def test_strategy_for_answers_natively_once_backfilled(
+    phase: str, selected: str, text: bool, model: str | None, backfilled: bool, strategy: str
+) -> None:
+    from index_runtime.service.migrate import strategy_for
+
+    record = {"phase": phase, "to": "new", "selected": selected}
+    assert strategy_for(record, text, model, backfilled) == strategy
+
+
+def test_the_coordinated_option_is_validated_and_kept_in_the_record() -> None:
+    from index_runtime.contract import MigrationRecord
+    from index_runtime.errors import InvalidInputError
+    from index_runtime.service.migrate import MigrationRequest
+
+    req = MigrationRequest.from_json({"to_model": "new", "coordinated": True})
+    assert req.coordinated and req.options()["coordinated"] is True
+    rec = MigrationRecord(id="m", to_model="new", options=req.options())
+    again = MigrationRecord.from_json(rec.to_json())
+    assert again is not None and MigrationRequest.of_record(again).coordinated
+    assert not MigrationRequest.from_json({"to_model": "new"}).coordinated
+    for bad in ({"coordinated": "true"}, {"coordinated": True, "keep_merged": "if_better"}):
+        with pytest.raises(InvalidInputError):
+            MigrationRequest.from_json({"to_model": "new", **bad})
