@@ -19,6 +19,14 @@ resumes the gate from its record), a failed backfill Job is replaced by the next
 at once if the record progressed since it was created, else at most once per
 ``stallSeconds``; no progress for ``stallSeconds`` shows the condition Stalled; a paused
 record shows Paused with the runtime's reason. Events are posted on transitions only.
+
+A sharded index (``shards > 1``) is migrated through its router: the record is the router's
+merge of the shards' (``index_runtime.shard_migration.merge_records``, every shard's id, phase
+and reason under ``shards``). Its backfill is internal (no Job: each shard's writer re-encodes
+its rows); the cutover is asked once every shard is ready (``CoordinatedCutover``) and held by
+the first shard that holds; nothing is decided before every shard has this migration's record
+(StartingOnShards); shards whose migrations ended apart (the router's ``Mixed``) are rolled
+back (RolledBack, ShardFailed).
 """
 
 from __future__ import annotations
