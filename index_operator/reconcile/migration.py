@@ -261,9 +261,13 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
 
     view = summary(rec)
     if missing := _not_on(rec):  # a sharded index: the start has not reached every shard
+        shards = ", ".join(map(str, missing))
+        if obs.gate_job is JobState.FAILED:  # nobody will start it there: undo the others
+            msg = f"the gate Job failed before the migration started on shards {shards}"
+            return done("RolledBack", "GateJobFailed", msg, rec, [MAction(MAct.ROLLBACK)])
         msg = (
-            f"shards {', '.join(map(str, missing))} have no record of this migration yet "
-            "(the gate Job starts it on every shard through the router)"
+            f"shards {shards} have no record of this migration yet (the gate Job starts it "
+            "on every shard through the router)"
         )
         return done(phase0 or "Pending", "StartingOnShards", msg, rec)
     if rec.phase == MIXED:

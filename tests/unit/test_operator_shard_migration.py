@@ -184,6 +184,11 @@ def test_nothing_is_decided_before_every_shard_has_this_migration() -> None:
     assert acts(plan) == []
     assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "StartingOnShards")
     assert "shards 2" in plan.status["message"]
+    # the gate Job gave up (its retries spent) before reaching shard 2: nobody will start it
+    # there, so the shards that started are rolled back
+    failed = tick(AUTO, rec, plan.status, gate_job=JobState.FAILED)
+    assert acts(failed) == [(MAct.ROLLBACK, None, False)]
+    assert (failed.status["phase"], failed.status["reason"]) == ("RolledBack", "GateJobFailed")
 
 
 def test_shards_that_ended_apart_are_rolled_back() -> None:
