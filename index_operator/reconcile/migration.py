@@ -365,6 +365,8 @@ def cutover_held(rec: MigrationRecord) -> tuple[str, str]:
     for s in _shards(rec):
         why = str(s.get("reason") or "")
         if s.get("phase") == "Backfilled" and why not in READY_TO_CUT:
+            if not _camel(why):  # no cutover decision yet: the record's own (prose) reason
+                return "ShardNotReady", f"shard {s.get('shard')} has not decided: {why}"
             return why, f"shard {s.get('shard')} holds the cutover: {why}"
     held = str((rec.cutover or {}).get("reason") or "")
     if held in READY_TO_CUT:
@@ -377,9 +379,14 @@ def cutover_refused(message: str) -> tuple[str, str]:
     ``<Reason>: <message>``; a router's refusal names the shards (``shard 1 is Backfilling``),
     reported as ``CutoverRefused``."""
     why, _, msg = message.partition(": ")
-    if msg and re.fullmatch(r"[A-Z][A-Za-z0-9]*", why):
+    if msg and _camel(why):
         return why, msg
     return "CutoverRefused", message
+
+
+def _camel(reason: str) -> bool:
+    """A machine reason (``NativeRegression``), not prose."""
+    return re.fullmatch(r"[A-Z][A-Za-z0-9]*", reason) is not None
 
 
 def _shards(rec: MigrationRecord) -> list[Mapping[str, Any]]:

@@ -158,6 +158,16 @@ def test_a_shard_that_holds_holds_the_index_unless_forced() -> None:
     assert cond(plan, "CutoverHeld")["status"] == "True"
     forced = tick(migration(cutover={"force": True}), rec, plan.status)
     assert acts(forced) == [(MAct.CUTOVER, None, True)]
+    # a shard just Backfilled, before its cutover decision: the router lists the record's
+    # prose reason; not ready, and not a reason to show as one
+    fresh = shard("Backfilled")
+    fresh["reason"] = "adapter:procrustes gains +0.37 over the status quo"
+    early = merged(
+        shard("Backfilled", "CoordinatedCutover"), fresh, shard("Backfilled", "CoordinatedCutover")
+    )
+    plan = tick(AUTO, early, {"phase": "Backfilling"})
+    assert acts(plan) == [] and plan.status["reason"] == "ShardNotReady"
+    assert "shard 1" in plan.status["message"]
 
 
 def test_a_begun_cutover_is_asked_to_finish() -> None:
