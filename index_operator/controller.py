@@ -39,6 +39,7 @@ from index_operator.reconcile.migration import (
     MAct,
     MAction,
     MigrationObservation,
+    cutover_refused,
     plan_migration,
 )
 from index_operator.reconcile.shards import combine_shards, shard_prior
@@ -248,10 +249,12 @@ class Controller:
         """Models whose encoders the index keeps beyond its own and a running migration's: both
         of a migration that ended keeping them merged (every write and text query encodes
         with both); while the writer cannot be read, the ones its ConfigMap has now (a
-        ConfigMap change rolls the pods, so nothing is dropped on a missing status)."""
+        ConfigMap change rolls the pods, so nothing is dropped on a missing status). A sharded
+        index passes its shards' writers (a list): any one unread keeps the ConfigMap's."""
         if record is not None and record.kept_merged:
             return (record.from_model, record.to_model)
-        if isinstance(writer, Mapping):
+        writers = writer if isinstance(writer, list) else [writer]
+        if all(isinstance(w, Mapping) for w in writers):
             return ()
         cm = self.cached("ConfigMap", ns, config_name(name))
         data = (cm.get("data") or {}) if isinstance(cm, Mapping) else {}
@@ -287,9 +290,9 @@ class Controller:
         await self.wait_cache()
         tokens = await self.tokens(ns, name)
         if ix.shards > 1:
-            # a migration of a sharded index is refused (ShardedMigrationUnsupported): it is
-            # not this index's running migration
-            return await self._reconcile_sharded(body, ix, model, models, desired, tokens)
+            return await self._reconcile_sharded(
+                body, ix, model, models, desired, tokens, migrating, migration_target
+            )
         token = tokens[Scope.ADMIN]
         cl = self.config.cluster
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
@@ -410,22 +413,41 @@ class Controller:
         models: Mapping[str, Model],
         desired: Mapping[str, Any],
         tokens: res.Tokens,
+        migrating: str = "",
+        migration_target: str = "",
     ) -> tuple[dict[str, Any], list[Event]]:
         """A sharded index: the objects of every shard and the router; each shard planned as an
         unsharded index over its own writer and shadow (its prior: its ``status.shards``
-        entry), its actions carried out against its writer; the status combined. Migrations
-        of sharded indexes are refused (``ShardedMigrationUnsupported``), so no target model
-        joins the ConfigMap and maintenance is never held for a cutover."""
+        entry), its actions carried out against its writer; the status combined. A running
+        migration's target joins the index's ConfigMap (every shard's pods mount it), and each
+        shard holds its maintenance in its own cutover window (its writer's record)."""
         prior = dict(body.get("status") or {})
         ns, name = ix.ref.namespace, ix.ref.name
         token = tokens[Scope.ADMIN]
         cl = self.config.cluster
         served = str(prior.get("model") or ix.model)
         ats = placements(name, ix.shards)
-        encoders = res.index_encoders(models, (ix.model, served))
+        writers = list(
+            await asyncio.gather(
+                *(
+                    self.runtime.status(self.shard_url(at, ns, Role.WRITER), name, token)
+                    for at in ats
+                )
+            )
+        )
+        records = [
+            MigrationRecord.from_json(((w or {}).get("migration") or {}).get("record"))
+            for w in writers
+        ]
+        mphases = [r.phase if r is not None and r.active else "" for r in records]
+        kept = [m for r in records for m in self._kept_models(r, writers, ns, name)]
+        encoders = res.index_encoders(models, (ix.model, served, migration_target, *kept))
         objs = [
             *res.desired_objects(ix, cl, encoders, tokens),
-            *(res.desired_compaction_cronjob(ix, cl, False, at) for at in ats),
+            *(
+                res.desired_compaction_cronjob(ix, cl, bool(maintenance_held(mp)), at)
+                for at, mp in zip(ats, mphases, strict=True)
+            ),
         ]
         if clash := self.conflicts(ix, objs):
             return _invalid(body, prior, _clash_message(clash), "NameConflict"), []
@@ -435,9 +457,8 @@ class Controller:
         await self.prune(ix, objs)
         now = time.time()
         plans = []
-        for at in ats:
+        for at, writer, mphase in zip(ats, writers, mphases, strict=True):
             before = shard_prior(prior, at.shard)
-            writer = await self.runtime.status(self.shard_url(at, ns, Role.WRITER), name, token)
             shadow = await self.runtime.status(self.shard_url(at, ns, Role.SHADOW), name, token)
             job_names = {
                 k: str(v.get("name"))
@@ -456,9 +477,11 @@ class Controller:
                 shadow=shadow or None,
                 jobs={**jobs, **await self.job_states(ns, job_names)},
                 prior=before,
+                migrating=migrating,
+                migration_phase=mphase,
             )
             plans.append(plan_index(ix, obs, desired))
-        combined = combine_shards(ix, plans, prior, now)
+        combined = combine_shards(ix, plans, prior, now, migrating)
         status = combined.status
         # every shard's actions at once, each to the end: one shard's writer timing out (its
         # index created on a loaded node took over the client's 10 s) held the next shard's
@@ -561,7 +584,9 @@ class Controller:
         token = ""
         if ix_body is not None:
             ix = Index.parse(ix_body)
-        if ix is not None and ix.shards == 1:
+        if ix is not None:
+            # a sharded index's writer Service selects its router: the status carries one
+            # record for the index merged from the shards' (shard_migration.merge_records)
             token = (await self.tokens(ns, mig.index))[Scope.ADMIN]
             writer = await self.runtime.status(
                 self.url(mig.index, ns, Role.WRITER), mig.index, token
@@ -593,11 +618,11 @@ class Controller:
         events = list(plan.events)
         actions = list(plan.actions)
         gate = [a for a in actions if a.act is MAct.START_JOB and a.job is JobKind.MIGRATE]
-        if gate and res.awaits_encoder(writer, mig.target):
+        if gate and (waiting := await self._awaiting_encoder(ix, mig, writer, token)):
             actions = [a for a in actions if a not in gate]  # the next pass starts it
             status["reason"] = "WaitingForEncoder"
             status["message"] = (
-                f"waiting for the writer of {mig.index!r} to restart with the encoder of "
+                f"waiting for the {waiting} of {mig.index!r} to restart with the encoder of "
                 f"{mig.target!r} (the index's ConfigMap gained it)"
             )
         try:
@@ -614,6 +639,27 @@ class Controller:
             if prior.get("phase") != "Backfilled":
                 events.append(held)
         return status, events
+
+    async def _awaiting_encoder(self, ix: Index, mig: Migration, writer: Any, token: str) -> str:
+        """Whose writer does not run the target's encoder yet ('' = none: the gate may start).
+        A sharded index's router reports no encoders of its own: every shard's writer is
+        asked (each runs the gate on its own rows)."""
+        if ix.shards == 1:
+            return "writer" if res.awaits_encoder(writer, mig.target) else ""
+        ns = mig.ref.namespace
+        ats = placements(mig.index, ix.shards)
+        writers = await asyncio.gather(
+            *(
+                self.runtime.status(self.shard_url(at, ns, Role.WRITER), mig.index, token)
+                for at in ats
+            )
+        )
+        late = [
+            at.shard
+            for at, w in zip(ats, writers, strict=True)
+            if res.awaits_encoder(w, mig.target)
+        ]
+        return f"writers of shards {', '.join(map(str, late))}" if late else ""
 
     async def _migration_actions(
         self,
@@ -664,7 +710,7 @@ class Controller:
                 except RuntimeError_ as exc:
                     if exc.status != 409:
                         raise
-                    why, _, msg = exc.message.partition(": ")
+                    why, msg = cutover_refused(exc.message)
                     status.update({"phase": "Backfilled", "reason": why, "message": msg})
                     status["conditions"] = merge_conditions(
                         status.get("conditions"),

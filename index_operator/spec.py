@@ -457,18 +457,24 @@ class Migration:
             ),
         )
 
-    def gate_request(self, target: Model | None = None) -> dict[str, Any]:
+    def gate_request(self, target: Model | None = None, sharded: bool = False) -> dict[str, Any]:
         """The runtime's StartMigration body (the Job adds the labelled queries): the
         migration's id, the target model's metric and dimension (the runtime checks the
         encoder against them), and an external backfill in ``backfill_parallelism`` shares
-        (the operator's Indexed Job re-encodes; the writer only rewrites)."""
+        (the operator's Indexed Job re-encodes; the writer only rewrites). A ``sharded``
+        index's backfill is internal: each shard's writer re-encodes its own rows (the
+        workers' rows endpoints are a writer's, which the router does not split)."""
         typed = {} if target is None else {"metric": target.metric, "dim": target.dimension}
+        backfill: dict[str, Any] = (
+            {"backfill_mode": "internal"}
+            if sharded
+            else {"backfill_mode": "external", "backfill_shares": self.backfill_parallelism}
+        )
         return {
             "id": self.uid,
             "to_model": self.target,
             **typed,
-            "backfill_mode": "external",
-            "backfill_shares": self.backfill_parallelism,
+            **backfill,
             "kinds": list(self.kinds),
             "diagonal": self.diagonal,
             "pairs": self.pairs,

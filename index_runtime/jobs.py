@@ -165,7 +165,14 @@ def _start_and_wait(
 ) -> dict[str, Any]:
     """Start a long operation (202 with its id; a running one of the same kind is joined)
     and wait for it."""
-    started = admin.call("POST", path, body if body is not None else {})
+    return _wait_started(
+        admin, admin.call("POST", path, body if body is not None else {}), poll_s, timeout_s
+    )
+
+
+def _wait_started(
+    admin: Admin, started: Mapping[str, Any], poll_s: float, timeout_s: float
+) -> dict[str, Any]:
     op_id = str(started["operation"])
     if not started.get("started", True):
         log.info("joined the running %s operation %s", started.get("kind"), op_id)
@@ -179,6 +186,26 @@ def _start_and_wait(
 
 def _record(st: Mapping[str, Any]) -> dict[str, Any]:
     return dict((st.get("migration") or {}).get("record") or {})
+
+
+def _reached(rec: Mapping[str, Any], done: tuple[str, ...]) -> bool:
+    """Whether the migration reached one of ``done``. A sharded index's record (merged by
+    its router from the shards') lists every shard: each must be this migration's and have
+    reached it (the merged phase is the least advanced shard's, and ``Mixed`` once a shard
+    failed: then the others' gates must still end)."""
+    shards = rec.get("shards")
+    if isinstance(shards, list) and shards:
+        return all(
+            isinstance(s, Mapping) and s.get("id") == rec.get("id") and s.get("phase") in done
+            for s in shards
+        )
+    return rec.get("phase") in done
+
+
+def _per_shard(started: Any) -> bool:
+    """A sharded index's router answered the start: one answer per shard (each shard's own
+    operation, which the router does not poll), no operation of its own."""
+    return isinstance(started, Mapping) and "shards" in started and "operation" not in started
 
 
 def run_train(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s: float) -> str:
@@ -211,9 +238,12 @@ def run_migrate(admin: Admin, spec: Mapping[str, Any], poll_s: float, timeout_s:
             raise JobError(ExitCode.INVALID, f"{labelled}: unreadable labelled queries ({exc})") from exc
     rec = _record(admin.status())
     finished = ("Succeeded", "Failed", "RolledBack")  # an earlier migration's record
-    if rec.get("to") == spec.get("to_model") and rec.get("phase") not in (None, *finished):
+    # a sharded index (its router merges the shards' records) is always asked again: the
+    # same id is idempotent on every shard, and completes a start that reached only some
+    running = rec.get("phase") not in (None, *finished) and not rec.get("shards")
+    if running and rec.get("to") == spec.get("to_model"):
         log.info("the migration to %s was already started (a retried pod)", rec["to"])
-        st = wait_for(admin, lambda s: _record(s).get("phase") in GATE_DONE, poll_s, timeout_s)
+        st = wait_for(admin, lambda s: _reached(_record(s), GATE_DONE), poll_s, timeout_s)
         rec = _record(st)
     else:
         rec = _migration_step(admin, "/admin/migrations", body, GATE_DONE, poll_s, timeout_s)
@@ -232,7 +262,14 @@ def _migration_step(
     record (the migration's own phase says how it ended)."""
     error = None
     try:
-        _start_and_wait(admin, path, body, poll_s, timeout_s)
+        started = admin.call("POST", path, body if body is not None else {})
+        if _per_shard(started):  # a sharded index's router: the shards' merged record says
+            log.info(
+                "started on %d shards (migration %s)", len(started["shards"]), started.get("id")
+            )
+            st = wait_for(admin, lambda s: _reached(_record(s), done), poll_s, timeout_s)
+            return _record(st)
+        _wait_started(admin, started, poll_s, timeout_s)
     except JobError as exc:
         if exc.code is not ExitCode.FAILED:
             raise

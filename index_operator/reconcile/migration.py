@@ -19,10 +19,19 @@ resumes the gate from its record), a failed backfill Job is replaced by the next
 at once if the record progressed since it was created, else at most once per
 ``stallSeconds``; no progress for ``stallSeconds`` shows the condition Stalled; a paused
 record shows Paused with the runtime's reason. Events are posted on transitions only.
+
+A sharded index (``shards > 1``) is migrated through its router: the record is the router's
+merge of the shards' (``index_runtime.shard_migration.merge_records``, every shard's id, phase
+and reason under ``shards``). Its backfill is internal (no Job: each shard's writer re-encodes
+its rows); the cutover is asked once every shard is ready (``CoordinatedCutover``) and held by
+the first shard that holds; nothing is decided before every shard has this migration's record
+(StartingOnShards); shards whose migrations ended apart (the router's ``Mixed``) are rolled
+back (RolledBack, ShardFailed).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,6 +50,9 @@ GATE = ("Pending", "SamplingPairs", "TrainingAdapter", "Evaluating")
 BACKFILL = ("Bridged", "Backfilling")
 # conditions whose rise posts a Warning event (the phase's own transitions post the others)
 ALERTS = ("Stalled", "Paused", "JobFailed")
+# a Backfilled record's cutover reasons that only wait for the request
+READY_TO_CUT = ("", "AwaitingCutover", "CoordinatedCutover")
+MIXED = "Mixed"  # a sharded index's merged record: the shards' migrations ended apart
 
 
 class MAct(StrEnum):
@@ -207,14 +219,6 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         return done(phase0, str(prior.get("reason", "")), str(prior.get("message", "")))
     if not obs.index_exists:
         return done("Pending", "IndexNotFound", f"no VectorIndex {mig.index!r}")
-    if obs.shards > 1:  # one gate, a backfill per shard and a joint cutover: not built yet
-        return done(
-            "Pending",
-            "ShardedMigrationUnsupported",
-            f"VectorIndex {mig.index!r} has {obs.shards} shards: migrating a sharded index is "
-            "not supported yet; nothing was started (delete this ModelMigration, or migrate "
-            "an unsharded index)",
-        )
     if not obs.target_exists:
         return done("Pending", "ModelNotFound", f"no EmbeddingModel {mig.target!r}")
     if not obs.reachable:
@@ -242,6 +246,12 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         return done("RolledBack", "RollbackRequested", "rolled back before the gate ran")
 
     if rec is None:
+        if obs.shards > 1 and mig.keep_merged == "IfBetter":  # the shards refuse it
+            msg = (
+                f"VectorIndex {mig.index!r} has {obs.shards} shards: a migration of a sharded "
+                "index cannot keep both models merged; set spec.cutover.keepMerged to Never"
+            )
+            return done("Pending", "KeepMergedUnsupported", msg)
         if obs.gate_job is JobState.MISSING:
             acts = [MAction(MAct.START_JOB, JobKind.MIGRATE)]
             return done("Pending", "GateJobCreated", "the gate Job was created", None, acts)
@@ -250,6 +260,18 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         return done("Pending", "GateJobStarting", "waiting for the gate Job")
 
     view = summary(rec)
+    if missing := _not_on(rec):  # a sharded index: the start has not reached every shard
+        shards = ", ".join(map(str, missing))
+        if obs.gate_job is JobState.FAILED:  # nobody will start it there: undo the others
+            msg = f"the gate Job failed before the migration started on shards {shards}"
+            return done("RolledBack", "GateJobFailed", msg, rec, [MAction(MAct.ROLLBACK)])
+        msg = (
+            f"shards {shards} have no record of this migration yet (the gate Job starts it "
+            "on every shard through the router)"
+        )
+        return done(phase0 or "Pending", "StartingOnShards", msg, rec)
+    if rec.phase == MIXED:
+        return _diverged(done, rec)
     if rec.phase == "Failed":
         return done("RolledBack", "GateFailed", view.message, rec)
     if rec.phase == "RolledBack":
@@ -288,7 +310,9 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
     elif rec.phase in BACKFILL:
         if view.reason == "AwaitingBackfill":  # bridged: the backfill starts when asked
             acts.append(MAction(MAct.RESUME))
-        act, note = _backfill(mig, obs, t, stalled)
+        # a sharded index's backfill is internal (every shard's writer re-encodes its own
+        # rows): no Job; the Indexed Job's workers use a writer's rows endpoints
+        act, note = (None, "") if obs.shards > 1 else _backfill(mig, obs, t, stalled)
         if act is not None:
             acts.append(act)
             t = _Tracked(t.mark, t.progress_at, act.seq, obs.now)
@@ -299,10 +323,11 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
             message = f"serving new-model queries with {rec.selected}; starting the backfill"
         else:
             reason, message = "Backfilling", f"{_progress(rec)['summary']} of rows re-encoded"
+        if obs.shards > 1:
+            message += f" (internal: each of the {obs.shards} shards' writers re-encodes its rows)"
         message += f"; {note}" if note else ""
     elif rec.phase == "Backfilled":
-        held = str((rec.cutover or {}).get("reason") or "")
-        held = "" if held == "AwaitingCutover" else held
+        held, held_msg = cutover_held(rec)
         go = mig.cutover_policy == "Auto" or mig.cutover_approved
         if go and (not held or mig.cutover_force):
             # once per state of the record: a held cutover is not asked again every pass
@@ -311,7 +336,7 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         if go and not held:
             phase, reason, message = "CuttingOver", "CutoverRequested", "every row has a new vector"
         elif held:
-            reason, message = held, str((rec.cutover or {}).get("message", ""))
+            reason, message = held, held_msg
         else:
             reason, message = "AwaitingApproval", "set spec.cutover.approved to cut over"
     elif rec.phase == "CuttingOver":
@@ -329,6 +354,66 @@ def plan_migration(mig: Migration, obs: MigrationObservation) -> MigrationPlan:
         "lastProgressAt": t.progress_at,
     }
     return done(phase, reason, message, rec, acts, extra, bookkeeping)
+
+
+def cutover_held(rec: MigrationRecord) -> tuple[str, str]:
+    """Why a Backfilled record's cutover is held ('' when it may go now): the runtime's
+    reason, except the ones that only wait for the request (``AwaitingCutover``; a shard of a
+    coordinated migration that is ready, ``CoordinatedCutover``). A sharded index's record
+    (merged by its router) lists every shard: the first Backfilled shard that holds for a
+    reason of its own holds the index's cutover."""
+    for s in _shards(rec):
+        why = str(s.get("reason") or "")
+        if s.get("phase") == "Backfilled" and why not in READY_TO_CUT:
+            if not _camel(why):  # no cutover decision yet: the record's own (prose) reason
+                return "ShardNotReady", f"shard {s.get('shard')} has not decided: {why}"
+            return why, f"shard {s.get('shard')} holds the cutover: {why}"
+    held = str((rec.cutover or {}).get("reason") or "")
+    if held in READY_TO_CUT:
+        return "", ""
+    return held, str((rec.cutover or {}).get("message", ""))
+
+
+def cutover_refused(message: str) -> tuple[str, str]:
+    """The reason and message of a 409 to a cutover request: an unsharded writer answers
+    ``<Reason>: <message>``; a router's refusal names the shards (``shard 1 is Backfilling``),
+    reported as ``CutoverRefused``."""
+    why, _, msg = message.partition(": ")
+    if msg and _camel(why):
+        return why, msg
+    return "CutoverRefused", message
+
+
+def _camel(reason: str) -> bool:
+    """A machine reason (``NativeRegression``), not prose."""
+    return re.fullmatch(r"[A-Z][A-Za-z0-9]*", reason) is not None
+
+
+def _shards(rec: MigrationRecord) -> list[Mapping[str, Any]]:
+    """A sharded index's record (merged by the router): every shard's id, phase and reason
+    (empty for an unsharded writer's record)."""
+    return [s or {} for s in rec.extra.get("shards") or ()]
+
+
+def _not_on(rec: MigrationRecord) -> list[int]:
+    """The shards whose record is not this migration's (not started there yet, or an
+    earlier migration's): the router's merged phase means nothing until every shard has it."""
+    return [int(s.get("shard", i)) for i, s in enumerate(_shards(rec)) if s.get("id") != rec.id]
+
+
+def _diverged(done: _Done, rec: MigrationRecord) -> MigrationPlan:
+    """A sharded index whose shards' migrations ended apart (a shard's gate Failed or was
+    rolled back while others went on: the router's merged phase ``Mixed``): the index cannot
+    cut over, so the shards still active are rolled back and the migration is RolledBack."""
+    shards = _shards(rec)
+    ended = [s for s in shards if s.get("phase") in ("Failed", "RolledBack")]
+    active = [s for s in shards if s.get("phase") not in TERMINAL]
+    what = ", ".join(f"shard {s.get('shard')} {s.get('phase')}" for s in ended) or "?"
+    msg = f"the shards' migrations ended apart ({what})"
+    if active:
+        msg += f"; rolling back shards {', '.join(str(s.get('shard')) for s in active)}"
+    acts = [MAction(MAct.ROLLBACK)] if active else []
+    return done("RolledBack", "ShardFailed", msg, rec, acts)
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,9 @@ def desired_gate_job(
     ix: Index, mig: Migration, cl: Cluster, target: Model | None = None
 ) -> dict[str, Any]:
     """The migration gate (sample pairs, fit adapters, measure, decide) in the writer; the
-    request carries the migration's id and the target model's metric and dimension."""
+    request carries the migration's id and the target model's metric and dimension. A sharded
+    index's gate Job drives its router (``<index>-writer`` selects the router pods), which
+    starts the migration on every shard; its backfill is internal (``Migration.gate_request``)."""
     volumes, mounts = [], []
     if mig.labelled_configmap:
         volumes.append(
@@ -158,7 +160,8 @@ def desired_gate_job(
             }
         )
         mounts.append({"name": "labelled", "mountPath": contract.LABELLED_DIR, "readOnly": True})
-    pod = _job_pod(ix, cl, JobKind.MIGRATE, mig.gate_request(target), volumes, mounts, mig.pods)
+    request = mig.gate_request(target, sharded=ix.shards > 1)
+    pod = _job_pod(ix, cl, JobKind.MIGRATE, request, volumes, mounts, mig.pods)
     if mig.labelled_configmap:
         path = f"{contract.LABELLED_DIR}/{contract.LABELLED_FILE}"
         pod["spec"]["containers"][0]["env"].append({"name": Env.LABELLED_FILE.value, "value": path})

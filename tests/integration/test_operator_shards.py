@@ -2,7 +2,7 @@
 Jobs run as local processes): every shard's objects, the router and the client-facing
 Services appear; a change of spec.shards is refused by the CRD's CEL rule; deleting the index
 purges every shard's prefix (and nothing of a neighbour's); an index named like another's
-shard is refused with a condition; a migration of a sharded index is refused.
+shard is refused with a condition; a migration of a sharded index runs through its router.
 
 The emulator's runtime Services all resolve to one runtime process on loopback, so the shards'
 status here is one runtime's (each shard is asked, and each answers); what is stored under
@@ -11,6 +11,7 @@ each shard's prefix is written by the test and purged by the operator's Jobs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,15 @@ import pytest
 pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 
+from index_operator.resources.workloads import ENCODERS_KEY
+from index_runtime.contract import HTTP_PORT, Env
 from index_runtime.service.engine import Engine
-from tests.integration.test_migration_service import D_NEW, D_OLD
+from tests.integration.test_migration_service import D_NEW, D_OLD, corpus
 from tests.integration.test_operator import (  # noqa: F401  (fixtures: cluster, runtime)
     NS,
     Cluster,
     adopt_tokens,
+    bearer,
     cluster,
     migration,
     model,
@@ -42,6 +46,11 @@ from tests.strict_api import StrictAPI
 pytestmark = [pytest.mark.kmock(cls=StrictAPI), pytest.mark.asyncio]
 VI = f"/apis/driftless.dev/v1alpha1/namespaces/{NS}/vectorindexes"
 MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+def encoders(cl: Cluster) -> dict[str, Any]:
+    cm = cl.get("configmaps", "docs-config") or {}
+    return dict(json.loads((cm.get("data") or {}).get(ENCODERS_KEY) or "{}"))
 
 
 async def until(cond: Any, timeout: float) -> bool:
@@ -88,7 +97,7 @@ async def test_a_three_shard_index_is_built_fixed_and_purged_shard_by_shard(
     task, stop = await start_operator(cl.kmock, url, monitoring=True)
     try:
         await cl.wait("secrets", "docs-token-hashes", lambda _: True, 30, "token hashes")
-        adopt_tokens(cl, engine, "docs", tmp_path)
+        tokens = adopt_tokens(cl, engine, "docs", tmp_path)
         st = await cl.wait(
             "vectorindexes",
             "docs",
@@ -129,17 +138,33 @@ async def test_a_three_shard_index_is_built_fixed_and_purged_shard_by_shard(
         assert "resharding is not supported" in r.text
         assert cl.get("vectorindexes", "docs")["spec"]["shards"] == 3  # type: ignore[index]
 
-        # a migration of the sharded index: refused with a reason, no Job
-        await cl.put(migration("to-new", "docs"))
-        mm = await cl.wait(
-            "modelmigrations",
-            "to-new",
-            lambda s: s.get("reason") == "ShardedMigrationUnsupported",
-            30,
-            "the migration refused",
+        # a migration of the sharded index runs through its router: the operator reads the
+        # status from <index>-writer and the gate Job drives it. Here the one runtime answers
+        # for the router too (an unsharded start answer: the Job polls its operation; the
+        # router's per-shard answer is tests/unit/test_jobs_sharded.py): no backfill Job (the
+        # backfill is internal, resumed through the router), the cutover asked (policy Auto)
+        with httpx.Client(base_url=url, timeout=30, headers=bearer(tokens["write"])) as c:
+            keys = [f"k{i}" for i in range(300)]
+            r = c.post("/v1/indexes/docs/upsert", json={"keys": keys, "texts": corpus(300)})
+            assert r.status_code == 200, r.text
+        await cl.put(migration("to-new", "docs", adapter={"types": ["procrustes"], "pairs": 200}))
+        assert await until(lambda: "new" in encoders(cl), 30), encoders(cl)  # every shard's pods
+        mm = await cl.migration_ended("to-new", 120, "the sharded index's migration")
+        assert (mm["status"]["phase"], mm["status"]["reason"]) == ("Succeeded", "CutOver"), (
+            mm["status"],
+            runner.log("to-new-migrate"),
         )
-        assert mm["status"]["phase"] == "Pending"
-        assert not [n for n in runner.started if n.startswith("to-new")]
+        assert runner.started.get("to-new-migrate") == 0, runner.log("to-new-migrate")
+        gate = cl.get("jobs", "to-new-migrate")
+        assert gate is not None
+        env = {
+            e["name"]: e.get("value")
+            for e in gate["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert env[Env.WRITER_URL] == f"http://docs-writer.{NS}.svc:{HTTP_PORT}"  # the router
+        assert json.loads(env[Env.JOB_SPEC])["backfill_mode"] == "internal"
+        assert not [n for n in runner.started if "backfill" in n], runner.started
+        assert mm["status"]["progress"]["share"] == 1.0
 
         # deletion: every shard's prefix is purged by its own Job, the neighbours stay
         async with httpx.AsyncClient(base_url=str(cl.kmock.url)) as k:

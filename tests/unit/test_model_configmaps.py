@@ -16,6 +16,7 @@ from index_operator.resources.common import config_name
 from index_operator.resources.workloads import ENCODERS_KEY
 from index_operator.spec import Model
 from index_runtime.contract import Role
+from tests.unit.test_operator_reconcile import writer
 
 
 class RecordingKube:
@@ -185,3 +186,70 @@ def test_a_migration_that_ended_kept_merged_keeps_both_encoders() -> None:
         "e5": "e5-small-v2",
         "model-b": HTTP_B,
     }
+
+
+class ShardWriters:
+    """A sharded index: ``b-writer`` is its router (its status lists no encoders of its own),
+    ``b-s<i>-writer`` its shards' writers, each with the encoders it was started with; the
+    shards' records (one per shard) hold a cutover window on shard 1 only."""
+
+    def __init__(self, encoders: list[list[str]]) -> None:
+        self.encoders = encoders
+        self.asked: list[str] = []
+
+    async def status(self, url: str, index: str, token: str) -> dict[str, Any] | None:
+        self.asked.append(url)
+        for i, enc in enumerate(self.encoders):
+            if f"//{index}-s{i}-writer." in url:
+                phase = "Backfilled" if i == 1 else "Backfilling"
+                rec = {"id": "m", "from": "model-b", "to": "e5", "phase": phase}
+                st = writer(model="model-b")
+                return {**st, "encoders": list(enc), "migration": {"record": rec}}
+        if f"//{index}-writer." in url:  # the router
+            return {"model": "model-b", "sharded": True}
+        return None  # a shard's shadow: not answering
+
+    async def admin(self, *args: Any, **kw: Any) -> Any:
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+
+def _sharded(name: str, model: str, shards: int) -> dict[str, Any]:
+    body = _index(name, model)
+    body["spec"]["shards"] = shards
+    return body
+
+
+def test_a_sharded_index_gates_on_every_shards_writer_and_its_configmap_gains_the_target() -> None:
+    """The router's status has no encoders: the gate Job waits until every shard's writer
+    lists the target (each runs the gate on its rows); the index's one ConfigMap, mounted by
+    every shard's pods, gains it; each shard's CronJob is suspended in its own cutover window."""
+    ctl = _controller()
+    kube: Any = ctl.kube
+    b = _sharded("b", "model-b", 3)
+    models = _models(**{"model-b": HTTP_B, "e5": HTTP_A})
+    runtime = ShardWriters([["model-b", "e5"], ["model-b"], ["model-b", "e5"]])
+    ctl.runtime = runtime  # type: ignore[assignment]
+    asyncio.run(ctl.reconcile_index(b, models, "to-e5", "e5"))
+    config = kube.objects[("ConfigMap", config_name("b"))]
+    assert json.loads(config["data"][ENCODERS_KEY]) == {"e5": HTTP_A, "model-b": HTTP_B}
+    suspended = [kube.objects[("CronJob", f"b-s{i}-compact")]["spec"]["suspend"] for i in range(3)]
+    assert suspended == [False, True, False]
+
+    asyncio.run(kube.apply(b))
+    mig = {
+        "apiVersion": "driftless.dev/v1alpha1",
+        "kind": "ModelMigration",
+        "metadata": {"name": "to-e5", "namespace": "search", "uid": "m2", "generation": 1},
+        "spec": {"indexRef": {"name": "b"}, "targetModelRef": {"name": "e5"}},
+    }
+    status, _ = asyncio.run(ctl.reconcile_migration(mig, models, ""))
+    assert status["reason"] == "WaitingForEncoder" and "shards 1" in status["message"]
+    assert not [k for k in kube.objects if k[0] == "Job"]
+    runtime.encoders[1].append("e5")  # shard 1's writer restarted with the new ConfigMap
+    status, _ = asyncio.run(ctl.reconcile_migration(mig, models, ""))
+    assert status["reason"] == "GateJobCreated"
+    assert [k for k in kube.objects if k[0] == "Job"] == [("Job", "to-e5-migrate")]
+    assert runtime.asked[-4].startswith("http://b-writer.")  # the record: from the router

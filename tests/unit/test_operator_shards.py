@@ -1,7 +1,7 @@
 """A sharded VectorIndex in the operator's pure core: the objects for n = 1 are byte for byte
 what the operator built before shards (a golden file written by the code before the change),
 for n = 3 every name, prefix, env and label; names that clash with another index's; the
-status combined from the shards'; migrations of sharded indexes refused; the CRD rule."""
+status combined from the shards'; a migration's gate Job against the router; the CRD rule."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ kv = pytest.importorskip("kubernetes_validate")
 from index_operator import resources as res  # noqa: E402
 from index_operator.reconcile.index import Act, IndexObservation, IndexPlan, plan_index  # noqa: E402
 from index_operator.reconcile.jobs import JobState  # noqa: E402
-from index_operator.reconcile.migration import MigrationObservation, plan_migration  # noqa: E402
+from index_operator.reconcile.migration import MAct, MigrationObservation, plan_migration  # noqa: E402
 from index_operator.reconcile.shards import combine_shards, shard_prior  # noqa: E402
 from index_operator.resources.placement import (  # noqa: E402
     SHARD_LABEL,
@@ -378,7 +378,10 @@ def test_combining_needs_one_plan_per_shard() -> None:
 # migrations, the spec, the CRD ---------------------------------------------------------------
 
 
-def test_a_migration_of_a_sharded_index_is_refused_with_a_reason() -> None:
+def test_a_migration_of_a_sharded_index_starts_a_gate_job_that_drives_the_router() -> None:
+    """No refusal: the first pass creates the gate Job; the Job drives ``<index>-writer``
+    (the router's Service when sharded) and asks for an internal backfill (each shard's
+    writer re-encodes its own rows); an unsharded index's gate keeps the external one."""
     mig = Migration.parse(
         {
             "kind": "ModelMigration",
@@ -387,12 +390,24 @@ def test_a_migration_of_a_sharded_index_is_refused_with_a_reason() -> None:
         }
     )
     plan = plan_migration(mig, MigrationObservation(now=1.0, record=None, shards=3))
-    assert plan.actions == ()
-    assert plan.status["reason"] == "ShardedMigrationUnsupported"
-    ready = next(c for c in plan.status["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == "ShardedMigrationUnsupported"
-    one = plan_migration(mig, MigrationObservation(now=1.0, record=None, shards=1))
-    assert one.status["reason"] != "ShardedMigrationUnsupported" and one.actions
+    assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "GateJobCreated")
+    assert [(a.act, a.job) for a in plan.actions] == [(MAct.START_JOB, JobKind.MIGRATE)]
+
+    def gate_env(ix: Index) -> dict[str, Any]:
+        job = res.desired_gate_job(ix, mig, CL)
+        return {
+            e["name"]: e.get("value")
+            for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+
+    env = gate_env(IX3)
+    assert env[Env.WRITER_URL] == f"http://docs-writer.{NS}.svc:{contract.HTTP_PORT}"
+    router_svc = by_name(objects(IX3))[("Service", "docs-writer")]
+    assert router_svc["spec"]["selector"]["app.kubernetes.io/component"] == "router"
+    spec = json.loads(env[Env.JOB_SPEC])
+    assert spec["backfill_mode"] == "internal" and "backfill_shares" not in spec
+    one = json.loads(gate_env(Index.parse(body()))[Env.JOB_SPEC])
+    assert one["backfill_mode"] == "external" and one["backfill_shares"] >= 1
 
 
 @pytest.mark.parametrize("bad", [0, 65, True, "3"])
