@@ -6,6 +6,8 @@ every shard Serving; then, as deployed: each shard's rows under its own S3 prefi
 split ``shard_of`` gives, search through the router finding each document for its own text, the
 mapped readers' segment copies in their emptyDir and their cache metrics scraped by the
 cluster's Prometheus; one shard's writer SIGKILLed under writes and reads through the router;
+the example ModelMigration (MiniLM -> E5) of the sharded index to Succeeded through the router
+(no backfill Job: each shard's writer re-encodes its rows), every shard then serving E5;
 ``kubectl delete`` of the index: one purge Job per shard, both prefixes empty, neighbours kept.
 
 Encoders: the story's encoder host (``encoder.http``). Needs root (network namespaces),
@@ -53,7 +55,8 @@ def _settings() -> Any:
     # retried while the router's first call still queued its texts at the shard's encoder, and
     # on a loaded machine no upsert was answered for a minute
     return Settings(docs=240, batch=20, nlist=2, nbits=1, min_training=78, rerank=64, shards=SHARDS,
-                    readers=1, vectors={"storage": "mmap", "cacheSize": "64Mi"}, timeout_s=30.0)  # fmt: skip
+                    readers=1, vectors={"storage": "mmap", "cacheSize": "64Mi"}, timeout_s=30.0,
+                    gate_pairs=100)  # fmt: skip
 
 
 def test_a_sharded_mmap_index_runs_as_deployed(tmp_path: Path) -> None:
@@ -153,6 +156,25 @@ def test_a_sharded_mmap_index_runs_as_deployed(tmp_path: Path) -> None:
             assert _fetched(cluster, f"{INDEX}-s{i}-writer", "read", sorted(mine)) == mine, i
         cluster.wait(lambda: _fetched(cluster, f"{INDEX}-reader", "read", keys) == set(keys), 60,
                      "every acknowledged row through the router")  # fmt: skip
+
+        # --- the example migration of the sharded index (MiniLM -> E5) through the router ----
+        # one migration id on every shard, each shard's writer backfills its own rows (no
+        # backfill Job), the operator asks the router's cutover once every shard is ready
+        seen = story.migrate(timeout_s=900)
+        log(f"migration phases: {seen['phases']}")
+        assert seen["backfill_job"] is None, seen["backfill_job"]
+        status = story.vi()["status"]
+        assert [s.get("model") for s in status["shards"]] == ["e5-small"] * SHARDS, status
+        reader = story.client("reader", "read")
+        try:
+            for key in keys[:: max(1, len(keys) // 4)]:
+                ans = reader.call(
+                    "POST", f"/v1/indexes/{INDEX}/search", {"text": story.ledger.acked[key], "k": 3}
+                )
+                assert ans.get("model") == "e5-small", ans
+                assert key in [r["key"] for r in ans["results"]], (key, ans)
+        finally:
+            reader.close()
 
         # --- kubectl delete: a purge Job per shard, both prefixes empty, neighbours kept ----
         for key in NEIGHBOURS:
