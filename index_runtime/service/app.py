@@ -346,6 +346,13 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         given: dict[str, Any] = dict(body.vectors_by_model or {})
         if body.vectors is not None:
             given[rt.model] = body.vectors
+        if any(m not in rt.spec.dims for m in given):
+            rec = rt.migrator.record()
+            if rec is not None and rec.phase == "Succeeded" and rec.options.get("coordinated"):
+                # a sharded index is cut over shard by shard: until the last one is, a shard
+                # not cut yet requires the old model's vectors, so a client gives both; a cut
+                # shard refused the old ones (400, one shard of the batch applied)
+                given.pop(rec.from_model, None)
         vectors: dict[str, np.ndarray] = {}
         for model, rows in given.items():
             if len(rows) != n:
