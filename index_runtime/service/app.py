@@ -416,7 +416,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             else:
                 rows.append(view.row(pos, payload=True, vector=body.include_vector))
         AnswerSize(limits, "this fetch").add(rows)  # the texts and metadata as they are
-        return {"rows": rows, "missing": missing}
+        # the vectors' model: a router refuses to merge vectors of shards between two models
+        return {"rows": rows, "missing": missing, "model": view.model}
 
     @app.get("/v1/indexes/{name}/count")
     def count(rt: Rt) -> dict[str, int]:

@@ -633,7 +633,18 @@ def create_router_app(router: Router) -> FastAPI:
             _auth(request),
         )
         bodies = require_all(answers, "fetch")
+        models = {b.get("model") for b in bodies if b["rows"]}
+        if body.include_vector and len(models) > 1:  # a coordinated cutover, shard by shard
+            raise ShardError(
+                503,
+                "ShardsBetweenModels",
+                "the index's shards are being cut over to a new model: their vectors are of "
+                f"different models ({', '.join(sorted(map(str, models)))}); retry",
+                RETRY_AFTER_S,
+            )
         out = merge_fetch(body.keys, [b["rows"] for b in bodies])
+        if models:
+            out["model"] = models.pop()
         AnswerSize(limits, "this fetch").add(out["rows"])
         return out
 

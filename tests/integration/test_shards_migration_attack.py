@@ -1,6 +1,7 @@
 """A sharded migration attacked with real processes (``serve --shards 2``, the harness of
-test_shards_migration): writes of a client that gives vectors of both models while the
-shards are between the two (shard 0 cut over directly, as a router killed there leaves it)."""
+test_shards_migration): writes of a client that gives vectors of both models, and fetches of
+vectors, while the shards are between the two (shard 0 cut over directly, as a router killed
+there leaves it)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ def test_a_write_of_both_models_is_whole_between_the_shards_cutovers(
             r = c.post("/v1/indexes/docs/upsert", json={"keys": ks, "vectors_by_model": both})
             assert r.status_code == 200, r.text
             assert len(r.json()["shards"]) == 2
+            # a fetch of vectors meanwhile: shard 0's rows are new-model vectors, shard 1's
+            # old-model ones; merged, the answer mixed two models' vectors without a word
+            some = [f"k{i}" for i in range(10)]  # both shards own some of them
+            got = c.post("/v1/indexes/docs/fetch", json={"keys": some, "include_vector": True})
+            assert got.status_code == 503, got.text
+            assert got.json()["error"] == "ShardsBetweenModels", got.text
+            got = c.post("/v1/indexes/docs/fetch", json={"keys": some})  # no vectors: as ever
+            assert got.status_code == 200 and got.json()["missing"] == [], got.text
             r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={"id": mid})
             assert r.status_code == 200, r.text
             got = c.post("/v1/indexes/docs/fetch", json={"keys": ks, "include_vector": True})
