@@ -848,6 +848,9 @@ def create_router_app(router: Router) -> FastAPI:
                 idempotent=False,
             )
             err = shard_failure([a], "the coordinated cutover")
+            if err is not None and a.status == 409 and await cut_meanwhile(name, auth, shard,
+                                                                           plan.mid):  # fmt: skip
+                continue  # another caller (a replica, the router's own pass) cut it: go on
             if err is not None:
                 cut = ", ".join(map(str, done)) or "none"
                 raise ShardError(err.status, err.reason, f"{err}; shards cut over: {cut}",
@@ -856,6 +859,14 @@ def create_router_app(router: Router) -> FastAPI:
             log.info("migration %s of %s: shard %d cut over", plan.mid, name, shard)
             crash_point("router.cutover.shard")
         return {"id": plan.mid, "phase": "Succeeded", "cut_over": done, "began": plan.began}
+
+    async def cut_meanwhile(name: str, auth: str | None, shard: int, mid: str | None) -> bool:
+        """Whether ``shard``'s writer shows migration ``mid`` cut over (Succeeded)."""
+        a = await router.shards.call(
+            shard, urls.writers[shard], "GET", f"/v1/indexes/{name}/status", "status", auth
+        )
+        rec = (((a.body or {}).get("migration") or {}).get("record") if a.ok else None) or {}
+        return bool(rec.get("id") == mid and rec.get("phase") == "Succeeded")
 
     @app.post("/v1/indexes/{name}/admin/migrations/cutover")
     async def coordinated_cutover(request: Request, name: str) -> dict[str, Any]:

@@ -151,6 +151,23 @@ async def test_a_rollback_that_wins_shard_0_stops_a_stale_cutover(rig: Rig) -> N
     assert s1.phase() == "RolledBack"
 
 
+async def test_a_cutover_racing_another_goes_on_past_the_shard_the_other_cut(rig: Rig) -> None:
+    # both read every shard ready; the other (a second replica, the router's own pass) cut
+    # shard 0 first: shard 0's 409 was this request's answer (409, "shards cut over: none")
+    # although the cutover was under way, and shard 1 waited for the next pass
+    s0, s1 = rig.shards
+    s0.records["docs"], s1.records["docs"] = ready(), ready()
+
+    def other_cuts_shard_0() -> None:
+        s0.records["docs"]["phase"] = "Succeeded"
+
+    s1.on_status.append(other_cuts_shard_0)
+    r = await rig.client.post("/v1/indexes/docs/admin/migrations/cutover", json={})
+    assert r.status_code == 200, r.text
+    assert r.json()["cut_over"] == [1]
+    assert [s.phase() for s in rig.shards] == ["Succeeded", "Succeeded"]
+
+
 async def test_the_router_pass_reaches_every_index_when_one_fails(rig: Rig) -> None:
     # "broken" exists on shard 0 only (a half-created index): its records cannot be read.
     # The pass stopped there, so "docs", whose cutover began (a router killed between the
