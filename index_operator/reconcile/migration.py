@@ -26,7 +26,7 @@ and reason under ``shards``). Its backfill is internal (no Job: each shard's wri
 its rows); the cutover is asked once every shard is ready (``CoordinatedCutover``) and held by
 the first shard that holds; nothing is decided before every shard has this migration's record
 (StartingOnShards); shards whose migrations ended apart (the router's ``Mixed``) are rolled
-back (RolledBack, ShardFailed).
+back (RolledBack, ShardFailed), unless some shard was cut over (Failed, ShardsSplit).
 """
 
 from __future__ import annotations
@@ -410,6 +410,12 @@ def _diverged(done: _Done, rec: MigrationRecord) -> MigrationPlan:
     active = [s for s in shards if s.get("phase") not in TERMINAL]
     what = ", ".join(f"shard {s.get('shard')} {s.get('phase')}" for s in ended) or "?"
     msg = f"the shards' migrations ended apart ({what})"
+    if cut := [str(s.get("shard")) for s in shards if s.get("phase") == "Succeeded"]:
+        # some shards serve the new model: neither a rollback (the router refuses it once a
+        # shard is cut) nor a cutover (the others ended) can join them; RolledBack said the
+        # index was whole on the old model
+        msg += f"; shards {', '.join(cut)} serve {rec.to_model!r}: the index is split"
+        return done("Failed", "ShardsSplit", msg, rec)
     if active:
         msg += f"; rolling back shards {', '.join(str(s.get('shard')) for s in active)}"
     acts = [MAction(MAct.ROLLBACK)] if active else []

@@ -346,6 +346,13 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
         given: dict[str, Any] = dict(body.vectors_by_model or {})
         if body.vectors is not None:
             given[rt.model] = body.vectors
+        if any(m not in rt.spec.dims for m in given):
+            rec = rt.migrator.record()
+            if rec is not None and rec.phase == "Succeeded" and rec.options.get("coordinated"):
+                # a sharded index is cut over shard by shard: until the last one is, a shard
+                # not cut yet requires the old model's vectors, so a client gives both; a cut
+                # shard refused the old ones (400, one shard of the batch applied)
+                given.pop(rec.from_model, None)
         vectors: dict[str, np.ndarray] = {}
         for model, rows in given.items():
             if len(rows) != n:
@@ -409,7 +416,8 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             else:
                 rows.append(view.row(pos, payload=True, vector=body.include_vector))
         AnswerSize(limits, "this fetch").add(rows)  # the texts and metadata as they are
-        return {"rows": rows, "missing": missing}
+        # the vectors' model: a router refuses to merge vectors of shards between two models
+        return {"rows": rows, "missing": missing, "model": view.model}
 
     @app.get("/v1/indexes/{name}/count")
     def count(rt: Rt) -> dict[str, int]:

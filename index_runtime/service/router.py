@@ -633,7 +633,18 @@ def create_router_app(router: Router) -> FastAPI:
             _auth(request),
         )
         bodies = require_all(answers, "fetch")
+        models = {b.get("model") for b in bodies if b["rows"]}
+        if body.include_vector and len(models) > 1:  # a coordinated cutover, shard by shard
+            raise ShardError(
+                503,
+                "ShardsBetweenModels",
+                "the index's shards are being cut over to a new model: their vectors are of "
+                f"different models ({', '.join(sorted(map(str, models)))}); retry",
+                RETRY_AFTER_S,
+            )
         out = merge_fetch(body.keys, [b["rows"] for b in bodies])
+        if models:
+            out["model"] = models.pop()
         AnswerSize(limits, "this fetch").add(out["rows"])
         return out
 
@@ -803,9 +814,7 @@ def create_router_app(router: Router) -> FastAPI:
         the router cuts the shards over together. The same id again is idempotent on every
         shard, so a partial start is completed by retrying it."""
         router.mine(name)
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise InvalidInputError("a migration request is a JSON object")
+        body = await admin_body(request, "a migration request")
         body = {**body, "coordinated": True, "id": body.get("id") or uuid.uuid4().hex[:16]}
         answers = await fan(
             router.every(urls.writers, body),
@@ -839,6 +848,9 @@ def create_router_app(router: Router) -> FastAPI:
                 idempotent=False,
             )
             err = shard_failure([a], "the coordinated cutover")
+            if err is not None and a.status == 409 and await cut_meanwhile(name, auth, shard,
+                                                                           plan.mid):  # fmt: skip
+                continue  # another caller (a replica, the router's own pass) cut it: go on
             if err is not None:
                 cut = ", ".join(map(str, done)) or "none"
                 raise ShardError(err.status, err.reason, f"{err}; shards cut over: {cut}",
@@ -848,39 +860,70 @@ def create_router_app(router: Router) -> FastAPI:
             crash_point("router.cutover.shard")
         return {"id": plan.mid, "phase": "Succeeded", "cut_over": done, "began": plan.began}
 
+    async def cut_meanwhile(name: str, auth: str | None, shard: int, mid: str | None) -> bool:
+        """Whether ``shard``'s writer shows migration ``mid`` cut over (Succeeded)."""
+        a = await router.shards.call(
+            shard, urls.writers[shard], "GET", f"/v1/indexes/{name}/status", "status", auth
+        )
+        rec = (((a.body or {}).get("migration") or {}).get("record") if a.ok else None) or {}
+        return bool(rec.get("id") == mid and rec.get("phase") == "Succeeded")
+
     @app.post("/v1/indexes/{name}/admin/migrations/cutover")
     async def coordinated_cutover(request: Request, name: str) -> dict[str, Any]:
         """Cut the shards over together (409 naming the shards that are not ready; ``force``
         past a shard's held reason). Once one shard is cut over the others follow."""
         router.mine(name)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        if not isinstance(body, dict):
-            raise InvalidInputError("a cutover request is a JSON object")
+        body = await admin_body(request, "a cutover request")
         force = body.get("force", False)
         if not isinstance(force, bool):
             raise InvalidInputError("force must be true or false")
         return await cutover(name, _auth(request), body.get("id"), force)
 
+    async def admin_body(request: Request, what: str) -> dict[str, Any]:
+        """The optional JSON object of a coordinated cutover or rollback, decoded strictly (a
+        body that is no JSON object, or an ``id`` that is no string, is a 400, not a 500)."""
+        raw = await request.body()
+        try:
+            body = await request.json() if raw.strip() else {}
+        except ValueError as exc:  # not JSON (CheckedRequest raises its own 400s)
+            raise InvalidInputError(f"{what} is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidInputError(f"{what} is a JSON object")
+        if body.get("id") is not None and not isinstance(body["id"], str):
+            raise InvalidInputError("id must be a string")
+        return body
+
     @app.post("/v1/indexes/{name}/admin/migrations/rollback")
     async def coordinated_rollback(request: Request, name: str) -> Response:
-        """Roll every shard back, unless the cutover has begun (then it must be finished)."""
+        """Roll every shard back, unless the cutover has begun (then it must be finished).
+
+        Shard 0 first, alone: a cutover cuts shard 0 first and no other shard before it, so
+        shard 0 decides between a rollback and a cutover racing (a second replica, the
+        router's own pass, a plan read before the other landed). Rolled back there, no
+        cutover can begin; refused there because it is cut over, no other shard is rolled
+        back (rolling them back in parallel left the index split between the models for good:
+        shard 0 Succeeded, the others RolledBack)."""
         router.mine(name)
-        raw = await request.body()
-        body = json.loads(raw) if raw.strip() else {}
-        why = plan_rollback(await migration_records(name, _auth(request)), body.get("id"))
+        body = await admin_body(request, "a rollback request")
+        auth = _auth(request)
+        why = plan_rollback(await migration_records(name, auth), body.get("id"))
         if why is not None:
             raise ConflictError(why)
-        answers = await fan(
-            router.every(urls.writers),
-            "POST",
-            f"/v1/indexes/{name}/admin/migrations/rollback",
-            "admin",
-            _auth(request),
-            raw=raw or None,
-            idempotent=False,
+        path = f"/v1/indexes/{name}/admin/migrations/rollback"
+        raw = encode_body(body) if body else None
+        first = await router.shards.call(
+            0, urls.writers[0], "POST", path, "admin", auth, raw=raw, idempotent=False
         )
-        code, out = merge_per_shard(answers)
+        err = shard_failure([first], "the coordinated rollback")
+        if err is not None:
+            if first.status != 409:  # shard 0's state is unknown: it may be cutting over
+                raise err
+            why = plan_rollback(await migration_records(name, auth), body.get("id"))
+            if why is not None:  # shard 0 was cut over meanwhile: the cutover must finish
+                raise ConflictError(why)
+        rest = {s: (u, None) for s, u in enumerate(urls.writers) if s > 0}
+        answers = await fan(rest, "POST", path, "admin", auth, raw=raw, idempotent=False)
+        code, out = merge_per_shard([first, *answers])
         return JSONResponse(out, status_code=code)
 
     async def coordinate_once() -> None:
@@ -893,9 +936,17 @@ def create_router_app(router: Router) -> FastAPI:
             )
             names = [d["name"] for d in require_all(answers, "listing")[0].get("indexes", [])]
         for name in names:
-            # not ready, nothing to do, or waiting for an explicit cutover: a 409
-            with suppress(ConflictError):
+            # not ready, nothing to do, or waiting for an explicit cutover: a 409; any other
+            # failure is this index's (a shard lacks it, refuses its cutover...): the next
+            # indexes still get their pass (one such index stopped every later one's)
+            try:
                 await cutover(name, config.admin_token, None, False, auto=True)
+            except ConflictError:
+                pass
+            except DriftlessError as exc:
+                log.info("coordinated migrations of %s: %s", name, exc)
+
+    app.state.coordinate_once = coordinate_once  # one pass, on demand (tests)
 
     async def coordinator() -> None:
         while True:

@@ -213,6 +213,19 @@ def test_shards_that_ended_apart_are_rolled_back() -> None:
     assert acts(tick(AUTO, ended, {"phase": "Evaluating"})) == []
 
 
+def test_shards_split_between_the_models_are_not_reported_rolled_back() -> None:
+    """Shard 0 cut over while the others ended (rolled back, failed): the index serves two
+    models. Reported RolledBack (with a rollback the router refuses once a shard is cut), it
+    looked whole on the old model; it is Failed, naming the split, and nothing is asked."""
+    for rest in (("RolledBack", "RolledBack"), ("Failed", "Backfilled")):
+        rec = merged(shard("Succeeded", "CutOver"), *(shard(p, "CoordinatedCutover") for p in rest))
+        assert rec.phase == "Mixed"
+        plan = tick(AUTO, rec, {"phase": "CuttingOver"})
+        assert acts(plan) == []
+        assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "ShardsSplit")
+        assert "shards 0 serve 'new'" in plan.status["message"], plan.status["message"]
+
+
 def test_keeping_both_models_merged_is_refused_before_the_gate() -> None:
     """The shards refuse ``keep_merged: if_better`` in a coordinated migration: the operator
     says so instead of starting a gate Job that would fail."""
