@@ -247,6 +247,12 @@ CAMPAIGN = {
 }
 
 
+def test_every_router_point_is_in_the_campaign() -> None:
+    from index_runtime.crash import POINTS
+
+    assert {p for p in POINTS if p.startswith("router.")} <= {c.split(":")[0] for c in CAMPAIGN}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", sorted(CAMPAIGN))
 def test_killed_at_a_crash_point_the_sharded_migration_ends_in_the_new_model(
