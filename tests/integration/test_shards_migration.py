@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import pytest
 
 from tests.integration.test_migration_crash import Embeddings
 from tests.integration.test_migration_service import D_NEW, D_OLD, corpus
+from tests.integration.test_shards_router import wait_for
 from tests.service_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,20 +48,6 @@ MIGRATION = {
     "backfill_batch": 40,
     "cutover": "manual",  # the test cuts over (the router's own pass does only a begun one)
 }
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    got = None
-    while time.monotonic() < deadline:
-        try:
-            got = cond()
-        except httpx.HTTPError:
-            got = None
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +153,7 @@ def test_a_migration_spans_every_shard_in_one_scoring_space(
             during = search(c, texts[7])
             assert during["model"] == "old", during
             assert {sh["strategy"] for sh in during["shards"]} == {"status-quo"}, during
-            wait_for(lambda: all_ready(c), "every shard Backfilled and ready")
+            wait_for(lambda: all_ready(c), "every shard Backfilled and ready", timeout=120)
             rec = record(c)
             assert rec["id"] == mid and rec["phase"] == "Backfilled"
             assert rec["backfill"]["live"] == N and rec["backfill"]["todo"] == 0
@@ -291,7 +278,9 @@ def test_killed_at_a_crash_point_the_sharded_migration_ends_in_the_new_model(
             s.stop()
             s = Sharded(data, embeddings)  # no request: the router's own pass finishes it
         with s.client() as c:
-            wait_for(lambda: record(c).get("phase") == "Succeeded", "the cutover finished")
+            wait_for(
+                lambda: record(c).get("phase") == "Succeeded", "the cutover finished", timeout=120
+            )
             assert [p for p, _ in shard_phases(c)] == ["Succeeded"] * SHARDS
             assert c.get("/v1/indexes/docs").json()["model"] == "new"
             assert keys(search(c, texts[7])) == keys(native)
