@@ -282,7 +282,7 @@ def write_report(res: dict[str, Any]) -> None:
         "minutes: `--sizes N --phase build`, then `--phase rss qps cold report`.",
         "",
         f"Machine: {os.cpu_count()} cores, shared with other engineers' work while this ran "
-        "(every process under `nice -n 19`; timings are noisy); OMP_NUM_THREADS=1; Linux "
+        "(every process niced: 19 for 100k and 1M, 10 for 10M, beside a CI rehearsal; timings are noisy); OMP_NUM_THREADS=1; Linux "
         f"{os.uname().release}. Data: synthetic clustered vectors (bench/search.py's "
         "generator), d = 128, cosine; one segment per 10,000 rows (bulk path).",
         "",
@@ -338,7 +338,7 @@ def write_report(res: dict[str, Any]) -> None:
         "cache (reclaimable: under a memory cgroup's limit they are dropped and read again, "
         "not an OOM), while RssAnon is what the process cannot give back.",
         "QPS: one process, both views of the same manifest, single-query `View.search_primary` "
-        "(IVF-PQ m = 32 × 8 bits, nprobe 32, re-rank 8×; nlist 256 at 100k, 1024 at 1M), the "
+        "(IVF-PQ m = 32 × 8 bits, nprobe 32, re-rank 8×; nlist 256 at 100k, 1024 at 1M and 10M), the "
         "modes alternating query by query (the machine's load drifts within a pass), QPS = "
         "queries ÷ the time spent in each mode; medians of the repeats. Warm: the mapped files are in the "
         "page cache. Cold: per pass, the process's mapped pages are dropped "
