@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from index_runtime import heap
 from index_runtime.errors import CorruptObjectError
 from index_runtime.index.primary import (
     Primary,
@@ -192,6 +193,7 @@ class ViewBuilder:
             model = self.model or serving_model(m)
             spec = m.index.models[model]
             settings = settings or IndexSettings.from_json(m.settings, spec.dim)
+            rebuilt = self._base is None or self._base[0] != tuple(x.key for x in m.segments)
             base, win = self._base_for(m, model)
             if pending:
                 delta = make_block(
@@ -206,6 +208,8 @@ class ViewBuilder:
                 if c.model == model
             }
             self._seq_index.clear()  # only needed while building; O(rows), not kept
+            if rebuilt:  # the segments' decoded temporaries are freed: give the pages back
+                heap.trim()
             if self.cache is not None:  # files of segments compacted away, once unused
                 self.cache.retain([s.key for s in m.segments])
             self._primaries = {v: p for v, p in self._primaries.items() if v in prims}
