@@ -240,7 +240,14 @@ class Kube:
         if (live.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION) == h:
             return "unchanged"
         body = {k: v for k, v in annotated.items() if k not in ("apiVersion", "kind")}
-        await self.patch(obj["kind"], meta["namespace"], meta["name"], body)
+        try:
+            await self.patch(obj["kind"], meta["namespace"], meta["name"], body)
+        except KubeError as exc:
+            # deleted since the watch cache saw it (the cache lags the API server: a Secret
+            # deleted to rotate the tokens): create it, or the pass failed into kopf's backoff
+            if exc.status != 404 or not await self.create(annotated):
+                raise
+            return "created"
         return "patched"
 
 

@@ -356,6 +356,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
         plain, tokens_file, tokens = load_tokens(args.tokens_file, False, dict(os.environ))
         limits = api_limits(args, os.environ)
         source = TokenSource(plain, tokens_file)
+        passes = router_pass(os.environ)
     except DriftlessError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
         return ExitCode.INVALID
@@ -364,10 +365,7 @@ def serve_sharded(args: argparse.Namespace) -> int:
     children = shard_children(args, _subparser(build_parser(), "serve")._actions)
     sup = Supervisor(children, os.environ)
     urls = ShardUrls.of([c.url for c in children])
-    admin = os.environ.get(Env.ADMIN_TOKEN)  # the coordinated migrations' own pass
-    config = RouterConfig(
-        urls, source, limits, index=args.index, admin_token=f"Bearer {admin}" if admin else None
-    )
+    config = RouterConfig(urls, source, limits, index=args.index, **passes)
     router = Router(config, RouterMetrics())
     sup.start()
     print(
@@ -390,6 +388,20 @@ def serve_sharded(args: argparse.Namespace) -> int:
     finally:
         sup.stop(args.grace + 5)
     return 0
+
+
+def router_pass(env: Mapping[str, str]) -> dict[str, Any]:
+    """The router's own pass over coordinated migrations: its admin token and its interval
+    (``Env.ROUTER_PASS_S``, seconds; 0 turns it off)."""
+    admin = env.get(Env.ADMIN_TOKEN)
+    raw = env.get(Env.ROUTER_PASS_S, "2")
+    try:
+        every = float(raw)
+    except ValueError:
+        raise InvalidInputError(f"{Env.ROUTER_PASS_S}={raw!r}: seconds, a number") from None
+    if not every >= 0 or every == float("inf"):
+        raise InvalidInputError(f"{Env.ROUTER_PASS_S}={raw!r}: seconds, 0 or more")
+    return {"admin_token": f"Bearer {admin}" if admin else None, "coordinate_s": every}
 
 
 def open_ok(tokens: TokenSet, host: str, insecure: bool) -> bool:
@@ -441,20 +453,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         plain, tokens_file, tokens = load_tokens(args.tokens_file, args.from_env, env)
         source = TokenSource(plain, tokens_file)
         limits = api_limits(args, env)
+        passes = router_pass(env)
     except DriftlessError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
         return ExitCode.INVALID
     if not open_ok(tokens, args.host, args.insecure):
         return ExitCode.INVALID
-    admin = os.environ.get(Env.ADMIN_TOKEN)  # the coordinated migrations' own pass
-    config = RouterConfig(
-        urls,
-        source,
-        limits,
-        index=index,
-        timeout_s=args.timeout,
-        admin_token=f"Bearer {admin}" if admin else None,
-    )
+    config = RouterConfig(urls, source, limits, index=index, timeout_s=args.timeout, **passes)
     print(
         f"driftless routing {urls.n} shard(s) on http://{args.host}:{args.port} "
         f"({'OPEN: no tokens' if tokens.open else f'{len(tokens.entries)} token(s)'})",

@@ -76,6 +76,9 @@ class Env(StrEnum):
     # any *_TOKEN value below for its scope; clients present ADMIN_TOKEN (Jobs -> writer)
     # or SHADOW_TOKEN (readers -> shadow, a mirror-scope token).
     TOKENS_FILE = "DRIFTLESS_TOKENS_FILE"
+    # the router's own pass over coordinated migrations of a sharded index, every this many
+    # seconds (default 2; 0: off, cutovers only on request)
+    ROUTER_PASS_S = "DRIFTLESS_ROUTER_PASS_S"
     READ_TOKEN = "DRIFTLESS_READ_TOKEN"
     WRITE_TOKEN = "DRIFTLESS_WRITE_TOKEN"
     ADMIN_TOKEN = "DRIFTLESS_ADMIN_TOKEN"

@@ -272,6 +272,20 @@ class StrictAPI(StricterEmulator):
         res = request.resource
         if res is None or not res.plural:
             return await super()._handle(request)
+        if (
+            request.action == action.UPDATE
+            and request.name
+            and self._live(res, request.namespace, request.name) is None
+        ):
+            # the apiserver: a PATCH of an object that does not exist, or was deleted, is a
+            # 404 NotFound (the operator then creates it); KMock raised on a soft-deleted one
+            # (a 500), and the operator's timer backed off 60 s (seen in a CI rehearsal)
+            kind, _ = self._kind(res)
+            return aiohttp.web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 404,
+                 "reason": "NotFound", "message": f'{kind} "{request.name}" not found'},
+                status=404,
+            )  # fmt: skip
         if request.action in WRITES and request.action != action.DELETE:
             rejection = self._admit(request)
             if rejection is not None:

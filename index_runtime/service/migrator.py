@@ -307,7 +307,11 @@ class Migrator:
         def close(r: MigrationRecord) -> MigrationRecord:
             return _closed(r, phase, now, reason=reason)
 
-        point = "migration.rollback.committed" if phase == "RolledBack" else "migration.failed.committed"
+        point = (
+            "migration.rollback.committed"
+            if phase == "RolledBack"
+            else "migration.failed.committed"
+        )
         self._commit(close, f"migration {phase}", point, spec, mid)
         self.set_job(phase, reason)
 
@@ -433,6 +437,7 @@ class Migrator:
             finished_at=now,
             reason=reason,
         )
+
         def edit(m: Manifest) -> Manifest:
             cur = MigrationRecord.from_json(m.migration)
             if cur is not None and cur.active:
@@ -517,6 +522,11 @@ class Migrator:
                 )
             self.drop_merged(rec)
             return {"cut_over": True, "reason": "MergeEnded", "message": self.job["message"]}
+        if rec is not None and mid and rec.id == mid and rec.phase == "Succeeded":
+            # the same cutover again (a retry, or a router's second caller that raced the
+            # first): done already, not a conflict
+            return {"cut_over": True, "reason": "AlreadyCutOver",
+                    "message": f"migration {mid} is cut over to {rec.to_model!r}"}  # fmt: skip
         if rec is None or rec.phase not in BRIDGED:
             phase = rec.phase if rec else None
             raise ConflictError(f"no migration waits for a cutover (phase {phase!r})")

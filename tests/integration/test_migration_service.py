@@ -245,6 +245,14 @@ def test_backfill_under_writes_then_cutover_serves_the_new_model(tmp_path: Path)
         assert r["strategy"] in ("merge", selected) and r["results"][0]["key"] == "k9"
         rec = _wait(c, ("Succeeded", "Backfilled"), timeout=90)
         assert rec["phase"] == "Succeeded", rec.get("cutover")
+        # the same cutover again, by id (a retry; a sharded index's router racing its own
+        # pass): done already; without an id there is nothing waiting for one
+        again = c.post(
+            "/v1/indexes/docs/admin/migrations/cutover", json={"id": rec["id"]}, headers=AUTH
+        )
+        assert again.status_code == 200 and again.json()["reason"] == "AlreadyCutOver", again.text
+        r = c.post("/v1/indexes/docs/admin/migrations/cutover", json={}, headers=AUTH)
+        assert r.status_code == 409, r.text
         bf = rec["backfill"]
         assert bf["todo"] == 0 and bf["blocked"] == 0 and bf["share"] == 1.0
         assert bf["live"] == 600 + 60 - 2 == _count(c)
