@@ -202,7 +202,7 @@ def markdown(res: dict[str, Any]) -> str:
         cells = [f"{r['n']:,}", r["key_type"], f(d.get("bytes_per_key")), f(p["bytes_per_key"]),
                  f(p["array_bytes_per_key"]), f(d.get("peak_bytes_per_key")),
                  f(p["peak_bytes_per_key"]), f(r.get("dict_build_s"), 2),
-                 f(r["packed_bulk_build_s"], 2), f(r["packed_add_build_s"], 2)]
+                 f(r["packed_bulk_build_s"], 2), f(r.get("packed_add_build_s"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     c = res.get("compaction")
     if c is None:
