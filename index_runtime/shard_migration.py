@@ -42,6 +42,12 @@ def _rec(r: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return r or {}
 
 
+def status_record(status: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The migration record a shard's status document carries (None: it has none)."""
+    rec = ((status or {}).get("migration") or {}).get("record")
+    return dict(rec) if rec else None
+
+
 def migration_id(records: Sequence[Mapping[str, Any] | None], mid: str | None) -> str | None:
     """The migration the shards' records name: ``mid`` if given, else the common id."""
     if mid:
@@ -83,14 +89,15 @@ def plan_cutover(
             else ("no shard has a migration")
         )
         return CutoverPlan(None, refused=why)
-    problems: list[str] = []
+    blocked: list[str] = []  # shards no cutover may pass (another migration, not Backfilled)
+    holds: list[str] = []  # Backfilled shards that hold for a reason of their own
     cut: list[tuple[int, bool]] = []
     succeeded = 0
     for shard, r in enumerate(records):
         rec = _rec(r)
         phase = str(rec.get("phase") or "")
         if rec.get("id") != m:
-            problems.append(
+            blocked.append(
                 f"shard {shard} has {'migration ' + str(rec.get('id')) if rec else 'no migration'}"
             )
         elif phase == "Succeeded":
@@ -100,21 +107,20 @@ def plan_cutover(
             cut.append((shard, reason != READY))
             if reason != READY:
                 msg = (rec.get("cutover") or {}).get("message") or ""
-                problems.append(f"shard {shard} holds: {reason}: {msg}".rstrip(": "))
+                holds.append(f"shard {shard} holds: {reason}: {msg}".rstrip(": "))
         else:
-            problems.append(f"shard {shard} is {phase or 'unknown'}")
+            blocked.append(f"shard {shard} is {phase or 'unknown'}")
     began = succeeded > 0
     if succeeded == len(records):
         return CutoverPlan(m, done=True, began=True)
-    structural = [p for p in problems if " holds: " not in p]
-    if structural:
-        return CutoverPlan(m, refused="; ".join(structural), began=began)
+    if blocked:
+        return CutoverPlan(m, refused="; ".join(blocked), began=began)
     if began:  # finish it: every remaining shard is Backfilled
         return CutoverPlan(m, cut=tuple((s, True) for s, _ in cut), began=True)
     if auto and not all(_rec(r).get("options", {}).get("auto_cutover", True) for r in records):
         return CutoverPlan(m, refused="the migration waits for an explicit cutover")
-    if problems and not force:
-        return CutoverPlan(m, refused="; ".join(problems))
+    if holds and not force:
+        return CutoverPlan(m, refused="; ".join(holds))
     return CutoverPlan(m, cut=tuple((s, held and force) for s, held in cut))
 
 

@@ -101,6 +101,7 @@ from index_runtime.shard_migration import (
     mixed_models,
     plan_cutover,
     plan_rollback,
+    status_record,
     with_model,
 )
 
@@ -789,7 +790,7 @@ def create_router_app(router: Router) -> FastAPI:
         )
         bodies = require_all(answers, "status")
         out = merge_status(bodies)
-        records = [((b.get("migration") or {}).get("record")) for b in bodies]
+        records = [status_record(b) for b in bodies]
         if any(records):  # the index's migration, as an unsharded status shows it
             out["migration"] = {
                 "record": merge_records(records),
@@ -805,7 +806,7 @@ def create_router_app(router: Router) -> FastAPI:
             router.every(urls.writers), "GET", f"/v1/indexes/{name}/status", "status", auth
         )
         bodies = require_all(answers, "reading the shards' migrations")
-        return [((b.get("migration") or {}).get("record")) for b in bodies]
+        return [status_record(b) for b in bodies]
 
     @app.post("/v1/indexes/{name}/admin/migrations", status_code=202)
     async def start_migration(request: Request, name: str) -> Response:
@@ -865,7 +866,7 @@ def create_router_app(router: Router) -> FastAPI:
         a = await router.shards.call(
             shard, urls.writers[shard], "GET", f"/v1/indexes/{name}/status", "status", auth
         )
-        rec = (((a.body or {}).get("migration") or {}).get("record") if a.ok else None) or {}
+        rec = (status_record(a.body) if a.ok else None) or {}
         return bool(rec.get("id") == mid and rec.get("phase") == "Succeeded")
 
     @app.post("/v1/indexes/{name}/admin/migrations/cutover")
