@@ -299,7 +299,12 @@ class Controller:
         record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
         encoders = res.index_encoders(
             models,
-            (ix.model, served, migration_target, *self._kept_models(record, writer, ns, name)),
+            (
+                ix.model,
+                *res.serving_models(served, [writer]),
+                migration_target,
+                *self._kept_models(record, writer, ns, name),
+            ),
         )
         mphase = record.phase if record is not None and record.active else ""
         objs = [
@@ -441,7 +446,9 @@ class Controller:
         ]
         mphases = [r.phase if r is not None and r.active else "" for r in records]
         kept = [m for r in records for m in self._kept_models(r, writers, ns, name)]
-        encoders = res.index_encoders(models, (ix.model, served, migration_target, *kept))
+        encoders = res.index_encoders(
+            models, (ix.model, *res.serving_models(served, writers), migration_target, *kept)
+        )
         objs = [
             *res.desired_objects(ix, cl, encoders, tokens),
             *(

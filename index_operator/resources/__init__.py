@@ -25,7 +25,12 @@ from index_operator.resources.jobs import (
     job_name,
 )
 from index_operator.resources.prune import PRUNABLE, stale_children
-from index_operator.resources.workloads import awaits_encoder, desired_objects, index_encoders
+from index_operator.resources.workloads import (
+    awaits_encoder,
+    desired_objects,
+    index_encoders,
+    serving_models,
+)
 
 __all__ = [
     "PRUNABLE",
@@ -49,6 +54,7 @@ __all__ = [
     "plan_tokens",
     "service_name",
     "service_url",
+    "serving_models",
     "stale_children",
     "tokens_secret_name",
 ]

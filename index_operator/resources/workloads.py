@@ -69,6 +69,20 @@ def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str
     return {n: models[n].encoder for n in sorted(set(used)) if n in models}
 
 
+def serving_models(prior: str, writers: Iterable[Any]) -> tuple[str, ...]:
+    """The models the index's writers serve now, for its ConfigMap (``writers``: the status
+    of each, None where unread; ``prior``: the model its status recorded, for those). Read
+    live, not from the status: at a migration's end the status still names the old model for
+    one pass while no migration runs any more, and an encoder set built from it dropped the
+    new model and rolled every pod of the index twice (the chaos campaign's CI run: writer,
+    readers and shadow restarted at Succeeded and again 17 s later)."""
+    out = []
+    for w in writers:
+        model = str(w.get("model") or "") if isinstance(w, Mapping) else ""
+        out.append(model or prior)
+    return tuple(dict.fromkeys(out))
+
+
 def awaits_encoder(writer_status: Mapping[str, Any] | None, model: str) -> bool:
     """Whether a migration to ``model`` must wait: the index's ConfigMap gains the target's
     encoder when the migration appears, and the writer rolls onto it; until the writer lists

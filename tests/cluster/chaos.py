@@ -117,25 +117,31 @@ class Struck:
     restarts: int
     proc: Any
     host: Any
-    pods_then: frozenset[str]  # the owner's pods at the strike (a replacement is a new one)
+    # the owner's pods ready at the strike: a replacement is any other pod (a new one, or a
+    # rollout's surge pod that was starting then)
+    ready_then: frozenset[str]
 
     @classmethod
     def of(cls, pod: Any, cluster: Any) -> Struck:
-        then = frozenset(p.name for p in cluster.kubelet.pods(pod.namespace) if tuple(p.owner) == tuple(pod.owner))
+        owned = [p for p in cluster.kubelet.pods(pod.namespace) if tuple(p.owner) == tuple(pod.owner)]
+        then = frozenset(p.name for p in owned if p.ready)
         return cls(pod.name, pod.namespace, tuple(pod.owner), pod.restarts, pod.proc, pod.host, then)
 
 
 def _back(cluster: Any, struck: Struck, *, ready: bool = True) -> bool:
     """The struck pod runs again and (with ``ready``) is ready: restarted in place (restart
-    count or process changed) or replaced by a new pod of the same owner (not a sibling that
-    ran already). ``ready=False`` asks only whether the struck process was replaced."""
+    count or process changed) or, once it is gone, replaced by a pod of the same owner that
+    was not ready at the strike (a new pod, or the surge pod of a rollout that was starting:
+    a Deployment rolling when its old pod is killed deletes it instead of restarting it, as
+    CI's campaign struck at a migration's end). A sibling that was serving already is no
+    replacement. ``ready=False`` asks only whether the struck process was replaced."""
     now = [p for p in cluster.kubelet.pods(struck.namespace) if tuple(p.owner) == struck.owner]
     same = [p for p in now if p.name == struck.name]
     if same:
         p = same[0]
         changed = p.restarts > struck.restarts or (p.proc is not None and p.proc is not struck.proc)
         return bool(changed and (p.ready or not ready))
-    return any((p.ready or not ready) and p.name not in struck.pods_then for p in now)
+    return any((p.ready or not ready) and p.name not in struck.ready_then for p in now)
 
 
 def _on_host(cluster: Any, struck: Struck) -> bool:

@@ -253,3 +253,31 @@ def test_a_sharded_index_gates_on_every_shards_writer_and_its_configmap_gains_th
     assert status["reason"] == "GateJobCreated"
     assert [k for k in kube.objects if k[0] == "Job"] == [("Job", "to-e5-migrate")]
     assert runtime.asked[-4].startswith("http://b-writer.")  # the record: from the router
+
+
+class CutOverRuntime(NoRuntime):
+    """The writer serves the migration's target: it cut over (a plain cutover, no merge)."""
+
+    async def status(self, url: str, index: str, token: str) -> dict[str, Any] | None:
+        record = {"id": "m", "from": "model-b", "to": "e5", "phase": "Succeeded"}
+        return {**writer(model="e5"), "migration": {"record": record}}
+
+    async def admin(self, *args: Any, **kw: Any) -> Any:
+        return {}
+
+
+def test_a_migrations_end_rolls_nothing_while_the_status_still_names_the_old_model() -> None:
+    """The pass after a migration's end: no migration runs any more (no target), and the
+    index's status still names the old model (written by the pass before the cutover), but
+    the writer serves the new one. The ConfigMap keeps both encoders, so the pod templates
+    are those of the migration (the CI campaign's run: every pod rolled at Succeeded onto a
+    ConfigMap without the new model, and back 17 s later)."""
+    ctl = _controller()
+    models = _models(**{"model-b": HTTP_B, "e5": HTTP_A})
+    during = _pod_templates(ctl, _index("b", "model-b"), models, target="e5")
+    ctl.runtime = CutOverRuntime()  # type: ignore[assignment]
+    ended = _index("b", "model-b")
+    ended["status"] = {"model": "model-b", "phase": "Serving"}
+    after = _pod_templates(ctl, ended, models)
+    assert json.loads(after["config"]["data"][ENCODERS_KEY]) == {"e5": HTTP_A, "model-b": HTTP_B}
+    assert after == during  # no rollout
