@@ -297,13 +297,14 @@ class Controller:
         cl = self.config.cluster
         writer = await self.runtime.status(self.url(name, ns, Role.WRITER), name, token)
         record = MigrationRecord.from_json(((writer or {}).get("migration") or {}).get("record"))
+        kept = self._kept_models(record, writer, ns, name)
         encoders = res.index_encoders(
             models,
             (
                 ix.model,
-                *res.serving_models(served, [writer]),
+                *res.serving_models([writer], "" if kept else served),
                 migration_target,
-                *self._kept_models(record, writer, ns, name),
+                *kept,
             ),
         )
         mphase = record.phase if record is not None and record.active else ""
@@ -447,7 +448,8 @@ class Controller:
         mphases = [r.phase if r is not None and r.active else "" for r in records]
         kept = [m for r in records for m in self._kept_models(r, writers, ns, name)]
         encoders = res.index_encoders(
-            models, (ix.model, *res.serving_models(served, writers), migration_target, *kept)
+            models,
+            (ix.model, *res.serving_models(writers, "" if kept else served), migration_target, *kept),
         )
         objs = [
             *res.desired_objects(ix, cl, encoders, tokens),

@@ -69,18 +69,22 @@ def index_encoders(models: Mapping[str, Model], used: Iterable[str]) -> dict[str
     return {n: models[n].encoder for n in sorted(set(used)) if n in models}
 
 
-def serving_models(prior: str, writers: Iterable[Any]) -> tuple[str, ...]:
+def serving_models(writers: Iterable[Any], fallback: str) -> tuple[str, ...]:
     """The models the index's writers serve now, for its ConfigMap (``writers``: the status
-    of each, None where unread; ``prior``: the model its status recorded, for those). Read
-    live, not from the status: at a migration's end the status still names the old model for
-    one pass while no migration runs any more, and an encoder set built from it dropped the
-    new model and rolled every pod of the index twice (the chaos campaign's CI run: writer,
-    readers and shadow restarted at Succeeded and again 17 s later)."""
+    of each, None where unread). Read live, not from the index's status: at a migration's end
+    the status still names the old model for one pass while no migration runs any more, and
+    an encoder set built from it dropped the new model and rolled every pod of the index
+    twice (the chaos campaign's CI run: writer, readers and shadow restarted at Succeeded and
+    again 17 s later). ``fallback`` (the status's model) stands in for an unread writer only
+    when nothing else keeps the encoders: while a writer is unread the ConfigMap's models are
+    kept as they are (``Controller._kept_models``), and adding the lagging status's model to
+    them rolled a rolling writer again (a rehearsal: an operator restarted at a migration's
+    end rolled the writer three times in 30 s)."""
     out = []
     for w in writers:
         model = str(w.get("model") or "") if isinstance(w, Mapping) else ""
-        out.append(model or prior)
-    return tuple(dict.fromkeys(out))
+        out.append(model or fallback)
+    return tuple(m for m in dict.fromkeys(out) if m)
 
 
 def awaits_encoder(writer_status: Mapping[str, Any] | None, model: str) -> bool:

@@ -281,3 +281,48 @@ def test_a_migrations_end_rolls_nothing_while_the_status_still_names_the_old_mod
     after = _pod_templates(ctl, ended, models)
     assert json.loads(after["config"]["data"][ENCODERS_KEY]) == {"e5": HTTP_A, "model-b": HTTP_B}
     assert after == during  # no rollout
+
+
+class KubeCache:
+    """A watch cache that knows what the recording client holds (synced for every kind)."""
+
+    def __init__(self, kube: RecordingKube) -> None:
+        self.store, self.kube = self, kube
+
+    def lookup(self, kind: str, namespace: str, name: str) -> tuple[bool, Any]:
+        return True, self.kube.objects.get((kind, name))
+
+    def children(self, namespace: str, uid: str) -> list[tuple[str, dict[str, Any]]]:
+        return []
+
+    def kinds_known(self, namespace: str) -> set[str]:
+        return set()
+
+    async def wait_synced(self, timeout_s: float) -> bool:
+        return True
+
+
+def test_an_unread_writer_keeps_the_configmap_as_it_is_not_the_lagging_status_model() -> None:
+    """An operator restarted at a migration's end (e5 -> model-b): the ConfigMap already lost
+    e5 (the old operator's last pass, the writer read), the writer rolls onto it (unread
+    now), and the index's status still names e5. The ConfigMap stays as it is: adding the
+    status's model rolled the rolling writer back onto e5, and the next pass, the writer
+    read, rolled it once more (a rehearsal's campaign: the writer restarted three times in
+    30 s)."""
+    ctl = _controller()
+    kube: Any = ctl.kube
+    ctl.cache = KubeCache(kube)  # type: ignore[assignment]
+    # the ConfigMap as the last pass applied it
+    kube.objects[("ConfigMap", config_name("b"))] = {
+        "kind": "ConfigMap",
+        "metadata": {"name": config_name("b"), "namespace": "search"},
+        "data": {ENCODERS_KEY: json.dumps({"model-b": HTTP_B})},
+    }
+    body = _index("b", "model-b")
+    body["status"] = {"model": "e5", "phase": "Serving"}
+    models = _models(**{"model-b": HTTP_B, "e5": HTTP_A})
+    try:
+        after = _pod_templates(ctl, body, models)
+    except KeyError:  # no writer status: the status projection stops (after apply)
+        after = {"config": kube.objects[("ConfigMap", config_name("b"))]}
+    assert json.loads(after["config"]["data"][ENCODERS_KEY]) == {"model-b": HTTP_B}
