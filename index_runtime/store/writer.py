@@ -590,9 +590,13 @@ class IndexWriter:
         pending = [b for m in frozen for b in m.batches]
         if self._index_stale:
             # an earlier commit failed ambiguously (it may have landed): never flush twice
-            with self._commit:
-                self._ensure_index()
-                done = self.manifest.flushed_seq
+            try:
+                with self._commit:
+                    self._ensure_index()
+                    done = self.manifest.flushed_seq
+            except DriftlessError as exc:  # a failing flush too (S3 cut: it fails right here)
+                self._flush_failed(exc)
+                raise
             pending = [b.take(np.flatnonzero(b.seqs > done)) for b in pending if b.seqs[-1] > done]
         if not pending and extra is None:
             with self._lock:
@@ -618,8 +622,7 @@ class IndexWriter:
             crash_point("flush.segment_put")
             manifest = self._commit_new_segments(written, upto)
         except DriftlessError as exc:
-            self.last_flush_error = exc
-            self.storage.failed("flush", exc)  # (local disk or object store)
+            self._flush_failed(exc)
             raise
         finally:
             # a failed put is no longer in flight: its object, if stored, is GC's orphan
@@ -631,6 +634,10 @@ class IndexWriter:
             del self._frozen[: len(frozen)]
             self.wal.truncate_upto(upto)
         return manifest
+
+    def _flush_failed(self, exc: DriftlessError) -> None:
+        self.last_flush_error = exc
+        self.storage.failed("flush", exc)  # (local disk or object store)
 
     def _commit_new_segments(self, written: list[tuple[str, RowBatch, int]], upto: int) -> Manifest:
         with self._commit:
