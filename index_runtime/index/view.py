@@ -296,8 +296,11 @@ class View:
                 return self._exact_over(self._allowed(match)[1], q, k, approx)
         cand = p.pos[ids0]
         tail = self.tails[codebook]
-        if self._flat is not None and not approx and not len(tail):  # the common case
-            best = rerank_flat(self._flat, cand, q, k)
+        if self._flat is not None and not approx:  # the common case: no delta, in memory
+            rows = cand
+            if len(tail):  # base rows too: scored in the same pass
+                rows = np.concatenate([cand, tail if match is None else tail[match[tail]]])
+            best = rerank_flat(self._flat, rows, q, k)
             if best is not None:
                 return Hits(*best)
         if self._fast and not len(tail):  # no tail, no delta

@@ -59,9 +59,10 @@ def test_rerank_flat_refuses_a_query_faiss_would_misread() -> None:
         rerank_flat(vecs, cand, np.ones(D, np.float64), 5)
 
 
-def _view(rng: np.random.Generator, n: int = 4000) -> View:
+def _view(rng: np.random.Generator, tail: int, n: int = 4000) -> View:
     """An in-memory cosine view over ``n`` rows (some deleted, some duplicates) with one
-    IVF-PQ primary whose slots are the rows in a shuffled order."""
+    IVF-PQ primary whose slots are the rows in a shuffled order, except the last ``tail``
+    rows: not in the primary, searched exactly."""
     vecs = _unit(rng.normal(size=(n, D)))
     vecs[n - 200 :] = vecs[:200]  # duplicates: exact ties in the re-rank
     alive = rng.random(n) > 0.1  # deleted rows: a selector in the search
@@ -71,9 +72,10 @@ def _view(rng: np.random.Generator, n: int = 4000) -> View:
     )
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, 16, 4, 6, faiss.METRIC_INNER_PRODUCT)
     index.train(vecs)
-    perm = rng.permutation(n).astype(np.int64)  # slot -> base position
+    perm = rng.permutation(n - tail).astype(np.int64)  # slot -> base position
     index.add(vecs[perm])
-    primary = Primary(1, index, np.ones(n, bool), (), block.seqs[perm], (1,), perm)
+    covered = np.arange(n) < n - tail
+    primary = Primary(1, index, covered, (), block.seqs[perm], (1,), perm)
     settings = IndexSettings(primary=PrimarySettings(nlist=16, m=4, nbits=6, nprobe=4, rerank=8))
     return View(
         version=1, committed_at=0.0, model="m", metric="cosine", settings=settings, serving=1,
@@ -82,15 +84,17 @@ def _view(rng: np.random.Generator, n: int = 4000) -> View:
     )
 
 
-def test_fast_path_answers_as_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tail", [0, 300])
+def test_fast_path_answers_as_the_general_path(monkeypatch: pytest.MonkeyPatch, tail: int) -> None:
     rng = np.random.default_rng(3)
-    fast = _view(rng)
+    fast = _view(rng, tail)
     slow = View(**{f: getattr(fast, f) for f in (
         "version", "committed_at", "model", "metric", "settings", "serving", "base", "delta",
         "alive", "primaries",
     )})
     slow._flat = None  # the general path: numpy gather, stable sort
     assert fast._flat is not None and fast.dead_in_primary[1] > 0
+    assert len(fast.tails[1]) == int(fast.alive[len(fast.alive) - tail :].sum())
     calls: list[Any] = []
 
     def counted(*a: Any) -> Any:
