@@ -28,6 +28,8 @@ from index_runtime.index.settings import IndexSettings
 from index_runtime.index.vectors import MappedVectors, row_range, take
 from index_runtime.store.rows import Key
 
+swig_ptr = faiss.swig_ptr
+
 
 @dataclass
 class Base:
@@ -69,9 +71,16 @@ class View:
         self.seqs: I64 = np.concatenate([self.base.block.seqs, self.delta.seqs])
         self.live_pos: I64 = np.flatnonzero(self.alive)
         self._fast = self.metric != "l2" and len(self.delta) == 0
+        # the re-rank reads candidate rows in place (one FAISS call, no gather copy) when the
+        # view's rows are one in-memory float32 matrix scored by inner product
+        vecs = self.base.block.vecs
+        self._flat: F32 | None = (
+            vecs if self._fast and isinstance(vecs, np.ndarray) and flat_rows(vecs) else None
+        )
         self.tails: dict[int, I64] = {}
         self.dead_in_primary: dict[int, int] = {}
         self._slots_alive: dict[int, Mask] = {}  # per primary: is each slot's row alive
+        self._index_dims = {v: (int(p.index.d),) for v, p in self.primaries.items()}
         for v, p in self.primaries.items():
             covered = np.zeros(len(self.seqs), bool)
             covered[:nb] = p.covered
@@ -260,14 +269,25 @@ class View:
         tail rows): the oracle uses them to measure distortion; the query path does not."""
         p = self.primaries[codebook]
         s = self.settings.primary
-        plan = self.filter_plan(codebook, match, k, nprobe)
-        if plan.exact and match is not None:
-            return self._exact_over(self._allowed(match)[1], q, k, approx)
+        if match is None:
+            nprobe = nprobe or s.nprobe
+        else:
+            plan = self.filter_plan(codebook, match, k, nprobe)
+            if plan.exact:
+                return self._exact_over(self._allowed(match)[1], q, k, approx)
+            nprobe = plan.nprobe
         # the selector and its bitmap must outlive the search: FAISS keeps raw pointers to them
         # (SearchParameters do not hold a Python reference to an assigned selector)
-        params, _sel, _bits = self._search_params(codebook, plan.nprobe, match)
-        d, ids = p.index.search(q[None, :], max(k, k * s.rerank), params=params)
-        ids0, dist = ids[0], d[0]
+        params, _sel, _bits = self._search_params(codebook, nprobe, match)
+        q = np.ascontiguousarray(q, np.float32)
+        if q.shape != self._index_dims[codebook]:  # (reading index.d per query: ~1 µs)
+            raise ValueError(f"query of shape {q.shape}, the index holds {p.index.d}-d vectors")
+        # FAISS's own search, without its Python wrapper's per-call checks (done above)
+        kk = max(k, k * s.rerank)
+        dist = np.empty(kk, np.float32)
+        ids0 = np.empty(kk, np.int64)
+        search = p.index.search_c  # type: ignore[attr-defined]  # missing from stubs
+        search(1, swig_ptr(q), kk, swig_ptr(dist), swig_ptr(ids0), params)
         if ids0[-1] < 0:  # fewer candidates than asked: FAISS pads with -1 at the end
             keep = ids0 >= 0
             ids0, dist = ids0[keep], dist[keep]
@@ -276,7 +296,14 @@ class View:
                 return self._exact_over(self._allowed(match)[1], q, k, approx)
         cand = p.pos[ids0]
         tail = self.tails[codebook]
-        if self._fast and not len(tail):  # the common case, kept short: no tail, no delta
+        if self._flat is not None and not approx:  # the common case: no delta, in memory
+            rows = cand
+            if len(tail):  # base rows too: scored in the same pass
+                rows = np.concatenate([cand, tail if match is None else tail[match[tail]]])
+            best = rerank_flat(self._flat, rows, q, k)
+            if best is not None:
+                return Hits(*best)
+        if self._fast and not len(tail):  # no tail, no delta
             exact = take(self.base.block.vecs, cand) @ q
             order = np.argsort(-exact, kind="stable")[:k]
             if not approx:
@@ -306,6 +333,38 @@ class View:
         if self.metric != "l2" and not len(self.delta):
             return take(self.base.block.vecs, pos) @ q  # the common case, kept short
         return score(self.vectors_at(pos), q, self.metric)
+
+
+def flat_rows(vecs: npt.NDArray[Any]) -> bool:
+    """Whether FAISS can read ``vecs`` in place as rows: a C-contiguous float32 matrix."""
+    return vecs.ndim == 2 and vecs.dtype == np.float32 and bool(vecs.flags.c_contiguous)
+
+
+def rerank_flat(vecs: F32, cand: I64, q: F32, k: int) -> tuple[I64, F32] | None:
+    """The ``k`` candidates of highest inner product with ``q``, best first, and their scores,
+    read from ``vecs`` in place (FAISS: no copy of the candidate rows), or None where the
+    answer could differ from the stable sort of the candidates' scores: fewer than ``k + 1``
+    candidates, or a tie among the best ``k + 1`` scores (FAISS breaks ties by its heap, the
+    stable sort by candidate order). ``cand`` are row numbers of ``vecs`` (int64, all in
+    range: FAISS stops at the first one that is not); ``q`` C-contiguous float32."""
+    n = len(cand)
+    if n <= k:
+        return None
+    if q.shape != (vecs.shape[1],) or q.dtype != np.float32 or not q.flags.c_contiguous:
+        raise ValueError(f"query of shape {q.shape} ({q.dtype}) for {vecs.shape[1]}-d rows")
+    vals = np.empty(k + 1, np.float32)
+    rows = np.empty(k + 1, np.int64)
+    cand = np.ascontiguousarray(cand, np.int64)
+    faiss.knn_inner_products_by_idx(  # type: ignore[attr-defined]  # missing from stubs
+        swig_ptr(q), swig_ptr(vecs), swig_ptr(cand), vecs.shape[1], 1, len(vecs), n, k + 1,
+        swig_ptr(vals), swig_ptr(rows),
+    )
+    # distinct best k + 1 (sorted: a tie would be a repeat) decide the top k and its order;
+    # a row of -1 is a candidate FAISS did not score (out of range, or a NaN score)
+    v = vals.tolist()
+    if len(set(v)) <= k or rows[k] < 0:
+        return None
+    return rows[:k], vals[:k]
 
 
 def _best(scores: F32, k: int) -> I64:
