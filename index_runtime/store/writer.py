@@ -51,6 +51,7 @@ from index_runtime.store.manifest import (
     retire_unreferenced,
 )
 from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
+from index_runtime.store.passes import BackgroundPasses
 from index_runtime.store.puts import BackgroundPuts
 from index_runtime.store.rows import (
     Key,
@@ -740,6 +741,11 @@ class IndexWriter:
         (so that decision sees the committed group, as if the groups ran one after another).
         A failure anywhere commits nothing more: a group is published only if every one of its
         puts returned; outputs of an uncommitted group are orphans for GC.
+
+        With ``gc``, a GC pass runs on a background thread after each commit but the last
+        (deleting the objects the commits retired, by GC's usual rules, while the next groups
+        are built), and one more pass runs once every group is committed; the call returns
+        after both. A crash in between leaves retired objects that the next GC deletes.
         """
         with self._maint:
             with self._commit:
@@ -751,7 +757,10 @@ class IndexWriter:
             built: list[_Group] = []
             stopped = False
             try:
-                with BackgroundPuts(self.store.put, "driftless-compaction-put") as puts:
+                with (
+                    BackgroundPasses(self._gc_locked, "driftless-compaction-gc") as gc_passes,
+                    BackgroundPuts(self.store.put, "driftless-compaction-put") as puts,
+                ):
                     pending: _Group | None = None
                     for ids in groups:
                         if should_stop is not None and should_stop():  # shutdown: between groups
@@ -761,6 +770,8 @@ class IndexWriter:
                         built.append(group)
                         if pending is not None:  # its puts ran while ``group`` was read
                             report = self._commit_group(pending, puts, report)
+                            if gc:  # unlink what it retired while the next groups are built
+                                gc_passes.request()
                         self._cut_tombstones(group, puts)
                         pending = group
                     if pending is not None:
