@@ -50,7 +50,12 @@ from index_runtime.store.manifest import (
     referenced_objects,
     retire_unreferenced,
 )
-from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
+from index_runtime.store.objects import (
+    ObjectStore,
+    new_object_name,
+    prefetch_segment,
+    segment_source,
+)
 from index_runtime.store.passes import BackgroundPasses
 from index_runtime.store.puts import BackgroundPuts
 from index_runtime.store.rows import (
@@ -820,7 +825,9 @@ class IndexWriter:
         )
         kept = _Rows(kt)
         writer = SegmentWriter(kt, self.spec.dims)
-        for seg in g.inputs:
+        for i, seg in enumerate(g.inputs):
+            if i + 1 < len(g.inputs):  # the disk reads it while this one is worked on
+                prefetch_segment(self.store, g.inputs[i + 1].key)
             for batch in iter_segment(segment_source(self.store, seg.key), kt, "all"):
                 g.rows_in += len(batch)
                 with self._commit:

@@ -24,7 +24,9 @@ SPEC = IndexSpec.single("t", "m", 16, "int")
 CONFIG = WriterConfig(
     flush_interval_s=3600,
     gc_grace_s=0.0,
-    compaction=CompactionPolicy(deleted_ratio=0.2, small_bytes=200 << 10, target_bytes=200 << 10),
+    compaction=CompactionPolicy(
+        deleted_ratio=0.2, small_bytes=200 << 10, target_bytes=200 << 10, group_outputs=1
+    ),
 )
 
 

@@ -85,7 +85,8 @@ def three_groups(tmp_path: Path) -> tuple[LocalDirStore, IndexWriter]:
     deletes' tombstones: planned as groups (1,), (2,), (3, 4). One output each (none for the
     tombstones: once groups 1 and 2 are committed, they shadow nothing outside group 3)."""
     store = LocalDirStore(tmp_path / "data")
-    policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=200 << 10, target_bytes=200 << 10)
+    policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=200 << 10, target_bytes=200 << 10,
+                              group_outputs=1)
     w = IndexWriter.open(store, tmp_path / "wal",
                          WriterConfig(flush_interval_s=3600, gc_grace_s=0.0, compaction=policy),
                          create=SPEC)
