@@ -167,7 +167,7 @@ class _Output:
     nbytes: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it holds arrays
 class _Group:
     """One compaction group in progress: its inputs, the outputs written so far (with their
     puts' futures), the rows it drops and what decides its tombstones."""
@@ -759,7 +759,7 @@ class IndexWriter:
                     self._correct_stats()
                 groups = plan_compaction(self.manifest.segments, self.config.compaction)
             report = CompactionReport()
-            built: list[_Group] = []
+            uncommitted: list[_Group] = []  # at most two: one being read, one being put
             stopped = False
             try:
                 with (
@@ -771,18 +771,17 @@ class IndexWriter:
                         if should_stop is not None and should_stop():  # shutdown: between groups
                             stopped = True
                             break
-                        group = self._read_group(ids, puts)
-                        built.append(group)
+                        group = self._read_group(ids, puts, uncommitted)
                         if pending is not None:  # its puts ran while ``group`` was read
-                            report = self._commit_group(pending, puts, report)
+                            report = self._commit_group(pending, puts, report, uncommitted)
                             if gc:  # unlink what it retired while the next groups are built
                                 gc_passes.request()
                         self._cut_tombstones(group, puts)
                         pending = group
                     if pending is not None:
-                        report = self._commit_group(pending, puts, report)
-            finally:
-                self._inflight.difference_update(o.key for g in built for o in g.outputs)
+                        report = self._commit_group(pending, puts, report, uncommitted)
+            finally:  # outputs of groups not committed: orphans for GC
+                self._inflight.difference_update(o.key for g in uncommitted for o in g.outputs)
             if stopped:
                 return report
             if groups:
@@ -814,15 +813,19 @@ class IndexWriter:
             )
         self._stats_checked = True
 
-    def _read_group(self, ids: tuple[int, ...], puts: BackgroundPuts) -> _Group:
+    def _read_group(
+        self, ids: tuple[int, ...], puts: BackgroundPuts, uncommitted: list[_Group]
+    ) -> _Group:
         """Read a group's inputs, write its kept rows as outputs (submitted to ``puts``) and
-        gather the rows it drops and its tombstone candidates."""
+        gather the rows it drops and its tombstone candidates. The group is added to
+        ``uncommitted`` before its first put."""
         idset = set(ids)
         kt = self.spec.key_type
         g = _Group(
             sorted((s for s in self.manifest.segments if s.id in idset), key=lambda s: s.min_seq),
             kt,
         )
+        uncommitted.append(g)
         kept = _Rows(kt)
         writer = SegmentWriter(kt, self.spec.dims)
         for i, seg in enumerate(g.inputs):
@@ -877,7 +880,7 @@ class IndexWriter:
             self._cut(g, puts, tombs, _Rows(kt, [cand_keys[needed]], [cand_seqs[needed]]))
 
     def _commit_group(
-        self, g: _Group, puts: BackgroundPuts, report: CompactionReport
+        self, g: _Group, puts: BackgroundPuts, report: CompactionReport, uncommitted: list[_Group]
     ) -> CompactionReport:
         # each put fsynced its object's bytes, then (after the rename) its directory: once
         # these waits return, every object the commit references is durable (or this raises
@@ -885,6 +888,9 @@ class IndexWriter:
         puts.wait_for(g.puts)
         crash_point("compaction.output_put")
         self._commit_compaction(g.inputs, g.outputs, g.dropped)
+        # the manifest references the outputs now; the group's row arrays can go
+        uncommitted.remove(g)
+        self._inflight.difference_update(o.key for o in g.outputs)
         return CompactionReport(
             groups=report.groups + 1,
             input_segments=report.input_segments + len(g.inputs),
