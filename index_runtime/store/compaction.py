@@ -21,12 +21,18 @@ class CompactionPolicy:
     deleted_ratio: float = 0.2  # rewrite a segment once this share of its rows is dead
     small_bytes: int = 16 << 20  # segments under this size are merged with neighbours
     target_bytes: int = 64 << 20  # compaction outputs are cut at about this size
+    # a group's expected output is at most this many outputs of target_bytes: there is one
+    # manifest commit per group, so fewer, larger groups commit less often (an output's put
+    # overlaps the next output's build within a group as across groups)
+    group_outputs: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.deleted_ratio <= 1.0:
             raise ValueError("deleted_ratio must be in (0, 1]")
         if self.small_bytes <= 0 or self.target_bytes < self.small_bytes:
             raise ValueError("need 0 < small_bytes <= target_bytes")
+        if self.group_outputs < 1:
+            raise ValueError("group_outputs must be at least 1")
 
 
 def _share(s: SegmentInfo, rows: int) -> float:
@@ -58,7 +64,7 @@ def plan_compaction(
     A segment is a candidate if its dead share (``deleted_ratio``) reaches
     ``policy.deleted_ratio`` or it is smaller than ``policy.small_bytes``. Candidates are
     grouped in seq order while the expected output (bytes × share of rows kept) stays under
-    ``policy.target_bytes``. Groups not :func:`worth_compacting` are left alone (e.g. one small
+    ``policy.group_outputs × policy.target_bytes``. Groups not :func:`worth_compacting` are left alone (e.g. one small
     segment with few dead rows, or a segment of rows next to the tombstones that must stay).
     """
     candidates = [
@@ -68,9 +74,10 @@ def plan_compaction(
     ]
     groups: list[list[SegmentInfo]] = []
     size = 0.0
+    budget = policy.group_outputs * policy.target_bytes
     for s in candidates:
         out = _share(s, s.live + s.tombstones)
-        if groups and size + out <= policy.target_bytes:
+        if groups and size + out <= budget:
             groups[-1].append(s)
             size += out
         else:

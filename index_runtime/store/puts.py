@@ -4,14 +4,16 @@ Compaction builds its next output segment in memory while the previous one is wr
 fsynced: :meth:`BackgroundPuts.submit` hands a put to the thread after the put before it has
 finished (so at most one output waits in memory besides the one being built), and raises that
 earlier put's error if it failed. :meth:`BackgroundPuts.wait` returns once every put has
-finished and raises the first failure: the caller commits nothing that references an object
-unless ``wait`` returned. The thread is always joined by :meth:`close` (a context manager
-exit), so no put outlives the caller's error handling.
+finished and raises the first failure; :meth:`BackgroundPuts.wait_for` does the same for some
+of them (one compaction group's outputs, while the next group's are being put). The caller
+commits nothing that references an object unless a wait covering its put returned. The thread
+is always joined by :meth:`close` (a context manager exit), so no put outlives the caller's
+error handling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -30,14 +32,22 @@ class BackgroundPuts:
             last, self._last = self._last, None
             last.result()
 
-    def submit(self, key: str, data: bytes | memoryview) -> None:
-        """Start putting ``data`` at ``key`` once the previous put has finished."""
+    def submit(self, key: str, data: bytes | memoryview) -> Future[None]:
+        """Start putting ``data`` at ``key`` once the previous put has finished; returns the
+        put's future (for :meth:`wait_for`)."""
         self._settle()
         self._last = self._pool.submit(self._put, key, data)
+        return self._last
 
     def wait(self) -> None:
         """Every submitted put has finished; raises the first failure."""
         self._settle()
+
+    def wait_for(self, puts: Iterable[Future[None]]) -> None:
+        """These puts (futures :meth:`submit` returned) have finished; raises the first failure
+        among them. Later puts may still be in flight."""
+        for put in puts:
+            put.result()
 
     def close(self) -> None:
         """Join the thread (a put in flight completes or fails first; its error is dropped:

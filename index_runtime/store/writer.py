@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,13 @@ from index_runtime.store.manifest import (
     referenced_objects,
     retire_unreferenced,
 )
-from index_runtime.store.objects import ObjectStore, new_object_name, segment_source
+from index_runtime.store.objects import (
+    ObjectStore,
+    new_object_name,
+    prefetch_segment,
+    segment_source,
+)
+from index_runtime.store.passes import BackgroundPasses
 from index_runtime.store.puts import BackgroundPuts
 from index_runtime.store.rows import (
     Key,
@@ -158,6 +165,26 @@ class _Output:
     keys: Any
     seqs: Any
     nbytes: int
+
+
+@dataclass(eq=False)  # compared by identity: it holds arrays
+class _Group:
+    """One compaction group in progress: its inputs, the outputs written so far (with their
+    puts' futures), the rows it drops and what decides its tombstones."""
+
+    inputs: list[SegmentInfo]
+    key_type: KeyType
+    outputs: list[_Output] = field(default_factory=list)
+    puts: list[Future[None]] = field(default_factory=list)
+    rows_in: int = 0
+    dropped: _Rows = field(init=False)
+    tomb_candidates: _Rows = field(init=False)
+    tombstoned_rows: _Rows = field(init=False)  # keys of input rows whose winner was a tombstone
+
+    def __post_init__(self) -> None:
+        self.dropped = _Rows(self.key_type)
+        self.tomb_candidates = _Rows(self.key_type)
+        self.tombstoned_rows = _Rows(self.key_type)
 
 
 def _apply_deltas(
@@ -719,6 +746,18 @@ class IndexWriter:
 
         Streams: holds one input record batch and one output segment in memory at a time.
         Writes never wait for it, except for brief key-index checks between batches.
+
+        Groups are pipelined: a group's outputs are put (written and fsynced) on the I/O
+        thread while the next group's rows are read and written; the group is committed once
+        its own puts have finished, before the next group decides which tombstones it keeps
+        (so that decision sees the committed group, as if the groups ran one after another).
+        A failure anywhere commits nothing more: a group is published only if every one of its
+        puts returned; outputs of an uncommitted group are orphans for GC.
+
+        With ``gc``, a GC pass runs on a background thread after each commit but the last
+        (deleting the objects the commits retired, by GC's usual rules, while the next groups
+        are built), and one more pass runs once every group is committed; the call returns
+        after both. A crash in between leaves retired objects that the next GC deletes.
         """
         with self._maint:
             with self._commit:
@@ -727,10 +766,31 @@ class IndexWriter:
                     self._correct_stats()
                 groups = plan_compaction(self.manifest.segments, self.config.compaction)
             report = CompactionReport()
-            for ids in groups:
-                if should_stop is not None and should_stop():  # shutdown: stop between groups
-                    return report
-                report = self._compact_group(ids, report)
+            uncommitted: list[_Group] = []  # at most two: one being read, one being put
+            stopped = False
+            try:
+                with (
+                    BackgroundPasses(self._gc_locked, "driftless-compaction-gc") as gc_passes,
+                    BackgroundPuts(self.store.put, "driftless-compaction-put") as puts,
+                ):
+                    pending: _Group | None = None
+                    for ids in groups:
+                        if should_stop is not None and should_stop():  # shutdown: between groups
+                            stopped = True
+                            break
+                        group = self._read_group(ids, puts, uncommitted)
+                        if pending is not None:  # its puts ran while ``group`` was read
+                            report = self._commit_group(pending, puts, report, uncommitted)
+                            if gc:  # unlink what it retired while the next groups are built
+                                gc_passes.request()
+                        self._cut_tombstones(group, puts)
+                        pending = group
+                    if pending is not None:
+                        report = self._commit_group(pending, puts, report, uncommitted)
+            finally:  # outputs of groups not committed: orphans for GC
+                self._inflight.difference_update(o.key for g in uncommitted for o in g.outputs)
+            if stopped:
+                return report
             if groups:
                 crash_point("compaction.committed")
             if gc:
@@ -760,82 +820,92 @@ class IndexWriter:
             )
         self._stats_checked = True
 
-    def _compact_group(self, ids: tuple[int, ...], report: CompactionReport) -> CompactionReport:
+    def _read_group(
+        self, ids: tuple[int, ...], puts: BackgroundPuts, uncommitted: list[_Group]
+    ) -> _Group:
+        """Read a group's inputs, write its kept rows as outputs (submitted to ``puts``) and
+        gather the rows it drops and its tombstone candidates. The group is added to
+        ``uncommitted`` before its first put."""
         idset = set(ids)
-        inputs = sorted(
-            (s for s in self.manifest.segments if s.id in idset), key=lambda s: s.min_seq
-        )
         kt = self.spec.key_type
-        outputs: list[_Output] = []
-        dropped = _Rows(kt)
+        g = _Group(
+            sorted((s for s in self.manifest.segments if s.id in idset), key=lambda s: s.min_seq),
+            kt,
+        )
+        uncommitted.append(g)
         kept = _Rows(kt)
-        # winning tombstones are decided after the pass: one may go only if every row of its
-        # key is among the inputs, which is known once all inputs have been read
-        tomb_candidates = _Rows(kt)
-        tombstoned_rows = _Rows(kt)  # keys of input rows whose winner was a tombstone
         writer = SegmentWriter(kt, self.spec.dims)
-        rows_in = 0
-        # outputs are put on one I/O thread (one in flight) while the next one is built; the
-        # commit below waits for every put and is never reached if one failed
-        puts = BackgroundPuts(self.store.put, "driftless-compaction-put")
-
-        def cut(w: SegmentWriter, rows: _Rows) -> None:
-            data = w.finish()
-            key = new_object_name("segments", ".arrow")
-            self._inflight.add(key)
-            keys, seqs = rows.arrays()
-            outputs.append(_Output(key, keys, seqs, len(data)))
-            puts.submit(key, data)
-
-        try:
-            with puts:
-                for seg in inputs:
-                    for batch in iter_segment(segment_source(self.store, seg.key), kt, "all"):
-                        rows_in += len(batch)
-                        with self._commit:
-                            fate = self._index.classify(batch.keys, batch.seqs)
-                        tombstoned_rows.add(batch, fate.key_tombstoned)
-                        dropped.add(batch, fate.drop)
-                        tomb_candidates.add(batch, fate.tomb)
-                        kept.add(batch, fate.keep)
-                        if fate.keep.any():
-                            writer.write(batch.take(np.flatnonzero(fate.keep)))
-                        if writer.nbytes >= self.config.compaction.target_bytes:
-                            cut(writer, kept)
-                            kept = _Rows(kt)
-                            writer = SegmentWriter(kt, self.spec.dims)
-                if writer.rows:
-                    cut(writer, kept)
-                cand_keys, cand_seqs = tomb_candidates.arrays()
+        for i, seg in enumerate(g.inputs):
+            if i + 1 < len(g.inputs):  # the disk reads it while this one is worked on
+                prefetch_segment(self.store, g.inputs[i + 1].key)
+            for batch in iter_segment(segment_source(self.store, seg.key), kt, "all"):
+                g.rows_in += len(batch)
                 with self._commit:
-                    needed = self._index.tombstones_needed(
-                        cand_keys, cand_seqs, tombstoned_rows.arrays()[0]
-                    )
-                dropped.keys.append(cand_keys[~needed])
-                dropped.seqs.append(cand_seqs[~needed])
-                if needed.any():
-                    tombs = SegmentWriter(kt, self.spec.dims)
-                    tombs.write(
-                        RowBatch(
-                            seqs=cand_seqs[needed],
-                            keys=cand_keys[needed],
-                            tombstone=np.ones(int(needed.sum()), bool),
-                        )
-                    )
-                    cut(tombs, _Rows(kt, [cand_keys[needed]], [cand_seqs[needed]]))
-                puts.wait()  # every output is durable (or this raises: nothing is committed)
-            crash_point("compaction.output_put")
-            self._commit_compaction(inputs, outputs, dropped)
-        finally:
-            self._inflight.difference_update(o.key for o in outputs)
+                    fate = self._index.classify(batch.keys, batch.seqs)
+                g.tombstoned_rows.add(batch, fate.key_tombstoned)
+                g.dropped.add(batch, fate.drop)
+                g.tomb_candidates.add(batch, fate.tomb)
+                kept.add(batch, fate.keep)
+                if fate.keep.any():
+                    writer.write(batch.take(np.flatnonzero(fate.keep)))
+                if writer.nbytes >= self.config.compaction.target_bytes:
+                    self._cut(g, puts, writer, kept)
+                    kept = _Rows(kt)
+                    writer = SegmentWriter(kt, self.spec.dims)
+        if writer.rows:
+            self._cut(g, puts, writer, kept)
+        return g
+
+    def _cut(self, g: _Group, puts: BackgroundPuts, w: SegmentWriter, rows: _Rows) -> None:
+        data = w.finish()
+        key = new_object_name("segments", ".arrow")
+        self._inflight.add(key)  # GC keeps it until the group is committed (or abandoned)
+        keys, seqs = rows.arrays()
+        g.outputs.append(_Output(key, keys, seqs, len(data)))
+        g.puts.append(puts.submit(key, data))
+
+    def _cut_tombstones(self, g: _Group, puts: BackgroundPuts) -> None:
+        """Decide which of the group's winning tombstones must stay (one may go only if every
+        row of its key is among the inputs) and write those as one more output."""
+        kt = self.spec.key_type
+        cand_keys, cand_seqs = g.tomb_candidates.arrays()
+        with self._commit:
+            needed = self._index.tombstones_needed(
+                cand_keys, cand_seqs, g.tombstoned_rows.arrays()[0]
+            )
+        g.dropped.keys.append(cand_keys[~needed])
+        g.dropped.seqs.append(cand_seqs[~needed])
+        if needed.any():
+            tombs = SegmentWriter(kt, self.spec.dims)
+            tombs.write(
+                RowBatch(
+                    seqs=cand_seqs[needed],
+                    keys=cand_keys[needed],
+                    tombstone=np.ones(int(needed.sum()), bool),
+                )
+            )
+            self._cut(g, puts, tombs, _Rows(kt, [cand_keys[needed]], [cand_seqs[needed]]))
+
+    def _commit_group(
+        self, g: _Group, puts: BackgroundPuts, report: CompactionReport, uncommitted: list[_Group]
+    ) -> CompactionReport:
+        # each put fsynced its object's bytes, then (after the rename) its directory: once
+        # these waits return, every object the commit references is durable (or this raises
+        # and nothing is committed)
+        puts.wait_for(g.puts)
+        crash_point("compaction.output_put")
+        self._commit_compaction(g.inputs, g.outputs, g.dropped)
+        # the manifest references the outputs now; the group's row arrays can go
+        uncommitted.remove(g)
+        self._inflight.difference_update(o.key for o in g.outputs)
         return CompactionReport(
             groups=report.groups + 1,
-            input_segments=report.input_segments + len(inputs),
-            output_segments=report.output_segments + len(outputs),
-            rows_in=report.rows_in + rows_in,
-            rows_out=report.rows_out + sum(len(o.seqs) for o in outputs),
-            bytes_in=report.bytes_in + sum(s.bytes for s in inputs),
-            bytes_out=report.bytes_out + sum(o.nbytes for o in outputs),
+            input_segments=report.input_segments + len(g.inputs),
+            output_segments=report.output_segments + len(g.outputs),
+            rows_in=report.rows_in + g.rows_in,
+            rows_out=report.rows_out + sum(len(o.seqs) for o in g.outputs),
+            bytes_in=report.bytes_in + sum(s.bytes for s in g.inputs),
+            bytes_out=report.bytes_out + sum(o.nbytes for o in g.outputs),
         )
 
     def _commit_compaction(

@@ -78,3 +78,78 @@ def test_failed_output_put_commits_nothing(tmp_path: Path, failing_put: int) -> 
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
     w.close()
+
+
+def three_groups(tmp_path: Path) -> tuple[LocalDirStore, IndexWriter]:
+    """Segments 1-3 of 2,000 rows each with 30% of them deleted, and segment 4 holding the
+    deletes' tombstones: planned as groups (1,), (2,), (3, 4). One output each (none for the
+    tombstones: once groups 1 and 2 are committed, they shadow nothing outside group 3)."""
+    store = LocalDirStore(tmp_path / "data")
+    policy = CompactionPolicy(deleted_ratio=0.2, small_bytes=200 << 10, target_bytes=200 << 10,
+                              group_outputs=1)
+    w = IndexWriter.open(store, tmp_path / "wal",
+                         WriterConfig(flush_interval_s=3600, gc_grace_s=0.0, compaction=policy),
+                         create=SPEC)
+    rng = np.random.default_rng(2)
+    for lo in range(0, 6000, 2000):
+        keys = list(range(lo, lo + 2000))
+        w.upsert(keys, {"m": rng.normal(size=(len(keys), 16)).astype(np.float32)})
+        w.flush()
+    w.delete([k for k in range(6000) if k % 10 < 3])
+    w.flush()
+    assert [s.id for s in w.manifest.segments] == [1, 2, 3, 4]
+    return store, w
+
+
+def test_pipelined_groups_decide_tombstones_after_the_groups_before_are_committed(
+    tmp_path: Path,
+) -> None:
+    # group (3, 4) is read while group 2's output is still being put; its tombstones may all
+    # go only if group 2 (which drops the rows they shadow) is committed before they are judged
+    store, w = three_groups(tmp_path)
+    expected = live_rows(store)
+    report = w.compact(gc=True)
+    assert (report.groups, report.input_segments, report.output_segments) == (3, 4, 3)
+    m = ManifestLog(store).latest()
+    assert m is not None
+    assert [s.id for s in m.segments] == [5, 6, 7]
+    assert sum(s.tombstones for s in m.segments) == 0 and sum(s.rows for s in m.segments) == 4200
+    got = live_rows(store)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    w.close()
+
+
+@pytest.mark.parametrize("failing_put", [1, 2, 3])
+def test_a_failed_put_commits_the_groups_before_it_and_nothing_after(
+    tmp_path: Path, failing_put: int
+) -> None:
+    # put n is group n's output. Puts 1 and 2 failing surface when the next group submits its
+    # output (its group already read, not committed), put 3 when group 3 waits for it.
+    store, w = three_groups(tmp_path)
+    expected = live_rows(store)
+    faults.arm("segment.put", "EIO", n=failing_put)
+    try:
+        with pytest.raises(StorageFaultError):
+            w.compact(gc=False)
+    finally:
+        faults.clear()
+    m = ManifestLog(store).latest()
+    assert m is not None
+    committed = failing_put - 1
+    inputs_left = [[1, 2, 3, 4], [2, 3, 4], [3, 4]][committed]
+    assert [s.id for s in m.segments] == inputs_left + [5 + i for i in range(committed)]
+    stored = {o.key for o in store.list("segments/")}
+    assert {s.key for s in m.segments} <= stored
+    got = live_rows(store)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    # the writer goes on; GC collects the outputs of the groups that were not committed
+    w.compact(gc=True)
+    m = ManifestLog(store).latest()
+    assert m is not None and sum(s.tombstones for s in m.segments) == 0
+    assert {o.key for o in store.list("segments/")} == {s.key for s in m.segments}
+    got = live_rows(store)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    w.close()

@@ -155,7 +155,7 @@ def test_a_live_lease_is_never_deleted(expiries: list[float], now: float, grace_
         assert pin is not None and pin.expires_at <= now
 
 
-POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000)
+POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000, group_outputs=1)
 
 
 @pytest.mark.parametrize(
@@ -180,6 +180,16 @@ POLICY = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000)
 )
 def test_plan_compaction(case: str, segments: list[SegmentInfo], groups: list[tuple[int, ...]]) -> None:
     assert plan_compaction(segments, POLICY) == groups, case
+
+
+def test_a_group_holds_up_to_group_outputs_outputs() -> None:
+    two = CompactionPolicy(deleted_ratio=0.2, small_bytes=100, target_bytes=1000, group_outputs=2)
+    # 15 segments of 90 bytes: 1,350 expected bytes, one group (one commit) of two outputs
+    segments = [seg(i, nbytes=90) for i in range(1, 16)]
+    assert plan_compaction(segments, two) == [tuple(range(1, 16))]
+    # 30: cut at 2 × 1,000 expected bytes (22 segments), then the rest
+    segments = [seg(i, nbytes=90) for i in range(1, 31)]
+    assert plan_compaction(segments, two) == [tuple(range(1, 23)), tuple(range(23, 31))]
 
 
 def test_commits_write_an_older_manifest_back_in_the_current_format(tmp_path: Path) -> None:
