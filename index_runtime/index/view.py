@@ -345,7 +345,9 @@ def rerank_flat(vecs: F32, cand: I64, q: F32, k: int) -> tuple[I64, F32] | None:
     read from ``vecs`` in place (FAISS: no copy of the candidate rows), or None where the
     answer could differ from the stable sort of the candidates' scores: fewer than ``k + 1``
     candidates, or a tie among the best ``k + 1`` scores (FAISS breaks ties by its heap, the
-    stable sort by candidate order). ``cand`` are row numbers of ``vecs`` (int64, all in
+    stable sort by candidate order). FAISS sums each dot product in another order than numpy:
+    scores agree to float32 rounding, and scores closer than that may be ordered either way
+    (near-duplicate rows). ``cand`` are row numbers of ``vecs`` (int64, all in
     range: FAISS stops at the first one that is not); ``q`` C-contiguous float32."""
     n = len(cand)
     if n <= k:

@@ -989,6 +989,10 @@ class IndexWriter:
                 )
         listed = {o.key: o.mtime for d in OBJECT_DIRS for o in self.store.list(d + "/")}
         with self._commit:  # a flush's object is either in the manifest or in flight here
+            # after a commit that failed ambiguously, plan from the manifest that landed: the
+            # stale one lacks the objects that commit referenced (its flush's segment left the
+            # in-flight set when the commit raised), and GC deleted them (data loss)
+            self._ensure_index()
             current = self.manifest
             inflight = set(self._inflight)
         plan = plan_gc(current, pinned, listed, inflight, now, self.config.gc_grace_s)
