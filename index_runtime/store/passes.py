@@ -10,10 +10,12 @@ or died half-way, leaves objects that the next GC collects.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
+
+log = logging.getLogger(__name__)
 
 
 class BackgroundPasses:
@@ -66,7 +68,9 @@ class BackgroundPasses:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:  # the caller's error wins; still join the thread
-            with contextlib.suppress(Exception):  # the pass's error is secondary here
+            try:
                 self.close()
+            except Exception as failed:  # secondary here, but not silent
+                log.warning("%s failed while the caller failed too: %s", self._thread.name, failed)
         else:
             self.close()
