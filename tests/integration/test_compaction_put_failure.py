@@ -34,6 +34,13 @@ def live_rows(store: LocalDirStore) -> dict[int, np.ndarray]:
     return {k: v for k, (_, t, v) in best.items() if not t}
 
 
+def assert_rows(store: LocalDirStore, expected: dict[int, np.ndarray]) -> None:
+    """The store's live rows are exactly ``expected``, vectors included."""
+    got = live_rows(store)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize("failing_put", [1, 2])
 def test_failed_output_put_commits_nothing(tmp_path: Path, failing_put: int) -> None:
     # one group, two outputs: the live rows of three small segments, then the tombstones
@@ -66,17 +73,13 @@ def test_failed_output_put_commits_nothing(tmp_path: Path, failing_put: int) -> 
     after = ManifestLog(store).latest()
     assert after is not None and before is not None
     assert after.version == before.version and after.segments == before.segments
-    got = live_rows(store)
-    assert got.keys() == expected.keys()
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_rows(store, expected)
     # the writer goes on: the next compaction commits, with the same rows
     report = w.compact(gc=True)
     assert (report.groups, report.input_segments, report.output_segments) == (1, 4, 2)
     done = ManifestLog(store).latest()
     assert done is not None and done.version > before.version
-    got = live_rows(store)
-    assert got.keys() == expected.keys()
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_rows(store, expected)
     w.close()
 
 
@@ -114,9 +117,7 @@ def test_pipelined_groups_decide_tombstones_after_the_groups_before_are_committe
     assert m is not None
     assert [s.id for s in m.segments] == [5, 6, 7]
     assert sum(s.tombstones for s in m.segments) == 0 and sum(s.rows for s in m.segments) == 4200
-    got = live_rows(store)
-    assert got.keys() == expected.keys()
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_rows(store, expected)
     w.close()
 
 
@@ -141,15 +142,11 @@ def test_a_failed_put_commits_the_groups_before_it_and_nothing_after(
     assert [s.id for s in m.segments] == inputs_left + [5 + i for i in range(committed)]
     stored = {o.key for o in store.list("segments/")}
     assert {s.key for s in m.segments} <= stored
-    got = live_rows(store)
-    assert got.keys() == expected.keys()
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_rows(store, expected)
     # the writer goes on; GC collects the outputs of the groups that were not committed
     w.compact(gc=True)
     m = ManifestLog(store).latest()
     assert m is not None and sum(s.tombstones for s in m.segments) == 0
     assert {o.key for o in store.list("segments/")} == {s.key for s in m.segments}
-    got = live_rows(store)
-    assert got.keys() == expected.keys()
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_rows(store, expected)
     w.close()
